@@ -1,0 +1,29 @@
+# Quick start on a fresh machine: `make demo` runs the main job, `make test` the whole suite.
+# Both create .venv and install on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on disk on our CPU machines; pinning it first keeps pip from pulling
+# a multi-GB CUDA build. Override on GPU machines: make TORCH_SPEC="torch" ...
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# s3fs and moto in one resolve: installed apart, moto upgrades botocore past what aiobotocore accepts.
+	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) run_pipeline.py --config configs/demo.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

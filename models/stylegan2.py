@@ -1,0 +1,319 @@
+"""StyleGAN2 generator (Karras et al. 2020) in plain PyTorch.
+
+State-dict compatible with the widely used PyTorch layout (rosinality's stylegan2-pytorch, which the
+official E2Style code embeds as its decoder): `style.*`, `input.input`, `conv1.*`, `to_rgb1.*`,
+`convs.*`, `to_rgbs.*`, `noises.noise_*` and the FIR `*.kernel` buffers. No CUDA extension: the fused
+ops of the original are written out as their reference definitions, so this runs anywhere.
+
+Two formulations of the modulated convolution compute the same function:
+- ``"grouped"``: the official one. Per-sample weights (weight * style, demodulated), one grouped
+  convolution over the batch. Kept as the float32 reference.
+- ``"shared"``: scale the input by the style, convolve the whole batch with the shared weight,
+  scale the output by the demodulation coefficients. Mathematically identical (the style multiplies
+  input channels, demodulation multiplies output channels), and much faster on GPUs because the
+  convolution is one dense, batched kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODCONV_MODES = ("grouped", "shared")
+
+
+def make_kernel(k: list[float]) -> torch.Tensor:
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Upsample by zero insertion, pad, convolve with an FIR kernel, downsample (the reference op)."""
+    b, c, h, w = x.shape
+    pad0, pad1 = pad
+    if up > 1:
+        x = x.reshape(b, c, h, 1, w, 1)
+        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
+        x = x.reshape(b, c, h * up, w * up)
+    x = F.pad(x, [max(pad0, 0), max(pad1, 0), max(pad0, 0), max(pad1, 0)])
+    x = x[:, :, max(-pad0, 0): x.shape[2] - max(-pad1, 0), max(-pad0, 0): x.shape[3] - max(-pad1, 0)]
+    # A true convolution: flip the kernel (a no-op for the symmetric kernels used here).
+    weight = torch.flip(kernel, [0, 1]).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
+    x = F.conv2d(x, weight, groups=c)
+    if down > 1:
+        x = x[:, :, ::down, ::down]
+    return x
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2, scale: float = 2**0.5) -> torch.Tensor:
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape).to(x.dtype), negative_slope) * scale
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate; `lr_mul` scales the effective learning rate."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0, lr_mul: float = 1.0, activation: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.activation = activation
+        self.scale = (1 / math.sqrt(in_dim)) * lr_mul
+        self.lr_mul = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation:
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        return F.linear(x, self.weight * self.scale, bias)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel: list[float], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * (upsample_factor**2)
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class Upsample(nn.Module):
+    def __init__(self, kernel: list[float], factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * (factor**2))
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, demodulate: bool = True, upsample: bool = False, blur_kernel: list[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.eps = 1e-8
+        self.kernel_size = kernel_size
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.upsample = upsample
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(list(blur_kernel), pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        self.demodulate = demodulate
+        self.mode = "grouped"
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        s = self.modulation(style)  # (B, in)
+        if self.mode == "shared":
+            return self._forward_shared(x, s)
+        return self._forward_grouped(x, s)
+
+    def _forward_grouped(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        batch, in_ch, height, width = x.shape
+        weight = self.scale * self.weight * s.view(batch, 1, in_ch, 1, 1)
+        if self.demodulate:
+            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
+            weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
+        if self.upsample:
+            x = x.reshape(1, batch * in_ch, height, width)
+            weight = weight.transpose(1, 2).reshape(batch * in_ch, self.out_channel, self.kernel_size, self.kernel_size)
+            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+            out = out.view(batch, self.out_channel, out.shape[-2], out.shape[-1])
+            return self.blur(out)
+        weight = weight.view(batch * self.out_channel, in_ch, self.kernel_size, self.kernel_size)
+        out = F.conv2d(x.reshape(1, batch * in_ch, height, width), weight, padding=self.padding, groups=batch)
+        return out.view(batch, self.out_channel, out.shape[-2], out.shape[-1])
+
+    def _forward_shared(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        weight = self.scale * self.weight[0]  # (out, in, k, k)
+        x = x * s.to(x.dtype)[:, :, None, None]
+        if self.upsample:
+            out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), padding=0, stride=2)
+            out = self.blur(out)
+        else:
+            out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        if self.demodulate:
+            # sum_{i,k} (w_oik * s_bi)^2 = sum_i s_bi^2 * sum_k w_oik^2, computed in float32.
+            wsq = weight.float().pow(2).sum([2, 3])  # (out, in)
+            demod = torch.rsqrt(s.float().pow(2) @ wsq.t() + self.eps)  # (B, out)
+            out = out * demod.to(out.dtype)[:, :, None, None]
+        return out
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            b, _, h, w = image.shape
+            noise = image.new_empty(b, 1, h, w).normal_()
+        return image + self.weight.to(image.dtype) * noise.to(image.dtype)
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.repeat(batch, 1, 1, 1)
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, upsample: bool = False, blur_kernel: list[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise=noise))
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channel: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(x, self.bias)
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True, blur_kernel: list[float] = (1, 3, 3, 1)):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(list(blur_kernel))
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias.to(x.dtype)
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+def default_channels(channel_multiplier: int = 2, width: int = 512) -> dict[int, int]:
+    """The official widths per resolution; `width` < 512 scales them down for small test models."""
+    base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier, 128: 128 * channel_multiplier,
+            256: 64 * channel_multiplier, 512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
+    return {r: max(1, c * width // 512) for r, c in base.items()}
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator: mapping network `style`, synthesis from W+ with stored or random noise."""
+
+    def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channels: dict[int, int] | None = None, blur_kernel: list[float] = (1, 3, 3, 1), lr_mlp: float = 0.01):
+        super().__init__()
+        if size < 4 or size & (size - 1):
+            raise ValueError(f"generator resolution must be a power of two >= 4, got {size}")
+        self.size = size
+        self.style_dim = style_dim
+        self.channels = dict(channels or default_channels())
+        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation=True) for _ in range(n_mlp)])
+
+        self.input = ConstantInput(self.channels[4])
+        self.conv1 = StyledConv(self.channels[4], self.channels[4], 3, style_dim, blur_kernel=blur_kernel)
+        self.to_rgb1 = ToRGB(self.channels[4], style_dim, upsample=False)
+
+        self.log_size = int(math.log2(size))
+        self.num_layers = (self.log_size - 2) * 2 + 1
+        self.n_latent = self.log_size * 2 - 2
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        self.noises = nn.Module()
+        for layer_idx in range(self.num_layers):
+            res = (layer_idx + 5) // 2
+            self.noises.register_buffer(f"noise_{layer_idx}", torch.randn(1, 1, 2**res, 2**res))
+        in_channel = self.channels[4]
+        for i in range(3, self.log_size + 1):
+            out_channel = self.channels[2**i]
+            self.convs.append(StyledConv(in_channel, out_channel, 3, style_dim, upsample=True, blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(out_channel, out_channel, 3, style_dim, blur_kernel=blur_kernel))
+            self.to_rgbs.append(ToRGB(out_channel, style_dim))
+            in_channel = out_channel
+
+    def set_modconv_mode(self, mode: str) -> None:
+        if mode not in MODCONV_MODES:
+            raise ValueError(f"modulated convolution mode must be one of {MODCONV_MODES}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.mode = mode
+
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """Z (B, style_dim) -> W (B, style_dim)."""
+        return self.style(z)
+
+    @torch.no_grad()
+    def mean_latent(self, n: int = 4096, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
+        return self.mapping(z).mean(0, keepdim=True)
+
+    def stored_noise(self) -> list[torch.Tensor]:
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def synthesis(self, wplus: torch.Tensor, randomize_noise: bool = False, truncation: float = 1.0, truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """W+ (B, n_latent, style_dim), or W (B, style_dim) broadcast to all layers -> image (B, 3, R, R)."""
+        if wplus.ndim == 2:
+            wplus = wplus.unsqueeze(1).repeat(1, self.n_latent, 1)
+        if wplus.shape[1] != self.n_latent:
+            raise ValueError(f"expected {self.n_latent} W+ codes, got {wplus.shape[1]}")
+        if truncation < 1.0:
+            if truncation_latent is None:
+                raise ValueError("truncation < 1 needs truncation_latent (the average W)")
+            truncation_latent = truncation_latent.reshape(1, -1, self.style_dim)
+            wplus = truncation_latent + truncation * (wplus - truncation_latent)
+        noise = [None] * self.num_layers if randomize_noise else self.stored_noise()
+
+        out = self.input(wplus.shape[0]).to(wplus.dtype)
+        out = self.conv1(out, wplus[:, 0], noise=noise[0])
+        skip = self.to_rgb1(out, wplus[:, 1])
+        i = 1
+        for conv_up, conv, noise1, noise2, to_rgb in zip(self.convs[::2], self.convs[1::2], noise[1::2], noise[2::2], self.to_rgbs):
+            out = conv_up(out, wplus[:, i], noise=noise1)
+            out = conv(out, wplus[:, i + 1], noise=noise2)
+            skip = to_rgb(out, wplus[:, i + 2], skip)
+            i += 2
+        return skip
+
+    def forward(self, z: torch.Tensor, randomize_noise: bool = False, truncation: float = 1.0, truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
+        return self.synthesis(self.mapping(z), randomize_noise, truncation, truncation_latent)
+
+
+def generator_config_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> dict:
+    """Infer size, style_dim, n_mlp and per-resolution channels from the weights alone."""
+    try:
+        style_dim = sd[f"{prefix}style.1.weight"].shape[1]
+        n_mlp = sum(1 for k in sd if k.startswith(f"{prefix}style.") and k.endswith(".weight"))
+        n_convs = sum(1 for k in sd if k.startswith(f"{prefix}convs.") and k.endswith(".conv.weight"))
+        channels = {4: sd[f"{prefix}input.input"].shape[1]}
+    except KeyError as e:
+        raise KeyError(f"not a StyleGAN2 generator state_dict: missing {e.args[0]!r}") from None
+    size = 4 * 2 ** (n_convs // 2)
+    for i in range(n_convs // 2):
+        channels[8 * 2**i] = sd[f"{prefix}convs.{2 * i}.conv.weight"].shape[1]
+    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channels": channels}
