@@ -1,0 +1,260 @@
+"""Pipeline configuration: YAML file + ``--set key=value`` overrides, validated up front.
+
+Every key has a default here, so a config file only names what it changes. Validation happens before
+Ray starts or anything is read, and each error names the dotted key and the reason: a typo in a
+batch job found after an hour of queueing is the expensive kind of typo.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "parse_overrides", "resolve", "validate",
+           "redact", "fingerprint", "FINGERPRINT_KEYS"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``key`` is the dotted key at fault."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"invalid config: {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+DEFAULTS: dict[str, Any] = {
+    "input": {
+        "url": None,             # s3://bucket/prefix, a local dir, or one file
+        "format": "auto",        # auto | images | webdataset | parquet
+        "image_column": "auto",  # parquet only: auto finds jpg/png/webp/image/img/bytes
+        "key_column": "auto",    # parquet only: auto finds key/__key__/id, else the row number
+        "max_pixels": 50_000_000,  # decompression-bomb limit per image
+    },
+    "output": {
+        "url": None,
+        "image_format": "jpg",   # jpg | png | webp
+        "image_size": 256,
+        "save_aligned": False,
+        "overwrite": False,
+        "jpeg_quality": 95,
+    },
+    "model": {
+        "checkpoint": None,      # local path or any fsspec URL (s3://...)
+        "stages": None,          # null = all stages of the checkpoint
+        "batch_size": 16,
+        "precision": "fp32",     # fp32 | bf16 | fp16
+        "device": "auto",        # auto (cuda when the actor has a GPU) | cpu | cuda
+    },
+    "align": {
+        "enabled": True,
+        "policy": "largest",     # largest | all
+        "output_size": 256,
+        "transform_size": 1024,
+    },
+    "storage": {
+        "endpoint_url": None,    # S3-compatible endpoint (MinIO, Ceph, a test server)
+    },
+    "ray": {
+        "address": None,         # null = embedded local Ray; "auto" or an address = join a cluster
+        "num_cpus": None,        # embedded Ray only; null = all cores
+        "num_actors": None,      # inversion actors; null = one per GPU, or 1 without GPUs
+        "max_shards_in_flight": None,  # null = CPUs available for CPU work + 1
+        "chunk_size": 64,        # inputs per prepared chunk handed from CPU to GPU work
+    },
+    "shard_size": 1000,          # images per shard for folder inputs
+    "retries": 2,                # extra attempts per failing shard
+    "progress": True,
+}
+
+# Keys whose values change what a shard's output contains. A rerun into an existing output must agree
+# on these (plus the checkpoint's sha256); the rest (Ray sizing, endpoint, batch size) only changes how
+# fast it goes.
+FINGERPRINT_KEYS = (
+    "input.url", "input.format", "input.image_column", "input.key_column", "input.max_pixels",
+    "output.image_format", "output.image_size", "output.save_aligned", "output.jpeg_quality",
+    "model.stages", "model.precision",
+    "align.enabled", "align.policy", "align.output_size", "align.transform_size",
+    "shard_size",
+)
+
+_SECRET_RE = re.compile(r"(secret|password|token|credential|access_key|session)", re.I)
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    cur: Any = cfg
+    for part in dotted.split("."):
+        cur = cur[part]
+    return cur
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["model.batch_size=8", "align.enabled=false"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set expects key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(key or item, "empty key in --set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+        cur = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, "conflicts with another --set")
+            cur = nxt
+        cur[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(key, "unknown key" + _suggest(k, base))
+        if isinstance(base[k], dict):
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise ConfigError(key, f"must be a mapping, got {type(v).__name__}")
+            _merge(base[k], v, key + ".")
+        else:
+            base[k] = v
+    return base
+
+
+def _suggest(k: str, base: dict) -> str:
+    import difflib
+    close = difflib.get_close_matches(k, list(base), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(base))})"
+
+
+def resolve(file_cfg: dict | None, overrides: dict | None = None) -> dict:
+    """Defaults <- config file <- overrides, then validated. Returns a new plain dict."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if file_cfg is not None and not isinstance(file_cfg, dict):
+        raise ConfigError("<root>", "a config file must be a mapping")
+    _merge(cfg, file_cfg or {})
+    _merge(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] | dict | None = None) -> dict:
+    file_cfg: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                file_cfg = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"not valid YAML: {e}") from None
+    ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return resolve(file_cfg, ov)
+
+
+def _check_int(cfg, key, lo=None, hi=None, allow_none=False):
+    v = _get(cfg, key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+
+
+def _check_bool(cfg, key):
+    v = _get(cfg, key)
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, got {v!r}")
+
+
+def _check_choice(cfg, key, choices):
+    v = _get(cfg, key)
+    if v not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}; got {v!r}")
+
+
+def _check_str(cfg, key, allow_none=False):
+    v = _get(cfg, key)
+    if v is None and allow_none:
+        return
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(key, "is required (a non-empty string)" if v is None else f"must be a string, got {v!r}")
+
+
+def validate(cfg: dict) -> None:
+    _check_str(cfg, "input.url")
+    _check_choice(cfg, "input.format", ("auto", "images", "webdataset", "parquet"))
+    _check_str(cfg, "input.image_column")
+    _check_str(cfg, "input.key_column")
+    _check_int(cfg, "input.max_pixels", lo=1, allow_none=True)
+    _check_str(cfg, "output.url")
+    _check_choice(cfg, "output.image_format", ("jpg", "png", "webp"))
+    _check_int(cfg, "output.image_size", lo=16, hi=4096)
+    _check_bool(cfg, "output.save_aligned")
+    _check_bool(cfg, "output.overwrite")
+    _check_int(cfg, "output.jpeg_quality", lo=1, hi=100)
+    _check_str(cfg, "model.checkpoint")
+    _check_int(cfg, "model.stages", lo=1, allow_none=True)
+    _check_int(cfg, "model.batch_size", lo=1, hi=4096)
+    _check_choice(cfg, "model.precision", ("fp32", "bf16", "fp16"))
+    _check_choice(cfg, "model.device", ("auto", "cpu", "cuda"))
+    _check_bool(cfg, "align.enabled")
+    _check_choice(cfg, "align.policy", ("largest", "all"))
+    _check_int(cfg, "align.output_size", lo=16, hi=4096)
+    _check_int(cfg, "align.transform_size", lo=16, hi=8192)
+    if cfg["align"]["transform_size"] < cfg["align"]["output_size"]:
+        raise ConfigError("align.transform_size", "must be >= align.output_size")
+    _check_str(cfg, "storage.endpoint_url", allow_none=True)
+    ep = cfg["storage"]["endpoint_url"]
+    if ep is not None and not re.match(r"^https?://", ep):
+        raise ConfigError("storage.endpoint_url", f"must start with http:// or https://, got {ep!r}")
+    _check_str(cfg, "ray.address", allow_none=True)
+    _check_int(cfg, "ray.num_cpus", lo=1, allow_none=True)
+    _check_int(cfg, "ray.num_actors", lo=1, allow_none=True)
+    _check_int(cfg, "ray.max_shards_in_flight", lo=1, allow_none=True)
+    _check_int(cfg, "ray.chunk_size", lo=1, hi=100_000)
+    _check_int(cfg, "shard_size", lo=1)
+    _check_int(cfg, "retries", lo=0, hi=100)
+    _check_bool(cfg, "progress")
+    if _same_place(cfg["input"]["url"], cfg["output"]["url"]):
+        raise ConfigError("output.url", "must not be the input location or inside it")
+
+
+def _same_place(a: str, b: str) -> bool:
+    # Writing into the input would make the next listing pick up our own outputs as inputs.
+    na, nb = a.rstrip("/"), b.rstrip("/")
+    return nb == na or nb.startswith(na + "/")
+
+
+def redact(obj: Any) -> Any:
+    """A copy with secret-looking values (and credentials inside URLs) replaced by '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_RE.search(str(k)) and v is not None else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return re.sub(r"(://)[^/@\s]+@", r"\1***@", obj)
+    return obj
+
+
+def fingerprint(cfg: dict, checkpoint_sha256: str) -> tuple[str, dict]:
+    """Hash of everything that changes the outputs, and the values that went into it."""
+    values = {k: _get(cfg, k) for k in FINGERPRINT_KEYS}
+    values["checkpoint_sha256"] = checkpoint_sha256
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    return digest, values

@@ -1,0 +1,131 @@
+"""CPU side of a shard before inversion: read -> decode -> align, cut into chunks.
+
+A chunk carries the rows of up to ``chunk_size`` inputs (one row per input, or per face with
+``align.policy: all``) and the stacked aligned faces of its ``ok``-so-far rows. Chunks are what travels
+from CPU workers to the inversion actors, so a shard of 1000 images never sits in memory whole and the
+GPU starts on a shard's first chunk while its last ones are still being aligned.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .decode import DecodeError, decode_image, resize_square
+from .read import InputItem, Shard, read_shard
+
+__all__ = ["Row", "PreparedChunk", "prepare_item", "prepare_chunks"]
+
+
+@dataclass
+class Row:
+    key: str
+    source: str
+    face_index: int = 0
+    status: str = "ok"
+    error: str | None = None
+    quad: list[float] | None = None        # 8 floats: (4, 2) corners in source pixels
+    landmarks: list[float] | None = None   # 136 floats: (68, 2) in source pixels
+    score: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedChunk:
+    shard: str
+    index: int
+    rows: list[Row]
+    faces: np.ndarray            # (F, S, S, 3) uint8, one per row with status "ok", in row order
+    timings: dict[str, float]    # seconds per stage spent on this chunk
+    n_inputs: int
+
+    @property
+    def n_faces(self) -> int:
+        return int(len(self.faces))
+
+
+def _face_key(key: str, i: int) -> str:
+    # The first face keeps the input's key, so with policy "largest" keys equal the input's keys.
+    return key if i == 0 else f"{key}_face{i}"
+
+
+def prepare_item(item: InputItem, cfg: dict, timings: dict[str, float]) -> list[tuple[Row, np.ndarray | None]]:
+    """One input -> its rows (and aligned face per ok row). Never raises for bad data."""
+    if item.status is not None:
+        return [(Row(item.key, item.source, status=item.status, error=item.error, meta=item.meta), None)]
+    t0 = time.perf_counter()
+    try:
+        img = decode_image(item.data, max_pixels=cfg["input"]["max_pixels"])
+    except DecodeError as e:
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
+        return [(Row(item.key, item.source, status=e.status, error=e.message, meta=item.meta), None)]
+    t1 = time.perf_counter()
+    timings["decode"] = timings.get("decode", 0.0) + t1 - t0
+    al = cfg["align"]
+    try:
+        if not al["enabled"]:
+            face = resize_square(img, al["output_size"])
+            return [(Row(item.key, item.source, meta=item.meta), face)]
+        from .align import align_faces  # dlib is imported only where alignment runs
+
+        faces = align_faces(img, output_size=al["output_size"], transform_size=al["transform_size"],
+                            policy=al["policy"])
+    except Exception as e:  # noqa: BLE001 - a pathological image must cost one row, not the shard
+        return [(Row(item.key, item.source, status="align_error", error=f"{type(e).__name__}: {e}",
+                     meta=item.meta), None)]
+    finally:
+        timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t1
+    if not faces:
+        return [(Row(item.key, item.source, status="no_face", error="no face detected", meta=item.meta), None)]
+    out = []
+    for i, f in enumerate(faces):
+        out.append((Row(_face_key(item.key, i), item.source, face_index=i,
+                        quad=np.asarray(f.quad, np.float32).reshape(-1).tolist(),
+                        landmarks=np.asarray(f.landmarks, np.float32).reshape(-1).tolist(),
+                        score=float(f.score), meta=item.meta), f.image))
+    return out
+
+
+def prepare_chunks(fs, shard: Shard, cfg: dict, chunk_size: int | None = None) -> Iterator[PreparedChunk]:
+    chunk_size = chunk_size or cfg["ray"]["chunk_size"]
+    size = cfg["align"]["output_size"]
+    rows: list[Row] = []
+    faces: list[np.ndarray] = []
+    timings: dict[str, float] = {}
+    n_inputs = 0
+    index = 0
+    seen: dict[str, int] = {}
+
+    def emit() -> PreparedChunk:
+        arr = np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
+        return PreparedChunk(shard.name, index, list(rows), arr, dict(timings), n_inputs)
+
+    it = read_shard(fs, shard, image_column=cfg["input"]["image_column"], key_column=cfg["input"]["key_column"])
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        finally:
+            timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t0
+        # Keys must be unique per row within the output; an input with a duplicate key (a.jpg + a.png,
+        # or a tar with two samples of one key) gets a numbered suffix instead of a silent collision.
+        if item.key in seen:
+            seen[item.key] += 1
+            item.key = f"{item.key}_dup{seen[item.key]}"
+        else:
+            seen[item.key] = 0
+        n_inputs += 1
+        for row, face in prepare_item(item, cfg, timings):
+            rows.append(row)
+            if face is not None:
+                faces.append(face)
+        if n_inputs % chunk_size == 0:
+            yield emit()
+            index += 1
+            rows, faces, timings, n_inputs = [], [], {}, 0
+    if rows or index == 0:
+        yield emit()

@@ -1,0 +1,73 @@
+"""Inversion actor: one per GPU (``num_gpus=1``), the model loaded once in ``__init__``.
+
+A thin wrapper over ``pipeline.invert``; tests call it directly, without Ray.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from pipeline.edit import apply_edit
+from pipeline.invert import InvertResult, fetch_checkpoint, invert_faces, resolve_device
+from pipeline.prepare import PreparedChunk
+
+__all__ = ["InvertWorker"]
+
+
+class InvertWorker:
+    def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
+                 precision: str = "fp32", device: str = "auto", stages: int | None = None,
+                 batch_size: int = 16, edit_options: dict | None = None):
+        from models import load_e2style
+
+        self.device = resolve_device(device)
+        if self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+            # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it.
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
+        self.model = load_e2style(path, device=self.device, precision=precision)
+        self.stages = stages
+        if stages is not None and not 1 <= stages <= self.model.num_stages:
+            raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
+        self.batch_size = batch_size
+        self.edit_options = edit_options
+
+    def info(self) -> dict:
+        m = self.model
+        return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
+                "resolution": int(m.resolution), "device": self.device,
+                "stages": int(self.stages or m.num_stages)}
+
+    def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
+        """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk."""
+        sizes = [c.n_faces for c in chunks]
+        faces = [c.faces for c in chunks if c.n_faces]
+        if not faces:
+            return [None] * len(chunks)
+        res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
+                           device=self.device)
+        keys = [r.key for c in chunks for r in c.rows if r.status == "ok"]
+        edit = apply_edit(self.model, res.codes, keys, self.edit_options)
+        if edit is not None:
+            res.codes = edit.codes
+            if edit.images is not None:
+                res.recon = edit.images
+        out: list[InvertResult | None] = []
+        start = 0
+        total = max(1, sum(sizes))
+        for n in sizes:
+            if n == 0:
+                out.append(None)
+                continue
+            s = slice(start, start + n)
+            out.append(InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
+                                    res.seconds * n / total))
+            start += n
+        return out
+
+    def invert_many(self, *chunks: PreparedChunk):
+        """Ray entry point, called with ``num_returns=len(chunks)``: a tuple, or the single result."""
+        out = self.invert_chunks(*chunks)
+        return out[0] if len(out) == 1 else tuple(out)
