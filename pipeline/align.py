@@ -353,6 +353,14 @@ def paste_back(source_image, aligned_face, quad, feather: float = 0.1) -> np.nda
 # Detection, landmarks, policies
 
 
+def _iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 class FaceAligner:
     """dlib HOG detector + 68-point predictor, built once per process (loading the predictor takes ~2 s).
 
@@ -367,6 +375,7 @@ class FaceAligner:
         detect_max_side: int | None = 384,
         max_upsample: int = 1,
         min_score: float = 0.0,
+        refine: int = 0,
     ):
         import dlib
 
@@ -376,11 +385,18 @@ class FaceAligner:
         self.detect_max_side = detect_max_side
         self.max_upsample = int(max_upsample)
         self.min_score = float(min_score)
+        self.refine = int(refine)
         self._dlib = dlib
 
     # -- detection --------------------------------------------------------------------------------
-    def detect(self, image, min_face_size: float = 0.0, detect_max_side="default"):
-        """Face boxes in source pixels: list of ((x0, y0, x1, y1), score), x1/y1 exclusive."""
+    def detect(self, image, min_face_size: float = 0.0, detect_max_side="default", exhaustive: bool = False):
+        """Face boxes in source pixels: list of ((x0, y0, x1, y1), score), x1/y1 exclusive.
+
+        The detector first runs without upsampling on the downscaled copy. More levels (dlib upsampling)
+        run only while faces below the current level's smallest visible size could still be at least
+        ``min_face_size``, and (unless ``exhaustive``) only while nothing qualifying has been found.
+        With ``exhaustive`` the detections of all levels are merged (overlaps keep the coarser level's).
+        """
         img = _as_rgb_uint8(image)
         H, W = img.shape[:2]
         dms = self.detect_max_side if detect_max_side == "default" else detect_max_side
@@ -397,31 +413,44 @@ class FaceAligner:
         found = []
         for up in range(self.max_upsample + 1):
             if up > 0:
+                if found and not exhaustive:
+                    break
                 # Faces first visible at this level are smaller than those the previous level could see.
-                smallest_prev = HOG_MIN_FACE / (scale * 2 ** (up - 1))
-                if min_face_size >= smallest_prev:
+                if min_face_size >= HOG_MIN_FACE / (scale * 2 ** (up - 1)):
                     break
             rects, scores, _ = self.detector.run(small, up, 0.0)
-            found = []
             for r, sc in zip(rects, scores):
                 if sc < self.min_score:
                     continue
                 box = (r.left() * fx, r.top() * fy, (r.right() + 1) * fx, (r.bottom() + 1) * fy)
-                side = min(box[2] - box[0], box[3] - box[1])
-                if side < min_face_size:
+                if min(box[2] - box[0], box[3] - box[1]) < min_face_size:
+                    continue
+                if any(_iou(box, b) > 0.3 for b, _ in found):
                     continue
                 found.append((box, float(sc)))
-            if found:
-                break
         return found
 
-    def landmarks(self, image, box) -> np.ndarray:
-        """68x2 landmarks (source pixels) predicted on the full-resolution image inside ``box``."""
-        img = np.ascontiguousarray(_as_rgb_uint8(image))
+    def _predict(self, img, box) -> np.ndarray:
         x0, y0, x1, y1 = box
         rect = self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
         shape = self.predictor(img, rect)
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+
+    def landmarks(self, image, box, refine: int | None = None) -> np.ndarray:
+        """68x2 landmarks (source pixels) predicted on the full-resolution image inside ``box``.
+
+        refine: times the prediction is repeated inside a box derived from the landmarks themselves
+        (centred on their mean, side 2.8x their RMS spread). The predictor's output depends on the box,
+        and detector boxes jitter with the detection scale; the derived box makes the landmarks nearly
+        independent of where and at which scale the face was detected.
+        """
+        img = np.ascontiguousarray(_as_rgb_uint8(image))
+        lm = self._predict(img, box)
+        for _ in range(self.refine if refine is None else refine):
+            c = lm.mean(axis=0)
+            half = 1.4 * float(np.sqrt(((lm - c) ** 2).sum(axis=1).mean()))
+            lm = self._predict(img, (c[0] - half, c[1] - half, c[0] + half, c[1] + half))
+        return lm
 
     # -- everything ------------------------------------------------------------------------------
     def align(
@@ -436,7 +465,7 @@ class FaceAligner:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         img = np.ascontiguousarray(_as_rgb_uint8(image))
-        dets = self.detect(img, min_face_size=min_face_size)
+        dets = self.detect(img, min_face_size=min_face_size, exhaustive=(policy == "all"))
         if not dets:
             return []
         if policy == "largest":
@@ -482,7 +511,8 @@ def align_faces(
 ) -> list[AlignedFace]:
     """Detect faces in ``image`` (HxWx3 uint8 RGB) and return FFHQ-aligned crops (see module docs).
 
-    policy: "largest" (at most one record, the largest face) or "all" (every face, left to right).
+    policy: "largest" (at most one record, the largest face) or "all" (every face, left to right;
+    this also runs the upsampled detection levels, so it is slower).
     min_face_size: faces whose detector box side (source pixels) is smaller are ignored.
     """
     a = aligner if aligner is not None else get_aligner()
