@@ -38,11 +38,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in on use rather than read up front (zip-format files; legacy ones load whole).
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: the file needs arbitrary unpickling, which could run code "
                               f"(only tensors and plain containers are accepted). Detail: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
@@ -86,7 +87,8 @@ def _check_and_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: 
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{path}: {what} does not match the architecture inferred from its weights; " + "; ".join(problems))
-    module.load_state_dict(sd, strict=True)
+    # Modules are built on the meta device (no random init, no memory); the file's tensors are adopted as-is.
+    module.load_state_dict(sd, strict=True, assign=True)
 
 
 def _encoder_spec(sd: dict[str, torch.Tensor], style_dim: int, what: str, path: str) -> dict:
@@ -114,7 +116,8 @@ def build_generator(g_sd: dict[str, torch.Tensor], path: str, what: str = "gener
         cfg = generator_config_from_state_dict(g_sd)
     except KeyError as e:
         raise CheckpointError(f"{path}: {what}: {e.args[0]}") from None
-    G = Generator(cfg["size"], cfg["style_dim"], cfg["n_mlp"], channels=cfg["channels"])
+    with torch.device("meta"):
+        G = Generator(cfg["size"], cfg["style_dim"], cfg["n_mlp"], channels=cfg["channels"])
     _check_and_load(G, g_sd, what, path)
     return G.eval().requires_grad_(False)
 
@@ -148,7 +151,8 @@ def e2style_from_checkpoint(ckpt: dict[str, Any], path: str = "<checkpoint>") ->
     if not learn_in_w and sum(first_spec["head_codes"]) != decoder.n_latent:
         raise CheckpointError(f"{path}: the encoder emits {sum(first_spec['head_codes'])} codes {first_spec['head_codes']} but the "
                               f"{decoder.size}px decoder takes n_latent={decoder.n_latent}")
-    first = build_encoder(style_dim=style_dim, **first_spec)
+    with torch.device("meta"):
+        first = build_encoder(style_dim=style_dim, **first_spec)
     _check_and_load(first, first_sd, "encoder_firststage", path)
 
     refine_ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith(REFINE)})
@@ -164,7 +168,8 @@ def e2style_from_checkpoint(ckpt: dict[str, Any], path: str = "<checkpoint>") ->
                                   f"input ({input_nc}) plus the previous reconstruction (3) = {input_nc + 3}")
         if (spec["head_codes"] is None) != learn_in_w:
             raise CheckpointError(f"{path}: {what} emits codes of another form than the first stage (W vs W+)")
-        enc = build_encoder(style_dim=style_dim, **spec)
+        with torch.device("meta"):
+            enc = build_encoder(style_dim=style_dim, **spec)
         _check_and_load(enc, r_sd, what, path)
         refines.append(enc)
 

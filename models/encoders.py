@@ -54,11 +54,23 @@ class SEModule(nn.Module):
         return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
 
 
+class Subsample(nn.Module):
+    """The identity shortcut of a strided unit. Official code writes it as MaxPool2d(1, stride), which
+    is the same function: a 1x1 max-pool only picks every stride-th pixel. Slicing skips the pool kernel."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stride == 1 else x[:, :, :: self.stride, :: self.stride]
+
+
 class BottleneckIRSE(nn.Module):
     def __init__(self, in_channel: int, depth: int, stride: int):
         super().__init__()
         if in_channel == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
+            self.shortcut_layer = Subsample(stride)
         else:
             self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, (1, 1), stride, bias=False), nn.BatchNorm2d(depth))
         self.res_layer = nn.Sequential(

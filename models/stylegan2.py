@@ -153,9 +153,10 @@ class ModulatedConv2d(nn.Module):
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         if self.demodulate:
-            # sum_{i,k} (w_oik * s_bi)^2 = sum_i s_bi^2 * sum_k w_oik^2, computed in float32.
-            wsq = weight.float().pow(2).sum([2, 3])  # (out, in)
-            demod = torch.rsqrt(s.float().pow(2) @ wsq.t() + self.eps)  # (B, out)
+            # sum_{i,k} (w_oik * s_bi)^2 = sum_i s_bi^2 * sum_k w_oik^2, in at least float32 even under autocast.
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            wsq = weight.to(acc).pow(2).sum([2, 3])  # (out, in)
+            demod = torch.rsqrt(s.to(acc).pow(2) @ wsq.t() + self.eps)  # (B, out)
             out = out * demod.to(out.dtype)[:, :, None, None]
         return out
 
