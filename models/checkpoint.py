@@ -87,7 +87,9 @@ def _check_and_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: 
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{path}: {what} does not match the architecture inferred from its weights; " + "; ".join(problems))
-    # Modules are built on the meta device (no random init, no memory); the file's tensors are adopted as-is.
+    # Modules are built on the meta device (no random init, no memory) and adopt the file's tensors;
+    # half-precision files (smaller to ship) are widened so the float32 path stays the reference.
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)
 
 
