@@ -252,9 +252,14 @@ def _read_tar(fs, shard: Shard) -> Iterator[InputItem]:
                     members[ext] = (m.name, fobj.read() if fobj else b"")
             yield from flush()
         except (tarfile.TarError, EOFError, ValueError) as e:
-            # A truncated or corrupt archive: keep what was read, and say so in a row of its own.
-            yield from flush()
-            yield InputItem("_archive_error", uri, None, "read_error", f"{type(e).__name__}: {e}")
+            # A truncated or corrupt archive: keep what was read whole; the sample being read when it
+            # broke gets the read_error (or, if it was complete, a row of its own says so).
+            msg = f"archive ends or breaks here: {type(e).__name__}: {e}"
+            if cur_key is not None and not any(x in members for x in IMAGE_EXTS):
+                yield InputItem(sanitize_key(cur_key), f"{uri}#{cur_key}", None, "read_error", msg)
+            else:
+                yield from flush()
+                yield InputItem("_archive_error", uri, None, "read_error", msg)
 
 
 def _pick(names: list[str], wanted: str, candidates: tuple[str, ...], what: str, path: str) -> str | None:
