@@ -99,7 +99,15 @@ class Upsample(nn.Module):
         p = self.kernel.shape[0] - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
+        self.mode = "grouped"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "shared" and self.factor == 2 and self.pad == (2, 1):
+            # Zero-insertion, pad (2, 1) and a 4-tap FIR is one depthwise transposed convolution
+            # (stride 2, padding 1) with the same kernel: no zero-filled intermediate at 2x size.
+            c = x.shape[1]
+            k = self.kernel.to(x.dtype)  # convT scatters with the kernel as stored, i.e. a true convolution
+            return F.conv_transpose2d(x, k[None, None].expand(c, 1, *k.shape), stride=2, padding=1, groups=c)
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
 
 
@@ -144,12 +152,21 @@ class ModulatedConv2d(nn.Module):
         out = F.conv2d(x.reshape(1, batch * in_ch, height, width), weight, padding=self.padding, groups=batch)
         return out.view(batch, self.out_channel, out.shape[-2], out.shape[-1])
 
+    def upsample_kernel(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in, k, k) -> (in, out, k+3, k+3): the conv weight convolved with the blur kernel."""
+        o, i, k, _ = weight.shape
+        fir = self.blur.kernel.to(weight.dtype)
+        full = F.conv2d(F.pad(weight.reshape(o * i, 1, k, k), [3, 3, 3, 3]), torch.flip(fir, [0, 1])[None, None])
+        return full.reshape(o, i, k + 3, k + 3).transpose(0, 1)
+
     def _forward_shared(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         weight = self.scale * self.weight[0]  # (out, in, k, k)
         x = x * s.to(x.dtype)[:, :, None, None]
         if self.upsample:
-            out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), padding=0, stride=2)
-            out = self.blur(out)
+            # Transposed conv (3x3, stride 2) then the 4x4 FIR blur is one transposed conv whose 6x6 kernel
+            # is the full 2-D convolution of the two: each output pixel still gets 9 taps per input channel,
+            # and the separate depthwise blur pass over the upsampled activations disappears.
+            out = F.conv_transpose2d(x, self.upsample_kernel(weight).to(x.dtype), padding=2, stride=2)
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         if self.demodulate:
@@ -261,7 +278,7 @@ class Generator(nn.Module):
         if mode not in MODCONV_MODES:
             raise ValueError(f"modulated convolution mode must be one of {MODCONV_MODES}, got {mode!r}")
         for m in self.modules():
-            if isinstance(m, ModulatedConv2d):
+            if isinstance(m, (ModulatedConv2d, Upsample)):
                 m.mode = mode
 
     def mapping(self, z: torch.Tensor) -> torch.Tensor:

@@ -195,13 +195,14 @@ def test_generator_any_resolution_widths_from_weights_noise_truncation(tmp_path)
         assert torch.allclose(half, G.synthesis(avg + 0.5 * (w - avg)), atol=1e-5)
 
 
-@pytest.mark.parametrize("upsample", [False, True])
-def test_shared_weight_modulated_conv_equals_grouped_in_float64(upsample):
-    """The fast formulation (scale input, shared conv, demodulate output) is the official function."""
+@pytest.mark.parametrize("upsample,blur", [(False, (1, 3, 3, 1)), (True, (1, 3, 3, 1)), (True, (1, 2, 3, 4))])
+def test_shared_weight_modulated_conv_equals_grouped_in_float64(upsample, blur):
+    """The fast formulation (scale input, shared conv, demodulate output; blur folded into the transposed
+    conv's kernel) is the official function."""
     from models.stylegan2 import ModulatedConv2d
 
     torch.manual_seed(0)
-    conv = ModulatedConv2d(16, 8, 3, 32, upsample=upsample).double()
+    conv = ModulatedConv2d(16, 8, 3, 32, upsample=upsample, blur_kernel=blur).double()
     x, s = torch.randn(3, 16, 8, 8, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
     ref = conv(x, s)
     conv.mode = "shared"
@@ -216,3 +217,15 @@ def test_factory_cli_writes_a_loadable_checkpoint(tmp_path):
     ck = torch.load(out, weights_only=True)
     assert set(ck) == {"state_dict", "latent_avg", "opts"}
     assert any(k.startswith("encoder_refinestage_list.0.") for k in ck["state_dict"])
+
+
+def test_fast_fir_upsample_equals_upfirdn2d_with_an_asymmetric_kernel():
+    from models.stylegan2 import Upsample
+
+    up = Upsample([1, 2, 3, 4]).double()
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    ref = up(x)
+    up.mode = "shared"
+    fast = up(x)
+    assert fast.shape == ref.shape == (2, 3, 10, 14)
+    assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
