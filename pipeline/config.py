@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,
         "precision": "fp32",     # fp32 | bf16 | fp16
         "device": "auto",        # auto (cuda when the actor has a GPU) | cpu | cuda
+        "num_threads": None,     # torch CPU threads per actor; null = the actor's Ray CPU share (1)
     },
     "align": {
         "enabled": True,
@@ -213,6 +214,7 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "model.batch_size", lo=1, hi=4096)
     _check_choice(cfg, "model.precision", ("fp32", "bf16", "fp16"))
     _check_choice(cfg, "model.device", ("auto", "cpu", "cuda"))
+    _check_int(cfg, "model.num_threads", lo=1, hi=1024, allow_none=True)
     _check_bool(cfg, "align.enabled")
     _check_choice(cfg, "align.policy", ("largest", "all"))
     _check_int(cfg, "align.output_size", lo=16, hi=4096)

@@ -106,6 +106,8 @@ def fetch_checkpoint(url: str, endpoint_url: str | None = None, sha256: str | No
     checkpoint replaced at the same URL is never served stale from the cache)."""
     from .storage import get_fs, is_local
 
+    if url.startswith("factory:"):
+        return factory_checkpoint(url, cache_dir)
     fs, path = get_fs(url, endpoint_url)
     if is_local(fs):
         return path
@@ -119,3 +121,24 @@ def fetch_checkpoint(url: str, endpoint_url: str | None = None, sha256: str | No
         fs.get_file(path, tmp)
         os.replace(tmp, local)  # concurrent actors on one node: the last rename wins, both are whole
     return local
+
+
+def factory_checkpoint(url: str, cache_dir: str | None = None) -> str:
+    """``factory:resolution=64,stages=2,seed=0``: a small random checkpoint from ``models.factory``, written
+    once to a local cache. It makes the demo run on a fresh clone with no download; its outputs are
+    noise-like reconstructions, which is all a random model can give."""
+    params = {"resolution": 64, "stages": 2, "seed": 0}
+    body = url[len("factory:"):].strip()
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        k, _, v = part.partition("=")
+        if k not in params or not v.strip().isdigit():
+            raise ValueError(f"model.checkpoint: bad factory spec {url!r}; expected factory:resolution=64,stages=2,seed=0")
+        params[k] = int(v)
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "e2style_checkpoints")
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, "factory_r{resolution}_s{stages}_seed{seed}.pt".format(**params))
+    if not os.path.exists(path):
+        from models.factory import write_checkpoint
+
+        write_checkpoint(path, **params)
+    return path

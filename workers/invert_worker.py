@@ -19,11 +19,13 @@ __all__ = ["InvertWorker"]
 class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
                  precision: str = "fp32", device: str = "auto", stages: int | None = None,
-                 batch_size: int = 16, edit_options: dict | None = None):
+                 batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None):
         from models import load_e2style
 
         self.device = resolve_device(device)
-        if self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        elif self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
             # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it.
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
