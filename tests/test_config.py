@@ -1,0 +1,113 @@
+"""Config loading, --set overrides, validation errors that name the key, redaction, and the CLI's exit codes."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+import run_pipeline
+from pipeline.config import ConfigError, DEFAULTS, fingerprint, load_config, parse_overrides, redact, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}, "model": {"checkpoint": "/m.pt"}}
+
+
+def test_bundled_configs_are_valid():
+    for name in ("demo", "s3", "cluster"):
+        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+        assert set(cfg) == set(DEFAULTS)
+    assert load_config(os.path.join(ROOT, "configs", "cluster.yaml"))["ray"]["address"] == "auto"
+
+
+def test_set_overrides_dotted_keys_typed_values():
+    ov = parse_overrides(["model.batch_size=8", "align.enabled=false", "storage.endpoint_url=http://h:9000",
+                          "model.stages=null", "input.url=s3://b/p=q"])
+    cfg = resolve(BASE, ov)
+    assert cfg["model"]["batch_size"] == 8 and cfg["align"]["enabled"] is False
+    assert cfg["storage"]["endpoint_url"] == "http://h:9000" and cfg["model"]["stages"] is None
+    assert cfg["input"]["url"] == "s3://b/p=q"  # only the first '=' splits
+    assert cfg["output"]["image_format"] == "jpg"  # defaults fill the rest
+
+
+@pytest.mark.parametrize("over, key, words", [
+    ({"model": {"batch_size": 0}}, "model.batch_size", ">= 1"),
+    ({"model": {"batch_size": "8"}}, "model.batch_size", "integer"),
+    ({"model": {"precision": "fp8"}}, "model.precision", "one of"),
+    ({"output": {"image_format": "gif"}}, "output.image_format", "one of"),
+    ({"align": {"enabled": "yes"}}, "align.enabled", "true or false"),
+    ({"align": {"policy": "center"}}, "align.policy", "largest"),
+    ({"align": {"output_size": 512, "transform_size": 256}}, "align.transform_size", "output_size"),
+    ({"input": {"format": "zip"}}, "input.format", "webdataset"),
+    ({"input": {"url": None}}, "input.url", "required"),
+    ({"model": {"checkpoint": ""}}, "model.checkpoint", "string"),
+    ({"storage": {"endpoint_url": "127.0.0.1:9000"}}, "storage.endpoint_url", "http"),
+    ({"modle": {"stages": 1}}, "modle", "did you mean 'model'"),
+    ({"model": {"stage": 1}}, "model.stage", "did you mean 'stages'"),
+    ({"output": {"url": "/data/in/sub"}}, "output.url", "input"),
+    ({"shard_size": -1}, "shard_size", ">= 1"),
+    ({"model": 3}, "model", "mapping"),
+])
+def test_invalid_config_names_key_and_reason(over, key, words):
+    cfg = json.loads(json.dumps(BASE))
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    with pytest.raises(ConfigError) as ei:
+        resolve(cfg)
+    assert ei.value.key == key
+    assert words in str(ei.value)
+
+
+def test_bad_set_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["model.batch_size"])
+    with pytest.raises(ConfigError):
+        parse_overrides(["=3"])
+
+
+def test_redact_hides_secrets_and_url_credentials():
+    r = redact({"storage": {"endpoint_url": "http://user:pw@h:9000", "aws_secret_access_key": "abc", "token": None},
+                "model": {"checkpoint": "s3://b/m.pt"}})
+    assert r["storage"]["aws_secret_access_key"] == "***"
+    assert "pw" not in r["storage"]["endpoint_url"] and r["model"]["checkpoint"] == "s3://b/m.pt"
+
+
+def test_fingerprint_ignores_speed_only_keys():
+    a = resolve(BASE)
+    b = resolve(BASE, {"model": {"batch_size": 3}, "ray": {"num_actors": 4}, "storage": {"endpoint_url": "http://x"}})
+    c = resolve(BASE, {"output": {"image_size": 128}})
+    assert fingerprint(a, "s")[0] == fingerprint(b, "s")[0]
+    assert fingerprint(a, "s")[0] != fingerprint(c, "s")[0]
+    assert fingerprint(a, "s")[0] != fingerprint(a, "t")[0]
+
+
+def test_cli_invalid_config_exit_2(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    assert run_pipeline.main(["--config", str(p), "--set", "model.batch_size=-4"]) == 2
+    err = capsys.readouterr().err
+    assert "model.batch_size" in err and ">= 1" in err
+    assert run_pipeline.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    # a checkpoint that does not exist is reported before any work starts
+    assert run_pipeline.main(["--config", str(p), "--dry-run", "--set", f"model.checkpoint={tmp_path}/none.pt"]) == 2
+    assert "model.checkpoint" in capsys.readouterr().err
+
+
+def test_cli_dry_run_prints_plan(tmp_path, capsys, tiny_checkpoint):
+    from conftest import tiny_image_bytes
+
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    for i in range(5):
+        (src / "a" / f"{i}.jpg").write_bytes(tiny_image_bytes(i))
+    rc = run_pipeline.main(["--dry-run", "--set", f"input.url={src}", "--set", f"output.url={tmp_path}/out",
+                            "--set", f"model.checkpoint={tiny_checkpoint}", "--set", "shard_size=2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "format: images" in out and "shards: 3" in out and "todo  images-000002  (1 images)" in out
+    assert not (tmp_path / "out").exists()
