@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.edit import apply_edit
-from pipeline.invert import InvertResult, fetch_checkpoint, invert_faces, resolve_device
+from pipeline.invert import MODEL_INPUT_SIZE, InvertResult, fetch_checkpoint, invert_faces, resolve_device
 from pipeline.prepare import PreparedChunk
 
 __all__ = ["InvertWorker"]
@@ -48,6 +48,11 @@ class InvertWorker:
         faces = [c.faces for c in chunks if c.n_faces]
         if not faces:
             return [None] * len(chunks)
+        if len({f.shape[1:] for f in faces}) > 1:
+            # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
+            from pipeline.decode import resize_square
+            faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
+                     else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
         res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
                            device=self.device)
         keys = [r.key for c in chunks for r in c.rows if r.status == "ok"]

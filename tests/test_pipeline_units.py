@@ -1,0 +1,138 @@
+"""Pipeline pieces without Ray: shard planning and its stability, key sanitising, the tar writer, the
+inversion functions and actor class on a small model, and a real-photo run with alignment on."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
+from pipeline.read import plan_shards, sanitize_key
+from pipeline.write import build_tar
+
+
+def _touch(d, rel, data=b"x"):
+    p = os.path.join(d, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+
+
+def test_image_shard_identities_stable_when_files_are_added(tmp_path):
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    for i in range(5):
+        _touch(root, f"b/{i}.jpg")
+    fmt, shards = plan_shards(fs, root, "auto", 2)
+    assert fmt == "images" and [s.name for s in shards] == ["images-000000", "images-000001", "images-000002"]
+    # shards 0 and 2 committed; 1 was not (crashed). Files are then added *before* and *among* old ones.
+    committed = {s.name: {"format": "images", "inputs": [os.path.relpath(p, root) for p in s.paths]}
+                 for s in shards if s.name != "images-000001"}
+    for rel in ("a/new.jpg", "b/2a.jpg", "c/z.png"):
+        _touch(root, rel)
+    _touch(root, "b/readme.txt")
+    _touch(root, ".hidden/x.jpg")
+    _, again = plan_shards(fs, root, "auto", 2, committed)
+    by = {s.name: s for s in again}
+    for name, st in committed.items():  # committed shards keep exactly their files
+        assert by[name].committed and sorted(os.path.relpath(p, root) for p in by[name].paths) == sorted(st["inputs"])
+    todo = [s for s in again if not s.committed]
+    assert todo[0].name == "images-000001"  # lowest free number reused
+    todo_files = sorted(os.path.relpath(p, root) for s in todo for p in s.paths)
+    assert todo_files == sorted(["a/new.jpg", "b/2.jpg", "b/2a.jpg", "b/3.jpg", "c/z.png"])
+    all_files = [p for s in again for p in s.paths]
+    assert len(all_files) == len(set(all_files)) == 8
+
+
+def test_tar_and_parquet_one_shard_each(tmp_path):
+    fs = fsspec.filesystem("file")
+    for rel in ("00000.tar", "x/00001.tar", "00000_stats.json"):
+        _touch(str(tmp_path), rel)
+    fmt, shards = plan_shards(fs, str(tmp_path), "auto", 1000)
+    assert fmt == "webdataset" and [s.name for s in shards] == ["00000", "x__00001"]
+    _touch(str(tmp_path), "y.parquet")
+    with pytest.raises(ValueError, match="both"):
+        plan_shards(fs, str(tmp_path), "auto", 1000)
+
+
+@pytest.mark.parametrize("raw, safe", [
+    ("000123", "000123"), ("../../etc/passwd", "etc/passwd"), ("/abs/path", "abs/path"),
+    ("a/./b/../c", "a/b/c"), ("name.with.dots", "name_with_dots"), ("..", "_"), ("we ird\x00", "we_ird_"),
+    ("dir\\win", "dir/win"),
+])
+def test_sanitize_key(raw, safe):
+    assert sanitize_key(raw) == safe
+
+
+def test_build_tar_refuses_escaping_names():
+    with pytest.raises(ValueError):
+        build_tar([("../x.jpg", b"1")])
+    with pytest.raises(ValueError):
+        build_tar([("/x.jpg", b"1")])
+    data = build_tar([("a/b.recon.jpg", b"12")])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.getnames() == ["a/b.recon.jpg"]
+
+
+def test_invert_worker_without_ray(tiny_checkpoint):
+    from pipeline.prepare import PreparedChunk, Row
+    from workers.invert_worker import InvertWorker
+
+    w = InvertWorker(tiny_checkpoint, batch_size=3)
+    info = w.info()
+    assert info["n_latent"] == 10 and info["stages"] == 2
+    rng = np.random.default_rng(0)
+    faces_a = rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
+    faces_b = rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)  # resized to 256 for the model
+    a = PreparedChunk("s1", 0, [Row(f"a{i}", "x") for i in range(4)], faces_a, {}, 4)
+    b = PreparedChunk("s2", 0, [Row("b0", "y"), Row("bad", "y", status="decode_error")], faces_b, {}, 2)
+    empty = PreparedChunk("s3", 0, [Row("c", "z", status="no_face")], np.zeros((0, 256, 256, 3), np.uint8), {}, 1)
+    ra, rb, rc = w.invert_chunks(a, b, empty)
+    assert rc is None
+    assert ra.codes.shape == (4, 10, 512) and ra.codes.dtype == np.float32
+    assert ra.recon.shape == (4, 256, 256, 3) and ra.recon.dtype == np.uint8
+    assert rb.codes.shape == (1, 10, 512) and np.isfinite(rb.psnr).all()
+    # batching across chunks does not change the result of an image
+    alone = w.invert_chunks(PreparedChunk("s2", 0, b.rows, faces_b, {}, 2))[0]
+    np.testing.assert_allclose(alone.codes, rb.codes, atol=1e-2)  # float noise of batched convolutions
+    with pytest.raises(ValueError, match="model.stages"):
+        InvertWorker(tiny_checkpoint, stages=3)
+
+
+@pytest.mark.slow
+def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
+    """Real faces through dlib alignment: ok rows carry quad/landmarks/score; a photo without a face is a
+    no_face row; aligned crops are saved beside the reconstructions."""
+    from pipeline.runner import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("astronaut.jpg", "grace_hopper.jpg", "china.jpg"):
+        shutil.copy(os.path.join(DATA_DIR, name), src / name)
+    (src / "tiny_noise.png").write_bytes(tiny_image_bytes(5, "PNG", size=64))
+    cfg = pipeline_config(str(src), str(tmp_path / "out"), tiny_checkpoint, align__enabled=True,
+                          output__save_aligned=True, output__image_format="png", output__image_size=128)
+    res = run(cfg, echo=lambda s: None)
+    assert res.exit_code == 0
+    df = pd.read_parquet(tmp_path / "out" / "latents")
+    st = dict(zip(df.key, df.status))
+    assert st == {"astronaut": "ok", "grace_hopper": "ok", "china": "no_face", "tiny_noise": "no_face"}
+    ok = df[df.status == "ok"]
+    assert all(len(q) == 8 for q in ok.quad) and all(len(lm) == 136 for lm in ok.landmarks)
+    assert (ok.score > 0).all() and ok.recon_psnr.notna().all()
+    assert df[df.status != "ok"].quad.isna().all()
+    with tarfile.open(tmp_path / "out" / "images" / "images-000000.tar") as tf:
+        names = set(tf.getnames())
+        from PIL import Image
+        im = Image.open(tf.extractfile("astronaut.aligned.png"))
+        assert im.size == (128, 128)
+    assert names == {"astronaut.recon.png", "astronaut.aligned.png", "grace_hopper.recon.png",
+                     "grace_hopper.aligned.png"}
+    stats = res.summary["stage_seconds"]
+    assert stats["align"] > 0 and stats["invert"] > 0
