@@ -5,6 +5,17 @@
 
 Exit codes: 0 every shard committed; 1 some shard failed (listed in the log and in _run.json);
 2 invalid config, or an output that holds a run with another checkpoint/config (see output.overwrite).
+
+Reading the outputs:
+
+    import numpy as np, pandas as pd
+    df = pd.read_parquet("out/demo/latents")            # s3://...: storage_options={"client_kwargs": {...}}
+    ok = df[df.status == "ok"]
+    codes = np.stack(ok.codes.to_numpy()).reshape(len(ok), -1, 512)   # (N, n_latent, 512) W+
+    # reconstructions: out/demo/images/<shard>.tar, members <key>.recon.jpg (WebDataset)
+
+An official checkpoint instead of the demo's random one:
+    --set model.checkpoint=/path/to/e2style_ffhq_inversion.pt   (or s3://bucket/e2style.pt)
 """
 from __future__ import annotations
 

@@ -80,8 +80,9 @@ FINGERPRINT_KEYS = (
     "output.image_format", "output.image_size", "output.save_aligned", "output.jpeg_quality",
     "model.stages", "model.precision",
     "align.enabled", "align.policy", "align.output_size", "align.transform_size",
-    "shard_size",
 )
+# shard_size is not in it: committed image shards keep their membership whatever it is now, so changing
+# it only changes how the files not yet processed are grouped.
 
 _SECRET_RE = re.compile(r"(secret|password|token|credential|access_key|session)", re.I)
 

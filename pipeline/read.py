@@ -94,8 +94,8 @@ def _ext(path: str) -> str:
 
 
 def _is_hidden(rel: str) -> bool:
-    # Dot files (.DS_Store, editors' temporaries) and our own _tmp/_SUCCESS style markers.
-    return any(p.startswith((".", "_")) for p in rel.split("/"))
+    # Dot files and folders (.DS_Store, editors' and uploaders' temporaries) are never inputs.
+    return any(p.startswith(".") for p in rel.split("/"))
 
 
 def list_inputs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
