@@ -50,6 +50,8 @@ LANDMARK_MODEL_ENV = "E2STYLE_LANDMARK_MODEL"
 LANDMARK_MODEL_NAME = "shape_predictor_68_face_landmarks.dat"
 # dlib's frontal HOG detector scans an 80x80 window: smaller faces are not found at a given scale.
 HOG_MIN_FACE = 80
+# Side of a detection rectangle (dlib's right - left + 1) at the pyramid level where the detector found it.
+HOG_WINDOW = 73
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,44 +389,71 @@ class FaceAligner:
         self.min_score = float(min_score)
         self.refine = int(refine)
         self._dlib = dlib
+        self._pyr = dlib.pyramid_down(6)
 
     # -- detection --------------------------------------------------------------------------------
+    def _level_rect_to_source(self, r, k: int):
+        """Source-pixel rectangle of a detection ``r`` made on pyramid level ``k``.
+
+        dlib maps a detection found at its own pyramid level j (window of HOG_WINDOW px there) with
+        ``rect_up(R, j)``, rounding once. A run on level k returned ``rect_up(R, j - k)``; R is recovered
+        exactly (the map has slope 1.2^(j-k) >= 1, so rounding is undone) and mapped up j levels at once, which
+        is what detection on the full-resolution photo reports for the same window.
+        """
+        pyr = self._pyr
+        if k == 0:
+            return r
+        w = max(r.right() - r.left() + 1, 1)
+        j = max(int(round(math.log(w / HOG_WINDOW) / math.log(1.2))), 0)
+        for jj in (j, j - 1, j + 1):
+            if jj < 0:
+                continue
+            d = pyr.rect_down(self._dlib.drectangle(r.left(), r.top(), r.right(), r.bottom()), jj)
+            R = self._dlib.rectangle(int(round(d.left())), int(round(d.top())), int(round(d.right())), int(round(d.bottom())))
+            if pyr.rect_up(R, jj) == r:
+                return pyr.rect_up(R, jj + k)
+        return pyr.rect_up(r, k)
+
     def detect(self, image, min_face_size: float = 0.0, detect_max_side="default", exhaustive: bool = False):
         """Face boxes in source pixels: list of ((x0, y0, x1, y1), score), x1/y1 exclusive.
 
-        The detector first runs without upsampling on the downscaled copy. More levels (dlib upsampling)
-        run only while faces below the current level's smallest visible size could still be at least
-        ``min_face_size``, and (unless ``exhaustive``) only while nothing qualifying has been found.
-        With ``exhaustive`` the detections of all levels are merged (overlaps keep the coarser level's).
+        dlib's HOG detector scans an image pyramid whose levels are each ``pyramid_down(6)`` of the previous
+        one. The photo is reduced with that same ``pyramid_down`` k times (k: the fewest that bring the longer
+        side to ``detect_max_side`` or below) and the detector runs on level k: it then scans exactly levels
+        k, k+1, ... of the full-resolution pyramid, and its boxes, mapped back (see _level_rect_to_source),
+        are the ones detection on the full-resolution photo reports for faces it finds at those levels (faces
+        of at least about 80 * 1.2^k px). Only when nothing qualifying was found (or with ``exhaustive``), and
+        smaller faces could still reach ``min_face_size``, finer runs follow: levels k-4, k-8, ..., 0, then
+        dlib's upsampling of the photo, up to ``max_upsample`` times. The result is that of the last run
+        made; with ``exhaustive`` the runs' detections are merged (overlaps keep the coarser run's box).
         """
-        img = _as_rgb_uint8(image)
+        img = np.ascontiguousarray(_as_rgb_uint8(image))
         H, W = img.shape[:2]
         dms = self.detect_max_side if detect_max_side == "default" else detect_max_side
-        if dms and max(H, W) > dms:
-            s = dms / max(H, W)
-            sw, sh = max(int(round(W * s)), 1), max(int(round(H * s)), 1)
-            small = np.asarray(
-                Image.fromarray(np.ascontiguousarray(img), "RGB").resize((sw, sh), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            )
-        else:
-            sw, sh, small = W, H, np.ascontiguousarray(img)
-        fx, fy = W / sw, H / sh
-        scale = min(sw / W, sh / H)
-        found = []
-        for up in range(self.max_upsample + 1):
-            if up > 0:
+        levels = [img]
+        while dms and max(levels[-1].shape[:2]) > dms and min(levels[-1].shape[:2]) > 2 * HOG_MIN_FACE:
+            levels.append(self._pyr(levels[-1]))
+        k = len(levels) - 1
+        runs = [(j, 0) for j in range(k, 0, -4)] + [(0, u) for u in range(self.max_upsample + 1)]
+        found, prev_min = [], None
+        for j, up in runs:
+            if prev_min is not None:
                 if found and not exhaustive:
                     break
-                # Faces first visible at this level are smaller than those the previous level could see.
-                if min_face_size >= HOG_MIN_FACE / (scale * 2 ** (up - 1)):
+                # Faces first visible in this run are smaller than those the previous run could see.
+                if min_face_size >= prev_min:
                     break
-            rects, scores, _ = self.detector.run(small, up, 0.0)
+            lv = levels[j]
+            prev_min = HOG_MIN_FACE * W / lv.shape[1] / 2**up
+            rects, scores, _ = self.detector.run(lv, up, 0.0)
             for r, sc in zip(rects, scores):
                 if sc < self.min_score:
                     continue
-                box = (r.left() * fx, r.top() * fy, (r.right() + 1) * fx, (r.bottom() + 1) * fy)
+                r = self._level_rect_to_source(r, j)
+                box = (float(r.left()), float(r.top()), float(r.right() + 1), float(r.bottom() + 1))
                 if min(box[2] - box[0], box[3] - box[1]) < min_face_size:
                     continue
+                # A face already found by a coarser run keeps that run's box (its "largest" answer).
                 if any(_iou(box, b) > 0.3 for b, _ in found):
                     continue
                 found.append((box, float(sc)))

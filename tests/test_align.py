@@ -340,3 +340,18 @@ def test_landmark_model_path():
     assert p.endswith("shape_predictor_68_face_landmarks.dat") and os.path.getsize(p) > 50_000_000
     with pytest.raises(FileNotFoundError):
         find_landmark_model("/nonexistent/model.dat")
+
+
+@pytest.mark.parametrize("photo", ["astro", "hopper"])
+def test_downscaled_detection_has_no_drift(aligner, astro, hopper, photo):
+    # Detection on dlib's own pyramid level (pyramid_down(6) applied k times) reports exactly the boxes that
+    # full-resolution detection reports for faces found at those levels, so the landmarks do not move.
+    img = astro if photo == "astro" else hopper
+    s = 1024 / max(img.shape[:2])
+    big = np.asarray(Image.fromarray(img).resize((round(img.shape[1] * s), round(img.shape[0] * s)), Image.Resampling.LANCZOS))
+    full = FaceAligner(predictor_path=aligner.predictor_path, detect_max_side=None)
+    fast = aligner.detect(big)
+    ref = full.detect(big)
+    assert len(fast) == 1 and fast[0] in ref
+    b = fast[0][0]
+    np.testing.assert_array_equal(aligner.landmarks(big, b), full.landmarks(big, max(ref, key=lambda d: (d[0][2] - d[0][0]) * (d[0][3] - d[0][1]))[0]))
