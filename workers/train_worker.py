@@ -1,0 +1,71 @@
+"""Ray Train wrapper of ``pipeline.train``: a TorchTrainer whose workers each run the plain training loop as
+one DDP rank (the trainable encoder is wrapped in DistributedDataParallel when there is more than one).
+
+Config keys: ``num_workers`` (ranks), ``use_gpu`` (one GPU each), ``ray.address`` (join a cluster; null =
+a local Ray), ``ray.cpus_per_worker``. ``output_dir`` must be visible to every worker (a shared filesystem
+on a multi-node cluster): rank 0 writes the checkpoints there and every rank resumes from them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["train_loop_per_worker", "run_ray_training"]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train import run_training
+
+    cfg = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg["use_gpu"] else "cpu"
+    if not cfg["use_gpu"] and os.environ.get("OMP_NUM_THREADS") and not cfg["train"]["num_threads"]:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    cfg = {**cfg, "progress": cfg["progress"] and rank == 0}
+
+    def report(metrics: dict) -> None:
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+
+    run_training(cfg, rank=rank, world_size=world, device=device, report=report)
+
+
+def run_ray_training(cfg: dict[str, Any]) -> list[dict]:
+    """Run ``pipeline.train.run_training`` on ``num_workers`` Ray Train workers; returns one result per stage
+    (read back from the checkpoints rank 0 wrote)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import check_files, stage_paths
+
+    check_files(cfg)  # before any worker starts
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": cfg["ray"]["address"]} if cfg["ray"]["address"] else {"include_dashboard": False}
+        ray.init(**kw)
+        started = True
+    try:
+        out = os.path.abspath(cfg["output_dir"])
+        cfg = {**cfg, "output_dir": out}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg},
+            scaling_config=ScalingConfig(num_workers=int(cfg["num_workers"]), use_gpu=bool(cfg["use_gpu"]),
+                                         resources_per_worker={"CPU": float(cfg["ray"]["cpus_per_worker"]),
+                                                               **({"GPU": 1.0} if cfg["use_gpu"] else {})}),
+            run_config=RunConfig(name="e2style_train", storage_path=os.path.join(out, "ray_results")),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return [{"stage": k, "final": stage_paths(cfg, k)["final"], "metrics": result.metrics}
+                for k in cfg["train"]["stages"]]
+    finally:
+        if started:
+            ray.shutdown()
