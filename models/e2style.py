@@ -6,6 +6,7 @@ Each stage's reconstruction is the generator output average-pooled to 256x256 (t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,16 +56,52 @@ class E2Style(nn.Module):
     def resolution(self) -> int:
         return self.decoder.size
 
-    def set_precision(self, precision: str) -> None:
-        """fp32 keeps the official grouped modulated convolution (the reference); bf16/fp16 switch to the
-        shared-weight form under autocast, which is the fast path on GPUs."""
+    def set_precision(self, precision: str, modconv: str = "shared") -> None:
+        """Arithmetic of `invert`/`decode`: fp32, or bf16/fp16 autocast. The modulated convolutions use the
+        shared-weight form by default; modconv="grouped" selects the official per-sample form, kept as
+        the float32 reference. Both compute the same function (the fixture tests run through both)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self.decoder.set_modconv_mode("grouped" if precision == "fp32" else "shared")
+        self.decoder.set_modconv_mode(modconv)
+
+    def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False) -> "E2Style":
+        """channels_last activations (what cuDNN's tensor-core kernels want) and, optionally, torch.compile
+        of the encoders and the synthesis network (fuses the elementwise epilogues). Compilation happens on
+        first use; if it fails there, the eager modules are used and a warning says why."""
+        self.channels_last = channels_last
+        if channels_last:
+            for m in self.modules():  # the generator's 5-D modulated weights stay as they are
+                if isinstance(m, nn.Conv2d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        if compile:
+            self._compiled = {}
+            for name, fn in (("first", self.encoder_firststage), ("synthesis", self.decoder.synthesis)):
+                self._compiled[name] = torch.compile(fn, dynamic=False)
+            for i, enc in enumerate(self.encoder_refinestage_list):
+                self._compiled[f"refine{i}"] = torch.compile(enc, dynamic=False)
+        return self
+
+    def _call(self, name: str, eager, *args):
+        compiled = getattr(self, "_compiled", None)
+        if compiled and name in compiled:
+            try:
+                return compiled[name](*args)
+            except Exception as e:  # an unsupported toolchain (no Triton, no compiler): stay correct, run eager
+                warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {e}); running eager")
+                compiled.pop(name)
+        return eager(*args)
+
+    def preprocess_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8 (pinned host or device memory) -> (B, C, H, W) float in [-1, 1] on the model's
+        device. The copy is non-blocking and the normalisation runs on the device: a quarter of the bytes
+        of a float32 transfer."""
+        device = self.latent_avg.device
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=torch.channels_last) if getattr(self, "channels_last", False) else x.contiguous()
 
     def _encode_first(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.encoder_firststage(x)
+        codes = self._call("first", self.encoder_firststage, x)
         if self.start_from_latent_avg:
             codes = codes + self.latent_avg.reshape((1,) * (codes.ndim - self.latent_avg.ndim) + tuple(self.latent_avg.shape)).to(codes.dtype)
         return codes
@@ -76,10 +113,13 @@ class E2Style(nn.Module):
         dtype = PRECISIONS[self.precision]
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    def _synthesis(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._call("synthesis", self.decoder.synthesis, self._wplus(codes).contiguous())
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """W+ codes -> 256x256 images with the stored noise (the official inference setting)."""
         with torch.no_grad(), self._autocast(codes.device):
-            return face_pool(self.decoder.synthesis(self._wplus(codes))).float()
+            return face_pool(self._synthesis(codes)).float()
 
     @torch.no_grad()
     def invert(self, x: torch.Tensor, stages: int | None = None, return_images: bool = True) -> InversionOutput:
@@ -93,10 +133,10 @@ class E2Style(nn.Module):
             codes = self._encode_first(x)
             images = None
             for k in range(1, stages):
-                images = face_pool(self.decoder.synthesis(self._wplus(codes)))
+                images = face_pool(self._synthesis(codes))
                 refine_in = torch.cat((x.to(images.dtype), images), dim=1)
-                codes = codes + self.encoder_refinestage_list[k - 1](refine_in).to(codes.dtype)
-            images = face_pool(self.decoder.synthesis(self._wplus(codes))) if return_images else None
+                codes = codes + self._call(f"refine{k - 1}", self.encoder_refinestage_list[k - 1], refine_in).to(codes.dtype)
+            images = face_pool(self._synthesis(codes)) if return_images else None
         codes = self._wplus(codes).float()
         return InversionOutput(codes=codes, images=images.float() if images is not None else None)
 
