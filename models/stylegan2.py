@@ -318,7 +318,7 @@ class Generator(nn.Module):
     @torch.no_grad()
     def mean_latent(self, n: int = 4096, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
+        z = torch.randn(n, self.style_dim, generator=gen, device="cpu").to(self.input.input.device)
         return self.mapping(z).mean(0, keepdim=True)
 
     def stored_noise(self) -> list[torch.Tensor]:
