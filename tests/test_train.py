@@ -1,0 +1,343 @@
+"""E2Style training (pipeline/train.py, models/losses.py, models/optim.py, workers/train_worker.py) on CPU.
+
+Most tests use a tiny 32 px generator and let the encoders see its native 32 px images (``native_pool``:
+the 256 px face pool is switched off) so a few steps cost well under a second; the Ray Train and CLI
+tests run the real 256 px path for one step.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from models.checkpoint import load_e2style, read_checkpoint
+from models.factory import atomic_save, generator_checkpoint
+from models.stylegan2 import Generator, default_channels
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory):
+    torch.manual_seed(0)
+    G = Generator(32, 16, 2, channels=default_channels(2, 16))
+    path = str(tmp_path_factory.mktemp("gen") / "g32.pt")
+    atomic_save(generator_checkpoint(G), path)
+    return path
+
+
+@pytest.fixture
+def native_pool(monkeypatch):
+    """Encoders see the generator's 32 px output instead of its 256 px upsampling (same code path, 64x cheaper)."""
+    import models.e2style as me
+
+    monkeypatch.setattr(me, "face_pool", lambda x: x)
+
+
+def make_cfg(out, generator, **over):
+    from pipeline.train import resolve_config
+
+    base = {
+        "output_dir": str(out), "generator": generator,
+        "loss": {"lpips": 0.0, "id": 0.0, "parse": 0.0, "latent": 1.0},
+        "model": {"encoder_base_width": 16},
+        "optim": {"name": "ranger", "lr": 1e-3},
+        "train": {"stages": [1], "steps": 4, "batch_size": 4, "log_every": 1, "val_every": 1000, "save_every": 2},
+        "data": {"val_count": 8, "val_batch_size": 8},
+        "progress": False,
+    }
+    for key, value in over.items():
+        cur = base
+        parts = key.split("__")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+    return resolve_config(base)
+
+
+def quiet(msg):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses and pretrained networks
+
+
+@pytest.fixture(scope="module")
+def random_pretrained(tmp_path_factory):
+    """Randomly initialised stand-ins for the pretrained nets, saved in the real files' key layouts."""
+    from models.losses import LPIPS, Backbone, ParsingUNet
+
+    d = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(1)
+    lp = LPIPS().state_dict()
+    paths = {
+        "alexnet": str(d / "alexnet.pth"), "lpips_lin": str(d / "alex_lin.pth"),
+        "ir_se50": str(d / "model_ir_se50.pth"), "parsing": str(d / "parsing.pth"),
+    }
+    # torchvision's file also holds classifier.*, which is ignored.
+    torch.save({**{k: v for k, v in lp.items() if k.startswith("features.")}, "classifier.1.weight": torch.zeros(2, 2)}, paths["alexnet"])
+    torch.save({k: v for k, v in lp.items() if k.startswith("lin")}, paths["lpips_lin"])
+    torch.save(Backbone(50, (16, 32, 64, 128), embed_dim=32).state_dict(), paths["ir_se50"])
+    torch.save(ParsingUNet(feature_scale=16).state_dict(), paths["parsing"])
+    return paths
+
+
+def test_pretrained_key_layouts_and_losses(random_pretrained):
+    from models.losses import E2StyleLoss, LPIPS, load_ir_se50, load_lpips, load_parsing_unet
+
+    keys = set(LPIPS().state_dict())
+    assert {f"features.{i}.weight" for i in (0, 3, 6, 8, 10)} <= keys
+    assert {f"lin{i}.model.1.weight" for i in range(5)} <= keys
+    assert all(k.startswith(("features.", "lin")) for k in keys)
+    net = load_ir_se50(random_pretrained["ir_se50"])
+    assert net.stage_ends == (3, 7, 21, 24)
+    feats = net(torch.randn(2, 3, 112, 112))
+    assert len(feats) == 5 and feats[-1].shape == (2, 32)
+    unet = load_parsing_unet(random_pretrained["parsing"])
+    assert unet.segment(torch.randn(1, 3, 64, 64)).shape == (1, 19, 64, 64)
+    load_lpips(random_pretrained["alexnet"], random_pretrained["lpips_lin"])
+
+    loss = E2StyleLoss({}, random_pretrained)  # the official weights
+    assert loss.weights == {"l2": 1.0, "lpips": 0.8, "id": 0.5, "parse": 1.0, "w_norm": 0.0, "latent": 0.0}
+    y = torch.rand(2, 3, 256, 256) * 2 - 1
+    same, parts = loss(y, y)
+    assert set(parts) == {"l2", "lpips", "id", "parse"}
+    assert abs(float(same)) < 1e-4
+    y_hat = (y + 0.2 * torch.randn_like(y)).requires_grad_()
+    total, _ = loss(y_hat, y)
+    total.backward()
+    assert y_hat.grad is not None and y_hat.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.parameters())  # pretrained nets stay frozen
+
+
+def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator, random_pretrained):
+    from models.losses import MissingPretrainedError
+    from pipeline.train import main, run_training
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, loss__id=0.5, pretrained__ir_se50=str(tmp_path / "nope_ir_se50.pth"))
+    with pytest.raises(MissingPretrainedError, match=r"pretrained\.ir_se50.*nope_ir_se50\.pth"):
+        run_training(cfg, log=quiet)
+    assert not (tmp_path / "run" / "stage1").exists()
+    cfg = make_cfg(tmp_path / "run", tiny_generator, loss__parse=1.0)  # weighted, not configured
+    with pytest.raises(MissingPretrainedError, match=r"loss\.parse.*pretrained\.parsing"):
+        run_training(cfg, log=quiet)
+    cfg = make_cfg(tmp_path / "run", str(tmp_path / "no_generator.pt"))
+    with pytest.raises(FileNotFoundError, match="no_generator.pt"):
+        run_training(cfg, log=quiet)
+    # The CLI says so and exits 2.
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"output_dir: {tmp_path / 'run2'}\ngenerator: {tiny_generator}\n"
+                        f"pretrained: {{alexnet: {tmp_path / 'missing_alex.pth'}}}\n")
+    assert main(["--config", str(cfg_file)]) == 2
+    assert not (tmp_path / "run2" / "stage1").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training behaviour
+
+
+def test_few_steps_lower_the_loss(tmp_path, tiny_generator, native_pool):
+    from pipeline.train import _gen, build_stage_model, run_training, synthetic_batch, validate_model
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=30, train__batch_size=8)
+    model0, _ = build_stage_model(cfg, 1, quiet)
+    x, w = synthetic_batch(model0.decoder, model0.latent_avg[0], 16, _gen("heldout"))
+    before = validate_model(model0, x, 1, 16, "cpu", None, w)
+    [res] = run_training(cfg, log=quiet)
+    after = validate_model(load_e2style(res["final"]), x, 1, 16, "cpu", None, w)
+    assert res["step"] == 30
+    assert after["stage1/mse"] < 0.9 * before["stage1/mse"], (before, after)
+    assert after["stage1/latent_mse"] < before["stage1/latent_mse"]
+
+
+def test_stage2_leaves_stage1_bit_identical(tmp_path, tiny_generator, native_pool):
+    from pipeline.train import run_training
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, train__stages=[1, 2], train__steps=2)
+    r1, r2 = run_training(cfg, log=quiet)
+    s1 = read_checkpoint(r1["final"])["state_dict"]
+    s2 = read_checkpoint(r2["final"])["state_dict"]
+    frozen = [k for k in s1 if k.startswith(("encoder_firststage.", "decoder."))]
+    assert frozen and set(s1) <= set(s2)
+    changed = [k for k in frozen if not torch.equal(s1[k], s2[k])]
+    assert not changed, changed[:5]  # weights and BatchNorm statistics alike
+    assert any(k.startswith("encoder_refinestage_list.0.") for k in s2)
+    m = load_e2style(r2["final"])
+    assert m.num_stages == 2 and read_checkpoint(r2["final"])["opts"]["training_stage"] == 2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert not torch.equal(m.invert(x, stages=1).codes, m.invert(x, stages=2).codes)
+    # Stage 2 again as a separate run, from the stage-1 file given as init_checkpoint.
+    cfg2 = make_cfg(tmp_path / "run_b", tiny_generator, train__stages=[2], train__steps=1, model__init_checkpoint=r1["final"])
+    [r] = run_training(cfg2, log=quiet)
+    sb = read_checkpoint(r["final"])["state_dict"]
+    assert all(torch.equal(s1[k], sb[k]) for k in frozen)
+
+
+def _tensors_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, tiny_generator, native_pool):
+    from pipeline.train import SimulatedCrash, run_training, stage_paths
+
+    ref_cfg = make_cfg(tmp_path / "ref", tiny_generator, train__steps=4, train__save_every=2)
+    [ref] = run_training(ref_cfg, log=quiet)
+
+    cfg = make_cfg(tmp_path / "crashy", tiny_generator, train__steps=4, train__save_every=2)
+    with pytest.raises(SimulatedCrash):
+        run_training(cfg, log=quiet, crash_after=3)
+    latest = stage_paths(cfg, 1)["latest"]
+    assert not os.path.exists(stage_paths(cfg, 1)["final"])
+    saved = read_checkpoint(latest)["train_state"]
+    assert saved["step"] == 2 and saved["optimizer"]["state"]
+    assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".tmp")]
+
+    logs = []
+    [res] = run_training(cfg, log=logs.append)
+    assert any("resuming" in m and "step 2" in m for m in logs)
+    assert res["step"] == 4
+    a, b = read_checkpoint(ref["final"]), read_checkpoint(res["final"])
+    assert _tensors_equal(a["state_dict"], b["state_dict"])  # same batches, same updates, same result
+    ta, tb = read_checkpoint(stage_paths(ref_cfg, 1)["latest"])["train_state"], read_checkpoint(latest)["train_state"]
+    assert ta["step"] == tb["step"] == 4
+    assert _tensors_equal(ta["optimizer"], tb["optimizer"])
+    # A rerun of a finished stage trains nothing.
+    [again] = run_training(cfg, log=quiet)
+    assert again.get("skipped")
+
+
+def test_adamw_and_w_norm(tmp_path, tiny_generator, native_pool):
+    from pipeline.train import run_training
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, optim__name="adamw", loss__w_norm=0.01, train__steps=2, train__log_every=1)
+    [res] = run_training(cfg, log=quiet)
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "stage1", "logs", "metrics.jsonl"))]
+    assert any("train/w_norm" in r for r in rows)
+    assert load_e2style(res["final"]).num_stages == 1
+
+
+def test_metrics_are_tensorboard_readable(tmp_path, tiny_generator, native_pool):
+    from pipeline.train import EventWriter, crc32c, read_events, run_training
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=2, train__val_every=1)
+    run_training(cfg, log=quiet)
+    logs = tmp_path / "run" / "stage1" / "logs"
+    events = [f for f in os.listdir(logs) if f.startswith("events.out.tfevents.")]
+    assert len(events) == 1
+    try:
+        import tensorboard  # noqa: F401
+        has_tb = True
+    except ImportError:
+        has_tb = False
+    if not has_tb:
+        evs = read_events(str(logs / events[0]))
+        assert evs[0]["file_version"] == "brain.Event:2"
+        tags = {t for e in evs for t in e["scalars"]}
+        assert {"train/loss", "train/l2", "val/stage1/psnr", "val/stage1/mse"} <= tags
+        assert EventWriter  # our writer made it
+    rows = [json.loads(line) for line in open(logs / "metrics.jsonl")]
+    assert any("val/stage1/psnr" in r for r in rows) and any("train/loss" in r for r in rows)
+
+
+def test_image_folder_training(tmp_path, tiny_generator):
+    import numpy as np
+    from PIL import Image
+
+    from models.checkpoint import load_stylegan2
+    from pipeline.train import _gen, image_batches, run_training, synthetic_batch
+
+    G = load_stylegan2(tiny_generator)
+    x, _ = synthetic_batch(G, None, 7, _gen("imgs"))
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i, a in enumerate(x.add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(np.ascontiguousarray(a)).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    cfg = make_cfg(tmp_path / "run", tiny_generator, data__mode="images", data__url=str(folder), data__val_count=2,
+                   loss__latent=0.0, train__steps=1, train__batch_size=2)
+    [res] = run_training(cfg, log=quiet)  # the real 256 px path: images are resized to the encoders' 256
+    assert res["step"] == 1 and "stage1/psnr" in res["val"]
+    # Images come at the model's input size; held-out files never reach training; an undecodable file
+    # costs its batch one slot (batches are formed before decoding, so a resume can skip them undecoded).
+    from pipeline.train import _decode_to_tensor
+
+    held = {str(folder / "img0.png"), str(folder / "img1.png")}
+    held_x = [_decode_to_tensor((folder / f"img{i}.png").read_bytes()) for i in (0, 1)]
+    it = image_batches(cfg, 0, 1, 2, 0, held)
+    sizes = []
+    for _ in range(3):  # one epoch: 5 good files + 1 broken = 3 raw batches of 2
+        b = next(it)
+        assert b.shape[1:] == (3, 256, 256) and b.min() >= -1 and b.max() <= 1
+        assert not any(torch.equal(img, h) for img in b for h in held_x)
+        sizes.append(len(b))
+    assert sorted(sizes) == [1, 2, 2]
+    from pipeline.train import TrainConfigError, resolve_config
+    with pytest.raises(TrainConfigError, match="loss.latent"):
+        resolve_config({"output_dir": "x", "data": {"mode": "images", "url": str(folder)}, "loss": {"latent": 1.0}})
+
+
+def test_demo_script_runs_tiny(tmp_path, native_pool):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_demo_model", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_demo_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "demo"
+    assert mod.main(["--out", str(out), "--resolution", "32", "--style-dim", "16", "--gen-width", "16", "--n-mlp", "2",
+                     "--batch-size", "2", "--steps", "2", "--val-count", "4", "--shard-count", "3", "--time-budget", "600"]) == 0
+    rep = json.loads((out / "psnr.json").read_text())
+    assert set(rep["fp16_files"]) == {"stage1", "stage2", "stage3"}
+    m = load_e2style(str(out / "e2style_demo.pt"))
+    assert m.num_stages == 3 and m.decoder.style_dim == 16
+    assert read_checkpoint(str(out / "e2style_demo.pt"))["state_dict"]["decoder.input.input"].dtype == torch.float16
+    import tarfile
+    with tarfile.open(out / "demo_input" / "demo-000000.tar") as tf:
+        assert len([n for n in tf.getnames() if n.endswith(".png")]) == 3
+    assert (out / "contact_sheet.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points (real 256 px path)
+
+
+def test_cli_trains_from_yaml(tmp_path, tiny_generator):
+    from pipeline.train import main
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(
+        f"output_dir: {tmp_path / 'run'}\ngenerator: {tiny_generator}\n"
+        "loss: {lpips: 0, id: 0, parse: 0}\nmodel: {encoder_base_width: 16}\n"
+        "train: {steps: 5, batch_size: 1}\ndata: {val_count: 2}\nprogress: false\n")
+    assert main(["--config", str(cfg_file), "--set", "train.steps=1"]) == 0
+    m = load_e2style(str(tmp_path / "run" / "stage1" / "e2style_stage1.pt"))
+    assert m.num_stages == 1 and read_checkpoint(str(tmp_path / "run" / "stage1" / "e2style_stage1.pt"))["opts"]["step"] == 1
+
+
+def test_shipped_configs_resolve():
+    from pipeline.train import load_train_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("train_synthetic.yaml", "train_demo.yaml"):
+        cfg = load_train_config(os.path.join(root, name))
+        assert cfg["data"]["mode"] in ("synthetic", "images")
+
+
+def test_ray_train_one_worker(tmp_path, tiny_generator, ray_session):
+    from workers.train_worker import run_ray_training
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=1, train__batch_size=1, data__val_count=1,
+                   num_workers=1, use_gpu=False)
+    [res] = run_ray_training(cfg)
+    m = load_e2style(res["final"])
+    assert m.num_stages == 1
+    assert read_checkpoint(res["final"])["opts"]["step"] == 1
