@@ -789,6 +789,8 @@ def save_checkpoint(path: str, model, cfg: dict, k: int, step: int, optimizer=No
     from models.factory import atomic_save, e2style_checkpoint
 
     ckpt = e2style_checkpoint(model, _opts(cfg, k, step))
+    ckpt["state_dict"] = {kk: v.cpu() for kk, v in ckpt["state_dict"].items()}
+    ckpt["latent_avg"] = ckpt["latent_avg"].cpu()
     if optimizer is not None:
         ckpt["train_state"] = {
             "stage": k, "step": int(step), "optimizer": optimizer.state_dict(),

@@ -200,6 +200,7 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
     saved = read_checkpoint(latest)["train_state"]
     assert saved["step"] == 2 and saved["optimizer"]["state"]
     assert not [f for f in os.listdir(os.path.dirname(latest)) if f.endswith(".tmp")]
+    assert load_e2style(latest).num_stages == 1  # the resume point is an official-layout file too
 
     logs = []
     [res] = run_training(cfg, log=logs.append)
