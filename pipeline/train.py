@@ -1012,6 +1012,33 @@ def run_training(cfg: dict, *, rank: int = 0, world_size: int = 1, device=None, 
     return results
 
 
+def _ddp_worker(rank: int, world_size: int, cfg: dict, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    use_cuda = cfg["train"]["device"] != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    try:
+        if use_cuda:
+            torch.cuda.set_device(rank)
+        run_training(cfg, rank=rank, world_size=world_size, device=f"cuda:{rank}" if use_cuda else "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local_ddp(cfg: dict, world_size: int) -> list[dict]:
+    """DDP on this machine without Ray: ``world_size`` processes (one per GPU, or gloo on CPU)."""
+    import torch.multiprocessing as mp
+
+    check_files(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(world_size, cfg, port), nprocs=world_size, join=True)
+    return [{"stage": k, "final": stage_paths(cfg, k)["final"]} for k in cfg["train"]["stages"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", "-c", required=True, help="YAML training config (configs/train_*.yaml)")

@@ -333,6 +333,16 @@ def test_shipped_configs_resolve():
         assert cfg["data"]["mode"] in ("synthetic", "images")
 
 
+def test_ddp_two_processes_keep_ranks_in_step(tmp_path, tiny_generator):
+    from pipeline.train import run_local_ddp
+
+    cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=2, train__batch_size=1, data__val_count=1,
+                   train__device="cpu", train__num_threads=1, train__max_seconds=300)
+    [res] = run_local_ddp(cfg, 2)
+    ck = read_checkpoint(res["final"])
+    assert ck["opts"]["step"] == 2 and load_e2style(res["final"]).num_stages == 1
+
+
 def test_ray_train_one_worker(tmp_path, tiny_generator, ray_session):
     from workers.train_worker import run_ray_training
 
