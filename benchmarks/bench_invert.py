@@ -36,6 +36,8 @@ VARIANTS = {
     "bf16-convT": ("bf16", "shared", True, False, "transposed"),
     "bf16-compile": ("bf16", "shared", True, True, "subpixel"),
     "fp16-compile": ("fp16", "shared", True, True, "subpixel"),
+    "bf16-compile-tblur": ("bf16", "shared", True, True, "transposed_blur"),
+    "fp16-compile-tblur": ("fp16", "shared", True, True, "transposed_blur"),
 }
 
 

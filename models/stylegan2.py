@@ -111,6 +111,22 @@ class Upsample(nn.Module):
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
 
 
+def fir_stencil(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """upfirdn2d(x, kernel, pad=pad) without up/down-sampling, as a sum of shifted slices (pointwise
+    work that compilers fuse; no depthwise convolution kernel)."""
+    kh, kw = kernel.shape
+    xp = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
+    h, w = xp.shape[-2] - kh + 1, xp.shape[-1] - kw + 1
+    taps = torch.flip(kernel, [0, 1]).float()  # true convolution, as upfirdn2d
+    xp = xp.float()  # accumulate in float32 (compiled, this costs nothing: the sum is fused in registers)
+    out = None
+    for dy in range(kh):
+        for dx in range(kw):
+            term = xp[:, :, dy:dy + h, dx:dx + w] * taps[dy, dx]
+            out = term if out is None else out + term
+    return out.to(x.dtype)
+
+
 def subpixel_kernel(kt: torch.Tensor) -> torch.Tensor:
     """A stride-2 transposed conv with a 6x6 kernel (in, out, 6, 6), padding 2, written as a 3x3 conv to
     4*out channels followed by pixel_shuffle(2): output phase (ry, rx) of channel o reads input offsets
@@ -145,7 +161,9 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         self.demodulate = demodulate
         self.mode = "grouped"
-        self.upsample_impl = "subpixel"  # shared mode only: "subpixel" or "transposed" (same function)
+        # Shared mode only, all the same function: "subpixel" / "transposed" fold the blur into a 6x6 kernel
+        # (4x the multiply-adds of the official transposed conv); "transposed_blur" keeps them apart.
+        self.upsample_impl = "subpixel"
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         s = self.modulation(style)  # (B, in)
@@ -183,6 +201,13 @@ class ModulatedConv2d(nn.Module):
             # Transposed conv (3x3, stride 2) then the 4x4 FIR blur is one transposed conv whose 6x6 kernel
             # is the full 2-D convolution of the two: each output pixel still gets 9 taps per input channel,
             # and the separate depthwise blur pass over the upsampled activations disappears.
+            if self.upsample_impl == "transposed_blur":
+                # The official order with the minimum of multiply-adds (2.25 taps per output and input
+                # channel): transposed 3x3 conv, then the FIR blur as a 16-tap stencil of shifted slices,
+                # which torch.compile fuses with the demodulation and the epilogue into one pass.
+                out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), padding=0, stride=2)
+                out = fir_stencil(out, self.blur.kernel, self.blur.pad)
+                return self._demodulate(out, weight, s)
             kt = self.upsample_kernel(weight)
             if self.upsample_impl == "subpixel":
                 out = F.pixel_shuffle(F.conv2d(x, subpixel_kernel(kt).to(x.dtype), padding=1), 2)
@@ -190,6 +215,9 @@ class ModulatedConv2d(nn.Module):
                 out = F.conv_transpose2d(x, kt.to(x.dtype), padding=2, stride=2)
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        return self._demodulate(out, weight, s)
+
+    def _demodulate(self, out: torch.Tensor, weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.demodulate:
             # sum_{i,k} (w_oik * s_bi)^2 = sum_i s_bi^2 * sum_k w_oik^2, in at least float32 even under autocast.
             acc = torch.promote_types(weight.dtype, torch.float32)

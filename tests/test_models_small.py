@@ -206,7 +206,9 @@ def test_shared_weight_modulated_conv_equals_grouped_in_float64(upsample, blur):
     x, s = torch.randn(3, 16, 8, 8, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
     ref = conv(x, s)
     conv.mode = "shared"
-    assert torch.allclose(conv(x, s), ref, rtol=1e-10, atol=1e-12)
+    for impl in ("subpixel", "transposed", "transposed_blur"):
+        conv.upsample_impl = impl
+        assert torch.allclose(conv(x, s), ref, rtol=1e-10, atol=1e-12), impl
 
 
 def test_factory_cli_writes_a_loadable_checkpoint(tmp_path):
