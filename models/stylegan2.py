@@ -117,8 +117,9 @@ def fir_stencil(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> 
     kh, kw = kernel.shape
     xp = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
     h, w = xp.shape[-2] - kh + 1, xp.shape[-1] - kw + 1
-    taps = torch.flip(kernel, [0, 1]).float()  # true convolution, as upfirdn2d
-    xp = xp.float()  # accumulate in float32 (compiled, this costs nothing: the sum is fused in registers)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    taps = torch.flip(kernel, [0, 1]).to(acc)  # true convolution, as upfirdn2d
+    xp = xp.to(acc)  # accumulate in at least float32 (compiled, this costs nothing: the sum is fused in registers)
     out = None
     for dy in range(kh):
         for dx in range(kw):
