@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "output": {
         "url": None,
         "image_format": "jpg",   # jpg | png | webp
-        "image_size": 256,
+        "image_size": 256,       # 0 = latents only: no reconstructions, the last generator pass is skipped
         "save_aligned": False,
         "overwrite": False,
         "jpeg_quality": 95,
@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": None,      # local path or any fsspec URL (s3://...)
         "stages": None,          # null = all stages of the checkpoint
         "batch_size": 16,
-        "precision": "fp32",     # fp32 | bf16 | fp16
+        "precision": "auto",     # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+        "compile": "auto",       # torch.compile the networks: auto (on GPUs) | true | false
         "device": "auto",        # auto (cuda when the actor has a GPU) | cpu | cuda
         "num_threads": None,     # torch CPU threads per actor; null = the actor's Ray CPU share (1)
     },
@@ -206,14 +207,17 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "input.max_pixels", lo=1, allow_none=True)
     _check_str(cfg, "output.url")
     _check_choice(cfg, "output.image_format", ("jpg", "png", "webp"))
-    _check_int(cfg, "output.image_size", lo=16, hi=4096)
+    _check_int(cfg, "output.image_size", lo=0, hi=4096)
+    if 0 < cfg["output"]["image_size"] < 16:
+        raise ConfigError("output.image_size", f"must be 0 (latents only) or at least 16, got {cfg['output']['image_size']}")
     _check_bool(cfg, "output.save_aligned")
     _check_bool(cfg, "output.overwrite")
     _check_int(cfg, "output.jpeg_quality", lo=1, hi=100)
     _check_str(cfg, "model.checkpoint")
     _check_int(cfg, "model.stages", lo=1, allow_none=True)
     _check_int(cfg, "model.batch_size", lo=1, hi=4096)
-    _check_choice(cfg, "model.precision", ("fp32", "bf16", "fp16"))
+    _check_choice(cfg, "model.precision", ("auto", "fp32", "bf16", "fp16"))
+    _check_choice(cfg, "model.compile", ("auto", True, False))
     _check_choice(cfg, "model.device", ("auto", "cpu", "cuda"))
     _check_int(cfg, "model.num_threads", lo=1, hi=1024, allow_none=True)
     _check_bool(cfg, "align.enabled")

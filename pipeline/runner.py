@@ -308,12 +308,14 @@ def _execute(cfg: dict, p: Plan, todo: list[Shard], echo) -> tuple[list[str], di
     n_actors = rc["num_actors"] or max(1, n_gpus)
     actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if n_gpus else {"num_cpus": 1}
     # A crashed actor (OOM, driver-level CUDA error) is restarted; the shards it held are retried.
-    Actor = ray.remote(max_restarts=2, max_task_retries=0)(InvertWorker)
+    # max_concurrency=2: while one call's batches run on the GPU, the next call's inputs are unpacked,
+    # pinned and copied (CUDA work from both threads goes to the same stream, in order).
+    Actor = ray.remote(max_restarts=2, max_task_retries=0, max_concurrency=2)(InvertWorker)
     m = cfg["model"]
     actors = [Actor.options(**actor_opts).remote(
         m["checkpoint"], endpoint_url=cfg["storage"]["endpoint_url"], sha256=p.checkpoint_sha256,
         precision=m["precision"], device=m["device"], stages=m["stages"], batch_size=m["batch_size"],
-        num_threads=m["num_threads"])
+        num_threads=m["num_threads"], compile=m["compile"], return_images=cfg["output"]["image_size"] > 0)
         for _ in range(n_actors)]
     try:
         info = ray.get(actors[0].info.remote())

@@ -171,9 +171,13 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
             rows.append(r)
             if r.status == "ok":
                 codes.append(res.codes[j])
-                mse.append(float(res.mse[j]))
-                psnr.append(float(res.psnr[j]))
-                members.append((f"{r.key}.recon.{fmt}", encode_image(res.recon[j], fmt, size, q)))
+                if size > 0:
+                    mse.append(float(res.mse[j]))
+                    psnr.append(float(res.psnr[j]))
+                    members.append((f"{r.key}.recon.{fmt}", encode_image(res.recon[j], fmt, size, q)))
+                else:  # latents only: no reconstruction was made, so none is measured
+                    mse.append(None)
+                    psnr.append(None)
                 if out["save_aligned"]:
                     members.append((f"{r.key}.aligned.{fmt}", encode_image(ch.faces[j], fmt, size, q)))
                 j += 1

@@ -136,3 +136,42 @@ def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
                      "grace_hopper.aligned.png"}
     stats = res.summary["stage_seconds"]
     assert stats["align"] > 0 and stats["invert"] > 0
+
+
+def test_latents_only_mode_and_padded_batches(tiny_checkpoint):
+    """output.image_size 0: the last generator pass is skipped and no reconstruction is measured; padding a
+    short batch to the compiled shape changes no result."""
+    from models import load_e2style
+    from pipeline.invert import invert_faces
+    from pipeline.prepare import PreparedChunk, Row
+    from workers.invert_worker import InvertWorker
+
+    faces = np.random.default_rng(1).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
+    chunk = PreparedChunk("s1", 0, [Row(f"k{i}", "x") for i in range(5)], faces, {}, 5)
+    full = InvertWorker(tiny_checkpoint, batch_size=3).invert_chunks(chunk)[0]
+    latents = InvertWorker(tiny_checkpoint, batch_size=3, return_images=False).invert_chunks(chunk)[0]
+    np.testing.assert_allclose(latents.codes, full.codes, atol=1e-5)
+    assert latents.recon.shape[0] == 0 and np.isnan(latents.mse).all() and np.isnan(latents.psnr).all()
+
+    model = load_e2style(tiny_checkpoint)
+    padded = invert_faces(model, faces, batch_size=4, pad_batches=True)
+    plain = invert_faces(model, faces, batch_size=4)
+    assert padded.codes.shape == plain.codes.shape == (5, 10, 512)
+    np.testing.assert_allclose(padded.codes, plain.codes, atol=1e-5)
+    np.testing.assert_array_equal(padded.recon.shape, plain.recon.shape)
+
+
+def test_latents_only_run_writes_codes_without_images(ray_session, tiny_checkpoint, tmp_path):
+    from pipeline.runner import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"im{i}.png").write_bytes(tiny_image_bytes(i, "PNG", size=32))
+    cfg = pipeline_config(str(src), str(tmp_path / "out"), tiny_checkpoint, output__image_size=0)
+    assert run(cfg, echo=lambda s: None).exit_code == 0
+    df = pd.read_parquet(tmp_path / "out" / "latents")
+    assert sorted(df.key) == ["im0", "im1", "im2"] and (df.status == "ok").all()
+    assert df.codes.notna().all() and df.recon_psnr.isna().all()
+    with tarfile.open(tmp_path / "out" / "images" / "images-000000.tar") as tf:
+        assert tf.getnames() == []

@@ -18,8 +18,9 @@ __all__ = ["InvertWorker"]
 
 class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
-                 precision: str = "fp32", device: str = "auto", stages: int | None = None,
-                 batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None):
+                 precision: str = "auto", device: str = "auto", stages: int | None = None,
+                 batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None,
+                 compile: str | bool = "auto", return_images: bool = True):
         from models import load_e2style
 
         self.device = resolve_device(device)
@@ -29,7 +30,15 @@ class InvertWorker:
             # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it.
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
+        on_gpu = self.device.startswith("cuda")
+        # "auto": the fast path on GPUs (bf16 autocast, compiled; see BENCHMARKS.md for its accuracy against
+        # float32), the float32 path on CPUs, where bf16 autocast is slower than float32.
+        precision = ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
         self.model = load_e2style(path, device=self.device, precision=precision)
+        self.compiled = on_gpu if compile == "auto" else bool(compile)
+        if on_gpu or self.compiled:
+            self.model.optimize_for_gpu(channels_last=on_gpu, compile=self.compiled)
+        self.return_images = return_images
         self.stages = stages
         if stages is not None and not 1 <= stages <= self.model.num_stages:
             raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
@@ -54,7 +63,7 @@ class InvertWorker:
             faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
                      else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
         res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
-                           device=self.device)
+                           device=self.device, return_images=self.return_images, pad_batches=self.compiled)
         keys = [r.key for c in chunks for r in c.rows if r.status == "ok"]
         edit = apply_edit(self.model, res.codes, keys, self.edit_options)
         if edit is not None:
