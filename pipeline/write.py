@@ -142,7 +142,8 @@ def write_shard(fs, root: str, shard_name: str, table: pa.Table, tar_bytes: byte
     pq.write_table(table, buf, compression="zstd")
     atomic_put(fs, paths["images"], tar_bytes)
     atomic_put(fs, paths["latents"], buf.getvalue().to_pybytes())
-    stats = dict(stats, committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=socket.gethostname())
+    stats = dict(stats, committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), committed_unix=round(time.time(), 3),
+                 host=socket.gethostname())
     atomic_put(fs, paths["stats"], json.dumps(stats, indent=1, default=str).encode())
 
 
