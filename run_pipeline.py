@@ -2,6 +2,7 @@
 """Invert a face-image dataset into E2Style / StyleGAN2 W+ latents, on Ray, exactly once per shard.
 
     python run_pipeline.py --config configs/demo.yaml [--set key=value ...] [--dry-run]
+    python run_pipeline.py train --config configs/train_synthetic.yaml [--set key=value ...]
 
 Exit codes: 0 every shard committed; 1 some shard failed (listed in the log and in _run.json);
 2 invalid config, or an output that holds a run with another checkpoint/config (see output.overwrite).
@@ -29,7 +30,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+SUBCOMMANDS = {"train": "pipeline.train"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        # `run_pipeline.py train --config configs/train_x.yaml`: the sibling jobs share this entry point.
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
     ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -75,6 +75,11 @@ class E2Style(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if compile:
+            # Compiled, the official order (transposed conv, then the blur as a fused stencil) is fastest;
+            # eager, the folded 6x6 kernel is (see BENCHMARKS.md).
+            for m in self.decoder.modules():
+                if hasattr(m, "upsample_impl"):
+                    m.upsample_impl = "transposed_blur"
             self._compiled = {}
             for name, fn in (("first", self.encoder_firststage), ("synthesis", self.decoder.synthesis)):
                 self._compiled[name] = torch.compile(fn, dynamic=False)
@@ -123,7 +128,21 @@ class E2Style(nn.Module):
 
     @torch.no_grad()
     def invert(self, x: torch.Tensor, stages: int | None = None, return_images: bool = True) -> InversionOutput:
-        """x: (B, input_nc, 256, 256) in [-1, 1]. Runs stages 1..k; images are stage k's reconstruction."""
+        """x: (B, input_nc, 256, 256) in [-1, 1]. Runs stages 1..k; images are stage k's reconstruction.
+
+        fp16 can overflow where bf16 cannot (5 exponent bits against 8): a batch whose fp16 result is not
+        finite is recomputed in bf16, so overflow costs speed, never a wrong row."""
+        out = self._invert(x, stages, return_images)
+        if self.precision == "fp16" and not (torch.isfinite(out.codes).all() and (out.images is None or torch.isfinite(out.images).all())):
+            warnings.warn("fp16 overflow in a batch: recomputed in bf16")
+            self.precision = "bf16"
+            try:
+                out = self._invert(x, stages, return_images)
+            finally:
+                self.precision = "fp16"
+        return out
+
+    def _invert(self, x: torch.Tensor, stages: int | None, return_images: bool) -> InversionOutput:
         stages = self.num_stages if stages is None else int(stages)
         if not 1 <= stages <= self.num_stages:
             raise ValueError(f"stages must be in 1..{self.num_stages} for this checkpoint, got {stages}")

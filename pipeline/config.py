@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": None,      # local path or any fsspec URL (s3://...)
         "stages": None,          # null = all stages of the checkpoint
         "batch_size": 16,
-        "precision": "auto",     # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+        "precision": "auto",     # auto (fp16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
         "compile": "auto",       # torch.compile the networks: auto (on GPUs) | true | false
         "device": "auto",        # auto (cuda when the actor has a GPU) | cpu | cuda
         "num_threads": None,     # torch CPU threads per actor; null = the actor's Ray CPU share (1)

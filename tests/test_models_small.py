@@ -231,3 +231,16 @@ def test_fast_fir_upsample_equals_upfirdn2d_with_an_asymmetric_kernel():
     fast = up(x)
     assert fast.shape == ref.shape == (2, 3, 10, 14)
     assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fp16_overflow_is_recomputed_in_bf16(small3):
+    """fp16 has 5 exponent bits: a batch that overflows is redone in bf16, so no row carries inf/NaN."""
+    m = load_e2style(small3, precision="fp16")
+    x = images()
+    assert torch.isfinite(m.invert(x).codes).all()
+    with torch.no_grad():
+        m.decoder.convs[0].activate.bias.fill_(1e6)  # far beyond fp16's 65504
+    with pytest.warns(UserWarning, match="fp16 overflow"):
+        out = m.invert(x)
+    assert torch.isfinite(out.codes).all() and torch.isfinite(out.images).all()
+    assert m.precision == "fp16"

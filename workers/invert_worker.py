@@ -31,9 +31,10 @@ class InvertWorker:
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
         on_gpu = self.device.startswith("cuda")
-        # "auto": the fast path on GPUs (bf16 autocast, compiled; see BENCHMARKS.md for its accuracy against
-        # float32), the float32 path on CPUs, where bf16 autocast is slower than float32.
-        precision = ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
+        # "auto": the fastest setting within the accuracy bar on GPUs (fp16 autocast, compiled, with bf16
+        # recomputation of any overflowing batch; BENCHMARKS.md has its error against float32), and the
+        # float32 path on CPUs, where reduced-precision autocast is slower than float32.
+        precision = ("fp16" if on_gpu else "fp32") if precision == "auto" else precision
         self.model = load_e2style(path, device=self.device, precision=precision)
         self.compiled = on_gpu if compile == "auto" else bool(compile)
         if on_gpu or self.compiled:
