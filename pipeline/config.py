@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "save_aligned": False,
         "overwrite": False,
         "jpeg_quality": 95,
+        "contact_sheet": False,  # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
     },
     "model": {
         "checkpoint": None,      # local path or any fsspec URL (s3://...)
@@ -212,6 +213,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError("output.image_size", f"must be 0 (latents only) or at least 16, got {cfg['output']['image_size']}")
     _check_bool(cfg, "output.save_aligned")
     _check_bool(cfg, "output.overwrite")
+    _check_bool(cfg, "output.contact_sheet")
     _check_int(cfg, "output.jpeg_quality", lo=1, hi=100)
     _check_str(cfg, "model.checkpoint")
     _check_int(cfg, "model.stages", lo=1, allow_none=True)

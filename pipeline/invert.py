@@ -21,7 +21,7 @@ MODEL_INPUT_SIZE = 256  # E2Style's encoders take 256x256; its reconstructions a
 
 @dataclass
 class InvertResult:
-    codes: np.ndarray       # (N, n_latent, 512) float32
+    codes: np.ndarray       # (N, n_latent, style_dim) float32; style_dim is 512 for official models
     recon: np.ndarray       # (N, 256, 256, 3) uint8
     mse: np.ndarray         # (N,) float32, reconstruction vs aligned input, both at 256 in [0, 1]
     psnr: np.ndarray        # (N,) float32 dB
@@ -93,7 +93,7 @@ def invert_faces(model, faces: np.ndarray, *, stages: int | None = None, batch_s
     n_stages = model.num_stages if stages is None else int(stages)
     empty = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
     if n == 0:
-        return InvertResult(np.zeros((0, model.n_latent, 512), np.float32), empty,
+        return InvertResult(np.zeros((0, model.n_latent, model.decoder.style_dim), np.float32), empty,
                             np.zeros((0,), np.float32), np.zeros((0,), np.float32), n_stages)
     t0 = time.perf_counter()
     pin = str(device).startswith("cuda")

@@ -251,6 +251,12 @@ def run(cfg: dict, *, dry_run: bool = False, echo: Callable[[str], None] = print
     write_run_record(fs_out, out_root, record)
     if ok:
         mark_success(fs_out, out_root, {"ended_at": record["ended_at"], "shards": len(p.shards)})
+        if cfg["output"]["contact_sheet"]:
+            from .report import write_contact_sheet
+
+            sheet = write_contact_sheet(fs_out, out_root)
+            if sheet:
+                echo(f"contact sheet (inputs above reconstructions): {to_uri(fs_out, sheet)}")
     echo(_format_summary(summary, failed, to_uri(fs_out, out_root)))
     return RunResult(0 if ok else 1, committed, failed, skipped, summary)
 
@@ -330,7 +336,7 @@ def _execute(cfg: dict, p: Plan, todo: list[Shard], echo) -> tuple[list[str], di
     prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
     fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)
     metadata = {"fingerprint": p.fingerprint, "checkpoint_sha256": p.checkpoint_sha256,
-                "stages": str(info["stages"])}
+                "stages": str(info["stages"]), "style_dim": str(info["style_dim"])}
 
     queue = collections.deque((s, 1) for s in todo)
     active: dict[str, _ShardState] = {}

@@ -48,8 +48,14 @@ def output_paths(root: str, shard: str) -> dict[str, str]:
     }
 
 
+def code_width(metadata: dict[str, str] | None) -> int:
+    """The generator's style dimension (512 for StyleGAN2 FFHQ; the runner puts the model's in metadata)."""
+    return int((metadata or {}).get("style_dim", 512))
+
+
 def latents_schema(n_latent: int, metadata: dict[str, str] | None = None) -> pa.Schema:
-    md = {"codes_shape": json.dumps([n_latent, 512]), "codes_layout": "row-major (n_latent, 512), W+"}
+    width = code_width(metadata)
+    md = {"codes_shape": json.dumps([n_latent, width]), "codes_layout": f"row-major (n_latent, {width}), W+"}
     md.update(metadata or {})
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),
@@ -57,7 +63,7 @@ def latents_schema(n_latent: int, metadata: dict[str, str] | None = None) -> pa.
         pa.field("face_index", pa.int32()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
-        pa.field("codes", pa.list_(pa.float32(), n_latent * 512)),
+        pa.field("codes", pa.list_(pa.float32(), n_latent * width)),
         pa.field("stages", pa.int32()),
         pa.field("quad", pa.list_(pa.float32(), 8)),
         pa.field("landmarks", pa.list_(pa.float32(), 136)),
@@ -89,7 +95,7 @@ def build_table(rows: list[Row], codes: list[np.ndarray | None], mse: list[float
         "face_index": pa.array([r.face_index for r in rows], pa.int32()),
         "status": pa.array([r.status for r in rows], pa.string()),
         "error": pa.array([r.error for r in rows], pa.string()),
-        "codes": _fixed_list(codes, n_latent * 512),
+        "codes": _fixed_list(codes, n_latent * code_width(metadata)),
         "stages": pa.array([stages if o else None for o in ok], pa.int32()),
         "quad": _fixed_list([r.quad for r in rows], 8),
         "landmarks": _fixed_list([r.landmarks for r in rows], 136),

@@ -49,7 +49,7 @@ class InvertWorker:
     def info(self) -> dict:
         m = self.model
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
-                "resolution": int(m.resolution), "device": self.device,
+                "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
                 "stages": int(self.stages or m.num_stages)}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
