@@ -4,8 +4,9 @@ Input: pre-aligned 256px JPEGs (crops of the test photos) in WebDataset tars on 
 latents and reconstructions on local disk; alignment off; full-size official architecture with seeded
 random weights. Model-only: `InvertWorker` on the decoded faces in one process (warm-up, then a timed
 pass). Pipeline: `run_pipeline`'s runner with embedded Ray; throughput is measured in steady state, from
-the first committed shard to the last (`committed_unix` in stats), so Ray start-up, model loading and
-compilation are excluded from both figures.
+the end of the inversion actor's first call to the last commit (`inverted_at`, `committed_unix` in the
+stats files), counting the faces inverted in that window, so Ray start-up, model loading and compilation
+are excluded from both figures.
 
     python benchmarks/bench_pipeline_gpu.py --images 8192 --shard 512 --batch 32 --stages 3
 """
@@ -106,9 +107,12 @@ def main() -> None:
                    "align": {"enabled": False}, "ray": {"num_cpus": a.num_cpus}, "progress": False}, {})
     res = run(cfg, echo=lambda s: print(s, flush=True))
     stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
-    stats.sort(key=lambda s: s["committed_unix"])
-    steady_images = sum(s["inputs_read"] for s in stats[1:])
-    steady_s = stats[-1]["committed_unix"] - stats[0]["committed_unix"]
+    # Steady state: from the end of the actor's first call (model loaded, compiled) to the last commit;
+    # only the faces inverted after that instant count.
+    calls = sorted(t for s in stats for _n, t in s["inverted_at"])
+    t0 = calls[0]
+    steady_images = sum(n for s in stats for n, t in s["inverted_at"] if t > t0)
+    steady_s = max(s["committed_unix"] for s in stats) - t0
     pipeline_rate = steady_images / steady_s if steady_s > 0 else float("nan")
     result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "images": a.images, "batch": a.batch,
               "stages": a.stages, "image_size": a.image_size, "model_only_img_s": round(model_only, 1),

@@ -27,6 +27,7 @@ class InvertResult:
     psnr: np.ndarray        # (N,) float32 dB
     stages: int
     seconds: float = 0.0    # wall time of the model calls, for the stage timings
+    finished_unix: float = 0.0  # when the actor finished this result (steady-state throughput in benchmarks)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -196,7 +196,9 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
     timings["encode"] = t1 - t0
     table = build_table(rows, codes, mse, psnr, stages, n_latent, metadata)
     tar_bytes = build_tar(members)
-    stats = shard_stats(shard_name, rows, timings, {**stats_extra, "inputs_read": sum(c.n_inputs for c in chunks)})
+    inverted = [[len(r.codes), round(r.finished_unix, 3)] for r in results if r is not None]
+    stats = shard_stats(shard_name, rows, timings, {**stats_extra, "inputs_read": sum(c.n_inputs for c in chunks),
+                                                    "inverted_at": inverted})
     t2 = time.perf_counter()
     stats["timings"]["write"] = round(t2 - t1, 4)  # measured before the upload; the upload adds to it
     write_shard(fs, root, shard_name, table, tar_bytes, stats)

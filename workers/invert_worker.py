@@ -5,6 +5,7 @@ A thin wrapper over ``pipeline.invert``; tests call it directly, without Ray.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ class InvertWorker:
                 continue
             s = slice(start, start + n)
             out.append(InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
-                                    res.seconds * n / total))
+                                    res.seconds * n / total, finished_unix=time.time()))
             start += n
         return out
 
