@@ -3,6 +3,7 @@
 
     python run_pipeline.py --config configs/demo.yaml [--set key=value ...] [--dry-run]
     python run_pipeline.py train --config configs/train_synthetic.yaml [--set key=value ...]
+    python run_pipeline.py {decode,edit,mix,interpolate} --latents OUT --output OUT2 ...   (docs/editing_and_tasks.md)
 
 Exit codes: 0 every shard committed; 1 some shard failed (listed in the log and in _run.json);
 2 invalid config, or an output that holds a run with another checkpoint/config (see output.overwrite).
@@ -30,7 +31,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-SUBCOMMANDS = {"train": "pipeline.train"}
+# name -> "module" (its main(argv)) or "module:function"
+SUBCOMMANDS = {"train": "pipeline.train",
+               "decode": "pipeline.latents:decode_main", "edit": "pipeline.latents:edit_main",
+               "mix": "pipeline.latents:mix_main", "interpolate": "pipeline.latents:interpolate_main"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         # `run_pipeline.py train --config configs/train_x.yaml`: the sibling jobs share this entry point.
         import importlib
 
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        module, _, func = SUBCOMMANDS[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), func or "main")(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
     ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -43,7 +43,16 @@ DEFAULTS: dict[str, Any] = {
         "overwrite": False,
         "jpeg_quality": 95,
         "contact_sheet": False,  # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
+        "paste_back": False,     # also write <key>.[<variant>.]paste.<ext>: the face pasted into the original photo
     },
+    "edit": {                    # latent editing after inversion (docs/editing_and_tasks.md)
+        "directions": None,      # {name: path or URL of a .npy of shape (D,), (1, D) or (n_latent, D)}
+        "alphas": [-3, 3],       # edit = codes + alpha * direction, one variant per direction and alpha
+        "layers": None,          # [start, end): W+ layers the edit touches; null = all
+        "save_codes": False,     # edited codes as extra Parquet columns codes_edit_<name>_<alpha>
+    },
+    "task": "invert",            # invert | colorize | denoise | inpaint | super_resolution | sketch | segmentation
+    "resize_factor": 4,          # super_resolution: the encoder sees the face down-sampled by this factor
     "model": {
         "checkpoint": None,      # local path or any fsspec URL (s3://...)
         "stages": None,          # null = all stages of the checkpoint
@@ -83,6 +92,11 @@ FINGERPRINT_KEYS = (
     "model.stages", "model.precision",
     "align.enabled", "align.policy", "align.output_size", "align.transform_size",
 )
+# Keys added later: part of the fingerprint only when they differ from their defaults, so that the outputs
+# of runs made before they existed keep their fingerprint.
+OPTIONAL_FINGERPRINT_KEYS = ("output.paste_back", "edit.directions", "edit.alphas", "edit.layers", "edit.save_codes",
+                             "task", "resize_factor")
+TASKS = ("invert", "colorize", "denoise", "inpaint", "super_resolution", "sketch", "segmentation")
 # shard_size is not in it: committed image shards keep their membership whatever it is now, so changing
 # it only changes how the files not yet processed are grouped.
 
@@ -240,8 +254,45 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "shard_size", lo=1)
     _check_int(cfg, "retries", lo=0, hi=100)
     _check_bool(cfg, "progress")
+    _check_bool(cfg, "output.paste_back")
+    if cfg["output"]["paste_back"] and not cfg["align"]["enabled"]:
+        raise ConfigError("output.paste_back", "needs align.enabled: the face is pasted back along its alignment quad")
+    if cfg["output"]["paste_back"] and cfg["output"]["image_size"] == 0:
+        raise ConfigError("output.paste_back", "needs images (output.image_size > 0)")
+    _validate_edit(cfg)
+    _check_choice(cfg, "task", TASKS)
+    _check_int(cfg, "resize_factor", lo=1, hi=64)
+    if cfg["task"] == "segmentation" and cfg["align"]["enabled"]:
+        raise ConfigError("align.enabled", "must be false for task segmentation (inputs are label maps, not photos)")
     if _same_place(cfg["input"]["url"], cfg["output"]["url"]):
         raise ConfigError("output.url", "must not be the input location or inside it")
+
+
+def _validate_edit(cfg: dict) -> None:
+    e = cfg["edit"]
+    d = e["directions"]
+    if d is not None:
+        if not isinstance(d, dict):
+            raise ConfigError("edit.directions", f"must be a mapping name: path, got {type(d).__name__}")
+        for name, url in d.items():
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+                raise ConfigError("edit.directions", f"bad name {name!r} (letters, digits, _ and - only)")
+            if not isinstance(url, str) or not url.strip():
+                raise ConfigError(f"edit.directions.{name}", f"must be a path or URL, got {url!r}")
+    a = e["alphas"]
+    if not isinstance(a, list) or not a or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in a):
+        raise ConfigError("edit.alphas", f"must be a non-empty list of numbers, got {a!r}")
+    if any(x != x or abs(x) == float("inf") for x in a):
+        raise ConfigError("edit.alphas", f"must be finite, got {a!r}")
+    if len(set(map(float, a))) != len(a):
+        raise ConfigError("edit.alphas", f"has duplicates: {a!r}")
+    ly = e["layers"]
+    if ly is not None and (not isinstance(ly, list) or len(ly) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in ly)
+                           or not 0 <= ly[0] < ly[1]):
+        raise ConfigError("edit.layers", f"must be null or [start, end) with 0 <= start < end, got {ly!r}")
+    _check_bool(cfg, "edit.save_codes")
+    if d and cfg["output"]["image_size"] == 0 and not e["save_codes"]:
+        raise ConfigError("edit.save_codes", "with output.image_size 0 an edit writes nothing unless save_codes is true")
 
 
 def _same_place(a: str, b: str) -> bool:
@@ -264,6 +315,7 @@ def redact(obj: Any) -> Any:
 def fingerprint(cfg: dict, checkpoint_sha256: str) -> tuple[str, dict]:
     """Hash of everything that changes the outputs, and the values that went into it."""
     values = {k: _get(cfg, k) for k in FINGERPRINT_KEYS}
+    values.update({k: _get(cfg, k) for k in OPTIONAL_FINGERPRINT_KEYS if _get(cfg, k) != _get(DEFAULTS, k)})
     values["checkpoint_sha256"] = checkpoint_sha256
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     return digest, values

@@ -28,6 +28,7 @@ class InvertResult:
     stages: int
     seconds: float = 0.0    # wall time of the model calls, for the stage timings
     finished_unix: float = 0.0  # when the actor finished this result (steady-state throughput in benchmarks)
+    edits: object | None = None  # pipeline.edit.EditResult of this result's rows, when edit.* is configured
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -65,9 +66,10 @@ def recon_metrics(recon: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray
     return mse.cpu().numpy().astype(np.float32), psnr.cpu().numpy().astype(np.float32)
 
 
-def _prepare_batch(model, faces: np.ndarray, pad_to: int | None, pin: bool) -> torch.Tensor:
-    """uint8 faces -> model input on the model's device. The bytes travel as uint8 (pinned, non-blocking:
-    a quarter of a float32 copy) and are normalised, resized and (for 1-channel models) greyed there."""
+def _prepare_batch(model, faces: np.ndarray, pad_to: int | None, pin: bool, task: dict | None = None):
+    """uint8 faces -> (model input, target of the reconstruction metrics) on the model's device. The bytes
+    travel as uint8 (pinned, non-blocking: a quarter of a float32 copy) and are normalised, resized and
+    (for 1-channel models) greyed there. ``task``: the E2Style task's input (pipeline.tasks)."""
     if pad_to and len(faces) < pad_to:
         # Compiled models are specialised to one batch shape: pad the last batch instead of recompiling.
         faces = np.concatenate([faces, np.zeros((pad_to - len(faces),) + faces.shape[1:], faces.dtype)])
@@ -75,17 +77,21 @@ def _prepare_batch(model, faces: np.ndarray, pad_to: int | None, pin: bool) -> t
     if pin:
         u8 = u8.pin_memory()
     x = model.preprocess_uint8(u8)
+    if task is not None:
+        from .tasks import make_input
+        return make_input(x, task, model.input_nc, faces)
     if x.shape[-1] != MODEL_INPUT_SIZE or x.shape[-2] != MODEL_INPUT_SIZE:
         x = F.interpolate(x, size=(MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), mode="bilinear", align_corners=False,
                           antialias=True)
     if model.input_nc == 1:
         x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    return x
+    return x, x
 
 
 @torch.inference_mode()
 def invert_faces(model, faces: np.ndarray, *, stages: int | None = None, batch_size: int = 16,
-                 device: str = "cpu", return_images: bool = True, pad_batches: bool = False) -> InvertResult:
+                 device: str = "cpu", return_images: bool = True, pad_batches: bool = False,
+                 task: dict | None = None) -> InvertResult:
     """Invert (N, H, W, 3) uint8 aligned faces in mini-batches of ``batch_size``.
 
     ``return_images=False`` is the latents-only mode: the last stage's generator pass is skipped, and
@@ -101,12 +107,15 @@ def invert_faces(model, faces: np.ndarray, *, stages: int | None = None, batch_s
     codes, recons, mses, psnrs = [], [], [], []
     for i in range(0, n, batch_size):
         real = min(batch_size, n - i)
-        x = _prepare_batch(model, faces[i:i + batch_size], batch_size if pad_batches else None, pin)
+        x, target = _prepare_batch(model, faces[i:i + batch_size], batch_size if pad_batches else None, pin, task)
         out = model.invert(x, stages=stages, return_images=return_images)
         codes.append(out.codes[:real].float().cpu().numpy())
         if return_images:
-            images, x = out.images[:real], x[:real]
-            mse, psnr = recon_metrics(images, x)
+            images = out.images[:real]
+            if target is None:  # sketch / segmentation: no image to compare with
+                mse = psnr = np.full((real,), np.nan, np.float32)
+            else:
+                mse, psnr = recon_metrics(images, target[:real])
             recons.append(to_uint8(images))
             mses.append(mse)
             psnrs.append(psnr)

@@ -40,6 +40,7 @@ class PreparedChunk:
     faces: np.ndarray            # (F, S, S, 3) uint8, one per row with status "ok", in row order
     timings: dict[str, float]    # seconds per stage spent on this chunk
     n_inputs: int
+    originals: list[bytes] | None = None  # output.paste_back: the input's bytes per face (shared per input)
 
     @property
     def n_faces(self) -> int:
@@ -66,6 +67,9 @@ def prepare_item(item: InputItem, cfg: dict, timings: dict[str, float]) -> list[
     al = cfg["align"]
     try:
         if not al["enabled"]:
+            if cfg.get("task") == "segmentation":  # label maps: class ids must not be interpolated
+                from .tasks import resize_nearest
+                return [(Row(item.key, item.source, meta=item.meta), resize_nearest(img, al["output_size"]))]
             face = resize_square(img, al["output_size"])
             return [(Row(item.key, item.source, meta=item.meta), face)]
         from .align import align_faces  # dlib is imported only where alignment runs
@@ -97,10 +101,13 @@ def prepare_chunks(fs, shard: Shard, cfg: dict, chunk_size: int | None = None) -
     n_inputs = 0
     index = 0
     seen: dict[str, int] = {}
+    paste = bool(cfg["output"].get("paste_back"))
+    originals: list[bytes] = []
 
     def emit() -> PreparedChunk:
         arr = np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
-        return PreparedChunk(shard.name, index, list(rows), arr, dict(timings), n_inputs)
+        return PreparedChunk(shard.name, index, list(rows), arr, dict(timings), n_inputs,
+                             list(originals) if paste else None)
 
     it = read_shard(fs, shard, image_column=cfg["input"]["image_column"], key_column=cfg["input"]["key_column"])
     while True:
@@ -123,9 +130,11 @@ def prepare_chunks(fs, shard: Shard, cfg: dict, chunk_size: int | None = None) -
             rows.append(row)
             if face is not None:
                 faces.append(face)
+                if paste:
+                    originals.append(item.data)
         if n_inputs % chunk_size == 0:
             yield emit()
             index += 1
-            rows, faces, timings, n_inputs = [], [], {}, 0
+            rows, faces, timings, n_inputs, originals = [], [], {}, 0, []
     if rows or index == 0:
         yield emit()

@@ -88,6 +88,7 @@ class Plan:
     fingerprint_values: dict
     checkpoint_sha256: str
     prior: dict | None
+    stage_options: dict = field(default_factory=dict)   # checked task and edit directions (pipeline/tasks.py)
 
     @property
     def todo(self) -> list[Shard]:
@@ -98,6 +99,8 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
     """Check the output against the config and list the shards. ``apply``: also clean up (not in dry runs)."""
     ep = cfg["storage"]["endpoint_url"]
     sha = checkpoint_sha256(cfg)
+    from .tasks import stage_options
+    stages = stage_options(cfg, sha)  # a bad direction file or a task the checkpoint cannot do stops here
     fp, fp_values = fingerprint(cfg, sha)
     fs_out, out_root = get_fs(cfg["output"]["url"], ep)
     prior = read_run_record(fs_out, out_root)
@@ -124,7 +127,7 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
         raise ConfigError("input.url", str(e)) from None
     except ValueError as e:
         raise ConfigError("input.format", str(e)) from None
-    return Plan(fmt, shards, fp, fp_values, sha, prior)
+    return Plan(fmt, shards, fp, fp_values, sha, prior, stages)
 
 
 def format_plan(p: Plan) -> str:
@@ -321,7 +324,8 @@ def _execute(cfg: dict, p: Plan, todo: list[Shard], echo) -> tuple[list[str], di
     actors = [Actor.options(**actor_opts).remote(
         m["checkpoint"], endpoint_url=cfg["storage"]["endpoint_url"], sha256=p.checkpoint_sha256,
         precision=m["precision"], device=m["device"], stages=m["stages"], batch_size=m["batch_size"],
-        num_threads=m["num_threads"], compile=m["compile"], return_images=cfg["output"]["image_size"] > 0)
+        num_threads=m["num_threads"], compile=m["compile"], return_images=cfg["output"]["image_size"] > 0,
+        edit_options=p.stage_options.get("edit"), task=p.stage_options.get("task"))
         for _ in range(n_actors)]
     try:
         info = ray.get(actors[0].info.remote())

@@ -31,6 +31,7 @@ from PIL import Image
 
 from .invert import InvertResult
 from .prepare import PreparedChunk, Row
+from .edit import ExtraOutputs
 from .storage import atomic_put, ensure_dir, is_local
 
 __all__ = ["latents_schema", "build_table", "encode_image", "build_tar", "shard_stats", "write_shard",
@@ -167,6 +168,7 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
     psnr: list[float | None] = []
     members: list[tuple[str, bytes]] = []
     stages = None
+    extra = ExtraOutputs(cfg)  # edit variants, edited codes, paste-backs (pipeline/edit.py)
     for ch, res in zip(chunks, results):
         for k, v in ch.timings.items():
             timings[k] = timings.get(k, 0.0) + v
@@ -187,14 +189,16 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
                     psnr.append(None)
                 if out["save_aligned"]:
                     members.append((f"{r.key}.aligned.{fmt}", encode_image(ch.faces[j], fmt, size, q)))
+                members.extend(extra.row(r, res, j, ch))
                 j += 1
             else:
+                extra.row(r)
                 codes.append(None)
                 mse.append(None)
                 psnr.append(None)
     t1 = time.perf_counter()
     timings["encode"] = t1 - t0
-    table = build_table(rows, codes, mse, psnr, stages, n_latent, metadata)
+    table = extra.extend_table(build_table(rows, codes, mse, psnr, stages, n_latent, metadata))
     tar_bytes = build_tar(members)
     inverted = [[len(r.codes), round(r.finished_unix, 3)] for r in results if r is not None]
     stats = shard_stats(shard_name, rows, timings, {**stats_extra, "inputs_read": sum(c.n_inputs for c in chunks),

@@ -21,7 +21,7 @@ class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
                  batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None,
-                 compile: str | bool = "auto", return_images: bool = True):
+                 compile: str | bool = "auto", return_images: bool = True, task: dict | None = None):
         from models import load_e2style
 
         self.device = resolve_device(device)
@@ -46,6 +46,10 @@ class InvertWorker:
             raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
         self.batch_size = batch_size
         self.edit_options = edit_options
+        self.task = task
+        if task is not None:
+            from pipeline.tasks import check_model
+            check_model(task["name"], self.model.input_nc, self.model.label_nc)
 
     def info(self) -> dict:
         m = self.model
@@ -65,13 +69,10 @@ class InvertWorker:
             faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
                      else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
         res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
-                           device=self.device, return_images=self.return_images, pad_batches=self.compiled)
+                           device=self.device, return_images=self.return_images, pad_batches=self.compiled,
+                           task=self.task)
         keys = [r.key for c in chunks for r in c.rows if r.status == "ok"]
-        edit = apply_edit(self.model, res.codes, keys, self.edit_options)
-        if edit is not None:
-            res.codes = edit.codes
-            if edit.images is not None:
-                res.recon = edit.images
+        edit = apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
         out: list[InvertResult | None] = []
         start = 0
         total = max(1, sum(sizes))
@@ -81,7 +82,8 @@ class InvertWorker:
                 continue
             s = slice(start, start + n)
             out.append(InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
-                                    res.seconds * n / total, finished_unix=time.time()))
+                                    res.seconds * n / total, finished_unix=time.time(),
+                                    edits=None if edit is None else edit.slice(s)))
             start += n
         return out
 
