@@ -100,11 +100,8 @@ class Upsample(nn.Module):
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
         self.mode = "grouped"
-        self.upsample_impl = "transposed"  # shared mode: "transposed" (eager) or "transposed_blur" (stencil, compiled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "shared" and self.factor == 2 and self.pad == (2, 1) and self.kernel.shape == (4, 4) and self.upsample_impl == "transposed_blur":
-            return fir_upsample2x_stencil(x, self.kernel)
         if self.mode == "shared" and self.factor == 2 and self.pad == (2, 1):
             # Zero-insertion, pad (2, 1) and a 4-tap FIR is one depthwise transposed convolution
             # (stride 2, padding 1) with the same kernel: no zero-filled intermediate at 2x size.
@@ -129,31 +126,6 @@ def fir_stencil(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> 
             term = xp[:, :, dy:dy + h, dx:dx + w] * taps[dy, dx]
             out = term if out is None else out + term
     return out.to(x.dtype)
-
-
-def fir_upsample2x_stencil(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """upfirdn2d(x, kernel 4x4, up=2, pad=(2, 1)) as four output phases, each a sum of 2x2 shifted slices,
-    interleaved: pointwise work that a compiler fuses into one pass (no depthwise convolution).
-    Phase r reads input offsets d with tap k: r=0: (d=-1, k=3), (d=0, k=1); r=1: (d=0, k=2), (d=+1, k=0)."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    xp = F.pad(x, [1, 1, 1, 1]).to(acc)
-    k = kernel.to(acc)
-    h, w = x.shape[-2:]
-    taps = {0: ((-1, 3), (0, 1)), 1: ((0, 2), (1, 0))}
-    phases = []
-    for ry in (0, 1):
-        row = []
-        for rx in (0, 1):
-            out = None
-            for dy, ky in taps[ry]:
-                for dx, kx in taps[rx]:
-                    term = xp[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] * k[ky, kx]
-                    out = term if out is None else out + term
-            row.append(out)
-        phases.append(torch.stack(row, dim=-1))  # (B, C, H, W, 2): rx last
-    y = torch.stack(phases, dim=-2)  # (B, C, H, W, 2[ry], 2[rx])
-    b, c = x.shape[:2]
-    return y.permute(0, 1, 2, 4, 3, 5).reshape(b, c, 2 * h, 2 * w).to(x.dtype)
 
 
 def subpixel_kernel(kt: torch.Tensor) -> torch.Tensor:

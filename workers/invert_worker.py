@@ -44,6 +44,12 @@ class InvertWorker:
         self.stages = stages
         if stages is not None and not 1 <= stages <= self.model.num_stages:
             raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
+        if self.compiled:
+            # Compile now, single-threaded, at the one batch shape the actor will use (batches are padded):
+            # the actor runs two calls at once, and two first calls must not both trigger compilation.
+            warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
+            invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
+                         return_images=return_images, pad_batches=True)
         self.batch_size = batch_size
         self.edit_options = edit_options
         self.task = task
