@@ -163,3 +163,42 @@ def test_edit_config_validation(tmp_path):
         with pytest.raises(ConfigError) as ei:
             pipeline_config(base["input_url"], base["output_url"], base["checkpoint"], **sets)
         assert ei.value.key == key, sets
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_paste_back_with_edit(tmp_path, tiny_checkpoint):
+    """output.paste_back on a real photo: the reconstruction and each edit pasted into the original along the
+    alignment quad; pixels away from the face are the original's, the face region is not."""
+    import shutil
+
+    from pipeline.align import paste_back
+    from pipeline.decode import decode_image
+    from pipeline.runner import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(os.path.join(DATA_DIR, "astronaut.jpg"), src / "astronaut.jpg")
+    np.save(tmp_path / "d.npy", np.full((512,), 0.5, np.float32))
+    cfg = pipeline_config(str(src), str(tmp_path / "out"), tiny_checkpoint, align__enabled=True,
+                          output__paste_back=True, output__image_format="png",
+                          edit__directions={"d": str(tmp_path / "d.npy")}, edit__alphas=[2])
+    assert run(cfg, echo=lambda s: None).exit_code == 0
+    imgs = _members(next((tmp_path / "out" / "images").glob("*.tar")))
+    assert set(imgs) == {"astronaut.recon.png", "astronaut.edit_d_2.png", "astronaut.paste.png",
+                         "astronaut.edit_d_2.paste.png"}
+    orig = decode_image((src / "astronaut.jpg").read_bytes()).astype(np.int16)
+    df = pd.read_parquet(tmp_path / "out" / "latents")
+    quad = np.asarray(df.quad[0], np.float64).reshape(4, 2)
+    for name, face in (("astronaut.paste.png", "astronaut.recon.png"), ("astronaut.edit_d_2.paste.png", "astronaut.edit_d_2.png")):
+        pasted = imgs[name]
+        assert pasted.shape == orig.shape
+        want = paste_back(orig.astype(np.uint8), imgs[face].astype(np.uint8), quad).astype(np.int16)
+        assert np.abs(pasted - want).max() <= 1
+        x0, y0 = np.floor(quad.min(0)).astype(int)
+        x1, y1 = np.ceil(quad.max(0)).astype(int)
+        outside = np.ones(orig.shape[:2], bool)
+        outside[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = False
+        assert np.array_equal(pasted[outside], orig[outside])
+        cx, cy = quad.mean(0).astype(int)
+        assert np.abs(pasted[cy - 20:cy + 20, cx - 20:cx + 20] - orig[cy - 20:cy + 20, cx - 20:cx + 20]).mean() > 5
+    assert np.abs(imgs["astronaut.paste.png"] - imgs["astronaut.edit_d_2.paste.png"]).max() > 0
