@@ -167,5 +167,6 @@ def stage_options(cfg: dict, checkpoint_sha256: str | None = None) -> dict[str, 
     try:
         edit = make_edit_options(cfg, dims["n_latent"], dims["style_dim"], cfg["output"]["image_size"] > 0)
     except DirectionError as e:
-        raise ConfigError("edit.directions", str(e)) from None
+        key = "edit.layers" if str(e).startswith("edit.layers") else "edit.directions"
+        raise ConfigError(key, str(e)) from None
     return {"task": task_opts, "edit": edit, "dims": dims}
