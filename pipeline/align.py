@@ -199,6 +199,72 @@ def _as_rgb_uint8(image) -> np.ndarray:
     return a
 
 
+def _band_regions(wy: np.ndarray, wx: np.ndarray):
+    """(row slice, col slice) pieces covering exactly the pixels where max(wy[y], wx[x]) > 0:
+    full-width top/bottom strips and left/right strips between them (none overlap)."""
+    h, w = len(wy), len(wx)
+    ry, rx = np.flatnonzero(wy <= 0), np.flatnonzero(wx <= 0)
+    # The weights are 0 on one contiguous interior interval (they fall, then rise again).
+    if len(ry) == 0 or len(rx) == 0:
+        return [(slice(0, h), slice(0, w))]
+    y0, y1, x0, x1 = int(ry[0]), int(ry[-1]) + 1, int(rx[0]), int(rx[-1]) + 1
+    regs = [(slice(0, y0), slice(0, w)), (slice(y1, h), slice(0, w)), (slice(y0, y1), slice(0, x0)), (slice(y0, y1), slice(x1, w))]
+    return [(a, b) for a, b in regs if a.stop > a.start and b.stop > b.start]
+
+
+def _blur_region(f: np.ndarray, ys: slice, xs: slice, w: np.ndarray, exact: bool) -> np.ndarray:
+    """gaussian_blur_hw(f)[ys, xs] (to float rounding), computed from the block around it: the kernel
+    radius r of context on each side; where the block reaches the image edge it reflects as the full blur
+    does, and elsewhere outputs at least r from the block's edge do not see the block's own borders."""
+    h, wd = f.shape[:2]
+    r = (len(w) - 1) // 2
+    a0, a1 = max(ys.start - r, 0), min(ys.stop + r, h)
+    b0, b1 = max(xs.start - r, 0), min(xs.stop + r, wd)
+    t = _blur_axis(f[a0:a1, b0:b1], 0, w, exact)[ys.start - a0 : ys.stop - a0]
+    return _blur_axis(t, 1, w, exact)[:, xs.start - b0 : xs.stop - b0]
+
+
+def _median_hw(f: np.ndarray) -> np.ndarray:
+    """np.median(f, axis=(0, 1)) for a float32 HxWxC array, one channel at a time (same values)."""
+    n = f.shape[0] * f.shape[1]
+    k = [n // 2 - 1, n // 2] if n % 2 == 0 else [n // 2]
+    out = np.empty(f.shape[2], dtype=f.dtype)
+    for c in range(f.shape[2]):
+        part = np.partition(f[:, :, c].ravel(), k)
+        out[c] = np.mean(part[k])
+    return out
+
+
+def _blur_pad_blend(f: np.ndarray, pad, sigma: float, exact: bool) -> None:
+    """In place on the reflect-padded float32 image ``f``, the FFHQ padding step:
+
+        mask = max(1 - min(x / pad[0], (w-1-x) / pad[2]), 1 - min(y / pad[1], (h-1-y) / pad[3]))
+        f += (gaussian_filter(f, [sigma, sigma, 0]) - f) * clip(mask * 3 + 1, 0, 1)
+        f += (median(f, axis=(0, 1)) - f) * clip(mask, 0, 1)
+
+    Both blends change only pixels where their weight is > 0 (a band along the edges), so they, and the
+    blur, are evaluated there only; the weights are computed with the same float64 arithmetic."""
+    h, wd, _ = f.shape
+    x = np.arange(wd)
+    y = np.arange(h)
+    mx = 1.0 - np.minimum(np.float32(x) / pad[0], np.float32(wd - 1 - x) / pad[2])
+    my = 1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3])
+    wx, wy = np.clip(mx * 3.0 + 1.0, 0.0, 1.0), np.clip(my * 3.0 + 1.0, 0.0, 1.0)
+    if sigma > 1e-15:
+        k = _gaussian_kernel(sigma)
+        regs = _band_regions(wy, wx)
+        blurred = [_blur_region(f, ys, xs, k, exact) for ys, xs in regs]  # all before any blend
+        for (ys, xs), b in zip(regs, blurred):
+            v = f[ys, xs]
+            v += (b - v) * np.maximum(wy[ys, None, None], wx[None, xs, None])
+    med = _median_hw(f)
+    cx, cy = np.clip(mx, 0.0, 1.0), np.clip(my, 0.0, 1.0)
+    for ys, xs in _band_regions(cy, cx):
+        v = f[ys, xs]
+        v += (med - v) * np.maximum(cy[ys, None, None], cx[None, xs, None])
+
+
+
 def ffhq_crop(
     image,
     landmarks,
@@ -268,15 +334,7 @@ def ffhq_crop(
         pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
         src = np.asarray(pil) if arr is None else arr
         f = np.pad(np.float32(src), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
-        h, w, _ = f.shape
-        y, x, _ = np.ogrid[:h, :w, :1]
-        mask = np.maximum(
-            1.0 - np.minimum(np.float32(x) / pad[0], np.float32(w - 1 - x) / pad[2]),
-            1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3]),
-        )
-        blur = qsize * 0.02
-        f += (gaussian_blur_hw(f, blur, exact=exact_blur) - f) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
-        f += (np.median(f, axis=(0, 1)) - f) * np.clip(mask, 0.0, 1.0)
+        _blur_pad_blend(f, pad, qsize * 0.02, exact_blur)
         pil = Image.fromarray(np.uint8(np.clip(np.rint(f), 0, 255)), "RGB")
         quad += pad[:2]
     elif pil is None:
