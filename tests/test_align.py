@@ -129,6 +129,30 @@ def test_gaussian_matches_scipy():
     assert np.abs(ref["s2.6"] - ref["x"]).mean() > 10
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("shape,pad,sigma", [((180, 230, 3), (40, 35, 50, 45), 3.1), ((60, 70, 3), (30, 40, 35, 30), 2.0),
+                                             ((120, 90, 3), (10, 12, 11, 9), 7.5)])
+def test_band_restricted_padding_equals_full_formula(shape, pad, sigma, exact):
+    # The padding step evaluates blur and blends only where their weights are > 0; the full-image formula
+    # of recreate_aligned_images must give the same floats up to float32 rounding (second case: no interior).
+    from pipeline.align import _blur_pad_blend
+
+    rng = np.random.default_rng(3)
+    f = rng.integers(0, 256, shape).astype(np.float32)
+    pad = np.array(pad)
+    h, w, _ = f.shape
+    y, x, _ = np.ogrid[:h, :w, :1]
+    mask = np.maximum(1.0 - np.minimum(np.float32(x) / pad[0], np.float32(w - 1 - x) / pad[2]),
+                      1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3]))
+    ref = f.copy()
+    ref += (gaussian_blur_hw(ref, sigma, exact=True) - ref) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+    ref += (np.median(ref, axis=(0, 1)) - ref) * np.clip(mask, 0.0, 1.0)
+    ours = f.copy()
+    _blur_pad_blend(ours, pad, sigma, exact)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3 if not exact else 1e-4)
+    assert np.array_equal(ours[mask[..., 0] * 3 + 1 <= 0], f[mask[..., 0] * 3 + 1 <= 0])
+
+
 def _assert_same_to_rounding(ours, ref):
     assert ours.shape == ref.shape and ours.dtype == np.uint8
     diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
