@@ -258,7 +258,8 @@ def _median_hw(f: np.ndarray) -> np.ndarray:
     k = [n // 2 - 1, n // 2] if n % 2 == 0 else [n // 2]
     out = np.empty(f.shape[2], dtype=f.dtype)
     for c in range(f.shape[2]):
-        part = np.partition(f[:, :, c].ravel(), k)
+        part = f[:, :, c].flatten()  # always a copy: partitioned in place
+        part.partition(k)
         out[c] = np.mean(part[k])
     return out
 
