@@ -14,7 +14,9 @@ shift). Deviations are only in how the same numbers are computed:
   * the Lanczos shrink resizes only the region that the crop keeps (Pillow's ``box=`` argument, which
     gives the same pixels as resizing the whole photo and cropping);
   * scipy.ndimage.gaussian_filter (mode 'reflect', truncate 4.0) is reimplemented with numpy/torch,
-    accumulating in float64 and storing float32 after each axis, as scipy does.
+    accumulating in float64 and storing float32 after each axis, as scipy does;
+  * the padding step's blur, median blend and blur blend are evaluated only on the edge band where the
+    blend weights are > 0 (the blends leave the other pixels unchanged), the blends in float32.
 
 Speed: the HOG detector runs on a copy downscaled to ``detect_max_side``; the boxes are mapped back and
 the landmarks are predicted on the full-resolution photo. dlib's upsampling is used only when no
