@@ -93,7 +93,8 @@ def _check_and_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: 
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-def _encoder_spec(sd: dict[str, torch.Tensor], style_dim: int, what: str, path: str) -> dict:
+def irse_spec(sd: dict[str, torch.Tensor], path: str, what: str = "IR-SE state dict") -> dict[str, Any]:
+    """num_layers and per-stage widths of an IR-SE body (an E2Style encoder, or the ArcFace backbone)."""
     if "input_layer.0.weight" not in sd:
         raise CheckpointError(f"{path}: {what} has no input_layer.0.weight")
     n_units = len({k.split(".")[1] for k in sd if k.startswith("body.")})
@@ -103,6 +104,12 @@ def _encoder_spec(sd: dict[str, torch.Tensor], style_dim: int, what: str, path: 
     specs = ir_se_blocks(num_layers)
     starts = [0] + [i for i, s in enumerate(specs) if s.stride == 2][1:]
     widths = tuple(int(sd[f"body.{i}.res_layer.1.weight"].shape[0]) for i in starts)
+    return {"num_layers": num_layers, "widths": widths}
+
+
+def _encoder_spec(sd: dict[str, torch.Tensor], style_dim: int, what: str, path: str) -> dict:
+    spec = irse_spec(sd, path, what)
+    num_layers, widths = spec["num_layers"], spec["widths"]
     if "linear.weight" in sd:
         head_codes = None
     else:

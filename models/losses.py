@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, irse_spec, read_checkpoint
 from .encoders import BottleneckIRSE, input_layer, ir_se_blocks
 
 OFFICIAL_WEIGHTS = {"l2": 1.0, "lpips": 0.8, "id": 0.5, "parse": 1.0, "w_norm": 0.0, "latent": 0.0}
@@ -153,23 +153,6 @@ class Backbone(nn.Module):
             begin = end
         feats.append(self.output_layer(x))
         return tuple(feats)
-
-
-_UNITS_TO_LAYERS = {len(ir_se_blocks(n)): n for n in (50, 100, 152)}
-
-
-def irse_spec(sd: dict[str, torch.Tensor], path: str) -> dict[str, Any]:
-    """num_layers and widths of an IR-SE state dict (the ArcFace file, or an encoder's body)."""
-    if "input_layer.0.weight" not in sd:
-        raise CheckpointError(f"{path}: not an IR-SE state dict: no input_layer.0.weight")
-    n_units = len({k.split(".")[1] for k in sd if k.startswith("body.")})
-    if n_units not in _UNITS_TO_LAYERS:
-        raise CheckpointError(f"{path}: {n_units} bottleneck units; IR-SE 50/100/152 have {sorted(_UNITS_TO_LAYERS)}")
-    num_layers = _UNITS_TO_LAYERS[n_units]
-    specs = ir_se_blocks(num_layers)
-    starts = [0] + [i for i, s in enumerate(specs) if s.stride == 2][1:]
-    widths = tuple(int(sd[f"body.{i}.res_layer.1.weight"].shape[0]) for i in starts)
-    return {"num_layers": num_layers, "widths": widths}
 
 
 def load_ir_se50(path: str) -> Backbone:

@@ -690,7 +690,7 @@ def build_stage_model(cfg: dict, k: int, log: Callable[[str], None] = print):
         first = prev.encoder_firststage
         sd = first.state_dict()
         head_codes = None if prev.learn_in_w else tuple(int(sd[f"output_layer_{i}.3.bias"].shape[0]) // prev.decoder.style_dim for i in (3, 4, 5))
-        from models.losses import irse_spec
+        from models.checkpoint import irse_spec
 
         widths = irse_spec(sd, init)["widths"]
         new = build_encoder(prev.input_nc + 3, head_codes, widths, 50, prev.decoder.style_dim)
