@@ -22,7 +22,6 @@ An official checkpoint instead of the demo's random one:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -52,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="plan and print the shards, then exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.runner import setup_logging
+
+    setup_logging(args.log_level)
 
     from pipeline.config import ConfigError, load_config
     from pipeline.runner import RefusedError, run

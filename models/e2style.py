@@ -43,6 +43,8 @@ class E2Style(nn.Module):
         self.input_nc = input_nc
         self.label_nc = label_nc
         self.precision = "fp32"
+        self.channels_last = False  # set by optimize_for_gpu
+        self._compiled: dict = {}   # name -> torch.compile'd callable, filled by optimize_for_gpu
 
     @property
     def num_stages(self) -> int:
@@ -88,8 +90,8 @@ class E2Style(nn.Module):
         return self
 
     def _call(self, name: str, eager, *args):
-        compiled = getattr(self, "_compiled", None)
-        if compiled and name in compiled:
+        compiled = self._compiled
+        if name in compiled:
             try:
                 return compiled[name](*args)
             except Exception as e:  # an unsupported toolchain (no Triton, no compiler): stay correct, run eager
@@ -103,7 +105,7 @@ class E2Style(nn.Module):
         of a float32 transfer."""
         device = self.latent_avg.device
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=torch.channels_last) if getattr(self, "channels_last", False) else x.contiguous()
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
     def _encode_first(self, x: torch.Tensor) -> torch.Tensor:
         codes = self._call("first", self.encoder_firststage, x)

@@ -519,10 +519,9 @@ def main(argv: list[str] | None = None, op: str | None = None) -> int:
         ap.add_argument("--pair", action="append", default=[], metavar="KEY_A:KEY_B",
                         help="repeatable; default: consecutive ok rows of each shard")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .runner import setup_logging
+
+    setup_logging(args.log_level)
     from .runner import RefusedError
 
     try:

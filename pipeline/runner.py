@@ -22,6 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import ConfigError, fingerprint, redact
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """CLI logging: our records at `level`, the storage libraries' chatter at WARNING."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 from .read import Shard, plan_shards
 from .storage import get_fs, to_uri
 from .write import (clean_uncommitted, clear_outputs, clear_success, mark_success, read_committed,

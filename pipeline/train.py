@@ -586,30 +586,25 @@ def image_batches(cfg: dict, rank: int, world: int, batch_size: int, seed: int, 
         batch: list[bytes] = []
         got_any = False
 
-        def emit(item):
-            batch.append(item[1])
+        def emit_one():
+            """Move a random buffered item into the batch; yield the batch when full (decoded unless skipped)."""
+            nonlocal done
+            batch.append(buf.pop(int(torch.randint(len(buf), (1,), generator=g)))[1])
+            while len(batch) >= batch_size:
+                raw, batch[:] = batch[:batch_size], batch[batch_size:]
+                if done >= skip_batches:
+                    xs = [t for t in (_try_decode(b) for b in raw) if t is not None]
+                    if xs:
+                        yield torch.stack(xs)
+                done += 1
 
         for item in _iter_raw(fs, shards, rank, world, order, exclude):
             got_any = True
             buf.append(item)
             if len(buf) >= buf_size:
-                emit(buf.pop(int(torch.randint(len(buf), (1,), generator=g))))
-            while len(batch) >= batch_size:
-                raw, batch[:] = batch[:batch_size], batch[batch_size:]
-                if done >= skip_batches:
-                    xs = [t for t in (_try_decode(b) for b in raw) if t is not None]
-                    if xs:
-                        yield torch.stack(xs)
-                done += 1
+                yield from emit_one()
         while buf:
-            emit(buf.pop(int(torch.randint(len(buf), (1,), generator=g))))
-            while len(batch) >= batch_size:
-                raw, batch[:] = batch[:batch_size], batch[batch_size:]
-                if done >= skip_batches:
-                    xs = [t for t in (_try_decode(b) for b in raw) if t is not None]
-                    if xs:
-                        yield torch.stack(xs)
-                done += 1
+            yield from emit_one()
         if not got_any:
             raise FileNotFoundError(f"data.url: {cfg['data']['url']}: no training images for worker {rank} of {world} "
                                     f"(after holding out {len(exclude)} for validation)")
