@@ -275,32 +275,31 @@ def _blur_pad_blend(f: np.ndarray, pad, sigma: float, exact: bool) -> None:
 
     Both blends change only pixels where their weight is > 0 (a band along the edges), so they, and the
     blur, are evaluated there only. The weights are computed in float64 as in the reference and the blends
-    done in float32 in place (the reference multiplies in float64: rounding differences of ~1e-5 grey)."""
+    done in float32 in place with one ``lerp`` each (the reference multiplies in float64: rounding
+    differences of ~1e-5 grey)."""
+    import torch
+
     h, wd, _ = f.shape
     x = np.arange(wd)
     y = np.arange(h)
     mx = 1.0 - np.minimum(np.float32(x) / pad[0], np.float32(wd - 1 - x) / pad[2])
     my = 1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3])
-    wx, wy = np.clip(mx * 3.0 + 1.0, 0.0, 1.0), np.clip(my * 3.0 + 1.0, 0.0, 1.0)
-    if sigma > 1e-15:
-        k = _gaussian_kernel(sigma)
-        regs = _band_regions(wy, wx)
-        blurred = [_blur_region(f, ys, xs, k, exact) for ys, xs in regs]  # all before any blend
-        wx32, wy32 = wx.astype(np.float32), wy.astype(np.float32)
-        for (ys, xs), b in zip(regs, blurred):
-            v = f[ys, xs]
-            b -= v
-            b *= np.maximum(wy32[ys, None, None], wx32[None, xs, None])
-            v += b
-    med = _median_hw(f)
-    cx, cy = np.clip(mx, 0.0, 1.0), np.clip(my, 0.0, 1.0)
-    cx32, cy32 = cx.astype(np.float32), cy.astype(np.float32)
-    for ys, xs in _band_regions(cy, cx):
-        v = f[ys, xs]
-        d = med - v
-        d *= np.maximum(cy32[ys, None, None], cx32[None, xs, None])
-        v += d
+    ft = torch.from_numpy(f)
 
+    def blend(wy: np.ndarray, wx: np.ndarray, targets) -> None:
+        wy32, wx32 = torch.from_numpy(wy.astype(np.float32)), torch.from_numpy(wx.astype(np.float32))
+        for (ys, xs), target in zip(_band_regions(wy, wx), targets):
+            ft[ys, xs].lerp_(target, torch.maximum(wy32[ys, None, None], wx32[None, xs, None]))
+
+    if sigma > 1e-15:
+        wx, wy = np.clip(mx * 3.0 + 1.0, 0.0, 1.0), np.clip(my * 3.0 + 1.0, 0.0, 1.0)
+        k = _gaussian_kernel(sigma)
+        # Every strip is blurred before any is blended: the blur reads unblended neighbours.
+        blurred = [torch.from_numpy(_blur_region(f, ys, xs, k, exact)) for ys, xs in _band_regions(wy, wx)]
+        blend(wy, wx, blurred)
+    med = torch.from_numpy(_median_hw(f))
+    cx, cy = np.clip(mx, 0.0, 1.0), np.clip(my, 0.0, 1.0)
+    blend(cy, cx, (med.expand(ys.stop - ys.start, xs.stop - xs.start, 3) for ys, xs in _band_regions(cy, cx)))
 
 
 def ffhq_crop(
