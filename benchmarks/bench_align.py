@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.align import FaceAligner, ffhq_crop, ffhq_quad  # noqa: E402
+from pipeline.align import FaceAligner, ffhq_crop, ffhq_quad, pick_largest  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 
@@ -59,8 +59,7 @@ def photos(n, layout="edge"):
 
 
 def _pick(dets):
-    # FaceAligner.align's "largest" rule.
-    return max(dets, key=lambda d: ((d[0][2] - d[0][0]) * (d[0][3] - d[0][1]), d[1], -d[0][0], -d[0][1]))[0]
+    return pick_largest(dets)[0]
 
 
 def _needs_padding(im, quad, qsize):
