@@ -474,6 +474,12 @@ def pick_largest(dets):
     return max(tied, key=lambda d: (d[1], side(d), -d[0][0], -d[0][1]))
 
 
+# Margin (fraction of the box side) around the face box in the upright copy. The predictor reads pixels
+# outside its box: on 21 rolled test faces margins of 0.2 to 1.0 give identical landmarks, 0.1 moves some by
+# up to 13 px.
+REGION_MARGIN = 0.25
+
+
 def _eye_roll_degrees(lm: np.ndarray) -> float:
     """Angle of the line from the left eye's centre to the right eye's (image axes, y down)."""
     d = lm[42:48].mean(axis=0) - lm[36:42].mean(axis=0)
@@ -656,18 +662,21 @@ class FaceAligner:
     def _predict_upright(self, img: np.ndarray, box, roll: float) -> np.ndarray:
         """Landmarks predicted on the region around ``box`` turned by ``roll`` degrees (eyes level), in source
         pixel coordinates. Index coordinates throughout (pixel i's centre at i; Pillow's at i + 0.5)."""
-        x0, y0, x1, y1 = box
+        x0, y0, x1, y1 = (float(round(v)) for v in box)
+        bw, bh = x1 - x0, y1 - y0
         cx, cy = (x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0
-        n = int(math.ceil(2.0 * max(x1 - x0, y1 - y0)))
-        h = (n - 1) / 2.0
+        # The region is the box plus a margin m on every side, so the box lands on whole pixels there with its
+        # own size (the predictor's output moves with a pixel of box size).
+        m = int(math.ceil(REGION_MARGIN * max(bw, bh)))
+        nx, ny = int(bw) + 2 * m, int(bh) + 2 * m
+        hx, hy = (nx - 1) / 2.0, (ny - 1) / 2.0
         t = math.radians(roll)
         c, s = math.cos(t), math.sin(t)
-        # source = R @ (out - h) + centre, R turning the output's x axis onto the eye line.
-        coeffs = (c, -s, cx + 0.5 - (c - s) * (h + 0.5), s, c, cy + 0.5 - (s + c) * (h + 0.5))
-        region = Image.fromarray(img, "RGB").transform((n, n), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
-        bw, bh = x1 - x0, y1 - y0
-        lm = self._predict(np.asarray(region), (h + 0.5 - bw / 2, h + 0.5 - bh / 2, h + 0.5 + bw / 2, h + 0.5 + bh / 2))
-        d = lm - h
+        # source = R @ (out - (hx, hy)) + centre, R turning the output's x axis onto the eye line.
+        coeffs = (c, -s, cx + 0.5 - c * (hx + 0.5) + s * (hy + 0.5), s, c, cy + 0.5 - s * (hx + 0.5) - c * (hy + 0.5))
+        region = Image.fromarray(img, "RGB").transform((nx, ny), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+        lm = self._predict(np.asarray(region), (m, m, m + bw, m + bh))
+        d = lm - (hx, hy)
         return np.column_stack([c * d[:, 0] - s * d[:, 1] + cx, s * d[:, 0] + c * d[:, 1] + cy])
 
     # -- everything ------------------------------------------------------------------------------
