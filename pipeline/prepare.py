@@ -72,10 +72,11 @@ def prepare_item(item: InputItem, cfg: dict, timings: dict[str, float]) -> list[
                 return [(Row(item.key, item.source, meta=item.meta), resize_nearest(img, al["output_size"]))]
             face = resize_square(img, al["output_size"])
             return [(Row(item.key, item.source, meta=item.meta), face)]
-        from .align import align_faces  # dlib is imported only where alignment runs
+        from .align import align_faces, get_aligner  # dlib is imported only where alignment runs
 
+        aligner = get_aligner(detect_max_side=al["detect_max_side"], max_upsample=al["max_upsample"])
         faces = align_faces(img, output_size=al["output_size"], transform_size=al["transform_size"],
-                            policy=al["policy"])
+                            policy=al["policy"], min_face_size=al["min_face_size"], aligner=aligner)
     except Exception as e:  # noqa: BLE001 - a pathological image must cost one row, not the shard
         return [(Row(item.key, item.source, status="align_error", error=f"{type(e).__name__}: {e}",
                      meta=item.meta), None)]

@@ -138,6 +138,30 @@ def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
     assert stats["align"] > 0 and stats["invert"] > 0
 
 
+def test_align_settings_reach_the_aligner():
+    """align.min_face_size / detect_max_side / max_upsample go from the config to the detector."""
+    from pipeline.align import get_aligner
+    from pipeline.prepare import prepare_item
+    from pipeline.read import InputItem
+
+    with open(os.path.join(DATA_DIR, "grace_hopper.jpg"), "rb") as f:
+        item = InputItem("gh", "/in/gh.jpg", f.read())
+
+    def statuses(**sets):
+        cfg = pipeline_config("/in", "/out", "/ck.pt", align__enabled=True, **sets)
+        return [(r.status, r.score) for r, _ in prepare_item(item, cfg, {})]
+
+    (status, score), = statuses()
+    assert status == "ok"
+    # Her face box is about 216 px: a larger minimum leaves no face.
+    assert statuses(align__min_face_size=200)[0][0] == "ok"
+    assert statuses(align__min_face_size=260) == [("no_face", None)]
+    # Full-resolution detection reports the same face (with the same score, see tests/test_align.py).
+    (status2, score2), = statuses(align__detect_max_side=None, align__max_upsample=0)
+    assert status2 == "ok" and abs(score2 - score) < 1e-9
+    assert get_aligner(detect_max_side=None, max_upsample=0).detect_max_side is None
+
+
 def test_latents_only_mode_and_padded_batches(tiny_checkpoint):
     """output.image_size 0: the last generator pass is skipped and no reconstruction is measured; padding a
     short batch to the compiled shape changes no result."""
