@@ -13,6 +13,7 @@ on the same real photographs: relative error of the final codes, PSNR of the 256
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -28,16 +29,19 @@ from models.factory import build_e2style  # noqa: E402
 
 PHOTOS = ("tests/data/astronaut.jpg", "tests/data/grace_hopper.jpg")
 
-# name: (precision, modconv form, channels_last, torch.compile, upsample implementation)
+# name: (precision, modconv form, channels_last, torch.compile, upsample implementation, kernel rewrites)
 VARIANTS = {
-    "fp32-reference": ("fp32", "grouped", False, False, "subpixel"),
-    "fp32-shared": ("fp32", "shared", False, False, "subpixel"),
-    "bf16": ("bf16", "shared", True, False, "subpixel"),
-    "bf16-convT": ("bf16", "shared", True, False, "transposed"),
-    "bf16-compile": ("bf16", "shared", True, True, "subpixel"),
-    "fp16-compile": ("fp16", "shared", True, True, "subpixel"),
-    "bf16-compile-tblur": ("bf16", "shared", True, True, "transposed_blur"),
-    "fp16-compile-tblur": ("fp16", "shared", True, True, "transposed_blur"),
+    "fp32-reference": ("fp32", "grouped", False, False, "subpixel", False),
+    "fp32-shared": ("fp32", "shared", False, False, "subpixel", False),
+    "bf16": ("bf16", "shared", True, False, "subpixel", False),
+    "bf16-convT": ("bf16", "shared", True, False, "transposed", False),
+    "bf16-compile": ("bf16", "shared", True, True, "subpixel", False),
+    "fp16-compile": ("fp16", "shared", True, True, "subpixel", False),
+    "bf16-compile-tblur": ("bf16", "shared", True, True, "transposed_blur", False),
+    "fp16-compile-tblur": ("fp16", "shared", True, True, "transposed_blur", False),
+    # optimize_for_gpu(kernels=True): 8-channel padded encoder input convs, matmul RGB-skip upsampling
+    "bf16-k": ("bf16", "shared", True, False, "subpixel", True),
+    "fp16-compile-tblur-k": ("fp16", "shared", True, True, "transposed_blur", True),
 }
 
 
@@ -59,15 +63,21 @@ def real_inputs(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def configure(model, variant: str):
-    precision, modconv, channels_last, compile_, upsample_impl = VARIANTS[variant]
+    """The model set up as ``variant``; variants with kernel rewrites get their own copy (the padded input
+    convolutions cannot be undone), the others reuse ``model``."""
+    precision, modconv, channels_last, compile_, upsample_impl, kernels = VARIANTS[variant]
+    if kernels:
+        model = copy.deepcopy(model)
     model.set_precision(precision, modconv=modconv)
     for m in model.decoder.modules():
         if hasattr(m, "upsample_impl"):
             m.upsample_impl = upsample_impl
+        if hasattr(m, "matmul"):
+            m.matmul = False
     model._compiled = {}
     model.channels_last = False
     if channels_last or compile_:
-        model.optimize_for_gpu(channels_last=channels_last, compile=compile_)
+        model.optimize_for_gpu(channels_last=channels_last, compile=compile_, kernels=kernels)
     return model
 
 
@@ -139,13 +149,13 @@ def main() -> None:
     acc_batch = real_inputs(a.acc_batch, seed=1).to(device)
     compile_batches = [int(b) for b in a.compile_batches.split(",")]
     log = open(a.out + "l", "a") if a.out else None
-    configure(model, "fp32-reference")
-    ref = {s: run_once(model, acc_batch, s, True) for s in stage_list}
+    ref_model = configure(model, "fp32-reference")
+    ref = {s: run_once(ref_model, acc_batch, s, True) for s in stage_list}
 
     rows = []
     for v in variants:
-        configure(model, v)
-        acc = {s: run_once(model, acc_batch, s, True) for s in stage_list}
+        vm = configure(model, v)
+        acc = {s: run_once(vm, acc_batch, s, True) for s in stage_list}
         for s in stage_list:
             code_err = ((acc[s].codes - ref[s].codes).norm() / ref[s].codes.norm()).item()
             rec_psnr = psnr(acc[s].images, ref[s].images)
@@ -157,7 +167,7 @@ def main() -> None:
                         continue
                     u8 = real_inputs(b).to(device)
                     try:
-                        t, peak = time_variant(model, u8, s, recon, a.warmup, a.iters, device)
+                        t, peak = time_variant(vm, u8, s, recon, a.warmup, a.iters, device)
                     except torch.OutOfMemoryError:
                         print(f"{v} stages={s} batch={b}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -172,15 +182,15 @@ def main() -> None:
 
     ref_speed = {(r["stages"], r["recon"]): r["img_per_s"] for r in rows if r["variant"] == "fp32-reference"}
     if a.profile and device.type == "cuda":
-        configure(model, a.profile)
+        pm = configure(model, a.profile)
         u8 = real_inputs(max(batches)).to(device)
         for _ in range(2):
-            run_once(model, u8, 3, True)
+            run_once(pm, u8, 3, True)
         torch.cuda.synchronize()
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run_once(model, u8, 3, True)
+            run_once(pm, u8, 3, True)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import E2StyleEncoder, WEncoder
-from .stylegan2 import Generator
+from .encoders import E2StyleEncoder, WEncoder, pad_input_channels
+from .stylegan2 import Generator, Upsample
 
 POOLED_SIZE = 256
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,11 +67,22 @@ class E2Style(nn.Module):
         self.precision = precision
         self.decoder.set_modconv_mode(modconv)
 
-    def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False) -> "E2Style":
+    def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False, kernels: bool = True) -> "E2Style":
         """channels_last activations (what cuDNN's tensor-core kernels want) and, optionally, torch.compile
         of the encoders and the synthesis network (fuses the elementwise epilogues). Compilation happens on
-        first use; if it fails there, the eager modules are used and a warning says why."""
+        first use; if it fails there, the eager modules are used and a warning says why.
+
+        kernels: two rewrites of the same maths that GPU libraries run faster: the encoders' 3/6-channel
+        input convolutions zero-padded to 8 channels, and the generator's RGB-skip upsampling as two matrix
+        products (see BENCHMARKS.md). Inference only: the padded weights change the state dict."""
         self.channels_last = channels_last
+        if kernels:
+            for enc in (self.encoder_firststage, *self.encoder_refinestage_list):
+                if hasattr(enc, "input_layer"):
+                    pad_input_channels(enc)
+            for m in self.decoder.modules():
+                if isinstance(m, Upsample):
+                    m.matmul = True
         if channels_last:
             for m in self.modules():  # the generator's 5-D modulated weights stay as they are
                 if isinstance(m, nn.Conv2d):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # First-stage heads: (head name, channels of the features it reads, number of W+ codes it emits).
 # The official order of the codes is deep (coarse) head first, shallow (fine) head last.
@@ -84,6 +85,33 @@ class BottleneckIRSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res_layer(x) + self.shortcut_layer(x)
+
+
+class ChannelPaddedConv2d(nn.Conv2d):
+    """A Conv2d whose input channels are zero-padded to a multiple of ``multiple`` (input and weight alike:
+    the same result). cuDNN's tensor-core kernels want 8-channel multiples; for the 3- and 6-channel encoder
+    inputs it falls back to slow ones. An inference-time swap (the state dict's weight shape changes)."""
+
+    def __init__(self, conv: nn.Conv2d, multiple: int = 8):
+        extra = (-conv.in_channels) % multiple
+        super().__init__(conv.in_channels + extra, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.extra = extra
+        with torch.no_grad():
+            self.weight.copy_(F.pad(conv.weight, [0, 0, 0, 0, 0, extra]))
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, [0, 0, 0, 0, 0, self.extra]))
+
+
+def pad_input_channels(encoder: nn.Module, multiple: int = 8) -> None:
+    """Swap the encoder's first convolution for a ChannelPaddedConv2d when its input channels need it."""
+    conv = encoder.input_layer[0]
+    if isinstance(conv, nn.Conv2d) and not isinstance(conv, ChannelPaddedConv2d) and conv.in_channels % multiple:
+        encoder.input_layer[0] = ChannelPaddedConv2d(conv, multiple)
 
 
 def input_layer(in_channels: int, width: int) -> nn.Sequential:

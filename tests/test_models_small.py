@@ -234,6 +234,30 @@ def test_fast_fir_upsample_equals_upfirdn2d_with_an_asymmetric_kernel():
     assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_separable_skip_upsample_equals_upfirdn2d():
+    from models.stylegan2 import Upsample
+
+    up = Upsample([1, 3, 3, 1]).double()
+    x = torch.randn(2, 3, 6, 9, dtype=torch.float64)
+    ref = up(x)
+    up.matmul = True
+    assert torch.allclose(up(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gpu_kernel_rewrites_keep_the_function(small3):
+    """optimize_for_gpu(kernels=True) (8-channel padded input convolutions, matmul RGB-skip upsampling)
+    inverts exactly as the model as loaded (float64, CPU); channels_last too."""
+    ref_model = load_e2style(small3).double()
+    x = images().double()
+    ref = ref_model.invert(x, return_images=True)
+    fast = load_e2style(small3).double().optimize_for_gpu(channels_last=True, compile=False, kernels=True)
+    assert fast.encoder_firststage.input_layer[0].in_channels == 8
+    assert fast.encoder_refinestage_list[0].input_layer[0].in_channels == 8
+    out = fast.invert(x, return_images=True)
+    assert torch.allclose(out.codes, ref.codes, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(out.images, ref.images, rtol=1e-9, atol=1e-10)
+
+
 def test_fp16_overflow_is_recomputed_in_bf16(small3):
     """fp16 has 5 exponent bits: a batch that overflows is redone in bf16, so no row carries inf/NaN."""
     m = load_e2style(small3, precision="fp16")
