@@ -100,8 +100,8 @@ class Upsample(nn.Module):
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
         self.mode = "grouped"
-        # Separable form: two matrix products with banded (2n, n) upsampling matrices. For the 3-channel RGB
-        # skip this beats cuDNN's depthwise kernels by far on GPUs (set by E2Style.optimize_for_gpu).
+        # Separable form: two matrix products with banded (2n, n) upsampling matrices, instead of cuDNN's slow
+        # depthwise transposed convolution for the 3-channel RGB skip (set by E2Style.optimize_for_gpu).
         self.matmul = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
