@@ -12,10 +12,8 @@ import json
 import re
 from typing import Any
 
-import yaml
-
-__all__ = ["ConfigError", "DEFAULTS", "load_config", "parse_overrides", "resolve", "validate",
-           "redact", "fingerprint", "FINGERPRINT_KEYS"]
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "parse_overrides", "read_config_file", "merge_config", "resolve",
+           "validate", "redact", "fingerprint", "FINGERPRINT_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -113,8 +111,12 @@ def _get(cfg: dict, dotted: str) -> Any:
     return cur
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["model.batch_size=8", "align.enabled=false"]`` -> nested dict; values are parsed as YAML."""
+def parse_overrides(items: list[str] | None, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """``["model.batch_size=8", "align.enabled=false"]`` -> nested dict; values are parsed as YAML.
+    ``error``: the ConfigError subclass raised (the training config has its own)."""
+    import yaml  # here, not at import time: the GPU training script runs without PyYAML
+
+    ConfigError = error  # noqa: N806 - the raises below use the caller's class
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -138,17 +140,19 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+def merge_config(base: dict, over: dict, error: type[ConfigError] = ConfigError, prefix: str = "") -> dict:
+    """``over`` merged into ``base`` in place (nested mappings key by key); a key ``base`` does not have is an
+    error naming it, with the closest known key."""
     for k, v in over.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise ConfigError(key, "unknown key" + _suggest(k, base))
+            raise error(key, "unknown key" + _suggest(k, base))
         if isinstance(base[k], dict):
             if v is None:
                 continue
             if not isinstance(v, dict):
-                raise ConfigError(key, f"must be a mapping, got {type(v).__name__}")
-            _merge(base[k], v, key + ".")
+                raise error(key, f"must be a mapping, got {type(v).__name__}")
+            merge_config(base[k], v, error, key + ".")
         else:
             base[k] = v
     return base
@@ -165,24 +169,30 @@ def resolve(file_cfg: dict | None, overrides: dict | None = None) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     if file_cfg is not None and not isinstance(file_cfg, dict):
         raise ConfigError("<root>", "a config file must be a mapping")
-    _merge(cfg, file_cfg or {})
-    _merge(cfg, overrides or {})
+    merge_config(cfg, file_cfg or {})
+    merge_config(cfg, overrides or {})
     validate(cfg)
     return cfg
 
 
+def read_config_file(path: str | None, error: type[ConfigError] = ConfigError) -> dict:
+    """The YAML mapping in ``path`` ({} for no path); a missing or unparsable file is a ``--config`` error."""
+    import yaml
+
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise error("--config", f"file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error("--config", f"not valid YAML: {e}") from None
+
+
 def load_config(path: str | None, overrides: list[str] | dict | None = None) -> dict:
-    file_cfg: dict = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                file_cfg = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError("--config", f"file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"not valid YAML: {e}") from None
     ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return resolve(file_cfg, ov)
+    return resolve(read_config_file(path), ov)
 
 
 def _check_int(cfg, key, lo=None, hi=None, allow_none=False):

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError, merge_config, parse_overrides, read_config_file
+
 __all__ = ["TrainConfigError", "DEFAULTS", "resolve_config", "load_train_config", "run_training", "train_stage",
            "stage_paths", "validate_model", "EventWriter", "MetricsLogger", "main"]
 
@@ -50,11 +52,10 @@ class SimulatedCrash(RuntimeError):
     """Raised by ``train_stage(crash_after=n)``: the process 'dies' mid-stage, nothing more is saved."""
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     def __init__(self, key: str, reason: str):
-        super().__init__(f"invalid training config: {key}: {reason}")
-        self.key = key
-        self.reason = reason
+        super().__init__(key, reason)
+        self.args = (f"invalid training config: {key}: {reason}",)
 
 
 DEFAULTS: dict[str, Any] = {
@@ -116,21 +117,6 @@ _LOSS_KEYS = tuple(DEFAULTS["loss"])
 # Config
 
 
-def _merge(base: dict, over: dict, prefix: str = "") -> None:
-    for k, v in over.items():
-        key = f"{prefix}{k}"
-        if k not in base:
-            raise TrainConfigError(key, f"unknown key (known: {', '.join(sorted(base))})")
-        if isinstance(base[k], dict):
-            if v is None:
-                continue
-            if not isinstance(v, dict):
-                raise TrainConfigError(key, f"must be a mapping, got {type(v).__name__}")
-            _merge(base[k], v, key + ".")
-        else:
-            base[k] = v
-
-
 def _num(cfg, key, lo=None, integer=False, allow_none=False):
     cur = cfg
     for p in key.split("."):
@@ -149,8 +135,8 @@ def resolve_config(file_cfg: dict | None = None, overrides: dict | None = None) 
     cfg = copy.deepcopy(DEFAULTS)
     if file_cfg is not None and not isinstance(file_cfg, dict):
         raise TrainConfigError("<root>", "a config must be a mapping")
-    _merge(cfg, file_cfg or {})
-    _merge(cfg, overrides or {})
+    merge_config(cfg, file_cfg or {}, TrainConfigError)
+    merge_config(cfg, overrides or {}, TrainConfigError)
     if not cfg["output_dir"]:
         raise TrainConfigError("output_dir", "is required")
     st = cfg["train"]["stages"]
@@ -199,34 +185,9 @@ def resolve_config(file_cfg: dict | None = None, overrides: dict | None = None) 
     return cfg
 
 
-def parse_set(items: list[str] | None) -> dict:
-    """``["train.steps=10", "loss.id=0"]`` -> nested dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise TrainConfigError(item, "--set expects key=value")
-        key, raw = item.split("=", 1)
-        cur = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return out
-
-
 def load_train_config(path: str | None, overrides: list[str] | dict | None = None) -> dict:
-    import yaml
-
-    file_cfg = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                file_cfg = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise TrainConfigError("--config", f"file not found: {path}") from None
-    return resolve_config(file_cfg, overrides if isinstance(overrides, dict) else parse_set(overrides))
+    ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides, TrainConfigError)
+    return resolve_config(read_config_file(path, TrainConfigError), ov)
 
 
 def stage_paths(cfg: dict, k: int) -> dict[str, str]:
