@@ -328,10 +328,12 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def fingerprint(cfg: dict, checkpoint_sha256: str) -> tuple[str, dict]:
-    """Hash of everything that changes the outputs, and the values that went into it."""
+def fingerprint(cfg: dict, checkpoint_sha256: str, extra: dict | None = None) -> tuple[str, dict]:
+    """Hash of everything that changes the outputs, and the values that went into it. ``extra``: values
+    that are not config keys (hashes of files the config names)."""
     values = {k: _get(cfg, k) for k in FINGERPRINT_KEYS}
     values.update({k: _get(cfg, k) for k in OPTIONAL_FINGERPRINT_KEYS if _get(cfg, k) != _get(DEFAULTS, k)})
+    values.update(extra or {})
     values["checkpoint_sha256"] = checkpoint_sha256
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     return digest, values

@@ -18,6 +18,7 @@ any shard starts (``load_directions``); the actors receive the checked arrays, n
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -113,6 +114,11 @@ def load_directions(directions: dict[str, str], n_latent: int, style_dim: int,
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise DirectionError(f"edit.directions: bad name {name!r} (letters, digits, _ and - only)")
     return {name: load_direction(url, n_latent, style_dim, endpoint_url) for name, url in directions.items()}
+
+
+def directions_sha256(directions: dict[str, np.ndarray]) -> dict[str, str]:
+    """name -> sha256 of the loaded direction's float32 values: reruns notice a file replaced at its path."""
+    return {n: hashlib.sha256(np.ascontiguousarray(d).tobytes()).hexdigest() for n, d in directions.items()}
 
 
 def variant_tag(name: str, alpha: float) -> str:

@@ -316,7 +316,7 @@ def _fingerprint(op: str, cfg: dict, sha: str, params: dict) -> tuple[str, dict]
 
 def run_latents(op: str, cfg: dict, *, steps: int = 5, reference: str | None = None, layers: list[int] | None = None,
                 pairs: list[str] | None = None, dry_run: bool = False, echo=print) -> int:
-    from .edit import DirectionError, make_edit_options
+    from .edit import DirectionError, directions_sha256, make_edit_options
     from .invert import fetch_checkpoint
     from .runner import RefusedError, _init_ray, _now, _short, checkpoint_sha256
     from .tasks import checkpoint_dims
@@ -357,7 +357,7 @@ def run_latents(op: str, cfg: dict, *, steps: int = 5, reference: str | None = N
         except DirectionError as e:
             raise ConfigError("edit.directions", str(e)) from None
         params = {k: cfg["edit"][k] for k in ("directions", "alphas", "layers", "save_codes")}
-        params["directions_sha256"] = {n: hashlib.sha256(d.tobytes()).hexdigest() for n, d in job["edit"]["directions"].items()}
+        params["directions_sha256"] = directions_sha256(job["edit"]["directions"])
     elif op == "mix":
         if not reference or not layers:
             raise ConfigError("--reference", "mix needs --reference KEY and --layers START:END")

@@ -106,9 +106,12 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
     """Check the output against the config and list the shards. ``apply``: also clean up (not in dry runs)."""
     ep = cfg["storage"]["endpoint_url"]
     sha = checkpoint_sha256(cfg)
+    from .edit import directions_sha256
     from .tasks import stage_options
     stages = stage_options(cfg, sha)  # a bad direction file or a task the checkpoint cannot do stops here
-    fp, fp_values = fingerprint(cfg, sha)
+    # Direction files by content: one replaced at the same path is another run.
+    extra = {"edit.directions_sha256": directions_sha256(stages["edit"]["directions"])} if stages["edit"] else None
+    fp, fp_values = fingerprint(cfg, sha, extra)
     fs_out, out_root = get_fs(cfg["output"]["url"], ep)
     prior = read_run_record(fs_out, out_root)
     if prior is not None and prior.get("fingerprint") != fp:

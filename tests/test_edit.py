@@ -154,6 +154,28 @@ def test_bad_direction_stops_the_job_before_any_output(tmp_path, ckpt18, kind, c
     assert not out.exists()  # nothing written, not even _run.json
 
 
+def test_replaced_direction_file_is_another_run(tmp_path, ckpt18):
+    """The run fingerprint covers a direction file's contents, not only its path: a rerun after the file was
+    replaced in place is refused like any changed config (plan() is the driver's check, before any output)."""
+    from pipeline.runner import plan
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(tiny_image_bytes(1))
+    d = tmp_path / "dirs"
+    d.mkdir()
+    np.save(d / "smile.npy", np.load(f"{DIRS}/smile.npy"))
+    cfg = pipeline_config(str(src), str(tmp_path / "out"), ckpt18, edit__directions={"smile": str(d / "smile.npy")},
+                          edit__alphas=[1.0])
+    first, again = plan(cfg), plan(cfg)
+    assert first.fingerprint == again.fingerprint
+    np.save(d / "smile.npy", np.load(f"{DIRS}/age.npy"))  # same path, other contents
+    replaced = plan(cfg)
+    assert replaced.fingerprint != first.fingerprint
+    key = "edit.directions_sha256"
+    assert replaced.fingerprint_values[key]["smile"] != first.fingerprint_values[key]["smile"]
+
+
 def test_edit_config_validation(tmp_path):
     base = dict(input_url=str(tmp_path / "i"), output_url=str(tmp_path / "o"), checkpoint="x.pt")
     for sets, key in [({"edit__alphas": []}, "edit.alphas"), ({"edit__alphas": [1, "a"]}, "edit.alphas"),
