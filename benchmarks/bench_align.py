@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.align import FaceAligner, ffhq_crop, ffhq_quad, pick_largest  # noqa: E402
+from pipeline.align import FaceAligner, crop_and_pad, ffhq_crop, ffhq_quad, pick_largest  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 
@@ -64,11 +64,7 @@ def _pick(dets):
 
 def _needs_padding(im, quad, qsize):
     # ffhq_crop's padding condition for an unshrunk crop (shrink happens only when qsize >= 2 * output_size).
-    border = max(int(np.rint(qsize * 0.1)), 3)
-    crop = (max(int(np.floor(quad[:, 0].min())) - border, 0), max(int(np.floor(quad[:, 1].min())) - border, 0),
-            min(int(np.ceil(quad[:, 0].max())) + border, im.shape[1]), min(int(np.ceil(quad[:, 1].max())) + border, im.shape[0]))
-    pad = (max(-(int(np.floor(quad[:, 0].min())) - crop[0]) + border, 0), max(-(int(np.floor(quad[:, 1].min())) - crop[1]) + border, 0),
-           max(int(np.ceil(quad[:, 0].max())) - crop[2] + border, 0), max(int(np.ceil(quad[:, 1].max())) - crop[3] + border, 0))
+    _, pad, border = crop_and_pad(quad, qsize, (im.shape[1], im.shape[0]))
     return max(pad) > border - 4
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "align_faces",
     "ffhq_quad",
     "ffhq_crop",
+    "crop_and_pad",
     "paste_back",
     "gaussian_blur_hw",
     "find_landmark_model",
@@ -303,6 +304,23 @@ def _blur_pad_blend(f: np.ndarray, pad, sigma: float, exact: bool) -> None:
     blend(cy, cx, (med.expand(ys.stop - ys.start, xs.stop - xs.start, 3) for ys, xs in _band_regions(cy, cx)))
 
 
+def crop_and_pad(quad: np.ndarray, qsize: float, size: tuple[int, int]) -> tuple[tuple, tuple, int]:
+    """The FFHQ procedure's crop box (x0, y0, x1, y1) of an image of ``size`` (w, h), the padding (left, top,
+    right, bottom) the quad still needs beyond it, and the border, for a quad in that image's pixels (after
+    any shrink). The padding step runs when ``max(pad) > border - 4``."""
+    border = max(int(np.rint(qsize * 0.1)), 3)
+    qx0, qy0 = int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1])))
+    qx1, qy1 = int(np.ceil(max(quad[:, 0]))), int(np.ceil(max(quad[:, 1])))
+    crop = (max(qx0 - border, 0), max(qy0 - border, 0), min(qx1 + border, size[0]), min(qy1 + border, size[1]))
+    if crop[2] <= crop[0] or crop[3] <= crop[1]:
+        # The quad lies entirely outside the photo (only possible with made-up landmarks).
+        crop = (0, 0, size[0], size[1])
+    cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+    pad = (max(crop[0] - qx0 + border, 0), max(crop[1] - qy0 + border, 0), max(qx1 - crop[0] - cw + border, 0),
+           max(qy1 - crop[1] - ch + border, 0))
+    return crop, pad, border
+
+
 def ffhq_crop(
     image,
     landmarks,
@@ -335,17 +353,7 @@ def ffhq_crop(
         size = (W, H)
 
     # Crop.
-    border = max(int(np.rint(qsize * 0.1)), 3)
-    crop = (
-        int(np.floor(min(quad[:, 0]))),
-        int(np.floor(min(quad[:, 1]))),
-        int(np.ceil(max(quad[:, 0]))),
-        int(np.ceil(max(quad[:, 1]))),
-    )
-    crop = (max(crop[0] - border, 0), max(crop[1] - border, 0), min(crop[2] + border, size[0]), min(crop[3] + border, size[1]))
-    if crop[2] <= crop[0] or crop[3] <= crop[1]:
-        # The quad lies entirely outside the photo (only possible with made-up landmarks).
-        crop = (0, 0, size[0], size[1])
+    crop, pad, border = crop_and_pad(quad, qsize, size)
     if shrink > 1:
         sx, sy = W / size[0], H / size[1]
         pil = Image.fromarray(np.ascontiguousarray(img), "RGB").resize(
@@ -358,16 +366,8 @@ def ffhq_crop(
         arr = img[crop[1] : crop[3], crop[0] : crop[2]]
         pil = None
     quad -= crop[0:2]
-    cw, ch = crop[2] - crop[0], crop[3] - crop[1]
 
     # Pad.
-    pad = (
-        int(np.floor(min(quad[:, 0]))),
-        int(np.floor(min(quad[:, 1]))),
-        int(np.ceil(max(quad[:, 0]))),
-        int(np.ceil(max(quad[:, 1]))),
-    )
-    pad = (max(-pad[0] + border, 0), max(-pad[1] + border, 0), max(pad[2] - cw + border, 0), max(pad[3] - ch + border, 0))
     if enable_padding and max(pad) > border - 4:
         pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
         src = np.asarray(pil) if arr is None else arr
@@ -653,7 +653,8 @@ class FaceAligner:
         if abs(roll) <= self.upright_above:
             return lm
         lm = self._predict_upright(img, box, roll)
-        # A badly rolled first prediction misjudges the roll too (23 for 33 degrees): turn once more.
+        # A badly rolled first prediction misjudges the roll too (12 degrees for the astronaut turned by 30,
+        # 33 in all): turn once more.
         roll2 = _eye_roll_degrees(lm)
         if abs(roll2 - roll) > 5.0:
             lm = self._predict_upright(img, box, roll2)
