@@ -151,7 +151,8 @@ def _rows_from_table(table) -> list:
 
 
 def shard_outputs(job: dict, rows: list, codes: list[np.ndarray | None], pairs: list | None = None):
-    """-> (out rows, out codes, [(member stem, codes)], per-row extra columns) for one shard."""
+    """-> (out rows, out codes, [(member stem, codes, index of the row in ``rows`` or None)], per-row extra
+    columns) for one shard."""
     from .edit import apply_direction, edit_variants
     from .prepare import Row
 
@@ -169,11 +170,11 @@ def shard_outputs(job: dict, rows: list, codes: list[np.ndarray | None], pairs: 
                 key = f"{a}__{b}__{k}"
                 out_rows.append(Row(key, f"interpolate {a} -> {b} t={t:.4g}"))
                 out_codes.append(c)
-                images.append((f"{key}.interp", c))
+                images.append((f"{key}.interp", c, None))
                 extra.append({})
         return out_rows, out_codes, images, extra
     variants = edit_variants(job["edit"]["directions"], job["edit"]["alphas"]) if op == "edit" else []
-    for r, c in zip(rows, codes):
+    for ri, (r, c) in enumerate(zip(rows, codes)):
         cols: dict[str, np.ndarray] = {}
         extra.append(cols)
         out_rows.append(r)
@@ -182,24 +183,71 @@ def shard_outputs(job: dict, rows: list, codes: list[np.ndarray | None], pairs: 
             continue
         if op == "decode":
             out_codes.append(c)
-            images.append((f"{r.key}.recon", c))
+            images.append((f"{r.key}.recon", c, ri))
         elif op == "mix":
             i, j = job["layers"]
             m = c.copy()
             m[i:j] = job["reference"][i:j]
             out_codes.append(m)
-            images.append((f"{r.key}.mix", m))
+            images.append((f"{r.key}.mix", m, ri))
         elif op == "edit":
             out_codes.append(c)
             for tag, name, alpha in variants:
                 e = apply_direction(c[None], job["edit"]["directions"][name], alpha, job["edit"]["layers"])[0]
                 if job["edit"]["images"]:
-                    images.append((f"{r.key}.{tag}", e))
+                    images.append((f"{r.key}.{tag}", e, ri))
                 if job["edit"]["save_codes"]:
                     cols[f"codes_{tag}"] = e
         else:
             raise ValueError(f"unknown op {op!r}")
     return out_rows, out_codes, images, extra
+
+
+class _Paster:
+    """output.paste_back for the subcommands: each face pasted into its original photo along the row's quad
+    (``<stem>.paste.<ext>``, as the inversion pipeline names them). The originals are read back from the rows'
+    ``source`` URIs, each archive once; a row whose original cannot be read or decoded gets no pasted image
+    (counted in the shard's stats as ``paste_missing``, and logged)."""
+
+    def __init__(self, rows: list, images: list, cfg: dict, job: dict):
+        from .read import read_sources
+
+        o = cfg["output"]
+        self.rows, self.fmt, self.quality = rows, o["image_format"], o["jpeg_quality"]
+        self.max_pixels = cfg["input"]["max_pixels"]
+        wanted = sorted({ri for _, _, ri in images if ri is not None and rows[ri].quad is not None})
+        self.data = read_sources([rows[ri].source for ri in wanted], cfg["storage"]["endpoint_url"],
+                                 job.get("input_image_column", "auto"))
+        self.decoded: dict[str, np.ndarray | None] = {}
+        self.missing = 0
+
+    def _original(self, source: str) -> np.ndarray | None:
+        from .decode import decode_image
+
+        if source not in self.decoded:
+            data, img = self.data.get(source), None
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                img = decode_image(data, max_pixels=self.max_pixels)
+            except Exception as e:  # noqa: BLE001 - one row's paste, not the shard
+                log.warning("paste_back: cannot read the original %s (%s: %s)", source, type(e).__name__, e)
+                self.missing += 1
+            self.decoded[source] = img
+        return self.decoded[source]
+
+    def paste(self, stem: str, ri: int | None, face: np.ndarray) -> list[tuple[str, bytes]]:
+        from .align import paste_back
+        from .write import encode_image
+
+        row = self.rows[ri] if ri is not None else None
+        if row is None or row.quad is None:
+            return []
+        src = self._original(row.source)
+        if src is None:
+            return []
+        quad = np.asarray(row.quad, np.float64).reshape(4, 2)
+        return [(f"{stem}.paste.{self.fmt}", encode_image(paste_back(src, face, quad), self.fmt, None, self.quality))]
 
 
 def process_shard(model, shard: str, cfg: dict, job: dict, batch_size: int = 16) -> dict:
@@ -225,13 +273,17 @@ def process_shard(model, shard: str, cfg: dict, job: dict, batch_size: int = 16)
     fmt, size, q = o["image_format"], o["image_size"], o["jpeg_quality"]
     members = []
     t_dec = 0.0
+    paster = _Paster(rows, images, cfg, job) if size > 0 and job.get("paste_back") else None
     if size > 0:
         for i in range(0, len(images), batch_size):
             part = images[i:i + batch_size]
             td = time.perf_counter()
-            px = decode_codes(model, np.stack([c for _, c in part]), batch_size)
+            px = decode_codes(model, np.stack([c for _, c, _ in part]), batch_size)
             t_dec += time.perf_counter() - td
-            members.extend((f"{stem}.{fmt}", encode_image(im, fmt, size, q)) for (stem, _), im in zip(part, px))
+            for (stem, _, ri), im in zip(part, px):
+                members.append((f"{stem}.{fmt}", encode_image(im, fmt, size, q)))
+                if paster is not None:
+                    members.extend(paster.paste(stem, ri, im))
     t2 = time.perf_counter()
     md = {"fingerprint": job["fingerprint"], "style_dim": str(width), "op": job["op"]}
     if stages is not None:
@@ -242,9 +294,11 @@ def process_shard(model, shard: str, cfg: dict, job: dict, batch_size: int = 16)
     ex.codes = extra
     table = ex.extend_table(table)
     tar = build_tar(members)
-    stats = shard_stats(shard, out_rows, {"read": t1 - t0, "decode_latents": t_dec, "encode": t2 - t1 - t_dec},
-                        {"op": job["op"], "fingerprint": job["fingerprint"], "input": job["files"].get(shard),
-                         "n_latent": n_latent, "images": len(members)})
+    info = {"op": job["op"], "fingerprint": job["fingerprint"], "input": job["files"].get(shard),
+            "n_latent": n_latent, "images": len(members)}
+    if paster is not None:
+        info["paste_missing"] = paster.missing  # rows whose original photo could not be read or decoded
+    stats = shard_stats(shard, out_rows, {"read": t1 - t0, "decode_latents": t_dec, "encode": t2 - t1 - t_dec}, info)
     write_shard(fs_out, out_root, shard, table, tar, stats)
     stats["timings"]["write"] = round(time.perf_counter() - t2, 4)
     return stats
@@ -311,6 +365,8 @@ def _fingerprint(op: str, cfg: dict, sha: str, params: dict) -> tuple[str, dict]
     values = {"op": op, "input.url": cfg["input"]["url"], "input_fingerprint": rec.get("fingerprint"),
               "checkpoint_sha256": sha, "output.image_format": o["image_format"], "output.image_size": o["image_size"],
               "output.jpeg_quality": o["jpeg_quality"], "model.precision": cfg["model"]["precision"], **params}
+    if o["paste_back"]:  # only when set: runs made before the option keep their fingerprint
+        values["output.paste_back"] = True
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest(), values
 
 
@@ -346,7 +402,11 @@ def run_latents(op: str, cfg: dict, *, steps: int = 5, reference: str | None = N
         log.warning("the checkpoint differs from the one the latents were made with (sha256 %s..., not %s...)",
                     sha[:12], rec_in["checkpoint_sha256"][:12])
 
-    job: dict[str, Any] = {"op": op, "n_latent": n_latent, "style_dim": width, "files": files}
+    paste = bool(cfg["output"]["paste_back"])
+    if paste and op == "interpolate":
+        raise ConfigError("output.paste_back", "interpolate makes faces of no single photo: nothing to paste into")
+    job: dict[str, Any] = {"op": op, "n_latent": n_latent, "style_dim": width, "files": files, "paste_back": paste,
+                           "input_image_column": ((rec_in.get("config") or {}).get("input") or {}).get("image_column", "auto")}
     params: dict[str, Any] = {}
     shards = list(files)
     if op == "edit":

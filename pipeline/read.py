@@ -27,9 +27,9 @@ from typing import Any, Iterator
 
 import fsspec
 
-from .storage import to_uri
+from .storage import get_fs, to_uri
 
-__all__ = ["IMAGE_EXTS", "Shard", "InputItem", "list_inputs", "detect_format", "plan_shards",
+__all__ = ["IMAGE_EXTS", "Shard", "InputItem", "list_inputs", "detect_format", "plan_shards", "read_sources",
            "read_shard", "sanitize_key", "shard_name_for"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -312,3 +312,46 @@ def _read_parquet(fs, shard: Shard, image_column: str, key_column: str) -> Itera
                 yield InputItem("_file_error", uri, None, "read_error", f"{type(e).__name__}: {e}")
             else:
                 raise
+
+
+def read_sources(sources: list[str], endpoint_url: str | None = None,
+                 image_column: str = "auto") -> dict[str, bytes | Exception]:
+    """The input bytes behind rows' ``source`` URIs (a file, ``<tar>#<member>`` or ``<parquet>#row=<i>``, as
+    ``read_shard`` names them), each archive or Parquet file read once. A source that cannot be read maps to
+    its exception (one row's problem, not the caller's)."""
+    import pyarrow.parquet as pq
+
+    groups: dict[str, list[tuple[str, str | None]]] = {}
+    for s in dict.fromkeys(sources):
+        uri, sep, frag = s.partition("#")
+        if not sep or _ext(uri) not in ("tar", "parquet"):
+            uri, frag = s, None  # a plain file (whose name may hold a '#')
+        groups.setdefault(uri, []).append((s, frag))
+    out: dict[str, bytes | Exception] = {}
+    for uri, items in groups.items():
+        try:
+            fs, path = get_fs(uri, endpoint_url)
+            if items[0][1] is None:
+                out[items[0][0]] = fs.cat_file(path)
+            elif _ext(path) == "parquet":
+                with fs.open(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    col = _pick(pf.schema_arrow.names, image_column, _IMAGE_COLUMNS, "input.image_column", uri)
+                    values = pf.read(columns=[col]).column(col) if col else None
+                for s, frag in items:
+                    v = values[int(frag[len("row="):])].as_py() if values is not None else None
+                    v = v.get("bytes") if isinstance(v, dict) else v
+                    out[s] = bytes(v) if isinstance(v, (bytes, bytearray)) else LookupError(f"{s}: no image bytes")
+            else:  # a tar: one streaming pass for all wanted members
+                wanted = {frag: s for s, frag in items}
+                with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+                    for m in tf:
+                        if m.name in wanted and m.isfile():
+                            fobj = tf.extractfile(m)
+                            out[wanted[m.name]] = fobj.read() if fobj else b""
+        except Exception as e:  # noqa: BLE001 - reported per source
+            for s, _ in items:
+                out.setdefault(s, e)
+        for s, _ in items:
+            out.setdefault(s, FileNotFoundError(f"{s}: not found"))
+    return out

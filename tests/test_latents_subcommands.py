@@ -155,6 +155,43 @@ def test_edit_mix_interpolate(inverted, tmp_path, tiny_checkpoint):
     assert keys == {"p0__p1__0", "p0__p1__1", "p3__p4__0", "p3__p4__1"}
 
 
+def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint, capsys):
+    """output.paste_back in the subcommands: each face goes into its original photo, read back from the row's
+    source (here a WebDataset member) along the row's quad; interpolate refuses the option."""
+    import fsspec
+
+    from conftest import DATA_DIR, make_tar
+    from pipeline.align import paste_back
+    from pipeline.decode import decode_image
+    from pipeline.runner import run
+
+    photo = open(os.path.join(DATA_DIR, "grace_hopper.jpg"), "rb").read()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "part-0.tar").write_bytes(make_tar({"gh": photo}))
+    inv = str(tmp_path / "inv")
+    assert run(pipeline_config(str(tmp_path / "in"), inv, tiny_checkpoint, align__enabled=True,
+                               output__image_format="png")).exit_code == 0
+    fs = fsspec.filesystem("file")
+    src = _df(fs, inv)
+    assert src.loc["gh", "source"].endswith("part-0.tar#gh.jpg")
+    quad = np.asarray(src.loc["gh", "quad"], np.float64).reshape(4, 2)
+    orig = decode_image(photo)
+    np.save(tmp_path / "d.npy", np.full((512,), 0.5, np.float32))
+    for op, extra, face in (("decode", [], "gh.recon"), ("edit", ["--direction", f"d={tmp_path / 'd.npy'}", "--alphas=2"], "gh.edit_d_2")):
+        out = str(tmp_path / op)
+        assert _cli(op, "--latents", inv, "--output", out, *extra, "--set", "output.image_format=png",
+                    "--set", "output.paste_back=true") == 0
+        img = _images(fs, out)
+        assert set(img) == {f"{face}.png", f"{face}.paste.png"}
+        want = paste_back(orig, img[f"{face}.png"].astype(np.uint8), quad).astype(np.int16)
+        assert img[f"{face}.paste.png"].shape == orig.shape
+        assert np.abs(img[f"{face}.paste.png"] - want).max() <= 1
+        assert np.abs(want - orig.astype(np.int16)).max() > 0   # the face did change the photo
+    capsys.readouterr()
+    assert _cli("interpolate", "--latents", inv, "--output", str(tmp_path / "ip"), "--set", "output.paste_back=true") == 2
+    assert "output.paste_back" in capsys.readouterr().err
+
+
 def test_subcommands_on_s3(tiny_checkpoint, s3fs_session, s3_bucket, moto_server, tmp_path):
     from pipeline.runner import run
 

@@ -138,6 +138,33 @@ def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
     assert stats["align"] > 0 and stats["invert"] > 0
 
 
+def test_read_sources_finds_the_inputs_behind_row_sources(tmp_path):
+    """read_sources returns, for each row source the reader wrote (file, tar member, Parquet row, also the
+    Hugging Face struct layout), the input's bytes; a missing file or member is that source's exception."""
+    from conftest import make_parquet, make_tar
+    from pipeline.read import plan_shards, read_shard, read_sources
+    from pipeline.storage import get_fs
+
+    blobs = {f"k{i}": tiny_image_bytes(30 + i) for i in range(3)}
+    for sub, name, data in (("img", "k0.jpg", blobs["k0"]), ("wds", "a.tar", make_tar(blobs)),
+                            ("pq", "a.parquet", make_parquet(blobs)), ("hf", "b.parquet", make_parquet(blobs, "hf"))):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / name).write_bytes(data)
+    sources, expected = [], []
+    for sub in ("img", "wds", "pq", "hf"):
+        fs, root = get_fs(str(tmp_path / sub))
+        fmt, shards = plan_shards(fs, root, "auto", 100, {})
+        for sh in shards:
+            for item in read_shard(fs, sh):
+                sources.append(item.source)
+                expected.append(item.data)
+    assert len(sources) == 10 and len({s.split("#")[0] for s in sources}) == 4
+    got = read_sources(sources + [str(tmp_path / "img" / "gone.jpg"), f"{sources[1].split('#')[0]}#nope.jpg"])
+    assert [got[s] for s in sources] == expected
+    assert isinstance(got[str(tmp_path / "img" / "gone.jpg")], FileNotFoundError)
+    assert isinstance(got[f"{sources[1].split('#')[0]}#nope.jpg"], FileNotFoundError)
+
+
 def test_align_settings_reach_the_aligner():
     """align.min_face_size / detect_max_side / max_upsample go from the config to the detector."""
     from pipeline.align import get_aligner
