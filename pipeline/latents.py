@@ -30,6 +30,7 @@ What each writes, per ``ok`` input row (rows of other statuses are copied with n
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
@@ -206,8 +207,10 @@ def shard_outputs(job: dict, rows: list, codes: list[np.ndarray | None], pairs: 
 class _Paster:
     """output.paste_back for the subcommands: each face pasted into its original photo along the row's quad
     (``<stem>.paste.<ext>``, as the inversion pipeline names them). The originals are read back from the rows'
-    ``source`` URIs, each archive once; a row whose original cannot be read or decoded gets no pasted image
-    (counted in the shard's stats as ``paste_missing``, and logged)."""
+    ``source`` URIs, each archive once per shard; a row whose original cannot be read or decoded gets no pasted
+    image (counted in the shard's stats as ``paste_missing``, and logged). Memory: the shard's originals as
+    stored (compressed), each dropped after its last row, and one decoded photo at a time (a row's images
+    come one after another)."""
 
     def __init__(self, rows: list, images: list, cfg: dict, job: dict):
         from .read import read_sources
@@ -218,13 +221,20 @@ class _Paster:
         wanted = sorted({ri for _, _, ri in images if ri is not None and rows[ri].quad is not None})
         self.data = read_sources([rows[ri].source for ri in wanted], cfg["storage"]["endpoint_url"],
                                  job.get("input_image_column", "auto"))
-        self.decoded: dict[str, np.ndarray | None] = {}
+        # Rows still to come per original (faces of one photo share it with align.policy: all).
+        self.left = collections.Counter(rows[ri].source for ri in wanted)
+        self.last_row: int | None = None
+        self.current: tuple[str, np.ndarray | None] | None = None  # (source, its decoded original)
         self.missing = 0
 
-    def _original(self, source: str) -> np.ndarray | None:
+    def _original(self, ri: int) -> np.ndarray | None:
         from .decode import decode_image
 
-        if source not in self.decoded:
+        source = self.rows[ri].source
+        if ri != self.last_row:
+            self.last_row = ri
+            self.left[source] -= 1
+        if self.current is None or self.current[0] != source:
             data, img = self.data.get(source), None
             try:
                 if isinstance(data, Exception):
@@ -233,20 +243,21 @@ class _Paster:
             except Exception as e:  # noqa: BLE001 - one row's paste, not the shard
                 log.warning("paste_back: cannot read the original %s (%s: %s)", source, type(e).__name__, e)
                 self.missing += 1
-            self.decoded[source] = img
-        return self.decoded[source]
+            self.current = (source, img)
+        if self.left[source] == 0:
+            self.data.pop(source, None)  # its last row: the bytes are no longer needed
+        return self.current[1]
 
     def paste(self, stem: str, ri: int | None, face: np.ndarray) -> list[tuple[str, bytes]]:
         from .align import paste_back
         from .write import encode_image
 
-        row = self.rows[ri] if ri is not None else None
-        if row is None or row.quad is None:
+        if ri is None or self.rows[ri].quad is None:
             return []
-        src = self._original(row.source)
+        src = self._original(ri)
         if src is None:
             return []
-        quad = np.asarray(row.quad, np.float64).reshape(4, 2)
+        quad = np.asarray(self.rows[ri].quad, np.float64).reshape(4, 2)
         return [(f"{stem}.paste.{self.fmt}", encode_image(paste_back(src, face, quad), self.fmt, None, self.quality))]
 
 

@@ -157,7 +157,8 @@ def test_edit_mix_interpolate(inverted, tmp_path, tiny_checkpoint):
 
 def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint, capsys):
     """output.paste_back in the subcommands: each face goes into its original photo, read back from the row's
-    source (here a WebDataset member) along the row's quad; interpolate refuses the option."""
+    source (here a WebDataset member holding two faces, align.policy all: two rows share it) along the row's
+    quad; interpolate refuses the option."""
     import fsspec
 
     from conftest import DATA_DIR, make_tar
@@ -165,28 +166,38 @@ def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint
     from pipeline.decode import decode_image
     from pipeline.runner import run
 
-    photo = open(os.path.join(DATA_DIR, "grace_hopper.jpg"), "rb").read()
+    astro = np.asarray(Image.open(os.path.join(DATA_DIR, "astronaut.jpg")).convert("RGB"))[:300, 60:460]
+    hopper = np.asarray(Image.open(os.path.join(DATA_DIR, "grace_hopper.jpg")).convert("RGB").resize((307, 360)))
+    canvas = np.full((360, 400 * 360 // 300 + 327, 3), 90, np.uint8)
+    canvas[:, :480] = np.asarray(Image.fromarray(astro).resize((480, 360)))
+    canvas[:, 500:] = hopper
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="JPEG", quality=95)
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "part-0.tar").write_bytes(make_tar({"gh": photo}))
+    (tmp_path / "in" / "part-0.tar").write_bytes(make_tar({"two": buf.getvalue()}))
     inv = str(tmp_path / "inv")
-    assert run(pipeline_config(str(tmp_path / "in"), inv, tiny_checkpoint, align__enabled=True,
+    assert run(pipeline_config(str(tmp_path / "in"), inv, tiny_checkpoint, align__enabled=True, align__policy="all",
                                output__image_format="png")).exit_code == 0
     fs = fsspec.filesystem("file")
     src = _df(fs, inv)
-    assert src.loc["gh", "source"].endswith("part-0.tar#gh.jpg")
-    quad = np.asarray(src.loc["gh", "quad"], np.float64).reshape(4, 2)
-    orig = decode_image(photo)
+    assert list(src.index) == ["two", "two_face1"] and (src.source == src.source.iloc[0]).all()
+    assert src.source.iloc[0].endswith("part-0.tar#two.jpg")
+    orig = decode_image(buf.getvalue())
     np.save(tmp_path / "d.npy", np.full((512,), 0.5, np.float32))
-    for op, extra, face in (("decode", [], "gh.recon"), ("edit", ["--direction", f"d={tmp_path / 'd.npy'}", "--alphas=2"], "gh.edit_d_2")):
+    for op, extra, suffix in (("decode", [], "recon"), ("edit", ["--direction", f"d={tmp_path / 'd.npy'}", "--alphas=2"], "edit_d_2")):
         out = str(tmp_path / op)
         assert _cli(op, "--latents", inv, "--output", out, *extra, "--set", "output.image_format=png",
                     "--set", "output.paste_back=true") == 0
         img = _images(fs, out)
-        assert set(img) == {f"{face}.png", f"{face}.paste.png"}
-        want = paste_back(orig, img[f"{face}.png"].astype(np.uint8), quad).astype(np.int16)
-        assert img[f"{face}.paste.png"].shape == orig.shape
-        assert np.abs(img[f"{face}.paste.png"] - want).max() <= 1
-        assert np.abs(want - orig.astype(np.int16)).max() > 0   # the face did change the photo
+        assert set(img) == {f"{k}.{suffix}{p}.png" for k in ("two", "two_face1") for p in ("", ".paste")}
+        for k in ("two", "two_face1"):
+            quad = np.asarray(src.loc[k, "quad"], np.float64).reshape(4, 2)
+            want = paste_back(orig, img[f"{k}.{suffix}.png"].astype(np.uint8), quad).astype(np.int16)
+            assert img[f"{k}.{suffix}.paste.png"].shape == orig.shape
+            assert np.abs(img[f"{k}.{suffix}.paste.png"] - want).max() <= 1
+            assert np.abs(want - orig.astype(np.int16)).max() > 0   # the face did change the photo
+        (stats_path,) = fs.glob(f"{out}/stats/*.json")
+        assert json.loads(fs.cat_file(stats_path))["paste_missing"] == 0
     capsys.readouterr()
     assert _cli("interpolate", "--latents", inv, "--output", str(tmp_path / "ip"), "--set", "output.paste_back=true") == 2
     assert "output.paste_back" in capsys.readouterr().err
