@@ -225,7 +225,7 @@ class _Paster:
         self.left = collections.Counter(rows[ri].source for ri in wanted)
         self.last_row: int | None = None
         self.current: tuple[str, np.ndarray | None] | None = None  # (source, its decoded original)
-        self.missing = 0
+        self.missing_rows: set[int] = set()
 
     def _original(self, ri: int) -> np.ndarray | None:
         from .decode import decode_image
@@ -242,7 +242,6 @@ class _Paster:
                 img = decode_image(data, max_pixels=self.max_pixels)
             except Exception as e:  # noqa: BLE001 - one row's paste, not the shard
                 log.warning("paste_back: cannot read the original %s (%s: %s)", source, type(e).__name__, e)
-                self.missing += 1
             self.current = (source, img)
         if self.left[source] == 0:
             self.data.pop(source, None)  # its last row: the bytes are no longer needed
@@ -256,6 +255,7 @@ class _Paster:
             return []
         src = self._original(ri)
         if src is None:
+            self.missing_rows.add(ri)
             return []
         quad = np.asarray(self.rows[ri].quad, np.float64).reshape(4, 2)
         return [(f"{stem}.paste.{self.fmt}", encode_image(paste_back(src, face, quad), self.fmt, None, self.quality))]
@@ -308,7 +308,7 @@ def process_shard(model, shard: str, cfg: dict, job: dict, batch_size: int = 16)
     info = {"op": job["op"], "fingerprint": job["fingerprint"], "input": job["files"].get(shard),
             "n_latent": n_latent, "images": len(members)}
     if paster is not None:
-        info["paste_missing"] = paster.missing  # rows whose original photo could not be read or decoded
+        info["paste_missing"] = len(paster.missing_rows)  # rows whose original could not be read or decoded
     stats = shard_stats(shard, out_rows, {"read": t1 - t0, "decode_latents": t_dec, "encode": t2 - t1 - t_dec}, info)
     write_shard(fs_out, out_root, shard, table, tar, stats)
     stats["timings"]["write"] = round(time.perf_counter() - t2, 4)

@@ -198,6 +198,14 @@ def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint
             assert np.abs(want - orig.astype(np.int16)).max() > 0   # the face did change the photo
         (stats_path,) = fs.glob(f"{out}/stats/*.json")
         assert json.loads(fs.cat_file(stats_path))["paste_missing"] == 0
+    # Originals gone since the inversion: the faces are still written, the pasted photos are counted missing.
+    (tmp_path / "in" / "part-0.tar").unlink()
+    out = str(tmp_path / "gone")
+    assert _cli("decode", "--latents", inv, "--output", out, "--set", "output.image_format=png",
+                "--set", "output.paste_back=true") == 0
+    assert set(_images(fs, out)) == {"two.recon.png", "two_face1.recon.png"}
+    (stats_path,) = fs.glob(f"{out}/stats/*.json")
+    assert json.loads(fs.cat_file(stats_path))["paste_missing"] == 2
     capsys.readouterr()
     assert _cli("interpolate", "--latents", inv, "--output", str(tmp_path / "ip"), "--set", "output.paste_back=true") == 2
     assert "output.paste_back" in capsys.readouterr().err
