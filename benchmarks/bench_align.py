@@ -99,11 +99,14 @@ def bench_layout(args, layout, fast, full):
             lm = fast.landmarks(im, _pick(dets))
             quad, qsize = ffhq_quad(lm)
             cases.append((im, lm, quad, qsize, _needs_padding(im, quad, qsize)))
+    first_crops = None
     for ts in [int(x) for x in args.transform_sizes.split(",")]:
         t_crop = {False: [], True: []}
-        t_quad, t_lz = [], []
+        t_quad, t_lz, crops = [], [], []
         for im, lm, quad, qsize, padded in cases:
-            t = time.perf_counter(); ffhq_crop(im, lm, args.output_size, ts, quad=quad.copy(), qsize=qsize); t_crop[padded].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            crops.append(ffhq_crop(im, lm, args.output_size, ts, quad=quad.copy(), qsize=qsize))
+            t_crop[padded].append(time.perf_counter() - t)
             # The two Pillow steps alone, on the unpadded photo (same output sizes).
             pil = Image.fromarray(im)
             t = time.perf_counter()
@@ -114,6 +117,14 @@ def bench_layout(args, layout, fast, full):
         ms = lambda v: f"{1e3 * np.mean(v):.1f}" if v else "-"  # noqa: E731
         print(f"crop output {args.output_size}, transform {ts}: unpadded {ms(t_crop[False])} ms/face ({len(t_crop[False])}), "
               f"padded {ms(t_crop[True])} ms/face ({len(t_crop[True])}); Pillow QUAD bilinear {ms(t_quad)}, Lanczos {ms(t_lz) if t_lz else 0}")
+        # The same crops at the first transform size are the reference: PSNR of these against them.
+        if first_crops is None:
+            first_crops, first_ts = crops, ts
+        else:
+            d = [np.abs(a.astype(np.float64) - b) for a, b in zip(crops, first_crops)]
+            psnr = np.array([10 * np.log10(255.0**2 / max((x**2).mean(), 1e-12)) for x in d])
+            print(f"  crops at transform {ts} vs {first_ts}: PSNR mean {psnr.mean():.1f} dB, min {psnr.min():.1f} dB, "
+                  f"max abs difference {max(int(x.max()) for x in d)} grey levels")
 
     for ts in [int(x) for x in args.transform_sizes.split(",")]:
         for name, al in (("downscaled detect", fast), ("full-res detect", full)):
