@@ -55,19 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.runner import RefusedError, run
+    from pipeline.config import load_config
+    from pipeline.runner import cli_exit_code, run
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = run(cfg, dry_run=args.dry_run)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RefusedError as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 2
-    return result.exit_code
+    return cli_exit_code(lambda: run(load_config(args.config, args.overrides), dry_run=args.dry_run).exit_code)
 
 
 if __name__ == "__main__":

@@ -593,23 +593,20 @@ def main(argv: list[str] | None = None, op: str | None = None) -> int:
     from .runner import setup_logging
 
     setup_logging(args.log_level)
-    from .runner import RefusedError
+    from .runner import cli_exit_code
 
-    try:
-        if op != "edit":
-            args.direction = args.alphas = args.save_codes = None
-            if op != "mix":
-                args.layers = None
+    if op != "edit":
+        args.direction = args.alphas = args.save_codes = None
+        if op != "mix":
+            args.layers = None
+
+    def job() -> int:
         cfg = build_config(op, args)
         return run_latents(op, cfg, steps=getattr(args, "steps", 5), reference=getattr(args, "reference", None),
                            layers=_parse_range(args.layers, "--layers") if op == "mix" else None,
                            pairs=getattr(args, "pair", None), dry_run=args.dry_run)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RefusedError as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 2
+
+    return cli_exit_code(job)
 
 
 def decode_main(argv: list[str] | None = None) -> int:

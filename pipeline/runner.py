@@ -34,7 +34,7 @@ from .storage import get_fs, to_uri
 from .write import (clean_uncommitted, clear_outputs, clear_success, mark_success, read_committed,
                     read_run_record, write_run_record)
 
-__all__ = ["RunResult", "RefusedError", "run", "plan"]
+__all__ = ["RunResult", "RefusedError", "run", "plan", "cli_exit_code", "setup_logging"]
 
 log = logging.getLogger("e2style.pipeline")
 
@@ -43,6 +43,19 @@ ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queue
 
 class RefusedError(RuntimeError):
     """The output holds a run with another checkpoint or config, and output.overwrite is false."""
+
+
+def cli_exit_code(job: Callable[[], int]) -> int:
+    """``job()``'s exit code; an invalid config or a refused output is printed to stderr and exits 2 (the
+    checks run before anything is written)."""
+    try:
+        return job()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RefusedError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 2
 
 
 @dataclass
