@@ -127,6 +127,7 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
     fp, fp_values = fingerprint(cfg, sha, extra)
     fs_out, out_root = get_fs(cfg["output"]["url"], ep)
     prior = read_run_record(fs_out, out_root)
+    replace = False
     if prior is not None and prior.get("fingerprint") != fp:
         old = prior.get("fingerprint_values") or {}
         diff = sorted(k for k in set(old) | set(fp_values) if old.get(k) != fp_values.get(k))
@@ -134,15 +135,9 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
         if not cfg["output"]["overwrite"]:
             raise RefusedError(f"output {cfg['output']['url']} holds a run with another checkpoint or config "
                                f"({detail}); set output.overwrite=true to replace it, or choose another output.url")
-        if apply:
-            log.warning("output.overwrite: removing earlier outputs (%s)", detail)
-            clear_outputs(fs_out, out_root)
-        prior = None
-    committed = {n: st for n, st in read_committed(fs_out, out_root).items() if st.get("fingerprint") == fp}
-    if apply:
-        removed = clean_uncommitted(fs_out, out_root, set(committed))
-        if removed:
-            log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
+        replace, prior = True, None
+    committed = {} if replace else {n: st for n, st in read_committed(fs_out, out_root).items()
+                                    if st.get("fingerprint") == fp}
     fs_in, in_root = get_fs(cfg["input"]["url"], ep)
     try:
         fmt, shards = plan_shards(fs_in, in_root, cfg["input"]["format"], cfg["shard_size"], committed)
@@ -150,6 +145,14 @@ def plan(cfg: dict, *, apply: bool = False) -> Plan:
         raise ConfigError("input.url", str(e)) from None
     except ValueError as e:
         raise ConfigError("input.format", str(e)) from None
+    # Everything is checked: only now is the output changed (never in dry runs).
+    if apply and replace:
+        log.warning("output.overwrite: removing earlier outputs (%s)", detail)
+        clear_outputs(fs_out, out_root)
+    if apply:
+        removed = clean_uncommitted(fs_out, out_root, set(committed))
+        if removed:
+            log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
     return Plan(fmt, shards, fp, fp_values, sha, prior, stages)
 
 
@@ -169,9 +172,12 @@ def _init_ray(cfg: dict) -> bool:
     if ray.is_initialized():
         return False
     addr = cfg["ray"]["address"]
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if addr is None:
+        # address="local": always a fresh embedded instance. ray.init() without an address would join a
+        # running local cluster (or follow a stale ray_current_cluster file one left behind) and then
+        # refuse num_cpus; only ray.address joins a cluster.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kw: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}
         if cfg["ray"]["num_cpus"]:
             kw["num_cpus"] = cfg["ray"]["num_cpus"]
         ray.init(**kw)

@@ -137,8 +137,9 @@ def checkpoint_dims(path: str) -> dict[str, int]:
     w = sd.get("encoder_firststage.input_layer.0.weight")
     input_nc = int(w.shape[1]) if w is not None else 3
     opts = ckpt.get("opts") or {}
+    refine = {k.split(".")[1] for k in sd if k.startswith("encoder_refinestage_list.")}
     return {"n_latent": n_latent, "style_dim": int(g["style_dim"]), "input_nc": input_nc,
-            "label_nc": int(opts.get("label_nc") or 0)}
+            "label_nc": int(opts.get("label_nc") or 0), "num_stages": 1 + len(refine)}
 
 
 def stage_options(cfg: dict, checkpoint_sha256: str | None = None) -> dict[str, Any]:
@@ -148,16 +149,18 @@ def stage_options(cfg: dict, checkpoint_sha256: str | None = None) -> dict[str, 
     from .edit import DirectionError, make_edit_options
 
     task = cfg.get("task", "invert")
-    edit_cfg = cfg.get("edit") or {}
-    if task == "invert" and not edit_cfg.get("directions"):
-        return {"task": None, "edit": None}
     from .invert import fetch_checkpoint
 
+    # Read on the driver before anything is written: a file that is not a checkpoint, or one that would run
+    # code when unpickled, is refused here (weights_only), not in the actors after the run has started.
     try:
         dims = checkpoint_dims(fetch_checkpoint(cfg["model"]["checkpoint"], cfg["storage"]["endpoint_url"],
                                                 checkpoint_sha256))
     except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is the checkpoint key's fault
         raise ConfigError("model.checkpoint", f"cannot read the checkpoint: {e}") from None
+    stages = cfg["model"]["stages"]
+    if stages is not None and not 1 <= stages <= dims["num_stages"]:
+        raise ConfigError("model.stages", f"must be in 1..{dims['num_stages']} for this checkpoint, got {stages}")
     try:
         check_model(task, dims["input_nc"], dims["label_nc"])
     except ValueError as e:

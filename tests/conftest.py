@@ -63,7 +63,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
                  log_to_driver=False)
     yield ray
     ray.shutdown()
