@@ -1,15 +1,15 @@
-"""Regenerates the official-layout checkpoints described by ../shared/fixtures/e2style-official/manifest.json."""
+"""Regenerates the official-layout checkpoints described by tests/data/official/manifest.json (README.md there:
+the fill rule, and what the float64 reference outputs beside it hold)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FIXTURE_DIR = Path(os.environ.get("E2STYLE_FIXTURE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "e2style-official"))
+FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "official"
 
 
 def _fill(entries: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
