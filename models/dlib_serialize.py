@@ -1,0 +1,330 @@
+"""Reader (and writer) of dlib's portable serialization format, vectorised with numpy.
+
+dlib writes every integer as a control byte followed by its magnitude: the low nibble of the control byte is
+the number of little-endian magnitude bytes (1..8), bit 0x80 marks a negative signed value, bits 0x70 are
+always zero. A float or double is written as two such integers, an int64 mantissa and an int16 exponent,
+value = mantissa * 2**exponent (exponents 32000, 32001, 32002 stand for inf, -inf, nan). A dlib::matrix is
+its row and column counts (written negated by current dlib) followed by its values row-major; a std::vector
+or std::string is its length followed by its elements.
+
+Model files hold tens of millions of such values. Because each value's length is in its own control byte,
+the values' offsets form a chain that a byte-by-byte Python loop would take minutes to follow; `read_ints`
+finds the chain with numpy (see `_chain_offsets`) and decodes all values at once. Nothing is unpickled or
+executed: the reader only ever produces integers, floats and bytes, and every malformed or truncated value
+raises `DlibFormatError` naming the file and the byte offset.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# float_details' special exponents (dlib/float_details.h).
+_EXPONENT_INF = 32000
+_EXPONENT_NINF = 32001
+_EXPONENT_NAN = 32002
+
+_MAX_INT_BYTES = 8
+# Below this many values a plain loop is faster than setting up the vectorised chain search.
+_SCALAR_CHAIN_LIMIT = 64
+# _BYTE_MASKS[k] keeps the low k bytes of a 64-bit word.
+_BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)
+
+
+class DlibFormatError(ValueError):
+    """A file is not valid dlib serialization (or not the structure expected); the message names the file
+    and the byte offset of the offending value."""
+
+
+class DlibReader:
+    """Sequential reader over the bytes of one dlib-serialized file.
+
+    `offset` is the byte position of the next value. Every read either returns the decoded values and
+    advances `offset` past them, or raises `DlibFormatError` and leaves `offset` unchanged.
+    """
+
+    def __init__(self, data: bytes, name: str):
+        self._size = len(data)
+        # 8 zero bytes of padding let every value's magnitude be read as one unaligned 64-bit word.
+        self._buf = np.zeros(self._size + 8, dtype=np.uint8)
+        self._buf[:self._size] = np.frombuffer(memoryview(data), dtype=np.uint8)
+        self._words = np.ndarray(shape=(self._size + 1,), dtype="<u8", buffer=self._buf, strides=(1,))
+        self.name = name
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def error(self, message: str, offset: int | None = None) -> DlibFormatError:
+        """A DlibFormatError for this file at `offset` (default: the current offset)."""
+        at = self.offset if offset is None else offset
+        return DlibFormatError(f"{self.name}: {message} at byte offset {at} (file size {self._size} bytes)")
+
+    def at_end(self) -> bool:
+        return self.offset >= self._size
+
+    # -- integers ------------------------------------------------------------------------------------------
+
+    def read_int(self, max_bytes: int = _MAX_INT_BYTES, what: str = "integer") -> int:
+        return int(self.read_ints(1, max_bytes=max_bytes, what=what)[0])
+
+    def read_unsigned(self, what: str = "length") -> int:
+        at = self.offset
+        value = self.read_int(what=what)
+        if value < 0:
+            self.offset = at
+            raise self.error(f"negative {what} {value}", at)
+        return value
+
+    def read_ints(self, n: int, max_bytes: int = _MAX_INT_BYTES, what: str = "integer") -> np.ndarray:
+        """The next `n` integers as an int64 array. `max_bytes` is the size of the C++ type dlib reads them
+        into (4 for an int, 2 for a float's exponent): a value with more magnitude bytes is an error, as in
+        dlib."""
+        offsets = self._offsets(n)
+        values = self._decode(offsets, max_bytes, what)
+        self._check_complete(offsets, n, what)
+        if n:
+            self.offset = self._end_of(offsets[-1])
+        return values
+
+    def expect_int(self, expected: int, what: str) -> None:
+        """Reads one integer and raises unless it equals `expected` (a version number, a fixed size)."""
+        at = self.offset
+        value = self.read_int(what=what)
+        if value != expected:
+            self.offset = at
+            raise self.error(f"{what} is {value}, expected {expected}", at)
+
+    # -- floating point ------------------------------------------------------------------------------------
+
+    def read_float(self, dtype=np.float32) -> float:
+        return self.read_floats(1, dtype=dtype)[0]
+
+    def read_floats(self, n: int, dtype=np.float32) -> np.ndarray:
+        """The next `n` floating point values, converted as dlib converts them into `dtype` (float32 for a
+        C++ float: the mantissa is rounded to float32 first, then scaled by 2**exponent, like
+        std::ldexp((float)mantissa, exponent))."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"read_floats: dtype must be float32 or float64, got {dtype}")
+        offsets = self._offsets(2 * n)
+        mantissa_at, exponent_at = offsets[0::2], offsets[1::2]
+        # dlib takes a control byte with any of bits 0x70 set as the start of its old ASCII float format.
+        old_format = (self._buf[mantissa_at] & 0x70) != 0
+        if old_format.any():
+            raise self.error("float in dlib's old text format (not supported)",
+                             int(mantissa_at[np.argmax(old_format)]))
+        mantissa = self._decode(mantissa_at, _MAX_INT_BYTES, "float mantissa")
+        exponent = self._decode(exponent_at, 2, "float exponent")
+        self._check_complete(offsets, 2 * n, "float")
+        with np.errstate(over="ignore", under="ignore"):
+            values = np.ldexp(mantissa.astype(dtype), exponent.astype(np.int32)).astype(dtype, copy=False)
+        if (exponent >= _EXPONENT_INF).any():
+            values[exponent == _EXPONENT_INF] = np.inf
+            values[exponent == _EXPONENT_NINF] = -np.inf
+            values[exponent >= _EXPONENT_NAN] = np.nan
+        if n:
+            self.offset = self._end_of(offsets[-1])
+        return values
+
+    # -- composite values ----------------------------------------------------------------------------------
+
+    def read_matrix(self, dtype=np.float32, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+        """A dlib::matrix of floats as a (rows, cols) array; `rows`/`cols`, when given, must match."""
+        start = self.offset
+        dims = self.read_ints(2, what="matrix size")
+        nr, nc = abs(int(dims[0])), abs(int(dims[1]))
+        if (rows is not None and nr != rows) or (cols is not None and nc != cols):
+            self.offset = start
+            raise self.error(f"matrix is {nr}x{nc}, expected {rows if rows is not None else nr}x"
+                             f"{cols if cols is not None else nc}", start)
+        self._check_count(nr * nc, 4, start, "matrix")
+        values = self.read_floats(nr * nc, dtype=dtype)
+        return values.reshape(nr, nc)
+
+    def read_string(self) -> bytes:
+        start = self.offset
+        size = self.read_unsigned(what="string length")
+        if self.offset + size > self._size:
+            self.offset = start
+            raise self.error(f"truncated: string of {size} bytes", start)
+        data = self._buf[self.offset:self.offset + size].tobytes()
+        self.offset += size
+        return data
+
+    def read_length(self, what: str, expected: int | None = None) -> int:
+        """A container length (std::vector size); with `expected`, it must equal that."""
+        at = self.offset
+        size = self.read_unsigned(what=what)
+        if expected is not None and size != expected:
+            self.offset = at
+            raise self.error(f"{what} is {size}, expected {expected}", at)
+        self._check_count(size, 2, at, what)
+        return size
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _check_count(self, count: int, min_bytes_each: int, at: int, what: str) -> None:
+        # A count the rest of the file cannot hold is corrupt: refuse it before allocating for it.
+        left = self._size - self.offset
+        if count * min_bytes_each > left:
+            self.offset = at
+            raise self.error(f"truncated or corrupt: {what} of {count} values does not fit in the "
+                             f"{left} bytes left", at)
+
+    def _end_of(self, offset) -> int:
+        return int(offset) + 1 + int(self._buf[offset] & 0x0F)
+
+    def _offsets(self, n: int) -> np.ndarray:
+        """Offsets of the next n values' control bytes; fewer when the file ends first."""
+        if n < 0:
+            raise ValueError(f"cannot read {n} values")
+        if n > _SCALAR_CHAIN_LIMIT:
+            return _chain_offsets(self._buf, self.offset, self._size, n)
+        offsets = []
+        pos = self.offset
+        while len(offsets) < n and pos < self._size:
+            offsets.append(pos)
+            pos += 1 + int(self._buf[pos] & 0x0F)
+        return np.array(offsets, dtype=np.int64)
+
+    def _check_complete(self, offsets: np.ndarray, n: int, what: str) -> None:
+        if offsets.size < n:
+            at = self._end_of(offsets[-1]) if offsets.size else self.offset
+            raise self.error(f"truncated: {n - offsets.size} of {n} values ({what}) missing", min(at, self._size))
+        if n and self._end_of(offsets[-1]) > self._size:
+            raise self.error(f"truncated: {what} cut off", int(offsets[-1]))
+
+    def _decode(self, offsets: np.ndarray, max_bytes: int, what: str) -> np.ndarray:
+        control = self._buf[offsets]
+        sizes = control & 0x0F
+        bad = ((control & 0x70) != 0) | (sizes == 0) | (sizes > max_bytes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise self.error(f"invalid control byte 0x{int(control[i]):02x} for {what} "
+                             f"(at most {max_bytes} magnitude bytes)", int(offsets[i]))
+        magnitude = self._words[offsets + 1] & _BYTE_MASKS[sizes]
+        too_large = magnitude >= np.uint64(1 << 63)
+        if too_large.any():
+            raise self.error(f"{what} out of range", int(offsets[np.argmax(too_large)]))
+        values = magnitude.view(np.int64)
+        negative = (control & 0x80) != 0
+        np.negative(values, out=values, where=negative)
+        return values
+
+
+def _chain_offsets(buf: np.ndarray, start: int, end: int, n: int) -> np.ndarray:
+    """Offsets of the first `n` values of the chain that starts at `start` (fewer if `end` comes first).
+
+    Each value's offset is the previous offset + 1 + (its control byte & 0x0F): a strictly sequential
+    chain. It is followed as a tiny automaton whose state is the number of payload bytes still to skip
+    (0: this byte is a control byte). The bytes are cut into blocks that are scanned side by side (one numpy
+    step per byte position over all blocks at once), each block entered with a guessed state. A block's true
+    entry state is the state in which the block before it ends; blocks entered with a wrong guess are
+    scanned again with the corrected state until every block's entry equals its predecessor's exit. Parses
+    started at different offsets merge within a few values, so two rounds are the rule; whatever the data,
+    each round fixes at least the first wrong block, so the result is always the exact chain.
+    """
+    span = int(min(end - start, 9 * n))
+    if span <= 0:
+        return np.empty(0, dtype=np.int64)
+    length = 1024 if span > 1 << 20 else 64
+    blocks = -(-span // length)
+    nibbles = np.zeros(blocks * length, dtype=np.uint8)
+    np.bitwise_and(buf[start:start + span], 0x0F, out=nibbles[:span])
+    # Row j holds byte j of every block, so that one scan step reads contiguous memory (torch transposes
+    # several times faster than numpy).
+    by_position = torch.from_numpy(nibbles.reshape(blocks, length)).t().contiguous().numpy()
+    is_control = np.empty((length, blocks), dtype=bool)
+    entry = np.zeros(blocks, dtype=np.uint8)
+    todo = np.arange(blocks)
+    one = np.uint8(1)
+    while todo.size:
+        rows = by_position if todo.size == blocks else by_position[:, todo]
+        state = entry[todo].copy()
+        marks = np.empty((length, todo.size), dtype=bool)
+        for j in range(length):
+            np.equal(state, 0, out=marks[j])
+            state = np.where(marks[j], rows[j], state - one)
+        if todo.size == blocks:
+            is_control = marks
+            exit_state = state
+        else:
+            is_control[:, todo] = marks
+            exit_state[todo] = state
+        wrong = np.flatnonzero(exit_state[:-1] != entry[1:]) + 1
+        entry[wrong] = exit_state[wrong - 1]
+        todo = wrong
+    in_order = torch.from_numpy(is_control).t().contiguous().numpy().reshape(-1)[:span]
+    return np.flatnonzero(in_order)[:n] + start
+
+
+# -- writing (tests build small and malformed files with it; dlib itself reads them back) ------------------
+
+def encode_int(value: int) -> bytes:
+    """One integer in dlib's format (the same bytes dlib's pack_int writes)."""
+    value = int(value)
+    negative = value < 0
+    magnitude = -value if negative else value
+    if magnitude >= 1 << 64:
+        raise OverflowError(f"{value} does not fit in 8 bytes")
+    payload = bytearray()
+    while True:
+        payload.append(magnitude & 0xFF)
+        magnitude >>= 8
+        if magnitude == 0:
+            break
+    return bytes([len(payload) | (0x80 if negative else 0)]) + bytes(payload)
+
+
+def encode_float(value: float, digits: int = 24) -> bytes:
+    """A float (digits=24) or double (digits=53) as dlib's float_details writes it."""
+    value = float(value)
+    if math.isnan(value):
+        return encode_int(0) + encode_int(_EXPONENT_NAN)
+    if math.isinf(value):
+        return encode_int(0) + encode_int(_EXPONENT_INF if value > 0 else _EXPONENT_NINF)
+    fraction, exponent = math.frexp(value)
+    mantissa = int(fraction * (1 << digits))
+    exponent -= digits
+    for _ in range(8):
+        if mantissa & 0xFF:
+            break
+        mantissa >>= 8
+        exponent += 8
+    return encode_int(mantissa) + encode_int(exponent)
+
+
+class DlibWriter:
+    """Accumulates values in dlib's format; `getvalue()` returns the bytes."""
+
+    def __init__(self):
+        self._parts: list[bytes] = []
+
+    def write_int(self, value: int) -> None:
+        self._parts.append(encode_int(value))
+
+    def write_ints(self, values) -> None:
+        self._parts.extend(encode_int(v) for v in np.asarray(values).ravel().tolist())
+
+    def write_float(self, value: float) -> None:
+        self._parts.append(encode_float(value))
+
+    def write_floats(self, values) -> None:
+        self._parts.extend(encode_float(v) for v in np.asarray(values, dtype=np.float32).ravel().tolist())
+
+    def write_matrix(self, values) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 1:
+            values = values[:, None]
+        self.write_int(-values.shape[0])
+        self.write_int(-values.shape[1])
+        self.write_floats(values)
+
+    def write_string(self, data: bytes) -> None:
+        self.write_int(len(data))
+        self._parts.append(bytes(data))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
