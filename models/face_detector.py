@@ -1,0 +1,741 @@
+"""dlib's frontal HOG face detector in PyTorch, batched, following dlib's arithmetic step by step.
+
+The FFHQ alignment is defined by dlib's boxes, so this port reproduces dlib's detector
+(``dlib.get_frontal_face_detector()``, an ``object_detector<scan_fhog_pyramid<pyramid_down<6>>>``) rather
+than approximating it. The weights are read from the file ``detector.save(path)`` writes (dlib's portable
+serialization, read by ``models.dlib_serialize``; nothing is unpickled). The stages, each in dlib's order of
+floating point operations (dlib-bin is built with AVX but without FMA, so every product is rounded before
+it is added):
+
+1. ``pyramid_up`` (for ``upsample``) and ``pyramid_down<6>``: dlib's bilinear RGB ``resize_image``. Columns
+   are positioned by a float32 accumulator stepping four columns at a time (its SSE path) and weighted in
+   float32; the last few columns of each row, where the SSE loop stops, are computed in double. Results are
+   truncated to uint8.
+2. fHOG (cell 8, 31 planes): per pixel the gradient of the colour channel with the largest magnitude
+   (ties resolved differently in dlib's 8-wide SIMD columns and its scalar right-edge columns, followed
+   here), orientation snapped to 18 directions, bilinear votes into cells summed in raster order, block
+   energies, truncation at 0.2, the 4-lane sums in SSE4.1 ``dpps`` order.
+3. Scores: every 10x10x31 filter replaced by its low-rank approximation (SVD, singular values below
+   max(1e-4, 0.001 * largest) dropped), applied as separable row/column filters with dlib's three
+   interleaved accumulators (scalar order in the right-edge columns), terms added in dlib's order.
+4. Windows at or above threshold + adjust_threshold, mapped to image pixels with dlib's rectangle
+   arithmetic (``fhog_to_image``, ``pyramid_down<6>::rect_up``, ``lround``), greedy non-maximum suppression
+   with the file's overlap thresholds, then ``pyramid_down<2>::rect_down`` for upsampled runs.
+
+GPU exactness: every arithmetic step is a separate eager PyTorch elementwise operation (``torch.mul``,
+``torch.add``, ...), so each product is rounded to float32 before the addition that uses it, as in dlib.
+Fused operations (``addcmul``, ``matmul``, ``conv2d``, ``baddbmm``) and ``torch.compile`` are deliberately
+not used: they contract multiply-adds into FMA or reorder sums. sqrt and division are IEEE-rounded on both
+CPU and CUDA. The same code runs on both devices.
+
+Batching: images of any sizes are padded into one tensor per pyramid level (level l of every image that
+has one), with per-image index tables and masks, so the number of kernel launches depends on the number of
+levels and filter terms, not on the number of photos.
+
+Ties: dlib orders detections with an unstable ``std::sort``; equal scores are ordered here by filter,
+pyramid level, row, column (the order dlib generates them). Only detections whose scores are exactly
+equal can come out differently from dlib.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.dlib_serialize import DlibFormatError, DlibReader
+
+NUM_PLANES = 31  # fHOG planes: 18 signed + 9 unsigned orientations + 4 texture (block energy) planes
+# dlib's unit vectors for the 9 unsigned orientation bins (fhog.h), as float32 like dlib's matrix<float>.
+_DIRECTIONS = np.array([
+    (1.0000, 0.0000), (0.9397, 0.3420), (0.7660, 0.6428), (0.500, 0.8660), (0.1736, 0.9848),
+    (-0.1736, 0.9848), (-0.5000, 0.8660), (-0.7660, 0.6428), (-0.9397, 0.3420)], dtype=np.float32)
+# Lane order of dlib's 4-wide block normalisation: lane k normalises by the 2x2 block of cells whose top-left
+# cell is (y + dy, x + dx) in norm coordinates (see fhog.h, z1..z4).
+_LANE_OFFSETS = ((1, 1), (0, 1), (1, 0), (0, 0))
+_PYRAMID_RATE_DOWN = (6 - 1.0) / 6   # pyramid_down<6>::point_down ratio
+_PYRAMID_RATE_UP = 6 / (6 - 1.0)     # pyramid_down<6>::point_up ratio
+
+
+class DetectorFileError(DlibFormatError):
+    """The detector file is not what dlib's frontal face detector saves; names the file and byte offset."""
+
+
+# -- the model file --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeparableTerm:
+    plane: int
+    row_filter: np.ndarray   # (filter width,) float32, applied along x
+    col_filter: np.ndarray   # (filter height,) float32, applied along y
+
+
+@dataclass(frozen=True)
+class HogDetectorModel:
+    """What dlib's ``object_detector<scan_fhog_pyramid<pyramid_down<6>>>`` file holds."""
+    cell_size: int
+    padding: int
+    window_width: int
+    window_height: int
+    max_pyramid_levels: int
+    min_level_width: int
+    min_level_height: int
+    iou_thresh: float
+    covered_thresh: float
+    filters: np.ndarray      # (n_filters, NUM_PLANES, fhog height, fhog width) float64
+    thresholds: np.ndarray   # (n_filters,) float64: the bias (last weight) of each filter
+
+    @property
+    def fhog_window(self) -> tuple[int, int]:
+        return self.filters.shape[2], self.filters.shape[3]
+
+
+def _c_div(a: int, b: int) -> int:
+    """C++ integer division (truncates toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _fhog_window_size(cell_size: int, padding: int, width: int, height: int) -> tuple[int, int]:
+    # scan_fhog_pyramid::compute_fhog_window_size: the window centred at 0, mapped by image_to_fhog with
+    # filter padding 1, grown by `padding` cells on every side.
+    left, top = -(width // 2), -(height // 2)
+    right, bottom = left + width - 1, top + height - 1
+
+    def to_fhog(v: int) -> int:
+        return _c_div(v - 1, cell_size) - 1
+
+    return (to_fhog(bottom) - to_fhog(top) + 1 + 2 * padding, to_fhog(right) - to_fhog(left) + 1 + 2 * padding)
+
+
+def read_detector_file(path: str) -> HogDetectorModel:
+    """Parse ``dlib.fhog_object_detector.save(path)`` output (object_detector version 2). Raises
+    DetectorFileError (naming the file and the byte offset) on a truncated or altered file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    reader = DlibReader(data, path)
+    try:
+        return _parse_detector(reader)
+    except DetectorFileError:
+        raise
+    except DlibFormatError as e:
+        raise DetectorFileError(str(e)) from None
+
+
+def _parse_detector(r: DlibReader) -> HogDetectorModel:
+    def fail(message: str, at: int) -> DetectorFileError:
+        return DetectorFileError(str(r.error(message, at)))
+
+    def small_int(what: str, low: int, high: int) -> int:
+        at = r.offset
+        value = r.read_int(what=what)
+        if not low <= value <= high:
+            raise fail(f"{what} is {value}, expected {low}..{high}", at)
+        return value
+
+    def read_double(what: str, low: float, high: float) -> float:
+        at = r.offset
+        value = float(r.read_floats(1, dtype=np.float64)[0])
+        if not low <= value <= high:  # also rejects nan
+            raise fail(f"{what} is {value}, expected {low}..{high}", at)
+        return value
+
+    r.expect_int(2, "object_detector version")
+    r.expect_int(1, "scan_fhog_pyramid version")
+    # The scanner's cached feature pyramid: dlib saves a copy_configuration() of it, always empty.
+    r.expect_int(0, "feature pyramid max_size")
+    r.expect_int(0, "feature pyramid size")
+    cell_size = small_int("cell_size", 1, 64)
+    padding = small_int("padding", 0, 16)
+    window_width = small_int("window width", 1, 4096)
+    window_height = small_int("window height", 1, 4096)
+    max_levels = small_int("max_pyramid_levels", 1, 1 << 20)
+    min_width = small_int("min_pyramid_layer_width", 1, 1 << 20)
+    min_height = small_int("min_pyramid_layer_height", 1, 1 << 20)
+    read_double("nuclear_norm_regularization_strength", 0.0, math.inf)
+    fhog_h, fhog_w = _fhog_window_size(cell_size, padding, window_width, window_height)
+    dims = fhog_h * fhog_w * NUM_PLANES
+    r.expect_int(dims, "number of dimensions")
+    iou = read_double("overlap iou threshold", 0.0, 1.0)
+    covered = read_double("overlap percent-covered threshold", 0.0, 1.0)
+    n_filters = small_int("number of filters", 1, 64)
+    filters, thresholds = [], []
+    for i in range(n_filters):
+        at = r.offset
+        size = r.read_ints(2, what="weight vector size")
+        if abs(int(size[0])) != dims + 1 or abs(int(size[1])) != 1:
+            raise fail(f"weight vector {i} is {abs(int(size[0]))}x{abs(int(size[1]))}, expected {dims + 1}x1",
+                       at)
+        at = r.offset
+        w = r.read_floats(dims + 1, dtype=np.float64)
+        if not np.isfinite(w).all():
+            raise fail(f"weight vector {i} has a value that is not finite", at)
+        filters.append(w[:dims].reshape(NUM_PLANES, fhog_h, fhog_w))
+        thresholds.append(w[dims])
+    if not r.at_end():
+        raise fail("unexpected data after the last weight vector", r.offset)
+    if cell_size != 8:
+        raise fail(f"cell_size {cell_size} is not supported (only dlib's 8)", 0)
+    return HogDetectorModel(cell_size, padding, window_width, window_height, max_levels, min_width, min_height,
+                            iou, covered, np.stack(filters), np.array(thresholds, dtype=np.float64))
+
+
+def dlib_frontal_detector_file(directory: str) -> str:
+    """Writes dlib's own frontal face detector to ``directory`` and returns the path (needs dlib)."""
+    import dlib  # noqa: PLC0415 - optional dependency: only needed to obtain the weights from dlib itself
+
+    path = os.path.join(directory, "frontal_face_detector.svm")
+    dlib.get_frontal_face_detector().save(path)
+    return path
+
+
+def separable_terms(filt: np.ndarray) -> list[SeparableTerm]:
+    """scan_fhog_pyramid::build_fhog_filterbank: per plane, the SVD of the filter, singular values below
+    max(1e-4, 0.001 * largest) dropped, each kept term as float32 (u * sqrt(s), v * sqrt(s))."""
+    terms = []
+    for plane in range(filt.shape[0]):
+        u, s, vt = np.linalg.svd(filt[plane])
+        keep = s >= max(1e-4, float(s.max()) * 0.001)
+        for j in np.flatnonzero(keep):
+            root = math.sqrt(float(s[j]))
+            terms.append(SeparableTerm(plane, (vt[j] * root).astype(np.float32), (u[:, j] * root).astype(np.float32)))
+    return terms
+
+
+# -- geometry (dlib's integer and double rectangle arithmetic) -------------------------------------------
+
+def _lround(x: np.ndarray) -> np.ndarray:
+    """std::lround: halves away from zero."""
+    x = np.asarray(x, dtype=np.float64)
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+def count_pyramid_levels(height: int, width: int, model: HogDetectorModel) -> int:
+    """impl::create_fhog_pyramid: levels until the rect_down'ed image rectangle gets smaller than the minimum."""
+    right, bottom = width - 1, height - 1
+    left = top = 0
+    levels = 0
+    while True:
+        left, top, right, bottom = (int(_lround((v - 0.3) * _PYRAMID_RATE_DOWN)) for v in (left, top, right, bottom))
+        levels += 1
+        if not (right - left + 1 >= model.min_level_width and bottom - top + 1 >= model.min_level_height
+                and levels < model.max_pyramid_levels):
+            return levels
+
+
+def _fhog_to_image(p: np.ndarray, fhog_pad: int, cell: int) -> np.ndarray:
+    q = (p + 1 - (fhog_pad - 1) // 2) * cell + 1
+    return q + np.where(q >= 0, cell // 2, -(cell // 2))
+
+
+def window_boxes(rows: np.ndarray, cols: np.ndarray, level: int, model: HogDetectorModel) -> np.ndarray:
+    """(n, 4) left, top, right, bottom of detection windows at plane position (row, col) of pyramid `level`."""
+    fh, fw = model.fhog_window
+    box_h, box_w = fh - 2 * model.padding, fw - 2 * model.padding
+    left = cols - box_w // 2
+    top = rows - box_h // 2
+    pts = np.stack([_fhog_to_image(left, fw, model.cell_size), _fhog_to_image(top, fh, model.cell_size),
+                    _fhog_to_image(left + box_w - 1, fw, model.cell_size),
+                    _fhog_to_image(top + box_h - 1, fh, model.cell_size)], axis=1).astype(np.float64)
+    for _ in range(level):  # pyramid_down<6>::rect_up(rect, level): in double, rounded once at the end
+        pts = pts * _PYRAMID_RATE_UP + 0.3
+    return _lround(pts)
+
+
+def boxes_down_after_upsample(boxes: np.ndarray, times: int) -> np.ndarray:
+    """pyramid_down<2>::rect_down(rect, times), as dlib maps detections of an upsampled image back."""
+    pts = boxes.astype(np.float64)
+    for _ in range(times):
+        pts = pts / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
+    return _lround(pts)
+
+
+def _overlaps(kept: np.ndarray, box: np.ndarray, iou_thresh: float, covered_thresh: float) -> bool:
+    """test_box_overlap against every kept box (inclusive integer rectangles)."""
+    if kept.shape[0] == 0:
+        return False
+    il = np.maximum(kept[:, 0], box[0])
+    it = np.maximum(kept[:, 1], box[1])
+    ir = np.minimum(kept[:, 2], box[2])
+    ib = np.minimum(kept[:, 3], box[3])
+    inner = (np.maximum(ir - il + 1, 0) * np.maximum(ib - it + 1, 0)).astype(np.float64)
+    outer = ((np.maximum(kept[:, 2], box[2]) - np.minimum(kept[:, 0], box[0]) + 1)
+             * (np.maximum(kept[:, 3], box[3]) - np.minimum(kept[:, 1], box[1]) + 1)).astype(np.float64)
+    area_kept = ((kept[:, 2] - kept[:, 0] + 1) * (kept[:, 3] - kept[:, 1] + 1)).astype(np.float64)
+    area_box = float((box[2] - box[0] + 1) * (box[3] - box[1] + 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hit = (inner > 0) & ((inner / outer > iou_thresh) | (inner / area_kept > covered_thresh)
+                             | (inner / area_box > covered_thresh))
+    return bool(hit.any())
+
+
+def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, order_keys: np.ndarray, model: HogDetectorModel
+                        ) -> np.ndarray:
+    """Indices kept by dlib's greedy suppression, highest score first; equal scores in `order_keys` order."""
+    order = np.lexsort((*order_keys.T[::-1], -scores))
+    kept: list[int] = []
+    for i in order:
+        if not _overlaps(boxes[kept], boxes[i], model.iou_thresh, model.covered_thresh):
+            kept.append(int(i))
+    return np.array(kept, dtype=np.int64)
+
+
+# -- resampling (dlib's resize_image, bilinear, RGB) -----------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def _row_table(n_in: int, n_out: int):
+    scale = (n_in - 1) / max(n_out - 1, 1)
+    ys = np.empty(n_out, dtype=np.float64)
+    y = -scale
+    for r in range(n_out):  # dlib accumulates the row position in double
+        y += scale
+        ys[r] = y
+    top = np.floor(ys).astype(np.int64)
+    bottom = np.minimum(top + 1, n_in - 1)
+    frac = ys - top
+    return top, bottom, frac, frac.astype(np.float32), (1 - frac).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _col_table(n_in: int, n_out: int):
+    """Per output column: left, right, float32 weights of the SSE path; the first column of the double path
+    (dlib's loop stops when the 4th lane's right neighbour leaves the image); double weights there."""
+    scale = (n_in - 1) / max(n_out - 1, 1)
+    x0 = -4 * scale
+    lanes = np.array([x0, x0 + scale, x0 + 2 * scale, x0 + 3 * scale], dtype=np.float64).astype(np.float32)
+    step = np.float32(4 * scale)
+    n_groups = (n_out + 3) // 4 + 1
+    pos = np.empty((n_groups, 4), dtype=np.float32)
+    for g in range(n_groups):  # float32 accumulator, one step per group of 4 columns
+        lanes = lanes + step
+        pos[g] = lanes
+    left_simd = pos.astype(np.int64)  # truncation (cvttps); positions are >= 0
+    stops = np.flatnonzero(left_simd[:, 3] + 1 >= n_in)
+    tail_start = min(4 * int(stops[0]) if stops.size else 4 * n_groups, n_out)
+    left = np.zeros(n_out, dtype=np.int64)
+    right = np.zeros(n_out, dtype=np.int64)
+    lr32 = np.zeros(n_out, dtype=np.float32)
+    flat_pos = pos.reshape(-1)[:tail_start]
+    left[:tail_start] = left_simd.reshape(-1)[:tail_start]
+    right[:tail_start] = left[:tail_start] + 1
+    lr32[:tail_start] = flat_pos - left[:tail_start].astype(np.float32)
+    inv_lr32 = (np.float32(1) - lr32).astype(np.float32)
+    lr64 = np.zeros(n_out, dtype=np.float64)
+    x = -scale + tail_start * scale
+    for c in range(tail_start, n_out):  # the double path
+        x += scale
+        left[c] = math.floor(x)
+        right[c] = min(left[c] + 1, n_in - 1)
+        lr64[c] = x - left[c]
+    return left, right, lr32, inv_lr32, lr64, tail_start
+
+
+_TAIL_BAND = 8  # widest right-edge band handled by a scalar path (resize: < 8 columns; filters: < 8)
+
+
+def _resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
+                ) -> torch.Tensor:
+    """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
+    to out_sizes[b]; returns (B, 3, max out H, max out W + band) uint8 (outside each image: junk)."""
+    dev = images.device
+    n, _, in_h, in_w = images.shape
+    out_h = max(h for h, _ in out_sizes)
+    out_w = max(w for _, w in out_sizes) + _TAIL_BAND
+    top = np.zeros((n, out_h), np.int64)
+    bottom = np.zeros((n, out_h), np.int64)
+    tb64 = np.zeros((n, out_h), np.float64)
+    tb32 = np.zeros((n, out_h), np.float32)
+    inv_tb32 = np.zeros((n, out_h), np.float32)
+    left = np.zeros((n, out_w), np.int64)
+    right = np.zeros((n, out_w), np.int64)
+    lr32 = np.zeros((n, out_w), np.float32)
+    inv_lr32 = np.zeros((n, out_w), np.float32)
+    lr64 = np.zeros((n, out_w), np.float64)
+    band = np.zeros((n, _TAIL_BAND), np.int64)
+    for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
+        t, bo, f64, f32, if32 = _row_table(h, oh)
+        top[b, :oh], bottom[b, :oh], tb64[b, :oh], tb32[b, :oh], inv_tb32[b, :oh] = t, bo, f64, f32, if32
+        le, ri, l32, il32, l64, tail = _col_table(w, ow)
+        left[b, :ow], right[b, :ow], lr32[b, :ow], inv_lr32[b, :ow], lr64[b, :ow] = le, ri, l32, il32, l64
+        if ow - tail > _TAIL_BAND:
+            raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
+        band[b] = tail + np.arange(_TAIL_BAND)
+
+    def t(a):
+        return torch.from_numpy(a).to(dev)
+
+    flat = images.reshape(n, 3, in_h * in_w)
+
+    def gather(rows, cols):
+        idx = (t(rows)[:, :, None] * in_w + t(cols)[:, None, :]).reshape(n, 1, -1).expand(n, 3, -1)
+        return torch.gather(flat, 2, idx).reshape(n, 3, rows.shape[1], cols.shape[1])
+
+    tl, tr = gather(top, left), gather(top, right)
+    bl, br = gather(bottom, left), gather(bottom, right)
+    # SSE path: weights are float32 products, each term rounded before it is added (no FMA).
+    inv_tb, tb = t(inv_tb32)[:, None, :, None], t(tb32)[:, None, :, None]
+    inv_lr, lr = t(inv_lr32)[:, None, None, :], t(lr32)[:, None, None, :]
+    w_tl, w_tr = torch.mul(inv_tb, inv_lr), torch.mul(inv_tb, lr)
+    w_bl, w_br = torch.mul(tb, inv_lr), torch.mul(tb, lr)
+    acc = torch.mul(w_tl, tl.float())
+    acc = torch.add(acc, torch.mul(w_tr, tr.float()))
+    acc = torch.add(acc, torch.mul(w_bl, bl.float()))
+    acc = torch.add(acc, torch.mul(w_br, br.float()))
+    out = acc.to(torch.int32).to(torch.uint8)  # truncation toward zero, like cvttps
+    # Double path for the right-edge band of each image.
+    band_t = t(band)
+    band_idx = band_t[:, None, None, :].expand(n, 3, out_h, _TAIL_BAND)
+
+    def band_of(x):
+        return torch.gather(x, 3, band_idx).double()
+
+    lr_b = torch.gather(t(lr64), 1, band_t)[:, None, None, :]
+    tb_b = t(tb64)[:, None, :, None]
+    one_lr = torch.sub(1.0, lr_b)
+    upper = torch.add(torch.mul(one_lr, band_of(tl)), torch.mul(lr_b, band_of(tr)))
+    lower = torch.add(torch.mul(one_lr, band_of(bl)), torch.mul(lr_b, band_of(br)))
+    value = torch.add(torch.mul(torch.sub(1.0, tb_b), upper), torch.mul(tb_b, lower))
+    out.scatter_(3, band_idx, value.to(torch.int32).to(torch.uint8))
+    return out
+
+
+def pyramid_down_size(h: int, w: int) -> tuple[int, int]:
+    return (5 * h) // 6, (5 * w) // 6
+
+
+def pyramid_up_size(h: int, w: int) -> tuple[int, int]:
+    # pyramid_down<2>::rect_up of the image rectangle, lround'ed: (0,0)->(3,2), (w-1,h-1)->(2w+1, 2h)
+    return 2 * h + 1, 2 * w + 2
+
+
+# -- fHOG ------------------------------------------------------------------------------------------------
+
+def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int]):
+    """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
+    (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
+    image (hog rows, hog cols)."""
+    dev = images.device
+    cell = 8
+    n = images.shape[0]
+    cells = np.array([[int(np.float32(h) / np.float32(cell) + 0.5), int(np.float32(w) / np.float32(cell) + 0.5)]
+                      for h, w in sizes], dtype=np.int64)
+    hog = np.maximum(cells - 2, 0)
+    hog[(hog == 0).any(axis=1)] = 0
+    visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
+    pad_r, pad_c = fhog_pad
+    plane_h = int(hog[:, 0].max()) + pad_r - 1
+    plane_w = int(hog[:, 1].max()) + pad_c - 1 + _TAIL_BAND * 2
+    planes = torch.zeros((n, NUM_PLANES, plane_h, plane_w), dtype=torch.float32, device=dev)
+    if hog.max() == 0:
+        return planes, hog
+    n_cr, n_cc = int(cells[:, 0].max()), int(cells[:, 1].max())
+    height, width = images.shape[2], images.shape[3]
+    # Pixel grid: pixel (y, x) at (y + 12, x + 12), so that cell (padded index hr) gathers rows 8hr .. 8hr+15.
+    grid_h, grid_w = cell * (n_cr + 2), cell * (n_cc + 2)
+    ph, pw = min(height - 2, grid_h - 13), min(width - 2, grid_w - 13)  # interior pixels 1..ph, 1..pw
+
+    img = images[:, :, :ph + 2, :pw + 2].to(torch.int32)
+    gx = torch.sub(img[:, :, 1:-1, 2:], img[:, :, 1:-1, :-2])
+    gy = torch.sub(img[:, :, 2:, 1:-1], img[:, :, :-2, 1:-1])
+    mag = torch.add(torch.mul(gx, gx), torch.mul(gy, gy))  # exact integers
+    xs = np.arange(1, pw + 1)
+    simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide columns are x < simd_end
+    simd_col = torch.from_numpy(xs[None, :] < simd_end[:, None]).to(dev)[:, None, :]  # (B, 1, pw)
+    # SIMD columns: select(r > g, r, g) then select(t > b, t, b): ties go to the later channel.
+    r_wins = mag[:, 0] > mag[:, 1]
+    t_gx = torch.where(r_wins, gx[:, 0], gx[:, 1])
+    t_gy = torch.where(r_wins, gy[:, 0], gy[:, 1])
+    t_mag = torch.where(r_wins, mag[:, 0], mag[:, 1])
+    t_wins = t_mag > mag[:, 2]
+    s_gx = torch.where(t_wins, t_gx, gx[:, 2])
+    s_gy = torch.where(t_wins, t_gy, gy[:, 2])
+    s_mag = torch.where(t_wins, t_mag, mag[:, 2])
+    # Scalar columns: start with red, switch only on a strictly larger magnitude: ties go to the earlier one.
+    g_wins = mag[:, 1] > mag[:, 0]
+    c_gx = torch.where(g_wins, gx[:, 1], gx[:, 0])
+    c_gy = torch.where(g_wins, gy[:, 1], gy[:, 0])
+    c_mag = torch.where(g_wins, mag[:, 1], mag[:, 0])
+    b_wins = mag[:, 2] > c_mag
+    c_gx = torch.where(b_wins, gx[:, 2], c_gx)
+    c_gy = torch.where(b_wins, gy[:, 2], c_gy)
+    c_mag = torch.where(b_wins, mag[:, 2], c_mag)
+    grad_x = torch.where(simd_col, s_gx, c_gx).float()
+    grad_y = torch.where(simd_col, s_gy, c_gy).float()
+    v = torch.sqrt(torch.where(simd_col, s_mag, c_mag).float())
+
+    best_dot = torch.zeros_like(grad_x)
+    best_o = torch.zeros(grad_x.shape, dtype=torch.int64, device=dev)
+    for o in range(9):
+        dot = torch.add(torch.mul(grad_x, float(_DIRECTIONS[o, 0])), torch.mul(grad_y, float(_DIRECTIONS[o, 1])))
+        up = dot > best_dot
+        best_dot = torch.where(up, dot, best_dot)
+        best_o = torch.where(up, o, best_o)
+        neg = torch.neg(dot)
+        down = neg > best_dot
+        best_dot = torch.where(down, neg, best_dot)
+        best_o = torch.where(down, o + 9, best_o)
+
+    # Bilinear vote weights; all of vx0, vx1, vy0, vy1 are exact dyadic numbers. dlib's SIMD columns
+    # compute vy * (vx * v), its scalar columns (vy * vx) * v.
+    ys = np.arange(1, ph + 1)
+    yp = ((ys + 0.5) / 8.0 - 0.5).astype(np.float32)
+    vy0 = (yp - np.floor(yp)).astype(np.float32)
+    vy1 = (1.0 - vy0).astype(np.float32)
+    xp = ((xs + 0.5) / 8.0 - 0.5).astype(np.float32)
+    vx0 = (xp - np.floor(xp)).astype(np.float32)
+    vx1 = (1.0 - vx0).astype(np.float32)
+    vy0_t = torch.from_numpy(vy0).to(dev)[None, :, None]
+    vy1_t = torch.from_numpy(vy1).to(dev)[None, :, None]
+    vx0_t = torch.from_numpy(vx0).to(dev)[None, None, :]
+    vx1_t = torch.from_numpy(vx1).to(dev)[None, None, :]
+    valid = torch.from_numpy((ys[None, :, None] < visible[:, 0, None, None])
+                             & (xs[None, None, :] < visible[:, 1, None, None])).to(dev)
+    weights = {}
+    for key, vy, vx in (("00", vy0_t, vx0_t), ("01", vy0_t, vx1_t), ("10", vy1_t, vx0_t), ("11", vy1_t, vx1_t)):
+        simd_w = torch.mul(vy, torch.mul(vx, v))
+        scalar_w = torch.mul(torch.mul(vy, vx), v)
+        w = torch.where(simd_col, simd_w, scalar_w)
+        w = torch.where(valid, w, torch.zeros((), device=dev))
+        grid = torch.zeros((n, grid_h, grid_w), dtype=torch.float32, device=dev)
+        grid[:, 13:13 + ph, 13:13 + pw] = w
+        weights[key] = grid
+    orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int64, device=dev)
+    orient[:, 13:13 + ph, 13:13 + pw] = best_o
+
+    # Cell histograms: cell i (padded index i + 1) sums, in raster order, pixel rows 8i-4 .. 8i+11 (weights
+    # vy0 for the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's
+    # float32 sums exactly.
+    hist = torch.zeros((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
+    for dy in range(16):
+        rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
+        for dx in range(16):
+            cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
+            key = ("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")
+            w = weights[key][:, rows, cols]
+            hist.scatter_add_(3, orient[:, rows, cols].unsqueeze(3), w.unsqueeze(3))
+
+    both = torch.add(hist[..., :9], hist[..., 9:])
+    sq = torch.mul(both, both)
+    norm = sq[..., 0]
+    for o in range(1, 9):
+        norm = torch.add(norm, sq[..., o])
+
+    hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
+    eps = torch.tensor(np.float32(0.0001), device=dev)
+    nn_lanes, n_lanes = [], []
+    for dy, dx in _LANE_OFFSETS:
+        z1 = norm[:, dy:dy + hr, dx:dx + hc]
+        z2 = norm[:, dy:dy + hr, dx + 1:dx + 1 + hc]
+        z3 = norm[:, dy + 1:dy + 1 + hr, dx:dx + hc]
+        z4 = norm[:, dy + 1:dy + 1 + hr, dx + 1:dx + 1 + hc]
+        s = torch.add(torch.add(torch.add(torch.add(z1, z2), z3), z4), eps)
+        nn = torch.mul(torch.sqrt(s), float(np.float32(0.2)))
+        nn_lanes.append(nn)
+        n_lanes.append(torch.div(torch.tensor(np.float32(0.1), device=dev), nn))
+    nn4 = torch.stack(nn_lanes, 0).unsqueeze(-1)  # (4, B, hr, hc, 1)
+    n4 = torch.stack(n_lanes, 0).unsqueeze(-1)
+    cell_hist = hist[:, 1:1 + hr, 1:1 + hc, :]    # dlib's hist[y+2][x+2]
+    h_sens = torch.mul(torch.minimum(cell_hist.unsqueeze(0), nn4), n4)  # (4, B, hr, hc, 18)
+    sens = torch.add(torch.add(h_sens[0], h_sens[1]), torch.add(h_sens[2], h_sens[3]))  # dpps order
+    unsigned = torch.add(cell_hist[..., :9], cell_hist[..., 9:])
+    h_ins = torch.mul(torch.minimum(unsigned.unsqueeze(0), nn4), n4)
+    insens = torch.add(torch.add(h_ins[0], h_ins[1]), torch.add(h_ins[2], h_ins[3]))
+    texture = torch.add(torch.add(h_sens[..., 0], h_sens[..., 1]), h_sens[..., 2])
+    for o in range(3, 18, 3):
+        texture = torch.add(texture, torch.add(torch.add(h_sens[..., o], h_sens[..., o + 1]), h_sens[..., o + 2]))
+    texture = torch.mul(texture, float(np.float32(2 * 0.2357)))  # (4, B, hr, hc)
+    feats = torch.cat([sens, insens, texture.permute(1, 2, 3, 0)], dim=-1)  # (B, hr, hc, 31)
+    inside = torch.from_numpy((np.arange(hr)[None, :, None] < hog[:, 0, None, None])
+                              & (np.arange(hc)[None, None, :] < hog[:, 1, None, None])).to(dev)
+    feats = torch.where(inside.unsqueeze(-1), feats, torch.zeros((), device=dev))
+    off_r, off_c = (pad_r - 1) // 2, (pad_c - 1) // 2
+    planes[:, :, off_r:off_r + hr, off_c:off_c + hc] = feats.permute(0, 3, 1, 2)
+    return planes, hog
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+
+def _three_accumulator_sum(shifted, taps):
+    """dlib's 8-wide filter loop: taps 0, 3, 6, ... / 1, 4, 7, ... / 2, 5, 8, ... summed in three
+    accumulators while three taps remain (n < size - 2), the leftover taps into the first, then
+    acc0 + (acc1 + acc2). `shifted(n)` is the input shifted by tap n; `taps[n]` broadcastable weights."""
+    size = len(taps)
+    interleaved = 3 * max(0, -(-(size - 2) // 3))  # taps covered by the 3-way loop
+    accs = [None, None, None]
+    for n in range(size):
+        term = torch.mul(shifted(n), taps[n])
+        k = n % 3 if n < interleaved else 0
+        accs[k] = term if accs[k] is None else torch.add(accs[k], term)
+    total = accs[0]
+    if accs[1] is None:
+        return total
+    rest = accs[1] if accs[2] is None else torch.add(accs[1], accs[2])
+    return torch.add(total, rest)
+
+
+def _sequential_sum(shifted, taps):
+    acc = torch.mul(shifted(0), taps[0])
+    for n in range(1, len(taps)):
+        acc = torch.add(acc, torch.mul(shifted(n), taps[n]))
+    return acc
+
+
+class FrontalFaceDetector:
+    """dlib's frontal face detector, batched, on CPU or CUDA (same code).
+
+    ``path``: a file written by ``dlib.get_frontal_face_detector().save(path)``; by default the weights are
+    taken from the installed dlib.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", path: str | None = None,
+                 max_batch_pixels: int = 8 * 2 ** 20):
+        if path is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.model = read_detector_file(dlib_frontal_detector_file(tmp))
+        else:
+            self.model = read_detector_file(path)
+        self.device = torch.device(device)
+        self.max_batch_pixels = int(max_batch_pixels)
+        fh, fw = self.model.fhog_window
+        self._fhog_pad = (fh, fw)
+        self._filters = []
+        for f in range(self.model.filters.shape[0]):
+            terms = separable_terms(self.model.filters[f])
+            planes = torch.tensor([t.plane for t in terms], dtype=torch.int64, device=self.device)
+            rows = torch.from_numpy(np.stack([t.row_filter for t in terms])).to(self.device)  # (T, fw)
+            cols = torch.from_numpy(np.stack([t.col_filter for t in terms])).to(self.device)  # (T, fh)
+            self._filters.append((planes, rows, cols))
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def detect(self, images, upsample: int = 0, adjust_threshold: float = 0.0
+               ) -> list[list[tuple[tuple[int, int, int, int], float, int]]]:
+        """For each image (HxWx3 uint8 RGB numpy array), dlib's ``detector.run(image, upsample,
+        adjust_threshold)`` as a list of ((left, top, right, bottom), score, filter index), best first."""
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a list of HxWx3 uint8 numpy arrays, got {type(images).__name__}")
+        if int(upsample) != upsample or upsample < 0:
+            raise ValueError(f"upsample must be a non-negative integer, got {upsample!r}")
+        upsample = int(upsample)
+        adjust_threshold = float(adjust_threshold)
+        for i, image in enumerate(images):
+            if not isinstance(image, np.ndarray):
+                raise TypeError(f"images[{i}] must be a numpy array, got {type(image).__name__}")
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"images[{i}] must be an HxWx3 uint8 RGB array, got shape {image.shape} "
+                                 f"dtype {image.dtype}")
+        results: list = [None] * len(images)
+        order = sorted(range(len(images)), key=lambda i: images[i].shape[0] * images[i].shape[1])
+        batch: list[int] = []
+        budget = 0
+        factor = 4 ** upsample
+        for i in order:
+            pixels = images[i].shape[0] * images[i].shape[1] * factor
+            if batch and budget + pixels > self.max_batch_pixels:
+                self._detect_batch(images, batch, upsample, adjust_threshold, results)
+                batch, budget = [], 0
+            batch.append(i)
+            budget += pixels
+        if batch:
+            self._detect_batch(images, batch, upsample, adjust_threshold, results)
+        return results
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _detect_batch(self, images, index, upsample, adjust, results):
+        sizes = [images[i].shape[:2] for i in index]
+        tiny = [k for k, (h, w) in enumerate(sizes) if h == 0 or w == 0]
+        for k in tiny:
+            results[index[k]] = []
+        index = [i for k, i in enumerate(index) if k not in tiny]
+        if not index:
+            return
+        sizes = [tuple(int(v) for v in images[i].shape[:2]) for i in index]
+        h_max = max(h for h, _ in sizes)
+        w_max = max(w for _, w in sizes)
+        host = np.zeros((len(index), h_max, w_max, 3), dtype=np.uint8)
+        for k, i in enumerate(index):
+            host[k, :sizes[k][0], :sizes[k][1]] = images[i]
+        batch = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()
+        for _ in range(upsample):
+            up = [pyramid_up_size(h, w) for h, w in sizes]
+            batch = _resize_rgb(batch, sizes, up)
+            sizes = up
+        levels = [count_pyramid_levels(h, w, self.model) for h, w in sizes]
+        found = [[] for _ in index]  # per image: (score, filter, level, row, col, box)
+        active = list(range(len(index)))
+        level = 0
+        while active:
+            self._score_level(batch, [sizes[k] for k in active], active, level, adjust, found)
+            keep = [j for j, k in enumerate(active) if levels[k] > level + 1]
+            if not keep:
+                break
+            batch = batch[torch.tensor(keep, device=self.device)] if len(keep) < len(active) else batch
+            active = [active[j] for j in keep]
+            down = [pyramid_down_size(*sizes[k]) for k in active]
+            batch = _resize_rgb(batch, [sizes[k] for k in active], down)
+            for k, s in zip(active, down):
+                sizes[k] = s
+            level += 1
+        for k, i in enumerate(index):
+            results[i] = self._finish(found[k], upsample)
+
+    def _score_level(self, batch, sizes, active, level, adjust, found):
+        planes, hog = _fhog(batch, sizes, self._fhog_pad)
+        if hog.max() == 0:
+            return
+        fh, fw = self._fhog_pad
+        n = planes.shape[0]
+        out_h = int(hog[:, 0].max())
+        out_w = planes.shape[3] - (fw - 1)  # row pass output width (valid columns j: plane column j + fw//2)
+        # Right-edge columns that dlib filters with its scalar loop: hog_cols % 8 of them, per image.
+        tail_start = torch.from_numpy(8 * (hog[:, 1] // 8)).to(self.device)
+        band = tail_start[:, None] + torch.arange(_TAIL_BAND, device=self.device)[None, :]  # (B, 8)
+        valid = torch.from_numpy((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
+                                 & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
+        for f, (term_planes, row_taps, col_taps) in enumerate(self._filters):
+            x = planes.index_select(1, term_planes)  # (B, T, Hp, Wp)
+            t = x.shape[1]
+            row_w = [row_taps[:, k].reshape(1, t, 1, 1) for k in range(fw)]
+            col_w = [col_taps[:, k].reshape(1, t, 1, 1) for k in range(fh)]
+            rows_out = _three_accumulator_sum(lambda k: x[:, :, :, k:k + out_w], row_w)
+            band_idx = band[:, None, None, :].expand(n, t, x.shape[2], _TAIL_BAND)
+            row_tail = _sequential_sum(lambda k: torch.gather(x, 3, band_idx + k), row_w)
+            rows_out.scatter_(3, band_idx, row_tail)
+            scores = _three_accumulator_sum(lambda k: rows_out[:, :, k:k + out_h, :], col_w)
+            band_rows = torch.gather(rows_out, 3, band_idx)
+            col_tail = _sequential_sum(lambda k: band_rows[:, :, k:k + out_h, :], col_w)
+            scores.scatter_(3, band_idx[:, :, :out_h, :], col_tail)
+            total = scores[:, 0]
+            for k in range(1, t):
+                total = torch.add(total, scores[:, k])
+            thresh = float(self.model.thresholds[f])
+            hits = (total.double() >= thresh + adjust) & valid
+            b_idx, r_idx, c_idx = (a.cpu().numpy() for a in torch.nonzero(hits, as_tuple=True))
+            if b_idx.size == 0:
+                continue
+            values = total[hits].double().cpu().numpy() - thresh
+            for k in np.unique(b_idx):
+                sel = b_idx == k
+                rows = r_idx[sel] + fh // 2
+                cols = c_idx[sel] + fw // 2
+                boxes = window_boxes(rows, cols, level, self.model)
+                found[active[k]].append((values[sel], np.full(sel.sum(), f), np.full(sel.sum(), level),
+                                         rows, cols, boxes))
+
+    def _finish(self, found, upsample):
+        if not found:
+            return []
+        scores = np.concatenate([p[0] for p in found])
+        keys = np.stack([np.concatenate([p[j] for p in found]) for j in (1, 2, 3, 4)], axis=1)
+        boxes = np.concatenate([p[5] for p in found])
+        kept = non_max_suppression(boxes, scores, keys, self.model)
+        boxes = boxes[kept]
+        if upsample:
+            boxes = boxes_down_after_upsample(boxes, upsample)
+        return [((int(b[0]), int(b[1]), int(b[2]), int(b[3])), float(s), int(f))
+                for b, s, f in zip(boxes, scores[kept], keys[kept, 0])]
