@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Sequence
 
 import numpy as np
@@ -224,7 +225,7 @@ def _bilinear_pillow(flat: torch.Tensor, src: _Sources, xin: torch.Tensor, yin: 
     xi, yi = xf.long(), yf.long()
     del xs, ys, xf, yf
     # Out-of-range neighbours take the edge pixel (Pillow's XCLIP/YCLIP and its "y + 1 outside: same row").
-    x0 = torch.minimum(xi.clamp_(min=0), w - 1)
+    x0 = torch.minimum(xi.clamp(min=0), w - 1)
     x1 = torch.minimum((xi + 1).clamp_(min=0), w - 1)
     base, stride = src.base.view(-1, 1, 1), src.stride.view(-1, 1, 1)
     row0 = base + torch.minimum(yi.clamp(min=0), h - 1) * stride
@@ -309,10 +310,37 @@ def _clip8(acc: torch.Tensor) -> torch.Tensor:
     return acc.clamp_(0, 255).to(torch.uint8)
 
 
-def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = None, row_block: int = 1024) -> torch.Tensor:
+def _installed_pillow_version() -> tuple[int, ...]:
+    """The installed Pillow's version from package metadata (Pillow itself is not imported); (0,) if none."""
+    try:
+        return tuple(int(p) for p in version("pillow").split(".")[:2] if p.isdigit())
+    except PackageNotFoundError:
+        return (0,)
+
+
+# Pillow 13 resizes vertically first when the height shrinks by more than twice as many pixels as the width
+# (Resample.c, ImagingResampleInner); earlier releases always go horizontally first. The passes round to uint8
+# in between, so the order changes pixels: follow the Pillow that the CPU path in this environment uses.
+VERTICAL_FIRST_RULE = _installed_pillow_version() >= (13,)
+
+
+def _resample_along_width(x: torch.Tensor, first: int, weights: np.ndarray, row_block: int) -> torch.Tensor:
+    """One 8-bit Lanczos pass along dim 2 of (B, R, W, 3) uint8 with dense fixed-point ``weights`` (n, out)
+    for input columns first .. first + n: (B, R, out, 3) uint8, ``row_block`` rows per float64 matmul."""
+    w = torch.from_numpy(weights).to(x.device)
+    x = x[:, :, first : first + weights.shape[0]]
+    parts = []
+    for r in range(0, x.shape[1], row_block):
+        block = x[:, r : r + row_block].permute(0, 1, 3, 2).double()  # (B, rows, 3, n)
+        parts.append(_clip8(torch.matmul(block, w)).permute(0, 1, 3, 2))
+    return torch.cat(parts, dim=1)
+
+
+def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = None, row_block: int = 512,
+                   vertical_first: bool | None = None) -> torch.Tensor:
     """Pillow's ``Image.resize(size, LANCZOS, box=box)`` of (B, H, W, 3) uint8 images (all the same size
-    and box): (B, size[1], size[0], 3) uint8. ``row_block``: input rows per horizontal matmul (bounds the
-    float64 copy)."""
+    and box): (B, size[1], size[0], 3) uint8. ``row_block``: lines per float64 matmul (bounds memory).
+    ``vertical_first``: None follows the installed Pillow's choice of pass order (VERTICAL_FIRST_RULE)."""
     B, H, W, _ = x.shape
     out_w, out_h = size
     if box is None:
@@ -320,26 +348,25 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = N
     box32 = [np.float32(v) for v in box]
     if (W, H) == (out_w, out_h) and tuple(box) == (0, 0, W, H):
         return x.clone()
-    dev = x.device
-    y_first, v_weights = _lanczos_weights(H, box[1], box[3], out_h)
     need_h = out_w != W or box32[0] != 0 or box32[2] != out_w
     need_v = out_h != H or box32[1] != 0 or box32[3] != out_h
+    if vertical_first is None:
+        vertical_first = VERTICAL_FIRST_RULE and H - out_h > 0 and H - out_h > (W - out_w) * 2
+    y_first, v_weights = _lanczos_weights(H, box[1], box[3], out_h)
+    x_first, h_weights = _lanczos_weights(W, box[0], box[2], out_w) if need_h else (0, None)
+    if vertical_first:
+        if need_v:
+            # Only the columns that the horizontal pass reads (columns are independent in this pass).
+            cols = x[:, :, x_first : x_first + h_weights.shape[0]] if need_h else x
+            x, x_first = _resample_along_width(cols.transpose(1, 2), y_first, v_weights, row_block).transpose(1, 2), 0
+        return (_resample_along_width(x, x_first, h_weights, row_block) if need_h else x).contiguous()
+    # Horizontally first, on the rows that the vertical pass reads.
+    x = x[:, y_first : y_first + v_weights.shape[0]]
     if need_h:
-        x_first, h_weights = _lanczos_weights(W, box[0], box[2], out_w)
-        wh = torch.from_numpy(h_weights).to(dev)
-        rows = x[:, y_first : y_first + v_weights.shape[0], x_first : x_first + h_weights.shape[0]]
-        parts = []
-        for r in range(0, rows.shape[1], row_block):
-            block = rows[:, r : r + row_block].permute(0, 1, 3, 2).double()  # (B, R, 3, W_used)
-            parts.append(_clip8(torch.matmul(block, wh)).permute(0, 1, 3, 2))  # (B, R, out_w, 3)
-        x = torch.cat(parts, dim=1)
-    else:
-        x = x[:, y_first : y_first + v_weights.shape[0]]
-    if not need_v:
-        return x.contiguous()
-    wv = torch.from_numpy(v_weights).to(dev)
-    cols = x.permute(0, 2, 3, 1).double()  # (B, w, 3, rows)
-    return _clip8(torch.matmul(cols, wv)).permute(0, 3, 1, 2).contiguous()
+        x = _resample_along_width(x, x_first, h_weights, row_block)
+    if need_v:
+        x = _resample_along_width(x.transpose(1, 2), 0, v_weights, row_block).transpose(1, 2)
+    return x.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
