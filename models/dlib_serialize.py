@@ -77,16 +77,18 @@ class DlibReader:
             raise self.error(f"negative {what} {value}", at)
         return value
 
-    def read_ints(self, n: int, max_bytes: int = _MAX_INT_BYTES, what: str = "integer") -> np.ndarray:
+    def read_ints(self, n: int, max_bytes: int = _MAX_INT_BYTES, what: str = "integer",
+                  return_offsets: bool = False):
         """The next `n` integers as an int64 array. `max_bytes` is the size of the C++ type dlib reads them
         into (4 for an int, 2 for a float's exponent): a value with more magnitude bytes is an error, as in
-        dlib."""
+        dlib. With `return_offsets`, also each value's byte offset (for error messages about values that
+        are well-formed but wrong)."""
         offsets = self._offsets(n)
         values = self._decode(offsets, max_bytes, what)
         self._check_complete(offsets, n, what)
         if n:
             self.offset = self._end_of(offsets[-1])
-        return values
+        return (values, offsets) if return_offsets else values
 
     def expect_int(self, expected: int, what: str) -> None:
         """Reads one integer and raises unless it equals `expected` (a version number, a fixed size)."""

@@ -1,0 +1,519 @@
+"""dlib's shape_predictor (the 68-point face landmark model) in PyTorch, batched over faces, equal to dlib.
+
+    from models.landmarks import ShapePredictor
+    sp = ShapePredictor(path_to_shape_predictor_68_face_landmarks_dat, device="cuda")   # or "cpu"
+    points = sp.predict(images, boxes)
+    # images: HxWx3 uint8 RGB (numpy arrays, or torch tensors on any device); boxes: per image a list of
+    # (left, top, right, bottom); points[i]: (n_i, 68, 2) int64 array, dlib's part coordinates.
+
+The model is a cascade of regression-tree forests (Kazemi and Sullivan 2014) as dlib implements it in
+dlib/image_processing/shape_predictor.h. Starting from the mean shape, each cascade
+  1. fits the similarity transform from the mean shape to the current shape (Umeyama; dlib works in double
+     and keeps only the 2x2 part, as float32);
+  2. places its feature pixels: anchor landmark of the current shape + transformed offset, in float32,
+     mapped into the face box (x * (right - left) + left, in double), rounded with floor(v + 0.5); a pixel's
+     value is the grey level (r + g + b) // 3, or 0 outside the image;
+  3. runs every tree: node n goes to 2n+1 when f[i1] - f[i2] > threshold, else to 2n+2;
+  4. adds each tree's leaf (one value per coordinate) to the current shape, tree after tree, in float32.
+The parts are the final shape mapped into the box and rounded like the pixels.
+
+Equality with dlib rests on doing the same float32 and double operations in the same order:
+  * products and sums are separate elementwise operations, never contracted into fused multiply-adds (eager
+    PyTorch never fuses them; the Triton kernels below contain no floating-point multiplication);
+  * the 500 leaves of a cascade are added to the shape one tree at a time: a reduction in any other order
+    (as torch.sum or a GPU tree reduction would do) flips low bits, a pixel rounds the other way and the
+    cascade diverges by several pixels;
+  * box mapping and rounding are in double, where x * (right - left) + left is exact for float32 x;
+  * the only operations that do not repeat dlib's exactly are the double-precision sums of the similarity
+    fit (68 points, in another order; no products are fused): their results differ from dlib's in the last
+    bits of a double and are then rounded to float32, which hides such a difference unless a value lies
+    within about 1e-16 relative of a float32 rounding boundary.
+
+On CUDA two Triton kernels (when Triton is installed) replace the launch-bound parts: one evaluates all
+trees of a cascade for all faces, one adds the leaves, one program per (face, block of coordinates) looping
+over the trees in order. Elsewhere (CPU, or `use_triton=False`) the same steps run as torch operations: the
+trees vectorised, the leaves as one vectorised add per tree. Both give identical bits; the benchmark checks
+it on the GPU.
+
+Model files are read with models.dlib_serialize (no unpickling); a truncated or altered file raises
+DlibFormatError naming the file and the byte offset.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from models.dlib_serialize import DlibFormatError, DlibReader
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves
+    triton = None
+
+__all__ = ["ShapePredictor", "ShapePredictorModel", "DlibFormatError", "read_shape_predictor"]
+
+_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShapePredictorModel:
+    """The arrays of a dlib shape_predictor, all trees of the same depth.
+
+    initial_shape:   (2 * parts,) float32, the mean shape normalised to the box, x0 y0 x1 y1 ...
+    split_index1/2:  (cascades, trees, splits) int64, feature pixels compared at each split node
+    split_threshold: (cascades, trees, splits) float32
+    leaf_values:     (cascades, trees, splits + 1, 2 * parts) float32
+    anchor_index:    (cascades, pixels) int64, the mean-shape landmark each feature pixel hangs on
+    anchor_delta:    (cascades, pixels, 2) float32, the pixel's offset from its anchor in the mean shape
+    """
+
+    initial_shape: np.ndarray
+    split_index1: np.ndarray
+    split_index2: np.ndarray
+    split_threshold: np.ndarray
+    leaf_values: np.ndarray
+    anchor_index: np.ndarray
+    anchor_delta: np.ndarray
+
+    @property
+    def num_parts(self) -> int:
+        return self.initial_shape.shape[0] // 2
+
+    @property
+    def num_cascades(self) -> int:
+        return self.split_index1.shape[0]
+
+    @property
+    def num_trees(self) -> int:
+        return self.split_index1.shape[1]
+
+    @property
+    def num_splits(self) -> int:
+        return self.split_index1.shape[2]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.anchor_index.shape[1]
+
+    def validate(self) -> None:
+        """Raises ValueError naming the array that is inconsistent (shape, dtype or index range)."""
+        coords = self.initial_shape.shape
+        if self.initial_shape.ndim != 1 or coords[0] == 0 or coords[0] % 2:
+            raise ValueError(f"initial_shape must be (2 * parts,), got {coords}")
+        c, t, s = self.split_index1.shape if self.split_index1.ndim == 3 else (None, None, None)
+        if c is None:
+            raise ValueError(f"split_index1 must be (cascades, trees, splits), got {self.split_index1.shape}")
+        leaves = s + 1
+        if leaves & (leaves - 1):
+            raise ValueError(f"trees must be complete: {s} splits is not 2**depth - 1")
+        p = self.anchor_index.shape[1] if self.anchor_index.ndim == 2 else None
+        expected = {
+            "split_index2": (c, t, s), "split_threshold": (c, t, s), "leaf_values": (c, t, leaves, coords[0]),
+            "anchor_index": (c, p), "anchor_delta": (c, p, 2),
+        }
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {getattr(self, name).shape}")
+        for name in ("split_index1", "split_index2"):
+            values = getattr(self, name)
+            if values.size and (values.min() < 0 or values.max() >= p):
+                raise ValueError(f"{name} must index the {p} feature pixels of its cascade")
+        if self.anchor_index.size and (self.anchor_index.min() < 0 or self.anchor_index.max() >= coords[0] // 2):
+            raise ValueError(f"anchor_index must index the {coords[0] // 2} parts")
+
+
+def read_shape_predictor(path: str) -> ShapePredictorModel:
+    """Parses a dlib shape_predictor file (e.g. shape_predictor_68_face_landmarks.dat).
+
+    The layout (dlib's serialize(shape_predictor)): version 1; the initial shape (a column matrix); the
+    forests: a vector of cascades, each a vector of trees, each tree a vector of splits (idx1, idx2,
+    threshold) and a vector of leaf column matrices; the anchor indices (a vector per cascade); the anchor
+    offsets (a vector of (x, y) per cascade). All integers of the forests are read in one vectorised pass
+    and checked against the structure of the first tree: every tree must have the same shape.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    return parse_shape_predictor(data, path)
+
+
+def parse_shape_predictor(data: bytes, name: str) -> ShapePredictorModel:
+    r = DlibReader(data, name)
+    r.expect_int(_FILE_VERSION, "shape_predictor version")
+    initial_shape = r.read_matrix(cols=1).reshape(-1)
+    coords = initial_shape.size
+    if coords == 0 or coords % 2:
+        raise r.error(f"initial shape has {coords} values, expected an even, non-zero number")
+
+    forests_at = r.offset
+    cascades = r.read_length("number of cascades")
+    if cascades == 0:
+        raise r.error("no cascades", forests_at)
+    # The first tree gives the structure; then every integer of all forests is read at once.
+    trees = r.read_length("number of trees")
+    splits = r.read_length("number of splits")
+    r.read_ints(4 * splits, what="split")
+    leaves = r.read_length("number of leaves", expected=splits + 1)
+    if leaves & (leaves - 1):
+        raise r.error(f"{leaves} leaves: trees must be complete (a power of two)")
+    r.offset = forests_at
+
+    # Integers of one tree: splits' length, per split idx1, idx2, mantissa, exponent; leaves' length; per
+    # leaf rows, cols, then per value mantissa and exponent.
+    tree_kinds = np.concatenate([
+        [_LENGTH], np.tile([_INDEX, _INDEX, _MANTISSA, _EXPONENT], splits),
+        [_LENGTH], np.tile(np.concatenate([[_ROWS, _COLS], np.tile([_MANTISSA, _EXPONENT], coords)]), leaves),
+    ]).astype(np.int8)
+    cascade_kinds = np.concatenate([[_LENGTH], np.tile(tree_kinds, trees)]).astype(np.int8)
+    kinds = np.concatenate([[_LENGTH], np.tile(cascade_kinds, cascades)]).astype(np.int8)
+    values, offsets = r.read_ints(kinds.size, what="forest value", return_offsets=True)
+
+    # The structural integers (lengths, matrix sizes) must repeat the first tree's everywhere.
+    expected_in_tree = np.where(tree_kinds == _ROWS, -coords, np.where(tree_kinds == _COLS, -1, 0))
+    expected_in_tree[0], expected_in_tree[1 + 4 * splits] = splits, leaves
+    expected_in_cascade = np.concatenate([[trees], np.tile(expected_in_tree, trees)])
+    structural_in_cascade = np.isin(cascade_kinds, (_LENGTH, _ROWS, _COLS))
+    positions = (1 + np.arange(cascades)[:, None] * cascade_kinds.size
+                 + np.flatnonzero(structural_in_cascade)[None, :]).reshape(-1)
+    positions = np.concatenate([[0], positions])
+    expected = np.concatenate([[cascades], np.tile(expected_in_cascade[structural_in_cascade], cascades)])
+    found = values[positions]
+    # dlib writes matrix sizes negated; files of older dlib versions have them positive.
+    matrix_size = expected < 0
+    found = np.where(matrix_size, -np.abs(found), found)
+    mismatch = found != expected
+    if mismatch.any():
+        i = int(np.argmax(mismatch))
+        raise r.error(f"forest structure differs from the first tree: found {int(values[positions[i]])} where "
+                      f"{abs(int(expected[i]))} was expected", int(offsets[positions[i]]))
+    exponent = values[kinds == _EXPONENT]
+    bad = (exponent < -(1 << 15)) | (exponent >= (1 << 15))
+    if bad.any():
+        at = offsets[kinds == _EXPONENT][np.argmax(bad)]
+        raise r.error(f"float exponent {int(exponent[np.argmax(bad)])} out of range", int(at))
+    floats = _floats_from_parts(values[kinds == _MANTISSA], exponent)
+    indices = values[kinds == _INDEX].reshape(cascades, trees, splits, 2)
+    del values, offsets, kinds
+
+    floats = floats.reshape(cascades, trees, splits + leaves * coords)
+    split_threshold = floats[:, :, :splits]
+    leaf_values = floats[:, :, splits:].reshape(cascades, trees, leaves, coords)
+
+    r.expect_int(cascades, "number of anchor lists")
+    anchors, deltas = [], []
+    for _ in range(cascades):
+        pixels = r.read_length("number of anchors")
+        anchors.append(r.read_ints(pixels, what="anchor index"))
+    r.expect_int(cascades, "number of offset lists")
+    for c in range(cascades):
+        r.read_length("number of offsets", expected=anchors[c].size)
+        deltas.append(r.read_floats(2 * anchors[c].size).reshape(-1, 2))
+    if not r.at_end():
+        raise r.error("unexpected data after the shape predictor")
+    if len({a.size for a in anchors}) != 1:
+        raise r.error("cascades have different numbers of feature pixels")
+
+    model = ShapePredictorModel(
+        initial_shape=initial_shape.astype(np.float32),
+        split_index1=np.ascontiguousarray(indices[..., 0]),
+        split_index2=np.ascontiguousarray(indices[..., 1]),
+        split_threshold=np.ascontiguousarray(split_threshold),
+        leaf_values=np.ascontiguousarray(leaf_values),
+        anchor_index=np.stack(anchors),
+        anchor_delta=np.stack(deltas).astype(np.float32),
+    )
+    try:
+        model.validate()
+    except ValueError as e:
+        raise DlibFormatError(f"{name}: {e}") from None
+    return model
+
+
+# Kinds of the integers in a forest, for the vectorised parse.
+_LENGTH, _INDEX, _MANTISSA, _EXPONENT, _ROWS, _COLS = range(6)
+
+
+def _floats_from_parts(mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    # As dlib's float_details converts to float: std::ldexp((float)mantissa, exponent). The model's values
+    # are finite; dlib's special exponents (inf, nan) are refused by the threshold/leaf checks downstream
+    # only if they matter, so they are mapped like dlib maps them.
+    with np.errstate(over="ignore", under="ignore"):
+        values = np.ldexp(mantissa.astype(np.float32), exponent.astype(np.int32)).astype(np.float32)
+    values[exponent == 32000] = np.inf
+    values[exponent == 32001] = -np.inf
+    values[exponent >= 32002] = np.nan
+    return values
+
+
+def shape_predictor_68_path() -> str:
+    """The 68-point model of the face-recognition-models package, located without importing the package
+    (its __init__ imports pkg_resources, which recent setuptools no longer ships)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package face-recognition-models is not installed")
+    return os.path.join(spec.submodule_search_locations[0], "models", "shape_predictor_68_face_landmarks.dat")
+
+
+class ShapePredictor:
+    """dlib's shape_predictor on a torch device; `predict` is batched over all faces of all images."""
+
+    def __init__(self, path: str, device="cpu", use_triton: bool | None = None):
+        self._setup(read_shape_predictor(path), device, use_triton)
+
+    @classmethod
+    def from_model(cls, model: ShapePredictorModel, device="cpu", use_triton: bool | None = None
+                   ) -> "ShapePredictor":
+        model.validate()
+        self = cls.__new__(cls)
+        self._setup(model, device, use_triton)
+        return self
+
+    @classmethod
+    def random(cls, cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
+               seed: int = 0, device="cpu", use_triton: bool | None = None) -> "ShapePredictor":
+        """A predictor of the given shape (the 68-point model's by default) with random values, for timing
+        where the model file is not available; its landmarks mean nothing."""
+        return cls.from_model(random_model(cascades, trees, depth, pixels, parts, seed), device, use_triton)
+
+    def _setup(self, model: ShapePredictorModel, device, use_triton: bool | None) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        if use_triton is None:
+            use_triton = on_cuda and triton is not None
+        if use_triton and not (on_cuda and triton is not None):
+            raise ValueError("use_triton needs a CUDA device and the triton package")
+        self.use_triton = use_triton
+        dev = self.device
+        mean = model.initial_shape.astype(np.float64).reshape(-1, 2)
+        centred = mean - mean.mean(axis=0)
+        self._mean_shape = torch.from_numpy(model.initial_shape).to(dev)
+        self._mean_centred = torch.from_numpy(centred).to(dev)                      # (parts, 2) float64
+        self._mean_variance = float((centred ** 2).sum() / mean.shape[0])           # dlib's sigma_from
+        self._split1 = torch.from_numpy(model.split_index1.astype(np.int32)).to(dev)
+        self._split2 = torch.from_numpy(model.split_index2.astype(np.int32)).to(dev)
+        self._threshold = torch.from_numpy(model.split_threshold).to(dev)
+        self._leaves = torch.from_numpy(model.leaf_values).to(dev)
+        self._anchor = torch.from_numpy(model.anchor_index).to(dev)
+        self._delta = torch.from_numpy(model.anchor_delta).to(dev)                  # (cascades, pixels, 2)
+        self._tree_base = torch.arange(model.num_trees, device=dev, dtype=torch.int64) * model.num_splits
+        self._leaf_base = torch.arange(model.num_trees, device=dev, dtype=torch.int64) * (model.num_splits + 1)
+        self._depth = int(math.log2(model.num_splits + 1))
+        self._unroll = max(u for u in (10, 8, 5, 4, 2, 1) if model.num_trees % u == 0)
+
+    @property
+    def num_parts(self) -> int:
+        return self.model.num_parts
+
+    # -- public API ----------------------------------------------------------------------------------------
+
+    def predict(self, images: Sequence, boxes: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+        """Landmarks of every box of every image: a list with one (n_i, parts, 2) int64 array per image."""
+        if len(images) != len(boxes):
+            raise ValueError(f"predict: {len(images)} images but {len(boxes)} lists of boxes")
+        flat, image_offsets, sizes = self._stack_images(images)
+        counts = []
+        face_rows = []
+        for i, image_boxes in enumerate(boxes):
+            arr = np.asarray(image_boxes, dtype=np.int64).reshape(-1, 4) if len(image_boxes) else \
+                np.zeros((0, 4), dtype=np.int64)
+            counts.append(arr.shape[0])
+            if arr.shape[0]:
+                h, w = sizes[i]
+                face_rows.append(np.column_stack([arr, np.full(arr.shape[0], image_offsets[i]),
+                                                  np.full(arr.shape[0], w), np.full(arr.shape[0], h)]))
+        faces = np.concatenate(face_rows) if face_rows else np.zeros((0, 7), dtype=np.int64)
+        points = self.predict_faces(flat, torch.from_numpy(faces).to(self.device)).cpu().numpy()
+        return list(np.split(points, np.cumsum(counts)[:-1]))
+
+    def predict_faces(self, pixels: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Low-level entry: `pixels` a flat uint8 RGB buffer on the device holding all images; `faces` an
+        (N, 7) int64 tensor of (left, top, right, bottom, offset of its image in `pixels` in pixels, image
+        width, image height). Returns (N, parts, 2) int64 points on the device."""
+        n = faces.shape[0]
+        parts = self.num_parts
+        if n == 0:
+            return torch.zeros((0, parts, 2), dtype=torch.int64, device=self.device)
+        box = faces[:, :4].to(torch.float64)
+        size = (box[:, 2:4] - box[:, 0:2])[:, :, None]                 # (N, 2, 1): right-left, bottom-top
+        origin = box[:, 0:2, None]                                       # (N, 2, 1): left, top
+        image_offset = faces[:, 4:5]
+        width, height = faces[:, 5:6], faces[:, 6:7]
+        shape = self._mean_shape.expand(n, -1).contiguous()             # (N, 2*parts) float32
+        for c in range(self.model.num_cascades):
+            tform = self._similarity_to(shape)
+            values = self._feature_pixels(pixels, shape, tform, c, size, origin, image_offset, width, height)
+            if self.use_triton:
+                self._cascade_triton(shape, values, c)
+            else:
+                self._cascade_torch(shape, values, c)
+        xy = shape.view(n, parts, 2).transpose(1, 2).to(torch.float64)  # (N, 2, parts)
+        return torch.floor(xy * size + origin + 0.5).to(torch.int64).transpose(1, 2).contiguous()
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _stack_images(self, images: Sequence) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+        tensors, offsets, sizes = [], [], []
+        total = 0
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                t = image
+            else:
+                with warnings.catch_warnings():
+                    # Read-only arrays (e.g. from Pillow) are fine: they are only read.
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.as_tensor(image)
+            if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != 3:
+                raise ValueError(f"predict: image {i} must be an HxWx3 uint8 array, got "
+                                 f"{tuple(t.shape)} {t.dtype}")
+            offsets.append(total)
+            sizes.append((int(t.shape[0]), int(t.shape[1])))
+            total += int(t.shape[0]) * int(t.shape[1])
+            tensors.append(t.reshape(-1))
+        if not tensors:
+            return torch.zeros(0, dtype=torch.uint8, device=self.device), offsets, sizes
+        if all(t.device == self.device for t in tensors):
+            flat = torch.cat(tensors)
+        else:
+            flat = torch.cat([t.cpu() for t in tensors])
+            flat = flat.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else flat
+        return flat, offsets, sizes
+
+    def _similarity_to(self, shape: torch.Tensor) -> torch.Tensor:
+        """dlib's find_similarity_transform(mean shape -> current shape), its 2x2 part as float32, (N, 2, 2).
+
+        Umeyama's solution for two dimensions in closed form: with cov = mean over points of
+        (to - mean_to)(from - mean_from)^T, the best rotation scaled by trace(D S) is
+        [[a, -b], [b, a]] with a = cov00 + cov11, b = cov10 - cov01, and the scale divides by the variance
+        of the mean shape. (dlib gets the same matrix from an SVD of cov; in double both agree to the last
+        bits, and the result is rounded to float32.)"""
+        n, parts = shape.shape[0], self.num_parts
+        to = shape.view(n, parts, 2).to(torch.float64)
+        centred = to - to.mean(dim=1, keepdim=True)
+        # cov[r][c] = mean_i centred[i, r] * mean_centred[i, c]; products, then sums (no fused multiply-add)
+        cov = (centred[:, :, :, None] * self._mean_centred[None, :, None, :]).sum(dim=1) / parts
+        a = (cov[:, 0, 0] + cov[:, 1, 1]) / self._mean_variance
+        b = (cov[:, 1, 0] - cov[:, 0, 1]) / self._mean_variance
+        return torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1).to(torch.float32)
+
+    def _feature_pixels(self, pixels, shape, tform, c, size, origin, image_offset, width, height):
+        """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32."""
+        n, parts = shape.shape[0], self.num_parts
+        delta = self._delta[c]                                           # (P, 2)
+        # tform * delta in float32: each product rounded, then their sum, as dlib's 2x2 * vector product.
+        products = tform[:, :, None, :] * delta[None, None, :, :]        # (N, 2, P, 2)
+        moved = products[..., 0] + products[..., 1]                       # (N, 2, P)
+        anchor = shape.view(n, parts, 2)[:, self._anchor[c], :].transpose(1, 2)  # (N, 2, P)
+        point = (moved + anchor).to(torch.float64)
+        pix = torch.floor(point * size + origin + 0.5)                   # (N, 2, P) integral, in double
+        x, y = pix[:, 0], pix[:, 1]
+        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        index = image_offset + y.to(torch.int64) * width + x.to(torch.int64)
+        index = torch.where(inside, index, 0) * 3
+        rgb = pixels[index[:, :, None] + torch.arange(3, device=pixels.device)]
+        grey = rgb.to(torch.int32).sum(dim=2) // 3
+        return torch.where(inside, grey, 0).to(torch.float32)
+
+    def _leaf_index_torch(self, values: torch.Tensor, c: int) -> torch.Tensor:
+        """Leaf reached in every tree of cascade c by every face, (N, trees) int64."""
+        n, trees = values.shape[0], self.model.num_trees
+        split1, split2 = self._split1[c].reshape(-1), self._split2[c].reshape(-1)
+        threshold = self._threshold[c].reshape(-1)
+        node = torch.zeros((n, trees), dtype=torch.int64, device=values.device)
+        for _ in range(self._depth):
+            split = self._tree_base + node
+            f1 = values.gather(1, split1[split].to(torch.int64))
+            f2 = values.gather(1, split2[split].to(torch.int64))
+            go_left = (f1 - f2) > threshold[split]
+            node = 2 * node + 2 - go_left.to(torch.int64)
+        return node - self.model.num_splits
+
+    def _cascade_torch(self, shape: torch.Tensor, values: torch.Tensor, c: int) -> None:
+        leaf_rows = (self._leaf_base + self._leaf_index_torch(values, c)).t().contiguous()  # (trees, N)
+        leaves = self._leaves[c].reshape(-1, shape.shape[1])
+        # dlib's order: the shape plus tree 0's leaf, plus tree 1's leaf, ... each sum rounded to float32.
+        for rows in leaf_rows:
+            shape += leaves.index_select(0, rows)
+
+    def _cascade_triton(self, shape: torch.Tensor, values: torch.Tensor, c: int) -> None:
+        n = shape.shape[0]
+        trees, splits = self.model.num_trees, self.model.num_splits
+        coords = shape.shape[1]
+        leaf = torch.empty((n, trees), dtype=torch.int32, device=shape.device)
+        _tree_leaf_kernel[(n, triton.cdiv(trees, _TREE_BLOCK))](
+            values, self._split1[c], self._split2[c], self._threshold[c], leaf,
+            trees, values.shape[1], NUM_SPLITS=splits, DEPTH=self._depth, BLOCK=_TREE_BLOCK, num_warps=4)
+        _add_leaves_kernel[(n, triton.cdiv(coords, _COORD_BLOCK))](
+            shape, leaf, self._leaves[c], trees, splits + 1, coords,
+            BLOCK=_COORD_BLOCK, UNROLL=self._unroll, num_warps=1)
+
+
+def random_model(cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
+                 seed: int = 0) -> ShapePredictorModel:
+    """Random trees of the given shape with values of the 68-point model's magnitudes."""
+    rng = np.random.default_rng(seed)
+    splits = 2 ** depth - 1
+    coords = 2 * parts
+    mean = np.stack([rng.uniform(0.1, 0.9, parts), rng.uniform(0.1, 0.9, parts)], 1).astype(np.float32)
+    return ShapePredictorModel(
+        initial_shape=mean.reshape(-1),
+        split_index1=rng.integers(0, pixels, (cascades, trees, splits)),
+        split_index2=rng.integers(0, pixels, (cascades, trees, splits)),
+        split_threshold=rng.normal(0, 30, (cascades, trees, splits)).astype(np.float32),
+        leaf_values=rng.normal(0, 1e-3, (cascades, trees, splits + 1, coords)).astype(np.float32),
+        anchor_index=rng.integers(0, parts, (cascades, pixels)),
+        anchor_delta=rng.normal(0, 0.05, (cascades, pixels, 2)).astype(np.float32),
+    )
+
+
+_TREE_BLOCK = 128
+_COORD_BLOCK = 32
+
+if triton is not None:
+
+    @triton.jit
+    def _tree_leaf_kernel(values_ptr, split1_ptr, split2_ptr, threshold_ptr, leaf_ptr, num_trees, num_pixels,
+                          NUM_SPLITS: tl.constexpr, DEPTH: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (face, block of trees); each lane walks one tree down its DEPTH levels.
+        face = tl.program_id(0).to(tl.int64)
+        tree = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = tree < num_trees
+        node = tl.zeros([BLOCK], dtype=tl.int32)
+        row = values_ptr + face * num_pixels
+        for _ in tl.static_range(DEPTH):
+            split = tree * NUM_SPLITS + node
+            i1 = tl.load(split1_ptr + split, mask=live, other=0)
+            i2 = tl.load(split2_ptr + split, mask=live, other=0)
+            threshold = tl.load(threshold_ptr + split, mask=live, other=0.0)
+            f1 = tl.load(row + i1, mask=live, other=0.0)
+            f2 = tl.load(row + i2, mask=live, other=0.0)
+            node = 2 * node + tl.where((f1 - f2) > threshold, 1, 2)
+        tl.store(leaf_ptr + face * num_trees + tree, node - NUM_SPLITS, mask=live)
+
+    @triton.jit
+    def _add_leaves_kernel(shape_ptr, leaf_ptr, leaves_ptr, num_trees, num_leaves, num_coords,
+                           BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+        # One program per (face, block of coordinates): the trees' leaves are added one tree after the
+        # other, in dlib's order. UNROLL divides num_trees; unrolling lets the loads of several trees be
+        # issued before their adds, which stay in order.
+        face = tl.program_id(0).to(tl.int64)
+        coord = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = coord < num_coords
+        shape_row = shape_ptr + face * num_coords + coord
+        acc = tl.load(shape_row, mask=live, other=0.0)
+        leaf_row = leaf_ptr + face * num_trees
+        for first in range(0, num_trees, UNROLL):
+            for u in tl.static_range(UNROLL):
+                tree = first + u
+                leaf = tl.load(leaf_row + tree).to(tl.int64)
+                acc = acc + tl.load(leaves_ptr + (tree * num_leaves + leaf) * num_coords + coord, mask=live,
+                                    other=0.0)
+        tl.store(shape_row, acc, mask=live)
