@@ -4,9 +4,9 @@
 #   RAY_ADDRESS=http://head-node:8265 examples/submit_cluster.sh [--no-wait] [--submission-id ID] \
 #       [--config FILE] [--set key=value ...]
 #
-# --no-wait and --submission-id go to `ray job submit`; everything else goes to run_pipeline.py, after
-# `--config configs/cluster.yaml` (a later --config replaces it). Without --no-wait the script follows the
-# job's logs and exits non-zero when the job does not succeed.
+# --no-wait and --submission-id go to `ray job submit` (default id: e2style-<UTC time>-<pid>); everything
+# else goes to run_pipeline.py, after `--config configs/cluster.yaml` (a later --config replaces it).
+# Without --no-wait the script follows the job's logs and exits 0 only when the job succeeded.
 #
 # The working directory (this repo, without .venv, .git, out/ and tests/data) is uploaded and shipped to
 # every node; inside the job, configs/cluster.yaml's ray.address "auto" joins the cluster the job runs on.
@@ -23,20 +23,34 @@ cd "$(dirname "$0")/.."
 # (No apostrophes inside this message: bash parses quotes within ${...:?...}.)
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard address of the cluster, e.g. http://head-node:8265}"
 
-submit_opts=()
+submission_id=""
+no_wait=0
 pipeline_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --no-wait) submit_opts+=("--no-wait"); shift ;;
-    --submission-id) submit_opts+=("--submission-id" "${2:?--submission-id needs a value}"); shift 2 ;;
-    --submission-id=*) submit_opts+=("--submission-id" "${1#*=}"); shift ;;
+    --no-wait) no_wait=1; shift ;;
+    --submission-id) submission_id="${2:?--submission-id needs a value}"; shift 2 ;;
+    --submission-id=*) submission_id="${1#*=}"; shift ;;
     *) pipeline_args+=("$1"); shift ;;
   esac
 done
+# An id of our own when none is given: the final status is looked up by it.
+submission_id="${submission_id:-e2style-$(date -u +%Y%m%d-%H%M%S)-$$}"
+submit_opts=(--submission-id "$submission_id")
+[ "$no_wait" = 1 ] && submit_opts+=(--no-wait)
 
-exec ray job submit \
+ray job submit \
   --address "$RAY_ADDRESS" \
-  ${submit_opts[@]+"${submit_opts[@]}"} \
+  "${submit_opts[@]}" \
   --working-dir . \
   --runtime-env-json '{"excludes": [".venv", "out", ".git", "tests/data"], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}' \
   -- python run_pipeline.py --config configs/cluster.yaml ${pipeline_args[@]+"${pipeline_args[@]}"}
+
+[ "$no_wait" = 1 ] && exit 0
+# ray job submit exits 0 for a stopped job too: succeed only when the job did.
+status_out="$(ray job status --address "$RAY_ADDRESS" "$submission_id" 2>&1 || true)"
+if grep -q "Job '$submission_id' succeeded" <<<"$status_out"; then
+  exit 0
+fi
+echo "job $submission_id did not succeed: ray job status --address $RAY_ADDRESS $submission_id" >&2
+exit 1
