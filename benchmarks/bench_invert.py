@@ -31,16 +31,13 @@ PHOTOS = ("tests/data/astronaut.jpg", "tests/data/grace_hopper.jpg")
 
 # name: (precision, modconv form, channels_last, torch.compile, upsample implementation, kernel rewrites)
 VARIANTS = {
-    "fp32-reference": ("fp32", "grouped", False, False, "subpixel", False),
-    "fp32-shared": ("fp32", "shared", False, False, "subpixel", False),
-    "bf16": ("bf16", "shared", True, False, "subpixel", False),
-    "bf16-convT": ("bf16", "shared", True, False, "transposed", False),
-    "bf16-compile": ("bf16", "shared", True, True, "subpixel", False),
-    "fp16-compile": ("fp16", "shared", True, True, "subpixel", False),
+    "fp32-reference": ("fp32", "grouped", False, False, "transposed", False),
+    "fp32-shared": ("fp32", "shared", False, False, "transposed", False),
+    "bf16": ("bf16", "shared", True, False, "transposed", False),
     "bf16-compile-tblur": ("bf16", "shared", True, True, "transposed_blur", False),
     "fp16-compile-tblur": ("fp16", "shared", True, True, "transposed_blur", False),
     # optimize_for_gpu(kernels=True): 8-channel padded encoder input convs, matmul RGB-skip upsampling
-    "bf16-k": ("bf16", "shared", True, False, "subpixel", True),
+    "bf16-k": ("bf16", "shared", True, False, "transposed", True),
     "fp16-compile-tblur-k": ("fp16", "shared", True, True, "transposed_blur", True),
 }
 
@@ -69,9 +66,8 @@ def configure(model, variant: str):
     if kernels:
         model = copy.deepcopy(model)
     model.set_precision(precision, modconv=modconv)
+    model.decoder.set_upsample_form(upsample_impl)
     for m in model.decoder.modules():
-        if hasattr(m, "upsample_impl"):
-            m.upsample_impl = upsample_impl
         if hasattr(m, "matmul"):
             m.matmul = False
     model._compiled = {}

@@ -23,6 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 MODCONV_MODES = ("grouped", "shared")
+# Shared mode's upsampling convolution, both the same function: "transposed" folds the FIR blur into the 3x3
+# kernel (one 6x6 transposed convolution: fastest eager); "transposed_blur" keeps the official order, the
+# transposed 3x3 convolution then the blur as a 16-tap stencil that torch.compile fuses with the epilogue.
+# A third form, a 3x3 convolution to 4x the channels then pixel_shuffle, was dropped: on an H200 (torch 2.11 +
+# cu130, float32) cuDNN returns wrong results for one of its shapes at batch >= 8 (benchmarks/check_gpu.py
+# keeps that reproduction).
+UPSAMPLE_FORMS = ("transposed", "transposed_blur")
 
 
 def make_kernel(k: list[float]) -> torch.Tensor:
@@ -151,22 +158,6 @@ def fir_stencil(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> 
     return out.to(x.dtype)
 
 
-def subpixel_kernel(kt: torch.Tensor) -> torch.Tensor:
-    """A stride-2 transposed conv with a 6x6 kernel (in, out, 6, 6), padding 2, written as a 3x3 conv to
-    4*out channels followed by pixel_shuffle(2): output phase (ry, rx) of channel o reads input offsets
-    -1..1 with taps kt[..., ry + 4 - 2a, rx + 4 - 2b]. Dense 3x3 convs at the low resolution are the
-    fastest kind of convolution on GPUs."""
-    i, o = kt.shape[:2]
-    idx = torch.arange(3, device=kt.device)
-    phases = []
-    for ry in range(2):
-        for rx in range(2):
-            ys, xs = ry + 4 - 2 * idx, rx + 4 - 2 * idx
-            phases.append(kt[:, :, ys][:, :, :, xs])  # (in, out, 3, 3)
-    w = torch.stack(phases, dim=2)  # (in, out, 4, 3, 3): channel order o*4 + ry*2 + rx
-    return w.reshape(i, o * 4, 3, 3).transpose(0, 1).contiguous()
-
-
 class ModulatedConv2d(nn.Module):
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, demodulate: bool = True, upsample: bool = False, blur_kernel: list[float] = (1, 3, 3, 1)):
         super().__init__()
@@ -185,9 +176,7 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         self.demodulate = demodulate
         self.mode = "grouped"
-        # Shared mode only, all the same function: "subpixel" / "transposed" fold the blur into a 6x6 kernel
-        # (4x the multiply-adds of the official transposed conv); "transposed_blur" keeps them apart.
-        self.upsample_impl = "subpixel"
+        self.upsample_impl = "transposed"  # shared mode only: one of UPSAMPLE_FORMS
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         s = self.modulation(style)  # (B, in)
@@ -232,11 +221,7 @@ class ModulatedConv2d(nn.Module):
                 out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), padding=0, stride=2)
                 out = fir_stencil(out, self.blur.kernel, self.blur.pad)
                 return self._demodulate(out, weight, s)
-            kt = self.upsample_kernel(weight)
-            if self.upsample_impl == "subpixel":
-                out = F.pixel_shuffle(F.conv2d(x, subpixel_kernel(kt).to(x.dtype), padding=1), 2)
-            else:
-                out = F.conv_transpose2d(x, kt.to(x.dtype), padding=2, stride=2)
+            out = F.conv_transpose2d(x, self.upsample_kernel(weight).to(x.dtype), padding=2, stride=2)
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         return self._demodulate(out, weight, s)
@@ -362,6 +347,13 @@ class Generator(nn.Module):
         for m in self.modules():
             if isinstance(m, (ModulatedConv2d, Upsample)):
                 m.mode = mode
+
+    def set_upsample_form(self, form: str) -> None:
+        if form not in UPSAMPLE_FORMS:
+            raise ValueError(f"upsampling form must be one of {UPSAMPLE_FORMS}, got {form!r}")
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.upsample_impl = form
 
     def mapping(self, z: torch.Tensor) -> torch.Tensor:
         """Z (B, style_dim) -> W (B, style_dim)."""

@@ -199,14 +199,14 @@ def test_generator_any_resolution_widths_from_weights_noise_truncation(tmp_path)
 def test_shared_weight_modulated_conv_equals_grouped_in_float64(upsample, blur):
     """The fast formulation (scale input, shared conv, demodulate output; blur folded into the transposed
     conv's kernel) is the official function."""
-    from models.stylegan2 import ModulatedConv2d
+    from models.stylegan2 import UPSAMPLE_FORMS, ModulatedConv2d
 
     torch.manual_seed(0)
     conv = ModulatedConv2d(16, 8, 3, 32, upsample=upsample, blur_kernel=blur).double()
     x, s = torch.randn(3, 16, 8, 8, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
     ref = conv(x, s)
     conv.mode = "shared"
-    for impl in ("subpixel", "transposed", "transposed_blur"):
+    for impl in UPSAMPLE_FORMS:
         conv.upsample_impl = impl
         assert torch.allclose(conv(x, s), ref, rtol=1e-10, atol=1e-12), impl
 
