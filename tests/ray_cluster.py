@@ -130,6 +130,11 @@ class LocalCluster:
         self.env = env
         self.ray_bin = os.path.join(bindir, "ray")
         self.gcs_port, self.dashboard_port = None, None
+        # A watchdog kills the nodes if this process dies without shutdown() (SIGKILL, a CI timeout).
+        self.pids_file = os.path.join(self.root, "node_pids")
+        open(self.pids_file, "w").close()
+        self.watchdog = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--watchdog", str(os.getpid()),
+                                          self.root], start_new_session=True, stdin=subprocess.DEVNULL)
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -153,6 +158,8 @@ class LocalCluster:
                                     env=self.env, start_new_session=True, cwd=self.root)
         node = Node(name, proc, log_path, dict(resources or {}))
         self.nodes.append(node)
+        with open(self.pids_file, "a") as f:
+            f.write(f"{proc.pid}\n")
         return node
 
     def _node_ports(self) -> list[str]:
@@ -255,6 +262,9 @@ class LocalCluster:
                 node.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        if self.watchdog.poll() is None:
+            self.watchdog.kill()
+            self.watchdog.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
@@ -262,3 +272,33 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _watchdog(parent_pid: int, root: str) -> None:
+    """Until ``parent_pid`` exits; then kill every node listed in ``root``/node_pids and remove ``root``."""
+    while True:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(1.0)
+    try:
+        with open(os.path.join(root, "node_pids")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        pids = []
+    for pid in reversed(pids):
+        try:   # only our `ray start` (its command line names our temp dir), never a process that reused the pid
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = root.encode() in f.read()
+        except OSError:
+            ours = False
+        if ours:
+            kill_tree(pid)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--watchdog":
+    _watchdog(int(sys.argv[2]), sys.argv[3])

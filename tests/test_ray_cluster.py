@@ -84,10 +84,10 @@ def photos(tmp_path_factory):
 # Helpers
 
 
-def pipeline_sets(photos: str, out: str, checkpoint: str, *extra: str) -> list[str]:
+def pipeline_sets(photos: str, out: str, checkpoint: str, *extra: str, in_flight: int = 2) -> list[str]:
     sets = [f"input.url={photos}", "input.format=images", f"output.url={out}", f"model.checkpoint={checkpoint}",
             "model.precision=fp32", "model.batch_size=4", "align.enabled=false", f"shard_size={SHARD_SIZE}",
-            "ray.chunk_size=4", "ray.max_shards_in_flight=2", "retries=3", *extra]
+            "ray.chunk_size=4", f"ray.max_shards_in_flight={in_flight}", "retries=3", *extra]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -192,6 +192,20 @@ def assert_exactly_once(out: str, photos: str) -> None:
         assert json.load(f)["status"] == "succeeded"
 
 
+def settled_commits(out: str, quiet_s: float = 3.0, timeout: float = 60) -> list[str]:
+    """The committed shards once no new one has appeared for ``quiet_s`` (a stopped job's last writes done)."""
+    deadline = time.time() + timeout
+    last, since = committed(out), time.time()
+    while time.time() - since < quiet_s:
+        if time.time() > deadline:
+            pytest.fail(f"shards still being committed {timeout} s after the job stopped: {last}")
+        time.sleep(0.2)
+        now = committed(out)
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
 def stats_of(out: str) -> dict[str, dict]:
     res = {}
     for s in committed(out):
@@ -264,7 +278,8 @@ def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, photos, tiny_c
 
 def test_job_stop_then_resubmit_skips_committed_shards(cluster, photos, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "out")
-    sets = pipeline_sets(photos, out, tiny_checkpoint)
+    # One shard at a time: the job is still running when the stop (a CLI start-up later) arrives.
+    sets = pipeline_sets(photos, out, tiny_checkpoint, in_flight=1)
     sid1 = f"e2style-stop-{uuid.uuid4().hex[:8]}"
     r = submit(cluster, "--no-wait", "--submission-id", sid1, *sets, timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -273,6 +288,7 @@ def test_job_stop_then_resubmit_skips_committed_shards(cluster, photos, tiny_che
     r = ray_cli(cluster, "job", "stop", "--address", cluster.dashboard_url, sid1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert wait_job(cluster, sid1, timeout=60) == "STOPPED"
+    settled_commits(out)
     first = stats_of(out)
     assert 0 < len(first) < N_SHARDS, f"stop was not mid-run: {len(first)} of {N_SHARDS} shards committed"
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
