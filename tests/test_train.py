@@ -1,4 +1,5 @@
-"""E2Style training (pipeline/train.py, models/losses.py, models/optim.py, workers/train_worker.py) on CPU.
+"""E2Style training (pipeline/train*.py, models/losses.py and its networks, models/optim.py, workers/train_worker.py)
+on CPU.
 
 Most tests use a tiny 32 px generator and let the encoders see its native 32 px images (``native_pool``:
 the 256 px face pool is switched off) so a few steps cost well under a second; the Ray Train and CLI
@@ -31,13 +32,16 @@ def tiny_generator(tmp_path_factory):
 @pytest.fixture
 def native_pool(monkeypatch):
     """Encoders see the generator's 32 px output instead of its 256 px upsampling (same code path, 64x cheaper)."""
-    import models.e2style as me
+    import models.e2style
+    import pipeline.train_data
+    import pipeline.train_model
 
-    monkeypatch.setattr(me, "face_pool", lambda x: x)
+    for module in (models.e2style, pipeline.train_data, pipeline.train_model):  # every module that calls it
+        monkeypatch.setattr(module, "face_pool", lambda x: x)
 
 
 def make_cfg(out, generator, **over):
-    from pipeline.train import resolve_config
+    from pipeline.train_config import resolve_config
 
     base = {
         "output_dir": str(out), "generator": generator,
@@ -68,7 +72,9 @@ def quiet(msg):
 @pytest.fixture(scope="module")
 def random_pretrained(tmp_path_factory):
     """Randomly initialised stand-ins for the pretrained nets, saved in the real files' key layouts."""
-    from models.losses import LPIPS, Backbone, ParsingUNet
+    from models.arcface import Backbone
+    from models.face_parsing import ParsingUNet
+    from models.lpips import LPIPS
 
     d = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)
@@ -86,7 +92,10 @@ def random_pretrained(tmp_path_factory):
 
 
 def test_pretrained_key_layouts_and_losses(random_pretrained):
-    from models.losses import E2StyleLoss, LPIPS, load_ir_se50, load_lpips, load_parsing_unet
+    from models.arcface import load_ir_se50
+    from models.face_parsing import load_parsing_unet
+    from models.losses import E2StyleLoss
+    from models.lpips import LPIPS, load_lpips
 
     keys = set(LPIPS().state_dict())
     assert {f"features.{i}.weight" for i in (0, 3, 6, 8, 10)} <= keys
@@ -115,7 +124,8 @@ def test_pretrained_key_layouts_and_losses(random_pretrained):
 
 def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator, random_pretrained):
     from models.losses import MissingPretrainedError
-    from pipeline.train import main, run_training
+    from pipeline.train import main
+    from pipeline.train_loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, loss__id=0.5, pretrained__ir_se50=str(tmp_path / "nope_ir_se50.pth"))
     with pytest.raises(MissingPretrainedError, match=r"pretrained\.ir_se50.*nope_ir_se50\.pth"):
@@ -140,11 +150,13 @@ def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator,
 
 
 def test_few_steps_lower_the_loss(tmp_path, tiny_generator, native_pool):
-    from pipeline.train import _gen, build_stage_model, run_training, synthetic_batch, validate_model
+    from pipeline.train_data import seeded_generator, synthetic_batch
+    from pipeline.train_loop import run_training
+    from pipeline.train_model import build_stage_model, validate_model
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=24, train__batch_size=4)
     model0, _ = build_stage_model(cfg, 1, quiet)
-    x, w = synthetic_batch(model0.decoder, model0.latent_avg[0], 16, _gen("heldout"))
+    x, w = synthetic_batch(model0.decoder, model0.latent_avg[0], 16, seeded_generator("heldout"))
     before = validate_model(model0, x, 1, 16, "cpu", None, w)
     [res] = run_training(cfg, log=quiet)
     after = validate_model(load_e2style(res["final"]), x, 1, 16, "cpu", None, w)
@@ -154,7 +166,7 @@ def test_few_steps_lower_the_loss(tmp_path, tiny_generator, native_pool):
 
 
 def test_stage2_leaves_stage1_bit_identical(tmp_path, tiny_generator, native_pool):
-    from pipeline.train import run_training
+    from pipeline.train_loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__stages=[1, 2], train__steps=2)
     r1, r2 = run_training(cfg, log=quiet)
@@ -187,7 +199,8 @@ def _tensors_equal(a, b) -> bool:
 
 
 def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, tiny_generator, native_pool):
-    from pipeline.train import SimulatedCrash, run_training, stage_paths
+    from pipeline.train_config import stage_paths
+    from pipeline.train_loop import SimulatedCrash, run_training
 
     ref_cfg = make_cfg(tmp_path / "ref", tiny_generator, train__steps=4, train__save_every=2)
     [ref] = run_training(ref_cfg, log=quiet)
@@ -217,7 +230,7 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
 
 
 def test_adamw_and_w_norm(tmp_path, tiny_generator, native_pool):
-    from pipeline.train import run_training
+    from pipeline.train_loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, optim__name="adamw", loss__w_norm=0.01, train__steps=2, train__log_every=1)
     [res] = run_training(cfg, log=quiet)
@@ -227,27 +240,35 @@ def test_adamw_and_w_norm(tmp_path, tiny_generator, native_pool):
 
 
 def test_metrics_are_tensorboard_readable(tmp_path, tiny_generator, native_pool):
-    from pipeline.train import EventWriter, crc32c, read_events, run_training
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    from pipeline.train_loop import run_training
+    from pipeline.train_metrics import MetricsLogger
+
+    def read_back(log_dir) -> dict[tuple[str, int], float]:
+        acc = EventAccumulator(str(log_dir))
+        acc.Reload()
+        return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+
+    logger = MetricsLogger(str(tmp_path / "unit"))
+    logger.log(3, {"train/loss": 0.25, "val/psnr": 21.5})
+    logger.log(7, {"train/loss": 0.125})
+    logger.close()
+    assert read_back(tmp_path / "unit") == {("train/loss", 3): 0.25, ("val/psnr", 3): 21.5, ("train/loss", 7): 0.125}
+    MetricsLogger(str(tmp_path / "rank1"), enabled=False).log(1, {"train/loss": 1.0})  # ranks > 0 write nothing
+    assert not (tmp_path / "rank1").exists()
+
+    # A training run's event file holds exactly the scalars of its metrics.jsonl: same tags, steps, values.
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=2, train__val_every=1)
     run_training(cfg, log=quiet)
     logs = tmp_path / "run" / "stage1" / "logs"
-    events = [f for f in os.listdir(logs) if f.startswith("events.out.tfevents.")]
-    assert len(events) == 1
-    try:
-        import tensorboard  # noqa: F401
-        has_tb = True
-    except ImportError:
-        has_tb = False
-    if not has_tb:
-        evs = read_events(str(logs / events[0]))
-        assert evs[0]["file_version"] == "brain.Event:2"
-        tags = {t for e in evs for t in e["scalars"]}
-        assert {"train/loss", "train/l2", "val/stage1/psnr", "val/stage1/mse"} <= tags
-        assert EventWriter  # our writer made it
+    assert len([f for f in os.listdir(logs) if f.startswith("events.out.tfevents.")]) == 1
     rows = [json.loads(line) for line in open(logs / "metrics.jsonl")]
-    assert any("val/stage1/psnr" in r for r in rows) and any("train/loss" in r for r in rows)
+    expected = {(tag, row["step"]): v for row in rows for tag, v in row.items() if tag not in ("step", "time")}
+    got = read_back(logs)
+    assert got.keys() == expected.keys()
+    assert all(got[key] == pytest.approx(expected[key], rel=1e-6) for key in expected)  # float32 in the event file
+    assert {("train/loss", 1), ("train/l2", 2), ("val/stage1/psnr", 1), ("val/stage1/mse", 2)} <= set(got)
 
 
 def test_image_folder_training(tmp_path, tiny_generator):
@@ -255,10 +276,11 @@ def test_image_folder_training(tmp_path, tiny_generator):
     from PIL import Image
 
     from models.checkpoint import load_stylegan2
-    from pipeline.train import _gen, image_batches, run_training, synthetic_batch
+    from pipeline.train_data import decode_to_tensor, image_batches, seeded_generator, synthetic_batch
+    from pipeline.train_loop import run_training
 
     G = load_stylegan2(tiny_generator)
-    x, _ = synthetic_batch(G, None, 7, _gen("imgs"))
+    x, _ = synthetic_batch(G, None, 7, seeded_generator("imgs"))
     folder = tmp_path / "faces"
     folder.mkdir()
     for i, a in enumerate(x.add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()):
@@ -270,10 +292,8 @@ def test_image_folder_training(tmp_path, tiny_generator):
     assert res["step"] == 1 and "stage1/psnr" in res["val"]
     # Images come at the model's input size; held-out files never reach training; an undecodable file
     # costs its batch one slot (batches are formed before decoding, so a resume can skip them undecoded).
-    from pipeline.train import _decode_to_tensor
-
     held = {str(folder / "img0.png"), str(folder / "img1.png")}
-    held_x = [_decode_to_tensor((folder / f"img{i}.png").read_bytes()) for i in (0, 1)]
+    held_x = [decode_to_tensor((folder / f"img{i}.png").read_bytes()) for i in (0, 1)]
     it = image_batches(cfg, 0, 1, 2, 0, held)
     sizes = []
     for _ in range(3):  # one epoch: 5 good files + 1 broken = 3 raw batches of 2
@@ -282,7 +302,7 @@ def test_image_folder_training(tmp_path, tiny_generator):
         assert not any(torch.equal(img, h) for img in b for h in held_x)
         sizes.append(len(b))
     assert sorted(sizes) == [1, 2, 2]
-    from pipeline.train import TrainConfigError, resolve_config
+    from pipeline.train_config import TrainConfigError, resolve_config
     with pytest.raises(TrainConfigError, match="loss.latent"):
         resolve_config({"output_dir": "x", "data": {"mode": "images", "url": str(folder)}, "loss": {"latent": 1.0}})
 
@@ -325,7 +345,7 @@ def test_cli_trains_from_yaml(tmp_path, tiny_generator):
 
 
 def test_shipped_configs_resolve():
-    from pipeline.train import load_train_config
+    from pipeline.train_config import load_train_config
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("train_synthetic.yaml", "train_demo.yaml"):
@@ -333,14 +353,50 @@ def test_shipped_configs_resolve():
         assert cfg["data"]["mode"] in ("synthetic", "images")
 
 
-def test_ddp_two_processes_keep_ranks_in_step(tmp_path, tiny_generator):
-    from pipeline.train import run_local_ddp
+def _spied_ddp_rank(rank: int, world_size: int, cfg: dict, port: int) -> None:
+    """``pipeline.train.ddp_rank_main`` with spies that keep what this rank trained on and the trainable encoder's
+    weights before and after, in ``output_dir/rank{rank}.pt`` (spawned processes do not see the test's patches)."""
+    import pipeline.train_loop as loop
+    from pipeline.train import ddp_rank_main
+
+    build_stage_model, training_batches = loop.build_stage_model, loop.training_batches
+    seen = {"inputs": []}
+
+    def spy_build(*args, **kwargs):
+        model, enc = build_stage_model(*args, **kwargs)
+        seen["encoder"] = enc
+        seen["initial"] = {n: p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad}
+        return model, enc
+
+    def spy_batches(*args, **kwargs):
+        for x, w in training_batches(*args, **kwargs):
+            seen["inputs"].append(x.detach().clone())
+            yield x, w
+
+    loop.build_stage_model, loop.training_batches = spy_build, spy_batches
+    ddp_rank_main(rank, world_size, cfg, port)
+    final = {n: p.detach().clone() for n, p in seen["encoder"].named_parameters() if p.requires_grad}
+    torch.save({"inputs": seen["inputs"], "initial": seen["initial"], "final": final}, os.path.join(cfg["output_dir"], f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_keep_ranks_in_step(tmp_path, tiny_generator, monkeypatch):
+    """Two ranks train on different batches and must end with the same weights: only true when every step's
+    gradients are averaged across ranks (DDP). Without DDP each rank would follow its own data."""
+    import pipeline.train as launcher
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=2, train__batch_size=1, data__val_count=1,
                    train__device="cpu", train__num_threads=1, train__max_seconds=300)
-    [res] = run_local_ddp(cfg, 2)
+    monkeypatch.setattr(launcher, "ddp_rank_main", _spied_ddp_rank)
+    [res] = launcher.run_local_ddp(cfg, 2)
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0["inputs"]) == len(r1["inputs"]) == 2
+    assert not any(torch.equal(a, b) for a, b in zip(r0["inputs"], r1["inputs"]))
+    assert r0["final"].keys() == r1["final"].keys() and r0["final"]
+    assert all(torch.equal(r0["final"][n], r1["final"][n]) for n in r0["final"])
+    assert any(not torch.equal(r0["final"][n], r0["initial"][n]) for n in r0["final"])  # they did train
     ck = read_checkpoint(res["final"])
     assert ck["opts"]["step"] == 2 and load_e2style(res["final"]).num_stages == 1
+    assert all(torch.equal(ck["state_dict"][f"encoder_firststage.{n}"], v) for n, v in r0["final"].items())
 
 
 def test_ray_train_one_worker(tmp_path, tiny_generator, ray_session):

@@ -1,5 +1,6 @@
-"""Ray Train wrapper of ``pipeline.train``: a TorchTrainer whose workers each run the plain training loop as
-one DDP rank (the trainable encoder is wrapped in DistributedDataParallel when there is more than one).
+"""Ray Train wrapper of the training loop (``pipeline.train_loop.run_training``): a TorchTrainer whose workers
+each run the plain loop as one DDP rank (the trainable encoder is wrapped in DistributedDataParallel when there
+is more than one). Ray is imported where used, so importing this module (the launcher does) costs nothing.
 
 Config keys: ``num_workers`` (ranks), ``use_gpu`` (one GPU each), ``ray.address`` (join a cluster; null =
 a local Ray), ``ray.cpus_per_worker``. ``output_dir`` must be visible to every worker (a shared filesystem
@@ -10,6 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
+from pipeline.train_config import check_files, stage_paths
+from pipeline.train_loop import run_training
+
 __all__ = ["train_loop_per_worker", "run_ray_training"]
 
 
@@ -17,15 +23,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.train import run_training
-
     cfg = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg["use_gpu"] else "cpu"
     if not cfg["use_gpu"] and os.environ.get("OMP_NUM_THREADS") and not cfg["train"]["num_threads"]:
-        import torch
-
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     cfg = {**cfg, "progress": cfg["progress"] and rank == 0}
 
@@ -36,13 +38,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def run_ray_training(cfg: dict[str, Any]) -> list[dict]:
-    """Run ``pipeline.train.run_training`` on ``num_workers`` Ray Train workers; returns one result per stage
+    """Run ``run_training`` on ``num_workers`` Ray Train workers; returns one result per stage
     (read back from the checkpoints rank 0 wrote)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipeline.train import check_files, stage_paths
 
     check_files(cfg)  # before any worker starts
     started = False
