@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.dlib_serialize import DlibFormatError, DlibReader
+from models.dlib_serialize import DlibFormatError, DlibReader, DlibWriter
 
 try:
     import triton
@@ -58,9 +58,28 @@ try:
 except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
-__all__ = ["ShapePredictor", "ShapePredictorModel", "DlibFormatError", "read_shape_predictor"]
+__all__ = ["ShapePredictor", "ShapePredictorModel", "DlibFormatError", "read_shape_predictor",
+           "parse_shape_predictor", "serialize_shape_predictor", "random_model", "shape_predictor_68_path"]
 
 _FILE_VERSION = 1
+
+# dlib maps the normalised shape into a box with the affine transform from the unit square's corners
+# (0,0), (1,0), (1,1) to the box's top-left, top-right and bottom-right: m = Q * pinv(P), where P holds the
+# square's corners as homogeneous columns [[0,1,1],[0,0,1],[1,1,1]] and Q the box's corners
+# [[l,r,r],[t,t,b]]. P's exact inverse has integer entries, but dlib takes pinv(P) from its SVD
+# (Golub-Reinsch, svd4 in dlib/matrix/matrix_la.h), whose result is off by a few units in the last place;
+# those errors decide which way a point lying exactly halfway between two pixels rounds, which happens
+# often enough on real faces to matter. These are the nine doubles dlib computes (obtained by running the
+# same algorithm with the same operation order in double); tests/test_landmarks.py checks them against
+# dlib on thousands of boxes with shapes placed on half pixels, where the exact inverse disagrees with dlib
+# almost every time.
+_UNIT_SQUARE_PINV = np.array([
+    [float.fromhex("-0x1.0000000000001p+0"), float.fromhex("-0x1.0000000000000p-52"),
+     float.fromhex("0x1.0000000000001p+0")],
+    [float.fromhex("0x1.ffffffffffffdp-1"), float.fromhex("-0x1.ffffffffffffbp-1"),
+     float.fromhex("0x1.8000000000000p-53")],
+    [0.0, float.fromhex("0x1.0000000000001p+0"), float.fromhex("0x1.8000000000000p-54")],
+], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -236,6 +255,36 @@ def parse_shape_predictor(data: bytes, name: str) -> ShapePredictorModel:
     return model
 
 
+def serialize_shape_predictor(model: ShapePredictorModel) -> bytes:
+    """The model in dlib's file format (dlib.shape_predictor loads it); a plain loop, for small models."""
+    model.validate()
+    w = DlibWriter()
+    w.write_int(_FILE_VERSION)
+    w.write_matrix(model.initial_shape)
+    w.write_int(model.num_cascades)
+    for c in range(model.num_cascades):
+        w.write_int(model.num_trees)
+        for t in range(model.num_trees):
+            w.write_int(model.num_splits)
+            for i1, i2, threshold in zip(model.split_index1[c, t], model.split_index2[c, t],
+                                         model.split_threshold[c, t]):
+                w.write_int(i1)
+                w.write_int(i2)
+                w.write_float(threshold)
+            w.write_int(model.num_splits + 1)
+            for leaf in model.leaf_values[c, t]:
+                w.write_matrix(leaf)
+    w.write_int(model.num_cascades)
+    for c in range(model.num_cascades):
+        w.write_int(model.num_pixels)
+        w.write_ints(model.anchor_index[c])
+    w.write_int(model.num_cascades)
+    for c in range(model.num_cascades):
+        w.write_int(model.num_pixels)
+        w.write_floats(model.anchor_delta[c])
+    return w.getvalue()
+
+
 # Kinds of the integers in a forest, for the vectorised parse.
 _LENGTH, _INDEX, _MANTISSA, _EXPONENT, _ROWS, _COLS = range(6)
 
@@ -322,8 +371,7 @@ class ShapePredictor:
         counts = []
         face_rows = []
         for i, image_boxes in enumerate(boxes):
-            arr = np.asarray(image_boxes, dtype=np.int64).reshape(-1, 4) if len(image_boxes) else \
-                np.zeros((0, 4), dtype=np.int64)
+            arr = _boxes_array(image_boxes, i)
             counts.append(arr.shape[0])
             if arr.shape[0]:
                 h, w = sizes[i]
@@ -331,7 +379,7 @@ class ShapePredictor:
                                                   np.full(arr.shape[0], w), np.full(arr.shape[0], h)]))
         faces = np.concatenate(face_rows) if face_rows else np.zeros((0, 7), dtype=np.int64)
         points = self.predict_faces(flat, torch.from_numpy(faces).to(self.device)).cpu().numpy()
-        return list(np.split(points, np.cumsum(counts)[:-1]))
+        return list(np.split(points, np.cumsum(counts)[:-1])) if counts else []
 
     def predict_faces(self, pixels: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """Low-level entry: `pixels` a flat uint8 RGB buffer on the device holding all images; `faces` an
@@ -341,21 +389,19 @@ class ShapePredictor:
         parts = self.num_parts
         if n == 0:
             return torch.zeros((0, parts, 2), dtype=torch.int64, device=self.device)
-        box = faces[:, :4].to(torch.float64)
-        size = (box[:, 2:4] - box[:, 0:2])[:, :, None]                 # (N, 2, 1): right-left, bottom-top
-        origin = box[:, 0:2, None]                                       # (N, 2, 1): left, top
+        box_to_image = _box_transforms(faces[:, :4])                    # (N, 2, 3) float64
         image_offset = faces[:, 4:5]
         width, height = faces[:, 5:6], faces[:, 6:7]
-        shape = self._mean_shape.expand(n, -1).contiguous()             # (N, 2*parts) float32
+        shape = self._mean_shape.repeat(n, 1)                            # (N, 2*parts) float32, a copy
         for c in range(self.model.num_cascades):
             tform = self._similarity_to(shape)
-            values = self._feature_pixels(pixels, shape, tform, c, size, origin, image_offset, width, height)
+            values = self._feature_pixels(pixels, shape, tform, c, box_to_image, image_offset, width, height)
             if self.use_triton:
                 self._cascade_triton(shape, values, c)
             else:
                 self._cascade_torch(shape, values, c)
-        xy = shape.view(n, parts, 2).transpose(1, 2).to(torch.float64)  # (N, 2, parts)
-        return torch.floor(xy * size + origin + 0.5).to(torch.int64).transpose(1, 2).contiguous()
+        xy = shape.view(n, parts, 2).transpose(1, 2)                    # (N, 2, parts)
+        return _to_image_pixels(xy, box_to_image).to(torch.int64).transpose(1, 2).contiguous()
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -404,7 +450,7 @@ class ShapePredictor:
         b = (cov[:, 1, 0] - cov[:, 0, 1]) / self._mean_variance
         return torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1).to(torch.float32)
 
-    def _feature_pixels(self, pixels, shape, tform, c, size, origin, image_offset, width, height):
+    def _feature_pixels(self, pixels, shape, tform, c, box_to_image, image_offset, width, height):
         """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32."""
         n, parts = shape.shape[0], self.num_parts
         delta = self._delta[c]                                           # (P, 2)
@@ -412,8 +458,7 @@ class ShapePredictor:
         products = tform[:, :, None, :] * delta[None, None, :, :]        # (N, 2, P, 2)
         moved = products[..., 0] + products[..., 1]                       # (N, 2, P)
         anchor = shape.view(n, parts, 2)[:, self._anchor[c], :].transpose(1, 2)  # (N, 2, P)
-        point = (moved + anchor).to(torch.float64)
-        pix = torch.floor(point * size + origin + 0.5)                   # (N, 2, P) integral, in double
+        pix = _to_image_pixels(moved + anchor, box_to_image)              # (N, 2, P) integral, in double
         x, y = pix[:, 0], pix[:, 1]
         inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
         index = image_offset + y.to(torch.int64) * width + x.to(torch.int64)
@@ -454,6 +499,40 @@ class ShapePredictor:
         _add_leaves_kernel[(n, triton.cdiv(coords, _COORD_BLOCK))](
             shape, leaf, self._leaves[c], trees, splits + 1, coords,
             BLOCK=_COORD_BLOCK, UNROLL=self._unroll, num_warps=1)
+
+
+def _boxes_array(image_boxes, image_index: int) -> np.ndarray:
+    if len(image_boxes) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    arr = np.asarray(image_boxes)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"predict: boxes of image {image_index} must be (left, top, right, bottom) tuples, "
+                         f"got an array of shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"predict: boxes of image {image_index} must have integer coordinates (dlib "
+                             f"rectangles), got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _box_transforms(boxes: torch.Tensor) -> torch.Tensor:
+    """dlib's unnormalizing_tform of each (left, top, right, bottom) box: (N, 2, 3) float64 [m | b], each
+    entry the dot product of a row of Q with a column of pinv(P) summed left to right, as dlib's matrix
+    product does (separate multiplies and adds: no fused multiply-add)."""
+    l, t, r, b = boxes.to(torch.float64).unbind(1)
+    q = torch.stack([torch.stack([l, r, r], 1), torch.stack([t, t, b], 1)], 1)      # (N, 2, 3)
+    pinv = torch.from_numpy(_UNIT_SQUARE_PINV).to(boxes.device)
+    terms = q[:, :, :, None] * pinv[None, None, :, :]                                # (N, 2, k, 3)
+    return terms[:, :, 0] + terms[:, :, 1] + terms[:, :, 2]
+
+
+def _to_image_pixels(points: torch.Tensor, box_to_image: torch.Tensor) -> torch.Tensor:
+    """Points (N, 2, P) float32 in box-normalised coordinates -> integral pixel coordinates (N, 2, P) in
+    float64: dlib's m * p + b in double, then rounding with floor(v + 0.5)."""
+    p = points.to(torch.float64)
+    m = box_to_image
+    x = m[:, :, 0:1] * p[:, 0:1] + m[:, :, 1:2] * p[:, 1:2] + m[:, :, 2:3]
+    return torch.floor(x + 0.5)
 
 
 def random_model(cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
