@@ -231,13 +231,14 @@ def _bilinear_pillow(flat: torch.Tensor, src: _Sources, xin: torch.Tensor, yin: 
     row0 = base + torch.minimum(yi.clamp(min=0), h - 1) * stride
     row1 = base + torch.minimum((yi + 1).clamp_(min=0), h - 1) * stride
     del xi, yi
-    # Pillow interpolates integer pixel values in double: a + (b - a) * d, rows first, then columns.
-    a, b = flat[row0 + x0].double(), flat[row0 + x1].double()
-    top = torch.add(a, (b - a).mul_(dx))
-    a, b = flat[row1 + x0].double(), flat[row1 + x1].double()
-    bottom = torch.add(a, (b - a).mul_(dx))
-    del a, b
-    value = top.add_((bottom - top).mul_(dy))
+    # Pillow interpolates integer pixel values in double, a + (b - a) * d, along rows, then between them;
+    # b - a is an exact integer, so it is formed in int16 and only the product and sums in float64.
+    def along_row(row: torch.Tensor) -> torch.Tensor:
+        a, b = flat[row + x0], flat[row + x1]
+        return (b.short() - a.short()).double().mul_(dx).add_(a)
+
+    top = along_row(row0)
+    value = top.add_((along_row(row1) - top).mul_(dy))
     # The C cast to UINT8 truncates.
     out = value.to(torch.uint8)
     out.mul_(inside.unsqueeze(-1))
@@ -278,9 +279,26 @@ def _lanczos_kernel(x: np.ndarray) -> np.ndarray:
     return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3), 0.0)
 
 
-def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int) -> tuple[int, np.ndarray]:
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis: (first input index used, dense
-    (n_used, out_size) integer weights as float64). ``in0``, ``in1`` arrive as C floats, as in Pillow."""
+@dataclass(frozen=True)
+class _AxisWeights:
+    """One axis of a Lanczos resize as banded blocks: outputs in groups of ``g``; group j reads the input
+    window first + starts[j] .. + L and weighs it with weights[j] (L, g) (fixed-point integers as float64;
+    zero outside each output's taps)."""
+
+    first: int
+    starts: np.ndarray  # (G,) int64
+    weights: np.ndarray  # (G, L, g) float64
+    out_size: int
+
+
+def _span(axis: _AxisWeights) -> int:
+    """Number of inputs from axis.first that the pass reads."""
+    return int(axis.starts.max()) + axis.weights.shape[1]
+
+
+def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int, group: int = 32) -> _AxisWeights:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis, in groups of ``group`` outputs.
+    ``in0``, ``in1`` arrive as C floats, as in Pillow."""
     in0, in1 = np.float32(in0), np.float32(in1)
     scale = float(np.float32(in1 - in0)) / out_size
     filterscale = max(scale, 1.0)
@@ -301,7 +319,17 @@ def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int) -> tup
     rows = xmin[:, None] - first + taps[None, :]
     valid = taps[None, :] < xmax[:, None]
     dense[rows[valid], np.nonzero(valid)[0]] = fixed[valid]
-    return first, dense
+    # Band per group: the inputs any of its outputs reads; one window length L for all groups.
+    n_groups = -(-out_size // group)
+    lo = np.array([xmin[j * group : (j + 1) * group].min() - first for j in range(n_groups)])
+    hi = np.array([(xmin + xmax)[j * group : (j + 1) * group].max() - first for j in range(n_groups)])
+    length = int((hi - lo).max())
+    starts = np.minimum(lo, used - length)
+    blocks = np.zeros((n_groups, length, group), dtype=np.float64)
+    for j in range(n_groups):
+        cols = dense[starts[j] : starts[j] + length, j * group : (j + 1) * group]
+        blocks[j, :, : cols.shape[1]] = cols
+    return _AxisWeights(first, starts.astype(np.int64), blocks, out_size)
 
 
 def _clip8(acc: torch.Tensor) -> torch.Tensor:
@@ -324,15 +352,21 @@ def _installed_pillow_version() -> tuple[int, ...]:
 VERTICAL_FIRST_RULE = _installed_pillow_version() >= (13,)
 
 
-def _resample_along_width(x: torch.Tensor, first: int, weights: np.ndarray, row_block: int) -> torch.Tensor:
-    """One 8-bit Lanczos pass along dim 2 of (B, R, W, 3) uint8 with dense fixed-point ``weights`` (n, out)
-    for input columns first .. first + n: (B, R, out, 3) uint8, ``row_block`` rows per float64 matmul."""
-    w = torch.from_numpy(weights).to(x.device)
-    x = x[:, :, first : first + weights.shape[0]]
+def _resample_along_width(x: torch.Tensor, axis: _AxisWeights, row_block: int) -> torch.Tensor:
+    """One 8-bit Lanczos pass along dim 2 of (B, R, W, 3) uint8: (B, R, out, 3) uint8, ``row_block`` rows at
+    a time. The fixed-point sums are exact integers in float64 matmuls (products < 2^31, sums < 2^53)."""
+    dev = x.device
+    n_groups, length, group = axis.weights.shape
+    weights = torch.from_numpy(axis.weights).to(dev)
+    window = torch.from_numpy((axis.starts[:, None] + axis.first + np.arange(length)[None, :]).reshape(-1)).to(dev)
     parts = []
     for r in range(0, x.shape[1], row_block):
-        block = x[:, r : r + row_block].permute(0, 1, 3, 2).double()  # (B, rows, 3, n)
-        parts.append(_clip8(torch.matmul(block, w)).permute(0, 1, 3, 2))
+        block = x[:, r : r + row_block]
+        B, R = block.shape[:2]
+        lines = block.permute(0, 1, 3, 2).index_select(3, window).double()  # (B, R, 3, G * L)
+        sums = torch.matmul(lines.view(B * R * 3, n_groups, length).transpose(0, 1), weights)  # (G, BR3, g)
+        sums = sums.transpose(0, 1).reshape(B, R, 3, n_groups * group)[..., : axis.out_size]
+        parts.append(_clip8(sums).permute(0, 1, 3, 2))
     return torch.cat(parts, dim=1)
 
 
@@ -352,20 +386,22 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = N
     need_v = out_h != H or box32[1] != 0 or box32[3] != out_h
     if vertical_first is None:
         vertical_first = VERTICAL_FIRST_RULE and H - out_h > 0 and H - out_h > (W - out_w) * 2
-    y_first, v_weights = _lanczos_weights(H, box[1], box[3], out_h)
-    x_first, h_weights = _lanczos_weights(W, box[0], box[2], out_w) if need_h else (0, None)
+    vert = _lanczos_weights(H, box[1], box[3], out_h)
+    horiz = _lanczos_weights(W, box[0], box[2], out_w) if need_h else None
     if vertical_first:
+        if need_h:
+            # Only the columns that the horizontal pass reads (each column is resampled on its own).
+            x = x[:, :, horiz.first : horiz.first + _span(horiz)]
+            horiz = _AxisWeights(0, horiz.starts, horiz.weights, horiz.out_size)
         if need_v:
-            # Only the columns that the horizontal pass reads (columns are independent in this pass).
-            cols = x[:, :, x_first : x_first + h_weights.shape[0]] if need_h else x
-            x, x_first = _resample_along_width(cols.transpose(1, 2), y_first, v_weights, row_block).transpose(1, 2), 0
-        return (_resample_along_width(x, x_first, h_weights, row_block) if need_h else x).contiguous()
-    # Horizontally first, on the rows that the vertical pass reads.
-    x = x[:, y_first : y_first + v_weights.shape[0]]
+            x = _resample_along_width(x.transpose(1, 2), vert, row_block).transpose(1, 2)
+        return (_resample_along_width(x, horiz, row_block) if need_h else x).contiguous()
     if need_h:
-        x = _resample_along_width(x, x_first, h_weights, row_block)
+        # Only the rows that the vertical pass reads.
+        x = _resample_along_width(x[:, vert.first : vert.first + _span(vert)], horiz, row_block)
+        vert = _AxisWeights(0, vert.starts, vert.weights, vert.out_size)
     if need_v:
-        x = _resample_along_width(x.transpose(1, 2), 0, v_weights, row_block).transpose(1, 2)
+        x = _resample_along_width(x.transpose(1, 2), vert, row_block).transpose(1, 2)
     return x.contiguous()
 
 
