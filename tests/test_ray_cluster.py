@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import tarfile
+import tempfile
 import time
 import uuid
 
@@ -242,6 +243,13 @@ def test_example_submits_a_job_that_commits_once(cluster, photos, tiny_checkpoin
     assert all(s["attempt"] == 1 for s in st.values()), {k: s["attempt"] for k, s in st.items()}
     logs = job_logs(cluster, sid)
     assert f"{N_SHARDS} shard(s) [images]: 0 already committed, {N_SHARDS} to do" in logs
+    # The cluster's address went to its private temp dirs, not to where an embedded ray.init() would look.
+    with open(os.path.join(cluster.root, "head", "ray_current_cluster")) as f:
+        assert f.read().strip().endswith(f":{cluster.gcs_port}")
+    default_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    if os.path.exists(default_file):
+        with open(default_file) as f:
+            assert str(cluster.gcs_port) not in f.read()
 
 
 def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, photos, tiny_checkpoint, tmp_path):
