@@ -30,6 +30,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+from pipeline.cli import cli_exit_code, setup_logging  # noqa: E402 - after the environment above
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runner import run  # noqa: E402
+
 # name -> "module" (its main(argv)) or "module:function"
 SUBCOMMANDS = {"train": "pipeline.train",
                "decode": "pipeline.latents:decode_main", "edit": "pipeline.latents:edit_main",
@@ -51,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="plan and print the shards, then exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    from pipeline.runner import setup_logging
-
     setup_logging(args.log_level)
-
-    from pipeline.config import load_config
-    from pipeline.runner import cli_exit_code, run
-
     return cli_exit_code(lambda: run(load_config(args.config, args.overrides), dry_run=args.dry_run).exit_code)
 
 

@@ -1,88 +1,155 @@
-"""Pipeline configuration: YAML file + ``--set key=value`` overrides, validated up front.
+"""The pipeline's configuration: typed, frozen sections built once from YAML + ``--set`` and validated up front.
 
-Every key has a default here, so a config file only names what it changes. Validation happens before
-Ray starts or anything is read, and each error names the dotted key and the reason: a typo in a
-batch job found after an hour of queueing is the expensive kind of typo.
+Every key has a default here (the dataclass fields are the one list of keys and defaults), so a config file
+only names what it changes. Validation happens before Ray starts or anything is read, and each error names
+the dotted key and the reason: a typo in a batch job found after an hour of queueing is the expensive kind
+of typo. Each stage and worker is handed the section it uses (``cfg.model``, ``cfg.output``, ...), not the
+whole tree.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "DEFAULTS", "load_config", "parse_overrides", "read_config_file", "merge_config", "resolve",
-           "validate", "redact", "fingerprint", "FINGERPRINT_KEYS"]
+from .config_files import ConfigError, merge_config, parse_overrides, read_config_file
+
+__all__ = ["ConfigError", "PipelineConfig", "InputConfig", "OutputConfig", "EditConfig", "ModelConfig",
+           "AlignConfig", "StorageConfig", "RayConfig", "PrepareConfig", "DEFAULTS", "TASKS", "DIRECTION_NAME",
+           "load_config", "parse_overrides", "read_config_file", "merge_config", "resolve", "validate", "redact",
+           "fingerprint", "FINGERPRINT_KEYS"]
+
+TASKS = ("invert", "colorize", "denoise", "inpaint", "super_resolution", "sketch", "segmentation")
+# Names of edit directions: they become tar member tags and Parquet column names.
+DIRECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; ``key`` is the dotted key at fault."""
+@dataclass(frozen=True)
+class InputConfig:
+    url: str | None = None             # s3://bucket/prefix, a local dir, or one file
+    format: str = "auto"               # auto | images | webdataset | parquet
+    image_column: str = "auto"         # parquet only: auto finds jpg/png/webp/image/img/bytes
+    key_column: str = "auto"           # parquet only: auto finds key/__key__/id, else the row number
+    max_pixels: int | None = 50_000_000  # decompression-bomb limit per image
 
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"invalid config: {key}: {reason}")
-        self.key = key
-        self.reason = reason
+
+@dataclass(frozen=True)
+class OutputConfig:
+    url: str | None = None
+    image_format: str = "jpg"          # jpg | png | webp
+    image_size: int = 256              # 0 = latents only: no reconstructions, the last generator pass is skipped
+    save_aligned: bool = False
+    overwrite: bool = False
+    jpeg_quality: int = 95
+    contact_sheet: bool = False        # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
+    paste_back: bool = False           # also write <key>.[<variant>.]paste.<ext>: the face pasted into the original photo
 
 
-DEFAULTS: dict[str, Any] = {
-    "input": {
-        "url": None,             # s3://bucket/prefix, a local dir, or one file
-        "format": "auto",        # auto | images | webdataset | parquet
-        "image_column": "auto",  # parquet only: auto finds jpg/png/webp/image/img/bytes
-        "key_column": "auto",    # parquet only: auto finds key/__key__/id, else the row number
-        "max_pixels": 50_000_000,  # decompression-bomb limit per image
-    },
-    "output": {
-        "url": None,
-        "image_format": "jpg",   # jpg | png | webp
-        "image_size": 256,       # 0 = latents only: no reconstructions, the last generator pass is skipped
-        "save_aligned": False,
-        "overwrite": False,
-        "jpeg_quality": 95,
-        "contact_sheet": False,  # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
-        "paste_back": False,     # also write <key>.[<variant>.]paste.<ext>: the face pasted into the original photo
-    },
-    "edit": {                    # latent editing after inversion (docs/editing_and_tasks.md)
-        "directions": None,      # {name: path or URL of a .npy of shape (D,), (1, D) or (n_latent, D)}
-        "alphas": [-3, 3],       # edit = codes + alpha * direction, one variant per direction and alpha
-        "layers": None,          # [start, end): W+ layers the edit touches; null = all
-        "save_codes": False,     # edited codes as extra Parquet columns codes_edit_<name>_<alpha>
-    },
-    "task": "invert",            # invert | colorize | denoise | inpaint | super_resolution | sketch | segmentation
-    "resize_factor": 4,          # super_resolution: the encoder sees the face down-sampled by this factor
-    "model": {
-        "checkpoint": None,      # local path or any fsspec URL (s3://...)
-        "stages": None,          # null = all stages of the checkpoint
-        "batch_size": 16,
-        "precision": "auto",     # auto (fp16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
-        "compile": "auto",       # torch.compile the networks: auto (on GPUs) | true | false
-        "device": "auto",        # auto (cuda when the actor has a GPU) | cpu | cuda
-        "num_threads": None,     # torch CPU threads per actor; null = the actor's Ray CPU share (1)
-    },
-    "align": {
-        "enabled": True,
-        "policy": "largest",     # largest | all
-        "output_size": 256,
-        "transform_size": 1024,  # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
-        "min_face_size": 0,      # ignore faces whose detector box side (source px) is smaller
-        "detect_max_side": 384,  # detector runs on dlib's pyramid level at most this long (null: full size)
-        "max_upsample": 1,       # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
-    },
-    "storage": {
-        "endpoint_url": None,    # S3-compatible endpoint (MinIO, Ceph, a test server)
-    },
-    "ray": {
-        "address": None,         # null = embedded local Ray; "auto" or an address = join a cluster
-        "num_cpus": None,        # embedded Ray only; null = all cores
-        "num_actors": None,      # inversion actors; null = one per GPU, or 1 without GPUs
-        "max_shards_in_flight": None,  # null = CPUs available for CPU work + 1
-        "chunk_size": 64,        # inputs per prepared chunk handed from CPU to GPU work
-    },
-    "shard_size": 1000,          # images per shard for folder inputs
-    "retries": 2,                # extra attempts per failing shard
-    "progress": True,
-}
+@dataclass(frozen=True)
+class EditConfig:                      # latent editing after inversion (docs/editing_and_tasks.md)
+    directions: dict[str, str] | None = None  # {name: path or URL of a .npy of shape (D,), (1, D) or (n_latent, D)}
+    alphas: tuple[float, ...] = (-3, 3)  # edit = codes + alpha * direction, one variant per direction and alpha
+    layers: tuple[int, int] | None = None  # [start, end): W+ layers the edit touches; null = all
+    save_codes: bool = False           # edited codes as extra Parquet columns codes_edit_<name>_<alpha>
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    checkpoint: str | None = None      # local path or any fsspec URL (s3://...)
+    stages: int | None = None          # null = all stages of the checkpoint
+    batch_size: int = 16
+    precision: str = "auto"            # auto (fp16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+    compile: str | bool = "auto"       # torch.compile the networks: auto (on GPUs) | true | false
+    device: str = "auto"               # auto (cuda when the actor has a GPU) | cpu | cuda
+    num_threads: int | None = None     # torch CPU threads per actor; null = the actor's Ray CPU share (1)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    enabled: bool = True
+    policy: str = "largest"            # largest | all
+    output_size: int = 256
+    transform_size: int = 1024         # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
+    min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
+    detect_max_side: int | None = 384  # detector runs on dlib's pyramid level at most this long (null: full size)
+    max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint_url: str | None = None    # S3-compatible endpoint (MinIO, Ceph, a test server)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None         # null = a fresh embedded local Ray; "auto" or an address = join a cluster
+    num_cpus: int | None = None        # embedded Ray only; null = all cores
+    num_actors: int | None = None      # inversion actors; null = one per GPU, or 1 without GPUs
+    max_shards_in_flight: int | None = None  # null = CPUs available for CPU work + 1
+    chunk_size: int = 64               # inputs per prepared chunk handed from CPU to GPU work
+    actor_resources: dict[str, float] | None = None  # Ray custom resources of each inversion actor (placement:
+                                       # {inverter: 1} runs them on nodes started with --resources '{"inverter": 1}')
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What the CPU side needs before inversion (read -> decode -> align -> chunks): a view of the config."""
+    input: InputConfig
+    align: AlignConfig
+    endpoint_url: str | None
+    chunk_size: int
+    task: str
+    keep_originals: bool               # output.paste_back: chunks carry each face's original bytes
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    task: str = "invert"               # invert | colorize | denoise | inpaint | super_resolution | sketch | segmentation
+    resize_factor: int = 4             # super_resolution: the encoder sees the face down-sampled by this factor
+    model: ModelConfig = field(default_factory=ModelConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    shard_size: int = 1000             # images per shard for folder inputs
+    retries: int = 2                   # extra attempts per failing shard
+    progress: bool = True              # a progress bar on the terminal
+    progress_interval_s: int = 60      # seconds between one-line progress log records without the bar (0: none)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain nested mapping (lists, not tuples), as a config file would write it."""
+        return _plain(dataclasses.asdict(self))
+
+    def get(self, dotted: str) -> Any:
+        cur: Any = self
+        for part in dotted.split("."):
+            cur = getattr(cur, part)
+        return cur
+
+    @property
+    def prepare(self) -> PrepareConfig:
+        return PrepareConfig(self.input, self.align, self.storage.endpoint_url, self.ray.chunk_size, self.task,
+                             self.output.paste_back)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(PipelineConfig)
+             if f.default_factory is not dataclasses.MISSING}
+# The defaults as the mapping that files and --set are merged into.
+DEFAULTS: dict[str, Any] = PipelineConfig().to_dict()
 
 # Keys whose values change what a shard's output contains. A rerun into an existing output must agree
 # on these (plus the checkpoint's sha256); the rest (Ray sizing, endpoint, batch size) only changes how
@@ -97,7 +164,6 @@ FINGERPRINT_KEYS = (
 # of runs made before they existed keep their fingerprint.
 OPTIONAL_FINGERPRINT_KEYS = ("output.paste_back", "edit.directions", "edit.alphas", "edit.layers", "edit.save_codes",
                              "task", "resize_factor", "align.min_face_size", "align.detect_max_side", "align.max_upsample")
-TASKS = ("invert", "colorize", "denoise", "inpaint", "super_resolution", "sketch", "segmentation")
 # shard_size is not in it: committed image shards keep their membership whatever it is now, so changing
 # it only changes how the files not yet processed are grouped.
 
@@ -111,85 +177,26 @@ def _get(cfg: dict, dotted: str) -> Any:
     return cur
 
 
-def parse_overrides(items: list[str] | None, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """``["model.batch_size=8", "align.enabled=false"]`` -> nested dict; values are parsed as YAML.
-    ``error``: the ConfigError subclass raised (the training config has its own)."""
-    import yaml  # here, not at import time: the GPU training script runs without PyYAML
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise error(item, "--set expects key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not p for p in key.split(".")):
-            raise error(key or item, "empty key in --set")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise error(key, f"cannot parse value {raw!r}: {e}") from None
-        cur = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            nxt = cur.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise error(key, "conflicts with another --set")
-            cur = nxt
-        cur[parts[-1]] = value
-    return out
-
-
-def merge_config(base: dict, over: dict, error: type[ConfigError] = ConfigError, prefix: str = "") -> dict:
-    """``over`` merged into ``base`` in place (nested mappings key by key); a key ``base`` does not have is an
-    error naming it, with the closest known key."""
-    for k, v in over.items():
-        key = f"{prefix}{k}"
-        if k not in base:
-            raise error(key, "unknown key" + _suggest(k, base))
-        if isinstance(base[k], dict):
-            if v is None:
-                continue
-            if not isinstance(v, dict):
-                raise error(key, f"must be a mapping, got {type(v).__name__}")
-            merge_config(base[k], v, error, key + ".")
-        else:
-            base[k] = v
-    return base
-
-
-def _suggest(k: str, base: dict) -> str:
-    import difflib
-    close = difflib.get_close_matches(k, list(base), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(base))})"
-
-
-def resolve(file_cfg: dict | None, overrides: dict | None = None) -> dict:
-    """Defaults <- config file <- overrides, then validated. Returns a new plain dict."""
+def resolve(file_cfg: dict | None, overrides: dict | None = None) -> PipelineConfig:
+    """Defaults <- config file <- overrides, validated, then frozen into the typed config."""
     cfg = copy.deepcopy(DEFAULTS)
     if file_cfg is not None and not isinstance(file_cfg, dict):
         raise ConfigError("<root>", "a config file must be a mapping")
     merge_config(cfg, file_cfg or {})
     merge_config(cfg, overrides or {})
     validate(cfg)
-    return cfg
+    return _build(cfg)
 
 
-def read_config_file(path: str | None, error: type[ConfigError] = ConfigError) -> dict:
-    """The YAML mapping in ``path`` ({} for no path); a missing or unparsable file is a ``--config`` error."""
-    import yaml
+def _build(cfg: dict) -> PipelineConfig:
+    def frozen(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
 
-    if not path:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise error("--config", f"file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise error("--config", f"not valid YAML: {e}") from None
+    return PipelineConfig(**{name: _SECTIONS[name](**{k: frozen(v) for k, v in value.items()})
+                             if name in _SECTIONS else value for name, value in cfg.items()})
 
 
-def load_config(path: str | None, overrides: list[str] | dict | None = None) -> dict:
+def load_config(path: str | None, overrides: list[str] | dict | None = None) -> PipelineConfig:
     ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     return resolve(read_config_file(path), ov)
 
@@ -266,9 +273,18 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "ray.num_actors", lo=1, allow_none=True)
     _check_int(cfg, "ray.max_shards_in_flight", lo=1, allow_none=True)
     _check_int(cfg, "ray.chunk_size", lo=1, hi=100_000)
+    res = cfg["ray"]["actor_resources"]
+    if res is not None:
+        if not isinstance(res, dict):
+            raise ConfigError("ray.actor_resources", f"must be a mapping resource: amount, got {type(res).__name__}")
+        for name, amount in res.items():
+            if not isinstance(name, str) or not name or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+                    or not 0 <= amount < float("inf"):
+                raise ConfigError("ray.actor_resources", f"{name!r}: amount must be a number >= 0, got {amount!r}")
     _check_int(cfg, "shard_size", lo=1)
     _check_int(cfg, "retries", lo=0, hi=100)
     _check_bool(cfg, "progress")
+    _check_int(cfg, "progress_interval_s", lo=0)
     _check_bool(cfg, "output.paste_back")
     if cfg["output"]["paste_back"] and not cfg["align"]["enabled"]:
         raise ConfigError("output.paste_back", "needs align.enabled: the face is pasted back along its alignment quad")
@@ -290,7 +306,7 @@ def _validate_edit(cfg: dict) -> None:
         if not isinstance(d, dict):
             raise ConfigError("edit.directions", f"must be a mapping name: path, got {type(d).__name__}")
         for name, url in d.items():
-            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+            if not isinstance(name, str) or not DIRECTION_NAME.match(name):
                 raise ConfigError("edit.directions", f"bad name {name!r} (letters, digits, _ and - only)")
             if not isinstance(url, str) or not url.strip():
                 raise ConfigError(f"edit.directions.{name}", f"must be a path or URL, got {url!r}")
@@ -327,12 +343,14 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def fingerprint(cfg: dict, checkpoint_sha256: str, extra: dict | None = None) -> tuple[str, dict]:
+def fingerprint(cfg: PipelineConfig, checkpoint_sha256: str, extra: dict | None = None) -> tuple[str, dict]:
     """Hash of everything that changes the outputs, and the values that went into it. ``extra``: values
     that are not config keys (hashes of files the config names)."""
-    values = {k: _get(cfg, k) for k in FINGERPRINT_KEYS}
-    values.update({k: _get(cfg, k) for k in OPTIONAL_FINGERPRINT_KEYS if _get(cfg, k) != _get(DEFAULTS, k)})
+    default = PipelineConfig()
+    values = {k: cfg.get(k) for k in FINGERPRINT_KEYS}
+    values.update({k: cfg.get(k) for k in OPTIONAL_FINGERPRINT_KEYS if cfg.get(k) != default.get(k)})
     values.update(extra or {})
     values["checkpoint_sha256"] = checkpoint_sha256
+    values = _plain(values)  # as they read back from _run.json
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     return digest, values

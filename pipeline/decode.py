@@ -1,4 +1,4 @@
-"""Image decoding shared by the pipeline and face alignment.
+"""Stage 2, decode: image bytes -> 8-bit RGB, shared by the pipeline, the paste-back and training.
 
 Contract (the pipeline codes against it):
 
@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["DecodeError", "decode_image", "resize_square", "STATUSES"]
+__all__ = ["DecodeError", "decode_image", "STATUSES"]
 
 STATUSES = ("empty_file", "decode_error", "decompression_bomb", "unsupported_image")
 
@@ -127,18 +127,3 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
         raise DecodeError("decompression_bomb", f"out of memory while decoding: {e}") from None
     except Exception as e:  # never let another exception type escape for bad bytes
         raise DecodeError("decode_error", f"{type(e).__name__}: {e}") from None
-
-
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Antialiased (Lanczos) resize of an HxWx3 uint8 image to size x size, without cropping."""
-    a = np.asarray(img)
-    if a.dtype != np.uint8:
-        raise TypeError(f"expected uint8, got {a.dtype}")
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected HxWx3, got {a.shape}")
-    if a.shape[0] == size and a.shape[1] == size:
-        return a.copy()
-    out = Image.fromarray(np.ascontiguousarray(a), "RGB").resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(out, dtype=np.uint8)

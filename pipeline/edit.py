@@ -1,4 +1,4 @@
-"""Stage 5, edit: latent editing with direction files, between inversion and writing.
+"""Stage 7, edit: latent editing with direction files, between inversion and writing.
 
 Configured by ``edit.*`` (see docs/editing_and_tasks.md)::
 
@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
-from dataclasses import dataclass, field
+import time
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["DirectionError", "EditResult", "EditVariant", "load_direction", "load_directions", "variant_tag",
+from .config import DIRECTION_NAME, EditConfig
+from .images import MODEL_INPUT_SIZE, to_uint8
+from .records import EditResult, EditVariant
+from .storage import get_fs
+
+__all__ = ["DirectionError", "load_direction", "load_directions", "directions_sha256", "variant_tag",
            "edit_variants", "apply_direction", "make_edit_options", "apply_edit", "decode_codes"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _NPY_MAGIC = b"\x93NUMPY"
 MAX_DIRECTION_BYTES = 64 << 20   # an (18, 512) float64 file is 74 kB; anything this large is not a direction
 
@@ -38,27 +42,7 @@ class DirectionError(ValueError):
     """A direction file that cannot be used; the message names the file and the problem."""
 
 
-@dataclass
-class EditVariant:
-    tag: str                         # edit_<name>_<alpha>
-    codes: np.ndarray                # (N, n_latent, D) float32
-    images: np.ndarray | None        # (N, 256, 256, 3) uint8, or None (latents-only runs)
-
-
-@dataclass
-class EditResult:
-    variants: list[EditVariant] = field(default_factory=list)
-    save_codes: bool = False
-    seconds: float = 0.0
-
-    def slice(self, s: slice) -> "EditResult":
-        return EditResult([EditVariant(v.tag, v.codes[s], None if v.images is None else v.images[s])
-                           for v in self.variants], self.save_codes, self.seconds)
-
-
 def _read_bytes(url: str, endpoint_url: str | None) -> bytes:
-    from .storage import get_fs
-
     fs, path = get_fs(url, endpoint_url)
     try:
         size = fs.size(path)
@@ -111,7 +95,7 @@ def load_direction(url: str, n_latent: int, style_dim: int, endpoint_url: str | 
 def load_directions(directions: dict[str, str], n_latent: int, style_dim: int,
                     endpoint_url: str | None = None) -> dict[str, np.ndarray]:
     for name in directions:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not DIRECTION_NAME.match(name):
             raise DirectionError(f"edit.directions: bad name {name!r} (letters, digits, _ and - only)")
     return {name: load_direction(url, n_latent, style_dim, endpoint_url) for name, url in directions.items()}
 
@@ -143,26 +127,22 @@ def apply_direction(codes: np.ndarray, direction: np.ndarray, alpha: float,
     return (np.asarray(codes, np.float32) + np.float32(alpha) * d[None]).astype(np.float32)
 
 
-def make_edit_options(cfg: dict, n_latent: int, style_dim: int, want_images: bool) -> dict | None:
+def make_edit_options(edit: EditConfig, n_latent: int, style_dim: int, want_images: bool,
+                      endpoint_url: str | None = None) -> dict | None:
     """Load and check everything ``edit.*`` names; None when no edit is configured. Raises DirectionError."""
-    e = cfg.get("edit") or {}
-    if not e.get("directions"):
+    if not edit.directions:
         return None
-    layers = e.get("layers")
+    layers = list(edit.layers) if edit.layers is not None else None
     if layers is not None and not (0 <= layers[0] < layers[1] <= n_latent):
         raise DirectionError(f"edit.layers: [{layers[0]}, {layers[1]}) is not within this model's "
                              f"{n_latent} W+ layers")
-    dirs = load_directions(e["directions"], n_latent, style_dim, cfg["storage"]["endpoint_url"])
-    return {"directions": dirs, "alphas": [float(a) for a in e["alphas"]], "layers": layers,
-            "save_codes": bool(e.get("save_codes")), "images": want_images}
+    dirs = load_directions(edit.directions, n_latent, style_dim, endpoint_url)
+    return {"directions": dirs, "alphas": [float(a) for a in edit.alphas], "layers": layers,
+            "save_codes": bool(edit.save_codes), "images": want_images}
 
 
 def decode_codes(model: Any, codes: np.ndarray, batch_size: int = 16, device: str | None = None) -> np.ndarray:
     """(N, n_latent, D) float32 -> (N, 256, 256, 3) uint8 through ``model.decode`` in mini-batches."""
-    import torch
-
-    from .invert import MODEL_INPUT_SIZE, to_uint8
-
     if len(codes) == 0:
         return np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
     device = device or str(model.latent_avg.device)
@@ -180,8 +160,6 @@ def apply_edit(model: Any, codes: np.ndarray, keys: list[str], options: dict | N
     order of ``keys``. ``options`` come from ``make_edit_options`` (None: no edit, nothing is paid)."""
     if not options or not options.get("directions") or len(codes) == 0:
         return None
-    import time
-
     t0 = time.perf_counter()
     res = EditResult(save_codes=bool(options.get("save_codes")))
     for tag, name, alpha in edit_variants(options["directions"], options["alphas"]):
@@ -190,64 +168,3 @@ def apply_edit(model: Any, codes: np.ndarray, keys: list[str], options: dict | N
         res.variants.append(EditVariant(tag, edited, images))
     res.seconds = time.perf_counter() - t0
     return res
-
-
-class ExtraOutputs:
-    """What ``write.finish_shard`` adds to a shard beside the reconstructions: edited images
-    (``<key>.<tag>.<ext>``), edited codes (Parquet columns ``codes_<tag>``), and with ``output.paste_back``
-    the reconstructed and edited faces pasted into the original photo (``<key>[.<tag>].paste.<ext>``)."""
-
-    def __init__(self, cfg: dict):
-        out = cfg["output"]
-        self.fmt, self.size, self.quality = out["image_format"], out["image_size"], out["jpeg_quality"]
-        self.paste = bool(out.get("paste_back"))
-        self.codes: list[dict[str, np.ndarray]] = []   # one dict per row: column -> codes
-        self.seconds = 0.0
-        self._src_cache: tuple[int, np.ndarray] | None = None
-
-    def _source(self, data: bytes) -> np.ndarray:
-        from .decode import decode_image
-
-        if self._src_cache is None or self._src_cache[0] != id(data):
-            self._src_cache = (id(data), decode_image(data))
-        return self._src_cache[1]
-
-    def row(self, row: Any, res: Any = None, j: int = 0, chunk: Any = None) -> list[tuple[str, bytes]]:
-        """Members for one row; ``res``/``j``: its inversion result and index there (None: not ok)."""
-        from .write import encode_image
-
-        cols: dict[str, np.ndarray] = {}
-        self.codes.append(cols)
-        if res is None:
-            return []
-        members: list[tuple[str, bytes]] = []
-        edits: EditResult | None = getattr(res, "edits", None)
-        variants = edits.variants if edits is not None else []
-        for v in variants:
-            if v.images is not None and self.size > 0:
-                members.append((f"{row.key}.{v.tag}.{self.fmt}", encode_image(v.images[j], self.fmt, self.size, self.quality)))
-            if edits.save_codes:
-                cols[f"codes_{v.tag}"] = v.codes[j]
-        originals = getattr(chunk, "originals", None)
-        if self.paste and originals is not None and row.quad is not None and originals[j] is not None and self.size > 0:
-            from .align import paste_back
-
-            src = self._source(originals[j])
-            quad = np.asarray(row.quad, np.float64).reshape(4, 2)
-            faces = [("", res.recon[j])] + [(f".{v.tag}", v.images[j]) for v in variants if v.images is not None]
-            for suffix, face in faces:
-                members.append((f"{row.key}{suffix}.paste.{self.fmt}",
-                                encode_image(paste_back(src, face, quad), self.fmt, None, self.quality)))
-        return members
-
-    def extend_table(self, table):
-        """``table`` plus one fixed-size-list column per edited-codes variant (null where a row is not ok)."""
-        from .write import _fixed_list
-
-        names: list[str] = []
-        for cols in self.codes:
-            names.extend(n for n in cols if n not in names)
-        for name in names:
-            width = next(int(c[name].size) for c in self.codes if name in c)
-            table = table.append_column(name, _fixed_list([c.get(name) for c in self.codes], width))
-        return table

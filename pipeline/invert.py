@@ -1,57 +1,20 @@
-"""Stage 4, invert: aligned uint8 faces -> W+ codes, reconstructions and reconstruction metrics.
+"""Stage 6, invert: aligned uint8 faces -> W+ codes, reconstructions and reconstruction metrics.
 
 Plain functions over a loaded model; ``workers/invert_worker.py`` only holds the model in a Ray actor.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["MODEL_INPUT_SIZE", "InvertResult", "to_model_input", "to_uint8", "recon_metrics", "invert_faces",
-           "resolve_device", "fetch_checkpoint", "file_sha256"]
+# to_model_input: pipeline/train_data.py imports it from here (its home is pipeline/images.py).
+from .images import MODEL_INPUT_SIZE, luma, resize_to_model_input, to_model_input, to_uint8  # noqa: F401
+from .records import InvertResult
+from .tasks import make_input
 
-MODEL_INPUT_SIZE = 256  # E2Style's encoders take 256x256; its reconstructions are pooled to 256
-
-
-@dataclass
-class InvertResult:
-    codes: np.ndarray       # (N, n_latent, style_dim) float32; style_dim is 512 for official models
-    recon: np.ndarray       # (N, 256, 256, 3) uint8
-    mse: np.ndarray         # (N,) float32, reconstruction vs aligned input, both at 256 in [0, 1]
-    psnr: np.ndarray        # (N,) float32 dB
-    stages: int
-    seconds: float = 0.0    # wall time of the model calls, for the stage timings
-    finished_unix: float = 0.0  # when the actor finished this result (steady-state throughput in benchmarks)
-    edits: object | None = None  # pipeline.edit.EditResult of this result's rows, when edit.* is configured
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def to_model_input(faces: np.ndarray, input_nc: int = 3) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, input_nc, 256, 256) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(faces)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if x.shape[-1] != MODEL_INPUT_SIZE or x.shape[-2] != MODEL_INPUT_SIZE:
-        x = F.interpolate(x, size=(MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), mode="bilinear", align_corners=False,
-                          antialias=True)
-    if input_nc == 1:
-        x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    return x
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in about [-1, 1] -> (N, H, W, 3) uint8."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+__all__ = ["recon_metrics", "invert_faces"]
 
 
 def recon_metrics(recon: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -78,13 +41,10 @@ def _prepare_batch(model, faces: np.ndarray, pad_to: int | None, pin: bool, task
         u8 = u8.pin_memory()
     x = model.preprocess_uint8(u8)
     if task is not None:
-        from .tasks import make_input
         return make_input(x, task, model.input_nc, faces)
-    if x.shape[-1] != MODEL_INPUT_SIZE or x.shape[-2] != MODEL_INPUT_SIZE:
-        x = F.interpolate(x, size=(MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), mode="bilinear", align_corners=False,
-                          antialias=True)
+    x = resize_to_model_input(x)
     if model.input_nc == 1:
-        x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = luma(x)
     return x, x
 
 
@@ -124,59 +84,3 @@ def invert_faces(model, faces: np.ndarray, *, stages: int | None = None, batch_s
         return InvertResult(np.concatenate(codes), empty, nan, nan.copy(), n_stages, time.perf_counter() - t0)
     return InvertResult(np.concatenate(codes).astype(np.float32, copy=False), np.concatenate(recons),
                         np.concatenate(mses), np.concatenate(psnrs), n_stages, time.perf_counter() - t0)
-
-
-def file_sha256(fs, path: str, chunk: int = 8 << 20) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def fetch_checkpoint(url: str, endpoint_url: str | None = None, sha256: str | None = None,
-                     cache_dir: str | None = None) -> str:
-    """A local path for ``url``: itself when local, else a cached download named by its sha256 (so a
-    checkpoint replaced at the same URL is never served stale from the cache)."""
-    from .storage import get_fs, is_local
-
-    if url.startswith("factory:"):
-        return factory_checkpoint(url, cache_dir)
-    fs, path = get_fs(url, endpoint_url)
-    if is_local(fs):
-        return path
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "e2style_checkpoints")
-    os.makedirs(cache_dir, exist_ok=True)
-    import hashlib
-    tag = sha256 or hashlib.sha1(url.encode()).hexdigest()
-    local = os.path.join(cache_dir, tag[:24] + "_" + os.path.basename(path))
-    if not os.path.exists(local):
-        tmp = local + f".{os.getpid()}.part"
-        fs.get_file(path, tmp)
-        os.replace(tmp, local)  # concurrent actors on one node: the last rename wins, both are whole
-    return local
-
-
-def factory_checkpoint(url: str, cache_dir: str | None = None) -> str:
-    """``factory:resolution=64,stages=2,seed=0``: a small random checkpoint from ``models.factory``, written
-    once to a local cache. It makes the demo run on a fresh clone with no download; its outputs are
-    noise-like reconstructions, which is all a random model can give."""
-    params = {"resolution": 64, "stages": 2, "seed": 0}
-    body = url[len("factory:"):].strip()
-    for part in filter(None, (p.strip() for p in body.split(","))):
-        k, _, v = part.partition("=")
-        if k not in params or not v.strip().isdigit():
-            raise ValueError(f"model.checkpoint: bad factory spec {url!r}; expected factory:resolution=64,stages=2,seed=0")
-        params[k] = int(v)
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "e2style_checkpoints")
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, "factory_r{resolution}_s{stages}_seed{seed}.pt".format(**params))
-    if not os.path.exists(path):
-        from models.factory import write_checkpoint
-
-        write_checkpoint(path, **params)
-    return path

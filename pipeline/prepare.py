@@ -1,4 +1,4 @@
-"""CPU side of a shard before inversion: read -> decode -> align, cut into chunks.
+"""Stage 5, prepare: the CPU side of a shard before inversion, read -> decode -> align, cut into chunks.
 
 A chunk carries the rows of up to ``chunk_size`` inputs (one row per input, or per face with
 ``align.policy: all``) and the stacked aligned faces of its ``ok``-so-far rows. Chunks are what travels
@@ -8,43 +8,18 @@ GPU starts on a shard's first chunk while its last ones are still being aligned.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
-from .decode import DecodeError, decode_image, resize_square
+from .align import align_faces, get_aligner
+from .config import PrepareConfig
+from .decode import DecodeError, decode_image
+from .images import resize_nearest, resize_square
 from .read import InputItem, Shard, read_shard
+from .records import PreparedChunk, Row
 
-__all__ = ["Row", "PreparedChunk", "prepare_item", "prepare_chunks"]
-
-
-@dataclass
-class Row:
-    key: str
-    source: str
-    face_index: int = 0
-    status: str = "ok"
-    error: str | None = None
-    quad: list[float] | None = None        # 8 floats: (4, 2) corners in source pixels
-    landmarks: list[float] | None = None   # 136 floats: (68, 2) in source pixels
-    score: float | None = None
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class PreparedChunk:
-    shard: str
-    index: int
-    rows: list[Row]
-    faces: np.ndarray            # (F, S, S, 3) uint8, one per row with status "ok", in row order
-    timings: dict[str, float]    # seconds per stage spent on this chunk
-    n_inputs: int
-    originals: list[bytes] | None = None  # output.paste_back: the input's bytes per face (shared per input)
-
-    @property
-    def n_faces(self) -> int:
-        return int(len(self.faces))
+__all__ = ["prepare_item", "prepare_chunks"]
 
 
 def _face_key(key: str, i: int) -> str:
@@ -52,31 +27,29 @@ def _face_key(key: str, i: int) -> str:
     return key if i == 0 else f"{key}_face{i}"
 
 
-def prepare_item(item: InputItem, cfg: dict, timings: dict[str, float]) -> list[tuple[Row, np.ndarray | None]]:
+def prepare_item(item: InputItem, cfg: PrepareConfig, timings: dict[str, float]) -> list[tuple[Row, np.ndarray | None]]:
     """One input -> its rows (and aligned face per ok row). Never raises for bad data."""
     if item.status is not None:
         return [(Row(item.key, item.source, status=item.status, error=item.error, meta=item.meta), None)]
     t0 = time.perf_counter()
     try:
-        img = decode_image(item.data, max_pixels=cfg["input"]["max_pixels"])
+        img = decode_image(item.data, max_pixels=cfg.input.max_pixels)
     except DecodeError as e:
         timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
         return [(Row(item.key, item.source, status=e.status, error=e.message, meta=item.meta), None)]
     t1 = time.perf_counter()
     timings["decode"] = timings.get("decode", 0.0) + t1 - t0
-    al = cfg["align"]
+    al = cfg.align
     try:
-        if not al["enabled"]:
-            if cfg.get("task") == "segmentation":  # label maps: class ids must not be interpolated
-                from .tasks import resize_nearest
-                return [(Row(item.key, item.source, meta=item.meta), resize_nearest(img, al["output_size"]))]
-            face = resize_square(img, al["output_size"])
+        if not al.enabled:
+            if cfg.task == "segmentation":  # label maps: class ids must not be interpolated
+                return [(Row(item.key, item.source, meta=item.meta), resize_nearest(img, al.output_size))]
+            face = resize_square(img, al.output_size)
             return [(Row(item.key, item.source, meta=item.meta), face)]
-        from .align import align_faces, get_aligner  # dlib is imported only where alignment runs
-
-        aligner = get_aligner(detect_max_side=al["detect_max_side"], max_upsample=al["max_upsample"])
-        faces = align_faces(img, output_size=al["output_size"], transform_size=al["transform_size"],
-                            policy=al["policy"], min_face_size=al["min_face_size"], aligner=aligner)
+        # dlib's models load on first use, once per worker process
+        aligner = get_aligner(detect_max_side=al.detect_max_side, max_upsample=al.max_upsample)
+        faces = align_faces(img, output_size=al.output_size, transform_size=al.transform_size,
+                            policy=al.policy, min_face_size=al.min_face_size, aligner=aligner)
     except Exception as e:  # noqa: BLE001 - a pathological image must cost one row, not the shard
         return [(Row(item.key, item.source, status="align_error", error=f"{type(e).__name__}: {e}",
                      meta=item.meta), None)]
@@ -93,16 +66,16 @@ def prepare_item(item: InputItem, cfg: dict, timings: dict[str, float]) -> list[
     return out
 
 
-def prepare_chunks(fs, shard: Shard, cfg: dict, chunk_size: int | None = None) -> Iterator[PreparedChunk]:
-    chunk_size = chunk_size or cfg["ray"]["chunk_size"]
-    size = cfg["align"]["output_size"]
+def prepare_chunks(fs, shard: Shard, cfg: PrepareConfig) -> Iterator[PreparedChunk]:
+    chunk_size = cfg.chunk_size
+    size = cfg.align.output_size
     rows: list[Row] = []
     faces: list[np.ndarray] = []
     timings: dict[str, float] = {}
     n_inputs = 0
     index = 0
     seen: dict[str, int] = {}
-    paste = bool(cfg["output"].get("paste_back"))
+    paste = cfg.keep_originals
     originals: list[bytes] = []
 
     def emit() -> PreparedChunk:
@@ -110,7 +83,7 @@ def prepare_chunks(fs, shard: Shard, cfg: dict, chunk_size: int | None = None) -
         return PreparedChunk(shard.name, index, list(rows), arr, dict(timings), n_inputs,
                              list(originals) if paste else None)
 
-    it = read_shard(fs, shard, image_column=cfg["input"]["image_column"], key_column=cfg["input"]["key_column"])
+    it = read_shard(fs, shard, image_column=cfg.input.image_column, key_column=cfg.input.key_column)
     while True:
         t0 = time.perf_counter()
         try:

@@ -17,7 +17,6 @@ status, so one broken file costs one row, not the shard.
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re

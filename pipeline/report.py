@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from .write import atomic_put
+from .storage import atomic_put
 
 SHEET_NAME = "contact_sheet.png"
 

@@ -1,4 +1,4 @@
-"""The E2Style tasks: what the encoder sees for each (``task:`` in the config).
+"""The E2Style tasks (used by stage 6, invert): what the encoder sees for each (``task:`` in the config).
 
 Faces arrive as (B, H, W, 3) uint8, are normalised to [-1, 1] on the model's device
 (``model.preprocess_uint8``), and ``make_input`` turns them into the task's encoder input at 256x256,
@@ -25,19 +25,19 @@ the clean face (restoration tasks) and are NaN for sketch and segmentation, whic
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TASKS", "RESTORATION", "check_model", "make_input", "resize_nearest", "checkpoint_dims",
-           "stage_options", "NOISE_SIGMA"]
+from .config import TASKS
+from .images import MODEL_INPUT_SIZE, luma, resize_to_model_input
 
-TASKS = ("invert", "colorize", "denoise", "inpaint", "super_resolution", "sketch", "segmentation")
+__all__ = ["RESTORATION", "check_model", "make_input", "NOISE_SIGMA"]
+
 RESTORATION = ("invert", "colorize", "denoise", "inpaint", "super_resolution")
 NOISE_SIGMA = 25.0 / 255.0   # of the [0, 1] range; 2x that in the model's [-1, 1] units
-SIZE = 256
+SIZE = MODEL_INPUT_SIZE
 
 
 def check_model(task: str, input_nc: int, label_nc: int = 0) -> None:
@@ -58,26 +58,6 @@ def check_model(task: str, input_nc: int, label_nc: int = 0) -> None:
                          f"this one has input_nc={input_nc}")
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def resize_nearest(img: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of an HxWx3 uint8 label map (class ids must not be interpolated)."""
-    from PIL import Image
-
-    a = np.asarray(img)
-    if a.shape[0] == size and a.shape[1] == size:
-        return a.copy()
-    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.Resampling.NEAREST))
-
-
 def _face_seeds(faces: np.ndarray | None, n: int) -> list[int]:
     if faces is None:
         return list(range(n))
@@ -88,7 +68,7 @@ def make_input(x: torch.Tensor, task: dict | None, input_nc: int, faces: np.ndar
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: (B, 3, H, W) float in [-1, 1] on the model's device -> (encoder input (B, input_nc, 256, 256),
     target (B, 3, 256, 256) in [-1, 1] or None). ``task``: {"name", "resize_factor", "label_nc"}."""
-    name = (task or {}).get("name", "invert")
+    name = task["name"] if task else "invert"
     if name == "segmentation":
         label_nc = int(task["label_nc"])
         ids = x[:, 0].add(1).mul(127.5).round().long()                       # (B, H, W) class ids
@@ -97,13 +77,13 @@ def make_input(x: torch.Tensor, task: dict | None, input_nc: int, faces: np.ndar
         valid = ids < label_nc
         onehot = F.one_hot(ids.clamp(max=label_nc - 1), label_nc).permute(0, 3, 1, 2).to(x.dtype)
         return onehot * valid[:, None].to(x.dtype), None
-    clean = _resize(x, SIZE)
+    clean = resize_to_model_input(x, SIZE)
     if name == "sketch":
-        return _luma(clean).add(1).div(2), None
+        return luma(clean).add(1).div(2), None
     if name == "invert":
-        return (_luma(clean) if input_nc == 1 else clean), clean
+        return (luma(clean) if input_nc == 1 else clean), clean
     if name == "colorize":
-        g = _luma(clean)
+        g = luma(clean)
         return (g if input_nc == 1 else g.expand(-1, 3, -1, -1).contiguous()), clean
     if name == "denoise":
         noise = torch.empty_like(clean)
@@ -117,59 +97,8 @@ def make_input(x: torch.Tensor, task: dict | None, input_nc: int, faces: np.ndar
         out[:, :, a:b, a:b] = -1.0
         return out, clean
     if name == "super_resolution":
-        f = int(task.get("resize_factor", 4))
+        f = int(task["resize_factor"])
         small = max(1, SIZE // f)
         low = F.interpolate(clean, size=(small, small), mode="bilinear", align_corners=False, antialias=True)
         return F.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False), clean
     raise ValueError(f"unknown task {name!r}")
-
-
-def checkpoint_dims(path: str) -> dict[str, int]:
-    """n_latent, style_dim, input_nc, label_nc of an E2Style checkpoint, from its tensors' shapes only
-    (memory-mapped: no network is built, a 1.2 GB official file costs milliseconds)."""
-    from models.checkpoint import read_checkpoint
-    from models.stylegan2 import generator_config_from_state_dict
-
-    ckpt = read_checkpoint(path)
-    sd = ckpt.get("state_dict") or {}
-    g = generator_config_from_state_dict(sd, "decoder.")
-    n_latent = int(np.log2(g["size"])) * 2 - 2
-    w = sd.get("encoder_firststage.input_layer.0.weight")
-    input_nc = int(w.shape[1]) if w is not None else 3
-    opts = ckpt.get("opts") or {}
-    refine = {k.split(".")[1] for k in sd if k.startswith("encoder_refinestage_list.")}
-    return {"n_latent": n_latent, "style_dim": int(g["style_dim"]), "input_nc": input_nc,
-            "label_nc": int(opts.get("label_nc") or 0), "num_stages": 1 + len(refine)}
-
-
-def stage_options(cfg: dict, checkpoint_sha256: str | None = None) -> dict[str, Any]:
-    """Driver-side, before any shard starts: check the task against the checkpoint and load the edit
-    directions. Returns {"task": {...} or None, "edit": {...} or None}; raises ConfigError."""
-    from .config import ConfigError
-    from .edit import DirectionError, make_edit_options
-
-    task = cfg.get("task", "invert")
-    from .invert import fetch_checkpoint
-
-    # Read on the driver before anything is written: a file that is not a checkpoint, or one that would run
-    # code when unpickled, is refused here (weights_only), not in the actors after the run has started.
-    try:
-        dims = checkpoint_dims(fetch_checkpoint(cfg["model"]["checkpoint"], cfg["storage"]["endpoint_url"],
-                                                checkpoint_sha256))
-    except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is the checkpoint key's fault
-        raise ConfigError("model.checkpoint", f"cannot read the checkpoint: {e}") from None
-    stages = cfg["model"]["stages"]
-    if stages is not None and not 1 <= stages <= dims["num_stages"]:
-        raise ConfigError("model.stages", f"must be in 1..{dims['num_stages']} for this checkpoint, got {stages}")
-    try:
-        check_model(task, dims["input_nc"], dims["label_nc"])
-    except ValueError as e:
-        raise ConfigError("task", str(e)) from None
-    task_opts = None if task == "invert" else {"name": task, "resize_factor": cfg.get("resize_factor", 4),
-                                               "label_nc": dims["label_nc"]}
-    try:
-        edit = make_edit_options(cfg, dims["n_latent"], dims["style_dim"], cfg["output"]["image_size"] > 0)
-    except DirectionError as e:
-        key = "edit.layers" if str(e).startswith("edit.layers") else "edit.directions"
-        raise ConfigError(key, str(e)) from None
-    return {"task": task_opts, "edit": edit, "dims": dims}

@@ -1,17 +1,15 @@
-"""Stage 6, write: Parquet latents, a WebDataset tar of images, stats, and the commit protocol.
+"""Stage 9, write: Parquet latents, a WebDataset tar of images and stats: one shard committed.
 
 Output layout under ``output.url``::
 
     latents/<shard>.parquet   one row per input (per face with align.policy "all")
-    images/<shard>.tar        <key>.recon.<ext> per ok row (+ <key>.aligned.<ext> with save_aligned)
+    images/<shard>.tar        <key>.recon.<ext> per ok row (+ <key>.aligned.<ext> with save_aligned, edits, pastes)
     stats/<shard>.json        written last: its presence is what makes the shard committed
-    _run.json                 resolved config (secrets redacted), checkpoint sha256, versions, start/end
-    _SUCCESS                  every planned shard committed
 
 Commit protocol: each file is written whole under a temporary name and renamed (local), or PUT as one
 object (S3: a PUT or a completed multipart upload is all-or-nothing), in the order images, latents,
 stats. A crash leaves at worst a latents/images file without its stats; the next run deletes those
-before planning (``clean_uncommitted``), and readers that go by ``stats/`` (or wait for ``_SUCCESS``)
+before planning (pipeline/ledger.py), and readers that go by ``stats/`` (or wait for ``_SUCCESS``)
 never see them.
 """
 from __future__ import annotations
@@ -22,23 +20,20 @@ import posixpath
 import socket
 import tarfile
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from .invert import InvertResult
-from .prepare import PreparedChunk, Row
-from .edit import ExtraOutputs
-from .storage import atomic_put, ensure_dir, is_local
+from .config import OutputConfig
+from .images import encode_image
+from .paste import PasteBack
+from .records import InvertResult, PreparedChunk, Row
+from .storage import atomic_put, ensure_dir
 
-__all__ = ["latents_schema", "build_table", "encode_image", "build_tar", "shard_stats", "write_shard",
-           "finish_shard", "read_committed", "clean_uncommitted", "read_run_record", "write_run_record",
-           "clear_outputs", "mark_success", "clear_success", "output_paths"]
-
-_EXT_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+__all__ = ["latents_schema", "build_table", "build_tar", "shard_stats", "write_shard", "finish_shard",
+           "add_code_columns", "ExtraOutputs", "output_paths"]
 
 
 def output_paths(root: str, shard: str) -> dict[str, str]:
@@ -107,16 +102,6 @@ def build_table(rows: list[Row], codes: list[np.ndarray | None], mse: list[float
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def encode_image(img: np.ndarray, fmt: str = "jpg", size: int | None = None, quality: int = 95) -> bytes:
-    im = Image.fromarray(np.ascontiguousarray(img), "RGB")
-    if size and (im.width != size or im.height != size):
-        im = im.resize((size, size), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    kw: dict[str, Any] = {"quality": quality} if fmt in ("jpg", "webp") else {"compress_level": 6}
-    im.save(buf, format=_EXT_FORMAT[fmt], **kw)
-    return buf.getvalue()
-
-
 def build_tar(members: Iterable[tuple[str, bytes]]) -> bytes:
     """An uncompressed tar; names were built from sanitised keys, checked again here all the same."""
     buf = io.BytesIO()
@@ -154,13 +139,13 @@ def write_shard(fs, root: str, shard_name: str, table: pa.Table, tar_bytes: byte
     atomic_put(fs, paths["stats"], json.dumps(stats, indent=1, default=str).encode())
 
 
-def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[PreparedChunk],
+def finish_shard(fs, root: str, shard_name: str, output: OutputConfig, chunks: list[PreparedChunk],
                  results: list[InvertResult | None], *, n_latent: int, stats_extra: dict,
-                 metadata: dict[str, str] | None = None) -> dict:
-    """Encode images, build the tables and commit. ``results[i]`` is chunk i's inversion (None: no faces)."""
+                 metadata: dict[str, str] | None = None, max_pixels: int | None = None) -> dict:
+    """Encode images, build the tables and commit. ``results[i]`` is chunk i's inversion (None: no faces).
+    ``max_pixels``: the decompression-bomb limit for the originals decoded again by output.paste_back."""
     t0 = time.perf_counter()
-    out = cfg["output"]
-    fmt, size, q = out["image_format"], out["image_size"], out["jpeg_quality"]
+    fmt, size, q = output.image_format, output.image_size, output.jpeg_quality
     timings: dict[str, float] = {}
     rows: list[Row] = []
     codes: list[np.ndarray | None] = []
@@ -168,13 +153,13 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
     psnr: list[float | None] = []
     members: list[tuple[str, bytes]] = []
     stages = None
-    extra = ExtraOutputs(cfg)  # edit variants, edited codes, paste-backs (pipeline/edit.py)
+    extra = ExtraOutputs(output, max_pixels)  # edit variants, edited codes, paste-backs
     for ch, res in zip(chunks, results):
         for k, v in ch.timings.items():
             timings[k] = timings.get(k, 0.0) + v
         if res is not None:
             stages = res.stages
-            timings["invert"] = timings.get("invert", 0.0) + getattr(res, "seconds", 0.0)
+            timings["invert"] = timings.get("invert", 0.0) + res.seconds
         j = 0  # index into this chunk's faces / inversion results
         for r in ch.rows:
             rows.append(r)
@@ -187,7 +172,7 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
                 else:  # latents only: no reconstruction was made, so none is measured
                     mse.append(None)
                     psnr.append(None)
-                if out["save_aligned"]:
+                if output.save_aligned:
                     members.append((f"{r.key}.aligned.{fmt}", encode_image(ch.faces[j], fmt, size, q)))
                 members.extend(extra.row(r, res, j, ch))
                 j += 1
@@ -198,7 +183,7 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
                 psnr.append(None)
     t1 = time.perf_counter()
     timings["encode"] = t1 - t0
-    table = extra.extend_table(build_table(rows, codes, mse, psnr, stages, n_latent, metadata))
+    table = add_code_columns(build_table(rows, codes, mse, psnr, stages, n_latent, metadata), extra.codes)
     tar_bytes = build_tar(members)
     inverted = [[len(r.codes), round(r.finished_unix, 3)] for r in results if r is not None]
     stats = shard_stats(shard_name, rows, timings, {**stats_extra, "inputs_read": sum(c.n_inputs for c in chunks),
@@ -210,84 +195,46 @@ def finish_shard(fs, root: str, shard_name: str, cfg: dict, chunks: list[Prepare
     return stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# Output-level bookkeeping (driver side)
+def add_code_columns(table: pa.Table, per_row: list[dict[str, np.ndarray]]) -> pa.Table:
+    """``table`` plus one fixed-size-list column per name in ``per_row`` (one dict per row: column -> codes;
+    null where a row has none): the edited codes of ``edit.save_codes``."""
+    names: list[str] = []
+    for cols in per_row:
+        names.extend(n for n in cols if n not in names)
+    for name in names:
+        width = next(int(c[name].size) for c in per_row if name in c)
+        table = table.append_column(name, _fixed_list([c.get(name) for c in per_row], width))
+    return table
 
 
-def read_committed(fs, root: str) -> dict[str, dict]:
-    """shard name -> stats record, for every committed shard under ``root``."""
-    fs.invalidate_cache()  # s3fs caches listings; workers wrote since the last look
-    pattern = posixpath.join(root, "stats", "*.json")
-    paths = fs.glob(pattern)
-    if not paths:
-        return {}
-    out: dict[str, dict] = {}
-    for p, data in fs.cat(paths, on_error="return").items():
-        if isinstance(data, BaseException):
-            continue
-        try:
-            out[posixpath.basename(p)[: -len(".json")]] = json.loads(data)
-        except ValueError:
-            continue  # cannot happen with atomic writes; an unreadable marker is treated as not committed
-    return out
+class ExtraOutputs:
+    """What ``finish_shard`` adds to a shard beside the reconstructions: edited images (``<key>.<tag>.<ext>``),
+    edited codes (Parquet columns ``codes_<tag>``, collected in ``codes``), and with ``output.paste_back`` the
+    reconstructed and edited faces pasted into the original photo (``<key>[.<tag>].paste.<ext>``)."""
 
+    def __init__(self, output: OutputConfig, max_pixels: int | None):
+        self.fmt, self.size, self.quality = output.image_format, output.image_size, output.jpeg_quality
+        self.paste = PasteBack(self.fmt, self.quality, max_pixels) if output.paste_back and self.size > 0 else None
+        self.codes: list[dict[str, np.ndarray]] = []   # one dict per row: column -> codes
 
-def clean_uncommitted(fs, root: str, committed: set[str]) -> list[str]:
-    """Delete latents/images files whose shard has no stats (left by a crash), and local temporaries."""
-    fs.invalidate_cache()
-    removed = []
-    for sub, ext in (("latents", ".parquet"), ("images", ".tar")):
-        d = posixpath.join(root, sub)
-        try:
-            entries = fs.ls(d, detail=False)
-        except FileNotFoundError:
-            continue
-        for p in entries:
-            base = posixpath.basename(p)
-            name = base[: -len(ext)] if base.endswith(ext) else None
-            if (name is None and base.startswith(".") and base.endswith(".tmp")) or (name and name not in committed):
-                fs.rm_file(p)
-                removed.append(p)
-    if is_local(fs):
-        d = posixpath.join(root, "stats")
-        if fs.exists(d):
-            for p in fs.ls(d, detail=False):
-                if posixpath.basename(p).endswith(".tmp"):
-                    fs.rm_file(p)
-    return removed
-
-
-def read_run_record(fs, root: str) -> dict | None:
-    p = posixpath.join(root, "_run.json")
-    fs.invalidate_cache()
-    try:
-        return json.loads(fs.cat_file(p))
-    except FileNotFoundError:
-        return None
-
-
-def write_run_record(fs, root: str, record: dict) -> None:
-    ensure_dir(fs, root)
-    atomic_put(fs, posixpath.join(root, "_run.json"), json.dumps(record, indent=1, default=str).encode())
-
-
-def clear_outputs(fs, root: str) -> None:
-    """output.overwrite: forget every shard of an earlier run (stats first, so nothing looks committed)."""
-    fs.invalidate_cache()
-    for sub in ("stats", "latents", "images"):
-        d = posixpath.join(root, sub)
-        if fs.exists(d):
-            fs.rm(d, recursive=True)
-    clear_success(fs, root)
-
-
-def mark_success(fs, root: str, summary: dict) -> None:
-    atomic_put(fs, posixpath.join(root, "_SUCCESS"), json.dumps(summary, default=str).encode())
-
-
-def clear_success(fs, root: str) -> None:
-    p = posixpath.join(root, "_SUCCESS")
-    try:
-        fs.rm_file(p)
-    except FileNotFoundError:
-        pass
+    def row(self, row: Row, res: InvertResult | None = None, j: int = 0,
+            chunk: PreparedChunk | None = None) -> list[tuple[str, bytes]]:
+        """Members for one row; ``res``/``j``: its inversion result and index there (None: not ok)."""
+        cols: dict[str, np.ndarray] = {}
+        self.codes.append(cols)
+        if res is None:
+            return []
+        members: list[tuple[str, bytes]] = []
+        variants = res.edits.variants if res.edits is not None else []
+        for v in variants:
+            if v.images is not None and self.size > 0:
+                members.append((f"{row.key}.{v.tag}.{self.fmt}", encode_image(v.images[j], self.fmt, self.size, self.quality)))
+            if res.edits.save_codes:
+                cols[f"codes_{v.tag}"] = v.codes[j]
+        originals = chunk.originals if chunk is not None else None
+        if self.paste is not None and originals is not None and row.quad is not None and originals[j] is not None:
+            src = self.paste.original(row.source, originals[j])
+            if src is not None:
+                faces = [("", res.recon[j])] + [(f".{v.tag}", v.images[j]) for v in variants if v.images is not None]
+                members.extend(self.paste.member(f"{row.key}{suffix}", src, face, row.quad) for suffix, face in faces)
+        return members

@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.align import (
-    AlignedFace,
-    FaceAligner,
-    align_faces,
-    ffhq_crop,
-    ffhq_quad,
-    find_landmark_model,
-    gaussian_blur_hw,
-    get_aligner,
-    paste_back,
-    pick_largest,
-)
+from pipeline.align import AlignedFace, FaceAligner, align_faces, get_aligner
+from pipeline.blur import gaussian_blur_hw
+from pipeline.crop import ffhq_crop, ffhq_quad
+from pipeline.detect import pick_largest
+from pipeline.model_files import find_landmark_model
+from pipeline.paste import paste_back
 from workers.align_worker import AlignWorker
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -136,7 +130,7 @@ def test_gaussian_matches_scipy():
 def test_band_restricted_padding_equals_full_formula(shape, pad, sigma, exact):
     # The padding step evaluates blur and blends only where their weights are > 0; the full-image formula
     # of recreate_aligned_images must give the same floats up to float32 rounding (second case: no interior).
-    from pipeline.align import _blur_pad_blend
+    from pipeline.crop import _blur_pad_blend
 
     rng = np.random.default_rng(3)
     f = rng.integers(0, 256, shape).astype(np.float32)

@@ -14,21 +14,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}, "model": {"checkpoint": "/m.pt"}}
 
 
-def test_bundled_configs_are_valid():
-    for name in ("demo", "s3", "cluster"):
-        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
-        assert set(cfg) == set(DEFAULTS)
-    assert load_config(os.path.join(ROOT, "configs", "cluster.yaml"))["ray"]["address"] == "auto"
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "directions":
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("name", ["demo", "s3", "cluster"])
+def test_shipped_configs_resolve(name):
+    """Every key a shipped config names reaches the typed config with the file's value (none is misspelt into
+    a default, none is dropped), and the local files the demo names exist."""
+    path = os.path.join(ROOT, "configs", f"{name}.yaml")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    cfg = load_config(path)
+    assert set(cfg.to_dict()) == set(DEFAULTS)
+    for key, value in _leaves(raw):
+        got = cfg.get(key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    if name == "demo":
+        assert os.path.isfile(os.path.join(ROOT, cfg.model.checkpoint))
+        assert os.listdir(os.path.join(ROOT, cfg.input.url))
+    if name == "cluster":
+        assert cfg.ray.address == "auto" and cfg.progress is False and cfg.progress_interval_s > 0
+
+
+def test_config_is_typed_and_frozen():
+    import dataclasses
+
+    cfg = resolve(BASE, {"edit": {"alphas": [1, 2], "layers": [0, 4]}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.batch_size = 3
+    assert cfg.edit.alphas == (1, 2) and cfg.edit.layers == (0, 4)
+    assert cfg.to_dict()["edit"]["alphas"] == [1, 2]
+    assert resolve(cfg.to_dict()) == cfg  # the plain mapping resolves to the same config
 
 
 def test_set_overrides_dotted_keys_typed_values():
     ov = parse_overrides(["model.batch_size=8", "align.enabled=false", "storage.endpoint_url=http://h:9000",
                           "model.stages=null", "input.url=s3://b/p=q"])
     cfg = resolve(BASE, ov)
-    assert cfg["model"]["batch_size"] == 8 and cfg["align"]["enabled"] is False
-    assert cfg["storage"]["endpoint_url"] == "http://h:9000" and cfg["model"]["stages"] is None
-    assert cfg["input"]["url"] == "s3://b/p=q"  # only the first '=' splits
-    assert cfg["output"]["image_format"] == "jpg"  # defaults fill the rest
+    assert cfg.model.batch_size == 8 and cfg.align.enabled is False
+    assert cfg.storage.endpoint_url == "http://h:9000" and cfg.model.stages is None
+    assert cfg.input.url == "s3://b/p=q"  # only the first '=' splits
+    assert cfg.output.image_format == "jpg"  # defaults fill the rest
 
 
 @pytest.mark.parametrize("over, key, words", [

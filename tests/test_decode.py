@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image, resize_square
+from pipeline.decode import DecodeError, decode_image
+from pipeline.images import resize_square
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

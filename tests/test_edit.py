@@ -193,7 +193,7 @@ def test_paste_back_with_edit(tmp_path, tiny_checkpoint):
     alignment quad; pixels away from the face are the original's, the face region is not."""
     import shutil
 
-    from pipeline.align import paste_back
+    from pipeline.paste import paste_back
     from pipeline.decode import decode_image
     from pipeline.runner import run
 

@@ -162,7 +162,7 @@ def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint
     import fsspec
 
     from conftest import DATA_DIR, make_tar
-    from pipeline.align import paste_back
+    from pipeline.paste import paste_back
     from pipeline.decode import decode_image
     from pipeline.runner import run
 

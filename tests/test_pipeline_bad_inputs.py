@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_prepare_item_never_raises_for_bad_bytes():
     for name, (data, status) in _corpus().items():
         if name == "bomb":
             continue
-        rows = prepare_item(InputItem(name, f"/in/{name}", data), cfg, {})
+        rows = prepare_item(InputItem(name, f"/in/{name}", data), cfg.prepare, {})
         assert [r.status for r, _ in rows] == [status], name
         face = rows[0][1]
         assert (face is None) == (status != "ok")
@@ -119,9 +120,12 @@ def test_prepare_item_never_raises_for_bad_bytes():
 
 
 @pytest.mark.slow
-def test_failing_shard_is_retried_then_reported(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint):
-    """A shard that fails on every attempt (a Parquet file without any image column) ends the job non-zero,
-    names the shard, and every other shard is committed."""
+def test_failing_shard_is_retried_then_reported(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint,
+                                                caplog):
+    """A shard that fails on every attempt (a Parquet file without any image column) is attempted 1 + retries
+    times, then the job ends non-zero naming the shard, and every other shard is committed (at its first try)."""
+    import logging
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,10 +134,19 @@ def test_failing_shard_is_retried_then_reported(ray_session, s3fs_session, s3_bu
     sink = io.BytesIO()
     pq.write_table(pa.table({"text": ["no images here"]}), sink)
     fs.pipe_file(f"{s3_bucket}/in/bad.parquet", sink.getvalue())
-    res = run(pipeline_config(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", tiny_checkpoint, moto_server),
-              echo=lambda s: None)
+    with caplog.at_level(logging.INFO, logger="e2style"):
+        res = run(pipeline_config(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", tiny_checkpoint, moto_server,
+                                  retries=2), echo=lambda s: None)
     assert res.exit_code == 1
     assert list(res.failed) == ["bad"] and "no image column" in res.failed["bad"]
     assert res.committed == ["good"]
+    msgs = [r.getMessage() for r in caplog.records if r.name.startswith("e2style")]
+    assert [m for m in msgs if m.startswith("shard bad failed")] == [
+        f"shard bad failed (attempt 1), retrying: {res.failed['bad']}",
+        f"shard bad failed (attempt 2), retrying: {res.failed['bad']}",
+        f"shard bad failed after 3 attempt(s): {res.failed['bad']}"]
+    assert not [m for m in msgs if m.startswith("shard good failed")]
     fs.invalidate_cache()
     assert not fs.exists(f"{s3_bucket}/out/_SUCCESS")
+    st = json.loads(fs.cat_file(f"{s3_bucket}/out/stats/good.json"))
+    assert st["attempt"] == 1

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_parquet, make_tar, pipeline_config, tiny_image_bytes
-from pipeline.runner import RefusedError, run
+from pipeline.ledger import RefusedError
+from pipeline.runner import run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

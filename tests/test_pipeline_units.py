@@ -81,7 +81,7 @@ def test_build_tar_refuses_escaping_names():
 
 
 def test_invert_worker_without_ray(tiny_checkpoint):
-    from pipeline.prepare import PreparedChunk, Row
+    from pipeline.records import PreparedChunk, Row
     from workers.invert_worker import InvertWorker
 
     w = InvertWorker(tiny_checkpoint, batch_size=3)
@@ -176,7 +176,7 @@ def test_align_settings_reach_the_aligner():
 
     def statuses(**sets):
         cfg = pipeline_config("/in", "/out", "/ck.pt", align__enabled=True, **sets)
-        return [(r.status, r.score) for r, _ in prepare_item(item, cfg, {})]
+        return [(r.status, r.score) for r, _ in prepare_item(item, cfg.prepare, {})]
 
     (status, score), = statuses()
     assert status == "ok"
@@ -194,7 +194,7 @@ def test_latents_only_mode_and_padded_batches(tiny_checkpoint):
     short batch to the compiled shape changes no result."""
     from models import load_e2style
     from pipeline.invert import invert_faces
-    from pipeline.prepare import PreparedChunk, Row
+    from pipeline.records import PreparedChunk, Row
     from workers.invert_worker import InvertWorker
 
     faces = np.random.default_rng(1).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
@@ -226,3 +226,25 @@ def test_latents_only_run_writes_codes_without_images(ray_session, tiny_checkpoi
     assert df.codes.notna().all() and df.recon_psnr.isna().all()
     with tarfile.open(tmp_path / "out" / "images" / "images-000000.tar") as tf:
         assert tf.getnames() == []
+
+
+def test_paste_back_reads_originals_under_the_input_pixel_limit():
+    """One paste-back for the pipeline and the latents jobs: the original is decoded with input.max_pixels (a
+    photo over it gives no pasted image, never a decompression bomb), kept while the faces of one source come
+    in a row, and the pasted photo keeps the original's size."""
+    from PIL import Image
+
+    from pipeline.paste import PasteBack
+
+    data = tiny_image_bytes(7, "PNG", size=64)
+    assert PasteBack("png", 95, max_pixels=64 * 64 - 1).original("a.png", data) is None
+    assert PasteBack("png", 95, max_pixels=None).original("a.png", OSError("gone")) is None
+    pb = PasteBack("png", 95, max_pixels=64 * 64)
+    src = pb.original("a.png", data)
+    assert src.shape == (64, 64, 3)
+    assert pb.original("a.png", b"not read again") is src  # same source: the decoded photo is reused
+    face = np.zeros((32, 32, 3), np.uint8)
+    name, png = pb.member("a.edit_x_1", src, face, [8, 8, 8, 40, 40, 40, 40, 8])
+    assert name == "a.edit_x_1.paste.png"
+    pasted = np.asarray(Image.open(io.BytesIO(png)))
+    assert pasted.shape == (64, 64, 3) and pasted[24, 24].max() == 0 and np.array_equal(pasted[60, 60], src[60, 60])

@@ -1,16 +1,17 @@
 """CPU work as Ray tasks: prepare (read, decode, align) and finish (encode, write, commit) one shard.
 
-Thin wrappers over ``pipeline.prepare`` and ``pipeline.write``. Alignment's dlib models are cached per
-worker process by ``pipeline.align.get_aligner``, and Ray reuses task worker processes, so the 1.7 s
-predictor load is paid once per worker, not per shard or per image.
+Thin wrappers over ``pipeline.prepare`` and ``pipeline.write``, each given the config it uses. Alignment's
+dlib models are cached per worker process by ``pipeline.align.get_aligner``, and Ray reuses task worker
+processes, so the 1.7 s predictor load is paid once per worker, not per shard or per image.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
-from pipeline.invert import InvertResult
-from pipeline.prepare import PreparedChunk, prepare_chunks
+from pipeline.config import OutputConfig, PrepareConfig
+from pipeline.prepare import prepare_chunks
 from pipeline.read import Shard
+from pipeline.records import InvertResult, PreparedChunk
 from pipeline.storage import get_fs
 from pipeline.write import finish_shard
 
@@ -21,19 +22,19 @@ class ChunkHeader(tuple):
     """(n_faces, n_rows, n_inputs): what the driver needs to batch a chunk without fetching its pixels."""
 
 
-def prepare_shard(shard: Shard, cfg: dict) -> Iterator:
+def prepare_shard(shard: Shard, cfg: PrepareConfig) -> Iterator:
     """A streaming generator: yields a ChunkHeader then the PreparedChunk, for each chunk of the shard."""
-    fs, _ = get_fs(cfg["input"]["url"], cfg["storage"]["endpoint_url"])
+    fs, _ = get_fs(cfg.input.url, cfg.endpoint_url)
     for chunk in prepare_chunks(fs, shard, cfg):
         yield ChunkHeader((chunk.n_faces, len(chunk.rows), chunk.n_inputs))
         yield chunk
 
 
-def finish_shard_task(shard_name: str, cfg: dict, n_latent: int, stats_extra: dict, metadata: dict,
-                      n_chunks: int, *chunks_and_results) -> dict:
+def finish_shard_task(shard_name: str, output: OutputConfig, endpoint_url: str | None, max_pixels: int | None,
+                      n_latent: int, stats_extra: dict, metadata: dict, n_chunks: int, *chunks_and_results) -> dict:
     """Args after ``n_chunks``: the chunks, then one InvertResult (or None) per chunk (Ray resolves them)."""
     chunks: list[PreparedChunk] = list(chunks_and_results[:n_chunks])
     results: list[InvertResult | None] = list(chunks_and_results[n_chunks:])
-    fs, root = get_fs(cfg["output"]["url"], cfg["storage"]["endpoint_url"])
-    return finish_shard(fs, root, shard_name, cfg, chunks, results, n_latent=n_latent,
-                        stats_extra=stats_extra, metadata=metadata)
+    fs, root = get_fs(output.url, endpoint_url)
+    return finish_shard(fs, root, shard_name, output, chunks, results, n_latent=n_latent,
+                        stats_extra=stats_extra, metadata=metadata, max_pixels=max_pixels)

@@ -10,9 +10,13 @@ import time
 import numpy as np
 import torch
 
+from models import load_e2style
+from pipeline.checkpoints import fetch_checkpoint, resolve_device
 from pipeline.edit import apply_edit
-from pipeline.invert import MODEL_INPUT_SIZE, InvertResult, fetch_checkpoint, invert_faces, resolve_device
-from pipeline.prepare import PreparedChunk
+from pipeline.images import MODEL_INPUT_SIZE, resize_square
+from pipeline.invert import invert_faces
+from pipeline.records import InvertResult, PreparedChunk
+from pipeline.tasks import check_model
 
 __all__ = ["InvertWorker"]
 
@@ -22,8 +26,6 @@ class InvertWorker:
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
                  batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None,
                  compile: str | bool = "auto", return_images: bool = True, task: dict | None = None):
-        from models import load_e2style
-
         self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -54,7 +56,6 @@ class InvertWorker:
         self.edit_options = edit_options
         self.task = task
         if task is not None:
-            from pipeline.tasks import check_model
             check_model(task["name"], self.model.input_nc, self.model.label_nc)
 
     def info(self) -> dict:
@@ -71,7 +72,6 @@ class InvertWorker:
             return [None] * len(chunks)
         if len({f.shape[1:] for f in faces}) > 1:
             # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
-            from pipeline.decode import resize_square
             faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
                      else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
         res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,

@@ -1,0 +1,46 @@
+"""Ray: start an embedded instance or join a cluster, and size the actor pool. The only Ray setup the
+inversion job and the latents jobs share; everything else of theirs runs on pipeline/scheduler.py."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from .config import RayConfig
+
+__all__ = ["init_ray", "actor_plan", "wait_one"]
+
+
+def init_ray(rc: RayConfig) -> bool:
+    """Start or join Ray unless this process already did. Returns whether we started it (and stop it)."""
+    if ray.is_initialized():
+        return False
+    if rc.address is None:
+        # address="local": always a fresh embedded instance. ray.init() without an address would join a
+        # running local cluster (or follow a stale ray_current_cluster file one left behind) and then
+        # refuse num_cpus; only ray.address joins a cluster.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kw: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}
+        if rc.num_cpus:
+            kw["num_cpus"] = rc.num_cpus
+        ray.init(**kw)
+    else:
+        ray.init(address=rc.address, log_to_driver=True)
+    return True
+
+
+def actor_plan(rc: RayConfig) -> tuple[int, dict[str, Any], int, int]:
+    """(number of model actors, their Ray options, GPUs, CPUs) for the cluster as it is now: one actor per GPU
+    (or ``ray.num_actors``), each holding one GPU (or one CPU), placed by ``ray.actor_resources`` if given."""
+    res = ray.cluster_resources()
+    n_gpus, n_cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if n_gpus else {"num_cpus": 1}
+    if rc.actor_resources:
+        opts["resources"] = dict(rc.actor_resources)
+    return rc.num_actors or max(1, n_gpus), opts, n_gpus, n_cpus
+
+
+def wait_one(refs: list, timeout: float | None) -> list:
+    """The scheduler's ``wait``: the refs ready within ``timeout`` (at least one, or none)."""
+    return ray.wait(refs, num_returns=1, timeout=timeout)[0]

@@ -1,0 +1,202 @@
+"""The inversion job on the shard scheduler: what one attempt at one shard is, on Ray.
+
+    prepare_shard (CPU task, streaming generator: read -> decode -> align, one chunk at a time)
+        -> chunks batched across shards -> InvertWorker.invert_many (actor, one per GPU, model loaded once)
+        -> finish_shard_task (CPU task: encode, Parquet + tar, commit with stats last)
+
+The driver holds only object references and small headers, never pixels. Memory is bounded by
+``ray.max_shards_in_flight`` (shards being prepared or waiting to be written) and by two outstanding calls
+per actor, whatever the size of the input. ``InversionJob`` is given its Ray calls as functions, so it
+depends on the scheduler and nothing of Ray's; ``run_inversion`` wires it to Ray.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from workers.cpu_worker import finish_shard_task, prepare_shard
+from workers.invert_worker import InvertWorker
+
+from .cluster import actor_plan, wait_one
+from .config import ConfigError, PipelineConfig
+from .progress import Progress
+from .read import Shard
+from .scheduler import ActorPool, Attempt, Scheduler, short_error
+
+__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE"]
+
+log = logging.getLogger("e2style.pipeline")
+
+ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
+
+
+@dataclass
+class _ShardState:
+    gen: Any                                            # the prepare task's chunk generator
+    chunks: list = field(default_factory=list)          # chunk refs in order
+    results: dict = field(default_factory=dict)         # chunk index -> inversion result ref (None: no faces)
+    reading_done: bool = False
+    finishing: bool = False
+
+
+@dataclass
+class _Pending:
+    attempt: Attempt
+    index: int          # the chunk's index in its shard
+    chunk: Any          # its ref
+    n_faces: int
+
+
+class InversionJob:
+    """Per shard attempt: chunks from ``submit_prepare(shard)`` (a generator of header ref, chunk ref, ...), their
+    faces batched across shards (``batch_size``) onto the actor pool with ``submit_invert(actor, chunk refs)``
+    (one result ref per chunk), then ``submit_finish(attempt, chunk refs, result refs)`` whose result (the
+    shard's stats) commits it."""
+
+    def __init__(self, sched: Scheduler, pool: ActorPool, *, submit_prepare: Callable[[Any], Any],
+                 submit_invert: Callable[[Any, list], list], submit_finish: Callable[[Attempt, list, list], Any],
+                 get: Callable[[Any], Any], batch_size: int, progress: Progress):
+        self.sched, self.pool, self.get, self.batch_size, self.progress = sched, pool, get, batch_size, progress
+        self.submit_prepare, self.submit_invert, self.submit_finish = submit_prepare, submit_invert, submit_finish
+        self.pending: collections.deque[_Pending] = collections.deque()
+
+    def start(self, attempt: Attempt) -> None:
+        attempt.state = _ShardState(self.submit_prepare(attempt.shard))
+        self.sched.watch(attempt.state.gen, self._on_chunk(attempt), attempt, "prepare")
+
+    def _on_chunk(self, attempt: Attempt) -> Callable[[Any], None]:
+        def handler(gen) -> None:
+            st = attempt.state
+            try:
+                header = next(gen)
+            except StopIteration:
+                st.reading_done = True
+                self._maybe_finish(attempt)
+                return
+            n_faces, _n_rows, n_inputs = self.get(header)
+            chunk = next(gen)
+            index = len(st.chunks)
+            st.chunks.append(chunk)
+            self.progress.add_images(n_inputs)
+            if n_faces:
+                self.pending.append(_Pending(attempt, index, chunk, n_faces))
+            else:
+                st.results[index] = None
+            self.sched.watch(gen, handler, attempt, "prepare")  # the next chunk
+        return handler
+
+    def _maybe_finish(self, attempt: Attempt) -> None:
+        st = attempt.state
+        if st.finishing or not st.reading_done or len(st.results) < len(st.chunks):
+            return
+        st.finishing = True
+        ref = self.submit_finish(attempt, st.chunks, [st.results[i] for i in range(len(st.chunks))])
+        self.sched.watch(ref, lambda r: self.sched.commit(attempt, self.get(r)), attempt, "invert/write")
+
+    def submit_batches(self, flush: bool) -> None:
+        """Send full batches of faces to actors with room; partial ones too when ``flush``."""
+        # The chunks of an attempt that failed meanwhile are not inverted.
+        self.pending = collections.deque(p for p in self.pending if self.sched.is_current(p.attempt))
+        while self.pending and self.pool.has_free():
+            if sum(p.n_faces for p in self.pending) < self.batch_size and not flush:
+                return
+            take, n = [], 0
+            while self.pending and (n < self.batch_size or not take):
+                take.append(self.pending.popleft())
+                n += take[-1].n_faces
+            index, actor = self.pool.acquire()
+            refs = self.submit_invert(actor, [p.chunk for p in take])
+            self.sched.watch(refs[-1], lambda r, i=index: self.pool.release(i))
+            for p, r in zip(take, refs):
+                p.attempt.state.results[p.index] = r
+            for p in take:
+                self._maybe_finish(p.attempt)
+
+    def reading_done(self) -> bool:
+        return all(a.state is not None and a.state.reading_done for a in self.sched.active.values())
+
+
+def _relative_inputs(shard: Shard) -> list[str]:
+    root = shard.root
+    return [x[len(root) + 1:] if x.startswith(root + "/") else os.path.relpath(x, root) for x in shard.paths]
+
+
+def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, checkpoint_sha256: str,
+                  stage_options: dict, known_total: int | None, echo) -> tuple[list[tuple[str, dict]], dict[str, str], float]:
+    """Invert ``todo`` on the running Ray: ([(shard, stats)] committed, {shard: why} failed, seconds)."""
+    t0 = time.time()
+    n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
+    # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
+    # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
+    # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.
+    # max_concurrency=2: while one call's batches run on the GPU, the next call's inputs are unpacked,
+    # pinned and copied (CUDA work from both threads goes to the same stream, in order).
+    Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)(InvertWorker)
+    m, ep = cfg.model, cfg.storage.endpoint_url
+    actors = [Actor.options(**actor_opts).remote(
+        m.checkpoint, endpoint_url=ep, sha256=checkpoint_sha256, precision=m.precision, device=m.device,
+        stages=m.stages, batch_size=m.batch_size, num_threads=m.num_threads, compile=m.compile,
+        return_images=cfg.output.image_size > 0, edit_options=stage_options.get("edit"), task=stage_options.get("task"))
+        for _ in range(n_actors)]
+    try:
+        try:
+            info = ray.get(actors[0].info.remote())
+        except Exception as e:  # noqa: BLE001 - surfaces as a config error naming the key
+            raise ConfigError("model.checkpoint", f"cannot load the model: {short_error(e)}") from None
+        echo(f"model: n_latent={info['n_latent']} stages={info['stages']}/{info['num_stages']} "
+             f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), {n_cpus} CPUs")
+        cpu_for_tasks = max(1, n_cpus - (0 if n_gpus else n_actors))
+        prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
+        fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)
+        metadata = {"fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha256,
+                    "stages": str(info["stages"]), "style_dim": str(info["style_dim"])}
+        prepare_cfg = cfg.prepare
+
+        def submit_finish(attempt: Attempt, chunks: list, results: list):
+            shard: Shard = attempt.shard
+            extra = {"format": shard.format, "input": shard.uri, "fingerprint": fingerprint,
+                     "attempt": attempt.number, "n_latent": info["n_latent"]}
+            if shard.format == "images":
+                extra["inputs"] = _relative_inputs(shard)
+            return fin.remote(shard.name, cfg.output, ep, cfg.input.max_pixels, info["n_latent"], extra, metadata,
+                              len(chunks), *chunks, *results)
+
+        def submit_invert(actor, chunks: list) -> list:
+            refs = actor.invert_many.options(num_returns=len(chunks)).remote(*chunks)
+            return refs if isinstance(refs, list) else [refs]
+
+        prog = Progress(cfg.progress, known_total, len(todo), cfg.progress_interval_s)
+
+        def on_commit(attempt: Attempt, stats: dict) -> None:
+            bad = {k: v for k, v in stats["counts"].items() if k != "ok"}
+            log.info("committed shard %s: %d rows%s", attempt.name, stats["rows"], f" ({bad})" if bad else "")
+            prog.shard_done()
+
+        def on_round() -> None:
+            job.submit_batches(flush=job.reading_done())
+            prog.tick()
+
+        def on_idle() -> None:
+            job.submit_batches(flush=True)   # nothing new soon: send partial batches rather than idle
+            prog.tick()
+
+        sched = Scheduler(wait_one, retries=cfg.retries, max_in_flight=cfg.ray.max_shards_in_flight or cpu_for_tasks + 1,
+                          on_commit=on_commit, on_failed=lambda a, why: prog.shard_done(failed=True),
+                          on_idle=on_idle, on_round=on_round)
+        job = InversionJob(sched, ActorPool(actors, ACTOR_QUEUE), submit_prepare=lambda s: prep.remote(s, prepare_cfg),
+                           submit_invert=submit_invert, submit_finish=submit_finish, get=ray.get,
+                           batch_size=m.batch_size, progress=prog)
+        try:
+            sched.run(todo, job.start)
+        finally:
+            prog.close()
+        return sched.committed, sched.failed, time.time() - t0
+    finally:
+        for a in actors:
+            ray.kill(a)
