@@ -445,39 +445,25 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     xs = np.arange(1, pw + 1)
     simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide columns are x < simd_end
     simd_col = torch.from_numpy(xs[None, :] < simd_end[:, None]).to(dev)[:, None, :]  # (B, 1, pw)
-    # SIMD columns: select(r > g, r, g) then select(t > b, t, b): ties go to the later channel.
-    r_wins = mag[:, 0] > mag[:, 1]
-    t_gx = torch.where(r_wins, gx[:, 0], gx[:, 1])
-    t_gy = torch.where(r_wins, gy[:, 0], gy[:, 1])
-    t_mag = torch.where(r_wins, mag[:, 0], mag[:, 1])
-    t_wins = t_mag > mag[:, 2]
-    s_gx = torch.where(t_wins, t_gx, gx[:, 2])
-    s_gy = torch.where(t_wins, t_gy, gy[:, 2])
-    s_mag = torch.where(t_wins, t_mag, mag[:, 2])
-    # Scalar columns: start with red, switch only on a strictly larger magnitude: ties go to the earlier one.
-    g_wins = mag[:, 1] > mag[:, 0]
-    c_gx = torch.where(g_wins, gx[:, 1], gx[:, 0])
-    c_gy = torch.where(g_wins, gy[:, 1], gy[:, 0])
-    c_mag = torch.where(g_wins, mag[:, 1], mag[:, 0])
-    b_wins = mag[:, 2] > c_mag
-    c_gx = torch.where(b_wins, gx[:, 2], c_gx)
-    c_gy = torch.where(b_wins, gy[:, 2], c_gy)
-    c_mag = torch.where(b_wins, mag[:, 2], c_mag)
-    grad_x = torch.where(simd_col, s_gx, c_gx).float()
-    grad_y = torch.where(simd_col, s_gy, c_gy).float()
-    v = torch.sqrt(torch.where(simd_col, s_mag, c_mag).float())
-
-    best_dot = torch.zeros_like(grad_x)
-    best_o = torch.zeros(grad_x.shape, dtype=torch.int64, device=dev)
-    for o in range(9):
-        dot = torch.add(torch.mul(grad_x, float(_DIRECTIONS[o, 0])), torch.mul(grad_y, float(_DIRECTIONS[o, 1])))
-        up = dot > best_dot
-        best_dot = torch.where(up, dot, best_dot)
-        best_o = torch.where(up, o, best_o)
-        neg = torch.neg(dot)
-        down = neg > best_dot
-        best_dot = torch.where(down, neg, best_dot)
-        best_o = torch.where(down, o + 9, best_o)
+    # The channel with the largest squared gradient. dlib's SIMD columns do select(r > g, r, g) then
+    # select(t > b, t, b) (ties go to the later channel); its scalar columns start with red and switch
+    # only on a strictly larger value (ties go to the earlier channel).
+    red_green = torch.maximum(mag[:, 0], mag[:, 1])
+    simd_channel = torch.where(red_green > mag[:, 2], torch.where(mag[:, 0] > mag[:, 1], 0, 1), 2)
+    scalar_channel = torch.where(mag[:, 2] > red_green, 2, torch.where(mag[:, 1] > mag[:, 0], 1, 0))
+    channel = torch.where(simd_col, simd_channel, scalar_channel).unsqueeze(1)
+    grad_x = torch.gather(gx, 1, channel).squeeze(1).float()
+    grad_y = torch.gather(gy, 1, channel).squeeze(1).float()
+    v = torch.sqrt(torch.maximum(red_green, mag[:, 2]).float())
+    # Orientation: dlib keeps the first of the 18 candidates dot_0, -dot_0, dot_1, -dot_1, ... that is
+    # strictly larger than everything before it (and than 0). That is the first o with the largest |dot_o|
+    # (of dot_o and -dot_o only one can be positive), bin o or o + 9 by the sign, when the largest is > 0.
+    d0 = torch.from_numpy(_DIRECTIONS[:, 0].copy()).to(dev)
+    d1 = torch.from_numpy(_DIRECTIONS[:, 1].copy()).to(dev)
+    dots = torch.add(torch.mul(grad_x.unsqueeze(-1), d0), torch.mul(grad_y.unsqueeze(-1), d1))
+    best, first = torch.max(torch.abs(dots), dim=-1)  # the first maximum (documented for torch.max)
+    negative = torch.gather(dots, -1, first.unsqueeze(-1)).squeeze(-1) < 0
+    best_o = torch.where(best > 0, torch.where(negative, first + 9, first), 0)
 
     # Bilinear vote weights; all of vx0, vx1, vy0, vy1 are exact dyadic numbers. dlib's SIMD columns
     # compute vy * (vx * v), its scalar columns (vy * vx) * v.
@@ -510,13 +496,21 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     # vy0 for the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's
     # float32 sums exactly.
     hist = torch.zeros((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    for dy in range(16):
-        rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
-        for dx in range(16):
-            cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
-            key = ("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")
-            w = weights[key][:, rows, cols]
-            hist.scatter_add_(3, orient[:, rows, cols].unsqueeze(3), w.unsqueeze(3))
+    # Each block offset (dy, dx) as one contiguous (B, cells, cells) slice, for cheap sequential steps.
+    def blocks(grid, key_of):
+        out = []
+        for dy in range(16):
+            rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
+            for dx in range(16):
+                cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
+                out.append(key_of(dy, dx)[:, rows, cols] if grid is None else grid[:, rows, cols])
+        return torch.stack(out)
+
+    orient_blocks = blocks(orient, None).unsqueeze(-1)
+    weight_blocks = blocks(None, lambda dy, dx: weights[("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")]
+                           ).unsqueeze(-1)
+    for k in range(256):
+        hist.scatter_add_(3, orient_blocks[k], weight_blocks[k])
 
     both = torch.add(hist[..., :9], hist[..., 9:])
     sq = torch.mul(both, both)
@@ -562,26 +556,72 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
 def _three_accumulator_sum(shifted, taps):
     """dlib's 8-wide filter loop: taps 0, 3, 6, ... / 1, 4, 7, ... / 2, 5, 8, ... summed in three
     accumulators while three taps remain (n < size - 2), the leftover taps into the first, then
-    acc0 + (acc1 + acc2). `shifted(n)` is the input shifted by tap n; `taps[n]` broadcastable weights."""
+    acc0 + (acc1 + acc2). `shifted(n)` is the input shifted by tap n; `taps[n]` broadcastable weights.
+    Every product is materialised (rounded) before it is added: no fused multiply-add."""
     size = len(taps)
     interleaved = 3 * max(0, -(-(size - 2) // 3))  # taps covered by the 3-way loop
     accs = [None, None, None]
     for n in range(size):
         term = torch.mul(shifted(n), taps[n])
         k = n % 3 if n < interleaved else 0
-        accs[k] = term if accs[k] is None else torch.add(accs[k], term)
+        if accs[k] is None:
+            accs[k] = term
+        else:
+            accs[k].add_(term)
     total = accs[0]
-    if accs[1] is None:
-        return total
-    rest = accs[1] if accs[2] is None else torch.add(accs[1], accs[2])
-    return torch.add(total, rest)
+    if accs[1] is not None:
+        if accs[2] is not None:
+            accs[1].add_(accs[2])
+        total.add_(accs[1])
+    return total
 
 
 def _sequential_sum(shifted, taps):
+    """dlib's scalar (right-edge) filter loop: taps added one after the other."""
     acc = torch.mul(shifted(0), taps[0])
     for n in range(1, len(taps)):
-        acc = torch.add(acc, torch.mul(shifted(n), taps[n]))
+        acc.add_(torch.mul(shifted(n), taps[n]))
     return acc
+
+
+def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
+                   col_taps: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """For every filter, the sum over its separable terms (in dlib's order) of
+    column-filter(row-filter(plane)), in dlib's summation order. plane_idx (F, S), row_taps (F, S, fw),
+    col_taps (F, S, fh). Returns (B, F, hog rows max, plane cols - fw + 1): position (i, j) scores the
+    window centred at plane (i + fh // 2, j + fw // 2). Slots are processed a chunk at a time (memory)."""
+    dev = planes.device
+    n, _, plane_h, plane_w = planes.shape
+    n_filters, n_slots = plane_idx.shape
+    fh, fw = col_taps.shape[2], row_taps.shape[2]
+    out_h = int(hog[:, 0].max())
+    out_w = plane_w - (fw - 1)
+    # dlib filters the right-most (hog cols % 8) columns with its scalar loop: a band of 8 per image.
+    tail_start = torch.from_numpy(8 * (hog[:, 1] // 8)).to(dev)
+    band = tail_start[:, None] + torch.arange(_TAIL_BAND + fw - 1, device=dev)[None, :]
+    step = max(1, chunk_elements // (n * n_filters * plane_h * plane_w))
+    total = None
+    for start in range(0, n_slots, step):
+        stop = min(start + step, n_slots)
+        t = n_filters * (stop - start)
+        x = planes.index_select(1, plane_idx[:, start:stop].reshape(-1))  # (B, F * Sc, plane_h, plane_w)
+        row_w = [row_taps[:, start:stop, k].reshape(1, t, 1, 1) for k in range(fw)]
+        col_w = [col_taps[:, start:stop, k].reshape(1, t, 1, 1) for k in range(fh)]
+        rows_out = _three_accumulator_sum(lambda k: x[:, :, :, k:k + out_w], row_w)
+        band_in = torch.gather(x, 3, band[:, None, None, :].expand(n, t, plane_h, band.shape[1]))
+        band_idx = band[:, None, None, :_TAIL_BAND].expand(n, t, plane_h, _TAIL_BAND)
+        rows_out.scatter_(3, band_idx, _sequential_sum(lambda k: band_in[..., k:k + _TAIL_BAND], row_w))
+        scores = _three_accumulator_sum(lambda k: rows_out[:, :, k:k + out_h, :], col_w)
+        band_rows = torch.gather(rows_out, 3, band_idx)
+        scores.scatter_(3, band_idx[:, :, :out_h, :],
+                        _sequential_sum(lambda k: band_rows[:, :, k:k + out_h, :], col_w))
+        scores = scores.view(n, n_filters, stop - start, out_h, out_w)
+        for k in range(stop - start):  # saliency += term, one term after the other
+            if total is None:
+                total = scores[:, :, 0].clone()
+            else:
+                total.add_(scores[:, :, k])
+    return total
 
 
 class FrontalFaceDetector:
@@ -592,23 +632,34 @@ class FrontalFaceDetector:
     """
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None,
-                 max_batch_pixels: int = 8 * 2 ** 20):
+                 max_batch_pixels: int | None = None, chunk_elements: int | None = None):
         if path is None:
             with tempfile.TemporaryDirectory() as tmp:
                 self.model = read_detector_file(dlib_frontal_detector_file(tmp))
         else:
             self.model = read_detector_file(path)
         self.device = torch.device(device)
-        self.max_batch_pixels = int(max_batch_pixels)
+        on_gpu = self.device.type != "cpu"
+        # Photos per call: bounded by pixels (after upsampling) to bound memory. Filter terms per step: on
+        # CPU small enough for the operands to stay in cache; on a GPU large enough to fill it.
+        self.max_batch_pixels = int(max_batch_pixels or (256 if on_gpu else 4) * 2 ** 20)
+        self.chunk_elements = int(chunk_elements or (2 ** 26 if on_gpu else 2 ** 15))
         fh, fw = self.model.fhog_window
         self._fhog_pad = (fh, fw)
-        self._filters = []
-        for f in range(self.model.filters.shape[0]):
-            terms = separable_terms(self.model.filters[f])
-            planes = torch.tensor([t.plane for t in terms], dtype=torch.int64, device=self.device)
-            rows = torch.from_numpy(np.stack([t.row_filter for t in terms])).to(self.device)  # (T, fw)
-            cols = torch.from_numpy(np.stack([t.col_filter for t in terms])).to(self.device)  # (T, fh)
-            self._filters.append((planes, rows, cols))
+        # All filters' separable terms as (filter, slot) with zero terms padding the shorter filters at the
+        # end (adding +0.0 after the last term leaves a sum unchanged): the five filters run together.
+        banks = [separable_terms(self.model.filters[f]) for f in range(self.model.filters.shape[0])]
+        slots = max(len(b) for b in banks)
+        plane_idx = np.zeros((len(banks), slots), dtype=np.int64)
+        row_taps = np.zeros((len(banks), slots, fw), dtype=np.float32)
+        col_taps = np.zeros((len(banks), slots, fh), dtype=np.float32)
+        for f, bank in enumerate(banks):
+            for k, term in enumerate(bank):
+                plane_idx[f, k], row_taps[f, k], col_taps[f, k] = term.plane, term.row_filter, term.col_filter
+        self.num_terms = [len(b) for b in banks]
+        self._plane_idx = torch.from_numpy(plane_idx).to(self.device)
+        self._row_taps = torch.from_numpy(row_taps).to(self.device)
+        self._col_taps = torch.from_numpy(col_taps).to(self.device)
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -629,17 +680,20 @@ class FrontalFaceDetector:
                 raise ValueError(f"images[{i}] must be an HxWx3 uint8 RGB array, got shape {image.shape} "
                                  f"dtype {image.dtype}")
         results: list = [None] * len(images)
-        order = sorted(range(len(images)), key=lambda i: images[i].shape[0] * images[i].shape[1])
-        batch: list[int] = []
-        budget = 0
+        # Photos are padded to a common size per batch: group similar shapes, bound the padding and pixels.
+        order = sorted(range(len(images)), key=lambda i: (images[i].shape[0], images[i].shape[1]))
         factor = 4 ** upsample
+        batch: list[int] = []
         for i in order:
-            pixels = images[i].shape[0] * images[i].shape[1] * factor
-            if batch and budget + pixels > self.max_batch_pixels:
+            grown = batch + [i]
+            h_max = max(images[j].shape[0] for j in grown)
+            w_max = max(images[j].shape[1] for j in grown)
+            area = sum(images[j].shape[0] * images[j].shape[1] for j in grown)
+            padded = h_max * w_max * len(grown)
+            if batch and (padded * factor > self.max_batch_pixels or padded > 1.25 * area):
                 self._detect_batch(images, batch, upsample, adjust_threshold, results)
-                batch, budget = [], 0
-            batch.append(i)
-            budget += pixels
+                grown = [i]
+            batch = grown
         if batch:
             self._detect_batch(images, batch, upsample, adjust_threshold, results)
         return results
@@ -689,30 +743,14 @@ class FrontalFaceDetector:
         if hog.max() == 0:
             return
         fh, fw = self._fhog_pad
-        n = planes.shape[0]
         out_h = int(hog[:, 0].max())
-        out_w = planes.shape[3] - (fw - 1)  # row pass output width (valid columns j: plane column j + fw//2)
-        # Right-edge columns that dlib filters with its scalar loop: hog_cols % 8 of them, per image.
-        tail_start = torch.from_numpy(8 * (hog[:, 1] // 8)).to(self.device)
-        band = tail_start[:, None] + torch.arange(_TAIL_BAND, device=self.device)[None, :]  # (B, 8)
+        out_w = planes.shape[3] - (fw - 1)
         valid = torch.from_numpy((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
                                  & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
-        for f, (term_planes, row_taps, col_taps) in enumerate(self._filters):
-            x = planes.index_select(1, term_planes)  # (B, T, Hp, Wp)
-            t = x.shape[1]
-            row_w = [row_taps[:, k].reshape(1, t, 1, 1) for k in range(fw)]
-            col_w = [col_taps[:, k].reshape(1, t, 1, 1) for k in range(fh)]
-            rows_out = _three_accumulator_sum(lambda k: x[:, :, :, k:k + out_w], row_w)
-            band_idx = band[:, None, None, :].expand(n, t, x.shape[2], _TAIL_BAND)
-            row_tail = _sequential_sum(lambda k: torch.gather(x, 3, band_idx + k), row_w)
-            rows_out.scatter_(3, band_idx, row_tail)
-            scores = _three_accumulator_sum(lambda k: rows_out[:, :, k:k + out_h, :], col_w)
-            band_rows = torch.gather(rows_out, 3, band_idx)
-            col_tail = _sequential_sum(lambda k: band_rows[:, :, k:k + out_h, :], col_w)
-            scores.scatter_(3, band_idx[:, :, :out_h, :], col_tail)
-            total = scores[:, 0]
-            for k in range(1, t):
-                total = torch.add(total, scores[:, k])
+        totals = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps,
+                                self.chunk_elements)
+        for f in range(totals.shape[1]):
+            total = totals[:, f]
             thresh = float(self.model.thresholds[f])
             hits = (total.double() >= thresh + adjust) & valid
             b_idx, r_idx, c_idx = (a.cpu().numpy() for a in torch.nonzero(hits, as_tuple=True))
