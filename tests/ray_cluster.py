@@ -102,12 +102,17 @@ def kill_tree(root_pid: int) -> None:
             pass
 
 
+class StartupExited(RuntimeError):
+    """``ray start`` exited while its node was starting."""
+
+
 @dataclass
 class Node:
     name: str
     proc: subprocess.Popen
     log_path: str
     resources: dict = field(default_factory=dict)
+    temp_dir: str = ""
     killed: bool = False
 
     @property
@@ -130,6 +135,7 @@ class LocalCluster:
         self.env = env
         self.ray_bin = os.path.join(bindir, "ray")
         self.gcs_port, self.dashboard_port = None, None
+        self.head: Node | None = None
         # A watchdog kills the nodes if this process dies without shutdown() (SIGKILL, a CI timeout).
         self.pids_file = os.path.join(self.root, "node_pids")
         open(self.pids_file, "w").close()
@@ -156,7 +162,7 @@ class LocalCluster:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=self.env, start_new_session=True, cwd=self.root)
-        node = Node(name, proc, log_path, dict(resources or {}))
+        node = Node(name, proc, log_path, dict(resources or {}), os.path.join(self.root, name))
         self.nodes.append(node)
         with open(self.pids_file, "a") as f:
             f.write(f"{proc.pid}\n")
@@ -170,27 +176,48 @@ class LocalCluster:
 
     def start_head(self, num_cpus: int, resources: dict | None = None, object_store_mb: int = 128,
                    timeout: float = 120) -> Node:
-        self.gcs_port, self.dashboard_port, client_port = free_ports(3)
-        node = self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                                    f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
-                                    f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 2**20}",
-                                    *self._node_ports()], resources)
-        deadline = time.time() + timeout
-        while not self._dashboard_up():
-            self._check_alive(node)
-            if time.time() > deadline:
-                raise TimeoutError(f"Ray head not up after {timeout} s; log {node.log_path}:\n{self.tail(node)}")
-            time.sleep(0.5)
-        self.wait_for_nodes(1, timeout=max(5.0, deadline - time.time()))
-        return node
+        def attempt(tag: str) -> Node:
+            self.gcs_port, self.dashboard_port, client_port = free_ports(3)
+            node = self._start(tag, ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client_port}",
+                                     f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 2**20}",
+                                     *self._node_ports()], resources)
+            deadline = time.time() + timeout
+            while not self._dashboard_up():
+                self._check_alive(node)
+                if time.time() > deadline:
+                    raise TimeoutError(f"Ray head not up after {timeout} s; log {node.log_path}:\n{self.tail(node)}")
+                time.sleep(0.5)
+            self.wait_for_nodes(1, timeout=max(5.0, deadline - time.time()), starting=node)
+            return node
+
+        self.head = self._retry("head", attempt)
+        return self.head
 
     def add_node(self, name: str, num_cpus: int, resources: dict | None = None, object_store_mb: int = 96,
                  timeout: float = 120) -> Node:
-        before = self.alive_node_count()
-        node = self._start(name, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
-                                  f"--object-store-memory={object_store_mb * 2**20}", *self._node_ports()], resources)
-        self.wait_for_nodes(before + 1, timeout=timeout, starting=node)
-        return node
+        def attempt(tag: str) -> Node:
+            before = self.alive_node_count()
+            node = self._start(tag, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                                     f"--object-store-memory={object_store_mb * 2**20}", *self._node_ports()], resources)
+            self.wait_for_nodes(before + 1, timeout=timeout, starting=node)
+            return node
+
+        return self._retry(name, attempt)
+
+    def _retry(self, name: str, attempt, tries: int = 3) -> Node:
+        """``attempt(tag)``, again with fresh ports when ``ray start`` exits during start-up (a port taken
+        between choosing it and binding it, by another process on this shared machine)."""
+        for i in range(tries):
+            try:
+                return attempt(name if i == 0 else f"{name}-{i}")
+            except StartupExited:
+                if i == tries - 1:
+                    raise
+                failed = self.nodes[-1]
+                kill_tree(failed.pid)
+                failed.killed = True
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------------------------------------
     def _dashboard_up(self) -> bool:
@@ -204,7 +231,7 @@ class LocalCluster:
 
     def _check_alive(self, node: Node) -> None:
         if node.proc.poll() is not None:
-            raise RuntimeError(f"ray start for {node.name} exited with {node.proc.returncode}:\n{self.tail(node)}")
+            raise StartupExited(f"ray start for {node.name} exited with {node.proc.returncode}:\n{self.tail(node)}")
 
     def list_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes

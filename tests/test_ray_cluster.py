@@ -244,7 +244,7 @@ def test_example_submits_a_job_that_commits_once(cluster, photos, tiny_checkpoin
     logs = job_logs(cluster, sid)
     assert f"{N_SHARDS} shard(s) [images]: 0 already committed, {N_SHARDS} to do" in logs
     # The cluster's address went to its private temp dirs, not to where an embedded ray.init() would look.
-    with open(os.path.join(cluster.root, "head", "ray_current_cluster")) as f:
+    with open(os.path.join(cluster.head.temp_dir, "ray_current_cluster")) as f:
         assert f.read().strip().endswith(f":{cluster.gcs_port}")
     default_file = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
     if os.path.exists(default_file):
