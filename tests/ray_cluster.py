@@ -77,6 +77,16 @@ def process_tree(root_pid: int) -> set[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return raw[raw.rfind(")") + 2:].split()[0] not in ("Z", "X")
+
+
 def is_ancestor(ancestor: int, pid: int) -> bool:
     table = _proc_table()
     seen = set()
@@ -264,13 +274,16 @@ class LocalCluster:
                 return node
         return None
 
-    def kill_node(self, node: Node) -> None:
+    def kill_node(self, node: Node) -> set[int]:
+        """SIGKILL the node's whole process tree; returns the pids killed."""
+        pids = process_tree(node.pid)
         kill_tree(node.pid)
         node.killed = True
         try:
             node.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        return pids
 
     def tail(self, node: Node, n: int = 40) -> str:
         try:

@@ -28,7 +28,7 @@ import uuid
 import pytest
 
 from conftest import DATA_DIR
-from ray_cluster import LocalCluster
+from ray_cluster import LocalCluster, running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "submit_cluster.sh")
@@ -267,8 +267,13 @@ def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, photos, tiny_c
     assert victim is not None and victim.resources.get("inverter"), \
         f"the inversion actor (pid {alive[0]['pid']}) is not on an 'inverter' worker node"
     first_node_id = alive[0]["node_id"]
-    cluster.kill_node(victim)
+    killed = cluster.kill_node(victim)
     done_at_kill = committed(out)
+    assert alive[0]["pid"] in killed
+    deadline = time.time() + 10
+    while any(running(p) for p in killed) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in killed if running(p)], "processes of the killed node still run"
     assert len(done_at_kill) < N_SHARDS, "the job finished before the node was killed: nothing was tested"
 
     status = wait_job(cluster, sid)
