@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,7 +148,10 @@ def _parse_detector(r: DlibReader) -> HogDetectorModel:
     # The scanner's cached feature pyramid: dlib saves a copy_configuration() of it, always empty.
     r.expect_int(0, "feature pyramid max_size")
     r.expect_int(0, "feature pyramid size")
-    cell_size = small_int("cell_size", 1, 64)
+    at = r.offset
+    cell_size = r.read_int(what="cell_size")
+    if cell_size != 8:
+        raise fail(f"cell_size is {cell_size}: only dlib's cell size 8 is supported", at)
     padding = small_int("padding", 0, 16)
     window_width = small_int("window width", 1, 4096)
     window_height = small_int("window height", 1, 4096)
@@ -178,19 +180,8 @@ def _parse_detector(r: DlibReader) -> HogDetectorModel:
         thresholds.append(w[dims])
     if not r.at_end():
         raise fail("unexpected data after the last weight vector", r.offset)
-    if cell_size != 8:
-        raise fail(f"cell_size {cell_size} is not supported (only dlib's 8)", 0)
     return HogDetectorModel(cell_size, padding, window_width, window_height, max_levels, min_width, min_height,
                             iou, covered, np.stack(filters), np.array(thresholds, dtype=np.float64))
-
-
-def dlib_frontal_detector_file(directory: str) -> str:
-    """Writes dlib's own frontal face detector to ``directory`` and returns the path (needs dlib)."""
-    import dlib  # noqa: PLC0415 - optional dependency: only needed to obtain the weights from dlib itself
-
-    path = os.path.join(directory, "frontal_face_detector.svm")
-    dlib.get_frontal_face_detector().save(path)
-    return path
 
 
 def separable_terms(filt: np.ndarray) -> list[SeparableTerm]:
@@ -624,20 +615,20 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
     return total
 
 
+BUNDLED_DETECTOR_FILE = os.path.join(os.path.dirname(__file__), "data", "frontal_face_detector.svm")
+
+
 class FrontalFaceDetector:
     """dlib's frontal face detector, batched, on CPU or CUDA (same code).
 
-    ``path``: a file written by ``dlib.get_frontal_face_detector().save(path)``; by default the weights are
-    taken from the installed dlib.
+    ``path``: a file written by ``dlib.get_frontal_face_detector().save(path)``; by default the copy bundled
+    in models/data (byte-identical to what dlib writes, checked by the tests), so that machines without dlib
+    can run it.
     """
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None,
                  max_batch_pixels: int | None = None, chunk_elements: int | None = None):
-        if path is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.model = read_detector_file(dlib_frontal_detector_file(tmp))
-        else:
-            self.model = read_detector_file(path)
+        self.model = read_detector_file(path or BUNDLED_DETECTOR_FILE)
         self.device = torch.device(device)
         on_gpu = self.device.type != "cpu"
         # Photos per call: bounded by pixels (after upsampling) to bound memory. Filter terms per step: on
