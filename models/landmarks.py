@@ -11,8 +11,8 @@ dlib/image_processing/shape_predictor.h. Starting from the mean shape, each casc
   1. fits the similarity transform from the mean shape to the current shape (Umeyama; dlib works in double
      and keeps only the 2x2 part, as float32);
   2. places its feature pixels: anchor landmark of the current shape + transformed offset, in float32,
-     mapped into the face box (x * (right - left) + left, in double), rounded with floor(v + 0.5); a pixel's
-     value is the grey level (r + g + b) // 3, or 0 outside the image;
+     mapped into the face box by dlib's box transform (in double, see _UNIT_SQUARE_PINV), rounded with
+     floor(v + 0.5); a pixel's value is the grey level (r + g + b) // 3, or 0 outside the image;
   3. runs every tree: node n goes to 2n+1 when f[i1] - f[i2] > threshold, else to 2n+2;
   4. adds each tree's leaf (one value per coordinate) to the current shape, tree after tree, in float32.
 The parts are the final shape mapped into the box and rounded like the pixels.
@@ -23,7 +23,10 @@ Equality with dlib rests on doing the same float32 and double operations in the 
   * the 500 leaves of a cascade are added to the shape one tree at a time: a reduction in any other order
     (as torch.sum or a GPU tree reduction would do) flips low bits, a pixel rounds the other way and the
     cascade diverges by several pixels;
-  * box mapping and rounding are in double, where x * (right - left) + left is exact for float32 x;
+  * the box transform is dlib's own, errors included: dlib fits it through an SVD-based pseudo-inverse
+    whose last-bit errors decide how points exactly halfway between pixels round (they do occur on real
+    faces); the nine constants it uses are reproduced bit for bit, and the mapping is done in double with
+    dlib's operation order;
   * the only operations that do not repeat dlib's exactly are the double-precision sums of the similarity
     fit (68 points, in another order; no products are fused): their results differ from dlib's in the last
     bits of a double and are then rounded to float32, which hides such a difference unless a value lies
@@ -378,24 +381,28 @@ class ShapePredictor:
                 face_rows.append(np.column_stack([arr, np.full(arr.shape[0], image_offsets[i]),
                                                   np.full(arr.shape[0], w), np.full(arr.shape[0], h)]))
         faces = np.concatenate(face_rows) if face_rows else np.zeros((0, 7), dtype=np.int64)
-        points = self.predict_faces(flat, torch.from_numpy(faces).to(self.device)).cpu().numpy()
+        points = self.predict_faces(grey_levels(flat), torch.from_numpy(faces).to(self.device)).cpu().numpy()
         return list(np.split(points, np.cumsum(counts)[:-1])) if counts else []
 
-    def predict_faces(self, pixels: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """Low-level entry: `pixels` a flat uint8 RGB buffer on the device holding all images; `faces` an
-        (N, 7) int64 tensor of (left, top, right, bottom, offset of its image in `pixels` in pixels, image
-        width, image height). Returns (N, parts, 2) int64 points on the device."""
+    def predict_faces(self, grey: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Low-level entry: `grey` a flat uint8 buffer on the device holding the grey levels of all images
+        ((r + g + b) // 3, see `grey_levels`); `faces` an (N, 7) int64 tensor on the device of (left, top,
+        right, bottom, offset of the face's image in `grey`, image width, image height). Returns (N, parts,
+        2) int64 points on the device."""
         n = faces.shape[0]
         parts = self.num_parts
         if n == 0:
             return torch.zeros((0, parts, 2), dtype=torch.int64, device=self.device)
         box_to_image = _box_transforms(faces[:, :4])                    # (N, 2, 3) float64
-        image_offset = faces[:, 4:5]
-        width, height = faces[:, 5:6], faces[:, 6:7]
+        image = faces[:, 4:7].to(torch.float64)
+        image_offset = image[:, 0:1]                                     # (N, 1)
+        image_size = image[:, 1:3, None]                                 # (N, 2, 1): width, height
+        row_stride = torch.stack([torch.ones_like(image[:, 1]), image[:, 1]], 1)[:, :, None]  # (N, 2, 1)
         shape = self._mean_shape.repeat(n, 1)                            # (N, 2*parts) float32, a copy
         for c in range(self.model.num_cascades):
             tform = self._similarity_to(shape)
-            values = self._feature_pixels(pixels, shape, tform, c, box_to_image, image_offset, width, height)
+            values = self._feature_pixels(grey, shape, tform, c, box_to_image, image_offset, image_size,
+                                          row_stride)
             if self.use_triton:
                 self._cascade_triton(shape, values, c)
             else:
@@ -450,7 +457,7 @@ class ShapePredictor:
         b = (cov[:, 1, 0] - cov[:, 0, 1]) / self._mean_variance
         return torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1).to(torch.float32)
 
-    def _feature_pixels(self, pixels, shape, tform, c, box_to_image, image_offset, width, height):
+    def _feature_pixels(self, grey, shape, tform, c, box_to_image, image_offset, image_size, row_stride):
         """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32."""
         n, parts = shape.shape[0], self.num_parts
         delta = self._delta[c]                                           # (P, 2)
@@ -459,13 +466,11 @@ class ShapePredictor:
         moved = products[..., 0] + products[..., 1]                       # (N, 2, P)
         anchor = shape.view(n, parts, 2)[:, self._anchor[c], :].transpose(1, 2)  # (N, 2, P)
         pix = _to_image_pixels(moved + anchor, box_to_image)              # (N, 2, P) integral, in double
-        x, y = pix[:, 0], pix[:, 1]
-        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-        index = image_offset + y.to(torch.int64) * width + x.to(torch.int64)
-        index = torch.where(inside, index, 0) * 3
-        rgb = pixels[index[:, :, None] + torch.arange(3, device=pixels.device)]
-        grey = rgb.to(torch.int32).sum(dim=2) // 3
-        return torch.where(inside, grey, 0).to(torch.float32)
+        inside = ((pix >= 0) & (pix < image_size)).all(dim=1)             # (N, P)
+        # x + y * width + offset: integers below 2**53, exact in double.
+        index = (pix * row_stride).sum(dim=1) + image_offset
+        index = torch.where(inside, index, 0).to(torch.int64)
+        return torch.where(inside, grey[index], 0).to(torch.float32)
 
     def _leaf_index_torch(self, values: torch.Tensor, c: int) -> torch.Tensor:
         """Leaf reached in every tree of cascade c by every face, (N, trees) int64."""
@@ -499,6 +504,11 @@ class ShapePredictor:
         _add_leaves_kernel[(n, triton.cdiv(coords, _COORD_BLOCK))](
             shape, leaf, self._leaves[c], trees, splits + 1, coords,
             BLOCK=_COORD_BLOCK, UNROLL=self._unroll, num_warps=1)
+
+
+def grey_levels(rgb: torch.Tensor) -> torch.Tensor:
+    """dlib's get_pixel_intensity of RGB pixels, (r + g + b) // 3, of a flat uint8 RGB buffer."""
+    return (rgb.view(-1, 3).sum(dim=1, dtype=torch.int16) // 3).to(torch.uint8)
 
 
 def _boxes_array(image_boxes, image_index: int) -> np.ndarray:
