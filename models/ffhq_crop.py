@@ -27,6 +27,7 @@ models/ knows nothing of the pipeline: the quad and crop-box arithmetic repeats 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -199,6 +200,15 @@ def photos_to_device(photos: Sequence, device) -> tuple[torch.Tensor, list[int],
     return buffer, [int(s) for s in starts[:-1]], sizes
 
 
+def _upload(array: np.ndarray, device) -> torch.Tensor:
+    """A small host array on ``device``; to a CUDA device through pinned memory, so that the host does not
+    wait for the work already queued on the stream (a pageable copy would)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pillow's bilinear sampling
 
@@ -280,7 +290,7 @@ def _lanczos_kernel(x: np.ndarray) -> np.ndarray:
     return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3), 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _AxisWeights:
     """One axis of a Lanczos resize as banded blocks: outputs in groups of ``g``; group j reads the input
     window first + starts[j] .. + L and weighs it with weights[j] (L, g) (fixed-point integers as float64;
@@ -297,6 +307,7 @@ def _span(axis: _AxisWeights) -> int:
     return int(axis.starts.max()) + axis.weights.shape[1]
 
 
+@functools.lru_cache(maxsize=256)
 def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int, group: int = 32) -> _AxisWeights:
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis, in groups of ``group`` outputs.
     ``in0``, ``in1`` arrive as C floats, as in Pillow."""
@@ -353,13 +364,21 @@ def _installed_pillow_version() -> tuple[int, ...]:
 VERTICAL_FIRST_RULE = _installed_pillow_version() >= (13,)
 
 
-def _resample_along_width(x: torch.Tensor, axis: _AxisWeights, row_block: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _axis_on_device(axis: _AxisWeights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, input window offsets from axis.first, flattened) of ``axis`` on ``device``, uploaded once."""
+    length = axis.weights.shape[1]
+    window = (axis.starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+    return _upload(axis.weights, device), _upload(window, device)
+
+
+def _resample_along_width(x: torch.Tensor, axis: _AxisWeights, row_block: int, first: int | None = None) -> torch.Tensor:
     """One 8-bit Lanczos pass along dim 2 of (B, R, W, 3) uint8: (B, R, out, 3) uint8, ``row_block`` rows at
-    a time. The fixed-point sums are exact integers in float64 matmuls (products < 2^31, sums < 2^53)."""
-    dev = x.device
+    a time; input column ``first`` (default axis.first) is the axis' first. The fixed-point sums are exact
+    integers in float64 matmuls (products < 2^31, sums < 2^53)."""
     n_groups, length, group = axis.weights.shape
-    weights = torch.from_numpy(axis.weights).to(dev)
-    window = torch.from_numpy((axis.starts[:, None] + axis.first + np.arange(length)[None, :]).reshape(-1)).to(dev)
+    weights, window = _axis_on_device(axis, x.device)
+    window = window + (axis.first if first is None else first)
     parts = []
     for r in range(0, x.shape[1], row_block):
         block = x[:, r : r + row_block]
@@ -393,16 +412,16 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = N
         if need_h:
             # Only the columns that the horizontal pass reads (each column is resampled on its own).
             x = x[:, :, horiz.first : horiz.first + _span(horiz)]
-            horiz = _AxisWeights(0, horiz.starts, horiz.weights, horiz.out_size)
         if need_v:
             x = _resample_along_width(x.transpose(1, 2), vert, row_block).transpose(1, 2)
-        return (_resample_along_width(x, horiz, row_block) if need_h else x).contiguous()
+        return (_resample_along_width(x, horiz, row_block, first=0) if need_h else x).contiguous()
+    v_first = vert.first
     if need_h:
         # Only the rows that the vertical pass reads.
         x = _resample_along_width(x[:, vert.first : vert.first + _span(vert)], horiz, row_block)
-        vert = _AxisWeights(0, vert.starts, vert.weights, vert.out_size)
+        v_first = 0
     if need_v:
-        x = _resample_along_width(x.transpose(1, 2), vert, row_block).transpose(1, 2)
+        x = _resample_along_width(x.transpose(1, 2), vert, row_block, first=v_first).transpose(1, 2)
     return x.contiguous()
 
 
@@ -449,7 +468,7 @@ def _gaussian_blur(f: torch.Tensor, sigma: float) -> torch.Tensor:
         n = a.shape[-1]
         padded = a[..., _reflect_index(n, radius, radius, True, a.device)]
         nfft = _fast_fft_len(n + 2 * radius)
-        k = torch.fft.rfft(torch.from_numpy(kernel.astype(np.float32)).to(a.device), nfft)
+        k = torch.fft.rfft(_upload(kernel.astype(np.float32), a.device), nfft)
         # Circular convolution; outputs from 2r on see no wrap-around (nfft >= n + 2r).
         return torch.fft.irfft(torch.fft.rfft(padded, nfft) * k, nfft)[..., 2 * radius : 2 * radius + n]
 
@@ -476,8 +495,7 @@ def _blur_pad(crop: torch.Tensor, pad: tuple, sigma: float) -> torch.Tensor:
     mx, my = _pad_blend_weights(W, pad[0], pad[2]), _pad_blend_weights(H, pad[1], pad[3])
 
     def weight(wy: np.ndarray, wx: np.ndarray) -> torch.Tensor:
-        wy32 = torch.from_numpy(wy.astype(np.float32)).to(dev)
-        wx32 = torch.from_numpy(wx.astype(np.float32)).to(dev)
+        wy32, wx32 = _upload(wy.astype(np.float32), dev), _upload(wx.astype(np.float32), dev)
         return torch.maximum(wy32[:, None, None], wx32[None, :, None])
 
     if sigma > 1e-15:
@@ -525,9 +543,8 @@ def crop_faces(
         plans = [plan_crop(quads[i], qsizes[i], sizes[image_index[i]], output_size, transform_size, enable_padding)
                  for i in range(len(image_index))]
     n = len(plans)
-    out = torch.empty((n, output_size, output_size, 3), dtype=torch.uint8, device=device)
     if n == 0:
-        return out
+        return torch.empty((0, output_size, output_size, 3), dtype=torch.uint8, device=device)
 
     # Faces whose crop is a window of the photo sample the photo buffer directly; shrunk or padded crops are
     # made first, each its own canvas, and sampled from a second buffer.
@@ -549,25 +566,30 @@ def crop_faces(
         canvas_faces.append(i)
     direct_faces = sorted(set(range(n)) - set(canvas_faces))
 
-    def sample(buffer: torch.Tensor, faces: list[int], base: list[int], stride: list[int]) -> None:
-        for c in range(0, len(faces), faces_per_chunk):
-            idx = faces[c : c + faces_per_chunk]
-            as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-            src = _Sources(
-                as_long(base[c : c + faces_per_chunk]), as_long(stride[c : c + faces_per_chunk]),
-                as_long([plans[i].canvas_size[0] for i in idx]), as_long([plans[i].canvas_size[1] for i in idx]))
-            coeffs = torch.tensor([plans[i].transform for i in idx], dtype=torch.float64, device=device)
-            warped = _bilinear_pillow(buffer, src, *_quad_positions(coeffs, transform_size))
+    # Where each face samples from, all faces uploaded at once: direct faces first, then canvas faces.
+    order = direct_faces + canvas_faces
+    canvas_starts = np.concatenate([[0], np.cumsum([len(c) for c in canvases])]).astype(np.int64)
+    base = [starts[image_index[i]] + plans[i].crop[1] * sizes[image_index[i]][0] + plans[i].crop[0] for i in direct_faces]
+    base += [int(b) for b in canvas_starts[:-1]]
+    stride = [sizes[image_index[i]][0] for i in direct_faces] + [plans[i].canvas_size[0] for i in canvas_faces]
+    where = _upload(np.array([base, stride, [plans[i].canvas_size[0] for i in order],
+                              [plans[i].canvas_size[1] for i in order]], dtype=np.int64), device)
+    coeffs = _upload(np.array([plans[i].transform for i in order], dtype=np.float64), device)
+    canvas_buffer = torch.cat(canvases) if canvases else None
+
+    crops = []
+    for first, count, buffer in ((0, len(direct_faces), flat), (len(direct_faces), len(canvas_faces), canvas_buffer)):
+        for c in range(first, first + count, faces_per_chunk):
+            chunk = slice(c, min(c + faces_per_chunk, first + count))
+            warped = _bilinear_pillow(buffer, _Sources(*where[:, chunk]), *_quad_positions(coeffs[chunk], transform_size))
             if output_size < transform_size:
                 warped = lanczos_resize(warped, (output_size, output_size))
-            out[torch.tensor(idx, device=device)] = warped
-
-    if direct_faces:
-        base = [starts[image_index[i]] + plans[i].crop[1] * sizes[image_index[i]][0] + plans[i].crop[0] for i in direct_faces]
-        sample(flat, direct_faces, base, [sizes[image_index[i]][0] for i in direct_faces])
-    if canvases:
-        canvas_starts = np.concatenate([[0], np.cumsum([len(c) for c in canvases])[:-1]]).tolist()
-        sample(torch.cat(canvases), canvas_faces, canvas_starts, [plans[i].canvas_size[0] for i in canvas_faces])
+            crops.append(warped)
+    crops = torch.cat(crops)
+    if order == list(range(n)):
+        return crops
+    out = torch.empty_like(crops)
+    out[_upload(np.array(order, dtype=np.int64), device)] = crops
     return out
 
 
@@ -607,8 +629,8 @@ def upright_region(photo: torch.Tensor, box, roll: float, margin: float = REGION
     xin = (a[0] * X + a[1] * Y) + a[2]
     yin = (a[3] * X + a[4] * Y) + a[5]
     H, W = int(photo.shape[0]), int(photo.shape[1])
-    as_long = lambda v: torch.tensor([v], dtype=torch.int64, device=dev)  # noqa: E731
-    region = _bilinear_pillow(photo.reshape(-1, 3), _Sources(as_long(0), as_long(W), as_long(W), as_long(H)), xin, yin)[0]
+    where = _upload(np.array([[0], [W], [W], [H]], dtype=np.int64), dev)
+    region = _bilinear_pillow(photo.reshape(-1, 3), _Sources(*where), xin, yin)[0]
 
     def to_source(points) -> np.ndarray:
         d = np.asarray(points, dtype=np.float64) - (hx, hy)
