@@ -8,7 +8,7 @@ the photo of face i; ``landmarks``: (N, 68, 2) dlib points in source pixels. Ret
 (N, output_size, output_size, 3) uint8 tensor on ``device``.
 
 The procedure is NVlabs' ffhq-dataset ``recreate_aligned_images`` (rotate_level=True, no random shift) as
-pipeline/align.py runs it: the quad from the landmarks, the Lanczos shrink of large faces, the crop, the
+the pipeline's ffhq_crop runs it: the quad from the landmarks, the Lanczos shrink of large faces, the crop, the
 reflect padding with blur and median blend, the bilinear QUAD transform to ``transform_size`` and the
 Lanczos resize to ``output_size``. The geometry (quads, crop boxes, filter coefficients) is numpy float64
 on the host, as in the reference; the pixels are torch on ``device``. The resampling follows Pillow's C
@@ -17,13 +17,15 @@ code (src/libImaging/Geometry.c, Resample.c) sample for sample:
     (x + 0.5, y + 0.5); a sample outside [0, w) x [0, h) is black; otherwise neighbours at floor(v - 0.5)
     and the next one, clamped to the image, interpolated in float64 and truncated to uint8;
   * Lanczos resizes: per output pixel, taps over the input range [in0, in1) scaled to the output, the
-    kernel widened by the downscale factor, normalised, rounded to 22-bit fixed point; a horizontal pass
-    rounded to uint8, then a vertical one. The integer sums are formed exactly in float64 matmuls.
+    kernel widened by the downscale factor, normalised, rounded to 22-bit fixed point; one pass per axis,
+    rounded to uint8 in between, in the order the installed Pillow picks (VERTICAL_FIRST_RULE). The
+    integer sums are formed exactly in float64 matmuls, on the band of inputs each group of outputs reads.
 The padding blur (scipy.ndimage.gaussian_filter, mode 'reflect') is a float32 FFT convolution like the
 reference's own, so padded crops may differ from it by one grey level where a value lies near .5.
 
-models/ knows nothing of the pipeline: the quad and crop-box arithmetic repeats pipeline/align.py's
-(ffhq_quad, crop_and_pad, the padding step of ffhq_crop) operation for operation.
+models/ knows nothing of the pipeline: the quad and crop-box arithmetic repeats the pipeline's (ffhq_quad,
+crop_and_pad, the padding step of ffhq_crop) operation for operation. The upright re-prediction of rolled
+faces (upright_landmarks) takes the 68-point predictor as a callable.
 """
 from __future__ import annotations
 
