@@ -1,8 +1,7 @@
 """Throughput of the dlib ports: face detection (photos/s) and 68-point landmarks (faces/s), not a test.
 
-    # GPU (the lead's H200): random landmark trees of the real model's shape (the 100 MB model cannot travel),
-    # the detector's weights from a file written by dlib on a CPU machine (see --detector-file)
-    python benchmarks/bench_face_models.py --device cuda --detector-file frontal_face_detector.svm
+    # GPU (the lead's H200): random landmark trees of the real model's shape (the 100 MB model cannot travel)
+    python benchmarks/bench_face_models.py --device cuda
     # CPU smoke run (real model, dlib beside the ports on one core)
     python benchmarks/bench_face_models.py --device cpu --face-batches 16,64 --detect-photos 2
 
@@ -27,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -124,7 +122,7 @@ def main() -> int:
                     help="shape predictor .dat (default: face-recognition-models' 68-point model if present)")
     ap.add_argument("--random-landmarks", action="store_true", help="random trees of the 68-point shape")
     ap.add_argument("--detector-file", default=None,
-                    help="dlib.get_frontal_face_detector().save(path) output; default: from dlib if importable")
+                    help="dlib.get_frontal_face_detector().save(path) output; default: the bundled copy")
     ap.add_argument("--photo-batch", type=int, default=64, help="photos per detect call")
     ap.add_argument("--detect-photos", type=int, default=4, help="photos in the one-core detect rows")
     ap.add_argument("--skip-detect", action="store_true")
@@ -222,31 +220,21 @@ def main() -> int:
 
     # -- detection ----------------------------------------------------------------------------------------
     if not args.skip_detect:
-        detector_file = args.detector_file
-        tmp = None
-        if detector_file is None and dlib is not None:
-            tmp = tempfile.TemporaryDirectory()
-            detector_file = os.path.join(tmp.name, "frontal_face_detector.svm")
-            dlib.get_frontal_face_detector().save(detector_file)
-        if detector_file is None:
-            print("detect: skipped (no --detector-file and no dlib to write one)", flush=True)
-        else:
-            batch = photos[:args.photo_batch]
-            det = FrontalFaceDetector(device=device, path=detector_file)
-            seconds = median_seconds(lambda: det.detect(batch, upsample=0), device, args.repeats,
-                                     args.warmup)
-            row("detect", device_name, "torch", len(batch), seconds, len(batch), "photos/s", "upsample 0")
-            few = photos[:args.detect_photos]
-            with OneThread():
-                det_cpu = FrontalFaceDetector(device="cpu", path=detector_file)
-                seconds = median_seconds(lambda: det_cpu.detect(few, upsample=0), torch.device("cpu"), 1, 1)
-                row("detect", "1 CPU core", "torch", len(few), seconds, len(few), "photos/s", "upsample 0")
-            if dlib is not None:
-                dlib_det = dlib.get_frontal_face_detector()
-                seconds = median_seconds(lambda: [dlib_det(p, 0) for p in few], torch.device("cpu"), 1, 1)
-                row("detect", "1 CPU core", "dlib", len(few), seconds, len(few), "photos/s", "upsample 0")
-        if tmp is not None:
-            tmp.cleanup()
+        detector_file = args.detector_file  # None: the copy bundled with models/face_detector.py
+        batch = photos[:args.photo_batch]
+        det = FrontalFaceDetector(device=device, path=detector_file)
+        seconds = median_seconds(lambda: det.detect(batch, upsample=0), device, args.repeats,
+                                 args.warmup)
+        row("detect", device_name, "torch", len(batch), seconds, len(batch), "photos/s", "upsample 0")
+        few = photos[:args.detect_photos]
+        with OneThread():
+            det_cpu = FrontalFaceDetector(device="cpu", path=detector_file)
+            seconds = median_seconds(lambda: det_cpu.detect(few, upsample=0), torch.device("cpu"), 1, 1)
+            row("detect", "1 CPU core", "torch", len(few), seconds, len(few), "photos/s", "upsample 0")
+        if dlib is not None:
+            dlib_det = dlib.get_frontal_face_detector()
+            seconds = median_seconds(lambda: [dlib_det(p, 0) for p in few], torch.device("cpu"), 1, 1)
+            row("detect", "1 CPU core", "dlib", len(few), seconds, len(few), "photos/s", "upsample 0")
 
     print()
     print(f"| component | device | implementation | batch | rate | ms per batch | note |")

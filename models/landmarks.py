@@ -347,13 +347,19 @@ class ShapePredictor:
         mean = model.initial_shape.astype(np.float64).reshape(-1, 2)
         centred = mean - mean.mean(axis=0)
         self._mean_shape = torch.from_numpy(model.initial_shape).to(dev)
-        self._mean_centred = torch.from_numpy(centred).to(dev)                      # (parts, 2) float64
-        self._mean_variance = float((centred ** 2).sum() / mean.shape[0])           # dlib's sigma_from
+        # Patterns whose products with the current shape's centred points sum to a and b of the similarity
+        # transform (see _similarity_to), and the divisor: points times dlib's sigma_from.
+        patterns = np.stack([centred, np.stack([-centred[:, 1], centred[:, 0]], 1)])     # (2, parts, 2)
+        self._similarity_patterns = torch.from_numpy(patterns).to(dev)
+        self._similarity_scale = float((centred ** 2).sum())
         self._split1 = torch.from_numpy(model.split_index1.astype(np.int32)).to(dev)
         self._split2 = torch.from_numpy(model.split_index2.astype(np.int32)).to(dev)
         self._threshold = torch.from_numpy(model.split_threshold).to(dev)
         self._leaves = torch.from_numpy(model.leaf_values).to(dev)
-        self._anchor = torch.from_numpy(model.anchor_index).to(dev)
+        # Coordinates of each feature pixel's anchor in the flat shape vector: x at 2k, y at 2k + 1.
+        anchor_coords = np.stack([2 * model.anchor_index, 2 * model.anchor_index + 1], 1)  # (cascades, 2, P)
+        self._anchor_coords = torch.from_numpy(anchor_coords).to(dev)
+        self._unit_square_pinv = torch.from_numpy(_UNIT_SQUARE_PINV).to(dev)
         self._delta = torch.from_numpy(model.anchor_delta).to(dev)                  # (cascades, pixels, 2)
         self._tree_base = torch.arange(model.num_trees, device=dev, dtype=torch.int64) * model.num_splits
         self._leaf_base = torch.arange(model.num_trees, device=dev, dtype=torch.int64) * (model.num_splits + 1)
@@ -393,7 +399,7 @@ class ShapePredictor:
         parts = self.num_parts
         if n == 0:
             return torch.zeros((0, parts, 2), dtype=torch.int64, device=self.device)
-        box_to_image = _box_transforms(faces[:, :4])                    # (N, 2, 3) float64
+        box_to_image = _box_transforms(faces[:, :4], self._unit_square_pinv)  # (N, 2, 3) float64
         image = faces[:, 4:7].to(torch.float64)
         image_offset = image[:, 0:1]                                     # (N, 1)
         image_size = image[:, 1:3, None]                                 # (N, 2, 1): width, height
@@ -447,15 +453,15 @@ class ShapePredictor:
         (to - mean_to)(from - mean_from)^T, the best rotation scaled by trace(D S) is
         [[a, -b], [b, a]] with a = cov00 + cov11, b = cov10 - cov01, and the scale divides by the variance
         of the mean shape. (dlib gets the same matrix from an SVD of cov; in double both agree to the last
-        bits, and the result is rounded to float32.)"""
+        bits, and the result is rounded to float32. Checked against dlib's SVD arithmetic on 20000 random
+        shapes: all 80000 float32 values equal.)"""
         n, parts = shape.shape[0], self.num_parts
-        to = shape.view(n, parts, 2).to(torch.float64)
-        centred = to - to.mean(dim=1, keepdim=True)
-        # cov[r][c] = mean_i centred[i, r] * mean_centred[i, c]; products, then sums (no fused multiply-add)
-        cov = (centred[:, :, :, None] * self._mean_centred[None, :, None, :]).sum(dim=1) / parts
-        a = (cov[:, 0, 0] + cov[:, 1, 1]) / self._mean_variance
-        b = (cov[:, 1, 0] - cov[:, 0, 1]) / self._mean_variance
-        return torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1).to(torch.float32)
+        to = shape.view(n, 1, parts, 2).to(torch.float64)
+        centred = to - to.mean(dim=2, keepdim=True)
+        # a * parts * variance and b * parts * variance: products, then sums (no fused multiply-add).
+        sums = (centred * self._similarity_patterns).sum(dim=(2, 3))     # (N, 2)
+        a, b = (sums / self._similarity_scale).to(torch.float32).unbind(1)
+        return torch.stack([a, -b, b, a], 1).view(n, 2, 2)
 
     def _feature_pixels(self, grey, shape, tform, c, box_to_image, image_offset, image_size, row_stride):
         """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32."""
@@ -464,7 +470,7 @@ class ShapePredictor:
         # tform * delta in float32: each product rounded, then their sum, as dlib's 2x2 * vector product.
         products = tform[:, :, None, :] * delta[None, None, :, :]        # (N, 2, P, 2)
         moved = products[..., 0] + products[..., 1]                       # (N, 2, P)
-        anchor = shape.view(n, parts, 2)[:, self._anchor[c], :].transpose(1, 2)  # (N, 2, P)
+        anchor = shape[:, self._anchor_coords[c]]                         # (N, 2, P)
         pix = _to_image_pixels(moved + anchor, box_to_image)              # (N, 2, P) integral, in double
         inside = ((pix >= 0) & (pix < image_size)).all(dim=1)             # (N, P)
         # x + y * width + offset: integers below 2**53, exact in double.
@@ -525,13 +531,12 @@ def _boxes_array(image_boxes, image_index: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _box_transforms(boxes: torch.Tensor) -> torch.Tensor:
+def _box_transforms(boxes: torch.Tensor, pinv: torch.Tensor) -> torch.Tensor:
     """dlib's unnormalizing_tform of each (left, top, right, bottom) box: (N, 2, 3) float64 [m | b], each
     entry the dot product of a row of Q with a column of pinv(P) summed left to right, as dlib's matrix
     product does (separate multiplies and adds: no fused multiply-add)."""
     l, t, r, b = boxes.to(torch.float64).unbind(1)
     q = torch.stack([torch.stack([l, r, r], 1), torch.stack([t, t, b], 1)], 1)      # (N, 2, 3)
-    pinv = torch.from_numpy(_UNIT_SQUARE_PINV).to(boxes.device)
     terms = q[:, :, :, None] * pinv[None, None, :, :]                                # (N, 2, k, 3)
     return terms[:, :, 0] + terms[:, :, 1] + terms[:, :, 2]
 
