@@ -68,12 +68,16 @@ def process_tree(root_pid: int) -> set[int]:
     for pid, (ppid, _pgid) in table.items():
         children.setdefault(ppid, []).append(pid)
     found = {pid for pid, (_pp, pgid) in table.items() if pgid == root_pid}
-    stack = [root_pid]
+    # Descendants of every member (Ray's workers run in process groups of their own under the raylet).
+    stack, seen = [root_pid, *found], set()
     while stack:
         pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         if pid in table:
             found.add(pid)
-        stack.extend(c for c in children.get(pid, []) if c not in found)
+        stack.extend(children.get(pid, []))
     return found
 
 

@@ -35,7 +35,7 @@ SCRIPT = os.path.join(REPO, "examples", "submit_cluster.sh")
 N_PHOTOS = 48
 SHARD_SIZE = 4
 N_SHARDS = N_PHOTOS // SHARD_SIZE
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 240
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 pytestmark = pytest.mark.slow
@@ -62,6 +62,24 @@ def two_inverter_nodes(cluster):
     for i in range(2 - len(alive)):
         cluster.add_node(f"worker-r{len(cluster.nodes)}", num_cpus=1, resources={"inverter": 1})
     return cluster
+
+
+@pytest.fixture
+def jobs(cluster):
+    """Submission ids of the test's jobs; any still running at the end (a failed test) is stopped, so that
+    it does not hold the cluster's CPUs for the next test."""
+    ids: list[str] = []
+    yield ids
+    client = job_client(cluster)
+    for sid in ids:
+        try:
+            if str(client.get_job_status(sid).value) not in TERMINAL:
+                client.stop_job(sid)
+                deadline = time.time() + 30
+                while str(client.get_job_status(sid).value) not in TERMINAL and time.time() < deadline:
+                    time.sleep(0.5)
+        except Exception:  # noqa: BLE001 - a job never submitted, or the cluster already gone
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +246,16 @@ def test_submit_script_without_address_is_refused_clearly(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_example_submits_a_job_that_commits_once(cluster, photos, tiny_checkpoint, tmp_path):
+def test_example_submits_a_job_that_commits_once(cluster, jobs, photos, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "out")
     sid = f"e2style-submit-{uuid.uuid4().hex[:8]}"
-    r = submit(cluster, "--submission-id", sid, *pipeline_sets(photos, out, tiny_checkpoint))
+    jobs.append(sid)
+    r = submit(cluster, "--submission-id", sid, *pipeline_sets(photos, out, tiny_checkpoint, "progress_interval_s=1"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert f"Job '{sid}' succeeded" in r.stdout + r.stderr
+    # What following the job shows: the periodic progress line of a job without a bar.
+    assert re.search(rf"progress: \d+ images in \S+, [\d.]+ images/s, shards \d+/{N_SHARDS} done, ETA ", r.stdout), \
+        r.stdout[-4000:]
     assert str(job_client(cluster).get_job_status(sid).value) == "SUCCEEDED"
     # The job joined this cluster (ray.address auto), not an embedded Ray of its own.
     actors = inverter_actors(cluster, sid)
@@ -252,10 +274,11 @@ def test_example_submits_a_job_that_commits_once(cluster, photos, tiny_checkpoin
             assert str(cluster.gcs_port) not in f.read()
 
 
-def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, photos, tiny_checkpoint, tmp_path):
+def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, jobs, photos, tiny_checkpoint, tmp_path):
     cluster = two_inverter_nodes
     out = str(tmp_path / "out")
     sid = f"e2style-nodeloss-{uuid.uuid4().hex[:8]}"
+    jobs.append(sid)
     r = submit(cluster, "--no-wait", "--submission-id", sid,
                *pipeline_sets(photos, out, tiny_checkpoint, "ray.actor_resources={inverter: 1}"), timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -289,11 +312,12 @@ def test_node_loss_mid_run_job_still_finishes(two_inverter_nodes, photos, tiny_c
     assert nodes[actor["node_id"]]["resources_total"].get("inverter") == 1
 
 
-def test_job_stop_then_resubmit_skips_committed_shards(cluster, photos, tiny_checkpoint, tmp_path):
+def test_job_stop_then_resubmit_skips_committed_shards(cluster, jobs, photos, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "out")
     # One shard at a time: the job is still running when the stop (a CLI start-up later) arrives.
     sets = pipeline_sets(photos, out, tiny_checkpoint, in_flight=1)
     sid1 = f"e2style-stop-{uuid.uuid4().hex[:8]}"
+    jobs.append(sid1)
     r = submit(cluster, "--no-wait", "--submission-id", sid1, *sets, timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     wait_first_commit(cluster, sid1, out)
@@ -308,6 +332,7 @@ def test_job_stop_then_resubmit_skips_committed_shards(cluster, photos, tiny_che
 
     # The same submission again (a new submission id, as `ray job submit` gives each job).
     sid2 = f"e2style-resubmit-{uuid.uuid4().hex[:8]}"
+    jobs.append(sid2)
     r = submit(cluster, "--submission-id", sid2, *sets)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert str(job_client(cluster).get_job_status(sid2).value) == "SUCCEEDED"
