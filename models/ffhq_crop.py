@@ -652,7 +652,13 @@ def upright_landmarks(photo: torch.Tensor, box, predict: Predictor, upright_abov
     ``predict(image, box)``: a 68-point predictor on an (H, W, 3) uint8 tensor and an (x0, y0, x1, y1) box,
     returning (68, 2) points; ``first``: its answer on ``photo`` when already known. A rolled face is
     predicted again on :func:`upright_region`, and once more when that changed the roll by over 5 degrees
-    (a badly rolled first prediction misjudges the roll too)."""
+    (a badly rolled first prediction misjudges the roll too).
+
+    models.landmarks.ShapePredictor takes dlib rectangles (inclusive corners), as the CPU path rounds them:
+        def predict(image, box):
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            return sp.predict([image], [[(x0, y0, x1 - 1, y1 - 1)]])[0][0]
+    (with it, the 30 rolled and varied test faces gave the CPU path's quads exactly)."""
     lm = np.asarray(predict(photo, box) if first is None else first, dtype=np.float64)
     roll = eye_roll_degrees(lm)
     if abs(roll) <= upright_above:
