@@ -316,25 +316,30 @@ def shape_predictor_68_path() -> str:
 class ShapePredictor:
     """dlib's shape_predictor on a torch device; `predict` is batched over all faces of all images."""
 
-    def __init__(self, path: str, device="cpu", use_triton: bool | None = None):
-        self._setup(read_shape_predictor(path), device, use_triton)
+    def __init__(self, path: str, device="cpu", use_triton: bool | None = None, cuda_graphs: bool = False):
+        """`use_triton`: the Triton kernels (default: on CUDA when Triton is installed). `cuda_graphs`: on
+        CUDA, replay each batch size's (rounded up to a power of two) launches as one captured CUDA graph,
+        which removes the per-launch CPU cost that bounds small batches."""
+        self._setup(read_shape_predictor(path), device, use_triton, cuda_graphs)
 
     @classmethod
-    def from_model(cls, model: ShapePredictorModel, device="cpu", use_triton: bool | None = None
-                   ) -> "ShapePredictor":
+    def from_model(cls, model: ShapePredictorModel, device="cpu", use_triton: bool | None = None,
+                   cuda_graphs: bool = False) -> "ShapePredictor":
         model.validate()
         self = cls.__new__(cls)
-        self._setup(model, device, use_triton)
+        self._setup(model, device, use_triton, cuda_graphs)
         return self
 
     @classmethod
     def random(cls, cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
-               seed: int = 0, device="cpu", use_triton: bool | None = None) -> "ShapePredictor":
+               seed: int = 0, device="cpu", use_triton: bool | None = None, cuda_graphs: bool = False
+               ) -> "ShapePredictor":
         """A predictor of the given shape (the 68-point model's by default) with random values, for timing
         where the model file is not available; its landmarks mean nothing."""
-        return cls.from_model(random_model(cascades, trees, depth, pixels, parts, seed), device, use_triton)
+        return cls.from_model(random_model(cascades, trees, depth, pixels, parts, seed), device, use_triton,
+                              cuda_graphs)
 
-    def _setup(self, model: ShapePredictorModel, device, use_triton: bool | None) -> None:
+    def _setup(self, model: ShapePredictorModel, device, use_triton: bool | None, cuda_graphs: bool) -> None:
         self.model = model
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
@@ -343,7 +348,13 @@ class ShapePredictor:
         if use_triton and not (on_cuda and triton is not None):
             raise ValueError("use_triton needs a CUDA device and the triton package")
         self.use_triton = use_triton
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, tuple] = {}        # face count bucket -> (graph, faces in, points out)
+        self._graph_grey: torch.Tensor | None = None
         dev = self.device
+        self._padding_face = torch.tensor([0, 0, 1, 1, 0, 1, 1], dtype=torch.int64, device=dev)
         mean = model.initial_shape.astype(np.float64).reshape(-1, 2)
         centred = mean - mean.mean(axis=0)
         self._mean_shape = torch.from_numpy(model.initial_shape).to(dev)
@@ -395,6 +406,39 @@ class ShapePredictor:
         ((r + g + b) // 3, see `grey_levels`); `faces` an (N, 7) int64 tensor on the device of (left, top,
         right, bottom, offset of the face's image in `grey`, image width, image height). Returns (N, parts,
         2) int64 points on the device."""
+        if self.cuda_graphs and faces.shape[0] > 0:
+            return self._predict_faces_graphed(grey, faces)
+        return self._predict_faces_eager(grey, faces)
+
+    def _predict_faces_graphed(self, grey: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        # A graph reads its inputs from fixed buffers: the grey levels are copied into one buffer that only
+        # grows (graphs captured on a smaller one are dropped), the faces into the bucket's table, whose
+        # rows past the batch hold a 1x1 face at pixel 0 (computed and discarded).
+        n = faces.shape[0]
+        bucket = max(_MIN_GRAPH_FACES, 1 << (n - 1).bit_length())
+        if self._graph_grey is None or self._graph_grey.numel() < grey.numel():
+            old = 0 if self._graph_grey is None else self._graph_grey.numel()
+            self._graphs.clear()
+            self._graph_grey = torch.zeros(max(grey.numel(), 2 * old, 1), dtype=torch.uint8, device=self.device)
+        self._graph_grey[:grey.numel()].copy_(grey)
+        if bucket not in self._graphs:
+            table = self._padding_face.repeat(bucket, 1)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the capture
+                self._predict_faces_eager(self._graph_grey, table)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                points = self._predict_faces_eager(self._graph_grey, table)
+            self._graphs[bucket] = (graph, table, points)
+        graph, table, points = self._graphs[bucket]
+        table[:n].copy_(faces)
+        table[n:] = self._padding_face
+        graph.replay()
+        return points[:n].clone()
+
+    def _predict_faces_eager(self, grey: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         n = faces.shape[0]
         parts = self.num_parts
         if n == 0:
@@ -570,6 +614,7 @@ def random_model(cascades: int = 15, trees: int = 500, depth: int = 4, pixels: i
 
 _TREE_BLOCK = 128
 _COORD_BLOCK = 32
+_MIN_GRAPH_FACES = 16
 
 if triton is not None:
 

@@ -227,6 +227,10 @@ def test_bad_inputs_are_named(predictor):
         predictor.predict([image], [[(0, 0, 10)]])
     with pytest.raises(ValueError, match="integer coordinates"):
         predictor.predict([image], [[(0.5, 0, 10, 10)]])
+    with pytest.raises(ValueError, match="use_triton needs a CUDA device"):
+        ShapePredictor.from_model(predictor.model, device="cpu", use_triton=True)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        ShapePredictor.from_model(predictor.model, device="cpu", cuda_graphs=True)
 
 
 # -- malformed model files: a clear error naming the file and the offset, and nothing read beyond ----------
