@@ -101,8 +101,11 @@ def time_device(photos, landmarks, args, device, faces_per_chunk: int, resident:
     if resident:
         photos = [torch.from_numpy(p.copy()).to(device) for p in photos]
     index = list(range(len(photos)))
-    run = lambda: crop_faces(photos, index, landmarks, args.output_size, args.transform_size, device=device,  # noqa: E731
-                             faces_per_chunk=faces_per_chunk)
+
+    def run():
+        return crop_faces(photos, index, landmarks, args.output_size, args.transform_size, device=device,
+                          faces_per_chunk=faces_per_chunk)
+
     for _ in range(args.warmup):
         run()
     times = []
@@ -152,13 +155,15 @@ def main():
     shrunk = sum(pl.shrink > 1 for pl in plans)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{len(photos)} photos {args.min_side}-{args.max_side} px, quads {args.quad_min:.0f}-{args.quad_max:.0f} px: "
-          f"{padded} padded, {shrunk} shrunk; output {args.output_size}, transform {args.transform_size}; device {name}")
+          f"{padded} padded, {shrunk} shrunk; output {args.output_size}, transform {args.transform_size}; "
+          f"device {name}")
 
     rows, last = [], None
     for chunk in [int(c) for c in args.faces_per_chunk.split(",")]:
         for resident in (False, True):
             sec, peak, last = time_device(photos, landmarks, args, device, chunk, resident)
-            rows.append((f"{device.type} {'resident' if resident else 'from host'}", chunk, sec * 1e3, len(photos) / sec, peak))
+            path = f"{device.type} {'resident' if resident else 'from host'}"
+            rows.append((path, chunk, sec * 1e3, len(photos) / sec, peak))
 
     # CPU reference path: Pillow on one thread, one face at a time.
     threads = torch.get_num_threads()

@@ -10,16 +10,8 @@ the photo of face i; ``landmarks``: (N, 68, 2) dlib points in source pixels. Ret
 The procedure is NVlabs' ffhq-dataset ``recreate_aligned_images`` (rotate_level=True, no random shift) as
 the pipeline's ffhq_crop runs it: the quad from the landmarks, the Lanczos shrink of large faces, the crop, the
 reflect padding with blur and median blend, the bilinear QUAD transform to ``transform_size`` and the
-Lanczos resize to ``output_size``. The geometry (quads, crop boxes, filter coefficients) is numpy float64
-on the host, as in the reference; the pixels are torch on ``device``. The resampling follows Pillow's C
-code (src/libImaging/Geometry.c, Resample.c) sample for sample:
-  * bilinear transforms (QUAD, AFFINE): output pixel (x, y) samples the source at the map of
-    (x + 0.5, y + 0.5); a sample outside [0, w) x [0, h) is black; otherwise neighbours at floor(v - 0.5)
-    and the next one, clamped to the image, interpolated in float64 and truncated to uint8;
-  * Lanczos resizes: per output pixel, taps over the input range [in0, in1) scaled to the output, the
-    kernel widened by the downscale factor, normalised, rounded to 22-bit fixed point; one pass per axis,
-    rounded to uint8 in between, in the order the installed Pillow picks (VERTICAL_FIRST_RULE). The
-    integer sums are formed exactly in float64 matmuls, on the band of inputs each group of outputs reads.
+Lanczos resize to ``output_size``. The geometry (quads, crop boxes) is numpy float64 on the host, as in
+the reference; the pixels are torch on ``device``, resampled as Pillow does (models/pillow_resample.py).
 The padding blur (scipy.ndimage.gaussian_filter, mode 'reflect') is a float32 FFT convolution like the
 reference's own, so padded crops may differ from it by one grey level where a value lies near .5.
 
@@ -29,14 +21,14 @@ faces (upright_landmarks) takes the 68-point predictor as a callable.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from .pillow_resample import ImageSources, affine_positions, bilinear_sample, lanczos_resize, quad_positions, upload
 
 __all__ = [
     "CropPlan",
@@ -44,15 +36,12 @@ __all__ = [
     "plan_crop",
     "crop_faces",
     "photos_to_device",
-    "lanczos_resize",
     "upright_region",
     "upright_landmarks",
     "eye_roll_degrees",
     "REGION_MARGIN",
 ]
 
-# Pillow's fixed point for 8-bit resampling: 32 bits less 8 for the value and 2 for overshoot.
-PRECISION_BITS = 22
 # Margin (fraction of the box side) around the face box in the upright copy; pipeline.align.REGION_MARGIN.
 REGION_MARGIN = 0.25
 
@@ -108,7 +97,8 @@ class CropPlan:
     @property
     def canvas_size(self) -> tuple[int, int]:
         """(w, h) of the image the QUAD transform samples: the crop plus its padding."""
-        return (self.crop[2] - self.crop[0] + self.pad[0] + self.pad[2], self.crop[3] - self.crop[1] + self.pad[1] + self.pad[3])
+        x0, y0, x1, y1 = self.crop
+        return (x1 - x0 + self.pad[0] + self.pad[2], y1 - y0 + self.pad[1] + self.pad[3])
 
 
 def _crop_and_pad(quad: np.ndarray, qsize: float, size: tuple[int, int]) -> tuple[tuple, tuple, int]:
@@ -161,7 +151,8 @@ def plan_crop(quad, qsize: float, image_size: tuple[int, int], output_size: int,
         pad = tuple(int(p) for p in pad)
     else:
         pad = (0, 0, 0, 0)
-    return CropPlan(shrink, shrink_box, crop, pad, qsize * 0.02, quad, _quad_transform_coefficients(quad, transform_size))
+    transform = _quad_transform_coefficients(quad, transform_size)
+    return CropPlan(shrink, shrink_box, crop, pad, qsize * 0.02, quad, transform)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,231 +191,6 @@ def photos_to_device(photos: Sequence, device) -> tuple[torch.Tensor, list[int],
         if not on_host[i]:
             buffer[rows[i]].copy_(p.reshape(-1, 3))
     return buffer, [int(s) for s in starts[:-1]], sizes
-
-
-def _upload(array: np.ndarray, device) -> torch.Tensor:
-    """A small host array on ``device``; to a CUDA device through pinned memory, so that the host does not
-    wait for the work already queued on the stream (a pageable copy would)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pillow's bilinear sampling
-
-
-@dataclass
-class _Sources:
-    """Per-output image sources in a flat (P, 3) uint8 buffer: pixel (x, y) of source i is row
-    base[i] + y * stride[i] + x; its size is width[i] x height[i]. (C,) int64 tensors."""
-
-    base: torch.Tensor
-    stride: torch.Tensor
-    width: torch.Tensor
-    height: torch.Tensor
-
-
-def _bilinear_pillow(flat: torch.Tensor, src: _Sources, xin: torch.Tensor, yin: torch.Tensor) -> torch.Tensor:
-    """Pillow's bilinear_filter32RGB at float64 source positions ``xin``, ``yin`` (C, Ho, Wo), Pillow's
-    pixel-edge coordinates: (C, Ho, Wo, 3) uint8; black where the position is outside the source.
-    ``xin`` and ``yin`` are overwritten (they are the largest float64 buffers in flight)."""
-    w, h = src.width.view(-1, 1, 1), src.height.view(-1, 1, 1)
-    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    xs, ys = xin.sub_(0.5), yin.sub_(0.5)
-    xf, yf = torch.floor(xs), torch.floor(ys)
-    dx, dy = xs.sub_(xf).unsqueeze(-1), ys.sub_(yf).unsqueeze(-1)
-    xi, yi = xf.long(), yf.long()
-    del xf, yf
-    # Out-of-range neighbours take the edge pixel (Pillow's XCLIP/YCLIP and its "y + 1 outside: same row").
-    x0 = torch.minimum(xi.clamp(min=0), w - 1)
-    x1 = torch.minimum((xi + 1).clamp_(min=0), w - 1)
-    base, stride = src.base.view(-1, 1, 1), src.stride.view(-1, 1, 1)
-    row0 = base + torch.minimum(yi.clamp(min=0), h - 1) * stride
-    row1 = base + torch.minimum((yi + 1).clamp_(min=0), h - 1) * stride
-    del xi, yi
-    # Pillow interpolates integer pixel values in double, a + (b - a) * d, along rows, then between them;
-    # b - a is an exact integer, so it is formed in int16 and only the product and sums in float64.
-    def along_row(row: torch.Tensor) -> torch.Tensor:
-        a, b = flat[row + x0], flat[row + x1]
-        return (b.short() - a.short()).double().mul_(dx).add_(a)
-
-    top = along_row(row0)
-    value = top.add_((along_row(row1) - top).mul_(dy))
-    # The C cast to UINT8 truncates.
-    out = value.to(torch.uint8)
-    out.mul_(inside.unsqueeze(-1))
-    return out
-
-
-def _pixel_centres(n: int, device) -> torch.Tensor:
-    """x + 0.5 for x in range(n), float64 (Pillow's sample position of output pixel x)."""
-    return torch.arange(n, dtype=torch.float64, device=device) + 0.5
-
-
-def _quad_positions(coeffs: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pillow's quad_transform for (C, 8) coefficients on a size^2 output: source positions (C, size, size)
-    as a0 + a1*x + a2*y + a3*x*y, evaluated in C's order (each product and sum rounded once)."""
-    X = _pixel_centres(size, coeffs.device).view(1, 1, size)
-    Y = X.view(1, size, 1)
-    out = []
-    for k in (0, 4):
-        a0, a1, a2, a3 = (coeffs[:, k + j].view(-1, 1, 1) for j in range(4))
-        v = (a0 + a1 * X) + a2 * Y
-        v += (a3 * X) * Y
-        out.append(v)
-    return out[0], out[1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pillow's Lanczos resize
-
-
-def _lanczos_kernel(x: np.ndarray) -> np.ndarray:
-    """Pillow's lanczos_filter: sinc(x) * sinc(x / 3) on [-3, 3), 0 elsewhere."""
-
-    def sinc(v):
-        t = v * math.pi
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(v == 0.0, 1.0, np.sin(t) / t)
-
-    return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3), 0.0)
-
-
-@dataclass(frozen=True, eq=False)
-class _AxisWeights:
-    """One axis of a Lanczos resize as banded blocks: outputs in groups of ``g``; group j reads the input
-    window first + starts[j] .. + L and weighs it with weights[j] (L, g) (fixed-point integers as float64;
-    zero outside each output's taps)."""
-
-    first: int
-    starts: np.ndarray  # (G,) int64
-    weights: np.ndarray  # (G, L, g) float64
-    out_size: int
-
-
-def _span(axis: _AxisWeights) -> int:
-    """Number of inputs from axis.first that the pass reads."""
-    return int(axis.starts.max()) + axis.weights.shape[1]
-
-
-@functools.lru_cache(maxsize=256)
-def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int, group: int = 32) -> _AxisWeights:
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis, in groups of ``group`` outputs.
-    ``in0``, ``in1`` arrive as C floats, as in Pillow."""
-    in0, in1 = np.float32(in0), np.float32(in1)
-    scale = float(np.float32(in1 - in0)) / out_size
-    filterscale = max(scale, 1.0)
-    support = 3.0 * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    centre = float(in0) + (np.arange(out_size) + 0.5) * scale
-    xmin = np.maximum(np.trunc(centre - support + 0.5), 0).astype(np.int64)
-    xmax = np.minimum(np.trunc(centre + support + 0.5), in_size).astype(np.int64) - xmin
-    taps = np.arange(ksize)
-    w = _lanczos_kernel(((taps[None, :] + xmin[:, None]) - centre[:, None] + 0.5) * (1.0 / filterscale))
-    w = np.where(taps[None, :] < xmax[:, None], w, 0.0)
-    total = np.cumsum(w, axis=1)[:, -1]  # C sums the taps in order
-    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
-    fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
-    first = int(xmin.min())
-    used = int((xmin + xmax).max()) - first
-    dense = np.zeros((used, out_size), dtype=np.float64)
-    rows = xmin[:, None] - first + taps[None, :]
-    valid = taps[None, :] < xmax[:, None]
-    dense[rows[valid], np.nonzero(valid)[0]] = fixed[valid]
-    # Band per group: the inputs any of its outputs reads; one window length L for all groups.
-    n_groups = -(-out_size // group)
-    lo = np.array([xmin[j * group : (j + 1) * group].min() - first for j in range(n_groups)])
-    hi = np.array([(xmin + xmax)[j * group : (j + 1) * group].max() - first for j in range(n_groups)])
-    length = int((hi - lo).max())
-    starts = np.minimum(lo, used - length)
-    blocks = np.zeros((n_groups, length, group), dtype=np.float64)
-    for j in range(n_groups):
-        cols = dense[starts[j] : starts[j] + length, j * group : (j + 1) * group]
-        blocks[j, :, : cols.shape[1]] = cols
-    return _AxisWeights(first, starts.astype(np.int64), blocks, out_size)
-
-
-def _clip8(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's clip8 of a fixed-point sum (exact integers in float64) plus its rounding half."""
-    acc = torch.floor(acc.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS))
-    return acc.clamp_(0, 255).to(torch.uint8)
-
-
-def _installed_pillow_version() -> tuple[int, ...]:
-    """The installed Pillow's version from package metadata (Pillow itself is not imported); (0,) if none."""
-    try:
-        return tuple(int(p) for p in version("pillow").split(".")[:2] if p.isdigit())
-    except PackageNotFoundError:
-        return (0,)
-
-
-# Pillow 13 resizes vertically first when the height shrinks by more than twice as many pixels as the width
-# (Resample.c, ImagingResampleInner); earlier releases always go horizontally first. The passes round to uint8
-# in between, so the order changes pixels: follow the Pillow that the CPU path in this environment uses.
-VERTICAL_FIRST_RULE = _installed_pillow_version() >= (13,)
-
-
-@functools.lru_cache(maxsize=256)
-def _axis_on_device(axis: _AxisWeights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, input window offsets from axis.first, flattened) of ``axis`` on ``device``, uploaded once."""
-    length = axis.weights.shape[1]
-    window = (axis.starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-    return _upload(axis.weights, device), _upload(window, device)
-
-
-def _resample_along_width(x: torch.Tensor, axis: _AxisWeights, row_block: int, first: int | None = None) -> torch.Tensor:
-    """One 8-bit Lanczos pass along dim 2 of (B, R, W, 3) uint8: (B, R, out, 3) uint8, ``row_block`` rows at
-    a time; input column ``first`` (default axis.first) is the axis' first. The fixed-point sums are exact
-    integers in float64 matmuls (products < 2^31, sums < 2^53)."""
-    n_groups, length, group = axis.weights.shape
-    weights, window = _axis_on_device(axis, x.device)
-    window = window + (axis.first if first is None else first)
-    parts = []
-    for r in range(0, x.shape[1], row_block):
-        block = x[:, r : r + row_block]
-        B, R = block.shape[:2]
-        lines = block.permute(0, 1, 3, 2).index_select(3, window).double()  # (B, R, 3, G * L)
-        sums = torch.matmul(lines.view(B * R * 3, n_groups, length).transpose(0, 1), weights)  # (G, BR3, g)
-        sums = sums.transpose(0, 1).reshape(B, R, 3, n_groups * group)[..., : axis.out_size]
-        parts.append(_clip8(sums).permute(0, 1, 3, 2))
-    return torch.cat(parts, dim=1)
-
-
-def lanczos_resize(x: torch.Tensor, size: tuple[int, int], box: tuple | None = None, row_block: int = 512,
-                   vertical_first: bool | None = None) -> torch.Tensor:
-    """Pillow's ``Image.resize(size, LANCZOS, box=box)`` of (B, H, W, 3) uint8 images (all the same size
-    and box): (B, size[1], size[0], 3) uint8. ``row_block``: lines per float64 matmul (bounds memory).
-    ``vertical_first``: None follows the installed Pillow's choice of pass order (VERTICAL_FIRST_RULE)."""
-    B, H, W, _ = x.shape
-    out_w, out_h = size
-    if box is None:
-        box = (0, 0, W, H)
-    box32 = [np.float32(v) for v in box]
-    if (W, H) == (out_w, out_h) and tuple(box) == (0, 0, W, H):
-        return x.clone()
-    need_h = out_w != W or box32[0] != 0 or box32[2] != out_w
-    need_v = out_h != H or box32[1] != 0 or box32[3] != out_h
-    if vertical_first is None:
-        vertical_first = VERTICAL_FIRST_RULE and H - out_h > 0 and H - out_h > (W - out_w) * 2
-    vert = _lanczos_weights(H, box[1], box[3], out_h)
-    horiz = _lanczos_weights(W, box[0], box[2], out_w) if need_h else None
-    if vertical_first:
-        if need_h:
-            # Only the columns that the horizontal pass reads (each column is resampled on its own).
-            x = x[:, :, horiz.first : horiz.first + _span(horiz)]
-        if need_v:
-            x = _resample_along_width(x.transpose(1, 2), vert, row_block).transpose(1, 2)
-        return (_resample_along_width(x, horiz, row_block, first=0) if need_h else x).contiguous()
-    v_first = vert.first
-    if need_h:
-        # Only the rows that the vertical pass reads.
-        x = _resample_along_width(x[:, vert.first : vert.first + _span(vert)], horiz, row_block)
-        v_first = 0
-    if need_v:
-        x = _resample_along_width(x.transpose(1, 2), vert, row_block, first=v_first).transpose(1, 2)
-    return x.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,7 +236,7 @@ def _gaussian_blur(f: torch.Tensor, sigma: float) -> torch.Tensor:
         n = a.shape[-1]
         padded = a[..., _reflect_index(n, radius, radius, True, a.device)]
         nfft = _fast_fft_len(n + 2 * radius)
-        k = torch.fft.rfft(_upload(kernel.astype(np.float32), a.device), nfft)
+        k = torch.fft.rfft(upload(kernel.astype(np.float32), a.device), nfft)
         # Circular convolution; outputs from 2r on see no wrap-around (nfft >= n + 2r).
         return torch.fft.irfft(torch.fft.rfft(padded, nfft) * k, nfft)[..., 2 * radius : 2 * radius + n]
 
@@ -497,7 +263,7 @@ def _blur_pad(crop: torch.Tensor, pad: tuple, sigma: float) -> torch.Tensor:
     mx, my = _pad_blend_weights(W, pad[0], pad[2]), _pad_blend_weights(H, pad[1], pad[3])
 
     def weight(wy: np.ndarray, wx: np.ndarray) -> torch.Tensor:
-        wy32, wx32 = _upload(wy.astype(np.float32), dev), _upload(wx.astype(np.float32), dev)
+        wy32, wx32 = upload(wy.astype(np.float32), dev), upload(wx.astype(np.float32), dev)
         return torch.maximum(wy32[:, None, None], wx32[None, :, None])
 
     if sigma > 1e-15:
@@ -571,19 +337,21 @@ def crop_faces(
     # Where each face samples from, all faces uploaded at once: direct faces first, then canvas faces.
     order = direct_faces + canvas_faces
     canvas_starts = np.concatenate([[0], np.cumsum([len(c) for c in canvases])]).astype(np.int64)
-    base = [starts[image_index[i]] + plans[i].crop[1] * sizes[image_index[i]][0] + plans[i].crop[0] for i in direct_faces]
+    widths = [sizes[p][0] for p in image_index]
+    base = [starts[image_index[i]] + plans[i].crop[1] * widths[i] + plans[i].crop[0] for i in direct_faces]
     base += [int(b) for b in canvas_starts[:-1]]
-    stride = [sizes[image_index[i]][0] for i in direct_faces] + [plans[i].canvas_size[0] for i in canvas_faces]
-    where = _upload(np.array([base, stride, [plans[i].canvas_size[0] for i in order],
+    stride = [widths[i] for i in direct_faces] + [plans[i].canvas_size[0] for i in canvas_faces]
+    where = upload(np.array([base, stride, [plans[i].canvas_size[0] for i in order],
                               [plans[i].canvas_size[1] for i in order]], dtype=np.int64), device)
-    coeffs = _upload(np.array([plans[i].transform for i in order], dtype=np.float64), device)
+    coeffs = upload(np.array([plans[i].transform for i in order], dtype=np.float64), device)
     canvas_buffer = torch.cat(canvases) if canvases else None
 
     crops = []
     for first, count, buffer in ((0, len(direct_faces), flat), (len(direct_faces), len(canvas_faces), canvas_buffer)):
         for c in range(first, first + count, faces_per_chunk):
             chunk = slice(c, min(c + faces_per_chunk, first + count))
-            warped = _bilinear_pillow(buffer, _Sources(*where[:, chunk]), *_quad_positions(coeffs[chunk], transform_size))
+            positions = quad_positions(coeffs[chunk], transform_size)
+            warped = bilinear_sample(buffer, ImageSources(*where[:, chunk]), *positions)
             if output_size < transform_size:
                 warped = lanczos_resize(warped, (output_size, output_size))
             crops.append(warped)
@@ -591,7 +359,7 @@ def crop_faces(
     if order == list(range(n)):
         return crops
     out = torch.empty_like(crops)
-    out[_upload(np.array(order, dtype=np.int64), device)] = crops
+    out[upload(np.array(order, dtype=np.int64), device)] = crops
     return out
 
 
@@ -624,15 +392,9 @@ def upright_region(photo: torch.Tensor, box, roll: float, margin: float = REGION
     c, s = math.cos(t), math.sin(t)
     # Pillow AFFINE data: source = R @ (out - (hx, hy)) + centre, in pixel-edge coordinates.
     a = (c, -s, cx + 0.5 - c * (hx + 0.5) + s * (hy + 0.5), s, c, cy + 0.5 - s * (hx + 0.5) - c * (hy + 0.5))
-    dev = photo.device
-    X = _pixel_centres(nx, dev).view(1, 1, nx)
-    Y = _pixel_centres(ny, dev).view(1, ny, 1)
-    # affine_transform in C's order: a0 * x + a1 * y + a2.
-    xin = (a[0] * X + a[1] * Y) + a[2]
-    yin = (a[3] * X + a[4] * Y) + a[5]
     H, W = int(photo.shape[0]), int(photo.shape[1])
-    where = _upload(np.array([[0], [W], [W], [H]], dtype=np.int64), dev)
-    region = _bilinear_pillow(photo.reshape(-1, 3), _Sources(*where), xin, yin)[0]
+    where = upload(np.array([[0], [W], [W], [H]], dtype=np.int64), photo.device)
+    region = bilinear_sample(photo.reshape(-1, 3), ImageSources(*where), *affine_positions(a, nx, ny, photo.device))[0]
 
     def to_source(points) -> np.ndarray:
         d = np.asarray(points, dtype=np.float64) - (hx, hy)

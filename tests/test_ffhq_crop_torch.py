@@ -1,4 +1,5 @@
-"""models.ffhq_crop (the FFHQ crop in torch, batched) against pipeline.align's Pillow path, per face.
+"""models.ffhq_crop (the FFHQ crop in torch, batched) against pipeline.align's Pillow path, per face, and
+models.pillow_resample's Lanczos resize against Pillow's.
 
 Faces: dlib landmarks of the test photographs, of seeded variants (tests/face_variants.py: scaled, rotated,
 mirrored, moved to edges or onto canvases, JPEG) and of the photographs cut so that the face touches an edge
@@ -17,7 +18,8 @@ import torch
 from PIL import Image
 
 from face_variants import face_variants, load_photo, load_photo_array
-from models.ffhq_crop import VERTICAL_FIRST_RULE, crop_faces, eye_roll_degrees, ffhq_quads, lanczos_resize, plan_crop, upright_landmarks
+from models.ffhq_crop import crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
+from models.pillow_resample import VERTICAL_FIRST_RULE, lanczos_resize
 from pipeline.align import ffhq_crop, ffhq_quad, get_aligner
 
 MAX_GREY_DIFF = 2
