@@ -154,7 +154,9 @@ def _span(axis: _AxisWeights) -> int:
     return int(axis.starts.max()) + axis.weights.shape[1]
 
 
-@functools.lru_cache(maxsize=256)
+# The final resize repeats its sizes for every batch; each shrink has its own box. A few entries serve the
+# former without keeping the latter's device copies (about a megabyte each) around.
+@functools.lru_cache(maxsize=16)
 def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int, group: int = 32) -> _AxisWeights:
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis, in groups of ``group`` outputs.
     ``in0``, ``in1`` arrive as C floats, as in Pillow."""
@@ -211,7 +213,7 @@ def _installed_pillow_version() -> tuple[int, ...]:
 VERTICAL_FIRST_RULE = _installed_pillow_version() >= (13,)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def _axis_on_device(axis: _AxisWeights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, input window offsets from axis.first, flattened) of ``axis`` on ``device``, uploaded once."""
     length = axis.weights.shape[1]
