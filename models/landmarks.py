@@ -194,8 +194,7 @@ def parse_shape_predictor(data: bytes, name: str) -> ShapePredictorModel:
         [_LENGTH], np.tile(np.concatenate([[_ROWS, _COLS], np.tile([_MANTISSA, _EXPONENT], coords)]), leaves),
     ]).astype(np.int8)
     cascade_kinds = np.concatenate([[_LENGTH], np.tile(tree_kinds, trees)]).astype(np.int8)
-    kinds = np.concatenate([[_LENGTH], np.tile(cascade_kinds, cascades)]).astype(np.int8)
-    values, offsets = r.read_ints(kinds.size, what="forest value", return_offsets=True)
+    values, offsets = r.read_ints(1 + cascades * cascade_kinds.size, what="forest value", return_offsets=True)
 
     # The structural integers (lengths, matrix sizes) must repeat the first tree's everywhere.
     expected_in_tree = np.where(tree_kinds == _ROWS, -coords, np.where(tree_kinds == _COLS, -1, 0))
@@ -215,14 +214,20 @@ def parse_shape_predictor(data: bytes, name: str) -> ShapePredictorModel:
         i = int(np.argmax(mismatch))
         raise r.error(f"forest structure differs from the first tree: found {int(values[positions[i]])} where "
                       f"{abs(int(expected[i]))} was expected", int(offsets[positions[i]]))
-    exponent = values[kinds == _EXPONENT]
+    # Every tree has the same layout: pick the values of each kind by their place in a tree.
+    def by_tree(array):
+        return array[1:].reshape(cascades, cascade_kinds.size)[:, 1:].reshape(cascades, trees, tree_kinds.size)
+
+    tree_values = by_tree(values)
+    exponent = tree_values[:, :, tree_kinds == _EXPONENT]
     bad = (exponent < -(1 << 15)) | (exponent >= (1 << 15))
     if bad.any():
-        at = offsets[kinds == _EXPONENT][np.argmax(bad)]
-        raise r.error(f"float exponent {int(exponent[np.argmax(bad)])} out of range", int(at))
-    floats = _floats_from_parts(values[kinds == _MANTISSA], exponent)
-    indices = values[kinds == _INDEX].reshape(cascades, trees, splits, 2)
-    del values, offsets, kinds
+        first = np.unravel_index(np.argmax(bad), bad.shape)
+        at = by_tree(offsets)[:, :, tree_kinds == _EXPONENT][first]
+        raise r.error(f"float exponent {int(exponent[first])} out of range", int(at))
+    floats = _floats_from_parts(tree_values[:, :, tree_kinds == _MANTISSA], exponent)
+    indices = tree_values[:, :, tree_kinds == _INDEX].reshape(cascades, trees, splits, 2)
+    del values, offsets, tree_values
 
     floats = floats.reshape(cascades, trees, splits + leaves * coords)
     split_threshold = floats[:, :, :splits]
