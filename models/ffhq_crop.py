@@ -22,6 +22,7 @@ faces (upright_landmarks) takes the 68-point predictor as a callable.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -176,14 +177,14 @@ def photos_to_device(photos: Sequence, device) -> tuple[torch.Tensor, list[int],
     elif any(on_host):
         staging = torch.empty((int(starts[-1]), 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
     rows = [slice(int(starts[i]), int(starts[i + 1])) for i in range(len(photos))]
-    for i, p in enumerate(photos):
-        if not on_host[i]:
-            continue
-        if isinstance(p, torch.Tensor):
-            staging[rows[i]].copy_(p.reshape(-1, 3))
-        else:
-            # Through numpy: a read-only array (np.asarray of a PIL image) needs no torch view of its own.
-            staging[rows[i]].numpy()[:] = np.asarray(p).reshape(-1, 3)
+    with warnings.catch_warnings():
+        # Read-only arrays (np.asarray of a PIL image, Ray's zero-copy arrays) are only read here.
+        warnings.simplefilter("ignore", UserWarning)
+        for i, p in enumerate(photos):
+            if on_host[i]:
+                # torch's copy runs on several threads for large photos, numpy's assignment on one.
+                source = p if isinstance(p, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(p))
+                staging[rows[i]].copy_(source.reshape(-1, 3))
     if staging is not None and staging is not buffer:
         # One transfer for all host photos; device photos' rows are written after it, in stream order.
         buffer.copy_(staging, non_blocking=True)
