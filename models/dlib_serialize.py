@@ -122,12 +122,7 @@ class DlibReader:
         mantissa = self._decode(mantissa_at, _MAX_INT_BYTES, "float mantissa")
         exponent = self._decode(exponent_at, 2, "float exponent")
         self._check_complete(offsets, 2 * n, "float")
-        with np.errstate(over="ignore", under="ignore"):
-            values = np.ldexp(mantissa.astype(dtype), exponent.astype(np.int32)).astype(dtype, copy=False)
-        if (exponent >= _EXPONENT_INF).any():
-            values[exponent == _EXPONENT_INF] = np.inf
-            values[exponent == _EXPONENT_NINF] = -np.inf
-            values[exponent >= _EXPONENT_NAN] = np.nan
+        values = floats_from_parts(mantissa, exponent, dtype)
         if n:
             self.offset = self._end_of(offsets[-1])
         return values
@@ -216,6 +211,18 @@ class DlibReader:
         negative = (control & 0x80) != 0
         np.negative(values, out=values, where=negative)
         return values
+
+
+def floats_from_parts(mantissa: np.ndarray, exponent: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Floating point values from their serialized (mantissa, exponent) integers, as dlib's float_details
+    converts them: std::ldexp((T)mantissa, exponent), the special exponents giving inf, -inf and nan."""
+    with np.errstate(over="ignore", under="ignore"):
+        values = np.ldexp(mantissa.astype(dtype), exponent.astype(np.int32)).astype(dtype, copy=False)
+    if (exponent >= _EXPONENT_INF).any():
+        values[exponent == _EXPONENT_INF] = np.inf
+        values[exponent == _EXPONENT_NINF] = -np.inf
+        values[exponent >= _EXPONENT_NAN] = np.nan
+    return values
 
 
 def _chain_offsets(buf: np.ndarray, start: int, end: int, n: int) -> np.ndarray:

@@ -53,7 +53,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.dlib_serialize import DlibFormatError, DlibReader, DlibWriter
+from models.dlib_serialize import DlibFormatError, DlibReader, DlibWriter, floats_from_parts
 
 try:
     import triton
@@ -225,7 +225,7 @@ def parse_shape_predictor(data: bytes, name: str) -> ShapePredictorModel:
         first = np.unravel_index(np.argmax(bad), bad.shape)
         at = by_tree(offsets)[:, :, tree_kinds == _EXPONENT][first]
         raise r.error(f"float exponent {int(exponent[first])} out of range", int(at))
-    floats = _floats_from_parts(tree_values[:, :, tree_kinds == _MANTISSA], exponent)
+    floats = floats_from_parts(tree_values[:, :, tree_kinds == _MANTISSA], exponent)
     indices = tree_values[:, :, tree_kinds == _INDEX].reshape(cascades, trees, splits, 2)
     del values, offsets, tree_values
 
@@ -295,18 +295,6 @@ def serialize_shape_predictor(model: ShapePredictorModel) -> bytes:
 
 # Kinds of the integers in a forest, for the vectorised parse.
 _LENGTH, _INDEX, _MANTISSA, _EXPONENT, _ROWS, _COLS = range(6)
-
-
-def _floats_from_parts(mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
-    # As dlib's float_details converts to float: std::ldexp((float)mantissa, exponent). The model's values
-    # are finite; dlib's special exponents (inf, nan) are refused by the threshold/leaf checks downstream
-    # only if they matter, so they are mapped like dlib maps them.
-    with np.errstate(over="ignore", under="ignore"):
-        values = np.ldexp(mantissa.astype(np.float32), exponent.astype(np.int32)).astype(np.float32)
-    values[exponent == 32000] = np.inf
-    values[exponent == 32001] = -np.inf
-    values[exponent >= 32002] = np.nan
-    return values
 
 
 def shape_predictor_68_path() -> str:
