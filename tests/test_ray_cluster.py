@@ -113,8 +113,7 @@ def pipeline_sets(photos: str, out: str, checkpoint: str, *extra: str, in_flight
 def submit(cluster: LocalCluster, *args: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
     """examples/submit_cluster.sh, as a user runs it (RAY_ADDRESS = the dashboard)."""
     env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard_url)
-    return subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ray_cli(cluster: LocalCluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -239,7 +238,7 @@ def stats_of(out: str) -> dict[str, dict]:
 
 def test_submit_script_without_address_is_refused_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(["bash", SCRIPT, "--set", f"output.url={tmp_path}/out"], cwd=REPO, env=env,
+    r = subprocess.run([SCRIPT, "--set", f"output.url={tmp_path}/out"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "RAY_ADDRESS" in r.stderr and "dashboard" in r.stderr, r.stderr
