@@ -336,6 +336,9 @@ class ShapePredictor:
         self.model = model
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
+        if on_cuda and self.device.index is None:
+            # "cuda" means the current GPU; with its index, images already there are recognised as such.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if use_triton is None:
             use_triton = on_cuda and triton is not None
         if use_triton and not (on_cuda and triton is not None):
@@ -461,11 +464,14 @@ class ShapePredictor:
         for i, image in enumerate(images):
             if isinstance(image, torch.Tensor):
                 t = image
-            else:
+            elif isinstance(image, np.ndarray):
                 with warnings.catch_warnings():
                     # Read-only arrays (e.g. from Pillow) are fine: they are only read.
                     warnings.simplefilter("ignore", UserWarning)
-                    t = torch.as_tensor(image)
+                    t = torch.from_numpy(np.ascontiguousarray(image))
+            else:
+                raise ValueError(f"predict: image {i} must be a numpy array or a torch tensor, got "
+                                 f"{type(image).__name__}")
             if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != 3:
                 raise ValueError(f"predict: image {i} must be an HxWx3 uint8 array, got "
                                  f"{tuple(t.shape)} {t.dtype}")
@@ -475,13 +481,8 @@ class ShapePredictor:
             tensors.append(t.reshape(-1))
         if not tensors:
             return torch.zeros(0, dtype=torch.uint8, device=self.device), offsets, sizes
-        if all(t.device == self.device for t in tensors):
-            flat = torch.cat(tensors)
-        else:
-            flat = torch.cat([t.cpu() for t in tensors])
-            flat = flat.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else flat
-        return flat, offsets, sizes
+        # Images already on the device stay there; others are copied over one by one.
+        return torch.cat([t.to(self.device) for t in tensors]), offsets, sizes
 
     def _similarity_to(self, shape: torch.Tensor) -> torch.Tensor:
         """dlib's find_similarity_transform(mean shape -> current shape), its 2x2 part as float32, (N, 2, 2).

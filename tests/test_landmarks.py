@@ -210,6 +210,10 @@ def test_images_as_tensors_and_empty_inputs(predictor):
     from_numpy = predictor.predict([image], [[box]])[0]
     from_tensor = predictor.predict([torch.from_numpy(image.copy())], [[box]])[0]
     np.testing.assert_array_equal(from_numpy, from_tensor)
+    # A mirrored view (negative strides) is the mirrored photo.
+    mirrored = image[:, ::-1]
+    np.testing.assert_array_equal(predictor.predict([mirrored], [[box]])[0],
+                                  predictor.predict([mirrored.copy()], [[box]])[0])
     empty = predictor.predict([image, image], [[], [box]])
     assert empty[0].shape == (0, 68, 2) and empty[1].shape == (1, 68, 2)
     assert predictor.predict([], []) == []
@@ -223,6 +227,8 @@ def test_bad_inputs_are_named(predictor):
         predictor.predict([image, image.astype(np.float32)], [[], []])
     with pytest.raises(ValueError, match="image 0 must be an HxWx3 uint8 array"):
         predictor.predict([image[:, :, 0]], [[]])
+    with pytest.raises(ValueError, match="image 0 must be a numpy array or a torch tensor, got list"):
+        predictor.predict([image.tolist()], [[]])
     with pytest.raises(ValueError, match=r"boxes of image 0 must be \(left, top, right, bottom\)"):
         predictor.predict([image], [[(0, 0, 10)]])
     with pytest.raises(ValueError, match="integer coordinates"):
