@@ -121,7 +121,8 @@ def _random_boxes(rng, count: int) -> list[tuple[int, int, int, int]]:
     boxes = []
     for i in range(count):
         left, top = (int(v) for v in rng.integers(-300, 300, 2))
-        w, h = (int(v) for v in (rng.integers(0, 20, 2) if i % 3 == 0 else rng.integers(0, 400, 2)))
+        # Every third box small, empty or inverted (right < left: dlib maps into it all the same).
+        w, h = (int(v) for v in (rng.integers(-20, 20, 2) if i % 3 == 0 else rng.integers(0, 400, 2)))
         boxes.append((left, top, left + w, top + h))
     return boxes
 
