@@ -1,4 +1,4 @@
-"""The training config: defaults, file <- ``--set`` merging (pipeline.config's helpers), validation whose errors
+"""The training config: defaults, file <- ``--set`` merging (pipeline/config_files.py), validation whose errors
 name the key, the per-stage output paths, and the check of every file a run needs before anything is built."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from models.losses import MissingPretrainedError, check_pretrained
 
-from .config import ConfigError, merge_config, parse_overrides, read_config_file
+from .config_files import ConfigError, merge_config, parse_overrides, read_config_file
 
 STAGE_FINAL = "e2style_stage{k}.pt"
 LATEST = "latest_model.pt"

@@ -15,7 +15,7 @@ import torch
 from models.e2style import face_pool
 
 from .decode import decode_image
-from .invert import to_model_input
+from .images import to_model_input
 from .read import plan_shards, read_shard
 from .storage import get_fs
 
