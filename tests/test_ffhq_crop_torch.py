@@ -5,11 +5,12 @@ Faces: dlib landmarks of the test photographs, of seeded variants (tests/face_va
 mirrored, moved to edges or onto canvases, JPEG) and of the photographs cut so that the face touches an edge
 (the same landmarks shifted: the crop then needs the blur padding). Every face is cropped by both paths from
 the same landmarks; the torch crops come from one batched call over all photos. Run with ``-s`` to see the
-per-face table.
+per-face table. ``FFHQ_CROP_TEST_DEVICE=cuda`` runs the torch side on a GPU (default: cpu).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import dlib
 import numpy as np
@@ -27,6 +28,7 @@ MIN_PSNR_DB = 50.0
 QUAD_TOLERANCE = 0.005  # of the quad's side
 VARIANT_COUNT = 40
 UPRIGHT_ABOVE = 10.0
+DEVICE = torch.device(os.environ.get("FFHQ_CROP_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_lanczos_resize_matches_pillow():
     vertical_first = 0
     for photo, size, box in _lanczos_cases():
         ref = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.LANCZOS, box=box))
-        ours = lanczos_resize(torch.from_numpy(photo.copy())[None], size, box)[0].numpy()
+        ours = lanczos_resize(torch.from_numpy(photo.copy()).to(DEVICE)[None], size, box)[0].cpu().numpy()
         diff = np.abs(ours.astype(np.int32) - ref.astype(np.int32))
         assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (photo.shape, size, box, diff.max())
         h, w = photo.shape[:2]
@@ -132,8 +134,10 @@ def test_batched_crops_match_pillow_per_face(faces, output_size, transform_size)
     landmarks = np.stack([lm for _, _, lm in faces])
     # Photos as torch tensors and numpy arrays mixed; chunks smaller than the batch and not dividing it.
     photos = [torch.from_numpy(p.copy()) if i % 2 else p for i, p in enumerate(photos)]
-    ours = crop_faces(photos, list(range(len(faces))), landmarks, output_size, transform_size, faces_per_chunk=3)
+    ours = crop_faces(photos, list(range(len(faces))), landmarks, output_size, transform_size, device=DEVICE,
+                      faces_per_chunk=3)
     assert ours.shape == (len(faces), output_size, output_size, 3) and ours.dtype == torch.uint8
+    ours = ours.cpu()
 
     quads, sides = ffhq_quads(landmarks)
     rows, failures, kinds = [], [], {"plain": 0, "padded": 0, "shrunk": 0}
@@ -165,7 +169,8 @@ def test_batched_crops_match_pillow_per_face(faces, output_size, transform_size)
 def test_photo_index_places_each_face(faces):
     # Two faces of one photo and one of another, listed out of order: each crop is its own face's.
     (_, photo_a, lm_a), (_, photo_b, lm_b) = faces[0], faces[1]
-    ours = crop_faces([photo_a, photo_b], [1, 0, 0], np.stack([lm_b, lm_a, lm_a + (0, -60)]), 64, 256)
+    ours = crop_faces([photo_a, photo_b], [1, 0, 0], np.stack([lm_b, lm_a, lm_a + (0, -60)]), 64, 256,
+                      device=DEVICE).cpu()
     for crop, photo, lm in zip(ours.numpy(), (photo_b, photo_a, photo_a), (lm_b, lm_a, lm_a + (0, -60))):
         max_diff, psnr = _max_diff_and_psnr(crop, ffhq_crop(photo, lm, 64, 256))
         assert max_diff <= MAX_GREY_DIFF and psnr >= MIN_PSNR_DB
@@ -207,7 +212,8 @@ def test_upright_reprediction_quads_match_cpu_path(aligner):
             continue
         ref_quad, ref_side = ffhq_quad(aligner.landmarks(photo, box))
         calls = []
-        ours = upright_landmarks(torch.from_numpy(photo.copy()), box, _dlib_predictor(aligner, calls), UPRIGHT_ABOVE)
+        ours = upright_landmarks(torch.from_numpy(photo.copy()).to(DEVICE), box, _dlib_predictor(aligner, calls),
+                                 UPRIGHT_ABOVE)
         quad, _ = ffhq_quad(ours)
         error = np.abs(quad - ref_quad).max() / ref_side
         assert error <= QUAD_TOLERANCE, (name, error)
