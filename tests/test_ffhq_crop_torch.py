@@ -177,6 +177,17 @@ def test_photo_index_places_each_face(faces):
     assert not torch.equal(ours[1], ours[2])
 
 
+def test_without_padding_outside_the_photo_is_black(faces):
+    # enable_padding=False: the quad reaches past the photo's top edge and Pillow fills black there.
+    _, photo, lm = faces[0]
+    lm = lm + (0, -90)
+    ours = crop_faces([photo], [0], lm[None], 128, 512, enable_padding=False, device=DEVICE)[0].cpu().numpy()
+    ref = ffhq_crop(photo, lm, 128, 512, enable_padding=False)
+    max_diff, psnr = _max_diff_and_psnr(ours, ref)
+    assert max_diff <= MAX_GREY_DIFF and psnr >= MIN_PSNR_DB
+    assert (ref[:8] == 0).all() and (ref[-8:] != 0).any()
+
+
 # --------------------------------------------------------------------------------------------------
 # Upright re-prediction for rolled faces
 
