@@ -144,6 +144,13 @@ class ShapePredictorModel:
         for name, shape in expected.items():
             if getattr(self, name).shape != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {getattr(self, name).shape}")
+        # dlib's values are C++ floats: other precisions would not round as dlib does.
+        for name in ("initial_shape", "split_threshold", "leaf_values", "anchor_delta"):
+            if getattr(self, name).dtype != np.float32:
+                raise ValueError(f"{name} must be float32, got {getattr(self, name).dtype}")
+        for name in ("split_index1", "split_index2", "anchor_index"):
+            if not np.issubdtype(getattr(self, name).dtype, np.integer):
+                raise ValueError(f"{name} must be integers, got {getattr(self, name).dtype}")
         for name in ("split_index1", "split_index2"):
             values = getattr(self, name)
             if values.size and (values.min() < 0 or values.max() >= p):

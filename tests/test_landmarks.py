@@ -306,6 +306,9 @@ def test_split_index_out_of_range_refused():
     bad = ShapePredictorModel(**{**model.__dict__, "split_index1": np.full_like(model.split_index1, 4)})
     with pytest.raises(ValueError, match="split_index1 must index the 4 feature pixels"):
         bad.validate()
+    doubles = ShapePredictorModel(**{**model.__dict__, "leaf_values": model.leaf_values.astype(np.float64)})
+    with pytest.raises(ValueError, match="leaf_values must be float32, got float64"):
+        ShapePredictor.from_model(doubles)
     # The same defect in a file is a DlibFormatError naming the file.
     w = DlibWriter()
     w.write_int(1)
