@@ -43,8 +43,16 @@ import math
 import os
 from dataclasses import dataclass
 
+import warnings
+
 import numpy as np
 import torch
+
+try:  # Triton kernels for the two hot loops on CUDA (optional; the torch path is the reference)
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
 
 from models.dlib_serialize import DlibFormatError, DlibReader
 
@@ -405,7 +413,15 @@ def pyramid_up_size(h: int, w: int) -> tuple[int, int]:
 
 # -- fHOG ------------------------------------------------------------------------------------------------
 
-def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int]):
+def _cell_histograms(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
+    """(steps, B, R, C) bins and weights -> (B, R, C, 18): each cell's bins summed over the steps in order."""
+    hist = torch.zeros((*orient_steps.shape[1:], 18), dtype=torch.float32, device=orient_steps.device)
+    for k in range(orient_steps.shape[0]):
+        hist.scatter_add_(3, orient_steps[k].unsqueeze(-1), weight_steps[k].unsqueeze(-1))
+    return hist
+
+
+def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int], cell_histograms=None):
     """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
     (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
     image (hog rows, hog cols)."""
@@ -486,22 +502,15 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     # Cell histograms: cell i (padded index i + 1) sums, in raster order, pixel rows 8i-4 .. 8i+11 (weights
     # vy0 for the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's
     # float32 sums exactly.
-    hist = torch.zeros((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    # Each block offset (dy, dx) as one contiguous (B, cells, cells) slice, for cheap sequential steps.
-    def blocks(grid, key_of):
-        out = []
-        for dy in range(16):
-            rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
-            for dx in range(16):
-                cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
-                out.append(key_of(dy, dx)[:, rows, cols] if grid is None else grid[:, rows, cols])
-        return torch.stack(out)
-
-    orient_blocks = blocks(orient, None).unsqueeze(-1)
-    weight_blocks = blocks(None, lambda dy, dx: weights[("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")]
-                           ).unsqueeze(-1)
-    for k in range(256):
-        hist.scatter_add_(3, orient_blocks[k], weight_blocks[k])
+    # The 256 block offsets (dy, dx) in raster order, each as one contiguous (B, cells, cells) slice.
+    orient_steps, weight_steps = [], []
+    for dy in range(16):
+        rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
+        for dx in range(16):
+            cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
+            orient_steps.append(orient[:, rows, cols])
+            weight_steps.append(weights[("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")][:, rows, cols])
+    hist = (cell_histograms or _cell_histograms)(torch.stack(orient_steps), torch.stack(weight_steps))
 
     both = torch.add(hist[..., :9], hist[..., 9:])
     sq = torch.mul(both, both)
@@ -615,6 +624,149 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
     return total
 
 
+# -- Triton kernels (CUDA) ------------------------------------------------------------------------------
+# The same arithmetic as the torch path above, fused: one kernel for the row filters, one for the column
+# filters plus the sum over terms, one for the cell histograms. Compiled with enable_fp_fusion=False so
+# that no multiply-add is contracted into an FMA; every operation is a float32 add or multiply in dlib's
+# order. FrontalFaceDetector checks them against the torch path when it is created and falls back to the
+# torch path (with a warning) if they differ or fail.
+
+_TRITON_BLOCK = 128
+
+if triton is not None:
+
+    @triton.jit
+    def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, tail_ptr, out_ptr, n_terms, n_planes, plane_h,
+                         plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (image, term, plane row, block of output columns).
+        row = tl.program_id(0).to(tl.int64)
+        r = row % plane_h
+        term = (row // plane_h) % n_terms
+        b = row // (plane_h * n_terms)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = j < out_w
+        plane = tl.load(plane_idx_ptr + term).to(tl.int64)
+        src = planes_ptr + ((b * n_planes + plane) * plane_h + r) * plane_w
+        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        seq = tl.zeros([BLOCK], dtype=tl.float32)
+        for n in tl.static_range(FW):
+            prod = tl.load(src + j + n, mask=live, other=0.0) * tl.load(taps_ptr + term * FW + n)
+            seq = seq + prod
+            if n < INTERLEAVED:
+                if n % 3 == 0:
+                    acc0 = acc0 + prod
+                elif n % 3 == 1:
+                    acc1 = acc1 + prod
+                else:
+                    acc2 = acc2 + prod
+            else:
+                acc0 = acc0 + prod
+        tail = tl.load(tail_ptr + b)
+        result = tl.where(j < tail, acc0 + (acc1 + acc2), seq)
+        tl.store(out_ptr + row * out_w + j, result, mask=live)
+
+    @triton.jit
+    def _col_pass_sum_kernel(rows_ptr, taps_ptr, tail_ptr, total_ptr, n_filters, n_slots, plane_h, out_h,
+                             out_w, FH: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (image, filter, output row, block of columns); the chunk's terms of the filter
+        # are added to the running total one after the other.
+        pid = tl.program_id(0).to(tl.int64)
+        i = pid % out_h
+        f = (pid // out_h) % n_filters
+        b = pid // (out_h * n_filters)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = j < out_w
+        simd = j < tl.load(tail_ptr + b)
+        out = total_ptr + ((b * n_filters + f) * out_h + i) * out_w + j
+        total = tl.load(out, mask=live, other=0.0)
+        for s in range(n_slots):
+            term = f * n_slots + s
+            base = rows_ptr + ((b * n_filters * n_slots + term) * plane_h + i) * out_w + j
+            acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            seq = tl.zeros([BLOCK], dtype=tl.float32)
+            for m in tl.static_range(FH):
+                prod = tl.load(base + m * out_w, mask=live, other=0.0) * tl.load(taps_ptr + term * FH + m)
+                seq = seq + prod
+                if m < INTERLEAVED:
+                    if m % 3 == 0:
+                        acc0 = acc0 + prod
+                    elif m % 3 == 1:
+                        acc1 = acc1 + prod
+                    else:
+                        acc2 = acc2 + prod
+                else:
+                    acc0 = acc0 + prod
+            total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
+        tl.store(out, total, mask=live)
+
+    @triton.jit
+    def _cell_hist_kernel(orient_ptr, weight_ptr, hist_ptr, n_cells, n_steps, BLOCK: tl.constexpr):
+        # One lane per cell; the steps are added in order; a bin that a step does not vote for gets + 0.0.
+        cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = cell < n_cells
+        bins = tl.arange(0, 32)
+        acc = tl.zeros([BLOCK, 32], dtype=tl.float32)
+        o_ptr = orient_ptr + cell
+        w_ptr = weight_ptr + cell
+        for _ in range(n_steps):
+            o = tl.load(o_ptr, mask=live, other=0)
+            w = tl.load(w_ptr, mask=live, other=0.0)
+            acc = acc + tl.where(o[:, None] == bins[None, :], w[:, None], 0.0)
+            o_ptr += n_cells
+            w_ptr += n_cells
+        tl.store(hist_ptr + cell[:, None] * 18 + bins[None, :], acc, mask=live[:, None] & (bins[None, :] < 18))
+
+
+def _interleaved_taps(size: int) -> int:
+    return 3 * max(0, -(-(size - 2) // 3))
+
+
+def _cell_histograms_triton(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
+    steps = orient_steps.shape[0]
+    shape = orient_steps.shape[1:]
+    n_cells = int(np.prod(shape))
+    hist = torch.empty((*shape, 18), dtype=torch.float32, device=orient_steps.device)
+    if n_cells:
+        _cell_hist_kernel[(triton.cdiv(n_cells, _TRITON_BLOCK),)](
+            orient_steps.to(torch.int32).contiguous(), weight_steps.contiguous(), hist, n_cells, steps,
+            BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+    return hist
+
+
+def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
+                          col_taps: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """_filter_scores with the Triton kernels: same arguments, same result bit for bit."""
+    dev = planes.device
+    planes = planes.contiguous()
+    n, n_planes, plane_h, plane_w = planes.shape
+    n_filters, n_slots = plane_idx.shape
+    fh, fw = col_taps.shape[2], row_taps.shape[2]
+    out_h = int(hog[:, 0].max())
+    out_w = plane_w - (fw - 1)
+    tail = torch.from_numpy(8 * (hog[:, 1] // 8)).to(dev)
+    total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
+    step = max(1, chunk_elements // (n * n_filters * plane_h * out_w))
+    for start in range(0, n_slots, step):
+        stop = min(start + step, n_slots)
+        slots = stop - start
+        terms = n_filters * slots
+        idx = plane_idx[:, start:stop].reshape(-1).contiguous()
+        rows = row_taps[:, start:stop].reshape(terms, fw).contiguous()
+        cols = col_taps[:, start:stop].reshape(terms, fh).contiguous()
+        rows_out = torch.empty((n, terms, plane_h, out_w), dtype=torch.float32, device=dev)
+        _row_pass_kernel[(n * terms * plane_h, triton.cdiv(out_w, _TRITON_BLOCK))](
+            planes, idx, rows, tail, rows_out, terms, n_planes, plane_h, plane_w, out_w,
+            FW=fw, INTERLEAVED=_interleaved_taps(fw), BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+        _col_pass_sum_kernel[(n * n_filters * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
+            rows_out, cols, tail, total, n_filters, slots, plane_h, out_h, out_w,
+            FH=fh, INTERLEAVED=_interleaved_taps(fh), BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+    return total
+
+
 BUNDLED_DETECTOR_FILE = os.path.join(os.path.dirname(__file__), "data", "frontal_face_detector.svm")
 
 
@@ -627,7 +779,8 @@ class FrontalFaceDetector:
     """
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None,
-                 max_batch_pixels: int | None = None, chunk_elements: int | None = None):
+                 max_batch_pixels: int | None = None, chunk_elements: int | None = None,
+                 use_triton: bool | None = None):
         self.model = read_detector_file(path or BUNDLED_DETECTOR_FILE)
         self.device = torch.device(device)
         on_gpu = self.device.type != "cpu"
@@ -651,6 +804,46 @@ class FrontalFaceDetector:
         self._plane_idx = torch.from_numpy(plane_idx).to(self.device)
         self._row_taps = torch.from_numpy(row_taps).to(self.device)
         self._col_taps = torch.from_numpy(col_taps).to(self.device)
+
+        # Triton kernels on CUDA (default when available), used only if they reproduce the torch path
+        # bit for bit on a random check here.
+        self.use_triton = False
+        if use_triton is None:
+            use_triton = self.device.type == "cuda" and triton is not None
+        if use_triton:
+            if self.device.type != "cuda" or triton is None:
+                raise ValueError("use_triton needs a CUDA device and the triton package")
+            problem = self._triton_check()
+            if problem is None:
+                self.use_triton = True
+            else:
+                warnings.warn(f"FrontalFaceDetector: Triton kernels disagree with the torch path ({problem}); "
+                              "using the torch path", RuntimeWarning, stacklevel=2)
+
+    def _triton_check(self) -> str | None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        fh, fw = self._fhog_pad
+        hog = np.array([[23, 29], [17, 37]])
+        planes = torch.zeros((2, NUM_PLANES, 23 + fh - 1, 37 + fw - 1 + 2 * _TAIL_BAND))
+        planes[:, :, :-fh + 1, :-fw + 1 - 2 * _TAIL_BAND] = torch.rand((2, NUM_PLANES, 23, 37), generator=gen)
+        planes = planes.to(self.device)
+        steps = torch.randint(0, 18, (256, 2, 5, 7), generator=gen).to(self.device)
+        weights = torch.rand((256, 2, 5, 7), generator=gen).to(self.device)
+        valid = torch.from_numpy((np.arange(23)[None, None, :, None] < hog[:, 0, None, None, None])
+                                 & (np.arange(37)[None, None, None, :] < hog[:, 1, None, None, None])
+                                 ).to(self.device)  # outside each image's windows the values are junk
+        try:
+            for chunk in (self.chunk_elements, 1):
+                want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
+                got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
+                want, got = want[..., :37] * valid, got[..., :37] * valid
+                if not torch.equal(want, got):
+                    return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
+            if not torch.equal(_cell_histograms(steps, weights), _cell_histograms_triton(steps, weights)):
+                return "cell histograms differ"
+        except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch path
+            return f"{type(e).__name__}: {e}"
+        return None
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -730,7 +923,8 @@ class FrontalFaceDetector:
             results[i] = self._finish(found[k], upsample)
 
     def _score_level(self, batch, sizes, active, level, adjust, found):
-        planes, hog = _fhog(batch, sizes, self._fhog_pad)
+        planes, hog = _fhog(batch, sizes, self._fhog_pad,
+                            _cell_histograms_triton if self.use_triton else _cell_histograms)
         if hog.max() == 0:
             return
         fh, fw = self._fhog_pad
@@ -738,8 +932,8 @@ class FrontalFaceDetector:
         out_w = planes.shape[3] - (fw - 1)
         valid = torch.from_numpy((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
                                  & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
-        totals = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps,
-                                self.chunk_elements)
+        filter_scores = _filter_scores_triton if self.use_triton else _filter_scores
+        totals = filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
         for f in range(totals.shape[1]):
             total = totals[:, f]
             thresh = float(self.model.thresholds[f])
@@ -768,3 +962,70 @@ class FrontalFaceDetector:
             boxes = boxes_down_after_upsample(boxes, upsample)
         return [((int(b[0]), int(b[1]), int(b[2]), int(b[3])), float(s), int(f))
                 for b, s, f in zip(boxes, scores[kept], keys[kept, 0])]
+
+
+# -- device check (run on the GPU machine, where dlib is absent; the CPU torch path is the one tested against
+# dlib): python -m models.face_detector --device cuda tests/data/*.jpg ------------------------------------
+
+def _check_device(argv=None) -> int:
+    import argparse  # noqa: PLC0415 - command-line use only
+    import time  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description="FrontalFaceDetector on a device (Triton and torch paths) "
+                                     "against the CPU torch path, bit for bit, and its speed.")
+    parser.add_argument("photos", nargs="+", help="RGB photographs (e.g. tests/data/*.jpg)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--path", default=None, help="detector file (default: the bundled one)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in args.photos]
+    rng = np.random.default_rng(0)
+    images = []
+    for photo in photos:  # scales, crops and mirrors of every photo, sizes 0.4x to 2.5x
+        for scale in (0.4, 0.7, 1.0, 1.6, 2.5):
+            im = Image.fromarray(photo)
+            im = np.asarray(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                                      Image.Resampling.BILINEAR))
+            top, left = (int(v) for v in rng.integers(0, [max(1, im.shape[0] // 4), max(1, im.shape[1] // 4)]))
+            im = im[top:, left:]
+            images.append(np.ascontiguousarray(im[:, ::-1] if rng.random() < 0.5 else im))
+    cpu = FrontalFaceDetector("cpu", args.path)
+    devices = {"torch": FrontalFaceDetector(args.device, args.path, use_triton=False)}
+    if args.device.startswith("cuda") and triton is not None:
+        devices["triton"] = FrontalFaceDetector(args.device, args.path)
+        print(f"triton kernels {'in use' if devices['triton'].use_triton else 'NOT in use (see warning)'}")
+    failures = 0
+    for upsample in (0, 1):
+        subset = images if upsample == 0 else [im for im in images if im.shape[0] * im.shape[1] <= 700 * 700]
+        for adjust in (0.0, -0.5):
+            want = cpu.detect(subset, upsample, adjust)
+            for name, det in devices.items():
+                got = det.detect(subset, upsample, adjust)
+                bad = [i for i, (w, g) in enumerate(zip(want, got)) if w != g]
+                failures += len(bad)
+                print(f"{name} on {args.device}, upsample {upsample}, adjust {adjust}: {len(subset)} images, "
+                      f"{sum(map(len, want))} detections, {len(bad)} differ from CPU")
+                for i in bad[:5]:
+                    print(f"  image {i} {subset[i].shape}\n    cpu:    {want[i]}\n    device: {got[i]}")
+    square = np.asarray(Image.fromarray(photos[0]).resize((args.size, args.size), Image.Resampling.BILINEAR))
+    batch = [square] * args.batch
+    for name, det in devices.items():
+        det.detect(batch)
+        sync = torch.cuda.synchronize if det.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            det.detect(batch)
+        sync()
+        seconds = (time.perf_counter() - start) / 3
+        print(f"{name}: {args.batch} photos of {args.size}x{args.size}, upsample 0: {seconds * 1e3:.1f} ms, "
+              f"{args.batch / seconds:.0f} photos/s")
+    print("OK: device results equal the CPU path" if failures == 0 else f"FAILED: {failures} images differ")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_check_device())
