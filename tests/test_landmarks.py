@@ -257,17 +257,13 @@ def test_truncated_model_file(small_model_bytes):
 
 
 def _first_tree_offsets(data: bytes):
-    # Offsets of the number of cascades, of the first cascade's number of trees, of its first tree's splits.
+    # Offsets of the number of cascades and of the first tree's number of splits.
     r = DlibReader(data, "x")
     r.read_int()
     r.read_matrix()
     cascades_at = r.offset
-    r.read_int()
-    trees_at = r.offset
-    r.read_int()
-    splits_at = r.offset
-    r.read_int()
-    return cascades_at, trees_at, splits_at
+    r.read_ints(2)
+    return cascades_at, r.offset
 
 
 def test_altered_model_files(small_model_bytes):
@@ -276,8 +272,8 @@ def test_altered_model_files(small_model_bytes):
     bad = bytes([0x01, 0x02]) + bytes(data[2:])
     with pytest.raises(DlibFormatError, match="shape_predictor version is 2, expected 1 at byte offset 0"):
         parse_shape_predictor(bad, "v.dat")
-    cascades_at, trees_at, splits_at = _first_tree_offsets(bytes(data))
-    # A control byte with reserved bits set in the middle of the forests.
+    cascades_at, splits_at = _first_tree_offsets(bytes(data))
+    # A control byte with reserved bits set in the first tree.
     bad = bytearray(data)
     bad[splits_at] |= 0x40
     with pytest.raises(DlibFormatError, match=rf"c\.dat: invalid control byte .* at byte offset {splits_at}"):
@@ -294,6 +290,11 @@ def test_altered_model_files(small_model_bytes):
     with pytest.raises(DlibFormatError, match=rf"s\.dat: forest structure differs from the first tree: found 7 "
                                               rf"where 6 was expected at byte offset {second}"):
         parse_shape_predictor(bytes(bad), "s.dat")
+    # The same byte made an invalid control byte: found by the vectorised pass over all forests.
+    bad = bytearray(data)
+    bad[second] |= 0x20
+    with pytest.raises(DlibFormatError, match=rf"d\.dat: invalid control byte 0x21 .* at byte offset {second}"):
+        parse_shape_predictor(bytes(bad), "d.dat")
     # Trailing bytes after a complete model.
     with pytest.raises(DlibFormatError, match=rf"unexpected data after the shape predictor at byte offset "
                                               rf"{len(data)}"):
