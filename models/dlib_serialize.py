@@ -139,7 +139,11 @@ class DlibReader:
             raise self.error(f"matrix is {nr}x{nc}, expected {rows if rows is not None else nr}x"
                              f"{cols if cols is not None else nc}", start)
         self._check_count(nr * nc, 4, start, "matrix")
-        values = self.read_floats(nr * nc, dtype=dtype)
+        try:
+            values = self.read_floats(nr * nc, dtype=dtype)
+        except DlibFormatError:
+            self.offset = start
+            raise
         return values.reshape(nr, nc)
 
     def read_string(self) -> bytes:

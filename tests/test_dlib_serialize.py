@@ -135,6 +135,15 @@ def test_old_text_float_format_is_refused():
         DlibReader(b"1.5 ", "old.dat").read_float()
 
 
+def test_failed_matrix_read_consumes_nothing():
+    w = DlibWriter()
+    w.write_matrix(np.ones((3, 3), dtype=np.float32))
+    r = DlibReader(w.getvalue()[:-2], "m.dat")
+    with pytest.raises(DlibFormatError, match="truncated"):
+        r.read_matrix()
+    assert r.offset == 0
+
+
 def test_absurd_length_is_refused_before_allocating():
     data = encode_int(-(10**12)) + encode_int(-1) + encode_float(1.0)
     with pytest.raises(DlibFormatError, match=r"m\.dat: truncated or corrupt: matrix .* at byte offset 0"):
