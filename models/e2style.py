@@ -88,10 +88,6 @@ class E2Style(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if compile:
-            # Compiled, the official order (transposed conv, then the blur as a fused stencil) is fastest;
-            # eager, the folded 6x6 kernel is (see BENCHMARKS.md). A compile that fails at first use falls
-            # back to eager with this form, which benchmarks/check_gpu.py checks as well.
-            self.decoder.set_upsample_form("transposed_blur")
             self._compiled = {}
             for name, fn in (("first", self.encoder_firststage), ("synthesis", self.decoder.synthesis)):
                 self._compiled[name] = torch.compile(fn, dynamic=False)

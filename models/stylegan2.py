@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 MODCONV_MODES = ("grouped", "shared")
-# Shared mode's upsampling convolution, both the same function: "transposed" folds the FIR blur into the 3x3
-# kernel (one 6x6 transposed convolution: fastest eager); "transposed_blur" keeps the official order, the
-# transposed 3x3 convolution then the blur as a 16-tap stencil that torch.compile fuses with the epilogue.
-# A third form, a 3x3 convolution to 4x the channels then pixel_shuffle, was dropped: on an H200 (torch 2.11 +
-# cu130, float32) cuDNN returns wrong results for one of its shapes at batch >= 8 (benchmarks/check_gpu.py
-# keeps that reproduction).
-UPSAMPLE_FORMS = ("transposed", "transposed_blur")
+# Shared mode's upsampling convolution, all the same function: "transposed" folds the FIR blur into the 3x3
+# kernel (one 6x6 transposed convolution: the fastest form on CPUs); "transposed_blur" keeps the official order,
+# the transposed 3x3 convolution then the blur as a 16-tap stencil that torch.compile fuses with the epilogue.
+# "auto" (the default) is "transposed_blur" on CUDA and "transposed" elsewhere: on an H200 (torch 2.11 + cu130,
+# float32) cuDNN returns wrong results for the 6x6 form at batch >= 64, and for a third, dropped, sub-pixel
+# form at batch >= 8; the official order is right at every batch size checked. benchmarks/check_gpu.py keeps
+# both reproductions and checks every path the code takes on a GPU.
+UPSAMPLE_FORMS = ("auto", "transposed", "transposed_blur")
 
 
 def make_kernel(k: list[float]) -> torch.Tensor:
@@ -176,7 +177,7 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         self.demodulate = demodulate
         self.mode = "grouped"
-        self.upsample_impl = "transposed"  # shared mode only: one of UPSAMPLE_FORMS
+        self.upsample_impl = "auto"  # shared mode only: one of UPSAMPLE_FORMS
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         s = self.modulation(style)  # (B, in)
@@ -211,16 +212,18 @@ class ModulatedConv2d(nn.Module):
         weight = self.scale * self.weight[0]  # (out, in, k, k)
         x = x * s.to(x.dtype)[:, :, None, None]
         if self.upsample:
-            # Transposed conv (3x3, stride 2) then the 4x4 FIR blur is one transposed conv whose 6x6 kernel
-            # is the full 2-D convolution of the two: each output pixel still gets 9 taps per input channel,
-            # and the separate depthwise blur pass over the upsampled activations disappears.
-            if self.upsample_impl == "transposed_blur":
+            form = self.upsample_impl
+            if form == "auto":
+                form = "transposed_blur" if x.is_cuda else "transposed"
+            if form == "transposed_blur":
                 # The official order with the minimum of multiply-adds (2.25 taps per output and input
                 # channel): transposed 3x3 conv, then the FIR blur as a 16-tap stencil of shifted slices,
                 # which torch.compile fuses with the demodulation and the epilogue into one pass.
                 out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), padding=0, stride=2)
                 out = fir_stencil(out, self.blur.kernel, self.blur.pad)
                 return self._demodulate(out, weight, s)
+            # Transposed conv (3x3, stride 2) then the 4x4 FIR blur is one transposed conv whose 6x6 kernel is
+            # the full 2-D convolution of the two: no separate blur pass over the upsampled activations.
             out = F.conv_transpose2d(x, self.upsample_kernel(weight).to(x.dtype), padding=2, stride=2)
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
