@@ -435,7 +435,9 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
     pad_r, pad_c = fhog_pad
     plane_h = int(hog[:, 0].max()) + pad_r - 1
-    plane_w = int(hog[:, 1].max()) + pad_c - 1 + _TAIL_BAND * 2
+    # One band's width more on the right: the scalar right-edge filter loop reads up to 8 + fw - 1 columns
+    # past each image's first scalar column.
+    plane_w = int(hog[:, 1].max()) + pad_c - 1 + _TAIL_BAND
     planes = torch.zeros((n, NUM_PLANES, plane_h, plane_w), dtype=torch.float32, device=dev)
     if hog.max() == 0:
         return planes, hog
@@ -824,8 +826,8 @@ class FrontalFaceDetector:
         gen = torch.Generator(device="cpu").manual_seed(0)
         fh, fw = self._fhog_pad
         hog = np.array([[23, 29], [17, 37]])
-        planes = torch.zeros((2, NUM_PLANES, 23 + fh - 1, 37 + fw - 1 + 2 * _TAIL_BAND))
-        planes[:, :, :-fh + 1, :-fw + 1 - 2 * _TAIL_BAND] = torch.rand((2, NUM_PLANES, 23, 37), generator=gen)
+        planes = torch.zeros((2, NUM_PLANES, 23 + fh - 1, 37 + fw - 1 + _TAIL_BAND))
+        planes[:, :, :23, :37] = torch.rand((2, NUM_PLANES, 23, 37), generator=gen)
         planes = planes.to(self.device)
         steps = torch.randint(0, 18, (256, 2, 5, 7), generator=gen).to(self.device)
         weights = torch.rand((256, 2, 5, 7), generator=gen).to(self.device)
@@ -934,21 +936,21 @@ class FrontalFaceDetector:
                                  & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
         filter_scores = _filter_scores_triton if self.use_triton else _filter_scores
         totals = filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
-        for f in range(totals.shape[1]):
-            total = totals[:, f]
-            thresh = float(self.model.thresholds[f])
-            hits = (total.double() >= thresh + adjust) & valid
-            b_idx, r_idx, c_idx = (a.cpu().numpy() for a in torch.nonzero(hits, as_tuple=True))
-            if b_idx.size == 0:
-                continue
-            values = total[hits].double().cpu().numpy() - thresh
-            for k in np.unique(b_idx):
-                sel = b_idx == k
-                rows = r_idx[sel] + fh // 2
-                cols = c_idx[sel] + fw // 2
-                boxes = window_boxes(rows, cols, level, self.model)
-                found[active[k]].append((values[sel], np.full(sel.sum(), f), np.full(sel.sum(), level),
-                                         rows, cols, boxes))
+        # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
+        # the score it reports is saliency - threshold in double.
+        cut = torch.from_numpy(self.model.thresholds + adjust).to(self.device)[None, :, None, None]
+        saliency = totals.double()
+        hits = (saliency >= cut) & valid[:, None]
+        b_idx, f_idx, r_idx, c_idx = (a.cpu().numpy() for a in torch.nonzero(hits, as_tuple=True))
+        if b_idx.size == 0:
+            return
+        values = saliency[hits].cpu().numpy() - self.model.thresholds[f_idx]
+        for k in np.unique(b_idx):
+            sel = b_idx == k
+            rows = r_idx[sel] + fh // 2
+            cols = c_idx[sel] + fw // 2
+            found[active[k]].append((values[sel], f_idx[sel], np.full(sel.sum(), level), rows, cols,
+                                     window_boxes(rows, cols, level, self.model)))
 
     def _finish(self, found, upsample):
         if not found:
