@@ -149,7 +149,7 @@ def make_parquet(samples: dict[str, bytes], style: str = "img2dataset") -> bytes
 
 
 def pipeline_config(input_url: str, output_url: str, checkpoint: str, endpoint: str | None = None, **sets) -> dict:
-    """A resolved config for tests: alignment off, no progress bar; ``sets`` uses '__' for dots."""
+    """A resolved (typed, frozen) config for tests: alignment off, no progress bar; ``sets`` uses '__' for dots."""
     from pipeline.config import resolve
 
     base = {"input": {"url": input_url}, "output": {"url": output_url},
