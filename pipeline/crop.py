@@ -1,5 +1,5 @@
-"""The FFHQ crop: NVlabs' ffhq-dataset ``recreate_aligned_images`` (rotate_level=True, no random shift) for
-given 68 landmarks, and the quad it cuts along.
+"""Stage 4, crop: the FFHQ crop, NVlabs' ffhq-dataset ``recreate_aligned_images`` (rotate_level=True, no
+random shift) for given 68 landmarks, and the quad it cuts along.
 
 Deviations are only in how the same numbers are computed:
   * the Lanczos shrink resizes only the region that the crop keeps (Pillow's ``box=`` argument, which

@@ -1,4 +1,4 @@
-"""Face detection and 68-point landmarks with dlib.
+"""Stage 3, detect: face detection and 68-point landmarks with dlib.
 
 The HOG detector runs on dlib's own image pyramid from a level of at most ``detect_max_side`` px, with a
 local search of finer levels per face, so its boxes (and so the landmarks) equal full-resolution

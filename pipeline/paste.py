@@ -1,4 +1,4 @@
-"""Paste-back: an aligned (possibly edited) face put back into its original photo along the row's quad."""
+"""Stage 8, paste: an aligned (possibly edited) face put back into its original photo along the row's quad."""
 from __future__ import annotations
 
 import logging
