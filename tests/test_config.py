@@ -82,6 +82,9 @@ def test_set_overrides_dotted_keys_typed_values():
     ({"output": {"url": "/data/in/sub"}}, "output.url", "input"),
     ({"shard_size": -1}, "shard_size", ">= 1"),
     ({"model": 3}, "model", "mapping"),
+    ({"ray": {"actor_resources": {"inverter": -1}}}, "ray.actor_resources", ">= 0"),
+    ({"ray": {"actor_resources": ["inverter"]}}, "ray.actor_resources", "mapping"),
+    ({"progress_interval_s": -5}, "progress_interval_s", ">= 0"),
 ])
 def test_invalid_config_names_key_and_reason(over, key, words):
     cfg = json.loads(json.dumps(BASE))
