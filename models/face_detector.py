@@ -595,6 +595,12 @@ def pyramid_up_size(h: int, w: int) -> tuple[int, int]:
 
 # -- fHOG ------------------------------------------------------------------------------------------------
 
+def _sqrt_float32(x: torch.Tensor) -> torch.Tensor:
+    """IEEE float32 square root, correctly rounded like dlib's sqrtps. torch.sqrt on CPU is not (it misrounds
+    about 0.7% of float32 inputs); the double square root of a float32, rounded to float32, always is."""
+    return torch.sqrt(x.double()).float()
+
+
 def _cell_histograms(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
     """(steps, B, R, C) bins and weights -> (B, R, C, 18): each cell's bins summed over the steps in order."""
     hist = torch.zeros((*orient_steps.shape[1:], 18), dtype=torch.float32, device=orient_steps.device)
@@ -645,7 +651,7 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     channel = torch.where(simd_col, simd_channel, scalar_channel).unsqueeze(1)
     grad_x = torch.gather(gx, 1, channel).squeeze(1).float()
     grad_y = torch.gather(gy, 1, channel).squeeze(1).float()
-    v = torch.sqrt(torch.maximum(red_green, mag[:, 2]).float())
+    v = _sqrt_float32(torch.maximum(red_green, mag[:, 2]).float())
     # Orientation: dlib keeps the first of the 18 candidates dot_0, -dot_0, dot_1, -dot_1, ... that is
     # strictly larger than everything before it (and than 0). That is the first o with the largest |dot_o|
     # (of dot_o and -dot_o only one can be positive), bin o or o + 9 by the sign, when the largest is > 0.
@@ -711,7 +717,7 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
         z3 = norm[:, dy + 1:dy + 1 + hr, dx:dx + hc]
         z4 = norm[:, dy + 1:dy + 1 + hr, dx + 1:dx + 1 + hc]
         s = torch.add(torch.add(torch.add(torch.add(z1, z2), z3), z4), eps)
-        nn = torch.mul(torch.sqrt(s), float(np.float32(0.2)))
+        nn = torch.mul(_sqrt_float32(s), float(np.float32(0.2)))
         nn_lanes.append(nn)
         n_lanes.append(torch.div(torch.tensor(np.float32(0.1), device=dev), nn))
     nn4 = torch.stack(nn_lanes, 0).unsqueeze(-1)  # (4, B, hr, hc, 1)
