@@ -518,7 +518,7 @@ def _col_table(n_in: int, n_out: int):
 _TAIL_BAND = 8  # widest right-edge band handled by a scalar path (resize: < 8 columns; filters: < 8)
 
 
-def _resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
+def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                 ) -> torch.Tensor:
     """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
     to out_sizes[b]; returns (B, 3, max out H, max out W + band) uint8 (outside each image: junk)."""
@@ -1091,7 +1091,7 @@ class FrontalFaceDetector:
         batch = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()
         for _ in range(upsample):
             up = [pyramid_up_size(h, w) for h, w in sizes]
-            batch = _resize_rgb(batch, sizes, up)
+            batch = resize_rgb(batch, sizes, up)
             sizes = up
         levels = [count_pyramid_levels(h, w, self.model) for h, w in sizes]
         found = [[] for _ in index]  # per image: (score, filter, level, row, col, box)
@@ -1105,7 +1105,7 @@ class FrontalFaceDetector:
             batch = batch[torch.tensor(keep, device=self.device)] if len(keep) < len(active) else batch
             active = [active[j] for j in keep]
             down = [pyramid_down_size(*sizes[k]) for k in active]
-            batch = _resize_rgb(batch, [sizes[k] for k in active], down)
+            batch = resize_rgb(batch, [sizes[k] for k in active], down)
             for k, s in zip(active, down):
                 sizes[k] = s
             level += 1

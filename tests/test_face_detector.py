@@ -23,7 +23,10 @@ from models.face_detector import (
     BUNDLED_DETECTOR_FILE,
     DetectorFileError,
     FrontalFaceDetector,
+    pyramid_down_size,
+    pyramid_up_size,
     read_detector_file,
+    resize_rgb,
 )
 from face_variants import face_variants, faceless_variants, original_photos
 
@@ -144,19 +147,24 @@ def test_file_structure_agrees_with_dlib(dlib_file, dlib_detector):
         assert detector.num_terms[f] == dlib.num_separable_filters(dlib.simple_object_detector(single))
 
 
-def _rewrite(path: str, filters: np.ndarray, thresholds: np.ndarray, out: str) -> str:
-    """The detector file with new weight vectors (everything before them copied byte for byte)."""
+def _rewrite(path: str, filters: np.ndarray, thresholds: np.ndarray, out: str,
+             overlap: tuple[float, float] | None = None) -> str:
+    """The detector file with new weight vectors (and overlap thresholds); the rest copied byte for byte."""
     with open(path, "rb") as f:
         data = f.read()
     reader = DlibReader(data, path)
-    # Skip to the number of weight vectors: the header has a fixed sequence of values (see the parser).
+    # Skip to the overlap thresholds: the header is a fixed sequence of values (see the parser).
     for _ in range(11):
         reader.read_int()
     reader.read_floats(1, dtype=np.float64)
     reader.read_int()
-    reader.read_floats(2, dtype=np.float64)
     header = data[:reader.offset]
-    parts = [header, encode_int(filters.shape[0])]
+    overlap_bytes = data[reader.offset:]
+    reader.read_floats(2, dtype=np.float64)
+    overlap_bytes = overlap_bytes[:reader.offset - len(header)]
+    if overlap is not None:
+        overlap_bytes = encode_float(overlap[0], digits=53) + encode_float(overlap[1], digits=53)
+    parts = [header, overlap_bytes, encode_int(filters.shape[0])]
     for w, t in zip(filters, thresholds):
         values = np.concatenate([w.reshape(-1), [t]])
         parts += [encode_int(-values.size), encode_int(-1)] + [encode_float(v, digits=53) for v in values]
@@ -231,6 +239,61 @@ def test_extra_bytes_after_the_weights_are_refused(dlib_file, tmp_path):
         g.write(f.read() + encode_int(0))
     with pytest.raises(DetectorFileError, match="after the last weight vector"):
         read_detector_file(path)
+
+
+# -- the stages, each against dlib ---------------------------------------------------------------------------
+
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].contiguous()
+
+
+def test_pyramid_levels_equal_dlib():
+    """Every level of the pyramid (dlib.pyramid_down(6), the detector's resampling) for a few images."""
+    down = dlib.pyramid_down(6)
+    images = [p.image for p in original_photos()] + [v.image for v in face_variants(6, seed=2, max_side=400)]
+    for image in images:
+        for _ in range(5):
+            h, w = image.shape[:2]
+            theirs = down(image)
+            ours = resize_rgb(_as_tensor(image), [(h, w)], [pyramid_down_size(h, w)])
+            ours = ours[0].permute(1, 2, 0).numpy()[:theirs.shape[0], :theirs.shape[1]]
+            assert theirs.shape[:2] == pyramid_down_size(h, w)
+            assert np.array_equal(ours, theirs), f"{(h, w)}: {(ours != theirs).sum()} values differ"
+            image = np.ascontiguousarray(theirs)
+
+
+def test_upsampling_equals_dlib():
+    """pyramid_up (detector(img, 1)) is resize_image to (2h + 1, 2w + 2), compared with dlib.resize_image."""
+    images = [p.image for p in original_photos()] + [v.image for v in face_variants(6, seed=3, max_side=300)]
+    for image in images:
+        h, w = image.shape[:2]
+        size = pyramid_up_size(h, w)
+        theirs = dlib.resize_image(image, *size)
+        ours = resize_rgb(_as_tensor(image), [(h, w)], [size])[0].permute(1, 2, 0).numpy()[:size[0], :size[1]]
+        assert np.array_equal(ours, theirs), f"{(h, w)}: {(ours != theirs).sum()} values differ"
+
+
+def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):
+    """Each fHOG plane read back from dlib: a detector whose only weight is 1.0 on that plane at one cell
+    scores every window with exactly that feature value (one rank-1 term with unit taps), and with
+    overlap thresholds of 1 nothing is suppressed. Every window at every pyramid level must score the
+    same, bit for bit, in dlib and in the port."""
+    model = read_detector_file(dlib_file)
+    # C-contiguous: dlib reads a strided numpy view wrongly at its smaller pyramid levels.
+    image = np.ascontiguousarray(original_photos()[0].image[100:400, 60:360])
+    compared = 0
+    for plane in range(31):
+        filters = np.zeros((1, *model.filters.shape[1:]))
+        filters[0, plane, 4, 4] = 1.0
+        path = _rewrite(dlib_file, filters, np.zeros(1), str(tmp_path / f"plane{plane}.svm"), overlap=(1.0, 1.0))
+        theirs = sorted((box, score) for box, score, _ in dlib_run(dlib.fhog_object_detector(path), image, 0,
+                                                                 -100.0))
+        ours = sorted((box, score) for box, score, _ in FrontalFaceDetector(path=path).detect([image], 0, -100.0)[0])
+        assert len(ours) == len(theirs) > 1000
+        differing = [(a, b) for a, b in zip(ours, theirs) if a != b]
+        assert not differing, f"plane {plane}: {len(differing)} windows differ, e.g. {differing[:3]}"
+        compared += len(ours)
+    assert compared > 31 * 1000
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
