@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 from models.checkpoint import load_e2style, load_stylegan2, read_checkpoint  # noqa: E402
 from models.factory import atomic_save, generator_checkpoint  # noqa: E402
 from models.stylegan2 import Generator, default_channels  # noqa: E402
-from pipeline.train import _gen, resolve_config, run_training, stage_paths, synthetic_batch, validate_model  # noqa: E402
+from pipeline.train import resolve_config, run_training, stage_paths, seeded_generator, synthetic_batch, validate_model  # noqa: E402
 
 
 def half_state(d: dict) -> dict:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     Gd = model.decoder
     avg_w = model.latent_avg.reshape(-1, Gd.style_dim)[0]
     xs, ws = [], []
-    g = _gen(a.seed, "heldout-demo")
+    g = seeded_generator(a.seed, "heldout-demo")
     for i in range(0, a.val_count, 64):
         x, w = synthetic_batch(Gd, avg_w, min(64, a.val_count - i), g)
         xs.append(x.cpu())

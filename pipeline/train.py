@@ -45,7 +45,6 @@ __all__ = ["TrainConfigError", "DEFAULTS", "resolve_config", "load_train_config"
            "stage_paths", "check_files", "validate_model", "synthetic_batch", "seeded_generator", "MetricsLogger",
            "SimulatedCrash", "run_local_ddp", "ddp_rank_main", "main"]
 
-_gen = seeded_generator  # benchmarks/train_demo_model.py's old name for it, until that script imports seeded_generator
 
 
 def ddp_rank_main(rank: int, world_size: int, cfg: dict, port: int) -> None:
