@@ -46,7 +46,6 @@ __all__ = ["TrainConfigError", "DEFAULTS", "resolve_config", "load_train_config"
            "SimulatedCrash", "run_local_ddp", "ddp_rank_main", "main"]
 
 
-
 def ddp_rank_main(rank: int, world_size: int, cfg: dict, port: int) -> None:
     """One process of a local DDP group (the ``mp.spawn`` target): joins the group on 127.0.0.1:``port``
     (NCCL on GPUs, one per rank; gloo on CPU) and trains as that rank."""
