@@ -2,10 +2,10 @@
 
 The FFHQ alignment is defined by dlib's boxes, so this port reproduces dlib's detector
 (``dlib.get_frontal_face_detector()``, an ``object_detector<scan_fhog_pyramid<pyramid_down<6>>>``) rather
-than approximating it. The weights are read from the file ``detector.save(path)`` writes (dlib's portable
-serialization, read by ``models.dlib_serialize``; nothing is unpickled). The stages, each in dlib's order of
-floating point operations (dlib-bin is built with AVX but without FMA, so every product is rounded before
-it is added):
+than approximating it: the pyramid images, every fHOG feature and every window score come out bit for bit
+as dlib's (dlib-bin 20.0.1: AVX, no FMA, no LAPACK). The weights are read from the file
+``detector.save(path)`` writes (dlib's portable serialization, read by ``models.dlib_serialize``; nothing is
+unpickled); a copy is bundled in models/data. The stages, each in dlib's order of float operations:
 
 1. ``pyramid_up`` (for ``upsample``) and ``pyramid_down<6>``: dlib's bilinear RGB ``resize_image``. Columns
    are positioned by a float32 accumulator stepping four columns at a time (its SSE path) and weighted in
@@ -14,10 +14,12 @@ it is added):
 2. fHOG (cell 8, 31 planes): per pixel the gradient of the colour channel with the largest magnitude
    (ties resolved differently in dlib's 8-wide SIMD columns and its scalar right-edge columns, followed
    here), orientation snapped to 18 directions, bilinear votes into cells summed in raster order, block
-   energies, truncation at 0.2, the 4-lane sums in SSE4.1 ``dpps`` order.
-3. Scores: every 10x10x31 filter replaced by its low-rank approximation (SVD, singular values below
-   max(1e-4, 0.001 * largest) dropped), applied as separable row/column filters with dlib's three
-   interleaved accumulators (scalar order in the right-edge columns), terms added in dlib's order.
+   energies, truncation at 0.2, the 4-lane sums in SSE4.1 ``dpps`` order. Square roots are correctly
+   rounded (``torch.sqrt`` on CPU is not: see ``_sqrt_float32``).
+3. Scores: every 10x10x31 filter replaced by its low-rank approximation, computed with dlib's own SVD
+   (``dlib_svd``, ported step for step), singular values below max(1e-4, 0.001 * largest) dropped, applied
+   as separable row/column filters with dlib's three interleaved accumulators (scalar order in the
+   right-edge columns), terms added in dlib's order.
 4. Windows at or above threshold + adjust_threshold, mapped to image pixels with dlib's rectangle
    arithmetic (``fhog_to_image``, ``pyramid_down<6>::rect_up``, ``lround``), greedy non-maximum suppression
    with the file's overlap thresholds, then ``pyramid_down<2>::rect_down`` for upsampled runs.
@@ -25,8 +27,10 @@ it is added):
 GPU exactness: every arithmetic step is a separate eager PyTorch elementwise operation (``torch.mul``,
 ``torch.add``, ...), so each product is rounded to float32 before the addition that uses it, as in dlib.
 Fused operations (``addcmul``, ``matmul``, ``conv2d``, ``baddbmm``) and ``torch.compile`` are deliberately
-not used: they contract multiply-adds into FMA or reorder sums. sqrt and division are IEEE-rounded on both
-CPU and CUDA. The same code runs on both devices.
+not used: they contract multiply-adds into FMA or reorder sums. Division is IEEE-rounded on CPU and CUDA.
+The same code runs on both devices. On CUDA, the two hot loops (separable filters, cell histograms) run by
+default as Triton kernels compiled with ``enable_fp_fusion=False`` (no FMA contraction), used only after a
+check at construction that they equal the torch path bit for bit.
 
 Batching: images of any sizes are padded into one tensor per pyramid level (level l of every image that
 has one), with per-image index tables and masks, so the number of kernel launches depends on the number of
@@ -34,7 +38,10 @@ levels and filter terms, not on the number of photos.
 
 Ties: dlib orders detections with an unstable ``std::sort``; equal scores are ordered here by filter,
 pyramid level, row, column (the order dlib generates them). Only detections whose scores are exactly
-equal can come out differently from dlib.
+equal can come out in another order than dlib's.
+
+Input: HxWx3 uint8 RGB arrays, read by their contents. (dlib itself reads a non-contiguous numpy view
+wrongly at its smaller pyramid levels; pass C-contiguous arrays to dlib when comparing.)
 """
 from __future__ import annotations
 
@@ -658,7 +665,11 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     d0 = torch.from_numpy(_DIRECTIONS[:, 0].copy()).to(dev)
     d1 = torch.from_numpy(_DIRECTIONS[:, 1].copy()).to(dev)
     dots = torch.add(torch.mul(grad_x.unsqueeze(-1), d0), torch.mul(grad_y.unsqueeze(-1), d1))
-    best, first = torch.max(torch.abs(dots), dim=-1)  # the first maximum (documented for torch.max)
+    magnitude = torch.abs(dots)
+    best = torch.amax(magnitude, dim=-1, keepdim=True)
+    # The first o reaching the maximum, whatever the backend's tie rule for argmax.
+    first = torch.where(magnitude == best, torch.arange(9, device=dev), 9).amin(dim=-1)
+    best = best.squeeze(-1)
     negative = torch.gather(dots, -1, first.unsqueeze(-1)).squeeze(-1) < 0
     best_o = torch.where(best > 0, torch.where(negative, first + 9, first), 0)
 
