@@ -616,38 +616,28 @@ def _cell_histograms(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> 
     return hist
 
 
-def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int], cell_histograms=None):
-    """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
-    (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
-    image (hog rows, hog cols)."""
-    dev = images.device
-    cell = 8
-    n = images.shape[0]
-    cells = np.array([[int(np.float32(h) / np.float32(cell) + 0.5), int(np.float32(w) / np.float32(cell) + 0.5)]
-                      for h, w in sizes], dtype=np.int64)
-    hog = np.maximum(cells - 2, 0)
-    hog[(hog == 0).any(axis=1)] = 0
-    visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
-    pad_r, pad_c = fhog_pad
-    plane_h = int(hog[:, 0].max()) + pad_r - 1
-    # One band's width more on the right: the scalar right-edge filter loop reads up to 8 + fw - 1 columns
-    # past each image's first scalar column.
-    plane_w = int(hog[:, 1].max()) + pad_c - 1 + _TAIL_BAND
-    planes = torch.zeros((n, NUM_PLANES, plane_h, plane_w), dtype=torch.float32, device=dev)
-    if hog.max() == 0:
-        return planes, hog
-    n_cr, n_cc = int(cells[:, 0].max()), int(cells[:, 1].max())
-    height, width = images.shape[2], images.shape[3]
-    # Pixel grid: pixel (y, x) at (y + 12, x + 12), so that cell (padded index hr) gathers rows 8hr .. 8hr+15.
-    grid_h, grid_w = cell * (n_cr + 2), cell * (n_cc + 2)
-    ph, pw = min(height - 2, grid_h - 13), min(width - 2, grid_w - 13)  # interior pixels 1..ph, 1..pw
+def _vote_weights(ph: int, pw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel row y = 1..ph: (vy0, vy1); per column x = 1..pw: (vx0, vx1): dlib's bilinear vote
+    fractions, exact dyadic float32 values."""
+    yp = ((np.arange(1, ph + 1) + 0.5) / 8.0 - 0.5).astype(np.float32)
+    vy0 = (yp - np.floor(yp)).astype(np.float32)
+    xp = ((np.arange(1, pw + 1) + 0.5) / 8.0 - 0.5).astype(np.float32)
+    vx0 = (xp - np.floor(xp)).astype(np.float32)
+    return (np.stack([vy0, (1.0 - vy0).astype(np.float32)], 1),
+            np.stack([vx0, (1.0 - vx0).astype(np.float32)], 1))
 
+
+def _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc) -> torch.Tensor:
+    """fHOG's orientation histograms of cells 0..n_cr-1 x 0..n_cc-1 (dlib's hist[1..][1..]), (B, R, C, 18)."""
+    dev = images.device
+    n = images.shape[0]
+    cell = 8
     img = images[:, :, :ph + 2, :pw + 2].to(torch.int32)
     gx = torch.sub(img[:, :, 1:-1, 2:], img[:, :, 1:-1, :-2])
     gy = torch.sub(img[:, :, 2:, 1:-1], img[:, :, :-2, 1:-1])
     mag = torch.add(torch.mul(gx, gx), torch.mul(gy, gy))  # exact integers
     xs = np.arange(1, pw + 1)
-    simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide columns are x < simd_end
+    ys = np.arange(1, ph + 1)
     simd_col = torch.from_numpy(xs[None, :] < simd_end[:, None]).to(dev)[:, None, :]  # (B, 1, pw)
     # The channel with the largest squared gradient. dlib's SIMD columns do select(r > g, r, g) then
     # select(t > b, t, b) (ties go to the later channel); its scalar columns start with red and switch
@@ -673,45 +663,69 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     negative = torch.gather(dots, -1, first.unsqueeze(-1)).squeeze(-1) < 0
     best_o = torch.where(best > 0, torch.where(negative, first + 9, first), 0)
 
-    # Bilinear vote weights; all of vx0, vx1, vy0, vy1 are exact dyadic numbers. dlib's SIMD columns
-    # compute vy * (vx * v), its scalar columns (vy * vx) * v.
-    ys = np.arange(1, ph + 1)
-    yp = ((ys + 0.5) / 8.0 - 0.5).astype(np.float32)
-    vy0 = (yp - np.floor(yp)).astype(np.float32)
-    vy1 = (1.0 - vy0).astype(np.float32)
-    xp = ((xs + 0.5) / 8.0 - 0.5).astype(np.float32)
-    vx0 = (xp - np.floor(xp)).astype(np.float32)
-    vx1 = (1.0 - vx0).astype(np.float32)
-    vy0_t = torch.from_numpy(vy0).to(dev)[None, :, None]
-    vy1_t = torch.from_numpy(vy1).to(dev)[None, :, None]
-    vx0_t = torch.from_numpy(vx0).to(dev)[None, None, :]
-    vx1_t = torch.from_numpy(vx1).to(dev)[None, None, :]
+    # Bilinear vote weights. dlib's SIMD columns compute vy * (vx * v), its scalar columns (vy * vx) * v.
+    vy_np, vx_np = _vote_weights(ph, pw)
+    vy_t = torch.from_numpy(vy_np).to(dev)
+    vx_t = torch.from_numpy(vx_np).to(dev)
     valid = torch.from_numpy((ys[None, :, None] < visible[:, 0, None, None])
                              & (xs[None, None, :] < visible[:, 1, None, None])).to(dev)
     weights = {}
-    for key, vy, vx in (("00", vy0_t, vx0_t), ("01", vy0_t, vx1_t), ("10", vy1_t, vx0_t), ("11", vy1_t, vx1_t)):
-        simd_w = torch.mul(vy, torch.mul(vx, v))
-        scalar_w = torch.mul(torch.mul(vy, vx), v)
-        w = torch.where(simd_col, simd_w, scalar_w)
-        w = torch.where(valid, w, torch.zeros((), device=dev))
-        grid = torch.zeros((n, grid_h, grid_w), dtype=torch.float32, device=dev)
-        grid[:, 13:13 + ph, 13:13 + pw] = w
-        weights[key] = grid
+    for ky in range(2):
+        for kx in range(2):
+            vy = vy_t[:, ky][None, :, None]
+            vx = vx_t[:, kx][None, None, :]
+            simd_w = torch.mul(vy, torch.mul(vx, v))
+            scalar_w = torch.mul(torch.mul(vy, vx), v)
+            w = torch.where(simd_col, simd_w, scalar_w)
+            w = torch.where(valid, w, torch.zeros((), device=dev))
+            grid = torch.zeros((n, grid_h, grid_w), dtype=torch.float32, device=dev)
+            grid[:, 13:13 + ph, 13:13 + pw] = w
+            weights[ky, kx] = grid
     orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int64, device=dev)
     orient[:, 13:13 + ph, 13:13 + pw] = best_o
 
-    # Cell histograms: cell i (padded index i + 1) sums, in raster order, pixel rows 8i-4 .. 8i+11 (weights
-    # vy0 for the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's
-    # float32 sums exactly.
-    # The 256 block offsets (dy, dx) in raster order, each as one contiguous (B, cells, cells) slice.
+    # Cell i (dlib's padded index i + 1) sums, in raster order, pixel rows 8i-4 .. 8i+11 (weights vy0 for
+    # the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's float32
+    # sums exactly. The 256 block offsets (dy, dx) in raster order, each as one (B, cells, cells) slice.
     orient_steps, weight_steps = [], []
     for dy in range(16):
         rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
         for dx in range(16):
             cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
             orient_steps.append(orient[:, rows, cols])
-            weight_steps.append(weights[("0" if dy < 8 else "1") + ("0" if dx < 8 else "1")][:, rows, cols])
-    hist = (cell_histograms or _cell_histograms)(torch.stack(orient_steps), torch.stack(weight_steps))
+            weight_steps.append(weights[dy // 8, dx // 8][:, rows, cols])
+    return _cell_histograms(torch.stack(orient_steps), torch.stack(weight_steps))
+
+
+def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int],
+          use_triton: bool = False):
+    """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
+    (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
+    image (hog rows, hog cols)."""
+    dev = images.device
+    cell = 8
+    n = images.shape[0]
+    cells = np.array([[int(np.float32(h) / np.float32(cell) + 0.5), int(np.float32(w) / np.float32(cell) + 0.5)]
+                      for h, w in sizes], dtype=np.int64)
+    hog = np.maximum(cells - 2, 0)
+    hog[(hog == 0).any(axis=1)] = 0
+    visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
+    pad_r, pad_c = fhog_pad
+    plane_h = int(hog[:, 0].max()) + pad_r - 1
+    # One band's width more on the right: the scalar right-edge filter loop reads up to 8 + fw - 1 columns
+    # past each image's first scalar column.
+    plane_w = int(hog[:, 1].max()) + pad_c - 1 + _TAIL_BAND
+    planes = torch.zeros((n, NUM_PLANES, plane_h, plane_w), dtype=torch.float32, device=dev)
+    if hog.max() == 0:
+        return planes, hog
+    n_cr, n_cc = int(cells[:, 0].max()), int(cells[:, 1].max())
+    height, width = images.shape[2], images.shape[3]
+    # Pixel grid: pixel (y, x) at (y + 12, x + 12), so that cell (padded index hr) gathers rows 8hr .. 8hr+15.
+    grid_h, grid_w = cell * (n_cr + 2), cell * (n_cc + 2)
+    ph, pw = min(height - 2, grid_h - 13), min(width - 2, grid_w - 13)  # interior pixels 1..ph, 1..pw
+    simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide pixel columns are x < simd_end
+    histograms = _cell_histograms_triton if use_triton else _cell_histograms_torch
+    hist = histograms(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc)
 
     both = torch.add(hist[..., :9], hist[..., 9:])
     sq = torch.mul(both, both)
@@ -833,6 +847,7 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 # torch path (with a warning) if they differ or fail.
 
 _TRITON_BLOCK = 128
+_TRITON_HIST_BLOCK = 32
 
 if triton is not None:
 
@@ -905,20 +920,89 @@ if triton is not None:
         tl.store(out, total, mask=live)
 
     @triton.jit
-    def _cell_hist_kernel(orient_ptr, weight_ptr, hist_ptr, n_cells, n_steps, BLOCK: tl.constexpr):
-        # One lane per cell; the steps are added in order; a bin that a step does not vote for gets + 0.0.
+    def _pixel_votes_kernel(img_ptr, visible_ptr, simd_end_ptr, dirs_ptr, vy_ptr, vx_ptr, orient_ptr, weight_ptr,
+                            height, width, grid_h, grid_w, n_images, ph, pw, BLOCK: tl.constexpr):
+        # One program per (image, pixel row y = 1..ph, block of pixel columns x = 1..pw): gradient of the
+        # strongest channel (dlib's tie rules for its SIMD and scalar columns), orientation bin, and the
+        # four bilinear vote weights, written into the pixel grids at (y + 12, x + 12).
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // ph
+        y = pid % ph + 1
+        x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK) + 1
+        inside = x <= pw
+        valid = inside & (y < tl.load(visible_ptr + 2 * b)) & (x < tl.load(visible_ptr + 2 * b + 1))
+        simd = x < tl.load(simd_end_ptr + b)
+        plane = height * width
+        px = img_ptr + b * 3 * plane + y * width + x
+        gx0 = tl.load(px + 1, mask=inside, other=0).to(tl.int32) - tl.load(px - 1, mask=inside, other=0).to(tl.int32)
+        gy0 = (tl.load(px + width, mask=inside, other=0).to(tl.int32)
+               - tl.load(px - width, mask=inside, other=0).to(tl.int32))
+        px1 = px + plane
+        gx1 = tl.load(px1 + 1, mask=inside, other=0).to(tl.int32) - tl.load(px1 - 1, mask=inside, other=0).to(tl.int32)
+        gy1 = (tl.load(px1 + width, mask=inside, other=0).to(tl.int32)
+               - tl.load(px1 - width, mask=inside, other=0).to(tl.int32))
+        px2 = px + 2 * plane
+        gx2 = tl.load(px2 + 1, mask=inside, other=0).to(tl.int32) - tl.load(px2 - 1, mask=inside, other=0).to(tl.int32)
+        gy2 = (tl.load(px2 + width, mask=inside, other=0).to(tl.int32)
+               - tl.load(px2 - width, mask=inside, other=0).to(tl.int32))
+        m0 = gx0 * gx0 + gy0 * gy0
+        m1 = gx1 * gx1 + gy1 * gy1
+        m2 = gx2 * gx2 + gy2 * gy2
+        red_green = tl.maximum(m0, m1)
+        # SIMD columns: ties go to the later channel.
+        s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
+        s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
+        # Scalar columns: ties go to the earlier channel.
+        c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
+        c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
+        gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
+        gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
+        v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))
+        best = tl.zeros([BLOCK], dtype=tl.float32)
+        bin_ = tl.zeros([BLOCK], dtype=tl.int32)
+        for o in tl.static_range(9):
+            dot = gx * tl.load(dirs_ptr + 2 * o) + gy * tl.load(dirs_ptr + 2 * o + 1)
+            size = tl.abs(dot)
+            better = size > best
+            best = tl.where(better, size, best)
+            bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
+        vy0 = tl.load(vy_ptr + 2 * (y - 1))
+        vy1 = tl.load(vy_ptr + 2 * (y - 1) + 1)
+        vx0 = tl.load(vx_ptr + 2 * (x - 1), mask=inside, other=0.0)
+        vx1 = tl.load(vx_ptr + 2 * (x - 1) + 1, mask=inside, other=0.0)
+        at = b * grid_h * grid_w + (y + 12) * grid_w + (x + 12)
+        grid_size = n_images * grid_h * grid_w
+        tl.store(orient_ptr + at, bin_, mask=valid)
+        tl.store(weight_ptr + at, tl.where(simd, vy0 * (vx0 * v), (vy0 * vx0) * v), mask=valid)
+        tl.store(weight_ptr + grid_size + at, tl.where(simd, vy0 * (vx1 * v), (vy0 * vx1) * v), mask=valid)
+        tl.store(weight_ptr + 2 * grid_size + at, tl.where(simd, vy1 * (vx0 * v), (vy1 * vx0) * v), mask=valid)
+        tl.store(weight_ptr + 3 * grid_size + at, tl.where(simd, vy1 * (vx1 * v), (vy1 * vx1) * v), mask=valid)
+
+    @triton.jit
+    def _grid_hist_kernel(orient_ptr, weight_ptr, hist_ptr, n_cr, n_cc, grid_h, grid_w, n_cells, grid_size,
+                          BLOCK: tl.constexpr):
+        # One lane per cell: its 16x16 block of pixel votes in raster order; a bin that a pixel does not vote
+        # for gets + 0.0, which leaves it unchanged.
         cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = cell < n_cells
+        b = cell // (n_cr * n_cc)
+        i = (cell // n_cc) % n_cr
+        j = cell % n_cc
+        start = b * grid_h * grid_w + (8 * (i + 1)) * grid_w + 8 * (j + 1)
         bins = tl.arange(0, 32)
         acc = tl.zeros([BLOCK, 32], dtype=tl.float32)
-        o_ptr = orient_ptr + cell
-        w_ptr = weight_ptr + cell
-        for _ in range(n_steps):
-            o = tl.load(o_ptr, mask=live, other=0)
-            w = tl.load(w_ptr, mask=live, other=0.0)
-            acc = acc + tl.where(o[:, None] == bins[None, :], w[:, None], 0.0)
-            o_ptr += n_cells
-            w_ptr += n_cells
+        for dy in range(0, 8):  # rows voting with vy0: weight grids 0 (vx0) and 1 (vx1)
+            row = start + dy * grid_w
+            for dx in tl.static_range(16):
+                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
+                w = tl.load(weight_ptr + (dx // 8) * grid_size + row + dx, mask=live, other=0.0)
+                acc = acc + tl.where(o[:, None] == bins[None, :], w[:, None], 0.0)
+        for dy in range(8, 16):  # rows voting with vy1: weight grids 2 and 3
+            row = start + dy * grid_w
+            for dx in tl.static_range(16):
+                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
+                w = tl.load(weight_ptr + (2 + dx // 8) * grid_size + row + dx, mask=live, other=0.0)
+                acc = acc + tl.where(o[:, None] == bins[None, :], w[:, None], 0.0)
         tl.store(hist_ptr + cell[:, None] * 18 + bins[None, :], acc, mask=live[:, None] & (bins[None, :] < 18))
 
 
@@ -926,15 +1010,23 @@ def _interleaved_taps(size: int) -> int:
     return 3 * max(0, -(-(size - 2) // 3))
 
 
-def _cell_histograms_triton(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
-    steps = orient_steps.shape[0]
-    shape = orient_steps.shape[1:]
-    n_cells = int(np.prod(shape))
-    hist = torch.empty((*shape, 18), dtype=torch.float32, device=orient_steps.device)
-    if n_cells:
-        _cell_hist_kernel[(triton.cdiv(n_cells, _TRITON_BLOCK),)](
-            orient_steps.to(torch.int32).contiguous(), weight_steps.contiguous(), hist, n_cells, steps,
-            BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc) -> torch.Tensor:
+    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit."""
+    dev = images.device
+    n, _, height, width = images.shape
+    images = images.contiguous()
+    vy, vx = _vote_weights(ph, pw)
+    orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int32, device=dev)
+    weights = torch.zeros((4, n, grid_h, grid_w), dtype=torch.float32, device=dev)
+    _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
+        images, torch.from_numpy(visible.astype(np.int64)).to(dev), torch.from_numpy(simd_end.astype(np.int64)).to(dev),
+        torch.from_numpy(_DIRECTIONS.copy()).to(dev), torch.from_numpy(vy).to(dev), torch.from_numpy(vx).to(dev),
+        orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+    n_cells = n * n_cr * n_cc
+    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
+    _grid_hist_kernel[(triton.cdiv(n_cells, _TRITON_HIST_BLOCK),)](
+        orient, weights, hist, n_cr, n_cc, grid_h, grid_w, n_cells, n * grid_h * grid_w,
+        BLOCK=_TRITON_HIST_BLOCK, enable_fp_fusion=False)
     return hist
 
 
@@ -1006,44 +1098,61 @@ class FrontalFaceDetector:
         self._row_taps = torch.from_numpy(row_taps).to(self.device)
         self._col_taps = torch.from_numpy(col_taps).to(self.device)
 
-        # Triton kernels on CUDA (default when available), used only if they reproduce the torch path
-        # bit for bit on a random check here.
-        self.use_triton = False
+        # Triton kernels on CUDA (default when available): each group (fHOG histograms, filters) is used only
+        # if it reproduces the torch path bit for bit on the checks here; otherwise a warning and torch.
+        self.triton_fhog = self.triton_filters = False
         if use_triton is None:
             use_triton = self.device.type == "cuda" and triton is not None
         if use_triton:
             if self.device.type != "cuda" or triton is None:
                 raise ValueError("use_triton needs a CUDA device and the triton package")
-            problem = self._triton_check()
-            if problem is None:
-                self.use_triton = True
-            else:
-                warnings.warn(f"FrontalFaceDetector: Triton kernels disagree with the torch path ({problem}); "
-                              "using the torch path", RuntimeWarning, stacklevel=2)
+            for group, check in (("fhog", self._check_triton_fhog), ("filters", self._check_triton_filters)):
+                try:
+                    problem = check()
+                except Exception as e:  # noqa: BLE001 - a compile or launch failure means: use torch
+                    problem = f"{type(e).__name__}: {e}"
+                if problem is None:
+                    setattr(self, f"triton_{group}", True)
+                else:
+                    warnings.warn(f"FrontalFaceDetector: Triton {group} kernels disagree with the torch path "
+                                  f"({problem}); using the torch path for them", RuntimeWarning, stacklevel=2)
 
-    def _triton_check(self) -> str | None:
+    @property
+    def use_triton(self) -> bool:
+        return self.triton_fhog and self.triton_filters
+
+    def _check_triton_fhog(self) -> str | None:
+        # Quantised random images (many equal gradients: every tie rule is exercised), two sizes in a batch.
+        rng = np.random.default_rng(0)
+        images = [(rng.integers(0, 4, (h, w, 3)) * 60).astype(np.uint8) for h, w in ((93, 141), (130, 77))]
+        images[1][40:90, 10:60] = rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)
+        sizes = [im.shape[:2] for im in images]
+        batch = torch.zeros((2, 3, 130, 141), dtype=torch.uint8)
+        for k, im in enumerate(images):
+            batch[k, :, :im.shape[0], :im.shape[1]] = torch.from_numpy(im).permute(2, 0, 1)
+        batch = batch.to(self.device)
+        want, _ = _fhog(batch, sizes, self._fhog_pad, use_triton=False)
+        got, _ = _fhog(batch, sizes, self._fhog_pad, use_triton=True)
+        if not torch.equal(want, got):
+            return f"fHOG planes differ in {int((want != got).sum())} values"
+        return None
+
+    def _check_triton_filters(self) -> str | None:
         gen = torch.Generator(device="cpu").manual_seed(0)
         fh, fw = self._fhog_pad
         hog = np.array([[23, 29], [17, 37]])
         planes = torch.zeros((2, NUM_PLANES, 23 + fh - 1, 37 + fw - 1 + _TAIL_BAND))
         planes[:, :, :23, :37] = torch.rand((2, NUM_PLANES, 23, 37), generator=gen)
         planes = planes.to(self.device)
-        steps = torch.randint(0, 18, (256, 2, 5, 7), generator=gen).to(self.device)
-        weights = torch.rand((256, 2, 5, 7), generator=gen).to(self.device)
         valid = torch.from_numpy((np.arange(23)[None, None, :, None] < hog[:, 0, None, None, None])
                                  & (np.arange(37)[None, None, None, :] < hog[:, 1, None, None, None])
                                  ).to(self.device)  # outside each image's windows the values are junk
-        try:
-            for chunk in (self.chunk_elements, 1):
-                want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
-                got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
-                want, got = want[..., :37] * valid, got[..., :37] * valid
-                if not torch.equal(want, got):
-                    return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
-            if not torch.equal(_cell_histograms(steps, weights), _cell_histograms_triton(steps, weights)):
-                return "cell histograms differ"
-        except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch path
-            return f"{type(e).__name__}: {e}"
+        for chunk in (self.chunk_elements, 1):
+            want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
+            got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
+            want, got = want[..., :37] * valid, got[..., :37] * valid
+            if not torch.equal(want, got):
+                return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
         return None
 
     # -- public API ------------------------------------------------------------------------------------
@@ -1124,8 +1233,7 @@ class FrontalFaceDetector:
             results[i] = self._finish(found[k], upsample)
 
     def _score_level(self, batch, sizes, active, level, adjust, found):
-        planes, hog = _fhog(batch, sizes, self._fhog_pad,
-                            _cell_histograms_triton if self.use_triton else _cell_histograms)
+        planes, hog = _fhog(batch, sizes, self._fhog_pad, use_triton=self.triton_fhog)
         if hog.max() == 0:
             return
         fh, fw = self._fhog_pad
@@ -1133,7 +1241,7 @@ class FrontalFaceDetector:
         out_w = planes.shape[3] - (fw - 1)
         valid = torch.from_numpy((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
                                  & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
-        filter_scores = _filter_scores_triton if self.use_triton else _filter_scores
+        filter_scores = _filter_scores_triton if self.triton_filters else _filter_scores
         totals = filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
         # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
         # the score it reports is saliency - threshold in double.
@@ -1197,7 +1305,8 @@ def _check_device(argv=None) -> int:
     devices = {"torch": FrontalFaceDetector(args.device, args.path, use_triton=False)}
     if args.device.startswith("cuda") and triton is not None:
         devices["triton"] = FrontalFaceDetector(args.device, args.path)
-        print(f"triton kernels {'in use' if devices['triton'].use_triton else 'NOT in use (see warning)'}")
+        print(f"triton kernels in use: fhog {devices['triton'].triton_fhog}, filters "
+              f"{devices['triton'].triton_filters} (False: see the warning above)")
     failures = 0
     for upsample in (0, 1):
         subset = images if upsample == 0 else [im for im in images if im.shape[0] * im.shape[1] <= 700 * 700]
