@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.align import FaceAligner, crop_and_pad, ffhq_crop, ffhq_quad, pick_largest  # noqa: E402
+from pipeline.align import FaceAligner  # noqa: E402
+from pipeline.crop import crop_and_pad, ffhq_crop, ffhq_quad  # noqa: E402
+from pipeline.detect import pick_largest  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 

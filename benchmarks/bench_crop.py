@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.ffhq_crop import crop_faces, ffhq_quads, plan_crop  # noqa: E402
-from pipeline.align import ffhq_crop, ffhq_quad, get_aligner  # noqa: E402
+from pipeline.align import get_aligner  # noqa: E402
+from pipeline.crop import ffhq_crop, ffhq_quad  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import save_safetensors
 from .e2style import E2Style, build_encoder
 from .stylegan2 import Generator, default_channels
 
@@ -79,8 +80,6 @@ def atomic_save(obj: dict[str, Any], path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         if path.endswith(".safetensors"):
-            from .checkpoint import save_safetensors
-
             save_safetensors(obj, tmp)
         else:
             torch.save(obj, tmp)

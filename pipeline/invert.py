@@ -9,8 +9,7 @@ import time
 import numpy as np
 import torch
 
-# to_model_input: pipeline/train_data.py imports it from here (its home is pipeline/images.py).
-from .images import MODEL_INPUT_SIZE, luma, resize_to_model_input, to_model_input, to_uint8  # noqa: F401
+from .images import MODEL_INPUT_SIZE, luma, resize_to_model_input, to_uint8
 from .records import InvertResult
 from .tasks import make_input
 

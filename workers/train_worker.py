@@ -47,7 +47,9 @@ def run_ray_training(cfg: dict[str, Any]) -> list[dict]:
     check_files(cfg)  # before any worker starts
     started = False
     if not ray.is_initialized():
-        kw = {"address": cfg["ray"]["address"]} if cfg["ray"]["address"] else {"include_dashboard": False}
+        # No address: a fresh embedded instance (address="local"), never a running local cluster that a
+        # plain ray.init() would join (pipeline/cluster.py does the same for inversion jobs).
+        kw = {"address": cfg["ray"]["address"]} if cfg["ray"]["address"] else {"address": "local", "include_dashboard": False}
         ray.init(**kw)
         started = True
     try:
