@@ -16,7 +16,7 @@ from models.stylegan2 import generator_config_from_state_dict
 from .config_files import ConfigError
 from .storage import get_fs, is_local
 
-__all__ = ["resolve_device", "file_sha256", "checkpoint_sha256", "fetch_checkpoint", "factory_checkpoint",
+__all__ = ["resolve_device", "resolve_batch_size", "file_sha256", "checkpoint_sha256", "fetch_checkpoint", "factory_checkpoint",
            "checkpoint_dims"]
 
 
@@ -24,6 +24,17 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+# model.batch_size "auto": the fastest measured setting per device (BENCHMARKS.md: batch 64 against 16 on an
+# H200; on CPUs larger batches gain nothing and hold more memory).
+AUTO_BATCH_SIZE = {"cuda": 64, "cpu": 16}
+
+
+def resolve_batch_size(batch_size: int | str, device: str) -> int:
+    if batch_size == "auto":
+        return AUTO_BATCH_SIZE["cuda" if device.startswith("cuda") else "cpu"]
+    return int(batch_size)
 
 
 def file_sha256(fs, path: str, chunk: int = 8 << 20) -> str:

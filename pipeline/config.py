@@ -61,7 +61,7 @@ class EditConfig:                      # latent editing after inversion (docs/ed
 class ModelConfig:
     checkpoint: str | None = None      # local path or any fsspec URL (s3://...)
     stages: int | None = None          # null = all stages of the checkpoint
-    batch_size: int = 16
+    batch_size: int | str = "auto"     # faces per GPU batch: auto (64 on GPUs, 16 on CPUs) | an integer
     precision: str = "auto"            # auto (fp16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
     compile: str | bool = "auto"       # torch.compile the networks: auto (on GPUs) | true | false
     device: str = "auto"               # auto (cuda when the actor has a GPU) | cpu | cuda
@@ -250,7 +250,11 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "output.jpeg_quality", lo=1, hi=100)
     _check_str(cfg, "model.checkpoint")
     _check_int(cfg, "model.stages", lo=1, allow_none=True)
-    _check_int(cfg, "model.batch_size", lo=1, hi=4096)
+    batch_size = _get(cfg, "model.batch_size")
+    if isinstance(batch_size, str) and batch_size != "auto":
+        raise ConfigError("model.batch_size", f"must be 'auto' or an integer, got {batch_size!r}")
+    if batch_size != "auto":
+        _check_int(cfg, "model.batch_size", lo=1, hi=4096)
     _check_choice(cfg, "model.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "model.compile", ("auto", True, False))
     _check_choice(cfg, "model.device", ("auto", "cpu", "cuda"))

@@ -191,7 +191,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
                           on_idle=on_idle, on_round=on_round)
         job = InversionJob(sched, ActorPool(actors, ACTOR_QUEUE), submit_prepare=lambda s: prep.remote(s, prepare_cfg),
                            submit_invert=submit_invert, submit_finish=submit_finish, get=ray.get,
-                           batch_size=m.batch_size, progress=prog)
+                           batch_size=info["batch_size"], progress=prog)
         try:
             sched.run(todo, job.start)
         finally:

@@ -65,6 +65,8 @@ def test_set_overrides_dotted_keys_typed_values():
 @pytest.mark.parametrize("over, key, words", [
     ({"model": {"batch_size": 0}}, "model.batch_size", ">= 1"),
     ({"model": {"batch_size": "8"}}, "model.batch_size", "integer"),
+    ({"model": {"batch_size": "max"}}, "model.batch_size", "'auto' or an integer"),
+    ({"model": {"batch_size": 5000}}, "model.batch_size", "<= 4096"),
     ({"model": {"precision": "fp8"}}, "model.precision", "one of"),
     ({"output": {"image_format": "gif"}}, "output.image_format", "one of"),
     ({"align": {"enabled": "yes"}}, "align.enabled", "true or false"),
@@ -148,3 +150,13 @@ def test_cli_dry_run_prints_plan(tmp_path, capsys, tiny_checkpoint):
     out = capsys.readouterr().out
     assert "format: images" in out and "shards: 3" in out and "todo  images-000002  (1 images)" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_auto_is_the_default_and_resolves_per_device():
+    from pipeline.checkpoints import resolve_batch_size
+
+    cfg = resolve(json.loads(json.dumps(BASE)))
+    assert cfg.model.batch_size == "auto"
+    assert resolve_batch_size("auto", "cuda") == 64 and resolve_batch_size("auto", "cuda:1") == 64
+    assert resolve_batch_size("auto", "cpu") == 16
+    assert resolve_batch_size(8, "cuda") == 8  # an explicit size is kept on any device

@@ -86,7 +86,8 @@ def test_invert_worker_without_ray(tiny_checkpoint):
 
     w = InvertWorker(tiny_checkpoint, batch_size=3)
     info = w.info()
-    assert info["n_latent"] == 10 and info["stages"] == 2
+    assert info["n_latent"] == 10 and info["stages"] == 2 and info["batch_size"] == 3
+    assert InvertWorker(tiny_checkpoint).info()["batch_size"] == 16  # "auto" on a CPU actor
     rng = np.random.default_rng(0)
     faces_a = rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
     faces_b = rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)  # resized to 256 for the model

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models import load_e2style
-from pipeline.checkpoints import fetch_checkpoint, resolve_device
+from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
 from pipeline.edit import apply_edit
 from pipeline.images import MODEL_INPUT_SIZE, resize_square
 from pipeline.invert import invert_faces
@@ -24,9 +24,10 @@ __all__ = ["InvertWorker"]
 class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
-                 batch_size: int = 16, num_threads: int | None = None, edit_options: dict | None = None,
+                 batch_size: int | str = "auto", num_threads: int | None = None, edit_options: dict | None = None,
                  compile: str | bool = "auto", return_images: bool = True, task: dict | None = None):
         self.device = resolve_device(device)
+        batch_size = resolve_batch_size(batch_size, self.device)
         if num_threads:
             torch.set_num_threads(num_threads)
         elif self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
@@ -62,7 +63,7 @@ class InvertWorker:
         m = self.model
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
                 "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
-                "stages": int(self.stages or m.num_stages)}
+                "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
         """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk."""

@@ -8,7 +8,7 @@ import os
 import torch
 
 from models import load_e2style
-from pipeline.checkpoints import fetch_checkpoint, resolve_device
+from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
 from pipeline.latents_ops import LatentsJob, process_shard
 
 __all__ = ["LatentsWorker"]
@@ -16,7 +16,7 @@ __all__ = ["LatentsWorker"]
 
 class LatentsWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
-                 precision: str = "auto", device: str = "auto", num_threads: int | None = None, batch_size: int = 16):
+                 precision: str = "auto", device: str = "auto", num_threads: int | None = None, batch_size: int | str = "auto"):
         self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -25,7 +25,7 @@ class LatentsWorker:
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         precision = ("fp16" if self.device.startswith("cuda") else "fp32") if precision == "auto" else precision
         self.model = load_e2style(fetch_checkpoint(checkpoint, endpoint_url, sha256), device=self.device, precision=precision)
-        self.batch_size = batch_size
+        self.batch_size = resolve_batch_size(batch_size, self.device)
 
     def info(self) -> dict:
         return {"n_latent": int(self.model.n_latent), "style_dim": int(self.model.decoder.style_dim), "device": self.device}
