@@ -45,17 +45,19 @@ wrongly at its smaller pyramid levels; pass C-contiguous arrays to dlib when com
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
-from dataclasses import dataclass
-
+import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
-try:  # Triton kernels for the two hot loops on CUDA (optional; the torch path is the reference)
+try:  # Triton kernels for the hot loops on CUDA (optional; the torch path is the reference)
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs
@@ -1277,11 +1279,6 @@ class FrontalFaceDetector:
 # dlib): python -m models.face_detector --device cuda tests/data/*.jpg ------------------------------------
 
 def _check_device(argv=None) -> int:
-    import argparse  # noqa: PLC0415 - command-line use only
-    import time  # noqa: PLC0415
-
-    from PIL import Image  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(description="FrontalFaceDetector on a device (Triton and torch paths) "
                                      "against the CPU torch path, bit for bit, and its speed.")
     parser.add_argument("photos", nargs="+", help="RGB photographs (e.g. tests/data/*.jpg)")
