@@ -20,6 +20,7 @@ import dlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.dlib_serialize import DlibReader, encode_float, encode_int
 from models.face_detector import (
@@ -302,6 +303,25 @@ def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):
         assert not differing, f"plane {plane}: {len(differing)} windows differ, e.g. {differing[:3]}"
         compared += len(ours)
     assert compared > 31 * 1000
+
+
+def test_equal_scores_come_out_in_dlibs_order(detector, dlib_detector):
+    """Copies of one face on a flat canvas, 128 px apart (a multiple of the 8 px cell): their windows score
+    exactly the same. dlib orders candidates with libstdc++'s unstable std::sort, which the port follows;
+    the lists must be identical, order included (a stable sort gets this wrong)."""
+    face = np.asarray(Image.fromarray(original_photos()[1].image[120:380, 140:400]).resize((96, 96)))
+    tied_images = 0
+    for copies in (2, 3):
+        canvas = np.full((136, 40 + 128 * copies, 3), 128, np.uint8)
+        for k in range(copies):
+            canvas[16:112, 24 + 128 * k:120 + 128 * k] = face
+        for adjust in (0.0, -2.5):
+            theirs = dlib_run(dlib_detector, canvas, 0, adjust)
+            ours = detector.detect([canvas], 0, adjust)[0]
+            assert ours == theirs, f"{copies} copies, adjust {adjust}:\n  dlib {theirs}\n  port {ours}"
+            scores = [d[1] for d in theirs]
+            tied_images += len(set(scores)) < len(scores)
+    assert tied_images == 4  # every case really had equal scores
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
