@@ -33,6 +33,8 @@ from .pillow_resample import ImageSources, affine_positions, bilinear_sample, la
 
 __all__ = [
     "CropPlan",
+    "crop_and_pad",
+    "fast_fft_len",
     "ffhq_quads",
     "plan_crop",
     "crop_faces",
@@ -102,8 +104,10 @@ class CropPlan:
         return (x1 - x0 + self.pad[0] + self.pad[2], y1 - y0 + self.pad[1] + self.pad[3])
 
 
-def _crop_and_pad(quad: np.ndarray, qsize: float, size: tuple[int, int]) -> tuple[tuple, tuple, int]:
-    """pipeline.align.crop_and_pad: crop box, padding still needed beyond it, border."""
+def crop_and_pad(quad: np.ndarray, qsize: float, size: tuple[int, int]) -> tuple[tuple, tuple, int]:
+    """The FFHQ procedure's crop box (x0, y0, x1, y1) of an image of ``size`` (w, h), the padding (left, top,
+    right, bottom) the quad still needs beyond it, and the border, for a quad in that image's pixels (after
+    any shrink). The padding step runs when ``max(pad) > border - 4``. Shared with pipeline/crop.py."""
     border = max(int(np.rint(qsize * 0.1)), 3)
     qx0, qy0 = int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1])))
     qx1, qy1 = int(np.ceil(max(quad[:, 0]))), int(np.ceil(max(quad[:, 1])))
@@ -140,7 +144,7 @@ def plan_crop(quad, qsize: float, image_size: tuple[int, int], output_size: int,
         qsize /= shrink
     else:
         shrink, size = 1, (W, H)
-    crop, pad, border = _crop_and_pad(quad, qsize, size)
+    crop, pad, border = crop_and_pad(quad, qsize, size)
     shrink_box = None
     if shrink > 1:
         sx, sy = W / size[0], H / size[1]
@@ -209,8 +213,8 @@ def _reflect_index(n: int, before: int, after: int, edge_repeats: bool, device) 
     return torch.where(i < n, i, period - (1 if edge_repeats else 0) - i)
 
 
-def _fast_fft_len(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n."""
+def fast_fft_len(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (a fast FFT size; shared with pipeline/blur.py)."""
     best = 1 << max(n - 1, 0).bit_length()
     f5 = 1
     while f5 < best:
@@ -236,7 +240,7 @@ def _gaussian_blur(f: torch.Tensor, sigma: float) -> torch.Tensor:
     def along_last(a: torch.Tensor) -> torch.Tensor:
         n = a.shape[-1]
         padded = a[..., _reflect_index(n, radius, radius, True, a.device)]
-        nfft = _fast_fft_len(n + 2 * radius)
+        nfft = fast_fft_len(n + 2 * radius)
         k = torch.fft.rfft(upload(kernel.astype(np.float32), a.device), nfft)
         # Circular convolution; outputs from 2r on see no wrap-around (nfft >= n + 2r).
         return torch.fft.irfft(torch.fft.rfft(padded, nfft) * k, nfft)[..., 2 * radius : 2 * radius + n]

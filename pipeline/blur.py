@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.ffhq_crop import fast_fft_len
+
 __all__ = ["gaussian_kernel", "gaussian_blur_hw", "blur_region"]
 
 
@@ -25,7 +27,7 @@ def _blur_axis(a: np.ndarray, axis: int, w: np.ndarray, exact: bool) -> np.ndarr
     pad = [(0, 0)] * a.ndim
     pad[axis] = (r, r)
     p = np.pad(a, pad, mode="symmetric")  # numpy 'symmetric' == scipy 'reflect' (d c b a | a b c d)
-    nfft = _fast_len(p.shape[axis])
+    nfft = fast_fft_len(p.shape[axis])
     # y[m] = sum_j w[j] p[m - j]; output pixel i is m = i + 2r (no wrap-around since nfft >= len(p)).
     if exact:
         shape = [1] * a.ndim
@@ -38,22 +40,6 @@ def _blur_axis(a: np.ndarray, axis: int, w: np.ndarray, exact: bool) -> np.ndarr
     fw = torch.fft.rfft(torch.from_numpy(w.astype(np.float32)), nfft)
     y = torch.fft.irfft(torch.fft.rfft(t, nfft, dim=-1) * fw, nfft, dim=-1)[..., 2 * r : 2 * r + n_in]
     return np.ascontiguousarray(np.moveaxis(y.numpy(), -1, axis))
-
-
-def _fast_len(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n (fast FFT size)."""
-    best = 1 << max(int(n - 1).bit_length(), 0)
-    f5 = 1
-    while f5 < best:
-        f35 = f5
-        while f35 < best:
-            m = f35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            f35 *= 3
-        f5 *= 5
-    return best
 
 
 def gaussian_blur_hw(img: np.ndarray, sigma: float, truncate: float = 4.0, exact: bool = False) -> np.ndarray:
@@ -81,7 +67,7 @@ def _blur_hw_torch(a: np.ndarray, w: np.ndarray, rows: slice = slice(None)) -> n
             p = torch.cat([x[..., :r].flip(-1), x, x[..., n - r :].flip(-1)], dim=-1)
         else:
             p = torch.from_numpy(np.pad(x.numpy(), [(0, 0)] * (x.dim() - 1) + [(r, r)], mode="symmetric"))
-        nfft = _fast_len(n + 2 * r)
+        nfft = fast_fft_len(n + 2 * r)
         fw = torch.fft.rfft(torch.from_numpy(w.astype(np.float32)), nfft)
         return torch.fft.irfft(torch.fft.rfft(p, nfft, dim=-1) * fw, nfft, dim=-1)[..., 2 * r : 2 * r + n]
 

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.ffhq_crop import crop_and_pad
+
 from .blur import blur_region, gaussian_kernel
 from .images import as_rgb_uint8
 
-__all__ = ["ffhq_quad", "crop_and_pad", "ffhq_crop"]
+__all__ = ["ffhq_quad", "ffhq_crop"]
 
 
 def ffhq_quad(landmarks) -> tuple[np.ndarray, float]:
@@ -99,23 +101,6 @@ def _blur_pad_blend(f: np.ndarray, pad, sigma: float, exact: bool) -> None:
     med = torch.from_numpy(_median_hw(f))
     cx, cy = np.clip(mx, 0.0, 1.0), np.clip(my, 0.0, 1.0)
     blend(cy, cx, (med.expand(ys.stop - ys.start, xs.stop - xs.start, 3) for ys, xs in _band_regions(cy, cx)))
-
-
-def crop_and_pad(quad: np.ndarray, qsize: float, size: tuple[int, int]) -> tuple[tuple, tuple, int]:
-    """The FFHQ procedure's crop box (x0, y0, x1, y1) of an image of ``size`` (w, h), the padding (left, top,
-    right, bottom) the quad still needs beyond it, and the border, for a quad in that image's pixels (after
-    any shrink). The padding step runs when ``max(pad) > border - 4``."""
-    border = max(int(np.rint(qsize * 0.1)), 3)
-    qx0, qy0 = int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1])))
-    qx1, qy1 = int(np.ceil(max(quad[:, 0]))), int(np.ceil(max(quad[:, 1])))
-    crop = (max(qx0 - border, 0), max(qy0 - border, 0), min(qx1 + border, size[0]), min(qy1 + border, size[1]))
-    if crop[2] <= crop[0] or crop[3] <= crop[1]:
-        # The quad lies entirely outside the photo (only possible with made-up landmarks).
-        crop = (0, 0, size[0], size[1])
-    cw, ch = crop[2] - crop[0], crop[3] - crop[1]
-    pad = (max(crop[0] - qx0 + border, 0), max(crop[1] - qy0 + border, 0), max(qx1 - crop[0] - cw + border, 0),
-           max(qy1 - crop[1] - ch + border, 0))
-    return crop, pad, border
 
 
 def ffhq_crop(
