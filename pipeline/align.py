@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .crop import ffhq_crop, ffhq_quad
-from .detect import FaceDetector, pick_largest
+from .detect import FaceDetector, faces_that_count, pick_largest
 from .images import as_rgb_uint8
+from .records import Row
 
-__all__ = ["AlignedFace", "FaceAligner", "align_faces", "get_aligner", "POLICIES"]
+__all__ = ["AlignedFace", "FaceAligner", "align_faces", "get_aligner", "choose_faces", "face_rows", "POLICIES"]
 
 POLICIES = ("largest", "all")
 
@@ -50,14 +51,7 @@ class FaceAligner(FaceDetector):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         img = np.ascontiguousarray(as_rgb_uint8(image))
-        dets = self.detect(img, min_face_size=min_face_size, exhaustive=(policy == "all"))
-        if not dets:
-            return []
-        if policy == "largest":
-            dets = [pick_largest(dets)]
-        else:
-            # Stable order: left to right, then top to bottom.
-            dets = sorted(dets, key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3]))
+        dets = choose_faces(self.detect(img, min_face_size=min_face_size, exhaustive=(policy == "all")), policy)
         faces = []
         for box, score in dets:
             lm = self.landmarks(img, box)
@@ -67,6 +61,35 @@ class FaceAligner(FaceDetector):
         return faces
 
     __call__ = align
+
+
+def choose_faces(dets, policy: str):
+    """The faces a policy keeps of a photo's detections ((x0, y0, x1, y1), score): ``largest`` one (see
+    ``pick_largest``), or ``all`` that count as faces (``faces_that_count``), left to right then top to
+    bottom. Both backends choose with this."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not dets:
+        return []
+    if policy == "largest":
+        return [pick_largest(dets)]
+    return sorted(faces_that_count(dets), key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3]))
+
+
+def _face_key(key: str, i: int) -> str:
+    # The first face keeps the input's key, so with policy "largest" keys equal the input's keys.
+    return key if i == 0 else f"{key}_face{i}"
+
+
+def face_rows(row: Row, faces: list[AlignedFace]) -> list[tuple[Row, np.ndarray | None]]:
+    """An input's output rows from its aligned faces (each with its crop), or its ``no_face`` row; ``row``
+    names the input (key, source, meta). Both backends make their rows here."""
+    if not faces:
+        return [(Row(row.key, row.source, status="no_face", error="no face detected", meta=row.meta), None)]
+    return [(Row(_face_key(row.key, i), row.source, face_index=i,
+                 quad=np.asarray(f.quad, np.float32).reshape(-1).tolist(),
+                 landmarks=np.asarray(f.landmarks, np.float32).reshape(-1).tolist(),
+                 score=float(f.score), meta=row.meta), f.image) for i, f in enumerate(faces)]
 
 
 _CACHE: dict = {}

@@ -77,6 +77,10 @@ class AlignConfig:
     min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
     detect_max_side: int | None = 384  # detector runs on dlib's pyramid level at most this long (null: full size)
     max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
+    upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
+                                       # cost of a photo without a face
+    backend: str = "auto"              # where alignment runs: dlib (CPU tasks) | torch (on the inversion actor's
+                                       # device, GPU or CPU) | auto (torch when the actor has a GPU)
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ FINGERPRINT_KEYS = (
 # Keys added later: part of the fingerprint only when they differ from their defaults, so that the outputs
 # of runs made before they existed keep their fingerprint.
 OPTIONAL_FINGERPRINT_KEYS = ("output.paste_back", "edit.directions", "edit.alphas", "edit.layers", "edit.save_codes",
-                             "task", "resize_factor", "align.min_face_size", "align.detect_max_side", "align.max_upsample")
+                             "task", "resize_factor", "align.min_face_size", "align.detect_max_side", "align.max_upsample",
+                             "align.upsample_max_side")
 # shard_size is not in it: committed image shards keep their membership whatever it is now, so changing
 # it only changes how the files not yet processed are grouped.
 
@@ -268,6 +273,8 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "align.min_face_size", lo=0, hi=100_000)
     _check_int(cfg, "align.detect_max_side", lo=160, allow_none=True)
     _check_int(cfg, "align.max_upsample", lo=0, hi=3)
+    _check_int(cfg, "align.upsample_max_side", lo=1, allow_none=True)
+    _check_choice(cfg, "align.backend", ("auto", "dlib", "torch"))
     _check_str(cfg, "storage.endpoint_url", allow_none=True)
     ep = cfg["storage"]["endpoint_url"]
     if ep is not None and not re.match(r"^https?://", ep):

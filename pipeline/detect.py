@@ -16,12 +16,17 @@ from PIL import Image
 from .images import as_rgb_uint8
 from .model_files import find_landmark_model
 
-__all__ = ["FaceDetector", "pick_largest", "HOG_MIN_FACE", "HOG_WINDOW"]
+__all__ = ["FaceDetector", "pick_largest", "faces_that_count", "upsample_runs", "HOG_MIN_FACE", "HOG_WINDOW",
+           "UPSAMPLE_MAX_SIDE"]
 
 # dlib's frontal HOG detector scans an 80x80 window: smaller faces are not found at a given scale.
 HOG_MIN_FACE = 80
 # Side of a detection rectangle (dlib's right - left + 1) at the pyramid level where the detector found it.
 HOG_WINDOW = 73
+# Longest photo side on which the upsampled search runs (align.upsample_max_side's default). The upsampled run
+# only finds faces under HOG_MIN_FACE px; on a larger photo such a face covers under a tenth of its longer side
+# (a face in the background, not the subject), and the run costs 4-5x the whole detection of the photo.
+UPSAMPLE_MAX_SIDE = 800
 
 
 def _rect_box(r) -> tuple:
@@ -29,17 +34,38 @@ def _rect_box(r) -> tuple:
     return (float(r.left()), float(r.top()), float(r.right() + 1), float(r.bottom() + 1))
 
 
+def faces_that_count(dets):
+    """The one rule for what counts as a face, for both policies and both backends: detections scoring under
+    half the photo's best one are dropped. A face-like object (a badge, a pattern: the astronaut's mission
+    patch scores 0.27 against 1.20 for her face) scores far below a clear face; two real faces of one photo
+    score alike. ``dets``: ((x0, y0, x1, y1), score) pairs; their order is kept."""
+    if not dets:
+        return []
+    best = max(d[1] for d in dets)
+    return [d for d in dets if d[1] >= 0.5 * best]
+
+
+def upsample_runs(height: int, width: int, max_upsample: int, min_face_size: float,
+                  upsample_max_side: int | None) -> list[int]:
+    """The upsampled detection runs (times upsampled) made on a photo when nothing qualifying was found at its
+    own resolution; the same rule on both backends. Run u finds faces down to HOG_MIN_FACE / 2^u px, so it is
+    made only while smaller faces could still reach ``min_face_size``, and only on photos whose longer side
+    is at most ``upsample_max_side`` (None: any), which bounds the cost of a photo without a face."""
+    if upsample_max_side is not None and max(height, width) > upsample_max_side:
+        return []
+    return [u for u in range(1, max_upsample + 1) if min_face_size < HOG_MIN_FACE / 2 ** (u - 1)]
+
+
 def pick_largest(dets):
     """The ``largest`` policy's choice among detect()'s ((x0, y0, x1, y1), score) pairs.
 
-    Weak detections (score below half the best one's) are not candidates: a face-like object (a badge, a
-    pattern) scores far below a clear face and may have a larger box. dlib's boxes come in the sizes of its
+    Only detections that count as faces (``faces_that_count``) are candidates: a face-like object may have a
+    larger box than the face. dlib's boxes come in the sizes of its
     pyramid levels (a factor 1.2 apart; boxes found on one level differ by a pixel of rounding at most), so
     boxes within 10% of the largest side count as the same size and the best-scoring one among them wins;
     then position, for determinism."""
     side = lambda d: min(d[0][2] - d[0][0], d[0][3] - d[0][1])  # noqa: E731
-    best = max(d[1] for d in dets)
-    dets = [d for d in dets if d[1] >= 0.5 * best]
+    dets = faces_that_count(dets)
     top = max(side(d) for d in dets)
     tied = [d for d in dets if side(d) >= top / 1.1]
     return max(tied, key=lambda d: (d[1], side(d), -d[0][0], -d[0][1]))
@@ -70,6 +96,8 @@ class FaceDetector:
 
     detect_max_side: the detector runs on a copy whose longer side is at most this (None: full size).
     max_upsample: most dlib pyramid upsamplings tried when nothing qualifying was found.
+    upsample_max_side: upsampling only on photos whose longer side is at most this (None: any; see
+        ``upsample_runs``).
     min_score: detector score threshold (dlib's own default is 0).
     upright_above: eye-line tilt (degrees) above which landmarks are predicted again on an upright copy of
         the face region (see ``landmarks``); None: never.
@@ -82,6 +110,7 @@ class FaceDetector:
         max_upsample: int = 1,
         min_score: float = 0.0,
         upright_above: float | None = 10.0,
+        upsample_max_side: int | None = UPSAMPLE_MAX_SIDE,
     ):
         import dlib
 
@@ -90,6 +119,7 @@ class FaceDetector:
         self.predictor = dlib.shape_predictor(self.predictor_path)
         self.detect_max_side = detect_max_side
         self.max_upsample = int(max_upsample)
+        self.upsample_max_side = upsample_max_side
         self.min_score = float(min_score)
         self.upright_above = None if upright_above is None else float(upright_above)
         self._dlib = dlib
@@ -133,7 +163,7 @@ class FaceDetector:
         as the score keeps improving.
         Only when nothing qualifying was found (or with ``exhaustive``), and smaller faces could still reach
         ``min_face_size``, finer runs follow: levels k-4, k-8, ..., 0, then dlib's upsampling of the photo,
-        up to ``max_upsample`` times. The result is that of the last run made; with ``exhaustive`` the
+        up to ``max_upsample`` times, on photos no longer than ``upsample_max_side`` (``upsample_runs``). The result is that of the last run made; with ``exhaustive`` the
         runs' detections are merged (overlaps keep the coarser run's box).
         """
         img = np.ascontiguousarray(as_rgb_uint8(image))
@@ -143,7 +173,8 @@ class FaceDetector:
         while dms and max(levels[-1].shape[:2]) > dms and min(levels[-1].shape[:2]) > 2 * HOG_MIN_FACE:
             levels.append(self._pyr(levels[-1]))
         k = len(levels) - 1
-        runs = [(j, 0) for j in range(k, 0, -4)] + [(0, u) for u in range(self.max_upsample + 1)]
+        runs = [(j, 0) for j in range(k, 0, -4)] + [(0, 0)]
+        runs += [(0, u) for u in upsample_runs(H, W, self.max_upsample, min_face_size, self.upsample_max_side)]
         found, prev_min = [], None
         for j, up in runs:
             if prev_min is not None:

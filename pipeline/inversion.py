@@ -1,6 +1,7 @@
 """The inversion job on the shard scheduler: what one attempt at one shard is, on Ray.
 
-    prepare_shard (CPU task, streaming generator: read -> decode -> align, one chunk at a time)
+    prepare_shard (CPU task, streaming generator: read -> decode -> align, one chunk at a time; with
+        align.backend torch read -> decode only, and the actor aligns the chunk's photos)
         -> chunks batched across shards -> InvertWorker.invert_many (actor, one per GPU, model loaded once)
         -> finish_shard_task (CPU task: encode, Parquet + tar, commit with stats last)
 
@@ -12,6 +13,7 @@ depends on the scheduler and nothing of Ray's; ``run_inversion`` wires it to Ray
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -142,7 +144,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     actors = [Actor.options(**actor_opts).remote(
         m.checkpoint, endpoint_url=ep, sha256=checkpoint_sha256, precision=m.precision, device=m.device,
         stages=m.stages, batch_size=m.batch_size, num_threads=m.num_threads, compile=m.compile,
-        return_images=cfg.output.image_size > 0, edit_options=stage_options.get("edit"), task=stage_options.get("task"))
+        return_images=cfg.output.image_size > 0, edit_options=stage_options.get("edit"), task=stage_options.get("task"),
+        align=cfg.align if cfg.align.enabled else None)
         for _ in range(n_actors)]
     try:
         try:
@@ -156,7 +159,13 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)
         metadata = {"fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha256,
                     "stages": str(info["stages"]), "style_dim": str(info["style_dim"])}
+        # align.backend as the actors resolved it (auto: torch on GPU actors): with torch, CPU tasks only read
+        # and decode, and the actors align. All actors are of one kind, so the first one's answer holds.
         prepare_cfg = cfg.prepare
+        if info["align_backend"] is not None:
+            prepare_cfg = dataclasses.replace(prepare_cfg, align=dataclasses.replace(cfg.align, backend=info["align_backend"]))
+            where = "on the inversion actors" if info["align_backend"] == "torch" else "in CPU tasks"
+            echo(f"alignment: {info['align_backend']} ({where})")
 
         def submit_finish(attempt: Attempt, chunks: list, results: list):
             shard: Shard = attempt.shard

@@ -12,23 +12,20 @@ from typing import Iterator
 
 import numpy as np
 
-from .align import align_faces, get_aligner
+from .align import align_faces, face_rows, get_aligner
 from .config import PrepareConfig
 from .decode import DecodeError, decode_image
 from .images import resize_nearest, resize_square
 from .read import InputItem, Shard, read_shard
-from .records import PreparedChunk, Row
+from .records import ALIGN_PENDING, PreparedChunk, Row
 
 __all__ = ["prepare_item", "prepare_chunks"]
 
 
-def _face_key(key: str, i: int) -> str:
-    # The first face keeps the input's key, so with policy "largest" keys equal the input's keys.
-    return key if i == 0 else f"{key}_face{i}"
-
-
 def prepare_item(item: InputItem, cfg: PrepareConfig, timings: dict[str, float]) -> list[tuple[Row, np.ndarray | None]]:
-    """One input -> its rows (and aligned face per ok row). Never raises for bad data."""
+    """One input -> its rows (and aligned face per ok row). Never raises for bad data. With
+    ``align.backend: torch`` (as the driver resolved it) a decodable input is one ``ALIGN_PENDING`` row with
+    its decoded photo: the inversion actor aligns it (pipeline.device_align)."""
     if item.status is not None:
         return [(Row(item.key, item.source, status=item.status, error=item.error, meta=item.meta), None)]
     t0 = time.perf_counter()
@@ -46,8 +43,11 @@ def prepare_item(item: InputItem, cfg: PrepareConfig, timings: dict[str, float])
                 return [(Row(item.key, item.source, meta=item.meta), resize_nearest(img, al.output_size))]
             face = resize_square(img, al.output_size)
             return [(Row(item.key, item.source, meta=item.meta), face)]
+        if al.backend == "torch":  # the inversion actor aligns: hand it the decoded photo
+            return [(Row(item.key, item.source, status=ALIGN_PENDING, meta=item.meta), img)]
         # dlib's models load on first use, once per worker process
-        aligner = get_aligner(detect_max_side=al.detect_max_side, max_upsample=al.max_upsample)
+        aligner = get_aligner(detect_max_side=al.detect_max_side, max_upsample=al.max_upsample,
+                              upsample_max_side=al.upsample_max_side)
         faces = align_faces(img, output_size=al.output_size, transform_size=al.transform_size,
                             policy=al.policy, min_face_size=al.min_face_size, aligner=aligner)
     except Exception as e:  # noqa: BLE001 - a pathological image must cost one row, not the shard
@@ -55,15 +55,7 @@ def prepare_item(item: InputItem, cfg: PrepareConfig, timings: dict[str, float])
                      meta=item.meta), None)]
     finally:
         timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t1
-    if not faces:
-        return [(Row(item.key, item.source, status="no_face", error="no face detected", meta=item.meta), None)]
-    out = []
-    for i, f in enumerate(faces):
-        out.append((Row(_face_key(item.key, i), item.source, face_index=i,
-                        quad=np.asarray(f.quad, np.float32).reshape(-1).tolist(),
-                        landmarks=np.asarray(f.landmarks, np.float32).reshape(-1).tolist(),
-                        score=float(f.score), meta=item.meta), f.image))
-    return out
+    return face_rows(Row(item.key, item.source, meta=item.meta), faces)
 
 
 def prepare_chunks(fs, shard: Shard, cfg: PrepareConfig) -> Iterator[PreparedChunk]:
@@ -71,17 +63,19 @@ def prepare_chunks(fs, shard: Shard, cfg: PrepareConfig) -> Iterator[PreparedChu
     size = cfg.align.output_size
     rows: list[Row] = []
     faces: list[np.ndarray] = []
+    photos: list[np.ndarray] = []   # decoded photos of ALIGN_PENDING rows (the actor aligns them)
     timings: dict[str, float] = {}
     n_inputs = 0
     index = 0
     seen: dict[str, int] = {}
     paste = cfg.keep_originals
     originals: list[bytes] = []
+    actor_aligns = cfg.align.enabled and cfg.align.backend == "torch"
 
     def emit() -> PreparedChunk:
         arr = np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
         return PreparedChunk(shard.name, index, list(rows), arr, dict(timings), n_inputs,
-                             list(originals) if paste else None)
+                             list(originals) if paste else None, list(photos) if actor_aligns else None)
 
     it = read_shard(fs, shard, image_column=cfg.input.image_column, key_column=cfg.input.key_column)
     while True:
@@ -100,15 +94,15 @@ def prepare_chunks(fs, shard: Shard, cfg: PrepareConfig) -> Iterator[PreparedChu
         else:
             seen[item.key] = 0
         n_inputs += 1
-        for row, face in prepare_item(item, cfg, timings):
+        for row, image in prepare_item(item, cfg, timings):
             rows.append(row)
-            if face is not None:
-                faces.append(face)
+            if image is not None:
+                (photos if row.status == ALIGN_PENDING else faces).append(image)
                 if paste:
                     originals.append(item.data)
         if n_inputs % chunk_size == 0:
             yield emit()
             index += 1
-            rows, faces, timings, n_inputs, originals = [], [], {}, 0, []
+            rows, faces, photos, timings, n_inputs, originals = [], [], [], {}, 0, []
     if rows or index == 0:
         yield emit()

@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Row", "PreparedChunk", "EditVariant", "EditResult", "InvertResult"]
+__all__ = ["Row", "PreparedChunk", "EditVariant", "EditResult", "InvertResult", "ALIGN_PENDING"]
+
+# Status of an input row whose photo the inversion actor still has to align (align.backend: torch); the
+# actor's result replaces it by the photo's rows, so it is never written.
+ALIGN_PENDING = "align_pending"
 
 
 @dataclass
@@ -32,11 +36,18 @@ class PreparedChunk:
     faces: np.ndarray            # (F, S, S, 3) uint8, one per row with status "ok", in row order
     timings: dict[str, float]    # seconds per stage spent on this chunk
     n_inputs: int
-    originals: list[bytes] | None = None  # output.paste_back: the input's bytes per face (shared per input)
+    originals: list[bytes] | None = None  # output.paste_back: the input's bytes per face (shared per input),
+                                          # or per photo when the actor aligns
+    photos: list[np.ndarray] | None = None  # align.backend torch: decoded HxWx3 uint8 photos, one per
+                                            # ALIGN_PENDING row in row order; faces is then empty
 
     @property
     def n_faces(self) -> int:
         return int(len(self.faces))
+
+    @property
+    def n_photos(self) -> int:
+        return 0 if self.photos is None else len(self.photos)
 
 
 @dataclass
@@ -67,3 +78,9 @@ class InvertResult:
     seconds: float = 0.0    # wall time of the model calls, for the stage timings
     finished_unix: float = 0.0  # when the actor finished this result (steady-state throughput in benchmarks)
     edits: EditResult | None = None  # the edit variants of this result's rows, when edit.* is configured
+    # When the actor aligned the chunk's photos: the chunk's rows with each ALIGN_PENDING row replaced by the
+    # photo's rows, the aligned faces (F, S, S, 3) uint8 of its ok rows, and each face's photo index.
+    rows: list[Row] | None = None
+    faces: np.ndarray | None = None
+    face_photo: list[int] | None = None
+    align_seconds: float = 0.0

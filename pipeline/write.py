@@ -155,6 +155,7 @@ def finish_shard(fs, root: str, shard_name: str, output: OutputConfig, chunks: l
     stages = None
     extra = ExtraOutputs(output, max_pixels)  # edit variants, edited codes, paste-backs
     for ch, res in zip(chunks, results):
+        ch = aligned_chunk(ch, res)
         for k, v in ch.timings.items():
             timings[k] = timings.get(k, 0.0) + v
         if res is not None:
@@ -193,6 +194,20 @@ def finish_shard(fs, root: str, shard_name: str, output: OutputConfig, chunks: l
     write_shard(fs, root, shard_name, table, tar_bytes, stats)
     stats["timings"]["write"] = round(time.perf_counter() - t1, 4)
     return stats
+
+
+def aligned_chunk(chunk: PreparedChunk, res: InvertResult | None) -> PreparedChunk:
+    """The chunk as the dlib backend would have made it: for a chunk of photos the inversion actor aligned,
+    its rows, faces and per-face originals from the actor's result (the actor's alignment time under
+    "align"); other chunks unchanged."""
+    if chunk.n_photos == 0:
+        return chunk
+    if res is None or res.rows is None:
+        raise ValueError(f"chunk {chunk.index} of shard {chunk.shard}: its photos came back unaligned")
+    timings = dict(chunk.timings)
+    timings["align"] = timings.get("align", 0.0) + res.align_seconds
+    originals = None if chunk.originals is None else [chunk.originals[p] for p in res.face_photo]
+    return PreparedChunk(chunk.shard, chunk.index, res.rows, res.faces, timings, chunk.n_inputs, originals)
 
 
 def add_code_columns(table: pa.Table, per_row: list[dict[str, np.ndarray]]) -> pa.Table:

@@ -19,14 +19,15 @@ __all__ = ["ChunkHeader", "prepare_shard", "finish_shard_task"]
 
 
 class ChunkHeader(tuple):
-    """(n_faces, n_rows, n_inputs): what the driver needs to batch a chunk without fetching its pixels."""
+    """(n_faces, n_rows, n_inputs): what the driver needs to batch a chunk without fetching its pixels. With
+    align.backend torch, n_faces counts the chunk's photos (the actor aligns them): batches count photos."""
 
 
 def prepare_shard(shard: Shard, cfg: PrepareConfig) -> Iterator:
     """A streaming generator: yields a ChunkHeader then the PreparedChunk, for each chunk of the shard."""
     fs, _ = get_fs(cfg.input.url, cfg.endpoint_url)
     for chunk in prepare_chunks(fs, shard, cfg):
-        yield ChunkHeader((chunk.n_faces, len(chunk.rows), chunk.n_inputs))
+        yield ChunkHeader((chunk.n_faces + chunk.n_photos, len(chunk.rows), chunk.n_inputs))
         yield chunk
 
 

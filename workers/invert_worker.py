@@ -1,6 +1,7 @@
 """Inversion actor: one per GPU (``num_gpus=1``), the model loaded once in ``__init__``.
 
-A thin wrapper over ``pipeline.invert``; tests call it directly, without Ray.
+A thin wrapper over ``pipeline.invert`` (and ``pipeline.device_align`` when the actor aligns photos:
+``align.backend`` torch, or auto on a GPU); tests call it directly, without Ray.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 
 from models import load_e2style
 from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
+from pipeline.config import AlignConfig
+from pipeline.device_align import DeviceAligner, align_photos, resolve_align_backend
 from pipeline.edit import apply_edit
 from pipeline.images import MODEL_INPUT_SIZE, resize_square
 from pipeline.invert import invert_faces
@@ -25,7 +28,11 @@ class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
                  batch_size: int | str = "auto", num_threads: int | None = None, edit_options: dict | None = None,
-                 compile: str | bool = "auto", return_images: bool = True, task: dict | None = None):
+                 compile: str | bool = "auto", return_images: bool = True, task: dict | None = None,
+                 align: AlignConfig | None = None, landmark_predictor=None):
+        """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
+        actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
+        dlib's model file (benchmarks)."""
         self.device = resolve_device(device)
         batch_size = resolve_batch_size(batch_size, self.device)
         if num_threads:
@@ -58,19 +65,33 @@ class InvertWorker:
         self.task = task
         if task is not None:
             check_model(task["name"], self.model.input_nc, self.model.label_nc)
+        self.align_backend = None if align is None or not align.enabled else resolve_align_backend(align.backend, self.device)
+        self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
+                        if self.align_backend == "torch" else None)
 
     def info(self) -> dict:
         m = self.model
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
                 "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
-                "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size}
+                "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size,
+                "align_backend": self.align_backend}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
-        """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk."""
-        sizes = [c.n_faces for c in chunks]
-        faces = [c.faces for c in chunks if c.n_faces]
+        """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
+        (None: a chunk without faces). Chunks of photos are aligned first, all in one pass; their results
+        always come back, carrying the chunk's rows as alignment made them."""
+        aligned = {}
+        for k, c in enumerate(chunks):
+            if c.photos is not None:
+                if self.aligner is None:
+                    raise ValueError("this inversion actor does not align (align.backend resolved to "
+                                     f"{self.align_backend!r}), but a chunk of photos came")
+                aligned[k] = align_photos(self.aligner, c.photos, c.rows)
+        chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
+        sizes = [len(f) for f in chunk_faces]
+        faces = [f for f in chunk_faces if len(f)]
         if not faces:
-            return [None] * len(chunks)
+            return [self._aligned_only(aligned[k]) if k in aligned else None for k in range(len(chunks))]
         if len({f.shape[1:] for f in faces}) > 1:
             # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
             faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
@@ -78,21 +99,35 @@ class InvertWorker:
         res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
                            device=self.device, return_images=self.return_images, pad_batches=self.compiled,
                            task=self.task)
-        keys = [r.key for c in chunks for r in c.rows if r.status == "ok"]
+        rows = [aligned[k][0] if k in aligned else c.rows for k, c in enumerate(chunks)]
+        keys = [r.key for chunk_rows in rows for r in chunk_rows if r.status == "ok"]
         edit = apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
         out: list[InvertResult | None] = []
         start = 0
         total = max(1, sum(sizes))
-        for n in sizes:
+        for k, n in enumerate(sizes):
             if n == 0:
-                out.append(None)
+                out.append(self._aligned_only(aligned[k]) if k in aligned else None)
                 continue
             s = slice(start, start + n)
-            out.append(InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
-                                    res.seconds * n / total, finished_unix=time.time(),
-                                    edits=None if edit is None else edit.slice(s)))
+            r = InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
+                             res.seconds * n / total, finished_unix=time.time(),
+                             edits=None if edit is None else edit.slice(s))
+            if k in aligned:
+                r.rows, r.faces, r.face_photo, r.align_seconds = aligned[k]
+            out.append(r)
             start += n
         return out
+
+    def _aligned_only(self, aligned) -> InvertResult:
+        """The result of a chunk of photos in which no face was found: its rows, nothing inverted."""
+        m = self.model
+        rows, faces, face_photo, seconds = aligned
+        return InvertResult(np.zeros((0, m.n_latent, m.decoder.style_dim), np.float32),
+                            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8),
+                            np.zeros((0,), np.float32), np.zeros((0,), np.float32), int(self.stages or m.num_stages),
+                            finished_unix=time.time(), rows=rows, faces=faces, face_photo=face_photo,
+                            align_seconds=seconds)
 
     def invert_many(self, *chunks: PreparedChunk):
         """Ray entry point, called with ``num_returns=len(chunks)``: a tuple, or the single result."""

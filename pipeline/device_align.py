@@ -1,0 +1,208 @@
+"""Stage 5 on the actor, device alignment (``align.backend: torch``): decoded photos -> rows and FFHQ faces on
+the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
+
+    aligner = DeviceAligner(align_cfg, device="cuda")
+    rows, faces, face_photo = align_photos(aligner, photos, rows)   # rows: the ALIGN_PENDING rows of photos
+
+The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
+models.face_detector.FrontalFaceDetector on the full-resolution photo (what dlib's own pyramid shortcut in
+pipeline/detect.py reproduces), 68 landmarks with models.landmarks.ShapePredictor (upright re-prediction of
+rolled faces with models.ffhq_crop.upright_landmarks), the FFHQ crop with models.ffhq_crop.crop_faces. The
+choice of faces (pipeline.align.choose_faces), the upsampled runs (pipeline.detect.upsample_runs) and the rows
+(pipeline.align.face_rows) are the dlib backend's own functions, so rows, keys and statuses are the same.
+
+Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
+shrunk (no shrink factor is known that cannot change dlib's boxes). Each group is copied to the device once
+per model, as uint8 (the crop's copy from pinned memory).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.face_detector import FrontalFaceDetector
+from models.ffhq_crop import crop_faces, ffhq_quads, photos_to_device, upright_landmarks
+from models.landmarks import ShapePredictor
+
+from .align import AlignedFace, choose_faces, face_rows
+from .config import AlignConfig
+from .detect import upsample_runs
+from .model_files import find_landmark_model
+from .records import ALIGN_PENDING, Row
+
+__all__ = ["DeviceAligner", "align_photos", "resolve_align_backend"]
+
+# Eye-line tilt (degrees) above which landmarks are predicted again upright: pipeline.detect.FaceDetector's.
+UPRIGHT_ABOVE = 10.0
+# IoU above which a detection of a later (upsampled) run is the same face as an earlier one's.
+SAME_FACE_IOU = 0.3
+
+
+def resolve_align_backend(backend: str, device: str) -> str:
+    """``align.backend`` on an actor whose device is ``device``: auto is torch on a GPU, dlib otherwise."""
+    if backend == "auto":
+        return "torch" if str(device).startswith("cuda") else "dlib"
+    return backend
+
+
+def _iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class DeviceAligner:
+    """The torch detector and predictor on one device, and the alignment settings (an AlignConfig)."""
+    cfg: AlignConfig
+    detector: FrontalFaceDetector
+    predictor: ShapePredictor
+    max_group_pixels: int
+
+    @classmethod
+    def build(cls, cfg: AlignConfig, device: str, predictor: ShapePredictor | None = None,
+              max_group_pixels: int | None = None) -> "DeviceAligner":
+        """``predictor``: by default dlib's 68-point model file (pipeline.model_files); benchmarks pass
+        ``ShapePredictor.random()`` where the file is absent."""
+        on_gpu = str(device).startswith("cuda")
+        if predictor is None:
+            predictor = ShapePredictor(find_landmark_model(None), device=device)
+        return cls(cfg, FrontalFaceDetector(device=device), predictor,
+                   int(max_group_pixels or (256 if on_gpu else 16) * 2 ** 20))
+
+    @property
+    def device(self) -> torch.device:
+        return self.detector.device
+
+    def detect(self, photos: list[np.ndarray]) -> list[list[tuple[tuple, float]]]:
+        """Per photo, the detections ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's detect
+        makes: full resolution first; only for photos where nothing qualifying was found (all of them with
+        policy ``all``), the upsampled runs of ``upsample_runs``, a face already found keeping its box."""
+        cfg = self.cfg
+        exhaustive = cfg.policy == "all"
+        found: list[list] = [[] for _ in photos]
+        runs = [[0] + upsample_runs(p.shape[0], p.shape[1], cfg.max_upsample, cfg.min_face_size,
+                                    cfg.upsample_max_side) for p in photos]
+        for up in range(max(len(r) for r in runs) if photos else 0):
+            todo = [i for i, r in enumerate(runs) if up < len(r) and (exhaustive or not found[i])]
+            if not todo:
+                break
+            results = self.detector.detect([photos[i] for i in todo], upsample=up)
+            for i, dets in zip(todo, results):
+                for (left, top, right, bottom), score, _filter in dets:
+                    box = (float(left), float(top), float(right + 1), float(bottom + 1))
+                    if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
+                        continue
+                    if any(_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+                        continue
+                    found[i].append((box, float(score)))
+        return found
+
+    def align(self, photos: list[np.ndarray]) -> list[list[AlignedFace]]:
+        """Per photo, its aligned faces (the policy's choice), as the dlib backend's FaceAligner.align."""
+        cfg = self.cfg
+        chosen = [choose_faces(d, cfg.policy) for d in self.detect(photos)]
+        image_index = [i for i, faces in enumerate(chosen) for _ in faces]
+        out: list[list[AlignedFace]] = [[] for _ in photos]
+        if not image_index:
+            return out
+        flat, starts, sizes = photos_to_device(photos, self.device)
+        on_device = [flat[s:s + w * h].view(h, w, 3) for s, (w, h) in zip(starts, sizes)]
+        rects = [[_dlib_rect(box) for box, _ in faces] for faces in chosen]
+        first = self.predictor.predict(on_device, rects)
+        landmarks = []
+        for i, faces in enumerate(chosen):
+            for k, (box, _) in enumerate(faces):
+                landmarks.append(upright_landmarks(on_device[i], box, self._predict_one, UPRIGHT_ABOVE,
+                                                   first=first[i][k].astype(np.float64)))
+        landmarks = np.stack(landmarks)
+        crops = crop_faces(on_device, image_index, landmarks, cfg.output_size, cfg.transform_size,
+                           device=self.device).cpu().numpy()
+        quads, _ = ffhq_quads(landmarks)
+        n = 0
+        for i, faces in enumerate(chosen):
+            for box, score in faces:
+                out[i].append(AlignedFace(image=crops[n], landmarks=landmarks[n], quad=quads[n],
+                                          box=tuple(float(v) for v in box), score=score))
+                n += 1
+        return out
+
+    def _predict_one(self, image: torch.Tensor, box) -> np.ndarray:
+        return self.predictor.predict([image], [[_dlib_rect(box)]])[0][0].astype(np.float64)
+
+
+def _dlib_rect(box) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive -> dlib's inclusive rectangle, rounded as pipeline.detect does."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    return (x0, y0, x1 - 1, y1 - 1)
+
+
+def _groups(photos: list[np.ndarray], max_pixels: int) -> list[list[int]]:
+    """Photo indices in groups of at most ``max_pixels`` pixels (a larger photo alone), in order."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, p in enumerate(photos):
+        pixels = int(p.shape[0]) * int(p.shape[1])
+        if not groups or total + pixels > max_pixels:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += pixels
+    return groups
+
+
+def align_photos(aligner: DeviceAligner, photos: list[np.ndarray], rows: list[Row]
+                 ) -> tuple[list[Row], np.ndarray, list[int], float]:
+    """A chunk's rows with each ALIGN_PENDING row (one per photo, in order) replaced by its photo's rows (as
+    the dlib backend makes them: ok rows with quad, landmarks and score, or no_face; align_error when
+    aligning its group failed). Returns (rows, the ok rows' faces (F, S, S, 3) uint8, each face's photo index,
+    seconds)."""
+    t0 = time.perf_counter()
+    pending = [r for r in rows if r.status == ALIGN_PENDING]
+    if len(pending) != len(photos):
+        raise ValueError(f"{len(photos)} photos for {len(pending)} rows awaiting alignment")
+    per_photo: list[list[tuple[Row, np.ndarray | None]]] = [[] for _ in photos]
+    for group in _groups(photos, aligner.max_group_pixels):
+        try:
+            aligned = aligner.align([photos[i] for i in group])
+        except Exception as e:  # noqa: BLE001 - a failing group costs its rows, not the chunk
+            if len(group) > 1:  # find the photo at fault: the others are aligned one by one
+                for i in group:
+                    per_photo[i] = _align_one(aligner, photos[i], pending[i])
+                continue
+            aligned = None
+            error = f"{type(e).__name__}: {e}"
+        for k, i in enumerate(group):
+            base = pending[i]
+            per_photo[i] = (face_rows(base, aligned[k]) if aligned is not None else
+                            [(Row(base.key, base.source, status="align_error", error=error, meta=base.meta), None)])
+    out_rows: list[Row] = []
+    faces: list[np.ndarray] = []
+    face_photo: list[int] = []
+    p = 0
+    for r in rows:
+        if r.status != ALIGN_PENDING:
+            out_rows.append(r)
+            continue
+        for row, face in per_photo[p]:
+            out_rows.append(row)
+            if face is not None:
+                faces.append(face)
+                face_photo.append(p)
+        p += 1
+    size = aligner.cfg.output_size
+    arr = np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
+    return out_rows, arr, face_photo, time.perf_counter() - t0
+
+
+def _align_one(aligner: DeviceAligner, photo: np.ndarray, base: Row) -> list[tuple[Row, np.ndarray | None]]:
+    try:
+        return face_rows(base, aligner.align([photo])[0])
+    except Exception as e:  # noqa: BLE001 - a pathological photo costs one row
+        return [(Row(base.key, base.source, status="align_error", error=f"{type(e).__name__}: {e}",
+                     meta=base.meta), None)]

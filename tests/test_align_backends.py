@@ -1,0 +1,285 @@
+"""align.backend: dlib (CPU tasks) and torch (on the inversion actor's device) give the same rows.
+
+dlib's backend is the reference. The torch backend runs here on CPU (the same code as on a GPU), where its
+detector is slow, so the photos are small (at most 320 px): the test photographs' faces, variants (moved,
+scaled, rolled), faceless photos, a photo with two faces and bad inputs.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import pipeline_config, tiny_image_bytes
+from face_variants import face_variants, faceless_variants, load_photo
+from pipeline.align import FaceAligner, get_aligner
+from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, resolve
+from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
+from pipeline.device_align import DeviceAligner, align_photos, resolve_align_backend
+from pipeline.prepare import prepare_item
+from pipeline.read import InputItem
+from pipeline.records import ALIGN_PENDING, PreparedChunk
+from pipeline.runner import run
+from workers.invert_worker import InvertWorker
+
+
+def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photos() -> dict[str, bytes]:
+    """name -> encoded input: faces, rolled faces, variants, faceless photos, two faces, bad inputs."""
+    astro = load_photo("astronaut.jpg").crop((110, 20, 330, 240))          # head and shoulders, face ~90 px
+    hopper = load_photo("grace_hopper.jpg")
+    hopper_small = hopper.resize((256, 300), Image.Resampling.LANCZOS)     # face ~105 px
+    rolled = hopper.crop((130, 100, 410, 400)).rotate(30, resample=Image.Resampling.BILINEAR, fillcolor=(90, 90, 90))
+    rolled = rolled.resize((224, 240), Image.Resampling.LANCZOS)
+    two = Image.new("RGB", (460, 220), (90, 90, 90))
+    two.paste(astro, (0, 0))
+    two.paste(hopper.crop((140, 110, 400, 390)).resize((220, 220), Image.Resampling.LANCZOS), (240, 0))
+    out = {"astro": _jpeg(astro), "hopper": _jpeg(hopper_small), "rolled": _jpeg(rolled), "pair": _jpeg(two)}
+    for v in face_variants(4, seed=3, max_side=320, min_side=160):
+        out[f"variant{len(out)}"] = _jpeg(Image.fromarray(v.image))
+    out["china"] = _jpeg(load_photo("china.jpg").resize((180, 120), Image.Resampling.LANCZOS))
+    for v in faceless_variants(2, seed=3, max_side=200, min_side=96):
+        out[f"faceless{len(out)}"] = _png(Image.fromarray(v.image))
+    good = _jpeg(hopper_small)
+    out.update({"zero_bytes": b"", "truncated": good[: len(good) // 2], "not_an_image": b"plain text\n" * 20,
+                "tiny_noise": tiny_image_bytes(5)})
+    bomb = io.BytesIO()
+    Image.new("1", (400, 400)).save(bomb, format="PNG")
+    out["bomb"] = bomb.getvalue()
+    return out
+
+
+PNG_SIGNATURE = b"\x89PNG"
+MAX_PIXELS = 150_000  # input.max_pixels: the bomb (160k pixels) is refused, the photos are not
+
+
+def _prepare_cfg(backend: str, policy: str = "largest") -> PrepareConfig:
+    return PrepareConfig(InputConfig(url="/unused", max_pixels=MAX_PIXELS), AlignConfig(policy=policy, backend=backend),
+                         None, 64, "invert", False)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    return _photos()
+
+
+@pytest.fixture(scope="module")
+def torch_aligners():
+    """One DeviceAligner per policy on CPU, sharing the models (the predictor takes a few seconds to load)."""
+    largest = DeviceAligner.build(AlignConfig(policy="largest", backend="torch"), "cpu")
+    return {"largest": largest,
+            "all": DeviceAligner(AlignConfig(policy="all", backend="torch"), largest.detector, largest.predictor,
+                                 largest.max_group_pixels)}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def _compare(dlib_rows, dlib_faces, torch_rows, torch_faces):
+    """Same keys, statuses, errors, face indices, boxes' scores; landmarks identical on >= 99% of faces;
+    quads within a pixel where landmarks differ; crops >= 50 dB."""
+    assert [(r.key, r.status, r.error, r.face_index) for r in torch_rows] == \
+        [(r.key, r.status, r.error, r.face_index) for r in dlib_rows]
+    ok = [(a, b) for a, b in zip(dlib_rows, torch_rows) if a.status == "ok"]
+    same = sum(a.landmarks == b.landmarks for a, b in ok)
+    assert same >= 0.99 * len(ok), f"landmarks identical on {same}/{len(ok)} faces"
+    for a, b in ok:
+        assert b.score == pytest.approx(a.score, abs=1e-6), a.key
+        np.testing.assert_allclose(b.quad, a.quad, atol=1.0, err_msg=a.key)
+    assert len(torch_faces) == len(dlib_faces) == len(ok)
+    worst = min((_psnr(x, y) for x, y in zip(dlib_faces, torch_faces)), default=float("inf"))
+    assert worst >= 50.0, f"worst crop {worst:.1f} dB"
+
+
+@pytest.mark.parametrize("policy", ["largest", "all"])
+def test_torch_alignment_equals_dlib_without_ray(photos, torch_aligners, policy):
+    """The actor's plain function (decoded photos -> rows and faces) against the dlib backend's prepare."""
+    dlib_rows, dlib_faces, pending, pending_photos = [], [], [], []
+    for name, data in photos.items():
+        for row, face in prepare_item(InputItem(name, f"/in/{name}", data), _prepare_cfg("dlib", policy), {}):
+            dlib_rows.append(row)
+            if face is not None:
+                dlib_faces.append(face)
+        # The torch backend's CPU side only decodes: one pending row with the decoded photo, or the error row.
+        for row, photo in prepare_item(InputItem(name, f"/in/{name}", data), _prepare_cfg("torch", policy), {}):
+            pending.append(row)
+            if photo is not None:
+                assert row.status == ALIGN_PENDING and photo.dtype == np.uint8 and photo.ndim == 3
+                pending_photos.append(photo)
+    rows, faces, face_photo, seconds = align_photos(torch_aligners[policy], pending_photos, pending)
+    _compare(dlib_rows, dlib_faces, rows, faces)
+    statuses = {r.key: r.status for r in rows}
+    assert statuses["zero_bytes"] == "empty_file" and statuses["bomb"] == "decompression_bomb"
+    assert statuses["truncated"] == statuses["not_an_image"] == "decode_error"
+    assert statuses["china"] == "no_face" and statuses["astro"] == statuses["rolled"] == "ok"
+    two = [r for r in rows if r.key.startswith("pair")]
+    assert len(two) == (2 if policy == "all" else 1)
+    # Each face's photo index points at the photo its row came from.
+    photo_keys = [r.key for r in pending if r.status == ALIGN_PENDING]
+    ok_rows = [r for r in rows if r.status == "ok"]
+    assert [r.key.split("_face")[0] for r in ok_rows] == [photo_keys[p] for p in face_photo]
+    assert seconds > 0
+
+
+def test_photo_groups_bound_memory_and_keep_order(photos, torch_aligners):
+    """Groups of at most max_group_pixels (a larger photo alone) give the rows of one group."""
+    cfg = _prepare_cfg("torch")
+    pending, images = [], []
+    for name in ("astro", "china", "pair", "hopper"):
+        for row, photo in prepare_item(InputItem(name, name, photos[name]), cfg, {}):
+            pending.append(row)
+            images.append(photo)
+    one = torch_aligners["largest"]
+    small = DeviceAligner(one.cfg, one.detector, one.predictor, max_group_pixels=60_000)  # every photo alone
+    whole = align_photos(one, images, pending)
+    alone = align_photos(small, images, pending)
+    assert [vars(r) for r in alone[0]] == [vars(r) for r in whole[0]]
+    np.testing.assert_array_equal(alone[1], whole[1])
+    assert alone[2] == whole[2]
+    with pytest.raises(ValueError, match="photos for"):
+        align_photos(one, images[:2], pending)
+
+
+def test_face_rule_drops_weak_detections_in_both_policies():
+    """The astronaut's mission patch is a weak detector hit (score under half the face's): no policy keeps it."""
+    astro = np.asarray(load_photo("astronaut.jpg"))
+    aligner = get_aligner()
+    dets = aligner.detect(astro, exhaustive=True)
+    best = max(s for _, s in dets)
+    weak = [d for d in dets if d[1] < 0.5 * best]
+    assert weak, "the mission patch is expected among the raw detections"
+    assert faces_that_count(dets) == [d for d in dets if d[1] >= 0.5 * best]
+    faces = aligner.align(astro, 64, 128, policy="all")
+    assert [f.score for f in faces] == [s for _, s in faces_that_count(dets)]
+    assert pick_largest(dets) in faces_that_count(dets)
+    # Two real faces of one photo score alike: both count.
+    assert len(faces_that_count([((0, 0, 80, 80), 1.2), ((100, 0, 170, 70), 0.9), ((0, 100, 90, 190), 0.3)])) == 2
+    assert faces_that_count([]) == []
+
+
+def test_upsampling_is_bounded_by_photo_size(monkeypatch):
+    """A faceless photo over align.upsample_max_side costs no upsampled run (the 400 ms part); a small one
+    still gets it, and a small face in a small photo is still found."""
+    assert upsample_runs(600, 700, 1, 0, 800) == [1]
+    assert upsample_runs(600, 801, 1, 0, 800) == []
+    assert upsample_runs(600, 2000, 2, 0, None) == [1, 2]
+    assert upsample_runs(300, 300, 2, HOG_MIN_FACE / 2, None) == [1]   # run 2 finds only faces under min size
+    aligner = FaceAligner(upsample_max_side=800)
+    calls = []
+    real_run = aligner.detector.run
+    monkeypatch.setattr(aligner, "detector", type("Counting", (), {
+        "run": staticmethod(lambda img, up, adj: calls.append((img.shape, up)) or real_run(img, up, adj))})())
+    china = np.asarray(load_photo("china.jpg").resize((1000, 667), Image.Resampling.LANCZOS))
+    assert aligner.align(china) == []
+    assert calls and all(up == 0 for _, up in calls)
+    calls.clear()
+    assert aligner.align(china[:400, :600].copy()) == []
+    assert any(up == 1 for _, up in calls)
+
+
+def test_config_keys_validated():
+    base = {"input": {"url": "/in"}, "output": {"url": "/out"}, "model": {"checkpoint": "x.pt"}}
+    assert resolve(base).align.backend == "auto" and resolve(base).align.upsample_max_side == 800
+    assert resolve(base, {"align": {"backend": "torch", "upsample_max_side": None}}).align.backend == "torch"
+    with pytest.raises(ConfigError, match="align.backend"):
+        resolve(base, {"align": {"backend": "cuda"}})
+    with pytest.raises(ConfigError, match="align.upsample_max_side"):
+        resolve(base, {"align": {"upsample_max_side": 0}})
+    assert resolve_align_backend("auto", "cuda:0") == "torch"
+    assert resolve_align_backend("auto", "cpu") == "dlib"       # the CPU default stays today's dlib path
+    assert resolve_align_backend("torch", "cpu") == "torch" and resolve_align_backend("dlib", "cuda") == "dlib"
+
+
+def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
+    """The actor class called directly: a chunk of photos comes back aligned and inverted, a chunk of faces
+    as before, a chunk without any face with its no_face rows."""
+    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                          align=AlignConfig(backend="torch"))
+    assert worker.info()["align_backend"] == "torch"
+    cfg_t, cfg_d = _prepare_cfg("torch"), _prepare_cfg("dlib")
+
+    def chunk(names, cfg, index):
+        rows, images = [], []
+        for name in names:
+            for row, image in prepare_item(InputItem(name, name, photos[name]), cfg, {}):
+                rows.append(row)
+                if image is not None:
+                    images.append(image)
+        if cfg.align.backend == "torch":
+            return PreparedChunk("s", index, rows, np.zeros((0, 256, 256, 3), np.uint8), {}, len(names), None, images)
+        faces = np.stack(images) if images else np.zeros((0, 256, 256, 3), np.uint8)
+        return PreparedChunk("s", index, rows, faces, {}, len(names))
+
+    names = ["astro", "zero_bytes", "pair", "china"]
+    photo_chunk, face_chunk, faceless = chunk(names, cfg_t, 0), chunk(names, cfg_d, 1), chunk(["china"], cfg_t, 2)
+    res_photo, res_face, res_none = worker.invert_chunks(photo_chunk, face_chunk, faceless)
+    assert [(r.key, r.status) for r in res_photo.rows] == [(r.key, r.status) for r in face_chunk.rows]
+    assert len(res_photo.codes) == len(res_face.codes) == face_chunk.n_faces == 2
+    assert res_face.rows is None and res_photo.face_photo == [0, 1]
+    assert res_photo.codes.shape[1:] == (worker.model.n_latent, worker.model.decoder.style_dim)
+    assert [r.status for r in res_none.rows] == ["no_face"] and len(res_none.codes) == 0
+    dlib_only = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False, align=AlignConfig())
+    assert dlib_only.info()["align_backend"] == "dlib" and dlib_only.aligner is None
+    with pytest.raises(ValueError, match="does not align"):
+        dlib_only.invert_chunks(photo_chunk)
+
+
+def _read_output(out: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    df = pd.read_parquet(os.path.join(out, "latents")).sort_values("key").reset_index(drop=True)
+    aligned = {}
+    for name in sorted(os.listdir(os.path.join(out, "images"))):
+        with tarfile.open(os.path.join(out, "images", name)) as tf:
+            for m in tf.getmembers():
+                if ".aligned." in m.name:
+                    aligned[m.name.split(".aligned.")[0]] = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())))
+    return df, aligned
+
+
+@pytest.mark.parametrize("policy", ["all"])
+def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny_checkpoint, policy):
+    """Two real local Ray runs over the same folder, align.backend dlib and torch (the actor on CPU)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, data in photos.items():
+        ext = "png" if data.startswith(PNG_SIGNATURE) else "jpg"
+        (src / f"{name}.{ext}").write_bytes(data)
+    outs = {}
+    for backend in ("dlib", "torch"):
+        out = str(tmp_path / f"out_{backend}")
+        cfg = pipeline_config(str(src), out, tiny_checkpoint, align__enabled=True, align__backend=backend,
+                              align__policy=policy, input__max_pixels=MAX_PIXELS, output__save_aligned=True,
+                              output__image_format="png", shard_size=9, ray__chunk_size=3)
+        lines = []
+        res = run(cfg, echo=lines.append)
+        assert res.exit_code == 0
+        assert any(f"alignment: {backend}" in line for line in lines)
+        outs[backend] = _read_output(out)
+    (d, d_aligned), (t, t_aligned) = outs["dlib"], outs["torch"]
+    assert list(d.columns) == list(t.columns)
+    cols = ["key", "source", "face_index", "status", "error"]
+    pd.testing.assert_frame_equal(t[cols], d[cols])
+    assert len(d) == len(photos) + 1   # the two-face photo's second face
+    ok = d.status == "ok"
+    same = sum(np.array_equal(a, b) for a, b in zip(d.landmarks[ok], t.landmarks[ok]))
+    assert same >= 0.99 * ok.sum()
+    assert t.codes[ok].notna().all() and t.codes[~ok].isna().all()
+    assert set(t_aligned) == set(d_aligned) == set(d.key[ok])
+    assert min(_psnr(d_aligned[k], t_aligned[k]) for k in d_aligned) >= 50.0
