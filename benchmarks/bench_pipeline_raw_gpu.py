@@ -1,0 +1,196 @@
+"""Raw photographs to latents on a GPU machine (align.backend torch) against inversion alone, in one run.
+
+Input: JPEGs of ``--min-side``..``--max-side`` px with 0, 1 or 2 faces (``--faceless`` of them without),
+made from the test photographs on backgrounds, in WebDataset tars on local disk; output: latents and
+reconstructions on local disk. The landmark model is replaced by random trees of the 68-point model's
+shape (``ShapePredictor.random``'s model, written in dlib's format and named by E2STYLE_LANDMARK_MODEL):
+the same work as the real file, meaningless landmarks. Full-size official architecture, seeded random
+weights, ``--stages`` stages with reconstructions.
+
+Figures (all in this one run, on the same GPU):
+- inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
+- alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s;
+- the pipeline: ``run_pipeline``'s runner with embedded Ray, photos/s and faces/s in steady state (from the
+  end of the actor's first call to the last commit, as benchmarks/bench_pipeline_gpu.py measures), the
+  ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
+  CPU tasks; align, invert: the actor; encode, write: CPU tasks).
+
+    python benchmarks/bench_pipeline_raw_gpu.py --photos 4096 --shard 256 --batch 64 --stages 3
+    python benchmarks/bench_pipeline_raw_gpu.py --smoke      # CPU: tiny photos and model, checks it runs
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Head crops of the test photographs (left, top, right, bottom): the faces pasted into the photos.
+HEADS = {"astronaut.jpg": (130, 30, 320, 230), "grace_hopper.jpg": (130, 100, 410, 400)}
+
+
+def make_photos(n: int, min_side: int, max_side: int, faceless: float, seed: int = 0):
+    """(encoded JPEG, faces pasted) per photo: a background (the faceless photo scaled, or noise) with 0, 1
+    or 2 heads of 18-40% of the shorter side."""
+    rng = np.random.default_rng(seed)
+    data = os.path.join(ROOT, "tests", "data")
+    heads = [Image.open(os.path.join(data, f)).convert("RGB").crop(box) for f, box in HEADS.items()]
+    china = Image.open(os.path.join(data, "china.jpg")).convert("RGB")
+    out = []
+    for i in range(n):
+        w = int(rng.integers(min_side, max_side + 1))
+        h = int(rng.integers(min_side, max_side + 1))
+        bg = china.resize((w, h), Image.Resampling.BILINEAR) if i % 2 else Image.fromarray(
+            rng.integers(60, 200, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+        count = 0 if rng.random() < faceless else int(rng.integers(1, 3))
+        for k in range(count):
+            side = int(min(w, h) * rng.uniform(0.18, 0.4))
+            head = heads[(i + k) % 2].resize((side, side), Image.Resampling.BILINEAR)
+            x = int(rng.integers(0, max(1, w // count - side))) + k * (w // max(count, 1))
+            y = int(rng.integers(0, h - side))
+            bg.paste(head, (min(x, w - side), y))
+        buf = io.BytesIO()
+        bg.save(buf, "JPEG", quality=90)
+        out.append((buf.getvalue(), count))
+    return out
+
+
+def write_tars(d: str, photos, shard: int) -> None:
+    os.makedirs(d, exist_ok=True)
+    for t in range(0, len(photos), shard):
+        with tarfile.open(os.path.join(d, f"{t // shard:05d}.tar"), "w") as tf:
+            for i in range(t, min(len(photos), t + shard)):
+                info = tarfile.TarInfo(f"{i:08d}.jpg")
+                info.size = len(photos[i][0])
+                tf.addfile(info, io.BytesIO(photos[i][0]))
+
+
+def steady_rate(stats: list[dict]) -> tuple[float, float]:
+    """(faces/s, seconds) from the end of the actor's first call to the last commit."""
+    calls = sorted(t for s in stats for _n, t in s["inverted_at"])
+    t0 = calls[0]
+    faces = sum(n for s in stats for n, t in s["inverted_at"] if t > t0)
+    seconds = max(s["committed_unix"] for s in stats) - t0
+    return (faces / seconds if seconds > 0 else float("nan")), seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", type=int, default=4096)
+    ap.add_argument("--shard", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--min-side", type=int, default=1024)
+    ap.add_argument("--max-side", type=int, default=1800)
+    ap.add_argument("--faceless", type=float, default=0.1)
+    ap.add_argument("--resolution", type=int, default=1024, help="generator resolution (smoke: 64)")
+    ap.add_argument("--width", type=int, default=512, help="network width (smoke: 32)")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
+    ap.add_argument("--work", default=tempfile.mkdtemp(prefix="bench_raw_"))
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    if a.smoke:
+        a.photos, a.shard, a.batch, a.stages = 8, 4, 4, 2
+        a.min_side, a.max_side, a.resolution, a.width = 200, 260, 64, 32
+
+    import torch
+
+    from models.factory import atomic_save, build_e2style, e2style_checkpoint
+    from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor
+    from pipeline.config import AlignConfig, resolve
+    from pipeline.decode import decode_image
+    from pipeline.device_align import DeviceAligner
+    from pipeline.model_files import LANDMARK_MODEL_ENV
+    from pipeline.records import PreparedChunk, Row
+    from pipeline.runner import run
+    from workers.invert_worker import InvertWorker
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    t = time.time()
+    photos = make_photos(a.photos, a.min_side, a.max_side, a.faceless)
+    write_tars(os.path.join(a.work, "in"), photos, a.shard)
+    ckpt = os.path.join(a.work, "e2style.pt")
+    with torch.device(device):
+        model = build_e2style(a.resolution, stages=a.stages, width=a.width, seed=0)
+    atomic_save(e2style_checkpoint(model), ckpt)
+    del model
+    # Random trees of the 68-point model's shape, in dlib's file format: the actor loads it as the real one.
+    landmark_file = os.path.join(a.work, "random_68.dat")
+    with open(landmark_file, "wb") as f:
+        f.write(serialize_shape_predictor(random_model(seed=0)))
+    os.environ[LANDMARK_MODEL_ENV] = landmark_file   # before Ray starts: its workers inherit it
+    print(f"{a.photos} photos ({sum(c for _, c in photos)} faces pasted) and checkpoint ready in "
+          f"{time.time() - t:.0f}s", flush=True)
+
+    # Alignment alone: decoded photos in memory -> faces on the device.
+    align_cfg = AlignConfig(backend="torch")
+    aligner = DeviceAligner.build(align_cfg, device, predictor=ShapePredictor.random(device=device))
+    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 256)]]
+    group = 16
+    aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
+    if on_gpu:
+        torch.cuda.synchronize()
+    t = time.time()
+    found = 0
+    for i in range(0, len(decoded), group):
+        found += sum(len(f) for f in aligner.align(decoded[i:i + group]))
+    align_rate = len(decoded) / (time.time() - t)
+    print(f"alignment alone: {align_rate:.1f} photos/s ({found} faces in {len(decoded)} photos)", flush=True)
+    del aligner
+
+    # Inversion alone, same settings, the actor's class, faces already decoded and aligned.
+    worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch)
+    rng = np.random.default_rng(1)
+    faces = rng.integers(0, 256, (a.batch * (16 if on_gpu else 1), 256, 256, 3), dtype=np.uint8)
+    chunk = PreparedChunk("b", 0, [Row(str(i), "x") for i in range(len(faces))], faces, {}, len(faces))
+    worker.invert_chunks(chunk)  # compile + warm-up
+    if on_gpu:
+        torch.cuda.synchronize()
+    t = time.time()
+    reps = 3 if on_gpu else 1
+    for _ in range(reps):
+        worker.invert_chunks(chunk)
+    invert_only = reps * len(faces) / (time.time() - t)
+    print(f"inversion only: {invert_only:.1f} faces/s", flush=True)
+    del worker
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+    out = os.path.join(a.work, "out")
+    cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
+                   "output": {"url": out, "image_size": 256},
+                   "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
+                   "align": {"enabled": True, "backend": "torch"}, "ray": {"num_cpus": a.num_cpus},
+                   "progress": False}, {})
+    res = run(cfg, echo=lambda s: print(s, flush=True))
+    stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
+    face_rate, seconds = steady_rate(stats)
+    faces_done = sum(s["counts"].get("ok", 0) for s in stats)
+    photo_rate = face_rate * a.photos / max(1, faces_done)
+    result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "photos": a.photos,
+              "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
+              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
+              "pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
+              "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
+              "counts": res.summary.get("counts"), "exit_code": res.exit_code,
+              "stage_share": res.summary.get("stage_share"), "stage_seconds": res.summary.get("stage_seconds")}
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
