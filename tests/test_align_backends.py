@@ -243,14 +243,14 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
 
 
 def _read_output(out: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The latents table (sorted by key) and the image members by name."""
     df = pd.read_parquet(os.path.join(out, "latents")).sort_values("key").reset_index(drop=True)
-    aligned = {}
+    images = {}
     for name in sorted(os.listdir(os.path.join(out, "images"))):
         with tarfile.open(os.path.join(out, "images", name)) as tf:
             for m in tf.getmembers():
-                if ".aligned." in m.name:
-                    aligned[m.name.split(".aligned.")[0]] = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())))
-    return df, aligned
+                images[m.name] = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())))
+    return df, images
 
 
 @pytest.mark.parametrize("policy", ["all"])
@@ -266,13 +266,14 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
         out = str(tmp_path / f"out_{backend}")
         cfg = pipeline_config(str(src), out, tiny_checkpoint, align__enabled=True, align__backend=backend,
                               align__policy=policy, input__max_pixels=MAX_PIXELS, output__save_aligned=True,
-                              output__image_format="png", shard_size=9, ray__chunk_size=3)
+                              output__image_format="png", output__paste_back=True, shard_size=9,
+                              ray__chunk_size=3)
         lines = []
         res = run(cfg, echo=lines.append)
         assert res.exit_code == 0
         assert any(f"alignment: {backend}" in line for line in lines)
         outs[backend] = _read_output(out)
-    (d, d_aligned), (t, t_aligned) = outs["dlib"], outs["torch"]
+    (d, d_images), (t, t_images) = outs["dlib"], outs["torch"]
     assert list(d.columns) == list(t.columns)
     cols = ["key", "source", "face_index", "status", "error"]
     pd.testing.assert_frame_equal(t[cols], d[cols])
@@ -281,5 +282,13 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
     same = sum(np.array_equal(a, b) for a, b in zip(d.landmarks[ok], t.landmarks[ok]))
     assert same >= 0.99 * ok.sum()
     assert t.codes[ok].notna().all() and t.codes[~ok].isna().all()
-    assert set(t_aligned) == set(d_aligned) == set(d.key[ok])
-    assert min(_psnr(d_aligned[k], t_aligned[k]) for k in d_aligned) >= 50.0
+    # The same members: reconstructions, aligned crops and paste-backs (each face into its own photo).
+    assert sorted(t_images) == sorted(d_images)
+    aligned = [k for k in d_images if ".aligned." in k]
+    assert sorted(k.split(".aligned.")[0] for k in aligned) == sorted(d.key[ok])
+    assert min(_psnr(d_images[k], t_images[k]) for k in aligned) >= 50.0
+    pastes = [k for k in d_images if k.endswith(".paste.png")]
+    assert len(pastes) == ok.sum()
+    for k in pastes:
+        assert t_images[k].shape == d_images[k].shape
+        assert _psnr(d_images[k], t_images[k]) >= 30.0, k
