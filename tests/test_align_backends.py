@@ -292,3 +292,30 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
     for k in pastes:
         assert t_images[k].shape == d_images[k].shape
         assert _psnr(d_images[k], t_images[k]) >= 30.0, k
+
+
+def test_a_photo_that_fails_to_align_costs_its_own_row(photos, torch_aligners, monkeypatch):
+    """A failure inside a group's alignment (injected for one photo) makes that photo an align_error row; the
+    other photos of the group are aligned one by one and keep their rows."""
+    cfg = _prepare_cfg("torch")
+    pending, images = [], []
+    for name in ("astro", "hopper", "china"):
+        for row, photo in prepare_item(InputItem(name, name, photos[name]), cfg, {}):
+            pending.append(row)
+            images.append(photo)
+    aligner = torch_aligners["largest"]
+    want = align_photos(aligner, images, pending)
+    real_align = DeviceAligner.align
+    bad_shape = images[1].shape
+
+    def failing_align(self, group):
+        if any(p.shape == bad_shape for p in group):
+            raise RuntimeError("injected failure")
+        return real_align(self, group)
+
+    monkeypatch.setattr(DeviceAligner, "align", failing_align)
+    rows, faces, face_photo, _ = align_photos(aligner, images, pending)
+    assert [(r.key, r.status) for r in rows] == [("astro", "ok"), ("hopper", "align_error"), ("china", "no_face")]
+    assert rows[1].error == "RuntimeError: injected failure"
+    assert vars(rows[0]) == vars(want[0][0]) and face_photo == [0]
+    np.testing.assert_array_equal(faces[0], want[1][0])
