@@ -159,17 +159,18 @@ def main() -> int:
     model_note = os.path.basename(model_path) if model_path else "random trees, 68-point shape"
     print(f"landmark model: {model_note}", flush=True)
 
-    def make_predictor(where, use_triton=None):
+    def make_predictor(where, use_triton=None):  # without graphs: the "+graphs" rows below add them
         if model_path:
-            return ShapePredictor(model_path, device=where, use_triton=use_triton)
-        return ShapePredictor.random(device=where, use_triton=use_triton)
+            return ShapePredictor(model_path, device=where, use_triton=use_triton, cuda_graphs=False)
+        return ShapePredictor.random(device=where, use_triton=use_triton, cuda_graphs=False)
 
     pool = photos[:args.pool_photos]
     pool_boxes = face_boxes[:args.pool_photos]
     main_predictor = make_predictor(device)
     predictors = {("triton" if main_predictor.use_triton else "torch"): main_predictor}
     if main_predictor.use_triton:
-        predictors["torch"] = ShapePredictor.from_model(main_predictor.model, device=device, use_triton=False)
+        predictors["torch"] = ShapePredictor.from_model(main_predictor.model, device=device, use_triton=False,
+                                                        cuda_graphs=False)
     if device.type == "cuda" and not args.no_graphs:
         predictors[("triton" if main_predictor.use_triton else "torch") + "+graphs"] = ShapePredictor.from_model(
             main_predictor.model, device=device, cuda_graphs=True)
