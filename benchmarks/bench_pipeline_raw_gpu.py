@@ -136,7 +136,7 @@ def main() -> None:
 
     # Alignment alone: decoded photos in memory -> faces on the device.
     align_cfg = AlignConfig(backend="torch")
-    aligner = DeviceAligner.build(align_cfg, device, predictor=ShapePredictor.random(device=device))
+    aligner = DeviceAligner.build(align_cfg, device, predictor=ShapePredictor.random(device=device, cuda_graphs=False))
     decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 256)]]
     group = 16
     aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)

@@ -71,7 +71,9 @@ class DeviceAligner:
         ``ShapePredictor.random()`` where the file is absent."""
         on_gpu = str(device).startswith("cuda")
         if predictor is None:
-            predictor = ShapePredictor(find_landmark_model(None), device=device)
+            # No CUDA graphs: the actor's other call may launch inversion kernels while a graph would be
+            # captured; landmarks are a small part of alignment's time without them.
+            predictor = ShapePredictor(find_landmark_model(None), device=device, cuda_graphs=False)
         return cls(cfg, FrontalFaceDetector(device=device), predictor,
                    int(max_group_pixels or (256 if on_gpu else 16) * 2 ** 20))
 

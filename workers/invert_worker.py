@@ -6,6 +6,7 @@ A thin wrapper over ``pipeline.invert`` (and ``pipeline.device_align`` when the 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -68,6 +69,7 @@ class InvertWorker:
         self.align_backend = None if align is None or not align.enabled else resolve_align_backend(align.backend, self.device)
         self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
                         if self.align_backend == "torch" else None)
+        self._align_lock = threading.Lock()
 
     def info(self) -> dict:
         m = self.model
@@ -86,7 +88,8 @@ class InvertWorker:
                 if self.aligner is None:
                     raise ValueError("this inversion actor does not align (align.backend resolved to "
                                      f"{self.align_backend!r}), but a chunk of photos came")
-                aligned[k] = align_photos(self.aligner, c.photos, c.rows)
+                with self._align_lock:  # one call aligns at a time; the other's inversion runs meanwhile
+                    aligned[k] = align_photos(self.aligner, c.photos, c.rows)
         chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
         sizes = [len(f) for f in chunk_faces]
         faces = [f for f in chunk_faces if len(f)]
