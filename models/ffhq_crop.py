@@ -39,13 +39,17 @@ __all__ = [
     "plan_crop",
     "crop_faces",
     "photos_to_device",
+    "UprightGeometry",
+    "upright_geometry",
     "upright_region",
     "upright_landmarks",
     "eye_roll_degrees",
     "REGION_MARGIN",
 ]
 
-# Margin (fraction of the box side) around the face box in the upright copy; pipeline.align.REGION_MARGIN.
+# Margin (fraction of the box side) around the face box in the upright copy (both paths). The predictor reads
+# pixels outside its box: on 21 rolled test faces margins of 0.2 to 1.0 give identical landmarks, 0.1 moves
+# some by up to 13 px.
 REGION_MARGIN = 0.25
 
 
@@ -379,33 +383,53 @@ def eye_roll_degrees(lm) -> float:
     return math.degrees(math.atan2(d[1], d[0]))
 
 
-def upright_region(photo: torch.Tensor, box, roll: float, margin: float = REGION_MARGIN):
-    """The region around ``box`` (x0, y0, x1, y1) of an (H, W, 3) uint8 photo turned by ``roll`` degrees
-    about the box centre (eyes level), Pillow's bilinear AFFINE transform as pipeline.align samples it.
+@dataclass(frozen=True)
+class UprightGeometry:
+    """The region around a face box turned by ``roll`` degrees about the box centre (eyes level): its size
+    (nx, ny), the box inside it, Pillow's AFFINE data that samples it from the photo, and the way back."""
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    affine: tuple[float, ...]
+    centre: tuple[float, float]
+    half: tuple[float, float]
+    cos_sin: tuple[float, float]
 
-    Returns (region (ny, nx, 3) uint8 on the photo's device, the box in the region (margin, margin,
-    margin + box width, margin + box height), to_source) where ``to_source`` maps (n, 2) region points (index
-    coordinates) back to the photo."""
+    def to_source(self, points) -> np.ndarray:
+        """(n, 2) region points (index coordinates) -> photo points."""
+        (c, s), (hx, hy), (cx, cy) = self.cos_sin, self.half, self.centre
+        d = np.asarray(points, dtype=np.float64) - (hx, hy)
+        return np.column_stack([c * d[:, 0] - s * d[:, 1] + cx, s * d[:, 0] + c * d[:, 1] + cy])
+
+
+def upright_geometry(box, roll: float, margin: float = REGION_MARGIN) -> UprightGeometry:
+    """Index coordinates throughout (pixel i's centre at i; Pillow's at i + 0.5). Shared by the CPU path
+    (pipeline/detect.py, Pillow) and ``upright_region`` (torch)."""
     x0, y0, x1, y1 = (float(round(v)) for v in box)
     bw, bh = x1 - x0, y1 - y0
     cx, cy = (x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0
-    # The box keeps its own size on whole pixels of the region (the predictor moves with a pixel of box size).
+    # The region is the box plus a margin m on every side, so the box lands on whole pixels there with its own
+    # size (the predictor's output moves with a pixel of box size).
     m = int(math.ceil(margin * max(bw, bh)))
     nx, ny = int(bw) + 2 * m, int(bh) + 2 * m
     hx, hy = (nx - 1) / 2.0, (ny - 1) / 2.0
     t = math.radians(roll)
     c, s = math.cos(t), math.sin(t)
-    # Pillow AFFINE data: source = R @ (out - (hx, hy)) + centre, in pixel-edge coordinates.
+    # Pillow AFFINE data: source = R @ (out - (hx, hy)) + centre in pixel-edge coordinates, R turning the
+    # output's x axis onto the eye line.
     a = (c, -s, cx + 0.5 - c * (hx + 0.5) + s * (hy + 0.5), s, c, cy + 0.5 - s * (hx + 0.5) - c * (hy + 0.5))
+    return UprightGeometry((nx, ny), (float(m), float(m), float(m + bw), float(m + bh)), a, (cx, cy), (hx, hy), (c, s))
+
+
+def upright_region(photo: torch.Tensor, box, roll: float, margin: float = REGION_MARGIN):
+    """The upright region (``upright_geometry``) of an (H, W, 3) uint8 photo, sampled as Pillow's bilinear
+    AFFINE transform does. Returns (region (ny, nx, 3) uint8 on the photo's device, the box in the region,
+    to_source), ``to_source`` mapping (n, 2) region points back to the photo."""
+    g = upright_geometry(box, roll, margin)
+    nx, ny = g.size
     H, W = int(photo.shape[0]), int(photo.shape[1])
     where = upload(np.array([[0], [W], [W], [H]], dtype=np.int64), photo.device)
-    region = bilinear_sample(photo.reshape(-1, 3), ImageSources(*where), *affine_positions(a, nx, ny, photo.device))[0]
-
-    def to_source(points) -> np.ndarray:
-        d = np.asarray(points, dtype=np.float64) - (hx, hy)
-        return np.column_stack([c * d[:, 0] - s * d[:, 1] + cx, s * d[:, 0] + c * d[:, 1] + cy])
-
-    return region, (float(m), float(m), float(m + bw), float(m + bh)), to_source
+    region = bilinear_sample(photo.reshape(-1, 3), ImageSources(*where), *affine_positions(g.affine, nx, ny, photo.device))[0]
+    return region, g.box, g.to_source
 
 
 Predictor = Callable[[torch.Tensor, tuple], np.ndarray]
@@ -414,7 +438,7 @@ Predictor = Callable[[torch.Tensor, tuple], np.ndarray]
 def upright_landmarks(photo: torch.Tensor, box, predict: Predictor, upright_above: float = 10.0,
                       first: np.ndarray | None = None) -> np.ndarray:
     """68 landmarks of the face in ``box``, re-predicted upright when the eyes are rolled by more than
-    ``upright_above`` degrees (pipeline.align.FaceAligner.landmarks' procedure).
+    ``upright_above`` degrees (pipeline.detect.FaceDetector.landmarks' procedure).
 
     ``predict(image, box)``: a 68-point predictor on an (H, W, 3) uint8 tensor and an (x0, y0, x1, y1) box,
     returning (68, 2) points; ``first``: its answer on ``photo`` when already known. A rolled face is

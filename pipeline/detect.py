@@ -13,10 +13,12 @@ import math
 import numpy as np
 from PIL import Image
 
+from models.ffhq_crop import eye_roll_degrees, upright_geometry
+
 from .images import as_rgb_uint8
 from .model_files import find_landmark_model
 
-__all__ = ["FaceDetector", "pick_largest", "faces_that_count", "upsample_runs", "HOG_MIN_FACE", "HOG_WINDOW",
+__all__ = ["FaceDetector", "box_iou", "pick_largest", "faces_that_count", "upsample_runs", "HOG_MIN_FACE", "HOG_WINDOW",
            "UPSAMPLE_MAX_SIDE"]
 
 # dlib's frontal HOG detector scans an 80x80 window: smaller faces are not found at a given scale.
@@ -71,19 +73,7 @@ def pick_largest(dets):
     return max(tied, key=lambda d: (d[1], side(d), -d[0][0], -d[0][1]))
 
 
-# Margin (fraction of the box side) around the face box in the upright copy. The predictor reads pixels
-# outside its box: on 21 rolled test faces margins of 0.2 to 1.0 give identical landmarks, 0.1 moves some by
-# up to 13 px.
-REGION_MARGIN = 0.25
-
-
-def _eye_roll_degrees(lm: np.ndarray) -> float:
-    """Angle of the line from the left eye's centre to the right eye's (image axes, y down)."""
-    d = lm[42:48].mean(axis=0) - lm[36:42].mean(axis=0)
-    return math.degrees(math.atan2(d[1], d[0]))
-
-
-def _iou(a, b) -> float:
+def box_iou(a, b) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
@@ -201,7 +191,7 @@ class FaceDetector:
                 if min(box[2] - box[0], box[3] - box[1]) < min_face_size:
                     continue
                 # A face already found by a coarser run keeps that run's box (its "largest" answer).
-                if any(_iou(box, b) > 0.3 for b, _ in found):
+                if any(box_iou(box, b) > 0.3 for b, _ in found):
                     continue
                 found.append((box, float(sc)))
         return found
@@ -227,7 +217,7 @@ class FaceDetector:
             if rr.right() - rr.left() + 1 > HOG_WINDOW + 3 or sc <= score:
                 continue
             cand = pyr.rect_up(self._dlib.rectangle(rr.left() + x0, rr.top() + y0, rr.right() + x0, rr.bottom() + y0), j)
-            if _iou(_rect_box(cand), box) > 0.3:
+            if box_iou(_rect_box(cand), box) > 0.3:
                 r, score = cand, float(sc)
         return r, score
 
@@ -251,33 +241,20 @@ class FaceDetector:
         lm = self._predict(img, box)
         if self.upright_above is None:
             return lm
-        roll = _eye_roll_degrees(lm)
+        roll = eye_roll_degrees(lm)
         if abs(roll) <= self.upright_above:
             return lm
         lm = self._predict_upright(img, box, roll)
         # A badly rolled first prediction misjudges the roll too (12 degrees for the astronaut turned by 30,
         # 33 in all): turn once more.
-        roll2 = _eye_roll_degrees(lm)
+        roll2 = eye_roll_degrees(lm)
         if abs(roll2 - roll) > 5.0:
             lm = self._predict_upright(img, box, roll2)
         return lm
 
     def _predict_upright(self, img: np.ndarray, box, roll: float) -> np.ndarray:
         """Landmarks predicted on the region around ``box`` turned by ``roll`` degrees (eyes level), in source
-        pixel coordinates. Index coordinates throughout (pixel i's centre at i; Pillow's at i + 0.5)."""
-        x0, y0, x1, y1 = (float(round(v)) for v in box)
-        bw, bh = x1 - x0, y1 - y0
-        cx, cy = (x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0
-        # The region is the box plus a margin m on every side, so the box lands on whole pixels there with its
-        # own size (the predictor's output moves with a pixel of box size).
-        m = int(math.ceil(REGION_MARGIN * max(bw, bh)))
-        nx, ny = int(bw) + 2 * m, int(bh) + 2 * m
-        hx, hy = (nx - 1) / 2.0, (ny - 1) / 2.0
-        t = math.radians(roll)
-        c, s = math.cos(t), math.sin(t)
-        # source = R @ (out - (hx, hy)) + centre, R turning the output's x axis onto the eye line.
-        coeffs = (c, -s, cx + 0.5 - c * (hx + 0.5) + s * (hy + 0.5), s, c, cy + 0.5 - s * (hx + 0.5) - c * (hy + 0.5))
-        region = Image.fromarray(img, "RGB").transform((nx, ny), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
-        lm = self._predict(np.asarray(region), (m, m, m + bw, m + bh))
-        d = lm - (hx, hy)
-        return np.column_stack([c * d[:, 0] - s * d[:, 1] + cx, s * d[:, 0] + c * d[:, 1] + cy])
+        pixel coordinates (models.ffhq_crop.upright_geometry, sampled by Pillow)."""
+        g = upright_geometry(box, roll)
+        region = Image.fromarray(img, "RGB").transform(g.size, Image.Transform.AFFINE, g.affine, Image.Resampling.BILINEAR)
+        return g.to_source(self._predict(np.asarray(region), g.box))

@@ -29,7 +29,7 @@ from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows
 from .config import AlignConfig
-from .detect import upsample_runs
+from .detect import box_iou, upsample_runs
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
@@ -46,14 +46,6 @@ def resolve_align_backend(backend: str, device: str) -> str:
     if backend == "auto":
         return "torch" if str(device).startswith("cuda") else "dlib"
     return backend
-
-
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @dataclass
@@ -100,7 +92,7 @@ class DeviceAligner:
                     box = (float(left), float(top), float(right + 1), float(bottom + 1))
                     if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
                         continue
-                    if any(_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+                    if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
                         continue
                     found[i].append((box, float(score)))
         return found
