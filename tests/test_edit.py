@@ -15,7 +15,7 @@ from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
 from pipeline.config import ConfigError
 from pipeline.edit import DirectionError, apply_direction, load_direction, load_directions, variant_tag
 
-DIRS = os.path.join(DATA_DIR, "editing_directions")  # copies of ../shared/data/editing_directions
+DIRS = os.path.join(DATA_DIR, "editing_directions")  # copies of the team's shared editing_directions data, kept in the repo
 
 
 @pytest.fixture(scope="module")
