@@ -263,8 +263,10 @@ def compiled_worker(a) -> None:
     with open(a.rows, "a") as log:
         for name in a.paths.split(","):
             path = next(p for p in COMPILED_PATHS if p.name == name)
-            model = configure(load_model(a.weights, device, path.kernels, a.tiny), path, device.type == "cuda")
             batches = [int(b) for b in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if b]
+            if not batches:
+                continue
+            model = configure(load_model(a.weights, device, path.kernels, a.tiny), path, device.type == "cuda")
             run_path(model, path, batches, inputs.to(device), ref, device, deadline, log)
             del model
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -337,8 +339,12 @@ def main() -> int:
     cpu_model = build_e2style(resolution, stages=3, width=width, seed=0)
     torch.save({"model": cpu_model.state_dict(), "latent_avg": cpu_model.latent_avg}, weights)
     del cpu_model
-    compile_batches = [int(b) for b in a.compile_batches.split(",") if b] if a.part != "eager" else []
-    inputs = real_inputs(max((batches if a.part != "compiled" else []) + compile_batches), seed=1)
+    compile_batches = ([int(b) for b in (a.compile_batches + "," + a.compile_batches_nok).split(",") if b]
+                       if a.part != "eager" else [])
+    sizes = (batches if a.part != "compiled" else []) + compile_batches
+    if not sizes:
+        p.error("nothing to check: no batch sizes for this --part")
+    inputs = real_inputs(max(sizes), seed=1)
 
     model = load_model(weights, device, kernels=False, tiny=a.tiny)
     ref = reference(model, inputs.to(device), on_gpu)
@@ -349,7 +355,7 @@ def main() -> int:
         torch.cuda.empty_cache() if on_gpu else None
 
     # Compiled paths in worker processes, the default path's worker first.
-    compiled = [p.name for p in COMPILED_PATHS] if a.compile_batches and a.part != "eager" else []
+    compiled = [p.name for p in COMPILED_PATHS] if compile_batches else []
     procs = []
     n_workers = max(1, min(a.workers, len(compiled))) if compiled else 0
     for w in range(n_workers):
