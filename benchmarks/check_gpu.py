@@ -34,10 +34,9 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,8 +63,9 @@ class InferencePath:
         return f"{self.precision}-{'compile' if self.compile else 'eager'}-{'k' if self.kernels else 'nok'}"
 
 
+# The pipeline's default on GPUs; when its compilation fails at first use, InferencePath("fp16", False, True)
+# runs instead (one of EAGER_PATHS).
 PIPELINE_DEFAULT = InferencePath("fp16", True, True)
-PIPELINE_FALLBACK = InferencePath("fp16", False, True)  # what runs when compilation fails at first use
 EAGER_PATHS = [InferencePath(p, False, k) for k in (False, True) for p in ("fp32", "bf16", "fp16")]
 # Compiled: rewrites on first (what the pipeline runs), the default first of all.
 COMPILED_PATHS = [PIPELINE_DEFAULT] + [InferencePath(p, True, k) for k in (True, False) for p in ("fp32", "bf16", "fp16")
