@@ -64,6 +64,8 @@ except ImportError:  # CPU-only installs
     triton = None
 
 from models.dlib_serialize import DlibFormatError, DlibReader
+from models.ffhq_crop import photos_to_device
+from models.pillow_resample import upload
 
 NUM_PLANES = 31  # fHOG planes: 18 signed + 9 unsigned orientations + 4 texture (block energy) planes
 # dlib's unit vectors for the 9 unsigned orientation bins (fhog.h), as float32 like dlib's matrix<float>.
@@ -610,11 +612,10 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, order_keys: np.nd
 @functools.lru_cache(maxsize=4096)
 def _row_table(n_in: int, n_out: int):
     scale = (n_in - 1) / max(n_out - 1, 1)
-    ys = np.empty(n_out, dtype=np.float64)
-    y = -scale
-    for r in range(n_out):  # dlib accumulates the row position in double
-        y += scale
-        ys[r] = y
+    # dlib accumulates the row position in double, one step per row: np.add.accumulate adds in that order.
+    steps = np.full(n_out + 1, scale, dtype=np.float64)
+    steps[0] = -scale
+    ys = np.add.accumulate(steps)[1:]
     top = np.floor(ys).astype(np.int64)
     bottom = np.minimum(top + 1, n_in - 1)
     frac = ys - top
@@ -630,10 +631,11 @@ def _col_table(n_in: int, n_out: int):
     lanes = np.array([x0, x0 + scale, x0 + 2 * scale, x0 + 3 * scale], dtype=np.float64).astype(np.float32)
     step = np.float32(4 * scale)
     n_groups = (n_out + 3) // 4 + 1
-    pos = np.empty((n_groups, 4), dtype=np.float32)
-    for g in range(n_groups):  # float32 accumulator, one step per group of 4 columns
-        lanes = lanes + step
-        pos[g] = lanes
+    # float32 accumulator, one step per group of 4 columns (np.add.accumulate: sequential, in float32)
+    seq = np.empty((n_groups + 1, 4), dtype=np.float32)
+    seq[0] = lanes
+    seq[1:] = step
+    pos = np.add.accumulate(seq, axis=0, dtype=np.float32)[1:]
     left_simd = pos.astype(np.int64)  # truncation (cvttps); positions are >= 0
     stops = np.flatnonzero(left_simd[:, 3] + 1 >= n_in)
     tail_start = min(4 * int(stops[0]) if stops.size else 4 * n_groups, n_out)
@@ -646,12 +648,13 @@ def _col_table(n_in: int, n_out: int):
     lr32[:tail_start] = flat_pos - left[:tail_start].astype(np.float32)
     inv_lr32 = (np.float32(1) - lr32).astype(np.float32)
     lr64 = np.zeros(n_out, dtype=np.float64)
-    x = -scale + tail_start * scale
-    for c in range(tail_start, n_out):  # the double path
-        x += scale
-        left[c] = math.floor(x)
-        right[c] = min(left[c] + 1, n_in - 1)
-        lr64[c] = x - left[c]
+    if tail_start < n_out:  # the double path: a double accumulator from the SSE loop's last position
+        seq = np.full(n_out - tail_start + 1, scale, dtype=np.float64)
+        seq[0] = -scale + tail_start * scale
+        xs = np.add.accumulate(seq)[1:]
+        left[tail_start:] = np.floor(xs).astype(np.int64)
+        right[tail_start:] = np.minimum(left[tail_start:] + 1, n_in - 1)
+        lr64[tail_start:] = xs - left[tail_start:]
     return left, right, lr32, inv_lr32, lr64, tail_start
 
 
@@ -687,7 +690,7 @@ def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes:
         band[b] = tail + np.arange(_TAIL_BAND)
 
     def t(a):
-        return torch.from_numpy(a).to(dev)
+        return upload(a, dev)
 
     flat = images.reshape(n, 3, in_h * in_w)
 
@@ -771,7 +774,7 @@ def _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_
     mag = torch.add(torch.mul(gx, gx), torch.mul(gy, gy))  # exact integers
     xs = np.arange(1, pw + 1)
     ys = np.arange(1, ph + 1)
-    simd_col = torch.from_numpy(xs[None, :] < simd_end[:, None]).to(dev)[:, None, :]  # (B, 1, pw)
+    simd_col = upload(xs[None, :] < simd_end[:, None], dev)[:, None, :]  # (B, 1, pw)
     # The channel with the largest squared gradient. dlib's SIMD columns do select(r > g, r, g) then
     # select(t > b, t, b) (ties go to the later channel); its scalar columns start with red and switch
     # only on a strictly larger value (ties go to the earlier channel).
@@ -785,8 +788,8 @@ def _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_
     # Orientation: dlib keeps the first of the 18 candidates dot_0, -dot_0, dot_1, -dot_1, ... that is
     # strictly larger than everything before it (and than 0). That is the first o with the largest |dot_o|
     # (of dot_o and -dot_o only one can be positive), bin o or o + 9 by the sign, when the largest is > 0.
-    d0 = torch.from_numpy(_DIRECTIONS[:, 0].copy()).to(dev)
-    d1 = torch.from_numpy(_DIRECTIONS[:, 1].copy()).to(dev)
+    d0 = upload(_DIRECTIONS[:, 0], dev)
+    d1 = upload(_DIRECTIONS[:, 1], dev)
     dots = torch.add(torch.mul(grad_x.unsqueeze(-1), d0), torch.mul(grad_y.unsqueeze(-1), d1))
     magnitude = torch.abs(dots)
     best = torch.amax(magnitude, dim=-1, keepdim=True)
@@ -798,10 +801,9 @@ def _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_
 
     # Bilinear vote weights. dlib's SIMD columns compute vy * (vx * v), its scalar columns (vy * vx) * v.
     vy_np, vx_np = _vote_weights(ph, pw)
-    vy_t = torch.from_numpy(vy_np).to(dev)
-    vx_t = torch.from_numpy(vx_np).to(dev)
-    valid = torch.from_numpy((ys[None, :, None] < visible[:, 0, None, None])
-                             & (xs[None, None, :] < visible[:, 1, None, None])).to(dev)
+    vy_t = upload(vy_np, dev)
+    vx_t = upload(vx_np, dev)
+    valid = upload((ys[None, :, None] < visible[:, 0, None, None]) & (xs[None, None, :] < visible[:, 1, None, None]), dev)
     weights = {}
     for ky in range(2):
         for kx in range(2):
@@ -867,7 +869,8 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
         norm = torch.add(norm, sq[..., o])
 
     hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
-    eps = torch.tensor(np.float32(0.0001), device=dev)
+    eps = upload(np.array(0.0001, dtype=np.float32), dev)
+    tenth = upload(np.array(0.1, dtype=np.float32), dev)
     nn_lanes, n_lanes = [], []
     for dy, dx in _LANE_OFFSETS:
         z1 = norm[:, dy:dy + hr, dx:dx + hc]
@@ -877,7 +880,7 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
         s = torch.add(torch.add(torch.add(torch.add(z1, z2), z3), z4), eps)
         nn = torch.mul(_sqrt_float32(s), float(np.float32(0.2)))
         nn_lanes.append(nn)
-        n_lanes.append(torch.div(torch.tensor(np.float32(0.1), device=dev), nn))
+        n_lanes.append(torch.div(tenth, nn))
     nn4 = torch.stack(nn_lanes, 0).unsqueeze(-1)  # (4, B, hr, hc, 1)
     n4 = torch.stack(n_lanes, 0).unsqueeze(-1)
     cell_hist = hist[:, 1:1 + hr, 1:1 + hc, :]    # dlib's hist[y+2][x+2]
@@ -891,8 +894,8 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
         texture = torch.add(texture, torch.add(torch.add(h_sens[..., o], h_sens[..., o + 1]), h_sens[..., o + 2]))
     texture = torch.mul(texture, float(np.float32(2 * 0.2357)))  # (4, B, hr, hc)
     feats = torch.cat([sens, insens, texture.permute(1, 2, 3, 0)], dim=-1)  # (B, hr, hc, 31)
-    inside = torch.from_numpy((np.arange(hr)[None, :, None] < hog[:, 0, None, None])
-                              & (np.arange(hc)[None, None, :] < hog[:, 1, None, None])).to(dev)
+    inside = upload((np.arange(hr)[None, :, None] < hog[:, 0, None, None])
+                    & (np.arange(hc)[None, None, :] < hog[:, 1, None, None]), dev)
     feats = torch.where(inside.unsqueeze(-1), feats, torch.zeros((), device=dev))
     off_r, off_c = (pad_r - 1) // 2, (pad_c - 1) // 2
     planes[:, :, off_r:off_r + hr, off_c:off_c + hc] = feats.permute(0, 3, 1, 2)
@@ -945,7 +948,7 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
     # dlib filters the right-most (hog cols % 8) columns with its scalar loop: a band of 8 per image.
-    tail_start = torch.from_numpy(8 * (hog[:, 1] // 8)).to(dev)
+    tail_start = upload(8 * (hog[:, 1] // 8), dev)
     band = tail_start[:, None] + torch.arange(_TAIL_BAND + fw - 1, device=dev)[None, :]
     step = max(1, chunk_elements // (n * n_filters * plane_h * plane_w))
     total = None
@@ -1152,8 +1155,8 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int32, device=dev)
     weights = torch.zeros((4, n, grid_h, grid_w), dtype=torch.float32, device=dev)
     _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
-        images, torch.from_numpy(visible.astype(np.int64)).to(dev), torch.from_numpy(simd_end.astype(np.int64)).to(dev),
-        torch.from_numpy(_DIRECTIONS.copy()).to(dev), torch.from_numpy(vy).to(dev), torch.from_numpy(vx).to(dev),
+        images, upload(visible.astype(np.int64), dev), upload(simd_end.astype(np.int64), dev),
+        upload(_DIRECTIONS, dev), upload(vy, dev), upload(vx, dev),
         orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
@@ -1173,7 +1176,7 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     fh, fw = col_taps.shape[2], row_taps.shape[2]
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
-    tail = torch.from_numpy(8 * (hog[:, 1] // 8)).to(dev)
+    tail = upload(8 * (hog[:, 1] // 8), dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
     step = max(1, chunk_elements // (n * n_filters * plane_h * out_w))
     for start in range(0, n_slots, step):
@@ -1292,8 +1295,9 @@ class FrontalFaceDetector:
 
     def detect(self, images, upsample: int = 0, adjust_threshold: float = 0.0
                ) -> list[list[tuple[tuple[int, int, int, int], float, int]]]:
-        """For each image (HxWx3 uint8 RGB numpy array), dlib's ``detector.run(image, upsample,
-        adjust_threshold)`` as a list of ((left, top, right, bottom), score, filter index), best first."""
+        """For each image (HxWx3 uint8 RGB numpy array, or torch tensor: photos already on the detector's
+        device are not copied again), dlib's ``detector.run(image, upsample, adjust_threshold)`` as a list
+        of ((left, top, right, bottom), score, filter index), best first."""
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"images must be a list of HxWx3 uint8 numpy arrays, got {type(images).__name__}")
         if int(upsample) != upsample or upsample < 0:
@@ -1301,9 +1305,9 @@ class FrontalFaceDetector:
         upsample = int(upsample)
         adjust_threshold = float(adjust_threshold)
         for i, image in enumerate(images):
-            if not isinstance(image, np.ndarray):
-                raise TypeError(f"images[{i}] must be a numpy array, got {type(image).__name__}")
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            if not isinstance(image, (np.ndarray, torch.Tensor)):
+                raise TypeError(f"images[{i}] must be a numpy array or a torch tensor, got {type(image).__name__}")
+            if image.dtype not in (np.uint8, torch.uint8) or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"images[{i}] must be an HxWx3 uint8 RGB array, got shape {image.shape} "
                                  f"dtype {image.dtype}")
         results: list = [None] * len(images)
@@ -1338,59 +1342,87 @@ class FrontalFaceDetector:
         sizes = [tuple(int(v) for v in images[i].shape[:2]) for i in index]
         h_max = max(h for h, _ in sizes)
         w_max = max(w for _, w in sizes)
-        host = np.zeros((len(index), h_max, w_max, 3), dtype=np.uint8)
-        for k, i in enumerate(index):
-            host[k, :sizes[k][0], :sizes[k][1]] = images[i]
-        batch = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()
+        batch = self._upload_batch([images[i] for i in index], sizes, h_max, w_max)
         for _ in range(upsample):
             up = [pyramid_up_size(h, w) for h, w in sizes]
             batch = resize_rgb(batch, sizes, up)
             sizes = up
         levels = [count_pyramid_levels(h, w, self.model) for h, w in sizes]
-        found = [[] for _ in index]  # per image: (score, filter, level, row, col, box)
+        scored = []  # per level: (level, active images, hog sizes, window scores on the device)
         active = list(range(len(index)))
         level = 0
         while active:
-            self._score_level(batch, [sizes[k] for k in active], active, level, adjust, found)
+            scores = self._score_level(batch, [sizes[k] for k in active])
+            if scores is not None:
+                scored.append((level, list(active), *scores))
             keep = [j for j, k in enumerate(active) if levels[k] > level + 1]
             if not keep:
                 break
-            batch = batch[torch.tensor(keep, device=self.device)] if len(keep) < len(active) else batch
+            batch = batch[upload(np.array(keep, dtype=np.int64), self.device)] if len(keep) < len(active) else batch
             active = [active[j] for j in keep]
             down = [pyramid_down_size(*sizes[k]) for k in active]
             batch = resize_rgb(batch, [sizes[k] for k in active], down)
             for k, s in zip(active, down):
                 sizes[k] = s
             level += 1
+        found = self._windows(scored, adjust, len(index))
         for k, i in enumerate(index):
             results[i] = self._finish(found[k], upsample)
 
-    def _score_level(self, batch, sizes, active, level, adjust, found):
+    def _upload_batch(self, photos, sizes, h_max, w_max) -> torch.Tensor:
+        """(B, 3, h_max, w_max) uint8 on the device, photo k in its top-left corner, zeros around. Host photos
+        travel in one copy (through pinned memory to a GPU); photos already on the device are not copied."""
+        flat, starts, _ = photos_to_device(photos, self.device)
+        batch = torch.zeros((len(photos), 3, h_max, w_max), dtype=torch.uint8, device=self.device)
+        for k, (start, (h, w)) in enumerate(zip(starts, sizes)):
+            batch[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
+        return batch
+
+    def _score_level(self, batch, sizes):
+        """The five filters' window scores of one pyramid level, (B, 5, rows, cols) float32 on the device,
+        and the fHOG sizes (B, 2); None when no image of the level has a HOG cell."""
         planes, hog = _fhog(batch, sizes, self._fhog_pad, use_triton=self.triton_fhog)
         if hog.max() == 0:
-            return
-        fh, fw = self._fhog_pad
-        out_h = int(hog[:, 0].max())
-        out_w = planes.shape[3] - (fw - 1)
-        valid = torch.from_numpy((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
-                                 & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None])).to(self.device)
+            return None
         filter_scores = _filter_scores_triton if self.triton_filters else _filter_scores
-        totals = filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
+        return hog, filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
+
+    def _windows(self, scored, adjust, n_images):
+        """Per image, the windows at or above threshold of every level, as (scores, filters, levels, rows, cols,
+        boxes) arrays, level by level. All levels' hits come to the host in one transfer (each transfer waits
+        for the device)."""
+        fh, fw = self._fhog_pad
+        found = [[] for _ in range(n_images)]
+        if not scored:
+            return found
         # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
         # the score it reports is saliency - threshold in double.
-        cut = torch.from_numpy(self.model.thresholds + adjust).to(self.device)[None, :, None, None]
-        saliency = totals.double()
-        hits = (saliency >= cut) & valid[:, None]
-        b_idx, f_idx, r_idx, c_idx = (a.cpu().numpy() for a in torch.nonzero(hits, as_tuple=True))
-        if b_idx.size == 0:
-            return
-        values = saliency[hits].cpu().numpy() - self.model.thresholds[f_idx]
-        for k in np.unique(b_idx):
-            sel = b_idx == k
-            rows = r_idx[sel] + fh // 2
-            cols = c_idx[sel] + fw // 2
-            found[active[k]].append((values[sel], f_idx[sel], np.full(sel.sum(), level), rows, cols,
-                                     window_boxes(rows, cols, level, self.model)))
+        cut = upload(self.model.thresholds + adjust, self.device)[None, :, None, None]
+        flat_hits, flat_saliency = [], []
+        for _level, _active, hog, totals in scored:
+            out_h, out_w = totals.shape[2], totals.shape[3]
+            valid = upload((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
+                           & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None]), self.device)
+            saliency = totals.double()
+            flat_hits.append(((saliency >= cut) & valid[:, None]).reshape(-1))
+            flat_saliency.append(saliency.reshape(-1))
+        where = torch.nonzero(torch.cat(flat_hits)).squeeze(1)
+        both = torch.stack([where.double(), torch.cat(flat_saliency)[where]]).cpu().numpy()
+        where, saliency = both[0].astype(np.int64), both[1]
+        start = 0
+        for level, active, _hog, totals in scored:
+            stop = start + totals.numel()
+            sel = (where >= start) & (where < stop)
+            b_idx, f_idx, r_idx, c_idx = np.unravel_index(where[sel] - start, tuple(totals.shape))
+            values = saliency[sel] - self.model.thresholds[f_idx]
+            start = stop
+            for k in np.unique(b_idx):
+                mine = b_idx == k
+                rows = r_idx[mine] + fh // 2
+                cols = c_idx[mine] + fw // 2
+                found[active[k]].append((values[mine], f_idx[mine], np.full(mine.sum(), level), rows, cols,
+                                         window_boxes(rows, cols, level, self.model)))
+        return found
 
     def _finish(self, found, upsample):
         if not found:

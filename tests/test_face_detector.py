@@ -332,12 +332,23 @@ def test_bad_images_are_named(detector):
         detector.detect([good, good.astype(np.float32)])
     with pytest.raises(ValueError, match=r"images\[0\].*HxWx3 uint8"):
         detector.detect([good[:, :, 0]])
-    with pytest.raises(TypeError, match=r"images\[0\] must be a numpy array"):
-        detector.detect([torch.zeros(10, 10, 3, dtype=torch.uint8)])
+    with pytest.raises(TypeError, match=r"images\[0\] must be a numpy array or a torch tensor"):
+        detector.detect([good.tolist()])
+    with pytest.raises(ValueError, match=r"images\[0\].*HxWx3 uint8"):
+        detector.detect([torch.zeros(10, 10, 3, dtype=torch.float32)])
     with pytest.raises(TypeError, match="list"):
         detector.detect(good)
     with pytest.raises(ValueError, match="upsample"):
         detector.detect([good], upsample=-1)
+
+
+def test_tensor_photos_give_the_arrays_results(detector):
+    """Photos already in torch (the device aligner's) are read like the arrays they hold, in mixed lists too."""
+    photos = [p.image for p in original_photos()]
+    want = detector.detect(photos, adjust_threshold=-0.5)
+    assert any(want)
+    assert detector.detect([torch.from_numpy(p) for p in photos], adjust_threshold=-0.5) == want
+    assert detector.detect([photos[0], torch.from_numpy(photos[1])], adjust_threshold=-0.5) == want[:2]
 
 
 def test_tiny_and_empty_images_like_dlib(detector, dlib_detector):
