@@ -6,14 +6,17 @@ the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
 
 The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
 models.face_detector.FrontalFaceDetector on the full-resolution photo (what dlib's own pyramid shortcut in
-pipeline/detect.py reproduces), 68 landmarks with models.landmarks.ShapePredictor (upright re-prediction of
-rolled faces with models.ffhq_crop.upright_landmarks), the FFHQ crop with models.ffhq_crop.crop_faces. The
-choice of faces (pipeline.align.choose_faces), the upsampled runs (pipeline.detect.upsample_runs) and the rows
-(pipeline.align.face_rows) are the dlib backend's own functions, so rows, keys and statuses are the same.
+pipeline/detect.py reproduces), 68 landmarks with models.landmarks.ShapePredictor (rolled faces predicted
+again upright with models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole
+group), the FFHQ crop with models.ffhq_crop.crop_faces. The choice of faces (pipeline.align.choose_faces), the
+upsampled runs (pipeline.detect.upsample_runs) and the rows (pipeline.align.face_rows) are the dlib backend's
+own functions, so rows, keys and statuses are the same.
 
 Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
-shrunk (no shrink factor is known that cannot change dlib's boxes). Each group is copied to the device once
-per model, as uint8 (the crop's copy from pinned memory).
+shrunk (no shrink factor is known that cannot change dlib's boxes). A group crosses to the device as uint8
+twice: the detector uploads its own padded batch (it takes host arrays; again for an upsampled run), and one
+copy from pinned memory (photos_to_device) serves the landmarks and the crop, which are given views of it
+(their own copies of those are device to device).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from models.face_detector import FrontalFaceDetector
-from models.ffhq_crop import crop_faces, ffhq_quads, photos_to_device, upright_landmarks
+from models.ffhq_crop import crop_faces, ffhq_quads, photos_to_device, upright_landmarks_batch
 from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows
@@ -109,12 +112,10 @@ class DeviceAligner:
         on_device = [flat[s:s + w * h].view(h, w, 3) for s, (w, h) in zip(starts, sizes)]
         rects = [[_dlib_rect(box) for box, _ in faces] for faces in chosen]
         first = self.predictor.predict(on_device, rects)
-        landmarks = []
-        for i, faces in enumerate(chosen):
-            for k, (box, _) in enumerate(faces):
-                landmarks.append(upright_landmarks(on_device[i], box, self._predict_one, UPRIGHT_ABOVE,
-                                                   first=first[i][k].astype(np.float64)))
-        landmarks = np.stack(landmarks)
+        # Rolled faces are predicted again upright in one predictor call per round for the whole group.
+        landmarks = np.stack(upright_landmarks_batch(
+            [on_device[i] for i in image_index], [box for faces in chosen for box, _ in faces], self.predict_boxes,
+            UPRIGHT_ABOVE, first=[points for per_photo in first for points in per_photo]))
         crops = crop_faces(on_device, image_index, landmarks, cfg.output_size, cfg.transform_size,
                            device=self.device).cpu().numpy()
         quads, _ = ffhq_quads(landmarks)
@@ -126,8 +127,11 @@ class DeviceAligner:
                 n += 1
         return out
 
-    def _predict_one(self, image: torch.Tensor, box) -> np.ndarray:
-        return self.predictor.predict([image], [[_dlib_rect(box)]])[0][0].astype(np.float64)
+    def predict_boxes(self, images: list[torch.Tensor], boxes: list) -> list[np.ndarray]:
+        """(68, 2) float64 landmarks of the face in ``boxes[i]`` ((x0, y0, x1, y1), x1/y1 exclusive) of
+        ``images[i]``, all in one predictor call."""
+        points = self.predictor.predict(images, [[_dlib_rect(box)] for box in boxes])
+        return [p[0].astype(np.float64) for p in points]
 
 
 def _dlib_rect(box) -> tuple[int, int, int, int]:

@@ -13,14 +13,16 @@ import tarfile
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import pipeline_config, tiny_image_bytes
 from face_variants import face_variants, faceless_variants, load_photo
+from models.ffhq_crop import upright_landmarks
 from pipeline.align import FaceAligner, get_aligner
 from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, resolve
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
-from pipeline.device_align import DeviceAligner, align_photos, resolve_align_backend
+from pipeline.device_align import UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
@@ -137,6 +139,45 @@ def test_torch_alignment_equals_dlib_without_ray(photos, torch_aligners, policy)
     ok_rows = [r for r in rows if r.status == "ok"]
     assert [r.key.split("_face")[0] for r in ok_rows] == [photo_keys[p] for p in face_photo]
     assert seconds > 0
+
+
+def _rolled_group() -> list[np.ndarray]:
+    """Small photos of the two heads turned by 16-40 degrees (the ones past 35 are misjudged at first and take
+    the second upright round) and one upright face."""
+    hopper = load_photo("grace_hopper.jpg").crop((130, 100, 410, 400)).resize((200, 214), Image.Resampling.LANCZOS)
+    astro = load_photo("astronaut.jpg").crop((110, 20, 330, 240))
+    turns = [(hopper, -36), (hopper, -16), (hopper, 24), (hopper, 40), (astro, -40), (astro, 20), (astro, 0)]
+    return [np.asarray(head.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(90, 90, 90)))
+            for head, angle in turns]
+
+
+def test_rolled_faces_are_predicted_upright_together(torch_aligners, monkeypatch):
+    """DeviceAligner.align predicts a group's rolled faces again in one predictor call per round (the first
+    prediction, all faces rolled past 10 degrees, those whose roll moved by over 5): each face's landmarks
+    equal its own upright_landmarks, face by face, which makes one call per face and round."""
+    aligner = torch_aligners["largest"]
+    photos = _rolled_group()
+    calls: list[int] = []
+    real_predict = aligner.predictor.predict
+    monkeypatch.setattr(aligner.predictor, "predict",
+                        lambda images, boxes: calls.append(len(images)) or real_predict(images, boxes))
+    aligned = aligner.align(photos)
+    monkeypatch.undo()
+    assert all(len(faces) == 1 for faces in aligned)
+    rounds = []
+    for photo, (face,) in zip(photos, aligned):
+        predictions = []
+
+        def predict_one(image, box):
+            predictions.append(box)
+            return aligner.predict_boxes([image], [box])[0]
+
+        alone = upright_landmarks(torch.from_numpy(photo.copy()), face.box, predict_one, UPRIGHT_ABOVE)
+        np.testing.assert_array_equal(face.landmarks, alone)
+        rounds.append(len(predictions))
+    # The per-face path's rounds, counted per round, are the batched path's call sizes.
+    assert calls == [len(photos)] + [sum(r > k for r in rounds) for k in (1, 2) if any(r > k for r in rounds)]
+    assert rounds.count(1) == 1 and rounds.count(3) >= 2, rounds
 
 
 def test_photo_groups_bound_memory_and_keep_order(photos, torch_aligners):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from face_variants import face_variants, load_photo, load_photo_array
-from models.ffhq_crop import crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
+from models.ffhq_crop import _channel_median, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
 from models.pillow_resample import VERTICAL_FIRST_RULE, lanczos_resize
 from pipeline.align import ffhq_crop, ffhq_quad, get_aligner
 
@@ -112,6 +112,29 @@ def test_lanczos_resize_matches_pillow():
         vertical_first += VERTICAL_FIRST_RULE and h - size[1] > max(0, (w - size[0]) * 2)
     # With Pillow 13 both pass orders occur among the cases.
     assert vertical_first >= 3 or not VERTICAL_FIRST_RULE, vertical_first
+
+
+def _kthvalue_median(flat: torch.Tensor) -> torch.Tensor:
+    """The padding step's median as it was computed before the sort: torch.kthvalue per middle value."""
+    n = flat.shape[0]
+    if n % 2:
+        return flat.kthvalue(n // 2 + 1, dim=0).values
+    return (flat.kthvalue(n // 2, dim=0).values + flat.kthvalue(n // 2 + 1, dim=0).values) / 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 4_095, 65_536, 250_001, 250_000])
+def test_channel_median_is_numpys_bit_for_bit(n):
+    """The sort-based median equals np.median per channel and the kthvalue median, to the bit, on float32
+    values of the padding step's kinds: grey levels (many repeats), blurred levels and wide random floats."""
+    rng = np.random.default_rng(n)
+    for values in (rng.integers(0, 256, (n, 3)).astype(np.float32),
+                   (rng.integers(0, 40, (n, 3)) + rng.integers(0, 4, (n, 3)) * np.float32(0.3)).astype(np.float32),
+                   rng.normal(128, 60, (n, 3)).astype(np.float32)):
+        flat = torch.from_numpy(values).to(DEVICE)
+        ours = _channel_median(flat).cpu().numpy()
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours.view(np.uint32), _kthvalue_median(flat).cpu().numpy().view(np.uint32))
+        np.testing.assert_array_equal(ours.view(np.uint32), np.median(values, axis=0).view(np.uint32))
 
 
 def test_quads_are_the_reference_quads(faces):
