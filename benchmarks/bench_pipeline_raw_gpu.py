@@ -1,11 +1,13 @@
 """Raw photographs to latents on a GPU machine (align.backend torch) against inversion alone, in one run.
 
 Input: JPEGs of ``--min-side``..``--max-side`` px with 0, 1 or 2 faces (``--faceless`` of them without),
-made from the test photographs on backgrounds, in WebDataset tars on local disk; output: latents and
-reconstructions on local disk. The landmark model is replaced by random trees of the 68-point model's
-shape (``ShapePredictor.random``'s model, written in dlib's format and named by E2STYLE_LANDMARK_MODEL):
-the same work as the real file, meaningless landmarks. Full-size official architecture, seeded random
-weights, ``--stages`` stages with reconstructions.
+made from the test photographs on backgrounds (by one process per CPU), in WebDataset tars on local disk;
+output: latents and reconstructions on local disk. The landmark model is replaced by random trees of the
+68-point model's shape (``face_like_model``: written in dlib's format and named by E2STYLE_LANDMARK_MODEL)
+whose initial shape is the test photographs' mean face and whose leaves barely move it: the same work as the
+real file, landmarks that are that face in each detection box (eyes level, so faces are not re-predicted
+upright, as most real faces are not). Full-size official architecture, seeded random weights, ``--stages``
+stages with reconstructions.
 
 Figures (all in this one run, on the same GPU):
 - inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
@@ -13,9 +15,11 @@ Figures (all in this one run, on the same GPU):
 - the pipeline: ``run_pipeline``'s runner with embedded Ray, photos/s and faces/s in steady state (from the
   end of the actor's first call to the last commit, as benchmarks/bench_pipeline_gpu.py measures), the
   ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
-  CPU tasks; align, invert: the actor; encode, write: CPU tasks).
+  CPU tasks; align, invert: the actor; encode, write: CPU tasks); with ``--backends torch,dlib`` the same
+  pipeline again with alignment on the CPU tasks (dlib, which must be importable; the random trees then go
+  to dlib's own shape_predictor), the side-by-side figure.
 
-    python benchmarks/bench_pipeline_raw_gpu.py --photos 4096 --shard 256 --batch 64 --stages 3
+    python benchmarks/bench_pipeline_raw_gpu.py --photos 4096 --shard 256 --batch 64 --stages 3 --backends torch,dlib
     python benchmarks/bench_pipeline_raw_gpu.py --smoke      # CPU: tiny photos and model, checks it runs
 """
 from __future__ import annotations
@@ -23,46 +27,108 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import sys
 import tarfile
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
+from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
+from pipeline.config import AlignConfig, resolve  # noqa: E402
+from pipeline.decode import decode_image  # noqa: E402
+from pipeline.device_align import DeviceAligner  # noqa: E402
+from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
+from pipeline.records import PreparedChunk, Row  # noqa: E402
+from pipeline.runner import run  # noqa: E402
+from workers.invert_worker import InvertWorker  # noqa: E402
+
 # Head crops of the test photographs (left, top, right, bottom): the faces pasted into the photos.
 HEADS = {"astronaut.jpg": (130, 30, 320, 230), "grace_hopper.jpg": (130, 100, 410, 400)}
+DATA = os.path.join(ROOT, "tests", "data")
+
+# dlib's 68 landmarks on the test photographs (benchmarks/bench_crop.py --save-landmarks writes them).
+LANDMARKS_FILE = os.path.join(ROOT, "benchmarks", "data", "photo_landmarks.json")
+# dlib's frontal detector's box of the face those landmarks belong to, as a dlib.rectangle (left, top, right,
+# bottom, inclusive): the frame of dlib's mean shape. tests/test_landmarks.py checks them against dlib.
+FACE_BOXES = {"astronaut.jpg": (179, 83, 266, 170), "grace_hopper.jpg": (161, 137, 376, 352)}
+# Leaf spread of the face-like random trees: points move by ~1e-3 of the box (see models.landmarks.random_model).
+FACE_LEAF_SCALE = 1e-5
 
 
-def make_photos(n: int, min_side: int, max_side: int, faceless: float, seed: int = 0):
+def mean_face_shape() -> np.ndarray:
+    """(68, 2) float32: the test photographs' landmarks, each in the unit square of its face box (dlib maps
+    (0, 0) and (1, 1) to the box's left-top and right-bottom pixels), averaged: a plausible face for random
+    trees' initial shape (random_model(initial_shape=...)), eyes level like most real faces."""
+    with open(LANDMARKS_FILE) as f:
+        saved = json.load(f)
+    shapes = []
+    for name, (left, top, right, bottom) in FACE_BOXES.items():
+        points = np.asarray(saved[name], dtype=np.float64)
+        shapes.append((points - (left, top)) / (right - left, bottom - top))
+    return np.mean(shapes, axis=0).astype(np.float32)
+
+
+def face_like_model(seed: int = 0):
+    """Random trees of the 68-point model's shape whose landmarks stay near mean_face_shape in every box:
+    the real model's work per face, without every face looking rolled (random mean points would make each
+    face cost the upright re-prediction too)."""
+    return random_model(seed=seed, initial_shape=mean_face_shape(), leaf_scale=FACE_LEAF_SCALE)
+
+
+_SOURCES: dict = {}
+
+
+def _sources():
+    """The heads and the background photo, read once per process."""
+    if not _SOURCES:
+        _SOURCES["heads"] = [Image.open(os.path.join(DATA, f)).convert("RGB").crop(box) for f, box in HEADS.items()]
+        _SOURCES["china"] = Image.open(os.path.join(DATA, "china.jpg")).convert("RGB")
+    return _SOURCES["heads"], _SOURCES["china"]
+
+
+def make_photo(args: tuple) -> tuple[bytes, int]:
+    """Photo ``i`` of make_photos (args: i, min_side, max_side, faceless, seed): its own random stream,
+    from (seed, i), so any process makes the same photo."""
+    i, min_side, max_side, faceless, seed = args
+    rng = np.random.default_rng((seed, i))
+    heads, china = _sources()
+    w = int(rng.integers(min_side, max_side + 1))
+    h = int(rng.integers(min_side, max_side + 1))
+    bg = china.resize((w, h), Image.Resampling.BILINEAR) if i % 2 else Image.fromarray(
+        rng.integers(60, 200, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    count = 0 if rng.random() < faceless else int(rng.integers(1, 3))
+    for k in range(count):
+        side = int(min(w, h) * rng.uniform(0.18, 0.4))
+        head = heads[(i + k) % 2].resize((side, side), Image.Resampling.BILINEAR)
+        x = int(rng.integers(0, max(1, w // count - side))) + k * (w // max(count, 1))
+        y = int(rng.integers(0, h - side))
+        bg.paste(head, (min(x, w - side), y))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=90)
+    return buf.getvalue(), count
+
+
+def make_photos(n: int, min_side: int, max_side: int, faceless: float, seed: int = 0, workers: int | None = None):
     """(encoded JPEG, faces pasted) per photo: a background (the faceless photo scaled, or noise) with 0, 1
-    or 2 heads of 18-40% of the shorter side."""
-    rng = np.random.default_rng(seed)
-    data = os.path.join(ROOT, "tests", "data")
-    heads = [Image.open(os.path.join(data, f)).convert("RGB").crop(box) for f, box in HEADS.items()]
-    china = Image.open(os.path.join(data, "china.jpg")).convert("RGB")
-    out = []
-    for i in range(n):
-        w = int(rng.integers(min_side, max_side + 1))
-        h = int(rng.integers(min_side, max_side + 1))
-        bg = china.resize((w, h), Image.Resampling.BILINEAR) if i % 2 else Image.fromarray(
-            rng.integers(60, 200, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
-        count = 0 if rng.random() < faceless else int(rng.integers(1, 3))
-        for k in range(count):
-            side = int(min(w, h) * rng.uniform(0.18, 0.4))
-            head = heads[(i + k) % 2].resize((side, side), Image.Resampling.BILINEAR)
-            x = int(rng.integers(0, max(1, w // count - side))) + k * (w // max(count, 1))
-            y = int(rng.integers(0, h - side))
-            bg.paste(head, (min(x, w - side), y))
-        buf = io.BytesIO()
-        bg.save(buf, "JPEG", quality=90)
-        out.append((buf.getvalue(), count))
-    return out
+    or 2 heads of 18-40% of the shorter side. Made by ``workers`` processes (default: one per CPU; 1024 photos
+    of 1024-1800 px took 73 s on one core); the same photos whatever their number."""
+    jobs = [(i, min_side, max_side, faceless, seed) for i in range(n)]
+    workers = min(workers or os.cpu_count() or 1, n)
+    if workers <= 1:
+        return [make_photo(j) for j in jobs]
+    # fork: the children run only numpy and Pillow (never torch or CUDA, which a forked child must not touch),
+    # and start at once where spawn would import torch and Ray again in each.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(make_photo, jobs, chunksize=max(1, n // (4 * workers)))
 
 
 def write_tars(d: str, photos, shard: int) -> None:
@@ -98,23 +164,13 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
     ap.add_argument("--work", default=tempfile.mkdtemp(prefix="bench_raw_"))
+    ap.add_argument("--backends", default="torch",
+                    help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.smoke:
         a.photos, a.shard, a.batch, a.stages = 8, 4, 4, 2
         a.min_side, a.max_side, a.resolution, a.width = 200, 260, 64, 32
-
-    import torch
-
-    from models.factory import atomic_save, build_e2style, e2style_checkpoint
-    from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor
-    from pipeline.config import AlignConfig, resolve
-    from pipeline.decode import decode_image
-    from pipeline.device_align import DeviceAligner
-    from pipeline.model_files import LANDMARK_MODEL_ENV
-    from pipeline.records import PreparedChunk, Row
-    from pipeline.runner import run
-    from workers.invert_worker import InvertWorker
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -126,17 +182,20 @@ def main() -> None:
         model = build_e2style(a.resolution, stages=a.stages, width=a.width, seed=0)
     atomic_save(e2style_checkpoint(model), ckpt)
     del model
-    # Random trees of the 68-point model's shape, in dlib's file format: the actor loads it as the real one.
+    # Random face-like trees of the 68-point model's shape, in dlib's file format: the actor (and, with the dlib
+    # backend, dlib's shape_predictor) loads it as the real one.
+    landmarks_model = face_like_model(seed=0)
     landmark_file = os.path.join(a.work, "random_68.dat")
     with open(landmark_file, "wb") as f:
-        f.write(serialize_shape_predictor(random_model(seed=0)))
+        f.write(serialize_shape_predictor(landmarks_model))
     os.environ[LANDMARK_MODEL_ENV] = landmark_file   # before Ray starts: its workers inherit it
     print(f"{a.photos} photos ({sum(c for _, c in photos)} faces pasted) and checkpoint ready in "
           f"{time.time() - t:.0f}s", flush=True)
 
     # Alignment alone: decoded photos in memory -> faces on the device.
     align_cfg = AlignConfig(backend="torch")
-    aligner = DeviceAligner.build(align_cfg, device, predictor=ShapePredictor.random(device=device, cuda_graphs=False))
+    aligner = DeviceAligner.build(align_cfg, device,
+                                  predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 256)]]
     group = 16
     aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
@@ -168,24 +227,29 @@ def main() -> None:
     if on_gpu:
         torch.cuda.empty_cache()
 
-    out = os.path.join(a.work, "out")
-    cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
-                   "output": {"url": out, "image_size": 256},
-                   "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
-                   "align": {"enabled": True, "backend": "torch"}, "ray": {"num_cpus": a.num_cpus},
-                   "progress": False}, {})
-    res = run(cfg, echo=lambda s: print(s, flush=True))
-    stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
-    face_rate, seconds = steady_rate(stats)
-    faces_done = sum(s["counts"].get("ok", 0) for s in stats)
-    photo_rate = face_rate * a.photos / max(1, faces_done)
     result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "photos": a.photos,
               "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
-              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
-              "pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
-              "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
-              "counts": res.summary.get("counts"), "exit_code": res.exit_code,
-              "stage_share": res.summary.get("stage_share"), "stage_seconds": res.summary.get("stage_seconds")}
+              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1)}
+    for backend in a.backends.split(","):
+        out = os.path.join(a.work, f"out_{backend}")
+        cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
+                       "output": {"url": out, "image_size": 256},
+                       "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
+                       "align": {"enabled": True, "backend": backend}, "ray": {"num_cpus": a.num_cpus},
+                       "progress": False}, {})
+        t = time.time()
+        res = run(cfg, echo=lambda s: print(s, flush=True))
+        wall = time.time() - t
+        stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
+        face_rate, seconds = steady_rate(stats)
+        faces_done = sum(s["counts"].get("ok", 0) for s in stats)
+        photo_rate = face_rate * a.photos / max(1, faces_done)
+        result[backend] = {"pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
+                           "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
+                           "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
+                           "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
+                           "stage_seconds": res.summary.get("stage_seconds")}
+        print(json.dumps({backend: result[backend]}), flush=True)
     print(json.dumps(result, indent=1))
     if a.out:
         with open(a.out, "w") as f:

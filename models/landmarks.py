@@ -333,12 +333,13 @@ class ShapePredictor:
 
     @classmethod
     def random(cls, cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
-               seed: int = 0, device="cpu", use_triton: bool | None = None, cuda_graphs: bool | None = None
-               ) -> "ShapePredictor":
+               seed: int = 0, device="cpu", use_triton: bool | None = None, cuda_graphs: bool | None = None,
+               initial_shape=None, leaf_scale: float = 1e-3) -> "ShapePredictor":
         """A predictor of the given shape (the 68-point model's by default) with random values, for timing
-        where the model file is not available; its landmarks mean nothing."""
-        return cls.from_model(random_model(cascades, trees, depth, pixels, parts, seed), device, use_triton,
-                              cuda_graphs)
+        where the model file is not available; its landmarks mean nothing, or stay near ``initial_shape``
+        with a small ``leaf_scale`` (see random_model)."""
+        return cls.from_model(random_model(cascades, trees, depth, pixels, parts, seed, initial_shape, leaf_scale),
+                              device, use_triton, cuda_graphs)
 
     def _setup(self, model: ShapePredictorModel, device, use_triton: bool | None, cuda_graphs: bool | None) -> None:
         self.model = model
@@ -599,18 +600,31 @@ def _to_image_pixels(points: torch.Tensor, box_to_image: torch.Tensor) -> torch.
 
 
 def random_model(cascades: int = 15, trees: int = 500, depth: int = 4, pixels: int = 500, parts: int = 68,
-                 seed: int = 0) -> ShapePredictorModel:
-    """Random trees of the given shape with values of the 68-point model's magnitudes."""
+                 seed: int = 0, initial_shape=None, leaf_scale: float = 1e-3) -> ShapePredictorModel:
+    """Random trees of the given shape with values of the 68-point model's magnitudes.
+
+    ``initial_shape``: the mean shape, (parts, 2) points in the unit square of the face box (where dlib keeps
+    it); by default random points, which make the landmarks of every face look rolled. ``leaf_scale``: the
+    spread of the leaf values (1e-3, the real model's magnitude, moves points by ~0.09 of the box over the
+    7500 trees). A face's mean shape with a small ``leaf_scale`` (1e-5) gives points close to that face in
+    every box, eyes level, as real landmarks mostly are. The trees are the seed's whatever the two: the same
+    feature pixels, splits and leaves visited, so the same work per face."""
     rng = np.random.default_rng(seed)
     splits = 2 ** depth - 1
     coords = 2 * parts
+    # Drawn even when replaced, so that the trees below come from the same random stream.
     mean = np.stack([rng.uniform(0.1, 0.9, parts), rng.uniform(0.1, 0.9, parts)], 1).astype(np.float32)
+    if initial_shape is not None:
+        given = np.asarray(initial_shape, dtype=np.float32)
+        if given.size != coords:
+            raise ValueError(f"initial_shape must hold {parts} points, got shape {given.shape}")
+        mean = given.reshape(parts, 2)
     return ShapePredictorModel(
-        initial_shape=mean.reshape(-1),
+        initial_shape=np.ascontiguousarray(mean.reshape(-1)),
         split_index1=rng.integers(0, pixels, (cascades, trees, splits)),
         split_index2=rng.integers(0, pixels, (cascades, trees, splits)),
         split_threshold=rng.normal(0, 30, (cascades, trees, splits)).astype(np.float32),
-        leaf_values=rng.normal(0, 1e-3, (cascades, trees, splits + 1, coords)).astype(np.float32),
+        leaf_values=rng.normal(0, leaf_scale, (cascades, trees, splits + 1, coords)).astype(np.float32),
         anchor_index=rng.integers(0, parts, (cascades, pixels)),
         anchor_delta=rng.normal(0, 0.05, (cascades, pixels, 2)).astype(np.float32),
     )

@@ -8,6 +8,8 @@ and feature pixels exactly on half pixels, where rounding decides, and exercise 
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 
 import dlib
@@ -25,7 +27,8 @@ from models.landmarks import (
     serialize_shape_predictor,
     shape_predictor_68_path,
 )
-from face_variants import face_variants, original_photos
+from face_variants import face_variants, load_photo_array, original_photos
+from models.ffhq_crop import eye_roll_degrees
 
 VARIANTS = 220
 
@@ -327,3 +330,64 @@ def test_split_index_out_of_range_refused():
     w.write_floats(model.anchor_delta[0])
     with pytest.raises(DlibFormatError, match="idx.dat: split_index1 must index the 4 feature pixels"):
         parse_shape_predictor(w.getvalue(), "idx.dat")
+
+
+@pytest.fixture(scope="module")
+def raw_bench():
+    """benchmarks/bench_pipeline_raw_gpu.py (not a package), whose face-like random trees are tested here."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_pipeline_raw_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_pipeline_raw_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_mean_face_is_dlibs_frame(raw_bench, dlib_predictor, model_path):
+    """The benchmark's mean face: its boxes are dlib's detections and its landmarks dlib's on them, and
+    normalised by those boxes it lies near the real model's own initial shape (the mean face dlib trained)."""
+    detector = dlib.get_frontal_face_detector()
+    saved = json.load(open(raw_bench.LANDMARKS_FILE))
+    for name, box in raw_bench.FACE_BOXES.items():
+        image = load_photo_array(name)
+        best = max(zip(*detector.run(image, 0, 0.0)[:2]), key=lambda d: d[1])[0]
+        assert (best.left(), best.top(), best.right(), best.bottom()) == box, name
+        np.testing.assert_array_equal(dlib_points(dlib_predictor, image, box), np.asarray(saved[name]), err_msg=name)
+    mean = raw_bench.mean_face_shape()
+    real = read_shape_predictor(model_path).initial_shape.reshape(-1, 2)
+    assert mean.shape == (68, 2) and mean.dtype == np.float32
+    error = np.abs(mean - real)
+    assert error.max() < 0.15 and error.mean() < 0.06, (error.max(), error.mean())
+    assert abs(eye_roll_degrees(mean)) < 2.0
+
+
+def test_face_like_random_trees_predict_a_level_face_in_every_box(raw_bench, tmp_path):
+    """Random trees with the mean face as initial shape and tiny leaves: in any box (on faces, elsewhere, on
+    noise, partly outside), points within a pixel or two of the mean face placed in the box, eyes level (no
+    upright re-prediction); the trees are the default random model's (the same work per face), and dlib
+    loads the file and predicts the same integers."""
+    model = raw_bench.face_like_model(seed=0)
+    default = random_model(seed=0)
+    for field in ("split_index1", "split_index2", "split_threshold", "anchor_index", "anchor_delta"):
+        np.testing.assert_array_equal(getattr(model, field), getattr(default, field), err_msg=field)
+    np.testing.assert_allclose(model.leaf_values, default.leaf_values * (raw_bench.FACE_LEAF_SCALE / 1e-3),
+                               rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(model.initial_shape, raw_bench.mean_face_shape().reshape(-1))
+
+    rng = np.random.default_rng(5)
+    images = [v.image for v in original_photos()] + [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)]
+    boxes = [[(int(x), int(y), int(x + s - 1), int(y + s - 1)) for x, y, s in
+              zip(rng.integers(-30, 250, 12), rng.integers(-30, 200, 12), rng.integers(40, 260, 12))]
+             for _ in images]
+    boxes[0].append(raw_bench.FACE_BOXES["astronaut.jpg"])
+    points = ShapePredictor.from_model(model).predict(images, boxes)
+    mean = raw_bench.mean_face_shape().astype(np.float64)
+    for image_boxes, image_points in zip(boxes, points):
+        for (left, top, right, bottom), p in zip(image_boxes, image_points):
+            placed = (left, top) + mean * (right - left, bottom - top)
+            assert np.abs(p - placed).max() <= 1.0 + 0.01 * (right - left), (left, top, right, bottom)
+            assert abs(eye_roll_degrees(p)) < 10.0, (left, top, right, bottom)
+    path = tmp_path / "face_like.dat"
+    path.write_bytes(serialize_shape_predictor(model))
+    failures = compare_with_dlib(ShapePredictor(str(path)), dlib.shape_predictor(str(path)), images[:2], boxes[:2],
+                                 ["astronaut", "grace_hopper"])
+    assert not failures, "\n".join(failures[:20])
