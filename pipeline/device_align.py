@@ -13,10 +13,9 @@ upsampled runs (pipeline.detect.upsample_runs) and the rows (pipeline.align.face
 own functions, so rows, keys and statuses are the same.
 
 Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
-shrunk (no shrink factor is known that cannot change dlib's boxes). A group crosses to the device as uint8
-twice: the detector uploads its own padded batch (it takes host arrays; again for an upsampled run), and one
-copy from pinned memory (photos_to_device) serves the landmarks and the crop, which are given views of it
-(their own copies of those are device to device).
+shrunk (no shrink factor is known that cannot change dlib's boxes). Each group crosses to the device once, as
+uint8 from pinned memory (photos_to_device): the detector (every run), the predictor and the crop are given
+views of that copy (what they copy of it is device to device).
 """
 from __future__ import annotations
 
@@ -76,10 +75,11 @@ class DeviceAligner:
     def device(self) -> torch.device:
         return self.detector.device
 
-    def detect(self, photos: list[np.ndarray]) -> list[list[tuple[tuple, float]]]:
-        """Per photo, the detections ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's detect
-        makes: full resolution first; only for photos where nothing qualifying was found (all of them with
-        policy ``all``), the upsampled runs of ``upsample_runs``, a face already found keeping its box."""
+    def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
+        """Per photo (HxWx3 uint8, numpy or torch: those on the device are not copied again), the detections
+        ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's detect makes: full resolution first;
+        only for photos where nothing qualifying was found (all of them with policy ``all``), the upsampled
+        runs of ``upsample_runs``, a face already found keeping its box."""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
         found: list[list] = [[] for _ in photos]
@@ -103,13 +103,17 @@ class DeviceAligner:
     def align(self, photos: list[np.ndarray]) -> list[list[AlignedFace]]:
         """Per photo, its aligned faces (the policy's choice), as the dlib backend's FaceAligner.align."""
         cfg = self.cfg
-        chosen = [choose_faces(d, cfg.policy) for d in self.detect(photos)]
-        image_index = [i for i, faces in enumerate(chosen) for _ in faces]
         out: list[list[AlignedFace]] = [[] for _ in photos]
-        if not image_index:
+        if not photos:
             return out
+        # The group's one host -> device copy (from pinned memory): the detector, the predictor and the crop
+        # are given views of it and copy from it on the device only.
         flat, starts, sizes = photos_to_device(photos, self.device)
         on_device = [flat[s:s + w * h].view(h, w, 3) for s, (w, h) in zip(starts, sizes)]
+        chosen = [choose_faces(d, cfg.policy) for d in self.detect(on_device)]
+        image_index = [i for i, faces in enumerate(chosen) for _ in faces]
+        if not image_index:
+            return out
         rects = [[_dlib_rect(box) for box, _ in faces] for faces in chosen]
         first = self.predictor.predict(on_device, rects)
         # Rolled faces are predicted again upright in one predictor call per round for the whole group.
