@@ -861,6 +861,9 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide pixel columns are x < simd_end
     histograms = _cell_histograms_triton if use_triton else _cell_histograms_torch
     hist = histograms(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc)
+    if use_triton:
+        _fhog_planes_triton(hist, hog, planes, ((pad_r - 1) // 2, (pad_c - 1) // 2))
+        return planes, hog
 
     both = torch.add(hist[..., :9], hist[..., 9:])
     sq = torch.mul(both, both)
@@ -984,27 +987,36 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 
 _TRITON_BLOCK = 128
 _TRITON_HIST_BLOCK = 32
+# Filter kernels: tiles of ROWS rows x BLOCK columns (HOG planes are 10-300 cells wide: small column blocks
+# waste less on the masked right edge; several rows per program make fewer, larger programs).
+_FILTER_ROWS = 8
+_FILTER_BLOCK = 64
+# Cell histograms: the lane-per-(cell, bin) kernel (True) or the cell-per-lane one; cells per program.
+_HIST_LANES = True
+_HIST_CELLS = 4
 
 if triton is not None:
 
     @triton.jit
     def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, tail_ptr, out_ptr, n_terms, n_planes, plane_h,
-                         plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (image, term, plane row, block of output columns).
-        row = tl.program_id(0).to(tl.int64)
-        r = row % plane_h
-        term = (row // plane_h) % n_terms
-        b = row // (plane_h * n_terms)
+                         plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # One program per (image, term, ROWS plane rows, block of output columns).
+        pid = tl.program_id(0).to(tl.int64)
+        row_blocks = tl.cdiv(plane_h, ROWS)
+        r = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
+        term = (pid // row_blocks) % n_terms
+        b = pid // (row_blocks * n_terms)
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = j < out_w
+        live = (r < plane_h)[:, None] & (j < out_w)[None, :]
         plane = tl.load(plane_idx_ptr + term).to(tl.int64)
-        src = planes_ptr + ((b * n_planes + plane) * plane_h + r) * plane_w
-        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-        seq = tl.zeros([BLOCK], dtype=tl.float32)
+        src = planes_ptr + ((b * n_planes + plane) * plane_h + r[:, None]) * plane_w + j[None, :]
+        acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for n in tl.static_range(FW):
-            prod = tl.load(src + j + n, mask=live, other=0.0) * tl.load(taps_ptr + term * FW + n)
+            prod = tl.load(src + n, mask=live, other=0.0) * tl.load(taps_ptr + term * FW + n)
             seq = seq + prod
             if n < INTERLEAVED:
                 if n % 3 == 0:
@@ -1016,30 +1028,32 @@ if triton is not None:
             else:
                 acc0 = acc0 + prod
         tail = tl.load(tail_ptr + b)
-        result = tl.where(j < tail, acc0 + (acc1 + acc2), seq)
-        tl.store(out_ptr + row * out_w + j, result, mask=live)
+        result = tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
+        tl.store(out_ptr + ((b * n_terms + term) * plane_h + r[:, None]) * out_w + j[None, :], result, mask=live)
 
     @triton.jit
     def _col_pass_sum_kernel(rows_ptr, taps_ptr, tail_ptr, total_ptr, n_filters, n_slots, plane_h, out_h,
-                             out_w, FH: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (image, filter, output row, block of columns); the chunk's terms of the filter
+                             out_w, FH: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        # One program per (image, filter, ROWS output rows, block of columns); the chunk's terms of the filter
         # are added to the running total one after the other.
         pid = tl.program_id(0).to(tl.int64)
-        i = pid % out_h
-        f = (pid // out_h) % n_filters
-        b = pid // (out_h * n_filters)
+        row_blocks = tl.cdiv(out_h, ROWS)
+        i = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
+        f = (pid // row_blocks) % n_filters
+        b = pid // (row_blocks * n_filters)
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = j < out_w
-        simd = j < tl.load(tail_ptr + b)
-        out = total_ptr + ((b * n_filters + f) * out_h + i) * out_w + j
+        live = (i < out_h)[:, None] & (j < out_w)[None, :]
+        simd = j[None, :] < tl.load(tail_ptr + b)
+        out = total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :]
         total = tl.load(out, mask=live, other=0.0)
         for s in range(n_slots):
             term = f * n_slots + s
-            base = rows_ptr + ((b * n_filters * n_slots + term) * plane_h + i) * out_w + j
-            acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-            seq = tl.zeros([BLOCK], dtype=tl.float32)
+            base = rows_ptr + ((b * n_filters * n_slots + term) * plane_h + i[:, None]) * out_w + j[None, :]
+            acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for m in tl.static_range(FH):
                 prod = tl.load(base + m * out_w, mask=live, other=0.0) * tl.load(taps_ptr + term * FH + m)
                 seq = seq + prod
@@ -1141,12 +1155,193 @@ if triton is not None:
                 acc = acc + tl.where(o[:, None] == bins[None, :], w[:, None], 0.0)
         tl.store(hist_ptr + cell[:, None] * 18 + bins[None, :], acc, mask=live[:, None] & (bins[None, :] < 18))
 
+    @triton.jit
+    def _resize_kernel(src_ptr, dst_ptr, rows_ptr, cols_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
+        # One program per (image, channel, output row, block of output columns): resize_rgb's arithmetic.
+        # Tables (float64, exact for their int and float32 entries): rows (B, 5, dst_h) top, bottom, tb32,
+        # 1 - tb32, tb64; cols (B, 6, dst_w) left, right, lr32, 1 - lr32, lr64, and the first double-path
+        # column at [b, 5, 0].
+        pid = tl.program_id(0).to(tl.int64)
+        r = pid % dst_h
+        ch = (pid // dst_h) % 3
+        b = pid // (3 * dst_h)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = c < dst_w
+        row = rows_ptr + b * 5 * dst_h + r
+        top = tl.load(row).to(tl.int64)
+        bottom = tl.load(row + dst_h).to(tl.int64)
+        tb = tl.load(row + 2 * dst_h).to(tl.float32)
+        inv_tb = tl.load(row + 3 * dst_h).to(tl.float32)
+        tb64 = tl.load(row + 4 * dst_h)
+        col = cols_ptr + b * 6 * dst_w + c
+        left = tl.load(col, mask=live, other=0.0).to(tl.int64)
+        right = tl.load(col + dst_w, mask=live, other=0.0).to(tl.int64)
+        lr = tl.load(col + 2 * dst_w, mask=live, other=0.0).to(tl.float32)
+        inv_lr = tl.load(col + 3 * dst_w, mask=live, other=0.0).to(tl.float32)
+        lr64 = tl.load(col + 4 * dst_w, mask=live, other=0.0)
+        tail = tl.load(cols_ptr + b * 6 * dst_w + 5 * dst_w).to(tl.int64)
+        plane = src_ptr + (b * 3 + ch) * src_h * src_w
+        p_tl = tl.load(plane + top * src_w + left, mask=live, other=0)
+        p_tr = tl.load(plane + top * src_w + right, mask=live, other=0)
+        p_bl = tl.load(plane + bottom * src_w + left, mask=live, other=0)
+        p_br = tl.load(plane + bottom * src_w + right, mask=live, other=0)
+        acc = (inv_tb * inv_lr) * p_tl.to(tl.float32)
+        acc = acc + (inv_tb * lr) * p_tr.to(tl.float32)
+        acc = acc + (tb * inv_lr) * p_bl.to(tl.float32)
+        acc = acc + (tb * lr) * p_br.to(tl.float32)
+        one_lr = 1.0 - lr64
+        upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
+        lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)
+        value = (1.0 - tb64) * upper + tb64 * lower
+        out = tl.where(c < tail, acc.to(tl.int32), value.to(tl.int32))
+        tl.store(dst_ptr + ((b * 3 + ch) * dst_h + r) * dst_w + c, out.to(tl.uint8), mask=live)
+
+    @triton.jit
+    def _block_energy_kernel(hist_ptr, norm_ptr, n_cells, BLOCK: tl.constexpr):
+        # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order.
+        cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = cell < n_cells
+        base = hist_ptr + cell * 18
+        norm = tl.zeros([BLOCK], dtype=tl.float32)
+        for o in tl.static_range(9):
+            both = tl.load(base + o, mask=live, other=0.0) + tl.load(base + o + 9, mask=live, other=0.0)
+            norm = norm + both * both
+        tl.store(norm_ptr + cell, norm, mask=live)
+
+    @triton.jit
+    def _lane_normaliser(norm_ptr, at, n_cc, live):
+        # One of the four 2x2 blocks around a cell: (truncation level, 1 / its block energy's norm * 0.1).
+        z1 = tl.load(norm_ptr + at, mask=live, other=1.0)
+        z2 = tl.load(norm_ptr + at + 1, mask=live, other=1.0)
+        z3 = tl.load(norm_ptr + at + n_cc, mask=live, other=1.0)
+        z4 = tl.load(norm_ptr + at + n_cc + 1, mask=live, other=1.0)
+        nn = tl.sqrt_rn((((z1 + z2) + z3) + z4) + 0.0001) * 0.2
+        return nn, tl.div_rn(tl.zeros_like(nn) + 0.1, nn)
+
+    @triton.jit
+    def _features_kernel(hist_ptr, norm_ptr, hog_ptr, planes_ptr, hr, hc, n_cr, n_cc, plane_h, plane_w, off_r,
+                         off_c, n_out, BLOCK: tl.constexpr):
+        # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
+        # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size.
+        cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = cell < n_out
+        c = cell % hc
+        r = (cell // hc) % hr
+        b = cell // (hr * hc)
+        inside = live & (r < tl.load(hog_ptr + 2 * b, mask=live, other=0)) & (
+            c < tl.load(hog_ptr + 2 * b + 1, mask=live, other=0))
+        at = b * n_cr * n_cc + r * n_cc + c
+        # The four lanes (dy, dx) = (1, 1), (0, 1), (1, 0), (0, 0) (_LANE_OFFSETS).
+        nn0, n0 = _lane_normaliser(norm_ptr, at + n_cc + 1, n_cc, live)
+        nn1, n1 = _lane_normaliser(norm_ptr, at + 1, n_cc, live)
+        nn2, n2 = _lane_normaliser(norm_ptr, at + n_cc, n_cc, live)
+        nn3, n3 = _lane_normaliser(norm_ptr, at, n_cc, live)
+        h = hist_ptr + (at + n_cc + 1) * 18  # dlib's hist[y + 2][x + 2]: this port's cell (r + 1, c + 1)
+        out = planes_ptr + b * 31 * plane_h * plane_w + (off_r + r) * plane_w + (off_c + c)
+        plane = plane_h * plane_w
+        t0 = tl.zeros([BLOCK], dtype=tl.float32)
+        t1 = tl.zeros([BLOCK], dtype=tl.float32)
+        t2 = tl.zeros([BLOCK], dtype=tl.float32)
+        t3 = tl.zeros([BLOCK], dtype=tl.float32)
+        for g in tl.static_range(6):  # texture: ((h[3g] + h[3g+1]) + h[3g+2]) added group after group
+            for k in tl.static_range(3):
+                v = tl.load(h + 3 * g + k, mask=live, other=0.0)
+                s0 = tl.minimum(v, nn0) * n0
+                s1 = tl.minimum(v, nn1) * n1
+                s2 = tl.minimum(v, nn2) * n2
+                s3 = tl.minimum(v, nn3) * n3
+                tl.store(out + (3 * g + k) * plane, tl.where(inside, (s0 + s1) + (s2 + s3), 0.0), mask=live)
+                if k == 0:
+                    g0, g1, g2, g3 = s0, s1, s2, s3
+                else:
+                    g0, g1, g2, g3 = g0 + s0, g1 + s1, g2 + s2, g3 + s3
+            t0, t1, t2, t3 = t0 + g0, t1 + g1, t2 + g2, t3 + g3
+        for o in tl.static_range(9):
+            u = tl.load(h + o, mask=live, other=0.0) + tl.load(h + o + 9, mask=live, other=0.0)
+            s0 = tl.minimum(u, nn0) * n0
+            s1 = tl.minimum(u, nn1) * n1
+            s2 = tl.minimum(u, nn2) * n2
+            s3 = tl.minimum(u, nn3) * n3
+            tl.store(out + (18 + o) * plane, tl.where(inside, (s0 + s1) + (s2 + s3), 0.0), mask=live)
+        tl.store(out + 27 * plane, tl.where(inside, t0 * 0.4714, 0.0), mask=live)
+        tl.store(out + 28 * plane, tl.where(inside, t1 * 0.4714, 0.0), mask=live)
+        tl.store(out + 29 * plane, tl.where(inside, t2 * 0.4714, 0.0), mask=live)
+        tl.store(out + 30 * plane, tl.where(inside, t3 * 0.4714, 0.0), mask=live)
+
+    @triton.jit
+    def _grid_hist_lanes_kernel(orient_ptr, weight_ptr, hist_ptr, n_cr, n_cc, grid_h, grid_w, n_cells, grid_size,
+                                CELLS: tl.constexpr):
+        # _grid_hist_kernel with one lane per (cell, bin): CELLS cells x 32 bins (18 used) per program, all
+        # 1-D, so that a cell's 32 lanes share each load and no value changes layout between threads.
+        lane = tl.arange(0, CELLS * 32)
+        cell = tl.program_id(0).to(tl.int64) * CELLS + lane // 32
+        bin_ = lane % 32
+        live = cell < n_cells
+        b = cell // (n_cr * n_cc)
+        i = (cell // n_cc) % n_cr
+        j = cell % n_cc
+        start = b * grid_h * grid_w + (8 * (i + 1)) * grid_w + 8 * (j + 1)
+        acc = tl.zeros([CELLS * 32], dtype=tl.float32)
+        for dy in range(0, 8):
+            row = start + dy * grid_w
+            for dx in tl.static_range(16):
+                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
+                w = tl.load(weight_ptr + (dx // 8) * grid_size + row + dx, mask=live, other=0.0)
+                acc = acc + tl.where(o == bin_, w, 0.0)
+        for dy in range(8, 16):
+            row = start + dy * grid_w
+            for dx in tl.static_range(16):
+                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
+                w = tl.load(weight_ptr + (2 + dx // 8) * grid_size + row + dx, mask=live, other=0.0)
+                acc = acc + tl.where(o == bin_, w, 0.0)
+        tl.store(hist_ptr + cell * 18 + bin_, acc, mask=live & (bin_ < 18))
+
+
+def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
+                       ) -> torch.Tensor:
+    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image."""
+    n, _, in_h, in_w = images.shape
+    out_h = max(h for h, _ in out_sizes)
+    out_w = max(w for _, w in out_sizes) + _TAIL_BAND
+    rows = np.zeros((n, 5, out_h), np.float64)
+    cols = np.zeros((n, 6, out_w), np.float64)
+    for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
+        top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
+        rows[b, :, :oh] = top, bottom, tb32, inv_tb32, tb64
+        left, right, lr32, inv_lr32, lr64, tail = _col_table(w, ow)
+        if ow - tail > _TAIL_BAND:
+            raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
+        cols[b, :5, :ow] = left, right, lr32, inv_lr32, lr64
+        cols[b, 5, 0] = tail
+    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
+    _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
+        images.contiguous(), out, upload(rows, images.device), upload(cols, images.device), in_h, in_w, out_h,
+        out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+    return out
+
+
+def _fhog_planes_triton(hist: torch.Tensor, hog: np.ndarray, planes: torch.Tensor, offset: tuple[int, int]) -> None:
+    """_fhog's normalisation and features (its torch code after the histograms) as two Triton kernels,
+    written into ``planes`` (zeros) at ``offset``."""
+    n, n_cr, n_cc, _ = hist.shape
+    hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
+    hist = hist.contiguous()
+    norm = torch.empty((n, n_cr, n_cc), dtype=torch.float32, device=hist.device)
+    cells = n * n_cr * n_cc
+    _block_energy_kernel[(triton.cdiv(cells, _TRITON_BLOCK),)](hist, norm, cells, BLOCK=_TRITON_BLOCK,
+                                                                enable_fp_fusion=False)
+    n_out = n * hr * hc
+    _features_kernel[(triton.cdiv(n_out, _TRITON_BLOCK),)](
+        hist, norm, upload(hog.astype(np.int64), hist.device), planes, hr, hc, n_cr, n_cc, planes.shape[2],
+        planes.shape[3], offset[0], offset[1], n_out, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+
 
 def _interleaved_taps(size: int) -> int:
     return 3 * max(0, -(-(size - 2) // 3))
 
 
-def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc) -> torch.Tensor:
+def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc,
+                            lanes: bool | None = None) -> torch.Tensor:
     """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit."""
     dev = images.device
     n, _, height, width = images.shape
@@ -1160,9 +1355,14 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
         orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    _grid_hist_kernel[(triton.cdiv(n_cells, _TRITON_HIST_BLOCK),)](
-        orient, weights, hist, n_cr, n_cc, grid_h, grid_w, n_cells, n * grid_h * grid_w,
-        BLOCK=_TRITON_HIST_BLOCK, enable_fp_fusion=False)
+    if _HIST_LANES if lanes is None else lanes:
+        _grid_hist_lanes_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
+            orient, weights, hist, n_cr, n_cc, grid_h, grid_w, n_cells, n * grid_h * grid_w,
+            CELLS=_HIST_CELLS, enable_fp_fusion=False)
+    else:
+        _grid_hist_kernel[(triton.cdiv(n_cells, _TRITON_HIST_BLOCK),)](
+            orient, weights, hist, n_cr, n_cc, grid_h, grid_w, n_cells, n * grid_h * grid_w,
+            BLOCK=_TRITON_HIST_BLOCK, enable_fp_fusion=False)
     return hist
 
 
@@ -1187,12 +1387,12 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
         rows = row_taps[:, start:stop].reshape(terms, fw).contiguous()
         cols = col_taps[:, start:stop].reshape(terms, fh).contiguous()
         rows_out = torch.empty((n, terms, plane_h, out_w), dtype=torch.float32, device=dev)
-        _row_pass_kernel[(n * terms * plane_h, triton.cdiv(out_w, _TRITON_BLOCK))](
-            planes, idx, rows, tail, rows_out, terms, n_planes, plane_h, plane_w, out_w,
-            FW=fw, INTERLEAVED=_interleaved_taps(fw), BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
-        _col_pass_sum_kernel[(n * n_filters * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
-            rows_out, cols, tail, total, n_filters, slots, plane_h, out_h, out_w,
-            FH=fh, INTERLEAVED=_interleaved_taps(fh), BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+        _row_pass_kernel[(n * terms * triton.cdiv(plane_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
+            planes, idx, rows, tail, rows_out, terms, n_planes, plane_h, plane_w, out_w, FW=fw,
+            INTERLEAVED=_interleaved_taps(fw), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
+        _col_pass_sum_kernel[(n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
+            rows_out, cols, tail, total, n_filters, slots, plane_h, out_h, out_w, FH=fh,
+            INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
     return total
 
 
@@ -1236,13 +1436,14 @@ class FrontalFaceDetector:
 
         # Triton kernels on CUDA (default when available): each group (fHOG histograms, filters) is used only
         # if it reproduces the torch path bit for bit on the checks here; otherwise a warning and torch.
-        self.triton_fhog = self.triton_filters = False
+        self.triton_fhog = self.triton_filters = self.triton_resize = False
         if use_triton is None:
             use_triton = self.device.type == "cuda" and triton is not None
         if use_triton:
             if self.device.type != "cuda" or triton is None:
                 raise ValueError("use_triton needs a CUDA device and the triton package")
-            for group, check in (("fhog", self._check_triton_fhog), ("filters", self._check_triton_filters)):
+            for group, check in (("resize", self._check_triton_resize), ("fhog", self._check_triton_fhog),
+                                 ("filters", self._check_triton_filters)):
                 try:
                     problem = check()
                 except Exception as e:  # noqa: BLE001 - a compile or launch failure means: use torch
@@ -1255,7 +1456,24 @@ class FrontalFaceDetector:
 
     @property
     def use_triton(self) -> bool:
-        return self.triton_fhog and self.triton_filters
+        return self.triton_resize and self.triton_fhog and self.triton_filters
+
+    def _check_triton_resize(self) -> str | None:
+        # Two sizes in a batch, down (pyramid_down<6>) and up (pyramid_up), noise and flat areas.
+        rng = np.random.default_rng(1)
+        sizes = [(97, 143), (61, 37)]
+        batch = torch.zeros((2, 3, 97, 143), dtype=torch.uint8)
+        for k, (h, w) in enumerate(sizes):
+            batch[k, :, :h, :w] = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+        batch[1, :, 10:30, 5:25] = 200
+        batch = batch.to(self.device)
+        for out in ([pyramid_down_size(*z) for z in sizes], [pyramid_up_size(*z) for z in sizes]):
+            want = resize_rgb(batch, sizes, out)
+            got = _resize_rgb_triton(batch, sizes, out)
+            for k, (h, w) in enumerate(out):
+                if not torch.equal(want[k, :, :h, :w], got[k, :, :h, :w]):
+                    return f"resized pixels differ ({sizes[k]} -> {(h, w)})"
+        return None
 
     def _check_triton_fhog(self) -> str | None:
         # Quantised random images (many equal gradients: every tie rule is exercised), two sizes in a batch.
@@ -1343,9 +1561,10 @@ class FrontalFaceDetector:
         h_max = max(h for h, _ in sizes)
         w_max = max(w for _, w in sizes)
         batch = self._upload_batch([images[i] for i in index], sizes, h_max, w_max)
+        resize = _resize_rgb_triton if self.triton_resize else resize_rgb
         for _ in range(upsample):
             up = [pyramid_up_size(h, w) for h, w in sizes]
-            batch = resize_rgb(batch, sizes, up)
+            batch = resize(batch, sizes, up)
             sizes = up
         levels = [count_pyramid_levels(h, w, self.model) for h, w in sizes]
         scored = []  # per level: (level, active images, hog sizes, window scores on the device)
@@ -1361,7 +1580,7 @@ class FrontalFaceDetector:
             batch = batch[upload(np.array(keep, dtype=np.int64), self.device)] if len(keep) < len(active) else batch
             active = [active[j] for j in keep]
             down = [pyramid_down_size(*sizes[k]) for k in active]
-            batch = resize_rgb(batch, [sizes[k] for k in active], down)
+            batch = resize(batch, [sizes[k] for k in active], down)
             for k, s in zip(active, down):
                 sizes[k] = s
             level += 1
@@ -1465,8 +1684,8 @@ def _check_device(argv=None) -> int:
     devices = {"torch": FrontalFaceDetector(args.device, args.path, use_triton=False)}
     if args.device.startswith("cuda") and triton is not None:
         devices["triton"] = FrontalFaceDetector(args.device, args.path)
-        print(f"triton kernels in use: fhog {devices['triton'].triton_fhog}, filters "
-              f"{devices['triton'].triton_filters} (False: see the warning above)")
+        print(f"triton kernels in use: resize {devices['triton'].triton_resize}, fhog {devices['triton'].triton_fhog}, "
+              f"filters {devices['triton'].triton_filters} (False: see the warning above)")
     failures = 0
     for upsample in (0, 1):
         subset = images if upsample == 0 else [im for im in images if im.shape[0] * im.shape[1] <= 700 * 700]
