@@ -1,14 +1,16 @@
 """The GPU face detector on raw photographs: photos/s of FrontalFaceDetector.detect, from host arrays and from
 photos already on the device, its device time per call, and where that time goes (torch.profiler).
 
-    python benchmarks/bench_detector.py --photos 64                       # GPU
+    python benchmarks/bench_detector.py --photos 64 --variants all        # GPU
     python benchmarks/bench_detector.py --photos 2 --min-side 200 --max-side 260 --device cpu --repeats 1
 
 Photos: bench_pipeline_raw_gpu.make_photos (JPEG-decoded, --min-side..--max-side px, 0-2 faces), as host
 arrays (the call includes their upload) and already on the device (their detections must be the same:
 exit status 1 otherwise). One warm-up call, then the median of --repeats calls timed with CUDA events (wall
 time of the call: host work included); "device ms" sums the kernels' and copies' time of one call
-(torch.profiler): what the detector takes from a GPU it shares with inversion.
+(torch.profiler): what the detector takes from a GPU it shares with inversion. ``--variants``: other tile
+sizes and batching settings (VARIANTS), each timed on the device photos in the same run, and each required to
+give the default's detections.
 """
 from __future__ import annotations
 
@@ -29,6 +31,21 @@ from benchmarks.bench_pipeline_raw_gpu import make_photos  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 
+# Settings of models.face_detector tried against its defaults in the same run (photos on the device):
+# filter tiles (rows x columns per program), histogram cells per program, the padding allowed in a batch.
+VARIANTS = {
+    "filters 4x128": {"_FILTER_ROWS": 4, "_FILTER_BLOCK": 128},
+    "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
+    "filters 32x32": {"_FILTER_ROWS": 32, "_FILTER_BLOCK": 32},
+    "filters 16x128": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 128},
+    "hist 2 cells": {"_HIST_CELLS": 2},
+    "hist 8 cells": {"_HIST_CELLS": 8},
+    "padding 1.25": {"_MAX_PADDING": 1.25},
+    "padding 2": {"_MAX_PADDING": 2.0},
+    "padding 4": {"_MAX_PADDING": 4.0},
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=64)
@@ -36,8 +53,11 @@ def main() -> int:
     ap.add_argument("--max-side", type=int, default=1800)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", default="", help=f"comma-separated, of: {', '.join(VARIANTS)} (or 'all')")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.variants == "all":
+        a.variants = ",".join(VARIANTS)
     dev = torch.device(a.device)
     on_gpu = dev.type == "cuda"
     photos = [decode_image(p) for p, _ in make_photos(a.photos, a.min_side, a.max_side, 0.1)]
@@ -47,6 +67,15 @@ def main() -> int:
     detector = face_detector.FrontalFaceDetector(dev)
     print(f"detector built in {time.perf_counter() - t:.1f}s; triton: resize {detector.triton_resize}, "
           f"fhog {detector.triton_fhog}, filters {detector.triton_filters}", flush=True)
+
+    def device_ms(fn) -> float:
+        """Kernels' and copies' time of one call (torch.profiler), ms; nan on a CPU."""
+        if not on_gpu:
+            return float("nan")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in p.key_averages()) / 1e3
 
     def timed(fn) -> float:
         fn()
@@ -70,9 +99,27 @@ def main() -> int:
     rows = []
     for source, images in (("host arrays", photos), ("on the device", resident)):
         s = timed(lambda: detector.detect(images))
-        rows.append({"photos from": source, "ms": round(s * 1e3, 1), "photos/s": round(len(photos) / s, 1),
-                     "MP/s": round(megapixels / s, 1)})
+        rows.append({"variant": "default", "photos from": source, "ms": round(s * 1e3, 1),
+                     "photos/s": round(len(photos) / s, 1), "MP/s": round(megapixels / s, 1),
+                     "device ms": round(device_ms(lambda: detector.detect(images)), 1)})
         print(rows[-1], flush=True)
+    differ = []
+    for name in (a.variants.split(",") if a.variants else []):
+        settings = VARIANTS[name]
+        saved = {k: getattr(face_detector, k) for k in settings}
+        for k, v in settings.items():
+            setattr(face_detector, k, v)
+        try:
+            if detector.detect(resident) != want:
+                differ.append(name)
+            s = timed(lambda: detector.detect(resident))
+            rows.append({"variant": name, "photos from": "on the device", "ms": round(s * 1e3, 1),
+                         "photos/s": round(len(photos) / s, 1), "MP/s": round(megapixels / s, 1),
+                         "device ms": round(device_ms(lambda: detector.detect(resident)), 1)})
+            print(rows[-1], flush=True)
+        finally:
+            for k, v in saved.items():
+                setattr(face_detector, k, v)
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -82,19 +129,18 @@ def main() -> int:
     table = prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=20,
                                       max_name_column_width=50)
     print(table)
-    device_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 if on_gpu else float("nan")
     print(f"\n{a.photos} photos, {a.min_side}-{a.max_side} px ({megapixels:.1f} MP), {dev}, "
-          f"{sum(len(d) for d in want)} detections; device time of one call (photos on the device): "
-          f"{device_ms:.1f} ms = {len(photos) / device_ms * 1e3:.0f} photos/s")
-    print("| photos from | ms per call | photos/s | MP/s |\n|---|---|---|---|")
+          f"{sum(len(d) for d in want)} detections")
+    print("| variant | photos from | ms per call | photos/s | MP/s | device ms per call |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['photos from']} | {r['ms']} | {r['photos/s']} | {r['MP/s']} |")
+        print(f"| {r['variant']} | {r['photos from']} | {r['ms']} | {r['photos/s']} | {r['MP/s']} | {r['device ms']} |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"rows": rows, "device_ms": device_ms, "profile": table}, f, indent=1)
-    if got != want:
-        print("FAILED: photos on the device gave other detections than host arrays")
-    return 0 if got == want else 1
+            json.dump({"rows": rows, "profile": table}, f, indent=1)
+    if got != want or differ:
+        print(f"FAILED: other detections than host arrays with the default: "
+              f"{(['photos on the device'] if got != want else []) + differ}")
+    return 0 if got == want and not differ else 1
 
 
 if __name__ == "__main__":

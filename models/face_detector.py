@@ -859,11 +859,11 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     grid_h, grid_w = cell * (n_cr + 2), cell * (n_cc + 2)
     ph, pw = min(height - 2, grid_h - 13), min(width - 2, grid_w - 13)  # interior pixels 1..ph, 1..pw
     simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide pixel columns are x < simd_end
-    histograms = _cell_histograms_triton if use_triton else _cell_histograms_torch
-    hist = histograms(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc)
     if use_triton:
+        hist = _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells)
         _fhog_planes_triton(hist, hog, planes, ((pad_r - 1) // 2, (pad_c - 1) // 2))
         return planes, hog
+    hist = _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc)
 
     both = torch.add(hist[..., :9], hist[..., 9:])
     sq = torch.mul(both, both)
@@ -1000,17 +1000,19 @@ _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n_terms", "n_planes", "plane_h", "plane_w", "out_w"])
-    def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, tail_ptr, out_ptr, n_terms, n_planes, plane_h,
+    def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, bounds_ptr, out_ptr, n_terms, n_planes, plane_h,
                          plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK: tl.constexpr):
-        # One program per (image, term, ROWS plane rows, block of output columns).
+        # One program per (image, term, ROWS plane rows, block of output columns). bounds (B, 4): the first
+        # scalar column, HOG rows and columns, plane rows that valid windows read; outside the image's own
+        # rows and columns nothing is computed (padding of smaller photos: nothing reads it).
         pid = tl.program_id(0).to(tl.int64)
         row_blocks = tl.cdiv(plane_h, ROWS)
         r = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
         term = (pid // row_blocks) % n_terms
         b = pid // (row_blocks * n_terms)
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = (r < plane_h)[:, None] & (j < out_w)[None, :]
+        live = (r < tl.load(bounds_ptr + 4 * b + 3))[:, None] & (j < tl.load(bounds_ptr + 4 * b + 2))[None, :]
         plane = tl.load(plane_idx_ptr + term).to(tl.int64)
         src = planes_ptr + ((b * n_planes + plane) * plane_h + r[:, None]) * plane_w + j[None, :]
         acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -1029,24 +1031,25 @@ if triton is not None:
                     acc2 = acc2 + prod
             else:
                 acc0 = acc0 + prod
-        tail = tl.load(tail_ptr + b)
+        tail = tl.load(bounds_ptr + 4 * b)
         result = tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
         tl.store(out_ptr + ((b * n_terms + term) * plane_h + r[:, None]) * out_w + j[None, :], result, mask=live)
 
     @triton.jit(do_not_specialize=["n_filters", "n_slots", "plane_h", "out_h", "out_w"])
-    def _col_pass_sum_kernel(rows_ptr, taps_ptr, tail_ptr, total_ptr, n_filters, n_slots, plane_h, out_h,
+    def _col_pass_sum_kernel(rows_ptr, taps_ptr, bounds_ptr, total_ptr, n_filters, n_slots, plane_h, out_h,
                              out_w, FH: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK: tl.constexpr):
         # One program per (image, filter, ROWS output rows, block of columns); the chunk's terms of the filter
-        # are added to the running total one after the other.
+        # are added to the running total one after the other. Only the image's own windows (bounds as in
+        # _row_pass_kernel); the totals elsewhere stay as they are.
         pid = tl.program_id(0).to(tl.int64)
         row_blocks = tl.cdiv(out_h, ROWS)
         i = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
         f = (pid // row_blocks) % n_filters
         b = pid // (row_blocks * n_filters)
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = (i < out_h)[:, None] & (j < out_w)[None, :]
-        simd = j[None, :] < tl.load(tail_ptr + b)
+        live = (i < tl.load(bounds_ptr + 4 * b + 1))[:, None] & (j < tl.load(bounds_ptr + 4 * b + 2))[None, :]
+        simd = j[None, :] < tl.load(bounds_ptr + 4 * b)
         out = total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :]
         total = tl.load(out, mask=live, other=0.0)
         for s in range(n_slots):
@@ -1084,19 +1087,19 @@ if triton is not None:
         inside = x <= pw
         valid = inside & (y < tl.load(visible_ptr + 2 * b)) & (x < tl.load(visible_ptr + 2 * b + 1))
         simd = x < tl.load(simd_end_ptr + b)
-        plane = height * width
+        plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
         px = img_ptr + b * 3 * plane + y * width + x
-        gx0 = tl.load(px + 1, mask=inside, other=0).to(tl.int32) - tl.load(px - 1, mask=inside, other=0).to(tl.int32)
-        gy0 = (tl.load(px + width, mask=inside, other=0).to(tl.int32)
-               - tl.load(px - width, mask=inside, other=0).to(tl.int32))
+        gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
+        gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px - width, mask=valid, other=0).to(tl.int32))
         px1 = px + plane
-        gx1 = tl.load(px1 + 1, mask=inside, other=0).to(tl.int32) - tl.load(px1 - 1, mask=inside, other=0).to(tl.int32)
-        gy1 = (tl.load(px1 + width, mask=inside, other=0).to(tl.int32)
-               - tl.load(px1 - width, mask=inside, other=0).to(tl.int32))
+        gx1 = tl.load(px1 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32)
+        gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
         px2 = px + 2 * plane
-        gx2 = tl.load(px2 + 1, mask=inside, other=0).to(tl.int32) - tl.load(px2 - 1, mask=inside, other=0).to(tl.int32)
-        gy2 = (tl.load(px2 + width, mask=inside, other=0).to(tl.int32)
-               - tl.load(px2 - width, mask=inside, other=0).to(tl.int32))
+        gx2 = tl.load(px2 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32)
+        gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
         m0 = gx0 * gx0 + gy0 * gy0
         m1 = gx1 * gx1 + gy1 * gy1
         m2 = gx2 * gx2 + gy2 * gy2
@@ -1134,14 +1137,15 @@ if triton is not None:
     def _resize_kernel(src_ptr, dst_ptr, rows_ptr, cols_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
         # One program per (image, channel, output row, block of output columns): resize_rgb's arithmetic.
         # Tables (float64, exact for their int and float32 entries): rows (B, 5, dst_h) top, bottom, tb32,
-        # 1 - tb32, tb64; cols (B, 6, dst_w) left, right, lr32, 1 - lr32, lr64, and the first double-path
-        # column at [b, 5, 0].
+        # 1 - tb32, tb64; cols (B, 6, dst_w) left, right, lr32, 1 - lr32, lr64, and at [b, 5, :3] the first
+        # double-path column and the image's output width and height (beyond them: not written).
         pid = tl.program_id(0).to(tl.int64)
         r = pid % dst_h
         ch = (pid // dst_h) % 3
         b = pid // (3 * dst_h)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = c < dst_w
+        sizes = cols_ptr + b * 6 * dst_w + 5 * dst_w
+        live = (c < tl.load(sizes + 1).to(tl.int64)) & (r < tl.load(sizes + 2).to(tl.int64))
         row = rows_ptr + b * 5 * dst_h + r
         top = tl.load(row).to(tl.int64)
         bottom = tl.load(row + dst_h).to(tl.int64)
@@ -1154,7 +1158,7 @@ if triton is not None:
         lr = tl.load(col + 2 * dst_w, mask=live, other=0.0).to(tl.float32)
         inv_lr = tl.load(col + 3 * dst_w, mask=live, other=0.0).to(tl.float32)
         lr64 = tl.load(col + 4 * dst_w, mask=live, other=0.0)
-        tail = tl.load(cols_ptr + b * 6 * dst_w + 5 * dst_w).to(tl.int64)
+        tail = tl.load(sizes).to(tl.int64)
         plane = src_ptr + (b * 3 + ch) * src_h * src_w
         p_tl = tl.load(plane + top * src_w + left, mask=live, other=0)
         p_tr = tl.load(plane + top * src_w + right, mask=live, other=0)
@@ -1244,19 +1248,22 @@ if triton is not None:
         tl.store(out + 30 * plane, tl.where(inside, t3 * 0.4714, 0.0), mask=live)
 
     @triton.jit(do_not_specialize=["n_cr", "n_cc", "grid_h", "grid_w", "n_cells", "grid_size"])
-    def _grid_hist_kernel(orient_ptr, weight_ptr, hist_ptr, n_cr, n_cc, grid_h, grid_w, n_cells, grid_size,
-                          CELLS: tl.constexpr):
+    def _grid_hist_kernel(orient_ptr, weight_ptr, hist_ptr, cells_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
+                          grid_size, CELLS: tl.constexpr):
         # One lane per (cell, bin), CELLS cells x 32 bins (18 used) per program, all 1-D (a cell's 32 lanes
         # share each load; nothing changes layout between threads: 2.5x faster on the H200 than one lane
         # per cell with a (cells, 32) tile). Each lane adds its bin's votes of the cell's 16x16 pixel block
-        # in raster order; a vote for another bin adds +0.0, which leaves the sum unchanged.
+        # in raster order; a vote for another bin adds +0.0, which leaves the sum unchanged. Cells beyond the
+        # image's own (padding of smaller photos) are not computed: nothing reads them.
         lane = tl.arange(0, CELLS * 32)
         cell = tl.program_id(0).to(tl.int64) * CELLS + lane // 32
         bin_ = lane % 32
-        live = cell < n_cells
         b = cell // (n_cr * n_cc)
         i = (cell // n_cc) % n_cr
         j = cell % n_cc
+        inside = cell < n_cells
+        live = inside & (i < tl.load(cells_ptr + 2 * b, mask=inside, other=0)) & (
+            j < tl.load(cells_ptr + 2 * b + 1, mask=inside, other=0))
         start = b * grid_h * grid_w + (8 * (i + 1)) * grid_w + 8 * (j + 1)
         acc = tl.zeros([CELLS * 32], dtype=tl.float32)
         for dy in range(0, 8):
@@ -1276,7 +1283,8 @@ if triton is not None:
 
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
-    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image."""
+    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
+    unwritten, where resize_rgb leaves junk)."""
     n, _, in_h, in_w = images.shape
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
@@ -1289,7 +1297,7 @@ def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], ou
         if ow - tail > _TAIL_BAND:
             raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
         cols[b, :5, :ow] = left, right, lr32, inv_lr32, lr64
-        cols[b, 5, 0] = tail
+        cols[b, 5, :3] = tail, ow, oh
     out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
     _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
         images.contiguous(), out, upload(rows, images.device), upload(cols, images.device), in_h, in_w, out_h,
@@ -1317,8 +1325,9 @@ def _interleaved_taps(size: int) -> int:
     return 3 * max(0, -(-(size - 2) // 3))
 
 
-def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit."""
+def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells) -> torch.Tensor:
+    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit in each image's
+    own ``cells`` (B, 2) (the only ones read)."""
     dev = images.device
     n, _, height, width = images.shape
     images = images.contiguous()
@@ -1332,14 +1341,15 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
     _grid_hist_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
-        orient, weights, hist, n_cr, n_cc, grid_h, grid_w, n_cells, n * grid_h * grid_w, CELLS=_HIST_CELLS,
-        enable_fp_fusion=False)
+        orient, weights, hist, upload(cells.astype(np.int64), dev), n_cr, n_cc, grid_h, grid_w, n_cells,
+        n * grid_h * grid_w, CELLS=_HIST_CELLS, enable_fp_fusion=False)
     return hist
 
 
 def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
                           col_taps: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """_filter_scores with the Triton kernels: same arguments, same result bit for bit."""
+    """_filter_scores with the Triton kernels: same arguments, same result bit for bit at each image's own
+    windows (elsewhere: 0)."""
     dev = planes.device
     planes = planes.contiguous()
     n, n_planes, plane_h, plane_w = planes.shape
@@ -1347,7 +1357,7 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     fh, fw = col_taps.shape[2], row_taps.shape[2]
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
-    tail = upload(8 * (hog[:, 1] // 8), dev)
+    bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
     step = max(1, chunk_elements // (n * n_filters * plane_h * out_w))
     for start in range(0, n_slots, step):
@@ -1359,10 +1369,10 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
         cols = col_taps[:, start:stop].reshape(terms, fh).contiguous()
         rows_out = torch.empty((n, terms, plane_h, out_w), dtype=torch.float32, device=dev)
         _row_pass_kernel[(n * terms * triton.cdiv(plane_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
-            planes, idx, rows, tail, rows_out, terms, n_planes, plane_h, plane_w, out_w, FW=fw,
+            planes, idx, rows, bounds, rows_out, terms, n_planes, plane_h, plane_w, out_w, FW=fw,
             INTERLEAVED=_interleaved_taps(fw), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
         _col_pass_sum_kernel[(n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
-            rows_out, cols, tail, total, n_filters, slots, plane_h, out_h, out_w, FH=fh,
+            rows_out, cols, bounds, total, n_filters, slots, plane_h, out_h, out_w, FH=fh,
             INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
     return total
 
