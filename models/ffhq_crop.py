@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .pillow_resample import ImageSources, affine_positions, bilinear_sample, lanczos_resize, quad_positions, upload
+from .pillow_resample import ImageSources, affine_positions, bilinear_sample, lanczos_resize, quad_sample, upload
 
 __all__ = [
     "CropPlan",
@@ -369,8 +369,7 @@ def crop_faces(
     for first, count, buffer in ((0, len(direct_faces), flat), (len(direct_faces), len(canvas_faces), canvas_buffer)):
         for c in range(first, first + count, faces_per_chunk):
             chunk = slice(c, min(c + faces_per_chunk, first + count))
-            positions = quad_positions(coeffs[chunk], transform_size)
-            warped = bilinear_sample(buffer, ImageSources(*where[:, chunk]), *positions)
+            warped = quad_sample(buffer, ImageSources(*where[:, chunk]), coeffs[chunk], transform_size)
             if output_size < transform_size:
                 warped = lanczos_resize(warped, (output_size, output_size))
             crops.append(warped)

@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
 import numpy as np
 import torch
+
+try:  # a Triton kernel for the QUAD transform on CUDA (optional; the torch path is the reference)
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
 
 __all__ = [
     "ImageSources",
@@ -32,6 +39,7 @@ __all__ = [
     "lanczos_resize",
     "pixel_centres",
     "quad_positions",
+    "quad_sample",
     "upload",
 ]
 
@@ -120,6 +128,100 @@ def quad_positions(coeffs: torch.Tensor, size: int) -> tuple[torch.Tensor, torch
         v += (a3 * X) * Y
         out.append(v)
     return out[0], out[1]
+
+
+def _quad_sample_torch(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
+    return bilinear_sample(flat, src, *quad_positions(coeffs, size))
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n_images", "size"])
+    def _quad_bilinear_kernel(flat_ptr, where_ptr, coeffs_ptr, out_ptr, n_images, size, BLOCK: tl.constexpr):
+        # One program per (output image, output row, block of columns): quad_positions then bilinear_sample,
+        # the same float64 operations in the same order (compiled without FMA contraction), one pass.
+        pid = tl.program_id(0).to(tl.int64)
+        y = pid % size
+        i = pid // size
+        x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = x < size
+        c = coeffs_ptr + i * 8
+        X = x.to(tl.float64) + 0.5
+        Y = y.to(tl.float64) + 0.5
+        xin = (tl.load(c) + tl.load(c + 1) * X) + tl.load(c + 2) * Y
+        xin = xin + (tl.load(c + 3) * X) * Y
+        yin = (tl.load(c + 4) + tl.load(c + 5) * X) + tl.load(c + 6) * Y
+        yin = yin + (tl.load(c + 7) * X) * Y
+        base = tl.load(where_ptr + i)
+        stride = tl.load(where_ptr + n_images + i)
+        w = tl.load(where_ptr + 2 * n_images + i)
+        h = tl.load(where_ptr + 3 * n_images + i)
+        inside = (xin >= 0) & (xin < w.to(tl.float64)) & (yin >= 0) & (yin < h.to(tl.float64))
+        xs = xin - 0.5
+        ys = yin - 0.5
+        xf = tl.floor(xs)
+        yf = tl.floor(ys)
+        dx = xs - xf
+        dy = ys - yf
+        xi = xf.to(tl.int64)
+        yi = yf.to(tl.int64)
+        x0 = tl.minimum(tl.maximum(xi, 0), w - 1)
+        x1 = tl.minimum(tl.maximum(xi + 1, 0), w - 1)
+        row0 = base + tl.minimum(tl.maximum(yi, 0), h - 1) * stride
+        row1 = base + tl.minimum(tl.maximum(yi + 1, 0), h - 1) * stride
+        out = out_ptr + ((i * size + y) * size + x) * 3
+        for ch in tl.static_range(3):
+            a0 = tl.load(flat_ptr + (row0 + x0) * 3 + ch, mask=live & inside, other=0).to(tl.int32)
+            b0 = tl.load(flat_ptr + (row0 + x1) * 3 + ch, mask=live & inside, other=0).to(tl.int32)
+            a1 = tl.load(flat_ptr + (row1 + x0) * 3 + ch, mask=live & inside, other=0).to(tl.int32)
+            b1 = tl.load(flat_ptr + (row1 + x1) * 3 + ch, mask=live & inside, other=0).to(tl.int32)
+            top = (b0 - a0).to(tl.float64) * dx + a0.to(tl.float64)
+            bottom = (b1 - a1).to(tl.float64) * dx + a1.to(tl.float64)
+            value = top + (bottom - top) * dy
+            tl.store(out + ch, tl.where(inside, value.to(tl.int32), 0).to(tl.uint8), mask=live)
+
+    def _quad_sample_triton(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
+        n = coeffs.shape[0]
+        out = torch.empty((n, size, size, 3), dtype=torch.uint8, device=flat.device)
+        where = torch.stack([src.base, src.stride, src.width, src.height]).to(torch.int64).contiguous()
+        block = 128
+        _quad_bilinear_kernel[(n * size, triton.cdiv(size, block))](
+            flat.contiguous(), where, coeffs.to(torch.float64).contiguous(), out, n, size, BLOCK=block,
+            enable_fp_fusion=False)
+        return out
+
+
+@functools.lru_cache(maxsize=8)
+def _triton_quad_checked(device: torch.device) -> bool:
+    """Whether the Triton QUAD kernel gives the torch path's pixels on ``device`` (checked once per device on
+    two sources, positions inside, across and outside them, non-square quads); a warning and the torch path
+    otherwise."""
+    if triton is None or device.type != "cuda":
+        return False
+    rng = np.random.default_rng(0)
+    try:
+        flat = upload(rng.integers(0, 256, (61 * 47 + 13 * 29, 3), dtype=np.uint8), device)
+        src = ImageSources(*upload(np.array([[0, 61 * 47], [47, 29], [47, 29], [61, 13]], dtype=np.int64), device))
+        coeffs = upload(np.array([[-3.3, 0.71, 0.13, 1e-4, -2.1, -0.09, 0.83, 2e-4],
+                                  [1.7, 0.41, -0.05, -3e-4, 0.3, 0.07, 0.27, 1e-4]]), device)
+        want = _quad_sample_torch(flat, src, coeffs, 53)
+        got = _quad_sample_triton(flat, src, coeffs, 53)
+        problem = None if torch.equal(want, got) else f"{int((want != got).sum())} values differ"
+    except Exception as e:  # noqa: BLE001 - a compile or launch failure means: use torch
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        warnings.warn(f"pillow_resample: the Triton QUAD kernel disagrees with the torch path ({problem}); "
+                      "using the torch path", RuntimeWarning, stacklevel=3)
+    return problem is None
+
+
+def quad_sample(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
+    """Pillow's ``transform((size, size), QUAD, coeffs[i], BILINEAR)`` of each source ``i`` of ``flat``:
+    (C, size, size, 3) uint8. On CUDA one Triton pass (once checked equal to the torch path on the device),
+    otherwise quad_positions then bilinear_sample."""
+    if _triton_quad_checked(flat.device):
+        return _quad_sample_triton(flat, src, coeffs, size)
+    return _quad_sample_torch(flat, src, coeffs, size)
 
 
 # ----------------------------------------------------------------------------------------------------
