@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -27,6 +26,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.pipeline_stats import read_stats, report, steady_rate  # noqa: E402
 
 
 def make_tars(d: str, n: int, shard: int) -> list[np.ndarray]:
@@ -106,22 +107,12 @@ def main() -> None:
                    "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages, "precision": a.precision},
                    "align": {"enabled": False}, "ray": {"num_cpus": a.num_cpus}, "progress": False}, {})
     res = run(cfg, echo=lambda s: print(s, flush=True))
-    stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
-    # Steady state: from the end of the actor's first call (model loaded, compiled) to the last commit;
-    # only the faces inverted after that instant count.
-    calls = sorted(t for s in stats for _n, t in s["inverted_at"])
-    t0 = calls[0]
-    steady_images = sum(n for s in stats for n, t in s["inverted_at"] if t > t0)
-    steady_s = max(s["committed_unix"] for s in stats) - t0
-    pipeline_rate = steady_images / steady_s if steady_s > 0 else float("nan")
+    pipeline_rate, _ = steady_rate(read_stats(out))
     result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "images": a.images, "batch": a.batch,
               "stages": a.stages, "image_size": a.image_size, "model_only_img_s": round(model_only, 1),
               "pipeline_steady_img_s": round(pipeline_rate, 1), "ratio": round(pipeline_rate / model_only, 3),
               "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"), "stage_seconds": res.summary.get("stage_seconds")}
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, a.out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.pipeline_stats import read_stats, report, steady_rate  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
 from pipeline.config import AlignConfig, resolve  # noqa: E402
@@ -141,15 +142,6 @@ def write_tars(d: str, photos, shard: int) -> None:
                 tf.addfile(info, io.BytesIO(photos[i][0]))
 
 
-def steady_rate(stats: list[dict]) -> tuple[float, float]:
-    """(faces/s, seconds) from the end of the actor's first call to the last commit."""
-    calls = sorted(t for s in stats for _n, t in s["inverted_at"])
-    t0 = calls[0]
-    faces = sum(n for s in stats for n, t in s["inverted_at"] if t > t0)
-    seconds = max(s["committed_unix"] for s in stats) - t0
-    return (faces / seconds if seconds > 0 else float("nan")), seconds
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=4096)
@@ -240,7 +232,7 @@ def main() -> None:
         t = time.time()
         res = run(cfg, echo=lambda s: print(s, flush=True))
         wall = time.time() - t
-        stats = [json.load(open(os.path.join(out, "stats", f))) for f in sorted(os.listdir(os.path.join(out, "stats")))]
+        stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
         faces_done = sum(s["counts"].get("ok", 0) for s in stats)
         photo_rate = face_rate * a.photos / max(1, faces_done)
@@ -250,10 +242,7 @@ def main() -> None:
                            "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
                            "stage_seconds": res.summary.get("stage_seconds")}
         print(json.dumps({backend: result[backend]}), flush=True)
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, a.out)
 
 
 if __name__ == "__main__":
