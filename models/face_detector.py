@@ -999,6 +999,22 @@ _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
 
 if triton is not None:
 
+    @triton.jit
+    def _add_tap(acc0, acc1, acc2, seq, prod, N: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # Tap N's product into dlib's accumulators (_three_accumulator_sum's order: taps 0, 3, 6, ... /
+        # 1, 4, 7, ... / 2, 5, 8, ... while three remain, the rest into the first) and into the scalar
+        # loop's running sum (_sequential_sum).
+        if N < INTERLEAVED:
+            if N % 3 == 0:
+                acc0 = acc0 + prod
+            elif N % 3 == 1:
+                acc1 = acc1 + prod
+            else:
+                acc2 = acc2 + prod
+        else:
+            acc0 = acc0 + prod
+        return acc0, acc1, acc2, seq + prod
+
     @triton.jit(do_not_specialize=["n_terms", "n_planes", "plane_h", "plane_w", "out_w"])
     def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, bounds_ptr, out_ptr, n_terms, n_planes, plane_h,
                          plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
@@ -1021,16 +1037,7 @@ if triton is not None:
         seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for n in tl.static_range(FW):
             prod = tl.load(src + n, mask=live, other=0.0) * tl.load(taps_ptr + term * FW + n)
-            seq = seq + prod
-            if n < INTERLEAVED:
-                if n % 3 == 0:
-                    acc0 = acc0 + prod
-                elif n % 3 == 1:
-                    acc1 = acc1 + prod
-                else:
-                    acc2 = acc2 + prod
-            else:
-                acc0 = acc0 + prod
+            acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, n, INTERLEAVED)
         tail = tl.load(bounds_ptr + 4 * b)
         result = tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
         tl.store(out_ptr + ((b * n_terms + term) * plane_h + r[:, None]) * out_w + j[None, :], result, mask=live)
@@ -1061,16 +1068,7 @@ if triton is not None:
             seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             for m in tl.static_range(FH):
                 prod = tl.load(base + m * out_w, mask=live, other=0.0) * tl.load(taps_ptr + term * FH + m)
-                seq = seq + prod
-                if m < INTERLEAVED:
-                    if m % 3 == 0:
-                        acc0 = acc0 + prod
-                    elif m % 3 == 1:
-                        acc1 = acc1 + prod
-                    else:
-                        acc2 = acc2 + prod
-                else:
-                    acc0 = acc0 + prod
+                acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, INTERLEAVED)
             total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
         tl.store(out, total, mask=live)
 
