@@ -28,13 +28,15 @@ GPU exactness: every arithmetic step is a separate eager PyTorch elementwise ope
 ``torch.add``, ...), so each product is rounded to float32 before the addition that uses it, as in dlib.
 Fused operations (``addcmul``, ``matmul``, ``conv2d``, ``baddbmm``) and ``torch.compile`` are deliberately
 not used: they contract multiply-adds into FMA or reorder sums. Division is IEEE-rounded on CPU and CUDA.
-The same code runs on both devices. On CUDA, the two hot loops (separable filters, cell histograms) run by
-default as Triton kernels compiled with ``enable_fp_fusion=False`` (no FMA contraction), used only after a
-check at construction that they equal the torch path bit for bit.
+The same code runs on both devices. On CUDA, every stage (the pyramid resize, fHOG's votes, histograms and
+features, the separable filters) runs by default as Triton kernels compiled with ``enable_fp_fusion=False``
+(no FMA contraction), each group used only after a check at construction that it equals the torch path bit
+for bit.
 
 Batching: images of any sizes are padded into one tensor per pyramid level (level l of every image that
 has one), with per-image index tables and masks, so the number of kernel launches depends on the number of
-levels and filter terms, not on the number of photos.
+levels and filter terms, not on the number of photos; the Triton kernels skip each image's padding. All
+levels' detections come to the host in one transfer per batch.
 
 Ties: dlib orders candidate detections with libstdc++'s unstable ``std::sort`` before suppressing
 overlaps; ``std_sort`` follows that algorithm step for step, so equal scores come out (and suppress each
