@@ -993,7 +993,7 @@ _TRITON_BLOCK = 128
 _FILTER_ROWS = 8
 _FILTER_BLOCK = 64
 # A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
-# and host work per photo (each level's kernels skip no padding).
+# and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
 _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
 # Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile
@@ -1251,8 +1251,9 @@ if triton is not None:
     def _grid_hist_kernel(orient_ptr, weight_ptr, hist_ptr, cells_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
                           grid_size, CELLS: tl.constexpr):
         # One lane per (cell, bin), CELLS cells x 32 bins (18 used) per program, all 1-D (a cell's 32 lanes
-        # share each load; nothing changes layout between threads: 2.5x faster on the H200 than one lane
-        # per cell with a (cells, 32) tile). Each lane adds its bin's votes of the cell's 16x16 pixel block
+        # share each load; nothing changes layout between threads). H200 profiles of two runs (64 photos of
+        # 1024-1800 px each, other photos): 21.6 ms against 54 ms for one lane per cell with a (cells, 32)
+        # tile. Each lane adds its bin's votes of the cell's 16x16 pixel block
         # in raster order; a vote for another bin adds +0.0, which leaves the sum unchanged. Cells beyond the
         # image's own (padding of smaller photos) are not computed: nothing reads them.
         lane = tl.arange(0, CELLS * 32)
