@@ -70,6 +70,10 @@ class InvertWorker:
         self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
                         if self.align_backend == "torch" else None)
         self._align_lock = threading.Lock()
+        # Alignment's kernels on a stream of their own: its host syncs (detections, crops) then wait for its own
+        # work only, not for the other call's inversion queued on the default stream, and the GPU can run the
+        # small alignment kernels beside inversion's. (None on a CPU: torch.cuda.stream(None) does nothing.)
+        self._align_stream = torch.cuda.Stream(device=self.device) if self.aligner is not None and on_gpu else None
 
     def info(self) -> dict:
         m = self.model
@@ -88,7 +92,8 @@ class InvertWorker:
                 if self.aligner is None:
                     raise ValueError("this inversion actor does not align (align.backend resolved to "
                                      f"{self.align_backend!r}), but a chunk of photos came")
-                with self._align_lock:  # one call aligns at a time; the other's inversion runs meanwhile
+                # One call aligns at a time; the other's inversion runs meanwhile.
+                with self._align_lock, torch.cuda.stream(self._align_stream):
                     aligned[k] = align_photos(self.aligner, c.photos, c.rows)
         chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
         sizes = [len(f) for f in chunk_faces]
