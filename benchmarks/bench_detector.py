@@ -32,15 +32,19 @@ from pipeline.decode import decode_image  # noqa: E402
 
 
 # Settings of models.face_detector tried against its defaults in the same run (photos on the device):
-# filter tiles (rows x columns per program), histogram cells per program, the padding allowed in a batch.
+# the filter kernels (both passes fused, or the row and column kernels) and their tiles (rows x columns per
+# program, warps), histogram cells per program, the padding allowed in a batch.
 VARIANTS = {
-    "filters 4x128": {"_FILTER_ROWS": 4, "_FILTER_BLOCK": 128},
-    "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
-    "filters 32x32": {"_FILTER_ROWS": 32, "_FILTER_BLOCK": 32},
-    "filters 16x128": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 128},
-    "hist 2 cells": {"_HIST_CELLS": 2},
+    "two filter kernels 16x64": {"_FUSED_FILTERS": False},
+    "two filter kernels 8x64": {"_FUSED_FILTERS": False, "_FILTER_ROWS": 8},
+    "two filter kernels 32x32": {"_FUSED_FILTERS": False, "_FILTER_ROWS": 32, "_FILTER_BLOCK": 32},
+    "fused 16x64": {"_FUSED_ROWS": 16},
+    "fused 64x64": {"_FUSED_ROWS": 64},
+    "fused 32x32": {"_FILTER_BLOCK": 32},
+    "fused 32x128": {"_FILTER_BLOCK": 128},
+    "fused 32x64, 4 warps": {"_FUSED_WARPS": 4},
+    "fused 16x32, 4 warps": {"_FUSED_ROWS": 16, "_FILTER_BLOCK": 32, "_FUSED_WARPS": 4},
     "hist 8 cells": {"_HIST_CELLS": 8},
-    "padding 1.25": {"_MAX_PADDING": 1.25},
     "padding 2": {"_MAX_PADDING": 2.0},
     "padding 4": {"_MAX_PADDING": 4.0},
 }

@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.pipeline_stats import read_stats, report, steady_rate  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
-from pipeline.config import AlignConfig, resolve  # noqa: E402
+from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
@@ -189,7 +189,7 @@ def main() -> None:
     aligner = DeviceAligner.build(align_cfg, device,
                                   predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 256)]]
-    group = 16
+    group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
     aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
     if on_gpu:
         torch.cuda.synchronize()

@@ -990,12 +990,17 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 _TRITON_BLOCK = 128
 # Filter kernels: tiles of ROWS rows x BLOCK columns (HOG planes are 10-300 cells wide: small column blocks
 # waste less on the masked right edge; several rows per program make fewer, larger programs).
-_FILTER_ROWS = 8
+_FILTER_ROWS = 16
 _FILTER_BLOCK = 64
 # A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
 # and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
 _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
+# Both filter passes in one kernel (_filter_kernel: no row-filtered intermediate in memory), its tiles of
+# _FUSED_ROWS output rows x _FILTER_BLOCK columns, _FUSED_WARPS warps per program.
+_FUSED_FILTERS = True
+_FUSED_ROWS = 32
+_FUSED_WARPS = 8
 # Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile
 # new variants (divisible by 16 or not, per argument) for many calls after the first.
 
@@ -1073,6 +1078,69 @@ if triton is not None:
                 acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, INTERLEAVED)
             total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
         tl.store(out, total, mask=live)
+
+    @triton.jit
+    def _row_pass_tile(src, r, j, live, taps, tail, plane_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # The row filter of one term at plane rows r and output columns j: _row_pass_kernel's arithmetic.
+        acc0 = tl.zeros(live.shape, dtype=tl.float32)
+        acc1 = tl.zeros(live.shape, dtype=tl.float32)
+        acc2 = tl.zeros(live.shape, dtype=tl.float32)
+        seq = tl.zeros(live.shape, dtype=tl.float32)
+        at = src + r[:, None] * plane_w + j[None, :]
+        for n in tl.static_range(FW):
+            prod = tl.load(at + n, mask=live, other=0.0) * tl.load(taps + n)
+            acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, n, INTERLEAVED)
+        return tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
+
+    @triton.jit(do_not_specialize=["n_filters", "n_slots", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
+    def _filter_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, scratch_ptr, total_ptr,
+                       n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW: tl.constexpr,
+                       FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr, COL_INTERLEAVED: tl.constexpr,
+                       ROWS: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr):
+        # Both passes of every term of one filter, one program per (image, filter, ROWS output rows, block of
+        # columns): each term's row-filtered tile (ROWS rows and the HALO rows below them that the column taps
+        # reach) goes to the program's own scratch slot, which stays in cache, and the column pass reads it
+        # back shifted; the terms are added to the total one after the other. The same operations in the same
+        # order as _row_pass_kernel then _col_pass_sum_kernel, without their (terms x plane) intermediate in
+        # memory. Bounds and masks as theirs.
+        pid = tl.program_id(0).to(tl.int64)
+        row_blocks = tl.cdiv(out_h, ROWS)
+        i0 = (pid % row_blocks) * ROWS
+        f = (pid // row_blocks) % n_filters
+        b = pid // (row_blocks * n_filters)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        i = i0 + tl.arange(0, ROWS)
+        h = i0 + ROWS + tl.arange(0, HALO)
+        tail = tl.load(bounds_ptr + 4 * b)
+        cols = j < tl.load(bounds_ptr + 4 * b + 2)
+        plane_rows = tl.load(bounds_ptr + 4 * b + 3)
+        live = (i < tl.load(bounds_ptr + 4 * b + 1))[:, None] & cols[None, :]
+        live_main = (i < plane_rows)[:, None] & cols[None, :]
+        live_halo = ((h < plane_rows) & (h < i0 + ROWS + FH - 1))[:, None] & cols[None, :]
+        simd = j[None, :] < tail
+        slot = scratch_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * ((ROWS + HALO) * BLOCK)
+        k = tl.arange(0, BLOCK)[None, :]
+        total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for s in range(n_slots):
+            term = f * n_slots + s
+            src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
+            taps = row_taps_ptr + term * FW
+            main = _row_pass_tile(src, i, j, live_main, taps, tail, plane_w, FW, ROW_INTERLEAVED)
+            halo = _row_pass_tile(src, h, j, live_halo, taps, tail, plane_w, FW, ROW_INTERLEAVED)
+            tl.debug_barrier()  # the previous term's column pass has read the slot
+            tl.store(slot + tl.arange(0, ROWS)[:, None] * BLOCK + k, main)
+            tl.store(slot + (ROWS + tl.arange(0, HALO))[:, None] * BLOCK + k, halo)
+            tl.debug_barrier()  # the whole tile is in the slot
+            acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            for m in tl.static_range(FH):
+                prod = (tl.load(slot + (tl.arange(0, ROWS) + m)[:, None] * BLOCK + k, mask=live, other=0.0)
+                        * tl.load(col_taps_ptr + term * FH + m))
+                acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, COL_INTERLEAVED)
+            total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
+        tl.store(total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :], total, mask=live)
 
     @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "n_images", "ph", "pw"])
     def _pixel_votes_kernel(img_ptr, visible_ptr, simd_end_ptr, dirs_ptr, vy_ptr, vx_ptr, orient_ptr, weight_ptr,
@@ -1359,6 +1427,18 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
     bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
+    if _FUSED_FILTERS:
+        total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
+        rows, blocks = triton.cdiv(out_h, _FUSED_ROWS), triton.cdiv(out_w, _FILTER_BLOCK)
+        halo = triton.next_power_of_2(fh - 1)
+        scratch = torch.empty((n * n_filters * rows * blocks, _FUSED_ROWS + halo, _FILTER_BLOCK),
+                              dtype=torch.float32, device=dev)
+        _filter_kernel[(n * n_filters * rows, blocks)](
+            planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, scratch, total,
+            n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW=fw, FH=fh,
+            ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FUSED_ROWS,
+            HALO=halo, BLOCK=_FILTER_BLOCK, num_warps=_FUSED_WARPS, enable_fp_fusion=False)
+        return total
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
     step = max(1, chunk_elements // (n * n_filters * plane_h * out_w))
     for start in range(0, n_slots, step):
@@ -1476,17 +1556,19 @@ class FrontalFaceDetector:
     def _check_triton_filters(self) -> str | None:
         gen = torch.Generator(device="cpu").manual_seed(0)
         fh, fw = self._fhog_pad
-        hog = np.array([[23, 29], [17, 37]])
-        planes = torch.zeros((2, NUM_PLANES, 23 + fh - 1, 37 + fw - 1 + _TAIL_BAND))
-        planes[:, :, :23, :37] = torch.rand((2, NUM_PLANES, 23, 37), generator=gen)
+        # Two images of other sizes in a batch, over several row tiles and column blocks of the kernels.
+        hog = np.array([[71, 29], [17, 137]])
+        rows, cols = int(hog[:, 0].max()), int(hog[:, 1].max())
+        planes = torch.zeros((2, NUM_PLANES, rows + fh - 1, cols + fw - 1 + _TAIL_BAND))
+        planes[:, :, :rows, :cols] = torch.rand((2, NUM_PLANES, rows, cols), generator=gen)
         planes = planes.to(self.device)
-        valid = torch.from_numpy((np.arange(23)[None, None, :, None] < hog[:, 0, None, None, None])
-                                 & (np.arange(37)[None, None, None, :] < hog[:, 1, None, None, None])
+        valid = torch.from_numpy((np.arange(rows)[None, None, :, None] < hog[:, 0, None, None, None])
+                                 & (np.arange(cols)[None, None, None, :] < hog[:, 1, None, None, None])
                                  ).to(self.device)  # outside each image's windows the values are junk
         for chunk in (self.chunk_elements, 1):
             want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
             got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
-            want, got = want[..., :37] * valid, got[..., :37] * valid
+            want, got = want[..., :cols] * valid, got[..., :cols] * valid
             if not torch.equal(want, got):
                 return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
         return None

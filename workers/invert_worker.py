@@ -71,9 +71,12 @@ class InvertWorker:
                         if self.align_backend == "torch" else None)
         self._align_lock = threading.Lock()
         # Alignment's kernels on a stream of their own: its host syncs (detections, crops) then wait for its own
-        # work only, not for the other call's inversion queued on the default stream, and the GPU can run the
-        # small alignment kernels beside inversion's. (None on a CPU: torch.cuda.stream(None) does nothing.)
-        self._align_stream = torch.cuda.Stream(device=self.device) if self.aligner is not None and on_gpu else None
+        # work only, not for the other call's inversion queued on the default stream. At the highest priority:
+        # alignment is a chain of small kernels and host steps, serial under the lock, so it is what the actor
+        # waits for; inversion's large kernels fill the GPU around it. (None on a CPU: torch.cuda.stream(None)
+        # does nothing.)
+        self._align_stream = (torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
+                              if self.aligner is not None and on_gpu else None)
 
     def info(self) -> dict:
         m = self.model
