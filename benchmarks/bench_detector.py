@@ -32,18 +32,13 @@ from pipeline.decode import decode_image  # noqa: E402
 
 
 # Settings of models.face_detector tried against its defaults in the same run (photos on the device):
-# the filter kernels (both passes fused, or the row and column kernels) and their tiles (rows x columns per
-# program, warps), histogram cells per program, the padding allowed in a batch.
+# the filter kernel's tiles (rows x columns per program, warps), histogram cells per program, the padding
+# allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
-    "two filter kernels 16x64": {"_FUSED_FILTERS": False},
-    "two filter kernels 8x64": {"_FUSED_FILTERS": False, "_FILTER_ROWS": 8},
-    "two filter kernels 32x32": {"_FUSED_FILTERS": False, "_FILTER_ROWS": 32, "_FILTER_BLOCK": 32},
-    "fused 16x64": {"_FUSED_ROWS": 16},
-    "fused 64x64": {"_FUSED_ROWS": 64},
-    "fused 32x32": {"_FILTER_BLOCK": 32},
-    "fused 32x128": {"_FILTER_BLOCK": 128},
-    "fused 32x64, 4 warps": {"_FUSED_WARPS": 4},
-    "fused 16x32, 4 warps": {"_FUSED_ROWS": 16, "_FILTER_BLOCK": 32, "_FUSED_WARPS": 4},
+    "filters 16x32": {"_FILTER_ROWS": 16},
+    "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
+    "filters 32x32 4 warps": {"_FILTER_WARPS": 4},
+    "filters 16x32 4 warps": {"_FILTER_ROWS": 16, "_FILTER_WARPS": 4},
     "hist 8 cells": {"_HIST_CELLS": 8},
     "padding 2": {"_MAX_PADDING": 2.0},
     "padding 4": {"_MAX_PADDING": 4.0},

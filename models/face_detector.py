@@ -981,26 +981,22 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 
 
 # -- Triton kernels (CUDA) ------------------------------------------------------------------------------
-# The same arithmetic as the torch path above, fused: one kernel for the row filters, one for the column
-# filters plus the sum over terms, one for the cell histograms. Compiled with enable_fp_fusion=False so
+# The same arithmetic as the torch path above, fused: the pyramid resize, the pixel votes, the cell
+# histograms, fHOG's features, and one kernel for both filter passes and the sum over terms. Compiled with enable_fp_fusion=False so
 # that no multiply-add is contracted into an FMA; every operation is a float32 add or multiply in dlib's
 # order. FrontalFaceDetector checks them against the torch path when it is created and falls back to the
 # torch path (with a warning) if they differ or fail.
 
 _TRITON_BLOCK = 128
-# Filter kernels: tiles of ROWS rows x BLOCK columns (HOG planes are 10-300 cells wide: small column blocks
-# waste less on the masked right edge; several rows per program make fewer, larger programs).
-_FILTER_ROWS = 16
-_FILTER_BLOCK = 64
-# A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
-# and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
 _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
-# Both filter passes in one kernel (_filter_kernel: no row-filtered intermediate in memory), its tiles of
-# _FUSED_ROWS output rows x _FILTER_BLOCK columns, _FUSED_WARPS warps per program.
-_FUSED_FILTERS = True
-_FUSED_ROWS = 32
-_FUSED_WARPS = 8
+# The filter kernel's tiles: _FILTER_ROWS output rows x _FILTER_BLOCK columns (HOG planes are 10-300 cells
+# wide: small column blocks waste less on the masked right edge), _FILTER_WARPS warps per program. H200, 64
+# photos of 1024-1800 px (BENCHMARKS.md): 32x32 93.5 ms of device time per call; 16x64 97.9, 32x64 102-109,
+# 64x64 105.3, 32x128 113.2; the row and column passes as two kernels (16x64, 8x64, 32x32): 93.7-107.7.
+_FILTER_ROWS = 32
+_FILTER_BLOCK = 32
+_FILTER_WARPS = 8
 # Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile
 # new variants (divisible by 16 or not, per argument) for many calls after the first.
 
@@ -1022,66 +1018,10 @@ if triton is not None:
             acc0 = acc0 + prod
         return acc0, acc1, acc2, seq + prod
 
-    @triton.jit(do_not_specialize=["n_terms", "n_planes", "plane_h", "plane_w", "out_w"])
-    def _row_pass_kernel(planes_ptr, plane_idx_ptr, taps_ptr, bounds_ptr, out_ptr, n_terms, n_planes, plane_h,
-                         plane_w, out_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        # One program per (image, term, ROWS plane rows, block of output columns). bounds (B, 4): the first
-        # scalar column, HOG rows and columns, plane rows that valid windows read; outside the image's own
-        # rows and columns nothing is computed (padding of smaller photos: nothing reads it).
-        pid = tl.program_id(0).to(tl.int64)
-        row_blocks = tl.cdiv(plane_h, ROWS)
-        r = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
-        term = (pid // row_blocks) % n_terms
-        b = pid // (row_blocks * n_terms)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = (r < tl.load(bounds_ptr + 4 * b + 3))[:, None] & (j < tl.load(bounds_ptr + 4 * b + 2))[None, :]
-        plane = tl.load(plane_idx_ptr + term).to(tl.int64)
-        src = planes_ptr + ((b * n_planes + plane) * plane_h + r[:, None]) * plane_w + j[None, :]
-        acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for n in tl.static_range(FW):
-            prod = tl.load(src + n, mask=live, other=0.0) * tl.load(taps_ptr + term * FW + n)
-            acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, n, INTERLEAVED)
-        tail = tl.load(bounds_ptr + 4 * b)
-        result = tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
-        tl.store(out_ptr + ((b * n_terms + term) * plane_h + r[:, None]) * out_w + j[None, :], result, mask=live)
-
-    @triton.jit(do_not_specialize=["n_filters", "n_slots", "plane_h", "out_h", "out_w"])
-    def _col_pass_sum_kernel(rows_ptr, taps_ptr, bounds_ptr, total_ptr, n_filters, n_slots, plane_h, out_h,
-                             out_w, FH: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
-                             BLOCK: tl.constexpr):
-        # One program per (image, filter, ROWS output rows, block of columns); the chunk's terms of the filter
-        # are added to the running total one after the other. Only the image's own windows (bounds as in
-        # _row_pass_kernel); the totals elsewhere stay as they are.
-        pid = tl.program_id(0).to(tl.int64)
-        row_blocks = tl.cdiv(out_h, ROWS)
-        i = (pid % row_blocks) * ROWS + tl.arange(0, ROWS)
-        f = (pid // row_blocks) % n_filters
-        b = pid // (row_blocks * n_filters)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = (i < tl.load(bounds_ptr + 4 * b + 1))[:, None] & (j < tl.load(bounds_ptr + 4 * b + 2))[None, :]
-        simd = j[None, :] < tl.load(bounds_ptr + 4 * b)
-        out = total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :]
-        total = tl.load(out, mask=live, other=0.0)
-        for s in range(n_slots):
-            term = f * n_slots + s
-            base = rows_ptr + ((b * n_filters * n_slots + term) * plane_h + i[:, None]) * out_w + j[None, :]
-            acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            for m in tl.static_range(FH):
-                prod = tl.load(base + m * out_w, mask=live, other=0.0) * tl.load(taps_ptr + term * FH + m)
-                acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, INTERLEAVED)
-            total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
-        tl.store(out, total, mask=live)
-
     @triton.jit
     def _row_pass_tile(src, r, j, live, taps, tail, plane_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # The row filter of one term at plane rows r and output columns j: _row_pass_kernel's arithmetic.
+        # The row filter of one term at plane rows r and output columns j: _filter_scores' row pass (its
+        # three accumulators for the SIMD columns, the scalar loop's sum from the column ``tail`` on).
         acc0 = tl.zeros(live.shape, dtype=tl.float32)
         acc1 = tl.zeros(live.shape, dtype=tl.float32)
         acc2 = tl.zeros(live.shape, dtype=tl.float32)
@@ -1100,9 +1040,10 @@ if triton is not None:
         # Both passes of every term of one filter, one program per (image, filter, ROWS output rows, block of
         # columns): each term's row-filtered tile (ROWS rows and the HALO rows below them that the column taps
         # reach) goes to the program's own scratch slot, which stays in cache, and the column pass reads it
-        # back shifted; the terms are added to the total one after the other. The same operations in the same
-        # order as _row_pass_kernel then _col_pass_sum_kernel, without their (terms x plane) intermediate in
-        # memory. Bounds and masks as theirs.
+        # back shifted; the terms are added to the total one after the other: _filter_scores' operations in its
+        # order, without its (terms x plane) intermediate in memory. bounds (B, 4): the first scalar column, HOG
+        # rows and columns, plane rows that valid windows read; outside the image's own rows and columns
+        # nothing is computed (padding of smaller photos: nothing reads it) and the total stays 0.
         pid = tl.program_id(0).to(tl.int64)
         row_blocks = tl.cdiv(out_h, ROWS)
         i0 = (pid % row_blocks) * ROWS
@@ -1416,9 +1357,9 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
 
 
 def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
-                          col_taps: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """_filter_scores with the Triton kernels: same arguments, same result bit for bit at each image's own
-    windows (elsewhere: 0)."""
+                          col_taps: torch.Tensor) -> torch.Tensor:
+    """_filter_scores with the Triton kernel: same arguments (less the chunking, which only bounds the torch
+    path's intermediate), same result bit for bit at each image's own windows (elsewhere: 0)."""
     dev = planes.device
     planes = planes.contiguous()
     n, n_planes, plane_h, plane_w = planes.shape
@@ -1427,34 +1368,16 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
     bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
-    if _FUSED_FILTERS:
-        total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
-        rows, blocks = triton.cdiv(out_h, _FUSED_ROWS), triton.cdiv(out_w, _FILTER_BLOCK)
-        halo = triton.next_power_of_2(fh - 1)
-        scratch = torch.empty((n * n_filters * rows * blocks, _FUSED_ROWS + halo, _FILTER_BLOCK),
-                              dtype=torch.float32, device=dev)
-        _filter_kernel[(n * n_filters * rows, blocks)](
-            planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, scratch, total,
-            n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW=fw, FH=fh,
-            ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FUSED_ROWS,
-            HALO=halo, BLOCK=_FILTER_BLOCK, num_warps=_FUSED_WARPS, enable_fp_fusion=False)
-        return total
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
-    step = max(1, chunk_elements // (n * n_filters * plane_h * out_w))
-    for start in range(0, n_slots, step):
-        stop = min(start + step, n_slots)
-        slots = stop - start
-        terms = n_filters * slots
-        idx = plane_idx[:, start:stop].reshape(-1).contiguous()
-        rows = row_taps[:, start:stop].reshape(terms, fw).contiguous()
-        cols = col_taps[:, start:stop].reshape(terms, fh).contiguous()
-        rows_out = torch.empty((n, terms, plane_h, out_w), dtype=torch.float32, device=dev)
-        _row_pass_kernel[(n * terms * triton.cdiv(plane_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
-            planes, idx, rows, bounds, rows_out, terms, n_planes, plane_h, plane_w, out_w, FW=fw,
-            INTERLEAVED=_interleaved_taps(fw), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
-        _col_pass_sum_kernel[(n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))](
-            rows_out, cols, bounds, total, n_filters, slots, plane_h, out_h, out_w, FH=fh,
-            INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, enable_fp_fusion=False)
+    rows, blocks = triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK)
+    halo = triton.next_power_of_2(fh - 1)  # rows below a tile that its column taps reach
+    scratch = torch.empty((n * n_filters * rows * blocks, _FILTER_ROWS + halo, _FILTER_BLOCK),
+                          dtype=torch.float32, device=dev)
+    _filter_kernel[(n * n_filters * rows, blocks)](
+        planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, scratch, total,
+        n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW=fw, FH=fh,
+        ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS,
+        HALO=halo, BLOCK=_FILTER_BLOCK, num_warps=_FILTER_WARPS, enable_fp_fusion=False)
     return total
 
 
@@ -1565,10 +1488,9 @@ class FrontalFaceDetector:
         valid = torch.from_numpy((np.arange(rows)[None, None, :, None] < hog[:, 0, None, None, None])
                                  & (np.arange(cols)[None, None, None, :] < hog[:, 1, None, None, None])
                                  ).to(self.device)  # outside each image's windows the values are junk
+        got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps)[..., :cols] * valid
         for chunk in (self.chunk_elements, 1):
-            want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
-            got = _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)
-            want, got = want[..., :cols] * valid, got[..., :cols] * valid
+            want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)[..., :cols] * valid
             if not torch.equal(want, got):
                 return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
         return None
@@ -1667,8 +1589,9 @@ class FrontalFaceDetector:
         planes, hog = _fhog(batch, sizes, self._fhog_pad, use_triton=self.triton_fhog)
         if hog.max() == 0:
             return None
-        filter_scores = _filter_scores_triton if self.triton_filters else _filter_scores
-        return hog, filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
+        if self.triton_filters:
+            return hog, _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps)
+        return hog, _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
 
     def _windows(self, scored, adjust, n_images):
         """Per image, the windows at or above threshold of every level, as (scores, filters, levels, rows, cols,

@@ -6,6 +6,7 @@ A thin wrapper over ``pipeline.invert`` (and ``pipeline.device_align`` when the 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -23,6 +24,9 @@ from pipeline.records import InvertResult, PreparedChunk
 from pipeline.tasks import check_model
 
 __all__ = ["InvertWorker"]
+
+# The GIL switch interval of an actor that aligns on its GPU (seconds; Python's default is 0.005).
+ALIGN_GIL_SWITCH_S = 0.0005
 
 
 class InvertWorker:
@@ -77,6 +81,11 @@ class InvertWorker:
         # does nothing.)
         self._align_stream = (torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
                               if self.aligner is not None and on_gpu else None)
+        if self._align_stream is not None:
+            # Both calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
+            # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
+            # more for the GIL. (The actor's process does nothing else.)
+            sys.setswitchinterval(ALIGN_GIL_SWITCH_S)
 
     def info(self) -> dict:
         m = self.model
