@@ -1032,9 +1032,9 @@ if triton is not None:
             acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, n, INTERLEAVED)
         return tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
 
-    @triton.jit(do_not_specialize=["n_filters", "n_slots", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
+    @triton.jit(do_not_specialize=["n_filters", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
     def _filter_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, scratch_ptr, total_ptr,
-                       n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW: tl.constexpr,
+                       n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS: tl.constexpr, FW: tl.constexpr,
                        FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr, COL_INTERLEAVED: tl.constexpr,
                        ROWS: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr):
         # Both passes of every term of one filter, one program per (image, filter, ROWS output rows, block of
@@ -1062,8 +1062,8 @@ if triton is not None:
         slot = scratch_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * ((ROWS + HALO) * BLOCK)
         k = tl.arange(0, BLOCK)[None, :]
         total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for s in range(n_slots):
-            term = f * n_slots + s
+        for s in range(N_SLOTS):  # a constant of the model (a loop bound Triton's interpreter can run)
+            term = f * N_SLOTS + s
             src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
             taps = row_taps_ptr + term * FW
             main = _row_pass_tile(src, i, j, live_main, taps, tail, plane_w, FW, ROW_INTERLEAVED)
@@ -1375,7 +1375,7 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
                           dtype=torch.float32, device=dev)
     _filter_kernel[(n * n_filters * rows, blocks)](
         planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, scratch, total,
-        n_filters, n_slots, n_planes, plane_h, plane_w, out_h, out_w, FW=fw, FH=fh,
+        n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS=n_slots, FW=fw, FH=fh,
         ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS,
         HALO=halo, BLOCK=_FILTER_BLOCK, num_warps=_FILTER_WARPS, enable_fp_fusion=False)
     return total
