@@ -12,6 +12,8 @@ stages with reconstructions.
 Figures (all in this one run, on the same GPU):
 - inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
 - alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s;
+- the actor alone: ``InvertWorker`` aligning and inverting chunks of those photos, without Ray, its calls
+  from one thread and from two at once (as Ray runs it), photos/s;
 - the pipeline: ``run_pipeline``'s runner with embedded Ray, photos/s and faces/s in steady state (from the
   end of the actor's first call to the last commit, as benchmarks/bench_pipeline_gpu.py measures), the
   ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
@@ -32,6 +34,7 @@ import os
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +51,7 @@ from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
-from pipeline.records import PreparedChunk, Row  # noqa: E402
+from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
 from workers.invert_worker import InvertWorker  # noqa: E402
 
@@ -142,6 +145,39 @@ def write_tars(d: str, photos, shard: int) -> None:
                 tf.addfile(info, io.BytesIO(photos[i][0]))
 
 
+def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> dict[str, float]:
+    """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
+    on chunks of decoded photos already in memory, without Ray or decoding: called from one thread (align,
+    then invert, one chunk after the other) and from two threads at once (as Ray's max_concurrency=2 runs the
+    actor: one call's alignment beside the other's inversion). Tells the actor's own limit from the rest of
+    the pipeline's, and whether the two calls at once help or hinder each other."""
+
+    worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
+                          landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
+    group = RayConfig.chunk_size
+    chunks = [PreparedChunk("b", k, [Row(str(i), "x", status=ALIGN_PENDING) for i in range(i0, i0 + len(part))],
+                            np.zeros((0, 256, 256, 3), np.uint8), {}, len(part), photos=part)
+              for k, (i0, part) in enumerate((i, decoded[i:i + group]) for i in range(0, len(decoded), group))]
+    worker.invert_chunks(chunks[0])  # warm-up
+    rates = {}
+    for threads in (1, 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        jobs = [chunks[k::threads] for k in range(threads)]
+        runners = [threading.Thread(target=lambda mine=mine: [worker.invert_chunks(c) for c in mine]) for mine in jobs]
+        for r in runners:
+            r.start()
+        for r in runners:
+            r.join()
+        rates[f"{threads} thread(s)"] = round(len(decoded) / (time.time() - t), 1)
+        print(f"actor alone, {threads} thread(s): {rates[f'{threads} thread(s)']} photos/s", flush=True)
+    del worker
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=4096)
@@ -188,7 +224,7 @@ def main() -> None:
     align_cfg = AlignConfig(backend="torch")
     aligner = DeviceAligner.build(align_cfg, device,
                                   predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
-    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 256)]]
+    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 512)]]
     group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
     aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
     if on_gpu:
@@ -216,12 +252,14 @@ def main() -> None:
     invert_only = reps * len(faces) / (time.time() - t)
     print(f"inversion only: {invert_only:.1f} faces/s", flush=True)
     del worker
+    actor_rates = actor_alone(ckpt, a, landmarks_model, decoded, device) if on_gpu or a.smoke else {}
     if on_gpu:
         torch.cuda.empty_cache()
 
     result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "photos": a.photos,
               "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
-              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1)}
+              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
+              "actor_alone_photos_s": actor_rates}
     for backend in a.backends.split(","):
         out = os.path.join(a.work, f"out_{backend}")
         cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
