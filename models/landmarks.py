@@ -557,8 +557,8 @@ class ShapePredictor:
             values, self._split1[c], self._split2[c], self._threshold[c], leaf,
             trees, values.shape[1], NUM_SPLITS=splits, DEPTH=self._depth, BLOCK=_TREE_BLOCK, num_warps=4)
         _add_leaves_kernel[(n, triton.cdiv(coords, _COORD_BLOCK))](
-            shape, leaf, self._leaves[c], trees, splits + 1, coords,
-            BLOCK=_COORD_BLOCK, UNROLL=self._unroll, num_warps=1)
+            shape, leaf, self._leaves[c], splits + 1, coords,
+            NUM_TREES=trees, BLOCK=_COORD_BLOCK, UNROLL=self._unroll, num_warps=1)
 
 
 def grey_levels(rgb: torch.Tensor) -> torch.Tensor:
@@ -656,18 +656,19 @@ if triton is not None:
         tl.store(leaf_ptr + face * num_trees + tree, node - NUM_SPLITS, mask=live)
 
     @triton.jit
-    def _add_leaves_kernel(shape_ptr, leaf_ptr, leaves_ptr, num_trees, num_leaves, num_coords,
+    def _add_leaves_kernel(shape_ptr, leaf_ptr, leaves_ptr, num_leaves, num_coords, NUM_TREES: tl.constexpr,
                            BLOCK: tl.constexpr, UNROLL: tl.constexpr):
         # One program per (face, block of coordinates): the trees' leaves are added one tree after the
-        # other, in dlib's order. UNROLL divides num_trees; unrolling lets the loads of several trees be
-        # issued before their adds, which stay in order.
+        # other, in dlib's order. UNROLL divides NUM_TREES; unrolling lets the loads of several trees be
+        # issued before their adds, which stay in order. NUM_TREES is a constant of the model (one variant
+        # per model), so that the loop bound is one Triton's interpreter can run too (tests/test_triton_interpreter.py).
         face = tl.program_id(0).to(tl.int64)
         coord = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = coord < num_coords
         shape_row = shape_ptr + face * num_coords + coord
         acc = tl.load(shape_row, mask=live, other=0.0)
-        leaf_row = leaf_ptr + face * num_trees
-        for first in range(0, num_trees, UNROLL):
+        leaf_row = leaf_ptr + face * NUM_TREES
+        for first in range(0, NUM_TREES, UNROLL):
             for u in tl.static_range(UNROLL):
                 tree = first + u
                 leaf = tl.load(leaf_row + tree).to(tl.int64)
