@@ -410,14 +410,24 @@ def _lround(x: np.ndarray) -> np.ndarray:
 
 def count_pyramid_levels(height: int, width: int, model: HogDetectorModel) -> int:
     """impl::create_fhog_pyramid: levels until the rect_down'ed image rectangle gets smaller than the minimum."""
+    return _count_pyramid_levels(height, width, model.min_level_width, model.min_level_height,
+                                 model.max_pyramid_levels)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_pyramid_levels(height: int, width: int, min_width: int, min_height: int, max_levels: int) -> int:
+    # Plain Python floats (IEEE doubles, as numpy's and dlib's): this runs for every photo of every batch on the
+    # host, where numpy's per-call cost on scalars was a visible share of a GPU batch's host time.
+    def lround(v: float) -> int:  # std::lround: halves away from zero
+        return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
     right, bottom = width - 1, height - 1
     left = top = 0
     levels = 0
     while True:
-        left, top, right, bottom = (int(_lround((v - 0.3) * _PYRAMID_RATE_DOWN)) for v in (left, top, right, bottom))
+        left, top, right, bottom = (lround((v - 0.3) * _PYRAMID_RATE_DOWN) for v in (left, top, right, bottom))
         levels += 1
-        if not (right - left + 1 >= model.min_level_width and bottom - top + 1 >= model.min_level_height
-                and levels < model.max_pyramid_levels):
+        if not (right - left + 1 >= min_width and bottom - top + 1 >= min_height and levels < max_levels):
             return levels
 
 
@@ -448,23 +458,22 @@ def boxes_down_after_upsample(boxes: np.ndarray, times: int) -> np.ndarray:
     return _lround(pts)
 
 
-def _overlaps(kept: np.ndarray, box: np.ndarray, iou_thresh: float, covered_thresh: float) -> bool:
-    """test_box_overlap against every kept box (inclusive integer rectangles)."""
-    if kept.shape[0] == 0:
-        return False
-    il = np.maximum(kept[:, 0], box[0])
-    it = np.maximum(kept[:, 1], box[1])
-    ir = np.minimum(kept[:, 2], box[2])
-    ib = np.minimum(kept[:, 3], box[3])
-    inner = (np.maximum(ir - il + 1, 0) * np.maximum(ib - it + 1, 0)).astype(np.float64)
-    outer = ((np.maximum(kept[:, 2], box[2]) - np.minimum(kept[:, 0], box[0]) + 1)
-             * (np.maximum(kept[:, 3], box[3]) - np.minimum(kept[:, 1], box[1]) + 1)).astype(np.float64)
-    area_kept = ((kept[:, 2] - kept[:, 0] + 1) * (kept[:, 3] - kept[:, 1] + 1)).astype(np.float64)
-    area_box = float((box[2] - box[0] + 1) * (box[3] - box[1] + 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hit = (inner > 0) & ((inner / outer > iou_thresh) | (inner / area_kept > covered_thresh)
-                             | (inner / area_box > covered_thresh))
-    return bool(hit.any())
+def _overlaps(kept: list, box: tuple, iou_thresh: float, covered_thresh: float) -> bool:
+    """test_box_overlap against every kept box (inclusive integer rectangles, as tuples of ints). Plain Python:
+    a handful of boxes per photo, where numpy's per-call cost dominated a GPU batch's host time. The ratios are
+    the same IEEE double divisions as dlib's (exact integer operands, a correctly rounded quotient)."""
+    left, top, right, bottom = box
+    area_box = (right - left + 1) * (bottom - top + 1)
+    for k_left, k_top, k_right, k_bottom in kept:
+        inner = (max(min(k_right, right) - max(k_left, left) + 1, 0)
+                 * max(min(k_bottom, bottom) - max(k_top, top) + 1, 0))
+        if inner <= 0:  # (then both boxes have a positive area: no division by zero below)
+            continue
+        outer = (max(k_right, right) - min(k_left, left) + 1) * (max(k_bottom, bottom) - min(k_top, top) + 1)
+        area_kept = (k_right - k_left + 1) * (k_bottom - k_top + 1)
+        if inner / outer > iou_thresh or inner / area_kept > covered_thresh or inner / area_box > covered_thresh:
+            return True
+    return False
 
 
 # libstdc++'s std::sort (introsort: median-of-3 quicksort down to runs of 16, heapsort past 2*log2(n)
@@ -602,15 +611,17 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, order_keys: np.nd
         merged += _sort_reversed_range([int(i) for i in generation if filters[i] == f], less)
     if model.filters.shape[0] > 1:
         merged = _sort_reversed_range(merged, less)
+    rects = [tuple(r) for r in boxes.tolist()]
     kept: list[int] = []
     for i in merged:
-        if not _overlaps(boxes[kept], boxes[i], model.iou_thresh, model.covered_thresh):
+        if not _overlaps([rects[k] for k in kept], rects[i], model.iou_thresh, model.covered_thresh):
             kept.append(i)
     return np.array(kept, dtype=np.int64)
 
 
 # -- resampling (dlib's resize_image, bilinear, RGB) -----------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 @functools.lru_cache(maxsize=4096)
 def _row_table(n_in: int, n_out: int):
     scale = (n_in - 1) / max(n_out - 1, 1)
@@ -621,7 +632,10 @@ def _row_table(n_in: int, n_out: int):
     top = np.floor(ys).astype(np.int64)
     bottom = np.minimum(top + 1, n_in - 1)
     frac = ys - top
-    return top, bottom, frac, frac.astype(np.float32), (1 - frac).astype(np.float32)
+    table = (top, bottom, frac, frac.astype(np.float32), (1 - frac).astype(np.float32))
+    for a in table:  # cached: shared by every call with these sizes
+        a.setflags(write=False)
+    return table
 
 
 @functools.lru_cache(maxsize=4096)
