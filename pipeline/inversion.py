@@ -27,6 +27,7 @@ from workers.invert_worker import InvertWorker
 
 from .cluster import actor_plan, wait_one
 from .config import ConfigError, PipelineConfig
+from .device_align import resolve_align_backend
 from .progress import Progress
 from .read import Shard
 from .scheduler import ActorPool, Attempt, Scheduler, short_error
@@ -36,6 +37,16 @@ __all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE"]
 log = logging.getLogger("e2style.pipeline")
 
 ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
+# CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
+# above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
+# spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.
+ALIGNING_ACTOR_CPUS = 4
+
+
+def aligning_actor_cpus(n_cpus: int, n_actors: int) -> int:
+    """CPUs for each GPU actor that aligns: ALIGNING_ACTOR_CPUS where the cluster has at least twice that
+    per actor (the rest read and decode), fewer on small machines, never below one."""
+    return max(1, min(ALIGNING_ACTOR_CPUS, n_cpus // (2 * max(1, n_actors))))
 
 
 @dataclass
@@ -134,6 +145,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     """Invert ``todo`` on the running Ray: ([(shard, stats)] committed, {shard: why} failed, seconds)."""
     t0 = time.time()
     n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
+    if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
+        actor_opts["num_cpus"] = aligning_actor_cpus(n_cpus, n_actors)
     # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.

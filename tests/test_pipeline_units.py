@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
+from pipeline.inversion import aligning_actor_cpus
 from pipeline.read import plan_shards, sanitize_key
 from pipeline.write import build_tar
 
@@ -249,3 +250,10 @@ def test_paste_back_reads_originals_under_the_input_pixel_limit():
     assert name == "a.edit_x_1.paste.png"
     pasted = np.asarray(Image.open(io.BytesIO(png)))
     assert pasted.shape == (64, 64, 3) and pasted[24, 24].max() == 0 and np.array_equal(pasted[60, 60], src[60, 60])
+
+
+@pytest.mark.parametrize("n_cpus, n_actors, want", [(16, 1, 4), (128, 8, 4), (16, 4, 2), (2, 1, 1), (1, 1, 1)])
+def test_aligning_gpu_actors_get_cpus_only_where_tasks_keep_most(n_cpus, n_actors, want):
+    """A GPU actor that aligns takes up to ALIGNING_ACTOR_CPUS for its host copies, at most half of its share
+    of the cluster's CPUs (reading and decoding keep the rest), and at least one."""
+    assert aligning_actor_cpus(n_cpus, n_actors) == want

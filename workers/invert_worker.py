@@ -42,8 +42,9 @@ class InvertWorker:
         batch_size = resolve_batch_size(batch_size, self.device)
         if num_threads:
             torch.set_num_threads(num_threads)
-        elif self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
-            # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it.
+        elif os.environ.get("OMP_NUM_THREADS"):
+            # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it (on a GPU
+            # actor it serves host copies: the pinned staging of photos to align).
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
         on_gpu = self.device.startswith("cuda")
