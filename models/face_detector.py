@@ -1305,6 +1305,25 @@ if triton is not None:
         tl.store(hist_ptr + cell * 18 + bin_, acc, mask=live & (bin_ < 18))
 
 
+@functools.lru_cache(maxsize=4096)
+def _resize_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
+    """_resize_kernel's tables for one image resized from h x w to oh x ow, as float64: rows (5, oh): top,
+    bottom, float32 fraction and its complement, double fraction; cols (6, ow): left, right, float32 weight
+    and complement, double weight, and in row 5 (first tail column, ow, oh). Cached: a batch's every level
+    needs one per photo, and photos of a size share them."""
+    top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
+    left, right, lr32, inv_lr32, lr64, tail = _col_table(w, ow)
+    if ow - tail > _TAIL_BAND:
+        raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
+    rows = np.stack([top, bottom, tb32, inv_tb32, tb64]).astype(np.float64)
+    cols = np.zeros((6, max(ow, 3)), np.float64)
+    cols[:5, :ow] = left, right, lr32, inv_lr32, lr64
+    cols[5, :3] = tail, ow, oh
+    for a in (rows, cols):
+        a.setflags(write=False)
+    return rows, cols
+
+
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
     """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
@@ -1315,13 +1334,9 @@ def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], ou
     rows = np.zeros((n, 5, out_h), np.float64)
     cols = np.zeros((n, 6, out_w), np.float64)
     for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
-        top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
-        rows[b, :, :oh] = top, bottom, tb32, inv_tb32, tb64
-        left, right, lr32, inv_lr32, lr64, tail = _col_table(w, ow)
-        if ow - tail > _TAIL_BAND:
-            raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
-        cols[b, :5, :ow] = left, right, lr32, inv_lr32, lr64
-        cols[b, 5, :3] = tail, ow, oh
+        row_table, col_table = _resize_kernel_tables(h, w, oh, ow)
+        rows[b, :, :oh] = row_table
+        cols[b, :, :col_table.shape[1]] = col_table
     out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
     _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
         images.contiguous(), out, upload(rows, images.device), upload(cols, images.device), in_h, in_w, out_h,
