@@ -67,7 +67,7 @@ except ImportError:  # CPU-only installs
 
 from models.dlib_serialize import DlibFormatError, DlibReader
 from models.ffhq_crop import photos_to_device
-from models.pillow_resample import upload
+from models.pillow_resample import upload, upload_many
 
 NUM_PLANES = 31  # fHOG planes: 18 signed + 9 unsigned orientations + 4 texture (block energy) planes
 # dlib's unit vectors for the 9 unsigned orientation bins (fhog.h), as float32 like dlib's matrix<float>.
@@ -1339,7 +1339,7 @@ def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], ou
         cols[b, :, :col_table.shape[1]] = col_table
     out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
     _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
-        images.contiguous(), out, upload(rows, images.device), upload(cols, images.device), in_h, in_w, out_h,
+        images.contiguous(), out, *upload_many([rows, cols], images.device), in_h, in_w, out_h,
         out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     return out
 
@@ -1371,16 +1371,17 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     n, _, height, width = images.shape
     images = images.contiguous()
     vy, vx = _vote_weights(ph, pw)
+    visible_t, simd_end_t, dirs_t, vy_t, vx_t, cells_t = upload_many(
+        [visible.astype(np.int64), simd_end.astype(np.int64), _DIRECTIONS, vy, vx, cells.astype(np.int64)], dev)
     orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int32, device=dev)
     weights = torch.zeros((4, n, grid_h, grid_w), dtype=torch.float32, device=dev)
     _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
-        images, upload(visible.astype(np.int64), dev), upload(simd_end.astype(np.int64), dev),
-        upload(_DIRECTIONS, dev), upload(vy, dev), upload(vx, dev),
+        images, visible_t, simd_end_t, dirs_t, vy_t, vx_t,
         orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
     _grid_hist_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
-        orient, weights, hist, upload(cells.astype(np.int64), dev), n_cr, n_cc, grid_h, grid_w, n_cells,
+        orient, weights, hist, cells_t, n_cr, n_cc, grid_h, grid_w, n_cells,
         n * grid_h * grid_w, CELLS=_HIST_CELLS, enable_fp_fusion=False)
     return hist
 

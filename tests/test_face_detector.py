@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from models.dlib_serialize import DlibReader, encode_float, encode_int
+from models.pillow_resample import upload_many
 from models.face_detector import (
     BUNDLED_DETECTOR_FILE,
     DetectorFileError,
@@ -388,3 +389,17 @@ def test_variants_equal_dlib_upsample_0(detector, dlib_detector, adjust):
 def test_variants_equal_dlib_upsample_1(detector, dlib_detector, adjust):
     variants = face_variants(60, seed=1, max_side=400) + faceless_variants(6, seed=1, max_side=400)
     assert_equal_to_dlib(detector, dlib_detector, variants, 1, adjust, min_detections=10)
+
+
+def test_upload_many_gives_back_every_array_as_it_was():
+    """The kernels' tables travel packed in one buffer: each comes back with its values, dtype and shape,
+    whatever the alignment of the one before it."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(-9, 9, 5).astype(np.int64), rng.random((1, 3)).astype(np.float32),
+              rng.random(3) > 0.5, rng.random((2, 3))[:, ::2], np.zeros((0,), np.int64),
+              rng.integers(0, 255, (3, 7)).astype(np.uint8), rng.random((4, 2))]
+    got = upload_many(arrays, "cpu")
+    assert len(got) == len(arrays)
+    for g, a in zip(got, arrays):
+        assert g.numpy().dtype == a.dtype and tuple(g.shape) == a.shape
+        assert np.array_equal(g.numpy(), a)
