@@ -1635,10 +1635,12 @@ class FrontalFaceDetector:
         # the score it reports is saliency - threshold in double.
         cut = upload(self.model.thresholds + adjust, self.device)[None, :, None, None]
         flat_hits, flat_saliency = [], []
-        for _level, _active, hog, totals in scored:
+        hogs = upload_many([hog.astype(np.int64) for _level, _active, hog, _totals in scored], self.device)
+        for (_level, _active, _hog, totals), hog_t in zip(scored, hogs):
             out_h, out_w = totals.shape[2], totals.shape[3]
-            valid = upload((np.arange(out_h)[None, :, None] < hog[:, 0, None, None])
-                           & (np.arange(out_w)[None, None, :] < hog[:, 1, None, None]), self.device)
+            # Each image's own windows: built on the device from its HOG size (a host mask was megabytes).
+            valid = ((torch.arange(out_h, device=self.device)[None, :, None] < hog_t[:, 0, None, None])
+                     & (torch.arange(out_w, device=self.device)[None, None, :] < hog_t[:, 1, None, None]))
             saliency = totals.double()
             flat_hits.append(((saliency >= cut) & valid[:, None]).reshape(-1))
             flat_saliency.append(saliency.reshape(-1))
