@@ -856,8 +856,8 @@ def _fhog(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[in
     dev = images.device
     cell = 8
     n = images.shape[0]
-    cells = np.array([[int(np.float32(h) / np.float32(cell) + 0.5), int(np.float32(w) / np.float32(cell) + 0.5)]
-                      for h, w in sizes], dtype=np.int64)
+    # dlib: (int)(rows / (float)cell_size + 0.5), in float32 (exact: a division by 8, then + 0.5), truncated.
+    cells = (np.asarray(sizes, dtype=np.float32).reshape(-1, 2) / np.float32(cell) + np.float32(0.5)).astype(np.int64)
     hog = np.maximum(cells - 2, 0)
     hog[(hog == 0).any(axis=1)] = 0
     visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
