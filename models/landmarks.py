@@ -36,7 +36,7 @@ On CUDA two Triton kernels (when Triton is installed) replace the launch-bound p
 trees of a cascade for all faces, one adds the leaves, one program per (face, block of coordinates) looping
 over the trees in order. Elsewhere (CPU, or `use_triton=False`) the same steps run as torch operations: the
 trees vectorised, the leaves as one vectorised add per tree. Both give identical bits; the benchmark checks
-it on the GPU.
+it on the GPU, tests/test_triton_kernels_interpreted.py under Triton's interpreter on CPU.
 
 Model files are read with models.dlib_serialize (no unpickling); a truncated or altered file raises
 DlibFormatError naming the file and the byte offset.
@@ -661,7 +661,7 @@ if triton is not None:
         # One program per (face, block of coordinates): the trees' leaves are added one tree after the
         # other, in dlib's order. UNROLL divides NUM_TREES; unrolling lets the loads of several trees be
         # issued before their adds, which stay in order. NUM_TREES is a constant of the model (one variant
-        # per model), so that the loop bound is one Triton's interpreter can run too (tests/test_triton_interpreter.py).
+        # per model): a loop bound Triton's interpreter can run too (tests/test_triton_kernels_interpreted.py).
         face = tl.program_id(0).to(tl.int64)
         coord = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = coord < num_coords

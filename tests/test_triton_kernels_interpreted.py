@@ -1,0 +1,87 @@
+"""The GPU paths' Triton kernels, executed by Triton's interpreter on the CPU, equal the torch paths bit for bit.
+
+On a GPU the face detector, the landmark predictor and the crop's QUAD transform run Triton kernels that
+repeat dlib's and Pillow's arithmetic; they are used only where they equal the torch path, which the tests
+against dlib and Pillow check on CPU. CI has no GPU, so the kernels run here under Triton's interpreter
+(TRITON_INTERPRET=1), which executes their code with numpy on CPU tensors. The interpreter must be chosen
+before ``triton`` is imported and the other tests import the models normally, so each group of kernels runs
+in a process of its own (tests/triton_interpreter_checks.py, which holds the checks and their inputs); a
+test passes when that process reports every check of its group passed (``-s`` shows each check's time).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import triton_interpreter_checks as checks
+
+# About two minutes in all on 2 cores: the interpreter runs each program of a launch in Python.
+pytestmark = pytest.mark.slow
+
+MODULES_WITH_KERNELS = ["models.face_detector", "models.landmarks", "models.pillow_resample"]
+
+
+@pytest.fixture(autouse=True)
+def triton_installed():
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed; it is a test dependency (pip install -e '.[test]'): these tests run "
+                    "the GPU kernels under its interpreter")
+
+
+def run_group(group: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, checks.__file__, group], env=env, capture_output=True, text=True,
+                          timeout=900)
+    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]
+    report = f"{group}: exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, report
+    # Every check of the group reported a pass: none was lost to an early exit.
+    assert passed == checks.check_names(group), report
+    print(proc.stdout)
+
+
+def test_every_triton_function_has_a_check():
+    # A kernel added to one of the modules must join a group of tests/triton_interpreter_checks.py.
+    checked = {(module, name) for group in checks.FUNCTIONS.values() for module, names in group.items()
+               for name in names}
+    defined = {(module, name) for module in MODULES_WITH_KERNELS
+               for name in checks.triton_functions(importlib.import_module(module))}
+    assert defined, "no Triton function found: is triton importable in this environment?"
+    assert defined - checked == set(), "Triton functions that no interpreter check runs"
+    assert checked - defined == set(), "checks name functions the modules no longer define"
+
+
+def test_detector_pyramid_resize_kernel():
+    # FrontalFaceDetector._check_triton_resize: pyramid_down and pyramid_up of two sizes in a batch.
+    run_group("detector-resize")
+
+
+def test_detector_fhog_kernels():
+    # FrontalFaceDetector._check_triton_fhog: pixel votes, cell histograms, block energy and features of two
+    # quantised images of other sizes in a batch.
+    run_group("detector-fhog")
+
+
+def test_detector_filter_kernel():
+    # The fused filter kernel over several row tiles and column blocks, two sizes, real and padding terms.
+    run_group("detector-filters")
+
+
+def test_detector_whole_detect_with_every_triton_group():
+    # detect() on a real face and another photograph of another size in one batch, all Triton groups on.
+    run_group("detector-detect")
+
+
+def test_landmark_kernels():
+    # The tree and leaf kernels per cascade (many tied splits), and predict() on two images, two tree shapes.
+    run_group("landmarks")
+
+
+def test_quad_transform_kernel():
+    # The QUAD transform on its own (sources, windows, quads across edges) and inside crop_faces.
+    run_group("quad")
