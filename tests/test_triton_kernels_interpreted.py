@@ -29,8 +29,8 @@ MODULES_WITH_KERNELS = ["models.face_detector", "models.landmarks", "models.pill
 @pytest.fixture(autouse=True)
 def triton_installed():
     if importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed; it is a test dependency (pip install -e '.[test]'): these tests run "
-                    "the GPU kernels under its interpreter")
+        pytest.fail("triton is not installed; it is a test dependency (`make install`, or pip install "
+                    "triton==3.5.1 beside a CPU torch): these tests run the GPU kernels under its interpreter")
 
 
 def run_group(group: str) -> None:
