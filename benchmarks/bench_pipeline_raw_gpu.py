@@ -151,7 +151,6 @@ def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> di
     then invert, one chunk after the other) and from two threads at once (as Ray's max_concurrency=2 runs the
     actor: one call's alignment beside the other's inversion). Tells the actor's own limit from the rest of
     the pipeline's, and whether the two calls at once help or hinder each other."""
-
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
                           landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size

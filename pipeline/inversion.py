@@ -151,7 +151,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.
     # max_concurrency=2: while one call's batches run on the GPU, the next call's inputs are unpacked,
-    # pinned and copied (CUDA work from both threads goes to the same stream, in order).
+    # pinned and copied, and (an actor that aligns) its photos aligned on a stream of their own.
     Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)(InvertWorker)
     m, ep = cfg.model, cfg.storage.endpoint_url
     actors = [Actor.options(**actor_opts).remote(
