@@ -998,8 +998,8 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 # The same arithmetic as the torch path above, fused: the pyramid resize, the pixel votes, the cell
 # histograms, fHOG's features, and one kernel for both filter passes and the sum over terms. Compiled with
 # enable_fp_fusion=False so that no multiply-add is contracted into an FMA; every operation is a float32 add
-# or multiply in dlib's order. FrontalFaceDetector checks them against the torch path when it is created and falls back to the
-# torch path (with a warning) if they differ or fail.
+# or multiply in dlib's order. FrontalFaceDetector checks them against the torch path when it is created and
+# falls back to the torch path (with a warning) if they differ or fail.
 
 _TRITON_BLOCK = 128
 # A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
