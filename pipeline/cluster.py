@@ -9,7 +9,7 @@ import ray
 
 from .config import RayConfig
 
-__all__ = ["init_ray", "actor_plan", "wait_one"]
+__all__ = ["init_ray", "actor_plan", "cpus_per_gpu", "wait_one"]
 
 
 def init_ray(rc: RayConfig) -> bool:
@@ -39,6 +39,14 @@ def actor_plan(rc: RayConfig) -> tuple[int, dict[str, Any], int, int]:
     if rc.actor_resources:
         opts["resources"] = dict(rc.actor_resources)
     return rc.num_actors or max(1, n_gpus), opts, n_gpus, n_cpus
+
+
+def cpus_per_gpu() -> int:
+    """The fewest CPUs per GPU on any alive node that has GPUs (0 without GPUs): the most CPUs a one-GPU actor
+    can ask for and still be placed on every GPU node."""
+    shares = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU", 0) > 0]
+    return min(shares) if shares else 0
 
 
 def wait_one(refs: list, timeout: float | None) -> list:

@@ -25,7 +25,7 @@ import ray
 from workers.cpu_worker import finish_shard_task, prepare_shard
 from workers.invert_worker import InvertWorker
 
-from .cluster import actor_plan, wait_one
+from .cluster import actor_plan, cpus_per_gpu, wait_one
 from .config import ConfigError, PipelineConfig
 from .device_align import resolve_align_backend
 from .progress import Progress
@@ -43,10 +43,11 @@ ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queue
 ALIGNING_ACTOR_CPUS = 4
 
 
-def aligning_actor_cpus(n_cpus: int, n_actors: int) -> int:
-    """CPUs for each GPU actor that aligns: ALIGNING_ACTOR_CPUS where the cluster has at least twice that
-    per actor (the rest read and decode), fewer on small machines, never below one."""
-    return max(1, min(ALIGNING_ACTOR_CPUS, n_cpus // (2 * max(1, n_actors))))
+def aligning_actor_cpus(cpus_per_gpu: int) -> int:
+    """CPUs for each GPU actor that aligns, given the fewest CPUs per GPU of the GPU nodes: ALIGNING_ACTOR_CPUS
+    where they have at least twice that (the rest read and decode), at most half of them on smaller nodes (so
+    the actor fits on every GPU node), never below one."""
+    return max(1, min(ALIGNING_ACTOR_CPUS, cpus_per_gpu // 2))
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     t0 = time.time()
     n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
     if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
-        actor_opts["num_cpus"] = aligning_actor_cpus(n_cpus, n_actors)
+        actor_opts["num_cpus"] = aligning_actor_cpus(cpus_per_gpu())
     # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.

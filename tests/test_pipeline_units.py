@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
+from pipeline.cluster import cpus_per_gpu
 from pipeline.inversion import aligning_actor_cpus
 from pipeline.read import plan_shards, sanitize_key
 from pipeline.write import build_tar
@@ -252,8 +253,14 @@ def test_paste_back_reads_originals_under_the_input_pixel_limit():
     assert pasted.shape == (64, 64, 3) and pasted[24, 24].max() == 0 and np.array_equal(pasted[60, 60], src[60, 60])
 
 
-@pytest.mark.parametrize("n_cpus, n_actors, want", [(16, 1, 4), (128, 8, 4), (16, 4, 2), (2, 1, 1), (1, 1, 1)])
-def test_aligning_gpu_actors_get_cpus_only_where_tasks_keep_most(n_cpus, n_actors, want):
-    """A GPU actor that aligns takes up to ALIGNING_ACTOR_CPUS for its host copies, at most half of its share
-    of the cluster's CPUs (reading and decoding keep the rest), and at least one."""
-    assert aligning_actor_cpus(n_cpus, n_actors) == want
+@pytest.mark.parametrize("cpus_per_gpu, want", [(16, 4), (8, 4), (6, 3), (2, 1), (1, 1), (0, 1)])
+def test_aligning_gpu_actors_get_cpus_only_where_tasks_keep_most(cpus_per_gpu, want):
+    """A GPU actor that aligns takes up to ALIGNING_ACTOR_CPUS for its host copies, at most half of the CPUs
+    per GPU of the smallest GPU node (reading and decoding keep the rest, and the actor fits everywhere), and
+    at least one."""
+    assert aligning_actor_cpus(cpus_per_gpu) == want
+
+
+def test_cpus_per_gpu_is_zero_without_gpus(ray_session):
+    """On a cluster without GPUs (CI's), no node offers CPUs per GPU: the aligning actors' rule never applies."""
+    assert cpus_per_gpu() == 0
