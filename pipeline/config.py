@@ -61,7 +61,7 @@ class EditConfig:                      # latent editing after inversion (docs/ed
 class ModelConfig:
     checkpoint: str | None = None      # local path or any fsspec URL (s3://...)
     stages: int | None = None          # null = all stages of the checkpoint
-    batch_size: int | str = "auto"     # faces per GPU batch: auto (64 on GPUs, 16 on CPUs) | an integer
+    batch_size: int | str = "auto"     # faces per batch: auto (64 on GPUs, 16 on CPUs) | an integer (<= 128 on GPUs)
     precision: str = "auto"            # auto (fp16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
     compile: str | bool = "auto"       # torch.compile the networks: auto (on GPUs) | true | false
     device: str = "auto"               # auto (cuda when the actor has a GPU) | cpu | cuda

@@ -160,3 +160,6 @@ def test_batch_size_auto_is_the_default_and_resolves_per_device():
     assert resolve_batch_size("auto", "cuda") == 64 and resolve_batch_size("auto", "cuda:1") == 64
     assert resolve_batch_size("auto", "cpu") == 16
     assert resolve_batch_size(8, "cuda") == 8  # an explicit size is kept on any device
+    assert resolve_batch_size(128, "cuda") == 128 and resolve_batch_size(512, "cpu") == 512
+    with pytest.raises(ValueError, match="model.batch_size: at most 128 on a GPU"):
+        resolve_batch_size(129, "cuda:0")  # beyond the batches checked on GPUs
