@@ -13,6 +13,7 @@ from models.checkpoint import read_checkpoint
 from models.factory import write_checkpoint
 from models.stylegan2 import generator_config_from_state_dict
 
+from .config import MAX_GPU_BATCH_SIZE
 from .config_files import ConfigError
 from .storage import get_fs, is_local
 
@@ -31,17 +32,11 @@ def resolve_device(device: str = "auto") -> str:
 AUTO_BATCH_SIZE = {"cuda": 64, "cpu": 16}
 
 
-# The largest batch benchmarks/check_gpu.py checks every GPU path at against the official function
-# (BENCHMARKS.md): a cuDNN defect made one formulation wrong above some batch sizes and right below them, so
-# GPU batches stay within what was checked. (128 gains at most 3% over 64 on an H200.)
-MAX_GPU_BATCH_SIZE = 128
-
-
 def resolve_batch_size(batch_size: int | str, device: str) -> int:
     on_gpu = device.startswith("cuda")
     if batch_size == "auto":
         return AUTO_BATCH_SIZE["cuda" if on_gpu else "cpu"]
-    if on_gpu and int(batch_size) > MAX_GPU_BATCH_SIZE:
+    if on_gpu and int(batch_size) > MAX_GPU_BATCH_SIZE:  # workers built without a pipeline config too
         raise ValueError(f"model.batch_size: at most {MAX_GPU_BATCH_SIZE} on a GPU (the largest batch checked "
                          f"against the official model there), got {batch_size}")
     return int(batch_size)

@@ -67,6 +67,8 @@ def test_set_overrides_dotted_keys_typed_values():
     ({"model": {"batch_size": "8"}}, "model.batch_size", "integer"),
     ({"model": {"batch_size": "max"}}, "model.batch_size", "'auto' or an integer"),
     ({"model": {"batch_size": 5000}}, "model.batch_size", "<= 4096"),
+    ({"model": {"batch_size": 256}}, "model.batch_size", "at most 128 unless model.device is cpu"),
+    ({"model": {"batch_size": 129, "device": "cuda"}}, "model.batch_size", "largest batch checked on GPUs"),
     ({"model": {"precision": "fp8"}}, "model.precision", "one of"),
     ({"output": {"image_format": "gif"}}, "output.image_format", "one of"),
     ({"align": {"enabled": "yes"}}, "align.enabled", "true or false"),
@@ -161,5 +163,8 @@ def test_batch_size_auto_is_the_default_and_resolves_per_device():
     assert resolve_batch_size("auto", "cpu") == 16
     assert resolve_batch_size(8, "cuda") == 8  # an explicit size is kept on any device
     assert resolve_batch_size(128, "cuda") == 128 and resolve_batch_size(512, "cpu") == 512
+    cpu_cfg = json.loads(json.dumps(BASE))
+    cpu_cfg["model"].update({"batch_size": 512, "device": "cpu"})
+    assert resolve(cpu_cfg).model.batch_size == 512  # CPU actors: no GPU cap
     with pytest.raises(ValueError, match="model.batch_size: at most 128 on a GPU"):
         resolve_batch_size(129, "cuda:0")  # beyond the batches checked on GPUs
