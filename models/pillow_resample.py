@@ -48,18 +48,15 @@ PRECISION_BITS = 22
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:
-    """A small host array on ``device``; to a CUDA device through pinned memory, so that the host does not
-    wait for the work already queued on the stream (a pageable copy would)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    """A small host array on ``device`` (upload_many of one)."""
+    return upload_many([array], device)[0]
 
 
 def upload_many(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
-    """upload() for several small arrays in one host -> device copy: packed into one pinned buffer (each at an
-    8-byte boundary) and viewed back on the device with their dtypes and shapes. A kernel's tables travel
-    together: each copy costs the host tens of microseconds, whatever its size."""
+    """Small host arrays on ``device`` in one host -> device copy: packed into one buffer (each at an 8-byte
+    boundary) and viewed back with their dtypes and shapes. To a CUDA device the buffer is pinned, so that the
+    host does not wait for the work already queued on the stream (a pageable copy would); a kernel's tables
+    travel together, as each copy costs the host tens of microseconds whatever its size."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     offsets, end = [], 0
     for a in arrays:
