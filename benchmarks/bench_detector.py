@@ -35,10 +35,13 @@ from pipeline.decode import decode_image  # noqa: E402
 # the filter kernel's tiles (rows x columns per program, warps), histogram cells per program, the padding
 # allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
-    "filters 16x32": {"_FILTER_ROWS": 16},
-    "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
-    "filters 32x32 4 warps": {"_FILTER_WARPS": 4},
-    "filters 16x32 4 warps": {"_FILTER_ROWS": 16, "_FILTER_WARPS": 4},
+    "filters tiles 32x32": {"_FILTER_KERNEL": "tiles"},
+    "slide 8x64": {"_SLIDE_ROWS": 8},
+    "slide 32x64": {"_SLIDE_ROWS": 32},
+    "slide 16x128 4 warps": {"_SLIDE_BLOCK": 128, "_SLIDE_WARPS": 4},
+    "slide 16x32 1 warp": {"_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
+    "slide 16x64 4 warps": {"_SLIDE_WARPS": 4},
+    "slide 8x32 1 warp": {"_SLIDE_ROWS": 8, "_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
     "hist 8 cells": {"_HIST_CELLS": 8},
     "padding 2": {"_MAX_PADDING": 2.0},
     "padding 4": {"_MAX_PADDING": 4.0},

@@ -1013,6 +1013,11 @@ _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
 _FILTER_ROWS = 32
 _FILTER_BLOCK = 32
 _FILTER_WARPS = 8
+# The sliding-window filter kernel (_filter_rows_kernel): output rows x columns per program, warps.
+_FILTER_KERNEL = "slide"   # or "tiles" (_filter_kernel)
+_SLIDE_ROWS = 16
+_SLIDE_BLOCK = 64
+_SLIDE_WARPS = 2
 # Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile
 # new variants (divisible by 16 or not, per argument) for many calls after the first.
 
@@ -1098,6 +1103,125 @@ if triton is not None:
                 acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, COL_INTERLEAVED)
             total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
         tl.store(total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :], total, mask=live)
+
+    @triton.jit
+    def _dlib_dot(values, taps, SIZE: tl.constexpr, INTERLEAVED: tl.constexpr, SEQ: tl.constexpr):
+        # sum(values[n] * taps[n]) in dlib's two orders: its 8-wide loop's (_three_accumulator_sum: taps 0, 3,
+        # 6, ... / 1, 4, 7, ... / 2, 5, 8, ... while three remain, the rest into the first, then acc0 + (acc1 +
+        # acc2)) and, with SEQ, its scalar loop's (_sequential_sum) beside it. Each accumulator starts from its
+        # first product (as the torch path's do), the others are 0 and add nothing.
+        p = values[0] * taps[0]
+        acc0 = p
+        acc1 = tl.zeros_like(p)
+        acc2 = tl.zeros_like(p)
+        seq = p
+        for n in tl.static_range(1, SIZE):
+            p = values[n] * taps[n]
+            if n < INTERLEAVED:
+                if n % 3 == 0:
+                    acc0 = acc0 + p
+                elif n % 3 == 1:
+                    if n == 1:
+                        acc1 = p
+                    else:
+                        acc1 = acc1 + p
+                else:
+                    if n == 2:
+                        acc2 = p
+                    else:
+                        acc2 = acc2 + p
+            else:
+                acc0 = acc0 + p
+            if SEQ:
+                seq = seq + p
+        return acc0 + (acc1 + acc2), seq
+
+    @triton.jit
+    def _row_pass(src, r, j, last_row, plane_w, taps, simd, FW: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  SEQ: tl.constexpr):
+        # The row filter of one term at plane row r, output columns j (a vector): FW shifted loads. Rows past
+        # the plane's last and columns past the last output column (clamped by the caller) read values of
+        # the plane that only outputs never stored depend on: no masks, every load inside the plane.
+        at = src + tl.minimum(r, last_row) * plane_w + j
+        values = ()
+        for n in tl.static_range(FW):
+            values = values + (tl.load(at + n),)
+        simd_sum, seq = _dlib_dot(values, taps, FW, INTERLEAVED, SEQ)
+        if SEQ:
+            simd_sum = tl.where(simd, simd_sum, seq)
+        return simd_sum
+
+    @triton.jit
+    def _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
+                     hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
+                     N_SLOTS: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
+                     COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SEQ: tl.constexpr):
+        # ROWS output rows of one filter at columns j, term after term: each plane row's row filter is
+        # computed once and kept in registers while the FH output rows that read it are formed (a window of
+        # FH row-filtered rows slides down), and each output row's total gains the term: _filter_scores'
+        # operations in its order. SEQ: the block holds scalar (right-edge) columns, whose sums run in dlib's
+        # scalar order.
+        cols = j < hog_cols
+        simd = j < tail
+        j_in = tl.minimum(j, out_w - 1)  # lanes past the planes' last window read its columns (not stored)
+        totals = ()
+        for r in tl.static_range(ROWS):
+            totals = totals + (tl.zeros([BLOCK], dtype=tl.float32),)
+        for s in range(N_SLOTS):  # a constant of the model (a loop bound Triton's interpreter can run)
+            term = f * N_SLOTS + s
+            src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
+            row_taps = ()
+            for n in tl.static_range(FW):
+                row_taps = row_taps + (tl.load(row_taps_ptr + term * FW + n),)
+            col_taps = ()
+            for m in tl.static_range(FH):
+                col_taps = col_taps + (tl.load(col_taps_ptr + term * FH + m),)
+            window = ()
+            for r in tl.static_range(FH - 1):
+                window = window + (_row_pass(src, i0 + r, j_in, plane_h - 1, plane_w, row_taps, simd, FW,
+                                             ROW_INTERLEAVED, SEQ),)
+            summed = ()
+            for r in tl.static_range(ROWS):
+                window = window + (_row_pass(src, i0 + r + FH - 1, j_in, plane_h - 1, plane_w, row_taps, simd,
+                                             FW, ROW_INTERLEAVED, SEQ),)
+                simd_sum, seq = _dlib_dot(window, col_taps, FH, COL_INTERLEAVED, SEQ)
+                if SEQ:
+                    simd_sum = tl.where(simd, simd_sum, seq)
+                summed = summed + (totals[r] + simd_sum,)
+                window = window[1:]
+            totals = summed
+        out = total_ptr + ((b * n_filters + f) * out_h + i0) * out_w + j
+        for r in tl.static_range(ROWS):
+            tl.store(out + r * out_w, totals[r], mask=cols & (i0 + r < hog_rows))
+
+    @triton.jit(do_not_specialize=["n_filters", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
+    def _filter_rows_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, total_ptr,
+                            n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS: tl.constexpr,
+                            FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
+                            COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (image, filter, ROWS output rows, BLOCK columns): _filter_rows, with the scalar
+        # order's sums only in blocks that reach the image's scalar columns. bounds (B, 4): the first scalar
+        # column, HOG rows and columns, plane rows that valid windows read. Programs outside the image's own
+        # rows and columns (padding of smaller photos) do nothing and the total stays 0.
+        pid = tl.program_id(0).to(tl.int64)
+        row_blocks = tl.cdiv(out_h, ROWS)
+        i0 = (pid % row_blocks) * ROWS
+        f = (pid // row_blocks) % n_filters
+        b = pid // (row_blocks * n_filters)
+        j0 = tl.program_id(1) * BLOCK
+        j = j0 + tl.arange(0, BLOCK)
+        tail = tl.load(bounds_ptr + 4 * b)
+        hog_rows = tl.load(bounds_ptr + 4 * b + 1)
+        hog_cols = tl.load(bounds_ptr + 4 * b + 2)
+        if (i0 < hog_rows) & (j0 < hog_cols):
+            if j0 + BLOCK > tail:
+                _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
+                             hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
+                             N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, True)
+            else:
+                _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
+                             hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
+                             N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, False)
 
     @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "n_images", "ph", "pw"])
     def _pixel_votes_kernel(img_ptr, visible_ptr, simd_end_ptr, dirs_ptr, vy_ptr, vx_ptr, orient_ptr, weight_ptr,
@@ -1401,6 +1525,14 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     out_w = plane_w - (fw - 1)
     bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
+    if _FILTER_KERNEL == "slide":
+        grid = (n * n_filters * triton.cdiv(out_h, _SLIDE_ROWS), triton.cdiv(out_w, _SLIDE_BLOCK))
+        _filter_rows_kernel[grid](
+            planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, total,
+            n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS=n_slots, FW=fw, FH=fh,
+            ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_SLIDE_ROWS,
+            BLOCK=_SLIDE_BLOCK, num_warps=_SLIDE_WARPS, enable_fp_fusion=False)
+        return total
     rows, blocks = triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK)
     halo = triton.next_power_of_2(fh - 1)  # rows below a tile that its column taps reach
     scratch = torch.empty((n * n_filters * rows * blocks, _FILTER_ROWS + halo, _FILTER_BLOCK),

@@ -32,9 +32,10 @@ FUNCTIONS = {
     "detector-resize": {"models.face_detector": ["_resize_kernel"]},
     "detector-fhog": {"models.face_detector": ["_pixel_votes_kernel", "_grid_hist_kernel", "_block_energy_kernel",
                                                "_features_kernel", "_lane_normaliser"]},
-    "detector-filters": {"models.face_detector": ["_filter_kernel", "_row_pass_tile", "_add_tap"]},
+    "detector-filters": {"models.face_detector": ["_filter_kernel", "_row_pass_tile", "_add_tap",
+                                                  "_filter_rows_kernel", "_filter_rows", "_row_pass", "_dlib_dot"]},
     "detector-detect": {"models.face_detector": ["_resize_kernel", "_pixel_votes_kernel", "_grid_hist_kernel",
-                                                 "_block_energy_kernel", "_features_kernel", "_filter_kernel"]},
+                                                 "_block_energy_kernel", "_features_kernel", "_filter_rows_kernel"]},
     "landmarks": {"models.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
     "quad": {"models.pillow_resample": ["_quad_bilinear_kernel"]},
 }
@@ -147,8 +148,8 @@ def check_detector_filters_few_terms() -> str | None:
     sizes in a batch, every filter with five of its term slots: the first two, the last term of the filter
     with the fewest terms and the zero slot after it (padding, which must add +0.0), and the last slot. (All
     of the model's slots, about 60, take about 2 s per program under the interpreter, and the detector's own
-    _check_triton_filters runs 150 programs: minutes. detector-detect runs every slot, on a real photo.)"""
-    import numpy as np
+    _check_triton_filters runs 150 programs: minutes. detector-detect runs every slot, on a real photo.) Both
+    kernels, each on its own tiling."""
     import torch
 
     from models import face_detector as fd
@@ -159,8 +160,23 @@ def check_detector_filters_few_terms() -> str | None:
         return "every filter has as many terms as the others: no padding slot to check"
     slots = torch.tensor([0, 1, fewest - 1, fewest, most - 1])
     plane_idx, row_taps, col_taps = (t.index_select(1, slots) for t in (det._plane_idx, det._row_taps, det._col_taps))
+    for kernel, rows_tile, cols_block in (("slide", fd._SLIDE_ROWS, fd._SLIDE_BLOCK),
+                                          ("tiles", fd._FILTER_ROWS, fd._FILTER_BLOCK)):
+        saved, fd._FILTER_KERNEL = fd._FILTER_KERNEL, kernel
+        try:
+            problem = _filter_scores_differ(det, fd, plane_idx, row_taps, col_taps, rows_tile, cols_block)
+        finally:
+            fd._FILTER_KERNEL = saved
+        if problem:
+            return f"{kernel} kernel: {problem}"
+    return None
+
+
+def _filter_scores_differ(det, fd, plane_idx, row_taps, col_taps, rows_tile, cols_block) -> str | None:
+    import numpy as np
+    import torch
+
     fh, fw = det._fhog_pad
-    rows_tile, cols_block = fd._FILTER_ROWS, fd._FILTER_BLOCK
     # Image 0: two row tiles, its last column block partial; image 1: less than one row tile, three column
     # blocks. Neither width is a multiple of 8: both have a band of columns on dlib's scalar loop.
     hog = np.array([[rows_tile + 5, cols_block - 3], [rows_tile // 3, 2 * cols_block + 6]])
