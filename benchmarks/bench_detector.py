@@ -39,7 +39,10 @@ VARIANTS = {
     "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
     "filters 32x32 4 warps": {"_FILTER_WARPS": 4},
     "filters 16x32 4 warps": {"_FILTER_ROWS": 16, "_FILTER_WARPS": 4},
-    "hist 8 cells": {"_HIST_CELLS": 8},
+    "hist old": {"_HIST_KERNEL": "bin"},
+    "hist old 8 cells": {"_HIST_KERNEL": "bin", "_HIST_CELLS": 8},
+    "hist 64 cells": {"_CELL_BLOCK": 64},
+    "hist 256 cells": {"_CELL_BLOCK": 256},
     "padding 2": {"_MAX_PADDING": 2.0},
     "padding 4": {"_MAX_PADDING": 4.0},
 }

@@ -1006,6 +1006,10 @@ _TRITON_BLOCK = 128
 # and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
 _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
+# The cell histograms' kernels: "cell" (_orient_mag_kernel, then _cell_hist_kernel: one lane per cell, its 18
+# bins in registers) or "bin" (_pixel_votes_kernel, then _grid_hist_kernel: one lane per cell and bin).
+_HIST_KERNEL = "cell"
+_CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps)
 # The filter kernel's tiles: _FILTER_ROWS output rows x _FILTER_BLOCK columns (HOG planes are 10-300 cells
 # wide: small column blocks waste less on the masked right edge), _FILTER_WARPS warps per program. H200, 64
 # photos of 1024-1800 px (BENCHMARKS.md): 32x32 93.5 ms of device time per call; 16x64 97.9, 32x64 102-109,
@@ -1157,6 +1161,112 @@ if triton is not None:
         tl.store(weight_ptr + grid_size + at, tl.where(simd, vy0 * (vx1 * v), (vy0 * vx1) * v), mask=valid)
         tl.store(weight_ptr + 2 * grid_size + at, tl.where(simd, vy1 * (vx0 * v), (vy1 * vx0) * v), mask=valid)
         tl.store(weight_ptr + 3 * grid_size + at, tl.where(simd, vy1 * (vx1 * v), (vy1 * vx1) * v), mask=valid)
+
+    # _DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
+    _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in _DIRECTIONS.ravel()))
+
+    @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "ph", "pw"])
+    def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, height, width, grid_h, grid_w, ph, pw,
+                           BLOCK: tl.constexpr):
+        # One program per (grid row Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
+        # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
+        # then 0), _pixel_votes_kernel's arithmetic, for every grid position that _cell_hist_kernel reads of the
+        # image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
+        # (Y, X) at Y * grid_w + (X % 8) * (grid_w / 8) + X // 8 (grid_w is a multiple of 8): the columns of one
+        # phase X % 8 lie together, so that the histogram kernel's lanes (cells 8 columns apart) load
+        # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
+        # cell rows, cell columns.
+        Y = tl.program_id(0) + 8
+        X = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        b = tl.program_id(2)
+        y = Y - 12
+        x = X - 12
+        info = info_ptr + 5 * b
+        stored = (X < 8 * (tl.load(info + 4) + 2)) & (Y < 8 * (tl.load(info + 3) + 2))
+        valid = stored & (y >= 1) & (y <= ph) & (y < tl.load(info)) & (x >= 1) & (x <= pw) & (x < tl.load(info + 1))
+        simd = x < tl.load(info + 2)
+        plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
+        px = img_ptr + b.to(tl.int64) * 3 * plane + (y * width + x)
+        gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
+        gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px - width, mask=valid, other=0).to(tl.int32))
+        px1 = px + plane
+        gx1 = tl.load(px1 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32)
+        gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
+        px2 = px1 + plane
+        gx2 = tl.load(px2 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32)
+        gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
+        m0 = gx0 * gx0 + gy0 * gy0
+        m1 = gx1 * gx1 + gy1 * gy1
+        m2 = gx2 * gx2 + gy2 * gy2
+        red_green = tl.maximum(m0, m1)
+        # SIMD columns: ties go to the later channel.
+        s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
+        s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
+        # Scalar columns: ties go to the earlier channel.
+        c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
+        c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
+        gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
+        gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
+        v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))  # 0 where nothing was read
+        best = tl.zeros([BLOCK], dtype=tl.float32)
+        bin_ = tl.zeros([BLOCK], dtype=tl.int32)
+        for o in tl.static_range(9):
+            dot = gx * _DIRECTIONS_C[2 * o] + gy * _DIRECTIONS_C[2 * o + 1]
+            size = tl.abs(dot)
+            better = size > best
+            best = tl.where(better, size, best)
+            bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
+        at = b.to(tl.int64) * grid_h * grid_w + (Y * grid_w + (X & 7) * (grid_w >> 3) + (X >> 3))
+        tl.store(orient_ptr + at, bin_.to(tl.uint8), mask=stored)
+        tl.store(mag_ptr + at, v, mask=stored)
+
+    @triton.jit(do_not_specialize=["n_cr", "n_cc", "grid_h", "grid_w", "n_cells"])
+    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
+                          BLOCK: tl.constexpr):
+        # One lane per cell, its 18 bins in registers: the cell's 16x16 pixel block (_orient_mag_kernel's grids)
+        # in raster order, each pixel's vote added to every bin, +0.0 to the bins other than its own (which
+        # leaves their sums unchanged: the weights are >= 0). The vote weight of block offset (dy, dx) is
+        # _cell_histograms_torch's, whose factors vy, vx depend on dy, dx only: pixel y = 8i + dy - 4 has
+        # vy0 = ((dy % 8) + 0.5) / 8, and rows dy < 8 weigh by vy0, the others by 1 - vy0 = (15.5 - dy) / 8
+        # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
+        # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
+        cell = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = cell < n_cells
+        cell = tl.minimum(cell, n_cells - 1)  # dead lanes load (what they load is not stored)
+        b = cell // (n_cr * n_cc)
+        i = (cell // n_cc) % n_cr
+        j = cell % n_cc
+        info = info_ptr + 5 * b
+        live = inside & (i < tl.load(info + 3)) & (j < tl.load(info + 4))
+        simd_dx = tl.load(info + 2) - 8 * j + 4  # offset dx is a SIMD column if dx < simd_dx
+        # Grid position (8 (i + 1) + dy, 8 (j + 1) + dx), stored at row * grid_w + (dx % 8) * (grid_w / 8)
+        # + j + 1 + dx // 8.
+        start = b.to(tl.int64) * grid_h * grid_w + ((8 * (i + 1)) * grid_w + j + 1)
+        o_at = orient_ptr + start
+        v_at = mag_ptr + start
+        phase = grid_w >> 3
+        acc = ()
+        for k in tl.static_range(18):
+            acc = acc + (tl.zeros([BLOCK], dtype=tl.float32),)
+        for dy in range(16):
+            vy = tl.where(dy < 8, dy + 0.5, 15.5 - dy) * 0.125
+            o_row = o_at + dy * grid_w
+            v_row = v_at + dy * grid_w
+            for dx in tl.static_range(16):
+                vx = ((dx + 0.5) if dx < 8 else (15.5 - dx)) * 0.125
+                o = tl.load(o_row + (dx % 8) * phase + dx // 8).to(tl.int32)
+                v = tl.load(v_row + (dx % 8) * phase + dx // 8)
+                w = tl.where(dx < simd_dx, vy * (vx * v), (vy * vx) * v)
+                votes = ()
+                for k in tl.static_range(18):
+                    votes = votes + (tl.where(o == k, acc[k] + w, acc[k]),)
+                acc = votes
+        out = hist_ptr + cell.to(tl.int64) * 18
+        for k in tl.static_range(18):
+            tl.store(out + k, acc[k], mask=live)
 
     @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
     def _resize_kernel(src_ptr, dst_ptr, rows_ptr, cols_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
@@ -1367,11 +1477,25 @@ def _interleaved_taps(size: int) -> int:
 
 
 def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit in each image's
-    own ``cells`` (B, 2) (the only ones read)."""
+    """_cell_histograms_torch with two Triton kernels (_HIST_KERNEL says which): same arguments, same result bit
+    for bit in each image's own ``cells`` (B, 2) (the only ones read)."""
     dev = images.device
     n, _, height, width = images.shape
     images = images.contiguous()
+    n_cells = n * n_cr * n_cc
+    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
+    if _HIST_KERNEL == "cell":
+        info = np.concatenate([visible, simd_end[:, None], cells], axis=1).astype(np.int32)
+        info_t = upload(info, dev)
+        orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
+        mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
+        _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _TRITON_BLOCK), n)](
+            images, info_t, orient, mag, height, width, grid_h, grid_w, ph, pw, BLOCK=_TRITON_BLOCK,
+            enable_fp_fusion=False)
+        _cell_hist_kernel[(triton.cdiv(n_cells, _CELL_BLOCK),)](
+            orient, mag, hist, info_t, n_cr, n_cc, grid_h, grid_w, n_cells, BLOCK=_CELL_BLOCK,
+            num_warps=_CELL_BLOCK // 32, enable_fp_fusion=False)
+        return hist
     vy, vx = _vote_weights(ph, pw)
     visible_t, simd_end_t, dirs_t, vy_t, vx_t, cells_t = upload_many(
         [visible.astype(np.int64), simd_end.astype(np.int64), _DIRECTIONS, vy, vx, cells.astype(np.int64)], dev)
@@ -1380,8 +1504,6 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
         images, visible_t, simd_end_t, dirs_t, vy_t, vx_t,
         orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
-    n_cells = n * n_cr * n_cc
-    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
     _grid_hist_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
         orient, weights, hist, cells_t, n_cr, n_cc, grid_h, grid_w, n_cells,
         n * grid_h * grid_w, CELLS=_HIST_CELLS, enable_fp_fusion=False)

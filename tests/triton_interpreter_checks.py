@@ -30,10 +30,11 @@ DATA_DIR = os.path.join(ROOT, "tests", "data")
 # file checks that together they are all of the modules' Triton functions.
 FUNCTIONS = {
     "detector-resize": {"models.face_detector": ["_resize_kernel"]},
-    "detector-fhog": {"models.face_detector": ["_pixel_votes_kernel", "_grid_hist_kernel", "_block_energy_kernel",
-                                               "_features_kernel", "_lane_normaliser"]},
+    "detector-fhog": {"models.face_detector": ["_orient_mag_kernel", "_cell_hist_kernel", "_pixel_votes_kernel",
+                                               "_grid_hist_kernel", "_block_energy_kernel", "_features_kernel",
+                                               "_lane_normaliser"]},
     "detector-filters": {"models.face_detector": ["_filter_kernel", "_row_pass_tile", "_add_tap"]},
-    "detector-detect": {"models.face_detector": ["_resize_kernel", "_pixel_votes_kernel", "_grid_hist_kernel",
+    "detector-detect": {"models.face_detector": ["_resize_kernel", "_orient_mag_kernel", "_cell_hist_kernel",
                                                  "_block_energy_kernel", "_features_kernel", "_filter_kernel"]},
     "landmarks": {"models.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
     "quad": {"models.pillow_resample": ["_quad_bilinear_kernel"]},
@@ -140,6 +141,18 @@ def check_detector_resize() -> str | None:
 def check_detector_fhog() -> str | None:
     # Quantised random images (ties in every vote), two sizes in a batch.
     return _detector()._check_triton_fhog()
+
+
+def check_detector_fhog_bin_kernels() -> str | None:
+    # The same with the histogram kernels of _HIST_KERNEL "bin" (one lane per cell and bin).
+    from models import face_detector as fd
+
+    default = fd._HIST_KERNEL
+    fd._HIST_KERNEL = "bin"
+    try:
+        return _detector()._check_triton_fhog()
+    finally:
+        fd._HIST_KERNEL = default
 
 
 def check_detector_filters_few_terms() -> str | None:
@@ -386,7 +399,7 @@ def check_quad_in_crop_faces() -> str | None:
 
 CHECKS: dict[str, list[tuple[str, Callable[[], str | None]]]] = {
     "detector-resize": [("resize", check_detector_resize)],
-    "detector-fhog": [("fhog", check_detector_fhog)],
+    "detector-fhog": [("fhog", check_detector_fhog), ("fhog_bin_kernels", check_detector_fhog_bin_kernels)],
     "detector-filters": [("filters_few_terms", check_detector_filters_few_terms)],
     "detector-detect": [("detect_two_photos", check_detector_detect_batch)],
     "landmarks": [("cascades", check_landmark_cascades), ("predict", check_landmark_predict)],
