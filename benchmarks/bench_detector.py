@@ -39,6 +39,8 @@ VARIANTS = {
     "filters 16x64": {"_FILTER_ROWS": 16, "_FILTER_BLOCK": 64},
     "filters 32x32 4 warps": {"_FILTER_WARPS": 4},
     "filters 16x32 4 warps": {"_FILTER_ROWS": 16, "_FILTER_WARPS": 4},
+    "resize old": {"_RESIZE_KERNEL": "channel"},
+    "old kernels": {"_RESIZE_KERNEL": "channel", "_HIST_KERNEL": "bin"},
     "hist old": {"_HIST_KERNEL": "bin"},
     "hist old 8 cells": {"_HIST_KERNEL": "bin", "_HIST_CELLS": 8},
     "hist 64 cells": {"_CELL_BLOCK": 64},

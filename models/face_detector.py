@@ -1010,6 +1010,9 @@ _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
 # bins in registers) or "bin" (_pixel_votes_kernel, then _grid_hist_kernel: one lane per cell and bin).
 _HIST_KERNEL = "cell"
 _CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps)
+# The pyramid's resize kernel: "rgb" (_resize_rgb_kernel: a program's three channels, float32 and int32 tables,
+# the double path only in column blocks that hold an image's last columns) or "channel" (_resize_kernel).
+_RESIZE_KERNEL = "rgb"
 # The filter kernel's tiles: _FILTER_ROWS output rows x _FILTER_BLOCK columns (HOG planes are 10-300 cells
 # wide: small column blocks waste less on the masked right edge), _FILTER_WARPS warps per program. H200, 64
 # photos of 1024-1800 px (BENCHMARKS.md): 32x32 93.5 ms of device time per call; 16x64 97.9, 32x64 102-109,
@@ -1310,6 +1313,64 @@ if triton is not None:
         out = tl.where(c < tail, acc.to(tl.int32), value.to(tl.int32))
         tl.store(dst_ptr + ((b * 3 + ch) * dst_h + r) * dst_w + c, out.to(tl.uint8), mask=live)
 
+    @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
+    def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
+                           cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
+        # One program per (output row, block of output columns, image), its three channels: resize_rgb's
+        # arithmetic. Tables per image: rows_i (2, dst_h) top, bottom; rows_f (2, dst_h) tb32, 1 - tb32 (rounded
+        # from double: not the float32 difference); rows_d (dst_h) tb64; cols_i (dst_w) left; cols_f (dst_w)
+        # lr32 (its complement is the float32 difference 1 - lr32, as in resize_rgb); cols_d (dst_w) lr64; info
+        # (4): first double-path column, output width and height, last input column. Right neighbours are
+        # min(left + 1, last column). Outside the image's output: nothing computed or written. The double path
+        # (the right-edge band) is computed only in the column block that holds it.
+        r = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK
+        b = tl.program_id(2)
+        info = info_ptr + 4 * b
+        tail = tl.load(info)
+        out_w = tl.load(info + 1)
+        if (r < tl.load(info + 2)) & (c0 < out_w):
+            c = c0 + tl.arange(0, BLOCK)
+            live = c < out_w
+            c = tl.minimum(c, out_w - 1)  # table entries of the image's own columns: no masked loads
+            row_i = rows_i_ptr + 2 * b * dst_h + r
+            row_f = rows_f_ptr + 2 * b * dst_h + r
+            top = tl.load(row_i) * src_w
+            bottom = tl.load(row_i + dst_h) * src_w
+            tb = tl.load(row_f)
+            inv_tb = tl.load(row_f + dst_h)
+            left = tl.load(cols_i_ptr + b * dst_w + c)
+            right = tl.minimum(left + 1, tl.load(info + 3))
+            lr = tl.load(cols_f_ptr + b * dst_w + c)
+            inv_lr = 1.0 - lr
+            w_tl = inv_tb * inv_lr
+            w_tr = inv_tb * lr
+            w_bl = tb * inv_lr
+            w_br = tb * lr
+            band = c0 + BLOCK > tail
+            plane = src_h * src_w
+            src = src_ptr + b.to(tl.int64) * 3 * plane
+            dst = dst_ptr + (b.to(tl.int64) * 3 * dst_h + r) * dst_w + c
+            for ch in tl.static_range(3):
+                p_tl = tl.load(src + ch * plane + top + left)
+                p_tr = tl.load(src + ch * plane + top + right)
+                p_bl = tl.load(src + ch * plane + bottom + left)
+                p_br = tl.load(src + ch * plane + bottom + right)
+                acc = w_tl * p_tl.to(tl.float32)
+                acc = acc + w_tr * p_tr.to(tl.float32)
+                acc = acc + w_bl * p_bl.to(tl.float32)
+                acc = acc + w_br * p_br.to(tl.float32)
+                out = acc.to(tl.int32)
+                if band:
+                    tb64 = tl.load(rows_d_ptr + b * dst_h + r)
+                    lr64 = tl.load(cols_d_ptr + b * dst_w + c)
+                    one_lr = 1.0 - lr64
+                    upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
+                    lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)
+                    value = (1.0 - tb64) * upper + tb64 * lower
+                    out = tl.where(c < tail, out, value.to(tl.int32))
+                tl.store(dst + ch * dst_h * dst_w, out.to(tl.uint8), mask=live)
+
     @triton.jit(do_not_specialize=["n_cells"])
     def _block_energy_kernel(hist_ptr, norm_ptr, n_cells, BLOCK: tl.constexpr):
         # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order.
@@ -1436,20 +1497,55 @@ def _resize_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray,
     return rows, cols
 
 
+@functools.lru_cache(maxsize=4096)
+def _resize_rgb_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, ...]:
+    """_resize_rgb_kernel's tables for one image resized from h x w to oh x ow: rows_i (2, oh) int32, rows_f
+    (2, oh) float32, rows_d (oh) float64, cols_i (ow) int32, cols_f (ow) float32, cols_d (ow) float64, info (4)
+    int32 (see the kernel). Cached like _resize_kernel_tables."""
+    top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
+    left, right, lr32, _inv_lr32, lr64, tail = _col_table(w, ow)
+    if ow - tail > _TAIL_BAND:
+        raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
+    if not np.array_equal(right, np.minimum(left + 1, w - 1)):
+        raise AssertionError(f"resize {w}->{ow}: right neighbours are not min(left + 1, {w - 1})")
+    tables = (np.stack([top, bottom]).astype(np.int32), np.stack([tb32, inv_tb32]), tb64, left.astype(np.int32),
+              lr32, lr64, np.array([tail, ow, oh, w - 1], np.int32))
+    for a in tables:
+        a.setflags(write=False)
+    return tables
+
+
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
-    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
-    unwritten, where resize_rgb leaves junk)."""
+    """resize_rgb as one Triton kernel (_RESIZE_KERNEL says which): same arguments, same pixels inside each
+    output image (outside them: unwritten, where resize_rgb leaves junk)."""
     n, _, in_h, in_w = images.shape
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
+    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
+    if _RESIZE_KERNEL == "rgb":
+        rows_i = np.zeros((n, 2, out_h), np.int32)
+        rows_f = np.zeros((n, 2, out_h), np.float32)
+        rows_d = np.zeros((n, out_h), np.float64)
+        cols_i = np.zeros((n, out_w), np.int32)
+        cols_f = np.zeros((n, out_w), np.float32)
+        cols_d = np.zeros((n, out_w), np.float64)
+        info = np.zeros((n, 4), np.int32)
+        for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
+            ri, rf, rd, ci, cf, cd, info[b] = _resize_rgb_kernel_tables(h, w, oh, ow)
+            rows_i[b, :, :oh], rows_f[b, :, :oh], rows_d[b, :oh] = ri, rf, rd
+            cols_i[b, :ow], cols_f[b, :ow], cols_d[b, :ow] = ci, cf, cd
+        _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _TRITON_BLOCK), n)](
+            images.contiguous(), out, *upload_many([rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info],
+                                                   images.device),
+            in_h, in_w, out_h, out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+        return out
     rows = np.zeros((n, 5, out_h), np.float64)
     cols = np.zeros((n, 6, out_w), np.float64)
     for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
         row_table, col_table = _resize_kernel_tables(h, w, oh, ow)
         rows[b, :, :oh] = row_table
         cols[b, :, :col_table.shape[1]] = col_table
-    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
     _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
         images.contiguous(), out, *upload_many([rows, cols], images.device), in_h, in_w, out_h,
         out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
