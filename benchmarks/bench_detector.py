@@ -36,13 +36,13 @@ from pipeline.decode import decode_image  # noqa: E402
 # allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
     "filters tiles 32x32": {"_FILTER_KERNEL": "tiles"},
-    "slide 8x64": {"_SLIDE_ROWS": 8},
-    "slide 32x64": {"_SLIDE_ROWS": 32},
-    "slide 16x128 4 warps": {"_SLIDE_BLOCK": 128, "_SLIDE_WARPS": 4},
-    "slide 16x32 1 warp": {"_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
-    "slide 16x64 4 warps": {"_SLIDE_WARPS": 4},
     "slide 8x32 1 warp": {"_SLIDE_ROWS": 8, "_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
-    "hist 8 cells": {"_HIST_CELLS": 8},
+    "slide 16x32 1 warp": {"_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
+    "resize old": {"_RESIZE_KERNEL": "channel"},
+    "old kernels": {"_RESIZE_KERNEL": "channel", "_HIST_KERNEL": "bin", "_FILTER_KERNEL": "tiles"},
+    "hist old": {"_HIST_KERNEL": "bin"},
+    "hist 64 cells": {"_CELL_BLOCK": 64},
+    "hist 256 cells": {"_CELL_BLOCK": 256},
     "padding 2": {"_MAX_PADDING": 2.0},
     "padding 4": {"_MAX_PADDING": 4.0},
 }

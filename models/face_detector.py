@@ -1006,6 +1006,13 @@ _TRITON_BLOCK = 128
 # and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
 _HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
+# The cell histograms' kernels: "cell" (_orient_mag_kernel, then _cell_hist_kernel: one lane per cell, its 18
+# bins in registers) or "bin" (_pixel_votes_kernel, then _grid_hist_kernel: one lane per cell and bin).
+_HIST_KERNEL = "cell"
+_CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps)
+# The pyramid's resize kernel: "rgb" (_resize_rgb_kernel: a program's three channels, float32 and int32 tables,
+# the double path only in column blocks that hold an image's last columns) or "channel" (_resize_kernel).
+_RESIZE_KERNEL = "rgb"
 # The filter kernel's tiles: _FILTER_ROWS output rows x _FILTER_BLOCK columns (HOG planes are 10-300 cells
 # wide: small column blocks waste less on the masked right edge), _FILTER_WARPS warps per program. H200, 64
 # photos of 1024-1800 px (BENCHMARKS.md): 32x32 93.5 ms of device time per call; 16x64 97.9, 32x64 102-109,
@@ -1282,6 +1289,112 @@ if triton is not None:
         tl.store(weight_ptr + 2 * grid_size + at, tl.where(simd, vy1 * (vx0 * v), (vy1 * vx0) * v), mask=valid)
         tl.store(weight_ptr + 3 * grid_size + at, tl.where(simd, vy1 * (vx1 * v), (vy1 * vx1) * v), mask=valid)
 
+    # _DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
+    _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in _DIRECTIONS.ravel()))
+
+    @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "ph", "pw"])
+    def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, height, width, grid_h, grid_w, ph, pw,
+                           BLOCK: tl.constexpr):
+        # One program per (grid row Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
+        # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
+        # then 0), _pixel_votes_kernel's arithmetic, for every grid position that _cell_hist_kernel reads of the
+        # image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
+        # (Y, X) at Y * grid_w + (X % 8) * (grid_w / 8) + X // 8 (grid_w is a multiple of 8): the columns of one
+        # phase X % 8 lie together, so that the histogram kernel's lanes (cells 8 columns apart) load
+        # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
+        # cell rows, cell columns.
+        Y = tl.program_id(0) + 8
+        X = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        b = tl.program_id(2)
+        y = Y - 12
+        x = X - 12
+        info = info_ptr + 5 * b
+        stored = (X < 8 * (tl.load(info + 4) + 2)) & (Y < 8 * (tl.load(info + 3) + 2))
+        valid = stored & (y >= 1) & (y <= ph) & (y < tl.load(info)) & (x >= 1) & (x <= pw) & (x < tl.load(info + 1))
+        simd = x < tl.load(info + 2)
+        plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
+        px = img_ptr + b.to(tl.int64) * 3 * plane + (y * width + x)
+        gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
+        gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px - width, mask=valid, other=0).to(tl.int32))
+        px1 = px + plane
+        gx1 = tl.load(px1 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32)
+        gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
+        px2 = px1 + plane
+        gx2 = tl.load(px2 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32)
+        gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
+               - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
+        m0 = gx0 * gx0 + gy0 * gy0
+        m1 = gx1 * gx1 + gy1 * gy1
+        m2 = gx2 * gx2 + gy2 * gy2
+        red_green = tl.maximum(m0, m1)
+        # SIMD columns: ties go to the later channel.
+        s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
+        s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
+        # Scalar columns: ties go to the earlier channel.
+        c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
+        c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
+        gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
+        gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
+        v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))  # 0 where nothing was read
+        best = tl.zeros([BLOCK], dtype=tl.float32)
+        bin_ = tl.zeros([BLOCK], dtype=tl.int32)
+        for o in tl.static_range(9):
+            dot = gx * _DIRECTIONS_C[2 * o] + gy * _DIRECTIONS_C[2 * o + 1]
+            size = tl.abs(dot)
+            better = size > best
+            best = tl.where(better, size, best)
+            bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
+        at = b.to(tl.int64) * grid_h * grid_w + (Y * grid_w + (X & 7) * (grid_w >> 3) + (X >> 3))
+        tl.store(orient_ptr + at, bin_.to(tl.uint8), mask=stored)
+        tl.store(mag_ptr + at, v, mask=stored)
+
+    @triton.jit(do_not_specialize=["n_cr", "n_cc", "grid_h", "grid_w", "n_cells"])
+    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
+                          BLOCK: tl.constexpr):
+        # One lane per cell, its 18 bins in registers: the cell's 16x16 pixel block (_orient_mag_kernel's grids)
+        # in raster order, each pixel's vote added to every bin, +0.0 to the bins other than its own (which
+        # leaves their sums unchanged: the weights are >= 0). The vote weight of block offset (dy, dx) is
+        # _cell_histograms_torch's, whose factors vy, vx depend on dy, dx only: pixel y = 8i + dy - 4 has
+        # vy0 = ((dy % 8) + 0.5) / 8, and rows dy < 8 weigh by vy0, the others by 1 - vy0 = (15.5 - dy) / 8
+        # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
+        # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
+        cell = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = cell < n_cells
+        cell = tl.minimum(cell, n_cells - 1)  # dead lanes load (what they load is not stored)
+        b = cell // (n_cr * n_cc)
+        i = (cell // n_cc) % n_cr
+        j = cell % n_cc
+        info = info_ptr + 5 * b
+        live = inside & (i < tl.load(info + 3)) & (j < tl.load(info + 4))
+        simd_dx = tl.load(info + 2) - 8 * j + 4  # offset dx is a SIMD column if dx < simd_dx
+        # Grid position (8 (i + 1) + dy, 8 (j + 1) + dx), stored at row * grid_w + (dx % 8) * (grid_w / 8)
+        # + j + 1 + dx // 8.
+        start = b.to(tl.int64) * grid_h * grid_w + ((8 * (i + 1)) * grid_w + j + 1)
+        o_at = orient_ptr + start
+        v_at = mag_ptr + start
+        phase = grid_w >> 3
+        acc = ()
+        for k in tl.static_range(18):
+            acc = acc + (tl.zeros([BLOCK], dtype=tl.float32),)
+        for dy in range(16):
+            vy = tl.where(dy < 8, dy + 0.5, 15.5 - dy) * 0.125
+            o_row = o_at + dy * grid_w
+            v_row = v_at + dy * grid_w
+            for dx in tl.static_range(16):
+                vx = ((dx + 0.5) if dx < 8 else (15.5 - dx)) * 0.125
+                o = tl.load(o_row + (dx % 8) * phase + dx // 8).to(tl.int32)
+                v = tl.load(v_row + (dx % 8) * phase + dx // 8)
+                w = tl.where(dx < simd_dx, vy * (vx * v), (vy * vx) * v)
+                votes = ()
+                for k in tl.static_range(18):
+                    votes = votes + (tl.where(o == k, acc[k] + w, acc[k]),)
+                acc = votes
+        out = hist_ptr + cell.to(tl.int64) * 18
+        for k in tl.static_range(18):
+            tl.store(out + k, acc[k], mask=live)
+
     @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
     def _resize_kernel(src_ptr, dst_ptr, rows_ptr, cols_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
         # One program per (image, channel, output row, block of output columns): resize_rgb's arithmetic.
@@ -1323,6 +1436,64 @@ if triton is not None:
         value = (1.0 - tb64) * upper + tb64 * lower
         out = tl.where(c < tail, acc.to(tl.int32), value.to(tl.int32))
         tl.store(dst_ptr + ((b * 3 + ch) * dst_h + r) * dst_w + c, out.to(tl.uint8), mask=live)
+
+    @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
+    def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
+                           cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
+        # One program per (output row, block of output columns, image), its three channels: resize_rgb's
+        # arithmetic. Tables per image: rows_i (2, dst_h) top, bottom; rows_f (2, dst_h) tb32, 1 - tb32 (rounded
+        # from double: not the float32 difference); rows_d (dst_h) tb64; cols_i (dst_w) left; cols_f (dst_w)
+        # lr32 (its complement is the float32 difference 1 - lr32, as in resize_rgb); cols_d (dst_w) lr64; info
+        # (4): first double-path column, output width and height, last input column. Right neighbours are
+        # min(left + 1, last column). Outside the image's output: nothing computed or written. The double path
+        # (the right-edge band) is computed only in the column block that holds it.
+        r = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK
+        b = tl.program_id(2)
+        info = info_ptr + 4 * b
+        tail = tl.load(info)
+        out_w = tl.load(info + 1)
+        if (r < tl.load(info + 2)) & (c0 < out_w):
+            c = c0 + tl.arange(0, BLOCK)
+            live = c < out_w
+            c = tl.minimum(c, out_w - 1)  # table entries of the image's own columns: no masked loads
+            row_i = rows_i_ptr + 2 * b * dst_h + r
+            row_f = rows_f_ptr + 2 * b * dst_h + r
+            top = tl.load(row_i) * src_w
+            bottom = tl.load(row_i + dst_h) * src_w
+            tb = tl.load(row_f)
+            inv_tb = tl.load(row_f + dst_h)
+            left = tl.load(cols_i_ptr + b * dst_w + c)
+            right = tl.minimum(left + 1, tl.load(info + 3))
+            lr = tl.load(cols_f_ptr + b * dst_w + c)
+            inv_lr = 1.0 - lr
+            w_tl = inv_tb * inv_lr
+            w_tr = inv_tb * lr
+            w_bl = tb * inv_lr
+            w_br = tb * lr
+            band = c0 + BLOCK > tail
+            plane = src_h * src_w
+            src = src_ptr + b.to(tl.int64) * 3 * plane
+            dst = dst_ptr + (b.to(tl.int64) * 3 * dst_h + r) * dst_w + c
+            for ch in tl.static_range(3):
+                p_tl = tl.load(src + ch * plane + top + left)
+                p_tr = tl.load(src + ch * plane + top + right)
+                p_bl = tl.load(src + ch * plane + bottom + left)
+                p_br = tl.load(src + ch * plane + bottom + right)
+                acc = w_tl * p_tl.to(tl.float32)
+                acc = acc + w_tr * p_tr.to(tl.float32)
+                acc = acc + w_bl * p_bl.to(tl.float32)
+                acc = acc + w_br * p_br.to(tl.float32)
+                out = acc.to(tl.int32)
+                if band:
+                    tb64 = tl.load(rows_d_ptr + b * dst_h + r)
+                    lr64 = tl.load(cols_d_ptr + b * dst_w + c)
+                    one_lr = 1.0 - lr64
+                    upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
+                    lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)
+                    value = (1.0 - tb64) * upper + tb64 * lower
+                    out = tl.where(c < tail, out, value.to(tl.int32))
+                tl.store(dst + ch * dst_h * dst_w, out.to(tl.uint8), mask=live)
 
     @triton.jit(do_not_specialize=["n_cells"])
     def _block_energy_kernel(hist_ptr, norm_ptr, n_cells, BLOCK: tl.constexpr):
@@ -1450,20 +1621,55 @@ def _resize_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray,
     return rows, cols
 
 
+@functools.lru_cache(maxsize=4096)
+def _resize_rgb_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, ...]:
+    """_resize_rgb_kernel's tables for one image resized from h x w to oh x ow: rows_i (2, oh) int32, rows_f
+    (2, oh) float32, rows_d (oh) float64, cols_i (ow) int32, cols_f (ow) float32, cols_d (ow) float64, info (4)
+    int32 (see the kernel). Cached like _resize_kernel_tables."""
+    top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
+    left, right, lr32, _inv_lr32, lr64, tail = _col_table(w, ow)
+    if ow - tail > _TAIL_BAND:
+        raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
+    if not np.array_equal(right, np.minimum(left + 1, w - 1)):
+        raise AssertionError(f"resize {w}->{ow}: right neighbours are not min(left + 1, {w - 1})")
+    tables = (np.stack([top, bottom]).astype(np.int32), np.stack([tb32, inv_tb32]), tb64, left.astype(np.int32),
+              lr32, lr64, np.array([tail, ow, oh, w - 1], np.int32))
+    for a in tables:
+        a.setflags(write=False)
+    return tables
+
+
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
-    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
-    unwritten, where resize_rgb leaves junk)."""
+    """resize_rgb as one Triton kernel (_RESIZE_KERNEL says which): same arguments, same pixels inside each
+    output image (outside them: unwritten, where resize_rgb leaves junk)."""
     n, _, in_h, in_w = images.shape
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
+    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
+    if _RESIZE_KERNEL == "rgb":
+        rows_i = np.zeros((n, 2, out_h), np.int32)
+        rows_f = np.zeros((n, 2, out_h), np.float32)
+        rows_d = np.zeros((n, out_h), np.float64)
+        cols_i = np.zeros((n, out_w), np.int32)
+        cols_f = np.zeros((n, out_w), np.float32)
+        cols_d = np.zeros((n, out_w), np.float64)
+        info = np.zeros((n, 4), np.int32)
+        for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
+            ri, rf, rd, ci, cf, cd, info[b] = _resize_rgb_kernel_tables(h, w, oh, ow)
+            rows_i[b, :, :oh], rows_f[b, :, :oh], rows_d[b, :oh] = ri, rf, rd
+            cols_i[b, :ow], cols_f[b, :ow], cols_d[b, :ow] = ci, cf, cd
+        _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _TRITON_BLOCK), n)](
+            images.contiguous(), out, *upload_many([rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info],
+                                                   images.device),
+            in_h, in_w, out_h, out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+        return out
     rows = np.zeros((n, 5, out_h), np.float64)
     cols = np.zeros((n, 6, out_w), np.float64)
     for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
         row_table, col_table = _resize_kernel_tables(h, w, oh, ow)
         rows[b, :, :oh] = row_table
         cols[b, :, :col_table.shape[1]] = col_table
-    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
     _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
         images.contiguous(), out, *upload_many([rows, cols], images.device), in_h, in_w, out_h,
         out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
@@ -1491,11 +1697,25 @@ def _interleaved_taps(size: int) -> int:
 
 
 def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit in each image's
-    own ``cells`` (B, 2) (the only ones read)."""
+    """_cell_histograms_torch with two Triton kernels (_HIST_KERNEL says which): same arguments, same result bit
+    for bit in each image's own ``cells`` (B, 2) (the only ones read)."""
     dev = images.device
     n, _, height, width = images.shape
     images = images.contiguous()
+    n_cells = n * n_cr * n_cc
+    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
+    if _HIST_KERNEL == "cell":
+        info = np.concatenate([visible, simd_end[:, None], cells], axis=1).astype(np.int32)
+        info_t = upload(info, dev)
+        orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
+        mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
+        _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _TRITON_BLOCK), n)](
+            images, info_t, orient, mag, height, width, grid_h, grid_w, ph, pw, BLOCK=_TRITON_BLOCK,
+            enable_fp_fusion=False)
+        _cell_hist_kernel[(triton.cdiv(n_cells, _CELL_BLOCK),)](
+            orient, mag, hist, info_t, n_cr, n_cc, grid_h, grid_w, n_cells, BLOCK=_CELL_BLOCK,
+            num_warps=_CELL_BLOCK // 32, enable_fp_fusion=False)
+        return hist
     vy, vx = _vote_weights(ph, pw)
     visible_t, simd_end_t, dirs_t, vy_t, vx_t, cells_t = upload_many(
         [visible.astype(np.int64), simd_end.astype(np.int64), _DIRECTIONS, vy, vx, cells.astype(np.int64)], dev)
@@ -1504,8 +1724,6 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
         images, visible_t, simd_end_t, dirs_t, vy_t, vx_t,
         orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
-    n_cells = n * n_cr * n_cc
-    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
     _grid_hist_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
         orient, weights, hist, cells_t, n_cr, n_cc, grid_h, grid_w, n_cells,
         n * grid_h * grid_w, CELLS=_HIST_CELLS, enable_fp_fusion=False)

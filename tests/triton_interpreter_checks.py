@@ -29,12 +29,13 @@ DATA_DIR = os.path.join(ROOT, "tests", "data")
 # The Triton functions (kernels and the jit helpers they call) each group must run, per module: the test
 # file checks that together they are all of the modules' Triton functions.
 FUNCTIONS = {
-    "detector-resize": {"models.face_detector": ["_resize_kernel"]},
-    "detector-fhog": {"models.face_detector": ["_pixel_votes_kernel", "_grid_hist_kernel", "_block_energy_kernel",
-                                               "_features_kernel", "_lane_normaliser"]},
+    "detector-resize": {"models.face_detector": ["_resize_rgb_kernel", "_resize_kernel"]},
+    "detector-fhog": {"models.face_detector": ["_orient_mag_kernel", "_cell_hist_kernel", "_pixel_votes_kernel",
+                                               "_grid_hist_kernel", "_block_energy_kernel", "_features_kernel",
+                                               "_lane_normaliser"]},
     "detector-filters": {"models.face_detector": ["_filter_kernel", "_row_pass_tile", "_add_tap",
                                                   "_filter_rows_kernel", "_filter_rows", "_row_pass", "_dlib_dot"]},
-    "detector-detect": {"models.face_detector": ["_resize_kernel", "_pixel_votes_kernel", "_grid_hist_kernel",
+    "detector-detect": {"models.face_detector": ["_resize_rgb_kernel", "_orient_mag_kernel", "_cell_hist_kernel",
                                                  "_block_energy_kernel", "_features_kernel", "_filter_rows_kernel"]},
     "landmarks": {"models.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
     "quad": {"models.pillow_resample": ["_quad_bilinear_kernel"]},
@@ -138,9 +139,33 @@ def check_detector_resize() -> str | None:
     return _detector()._check_triton_resize()
 
 
+def check_detector_resize_channel_kernel() -> str | None:
+    # The same with _RESIZE_KERNEL "channel" (one program per channel, float64 tables).
+    from models import face_detector as fd
+
+    default = fd._RESIZE_KERNEL
+    fd._RESIZE_KERNEL = "channel"
+    try:
+        return _detector()._check_triton_resize()
+    finally:
+        fd._RESIZE_KERNEL = default
+
+
 def check_detector_fhog() -> str | None:
     # Quantised random images (ties in every vote), two sizes in a batch.
     return _detector()._check_triton_fhog()
+
+
+def check_detector_fhog_bin_kernels() -> str | None:
+    # The same with the histogram kernels of _HIST_KERNEL "bin" (one lane per cell and bin).
+    from models import face_detector as fd
+
+    default = fd._HIST_KERNEL
+    fd._HIST_KERNEL = "bin"
+    try:
+        return _detector()._check_triton_fhog()
+    finally:
+        fd._HIST_KERNEL = default
 
 
 def check_detector_filters_few_terms() -> str | None:
@@ -401,8 +426,9 @@ def check_quad_in_crop_faces() -> str | None:
 
 
 CHECKS: dict[str, list[tuple[str, Callable[[], str | None]]]] = {
-    "detector-resize": [("resize", check_detector_resize)],
-    "detector-fhog": [("fhog", check_detector_fhog)],
+    "detector-resize": [("resize", check_detector_resize),
+                        ("resize_channel_kernel", check_detector_resize_channel_kernel)],
+    "detector-fhog": [("fhog", check_detector_fhog), ("fhog_bin_kernels", check_detector_fhog_bin_kernels)],
     "detector-filters": [("filters_few_terms", check_detector_filters_few_terms)],
     "detector-detect": [("detect_two_photos", check_detector_detect_batch)],
     "landmarks": [("cascades", check_landmark_cascades), ("predict", check_landmark_predict)],
