@@ -20,7 +20,7 @@ views of that copy (what they copy of it is device to device).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from .detect import box_iou, upsample_runs
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
-__all__ = ["DeviceAligner", "align_photos", "resolve_align_backend"]
+__all__ = ["ALIGN_PARTS", "DeviceAligner", "align_photos", "resolve_align_backend"]
 
 # Eye-line tilt (degrees) above which landmarks are predicted again upright: pipeline.detect.FaceDetector's.
 UPRIGHT_ABOVE = 10.0
@@ -50,13 +50,20 @@ def resolve_align_backend(backend: str, device: str) -> str:
     return backend
 
 
+# The parts of DeviceAligner.align whose host time it adds up (seconds; the device work of each part is
+# waited for where the part reads its results back).
+ALIGN_PARTS = ("upload", "detect", "landmarks", "crop")
+
+
 @dataclass
 class DeviceAligner:
-    """The torch detector and predictor on one device, and the alignment settings (an AlignConfig)."""
+    """The torch detector and predictor on one device, and the alignment settings (an AlignConfig).
+    ``part_seconds``: the time align() spent in each of ALIGN_PARTS so far (a run's summary reports it)."""
     cfg: AlignConfig
     detector: FrontalFaceDetector
     predictor: ShapePredictor
     max_group_pixels: int
+    part_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ALIGN_PARTS, 0.0))
 
     @classmethod
     def build(cls, cfg: AlignConfig, device: str, predictor: ShapePredictor | None = None,
@@ -106,11 +113,14 @@ class DeviceAligner:
         out: list[list[AlignedFace]] = [[] for _ in photos]
         if not photos:
             return out
+        clock = _PartClock(self.part_seconds)
         # The group's one host -> device copy (from pinned memory): the detector, the predictor and the crop
         # are given views of it and copy from it on the device only.
         flat, starts, sizes = photos_to_device(photos, self.device)
         on_device = [flat[s:s + w * h].view(h, w, 3) for s, (w, h) in zip(starts, sizes)]
+        clock.lap("upload")
         chosen = [choose_faces(d, cfg.policy) for d in self.detect(on_device)]
+        clock.lap("detect")
         image_index = [i for i, faces in enumerate(chosen) for _ in faces]
         if not image_index:
             return out
@@ -120,8 +130,10 @@ class DeviceAligner:
         landmarks = np.stack(upright_landmarks_batch(
             [on_device[i] for i in image_index], [box for faces in chosen for box, _ in faces], self.predict_boxes,
             UPRIGHT_ABOVE, first=[points for per_photo in first for points in per_photo]))
+        clock.lap("landmarks")
         crops = crop_faces(on_device, image_index, landmarks, cfg.output_size, cfg.transform_size,
                            device=self.device).cpu().numpy()
+        clock.lap("crop")
         quads, _ = ffhq_quads(landmarks)
         n = 0
         for i, faces in enumerate(chosen):
@@ -136,6 +148,18 @@ class DeviceAligner:
         ``images[i]``, all in one predictor call."""
         points = self.predictor.predict(images, [[_dlib_rect(box)] for box in boxes])
         return [p[0].astype(np.float64) for p in points]
+
+
+class _PartClock:
+    """Adds the time since the previous lap (or its creation) to ``seconds[part]``."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self.t = seconds, time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self.t
+        self.t = now
 
 
 def _dlib_rect(box) -> tuple[int, int, int, int]:

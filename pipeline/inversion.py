@@ -136,6 +136,14 @@ class InversionJob:
         return all(a.state is not None and a.state.reading_done for a in self.sched.active.values())
 
 
+def _align_parts_line(per_actor: list[dict[str, float]]) -> str:
+    """The run summary's line of where the actors' alignment spent its time, summed over actors."""
+    total = collections.Counter()
+    for parts in per_actor:
+        total.update(parts)
+    return "alignment on the actors, seconds by part: " + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
+
+
 def _relative_inputs(shard: Shard) -> list[str]:
     root = shard.root
     return [x[len(root) + 1:] if x.startswith(root + "/") else os.path.relpath(x, root) for x in shard.paths]
@@ -219,6 +227,11 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
             sched.run(todo, job.start)
         finally:
             prog.close()
+        if info["align_backend"] == "torch":
+            try:  # a report only: an actor lost at the end costs the line, not the run
+                echo(_align_parts_line(ray.get([a.align_part_seconds.remote() for a in actors], timeout=60)))
+            except Exception as e:  # noqa: BLE001
+                log.warning("alignment time by part not reported: %s", short_error(e))
         return sched.committed, sched.failed, time.time() - t0
     finally:
         for a in actors:

@@ -22,7 +22,7 @@ from models.ffhq_crop import upright_landmarks
 from pipeline.align import FaceAligner, get_aligner
 from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, resolve
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
-from pipeline.device_align import UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
+from pipeline.device_align import ALIGN_PARTS, UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
@@ -277,8 +277,12 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
     assert res_face.rows is None and res_photo.face_photo == [0, 1]
     assert res_photo.codes.shape[1:] == (worker.model.n_latent, worker.model.decoder.style_dim)
     assert [r.status for r in res_none.rows] == ["no_face"] and len(res_none.codes) == 0
+    # Where alignment's time went: every part ran (the photo chunk has faces to predict and crop).
+    parts = worker.align_part_seconds()
+    assert list(parts) == list(ALIGN_PARTS) and all(v > 0 for v in parts.values()), parts
     dlib_only = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False, align=AlignConfig())
     assert dlib_only.info()["align_backend"] == "dlib" and dlib_only.aligner is None
+    assert dlib_only.align_part_seconds() == {}
     with pytest.raises(ValueError, match="does not align"):
         dlib_only.invert_chunks(photo_chunk)
 
@@ -313,6 +317,11 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
         res = run(cfg, echo=lines.append)
         assert res.exit_code == 0
         assert any(f"alignment: {backend}" in line for line in lines)
+        # The summary says where the actors' alignment spent its time (torch backend only).
+        parts = [line for line in lines if line.startswith("alignment on the actors, seconds by part: ")]
+        assert len(parts) == (backend == "torch"), lines
+        if parts:
+            assert [p.split()[0] for p in parts[0].split(": ")[1].split(", ")] == list(ALIGN_PARTS)
         outs[backend] = _read_output(out)
     (d, d_images), (t, t_images) = outs["dlib"], outs["torch"]
     assert list(d.columns) == list(t.columns)

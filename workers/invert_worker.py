@@ -140,6 +140,11 @@ class InvertWorker:
             start += n
         return out
 
+    def align_part_seconds(self) -> dict[str, float]:
+        """Seconds this actor's alignment spent in each part so far (pipeline.device_align.ALIGN_PARTS);
+        empty when it does not align."""
+        return dict(self.aligner.part_seconds) if self.aligner is not None else {}
+
     def _aligned_only(self, aligned) -> InvertResult:
         """The result of a chunk of photos in which no face was found: its rows, nothing inverted."""
         m = self.model
