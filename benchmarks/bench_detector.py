@@ -35,12 +35,9 @@ from pipeline.decode import decode_image  # noqa: E402
 # the filter kernel's tiles (rows x columns per program, warps), histogram cells per program, the padding
 # allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
-    "filters tiles 32x32": {"_FILTER_KERNEL": "tiles"},
-    "slide 8x32 1 warp": {"_SLIDE_ROWS": 8, "_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
-    "slide 16x32 1 warp": {"_SLIDE_BLOCK": 32, "_SLIDE_WARPS": 1},
-    "resize old": {"_RESIZE_KERNEL": "channel"},
-    "old kernels": {"_RESIZE_KERNEL": "channel", "_HIST_KERNEL": "bin", "_FILTER_KERNEL": "tiles"},
-    "hist old": {"_HIST_KERNEL": "bin"},
+    "filters 8x32 1 warp": {"_FILTER_ROWS": 8, "_FILTER_BLOCK": 32, "_FILTER_WARPS": 1},
+    "filters 16x32 1 warp": {"_FILTER_BLOCK": 32, "_FILTER_WARPS": 1},
+    "filters 32x64": {"_FILTER_ROWS": 32},
     "hist 64 cells": {"_CELL_BLOCK": 64},
     "hist 256 cells": {"_CELL_BLOCK": 256},
     "padding 2": {"_MAX_PADDING": 2.0},

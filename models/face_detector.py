@@ -995,8 +995,9 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 
 
 # -- Triton kernels (CUDA) ------------------------------------------------------------------------------
-# The same arithmetic as the torch path above, fused: the pyramid resize, the pixel votes, the cell
-# histograms, fHOG's features, and one kernel for both filter passes and the sum over terms. Compiled with
+# The same arithmetic as the torch path above, fused: the pyramid resize, the pixels' orientations and
+# magnitudes, the cell histograms, fHOG's features, and one kernel for both filter passes and the sum over
+# terms. Compiled with
 # enable_fp_fusion=False so that no multiply-add is contracted into an FMA; every operation is a float32 add
 # or multiply in dlib's order. FrontalFaceDetector checks them against the torch path when it is created and
 # falls back to the torch path (with a warning) if they differ or fail.
@@ -1005,111 +1006,22 @@ _TRITON_BLOCK = 128
 # A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
 # and host work per photo; the Triton kernels skip the padding, the torch path computes it.
 _MAX_PADDING = 1.5
-_HIST_CELLS = 4  # cells per program of the histogram kernel (x 32 lanes)
-# The cell histograms' kernels: "cell" (_orient_mag_kernel, then _cell_hist_kernel: one lane per cell, its 18
-# bins in registers) or "bin" (_pixel_votes_kernel, then _grid_hist_kernel: one lane per cell and bin).
-_HIST_KERNEL = "cell"
-_CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps)
-# The pyramid's resize kernel: "rgb" (_resize_rgb_kernel: a program's three channels, float32 and int32 tables,
-# the double path only in column blocks that hold an image's last columns) or "channel" (_resize_kernel).
-_RESIZE_KERNEL = "rgb"
-# The filter kernel's tiles: _FILTER_ROWS output rows x _FILTER_BLOCK columns (HOG planes are 10-300 cells
-# wide: small column blocks waste less on the masked right edge), _FILTER_WARPS warps per program. H200, 64
-# photos of 1024-1800 px (BENCHMARKS.md): 32x32 93.5 ms of device time per call; 16x64 97.9, 32x64 102-109,
-# 64x64 105.3, 32x128 113.2; the row and column passes as two kernels (16x64, 8x64, 32x32): 93.7-107.7.
-_FILTER_ROWS = 32
-_FILTER_BLOCK = 32
-_FILTER_WARPS = 8
-# The sliding-window filter kernel (_filter_rows_kernel): output rows x columns per program, warps.
-_FILTER_KERNEL = "slide"   # or "tiles" (_filter_kernel)
-_SLIDE_ROWS = 16
-_SLIDE_BLOCK = 64
-_SLIDE_WARPS = 2
+# H200, 64 photos of 1024-1800 px, all levels (BENCHMARKS.md): 37.4 ms of device time per detect call with
+# the kernels below, against 94.2 with those they replaced in the same run (one lane per cell and bin for
+# the histograms, one program per channel for the resize, 32x32 tiles with a scratch slot for the filters).
+_CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps); 64, 256: same
+# The filter kernel (_filter_rows_kernel): _FILTER_ROWS output rows x _FILTER_BLOCK columns per program (HOG
+# planes are 10-300 cells wide: narrow blocks waste less on the right edge; every plane row read by a program
+# is row-filtered once per term, so its FH - 1 rows below the tile are the overhead), _FILTER_WARPS warps.
+# Device ms per detect call: 16x64 2 warps 71.7 (the filters 17.0), 8x64 72.3, 32x64 79.5, 16x128 4 warps
+# 74.7, 16x32 1 warp 71.1, 8x32 1 warp 71.0 (the old kernel 94.2), with the old histogram and resize kernels.
+_FILTER_ROWS = 16
+_FILTER_BLOCK = 64
+_FILTER_WARPS = 2
 # Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile
 # new variants (divisible by 16 or not, per argument) for many calls after the first.
 
 if triton is not None:
-
-    @triton.jit
-    def _add_tap(acc0, acc1, acc2, seq, prod, N: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # Tap N's product into dlib's accumulators (_three_accumulator_sum's order: taps 0, 3, 6, ... /
-        # 1, 4, 7, ... / 2, 5, 8, ... while three remain, the rest into the first) and into the scalar
-        # loop's running sum (_sequential_sum).
-        if N < INTERLEAVED:
-            if N % 3 == 0:
-                acc0 = acc0 + prod
-            elif N % 3 == 1:
-                acc1 = acc1 + prod
-            else:
-                acc2 = acc2 + prod
-        else:
-            acc0 = acc0 + prod
-        return acc0, acc1, acc2, seq + prod
-
-    @triton.jit
-    def _row_pass_tile(src, r, j, live, taps, tail, plane_w, FW: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # The row filter of one term at plane rows r and output columns j: _filter_scores' row pass (its
-        # three accumulators for the SIMD columns, the scalar loop's sum from the column ``tail`` on).
-        acc0 = tl.zeros(live.shape, dtype=tl.float32)
-        acc1 = tl.zeros(live.shape, dtype=tl.float32)
-        acc2 = tl.zeros(live.shape, dtype=tl.float32)
-        seq = tl.zeros(live.shape, dtype=tl.float32)
-        at = src + r[:, None] * plane_w + j[None, :]
-        for n in tl.static_range(FW):
-            prod = tl.load(at + n, mask=live, other=0.0) * tl.load(taps + n)
-            acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, n, INTERLEAVED)
-        return tl.where(j[None, :] < tail, acc0 + (acc1 + acc2), seq)
-
-    @triton.jit(do_not_specialize=["n_filters", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
-    def _filter_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, scratch_ptr, total_ptr,
-                       n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS: tl.constexpr, FW: tl.constexpr,
-                       FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr, COL_INTERLEAVED: tl.constexpr,
-                       ROWS: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr):
-        # Both passes of every term of one filter, one program per (image, filter, ROWS output rows, block of
-        # columns): each term's row-filtered tile (ROWS rows and the HALO rows below them that the column taps
-        # reach) goes to the program's own scratch slot, which stays in cache, and the column pass reads it
-        # back shifted; the terms are added to the total one after the other: _filter_scores' operations in its
-        # order, without its (terms x plane) intermediate in memory. bounds (B, 4): the first scalar column, HOG
-        # rows and columns, plane rows that valid windows read; outside the image's own rows and columns
-        # nothing is computed (padding of smaller photos: nothing reads it) and the total stays 0.
-        pid = tl.program_id(0).to(tl.int64)
-        row_blocks = tl.cdiv(out_h, ROWS)
-        i0 = (pid % row_blocks) * ROWS
-        f = (pid // row_blocks) % n_filters
-        b = pid // (row_blocks * n_filters)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        i = i0 + tl.arange(0, ROWS)
-        h = i0 + ROWS + tl.arange(0, HALO)
-        tail = tl.load(bounds_ptr + 4 * b)
-        cols = j < tl.load(bounds_ptr + 4 * b + 2)
-        plane_rows = tl.load(bounds_ptr + 4 * b + 3)
-        live = (i < tl.load(bounds_ptr + 4 * b + 1))[:, None] & cols[None, :]
-        live_main = (i < plane_rows)[:, None] & cols[None, :]
-        live_halo = ((h < plane_rows) & (h < i0 + ROWS + FH - 1))[:, None] & cols[None, :]
-        simd = j[None, :] < tail
-        slot = scratch_ptr + (pid * tl.num_programs(1) + tl.program_id(1)) * ((ROWS + HALO) * BLOCK)
-        k = tl.arange(0, BLOCK)[None, :]
-        total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for s in range(N_SLOTS):  # a constant of the model (a loop bound Triton's interpreter can run)
-            term = f * N_SLOTS + s
-            src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
-            taps = row_taps_ptr + term * FW
-            main = _row_pass_tile(src, i, j, live_main, taps, tail, plane_w, FW, ROW_INTERLEAVED)
-            halo = _row_pass_tile(src, h, j, live_halo, taps, tail, plane_w, FW, ROW_INTERLEAVED)
-            tl.debug_barrier()  # the previous term's column pass has read the slot
-            tl.store(slot + tl.arange(0, ROWS)[:, None] * BLOCK + k, main)
-            tl.store(slot + (ROWS + tl.arange(0, HALO))[:, None] * BLOCK + k, halo)
-            tl.debug_barrier()  # the whole tile is in the slot
-            acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            acc1 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            seq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-            for m in tl.static_range(FH):
-                prod = (tl.load(slot + (tl.arange(0, ROWS) + m)[:, None] * BLOCK + k, mask=live, other=0.0)
-                        * tl.load(col_taps_ptr + term * FH + m))
-                acc0, acc1, acc2, seq = _add_tap(acc0, acc1, acc2, seq, prod, m, COL_INTERLEAVED)
-            total = total + tl.where(simd, acc0 + (acc1 + acc2), seq)
-        tl.store(total_ptr + ((b * n_filters + f) * out_h + i[:, None]) * out_w + j[None, :], total, mask=live)
 
     @triton.jit
     def _dlib_dot(values, taps, SIZE: tl.constexpr, INTERLEAVED: tl.constexpr, SEQ: tl.constexpr):
@@ -1230,65 +1142,6 @@ if triton is not None:
                              hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
                              N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, False)
 
-    @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "n_images", "ph", "pw"])
-    def _pixel_votes_kernel(img_ptr, visible_ptr, simd_end_ptr, dirs_ptr, vy_ptr, vx_ptr, orient_ptr, weight_ptr,
-                            height, width, grid_h, grid_w, n_images, ph, pw, BLOCK: tl.constexpr):
-        # One program per (image, pixel row y = 1..ph, block of pixel columns x = 1..pw): gradient of the
-        # strongest channel (dlib's tie rules for its SIMD and scalar columns), orientation bin, and the
-        # four bilinear vote weights, written into the pixel grids at (y + 12, x + 12).
-        pid = tl.program_id(0).to(tl.int64)
-        b = pid // ph
-        y = pid % ph + 1
-        x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK) + 1
-        inside = x <= pw
-        valid = inside & (y < tl.load(visible_ptr + 2 * b)) & (x < tl.load(visible_ptr + 2 * b + 1))
-        simd = x < tl.load(simd_end_ptr + b)
-        plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
-        px = img_ptr + b * 3 * plane + y * width + x
-        gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
-        gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px - width, mask=valid, other=0).to(tl.int32))
-        px1 = px + plane
-        gx1 = tl.load(px1 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32)
-        gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
-        px2 = px + 2 * plane
-        gx2 = tl.load(px2 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32)
-        gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
-        m0 = gx0 * gx0 + gy0 * gy0
-        m1 = gx1 * gx1 + gy1 * gy1
-        m2 = gx2 * gx2 + gy2 * gy2
-        red_green = tl.maximum(m0, m1)
-        # SIMD columns: ties go to the later channel.
-        s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
-        s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
-        # Scalar columns: ties go to the earlier channel.
-        c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
-        c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
-        gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
-        gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
-        v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))
-        best = tl.zeros([BLOCK], dtype=tl.float32)
-        bin_ = tl.zeros([BLOCK], dtype=tl.int32)
-        for o in tl.static_range(9):
-            dot = gx * tl.load(dirs_ptr + 2 * o) + gy * tl.load(dirs_ptr + 2 * o + 1)
-            size = tl.abs(dot)
-            better = size > best
-            best = tl.where(better, size, best)
-            bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
-        vy0 = tl.load(vy_ptr + 2 * (y - 1))
-        vy1 = tl.load(vy_ptr + 2 * (y - 1) + 1)
-        vx0 = tl.load(vx_ptr + 2 * (x - 1), mask=inside, other=0.0)
-        vx1 = tl.load(vx_ptr + 2 * (x - 1) + 1, mask=inside, other=0.0)
-        at = b * grid_h * grid_w + (y + 12) * grid_w + (x + 12)
-        grid_size = n_images * grid_h * grid_w
-        tl.store(orient_ptr + at, bin_, mask=valid)
-        tl.store(weight_ptr + at, tl.where(simd, vy0 * (vx0 * v), (vy0 * vx0) * v), mask=valid)
-        tl.store(weight_ptr + grid_size + at, tl.where(simd, vy0 * (vx1 * v), (vy0 * vx1) * v), mask=valid)
-        tl.store(weight_ptr + 2 * grid_size + at, tl.where(simd, vy1 * (vx0 * v), (vy1 * vx0) * v), mask=valid)
-        tl.store(weight_ptr + 3 * grid_size + at, tl.where(simd, vy1 * (vx1 * v), (vy1 * vx1) * v), mask=valid)
-
     # _DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
     _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in _DIRECTIONS.ravel()))
 
@@ -1297,8 +1150,8 @@ if triton is not None:
                            BLOCK: tl.constexpr):
         # One program per (grid row Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
         # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
-        # then 0), _pixel_votes_kernel's arithmetic, for every grid position that _cell_hist_kernel reads of the
-        # image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
+        # then 0), _cell_histograms_torch's arithmetic, for every grid position that _cell_hist_kernel reads of
+        # the image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
         # (Y, X) at Y * grid_w + (X % 8) * (grid_w / 8) + X // 8 (grid_w is a multiple of 8): the columns of one
         # phase X % 8 lie together, so that the histogram kernel's lanes (cells 8 columns apart) load
         # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
@@ -1394,48 +1247,6 @@ if triton is not None:
         out = hist_ptr + cell.to(tl.int64) * 18
         for k in tl.static_range(18):
             tl.store(out + k, acc[k], mask=live)
-
-    @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
-    def _resize_kernel(src_ptr, dst_ptr, rows_ptr, cols_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
-        # One program per (image, channel, output row, block of output columns): resize_rgb's arithmetic.
-        # Tables (float64, exact for their int and float32 entries): rows (B, 5, dst_h) top, bottom, tb32,
-        # 1 - tb32, tb64; cols (B, 6, dst_w) left, right, lr32, 1 - lr32, lr64, and at [b, 5, :3] the first
-        # double-path column and the image's output width and height (beyond them: not written).
-        pid = tl.program_id(0).to(tl.int64)
-        r = pid % dst_h
-        ch = (pid // dst_h) % 3
-        b = pid // (3 * dst_h)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        sizes = cols_ptr + b * 6 * dst_w + 5 * dst_w
-        live = (c < tl.load(sizes + 1).to(tl.int64)) & (r < tl.load(sizes + 2).to(tl.int64))
-        row = rows_ptr + b * 5 * dst_h + r
-        top = tl.load(row).to(tl.int64)
-        bottom = tl.load(row + dst_h).to(tl.int64)
-        tb = tl.load(row + 2 * dst_h).to(tl.float32)
-        inv_tb = tl.load(row + 3 * dst_h).to(tl.float32)
-        tb64 = tl.load(row + 4 * dst_h)
-        col = cols_ptr + b * 6 * dst_w + c
-        left = tl.load(col, mask=live, other=0.0).to(tl.int64)
-        right = tl.load(col + dst_w, mask=live, other=0.0).to(tl.int64)
-        lr = tl.load(col + 2 * dst_w, mask=live, other=0.0).to(tl.float32)
-        inv_lr = tl.load(col + 3 * dst_w, mask=live, other=0.0).to(tl.float32)
-        lr64 = tl.load(col + 4 * dst_w, mask=live, other=0.0)
-        tail = tl.load(sizes).to(tl.int64)
-        plane = src_ptr + (b * 3 + ch) * src_h * src_w
-        p_tl = tl.load(plane + top * src_w + left, mask=live, other=0)
-        p_tr = tl.load(plane + top * src_w + right, mask=live, other=0)
-        p_bl = tl.load(plane + bottom * src_w + left, mask=live, other=0)
-        p_br = tl.load(plane + bottom * src_w + right, mask=live, other=0)
-        acc = (inv_tb * inv_lr) * p_tl.to(tl.float32)
-        acc = acc + (inv_tb * lr) * p_tr.to(tl.float32)
-        acc = acc + (tb * inv_lr) * p_bl.to(tl.float32)
-        acc = acc + (tb * lr) * p_br.to(tl.float32)
-        one_lr = 1.0 - lr64
-        upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
-        lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)
-        value = (1.0 - tb64) * upper + tb64 * lower
-        out = tl.where(c < tail, acc.to(tl.int32), value.to(tl.int32))
-        tl.store(dst_ptr + ((b * 3 + ch) * dst_h + r) * dst_w + c, out.to(tl.uint8), mask=live)
 
     @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
     def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
@@ -1567,65 +1378,12 @@ if triton is not None:
         tl.store(out + 29 * plane, tl.where(inside, t2 * 0.4714, 0.0), mask=live)
         tl.store(out + 30 * plane, tl.where(inside, t3 * 0.4714, 0.0), mask=live)
 
-    @triton.jit(do_not_specialize=["n_cr", "n_cc", "grid_h", "grid_w", "n_cells", "grid_size"])
-    def _grid_hist_kernel(orient_ptr, weight_ptr, hist_ptr, cells_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
-                          grid_size, CELLS: tl.constexpr):
-        # One lane per (cell, bin), CELLS cells x 32 bins (18 used) per program, all 1-D (a cell's 32 lanes
-        # share each load; nothing changes layout between threads). H200 profiles of two runs (64 photos of
-        # 1024-1800 px each, other photos): 21.6 ms against 54 ms for one lane per cell with a (cells, 32)
-        # tile. Each lane adds its bin's votes of the cell's 16x16 pixel block
-        # in raster order; a vote for another bin adds +0.0, which leaves the sum unchanged. Cells beyond the
-        # image's own (padding of smaller photos) are not computed: nothing reads them.
-        lane = tl.arange(0, CELLS * 32)
-        cell = tl.program_id(0).to(tl.int64) * CELLS + lane // 32
-        bin_ = lane % 32
-        b = cell // (n_cr * n_cc)
-        i = (cell // n_cc) % n_cr
-        j = cell % n_cc
-        inside = cell < n_cells
-        live = inside & (i < tl.load(cells_ptr + 2 * b, mask=inside, other=0)) & (
-            j < tl.load(cells_ptr + 2 * b + 1, mask=inside, other=0))
-        start = b * grid_h * grid_w + (8 * (i + 1)) * grid_w + 8 * (j + 1)
-        acc = tl.zeros([CELLS * 32], dtype=tl.float32)
-        for dy in range(0, 8):
-            row = start + dy * grid_w
-            for dx in tl.static_range(16):
-                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
-                w = tl.load(weight_ptr + (dx // 8) * grid_size + row + dx, mask=live, other=0.0)
-                acc = acc + tl.where(o == bin_, w, 0.0)
-        for dy in range(8, 16):
-            row = start + dy * grid_w
-            for dx in tl.static_range(16):
-                o = tl.load(orient_ptr + row + dx, mask=live, other=0)
-                w = tl.load(weight_ptr + (2 + dx // 8) * grid_size + row + dx, mask=live, other=0.0)
-                acc = acc + tl.where(o == bin_, w, 0.0)
-        tl.store(hist_ptr + cell * 18 + bin_, acc, mask=live & (bin_ < 18))
-
-
-@functools.lru_cache(maxsize=4096)
-def _resize_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
-    """_resize_kernel's tables for one image resized from h x w to oh x ow, as float64: rows (5, oh): top,
-    bottom, float32 fraction and its complement, double fraction; cols (6, ow): left, right, float32 weight
-    and complement, double weight, and in row 5 (first tail column, ow, oh). Cached: a batch's every level
-    needs one per photo, and photos of a size share them."""
-    top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
-    left, right, lr32, inv_lr32, lr64, tail = _col_table(w, ow)
-    if ow - tail > _TAIL_BAND:
-        raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
-    rows = np.stack([top, bottom, tb32, inv_tb32, tb64]).astype(np.float64)
-    cols = np.zeros((6, max(ow, 3)), np.float64)
-    cols[:5, :ow] = left, right, lr32, inv_lr32, lr64
-    cols[5, :3] = tail, ow, oh
-    for a in (rows, cols):
-        a.setflags(write=False)
-    return rows, cols
-
-
 @functools.lru_cache(maxsize=4096)
 def _resize_rgb_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, ...]:
     """_resize_rgb_kernel's tables for one image resized from h x w to oh x ow: rows_i (2, oh) int32, rows_f
     (2, oh) float32, rows_d (oh) float64, cols_i (ow) int32, cols_f (ow) float32, cols_d (ow) float64, info (4)
-    int32 (see the kernel). Cached like _resize_kernel_tables."""
+    int32 (see the kernel). Cached: a batch's every level needs them for each photo, and photos of a size
+    share them."""
     top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
     left, right, lr32, _inv_lr32, lr64, tail = _col_table(w, ow)
     if ow - tail > _TAIL_BAND:
@@ -1641,38 +1399,27 @@ def _resize_rgb_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndar
 
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
-    """resize_rgb as one Triton kernel (_RESIZE_KERNEL says which): same arguments, same pixels inside each
-    output image (outside them: unwritten, where resize_rgb leaves junk)."""
+    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
+    unwritten, where resize_rgb leaves junk)."""
     n, _, in_h, in_w = images.shape
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
     out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
-    if _RESIZE_KERNEL == "rgb":
-        rows_i = np.zeros((n, 2, out_h), np.int32)
-        rows_f = np.zeros((n, 2, out_h), np.float32)
-        rows_d = np.zeros((n, out_h), np.float64)
-        cols_i = np.zeros((n, out_w), np.int32)
-        cols_f = np.zeros((n, out_w), np.float32)
-        cols_d = np.zeros((n, out_w), np.float64)
-        info = np.zeros((n, 4), np.int32)
-        for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
-            ri, rf, rd, ci, cf, cd, info[b] = _resize_rgb_kernel_tables(h, w, oh, ow)
-            rows_i[b, :, :oh], rows_f[b, :, :oh], rows_d[b, :oh] = ri, rf, rd
-            cols_i[b, :ow], cols_f[b, :ow], cols_d[b, :ow] = ci, cf, cd
-        _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _TRITON_BLOCK), n)](
-            images.contiguous(), out, *upload_many([rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info],
-                                                   images.device),
-            in_h, in_w, out_h, out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
-        return out
-    rows = np.zeros((n, 5, out_h), np.float64)
-    cols = np.zeros((n, 6, out_w), np.float64)
+    rows_i = np.zeros((n, 2, out_h), np.int32)
+    rows_f = np.zeros((n, 2, out_h), np.float32)
+    rows_d = np.zeros((n, out_h), np.float64)
+    cols_i = np.zeros((n, out_w), np.int32)
+    cols_f = np.zeros((n, out_w), np.float32)
+    cols_d = np.zeros((n, out_w), np.float64)
+    info = np.zeros((n, 4), np.int32)
     for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
-        row_table, col_table = _resize_kernel_tables(h, w, oh, ow)
-        rows[b, :, :oh] = row_table
-        cols[b, :, :col_table.shape[1]] = col_table
-    _resize_kernel[(n * 3 * out_h, triton.cdiv(out_w, _TRITON_BLOCK))](
-        images.contiguous(), out, *upload_many([rows, cols], images.device), in_h, in_w, out_h,
-        out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
+        ri, rf, rd, ci, cf, cd, info[b] = _resize_rgb_kernel_tables(h, w, oh, ow)
+        rows_i[b, :, :oh], rows_f[b, :, :oh], rows_d[b, :oh] = ri, rf, rd
+        cols_i[b, :ow], cols_f[b, :ow], cols_d[b, :ow] = ci, cf, cd
+    _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _TRITON_BLOCK), n)](
+        images.contiguous(), out, *upload_many([rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info],
+                                               images.device),
+        in_h, in_w, out_h, out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     return out
 
 
@@ -1697,36 +1444,23 @@ def _interleaved_taps(size: int) -> int:
 
 
 def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels (_HIST_KERNEL says which): same arguments, same result bit
-    for bit in each image's own ``cells`` (B, 2) (the only ones read)."""
+    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit in each image's
+    own ``cells`` (B, 2) (the only ones read)."""
     dev = images.device
     n, _, height, width = images.shape
     images = images.contiguous()
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    if _HIST_KERNEL == "cell":
-        info = np.concatenate([visible, simd_end[:, None], cells], axis=1).astype(np.int32)
-        info_t = upload(info, dev)
-        orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
-        mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
-        _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _TRITON_BLOCK), n)](
-            images, info_t, orient, mag, height, width, grid_h, grid_w, ph, pw, BLOCK=_TRITON_BLOCK,
-            enable_fp_fusion=False)
-        _cell_hist_kernel[(triton.cdiv(n_cells, _CELL_BLOCK),)](
-            orient, mag, hist, info_t, n_cr, n_cc, grid_h, grid_w, n_cells, BLOCK=_CELL_BLOCK,
-            num_warps=_CELL_BLOCK // 32, enable_fp_fusion=False)
-        return hist
-    vy, vx = _vote_weights(ph, pw)
-    visible_t, simd_end_t, dirs_t, vy_t, vx_t, cells_t = upload_many(
-        [visible.astype(np.int64), simd_end.astype(np.int64), _DIRECTIONS, vy, vx, cells.astype(np.int64)], dev)
-    orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int32, device=dev)
-    weights = torch.zeros((4, n, grid_h, grid_w), dtype=torch.float32, device=dev)
-    _pixel_votes_kernel[(n * ph, triton.cdiv(pw, _TRITON_BLOCK))](
-        images, visible_t, simd_end_t, dirs_t, vy_t, vx_t,
-        orient, weights, height, width, grid_h, grid_w, n, ph, pw, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
-    _grid_hist_kernel[(triton.cdiv(n_cells, _HIST_CELLS),)](
-        orient, weights, hist, cells_t, n_cr, n_cc, grid_h, grid_w, n_cells,
-        n * grid_h * grid_w, CELLS=_HIST_CELLS, enable_fp_fusion=False)
+    info = np.concatenate([visible, simd_end[:, None], cells], axis=1).astype(np.int32)
+    info_t = upload(info, dev)
+    orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
+    mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
+    _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _TRITON_BLOCK), n)](
+        images, info_t, orient, mag, height, width, grid_h, grid_w, ph, pw, BLOCK=_TRITON_BLOCK,
+        enable_fp_fusion=False)
+    _cell_hist_kernel[(triton.cdiv(n_cells, _CELL_BLOCK),)](
+        orient, mag, hist, info_t, n_cr, n_cc, grid_h, grid_w, n_cells, BLOCK=_CELL_BLOCK,
+        num_warps=_CELL_BLOCK // 32, enable_fp_fusion=False)
     return hist
 
 
@@ -1743,23 +1477,12 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     out_w = plane_w - (fw - 1)
     bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
-    if _FILTER_KERNEL == "slide":
-        grid = (n * n_filters * triton.cdiv(out_h, _SLIDE_ROWS), triton.cdiv(out_w, _SLIDE_BLOCK))
-        _filter_rows_kernel[grid](
-            planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, total,
-            n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS=n_slots, FW=fw, FH=fh,
-            ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_SLIDE_ROWS,
-            BLOCK=_SLIDE_BLOCK, num_warps=_SLIDE_WARPS, enable_fp_fusion=False)
-        return total
-    rows, blocks = triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK)
-    halo = triton.next_power_of_2(fh - 1)  # rows below a tile that its column taps reach
-    scratch = torch.empty((n * n_filters * rows * blocks, _FILTER_ROWS + halo, _FILTER_BLOCK),
-                          dtype=torch.float32, device=dev)
-    _filter_kernel[(n * n_filters * rows, blocks)](
-        planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, scratch, total,
+    grid = (n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))
+    _filter_rows_kernel[grid](
+        planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, total,
         n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS=n_slots, FW=fw, FH=fh,
         ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS,
-        HALO=halo, BLOCK=_FILTER_BLOCK, num_warps=_FILTER_WARPS, enable_fp_fusion=False)
+        BLOCK=_FILTER_BLOCK, num_warps=_FILTER_WARPS, enable_fp_fusion=False)
     return total
 
 

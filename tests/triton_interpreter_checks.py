@@ -29,12 +29,10 @@ DATA_DIR = os.path.join(ROOT, "tests", "data")
 # The Triton functions (kernels and the jit helpers they call) each group must run, per module: the test
 # file checks that together they are all of the modules' Triton functions.
 FUNCTIONS = {
-    "detector-resize": {"models.face_detector": ["_resize_rgb_kernel", "_resize_kernel"]},
-    "detector-fhog": {"models.face_detector": ["_orient_mag_kernel", "_cell_hist_kernel", "_pixel_votes_kernel",
-                                               "_grid_hist_kernel", "_block_energy_kernel", "_features_kernel",
-                                               "_lane_normaliser"]},
-    "detector-filters": {"models.face_detector": ["_filter_kernel", "_row_pass_tile", "_add_tap",
-                                                  "_filter_rows_kernel", "_filter_rows", "_row_pass", "_dlib_dot"]},
+    "detector-resize": {"models.face_detector": ["_resize_rgb_kernel"]},
+    "detector-fhog": {"models.face_detector": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
+                                               "_features_kernel", "_lane_normaliser"]},
+    "detector-filters": {"models.face_detector": ["_filter_rows_kernel", "_filter_rows", "_row_pass", "_dlib_dot"]},
     "detector-detect": {"models.face_detector": ["_resize_rgb_kernel", "_orient_mag_kernel", "_cell_hist_kernel",
                                                  "_block_energy_kernel", "_features_kernel", "_filter_rows_kernel"]},
     "landmarks": {"models.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
@@ -139,33 +137,9 @@ def check_detector_resize() -> str | None:
     return _detector()._check_triton_resize()
 
 
-def check_detector_resize_channel_kernel() -> str | None:
-    # The same with _RESIZE_KERNEL "channel" (one program per channel, float64 tables).
-    from models import face_detector as fd
-
-    default = fd._RESIZE_KERNEL
-    fd._RESIZE_KERNEL = "channel"
-    try:
-        return _detector()._check_triton_resize()
-    finally:
-        fd._RESIZE_KERNEL = default
-
-
 def check_detector_fhog() -> str | None:
     # Quantised random images (ties in every vote), two sizes in a batch.
     return _detector()._check_triton_fhog()
-
-
-def check_detector_fhog_bin_kernels() -> str | None:
-    # The same with the histogram kernels of _HIST_KERNEL "bin" (one lane per cell and bin).
-    from models import face_detector as fd
-
-    default = fd._HIST_KERNEL
-    fd._HIST_KERNEL = "bin"
-    try:
-        return _detector()._check_triton_fhog()
-    finally:
-        fd._HIST_KERNEL = default
 
 
 def check_detector_filters_few_terms() -> str | None:
@@ -173,8 +147,8 @@ def check_detector_filters_few_terms() -> str | None:
     sizes in a batch, every filter with five of its term slots: the first two, the last term of the filter
     with the fewest terms and the zero slot after it (padding, which must add +0.0), and the last slot. (All
     of the model's slots, about 60, take about 2 s per program under the interpreter, and the detector's own
-    _check_triton_filters runs 150 programs: minutes. detector-detect runs every slot, on a real photo.) Both
-    kernels, each on its own tiling."""
+    _check_triton_filters runs 150 programs: minutes. detector-detect runs every slot, on a real photo.)"""
+    import numpy as np
     import torch
 
     from models import face_detector as fd
@@ -185,22 +159,7 @@ def check_detector_filters_few_terms() -> str | None:
         return "every filter has as many terms as the others: no padding slot to check"
     slots = torch.tensor([0, 1, fewest - 1, fewest, most - 1])
     plane_idx, row_taps, col_taps = (t.index_select(1, slots) for t in (det._plane_idx, det._row_taps, det._col_taps))
-    for kernel, rows_tile, cols_block in (("slide", fd._SLIDE_ROWS, fd._SLIDE_BLOCK),
-                                          ("tiles", fd._FILTER_ROWS, fd._FILTER_BLOCK)):
-        saved, fd._FILTER_KERNEL = fd._FILTER_KERNEL, kernel
-        try:
-            problem = _filter_scores_differ(det, fd, plane_idx, row_taps, col_taps, rows_tile, cols_block)
-        finally:
-            fd._FILTER_KERNEL = saved
-        if problem:
-            return f"{kernel} kernel: {problem}"
-    return None
-
-
-def _filter_scores_differ(det, fd, plane_idx, row_taps, col_taps, rows_tile, cols_block) -> str | None:
-    import numpy as np
-    import torch
-
+    rows_tile, cols_block = fd._FILTER_ROWS, fd._FILTER_BLOCK
     fh, fw = det._fhog_pad
     # Image 0: two row tiles, its last column block partial; image 1: less than one row tile, three column
     # blocks. Neither width is a multiple of 8: both have a band of columns on dlib's scalar loop.
@@ -426,9 +385,8 @@ def check_quad_in_crop_faces() -> str | None:
 
 
 CHECKS: dict[str, list[tuple[str, Callable[[], str | None]]]] = {
-    "detector-resize": [("resize", check_detector_resize),
-                        ("resize_channel_kernel", check_detector_resize_channel_kernel)],
-    "detector-fhog": [("fhog", check_detector_fhog), ("fhog_bin_kernels", check_detector_fhog_bin_kernels)],
+    "detector-resize": [("resize", check_detector_resize)],
+    "detector-fhog": [("fhog", check_detector_fhog)],
     "detector-filters": [("filters_few_terms", check_detector_filters_few_terms)],
     "detector-detect": [("detect_two_photos", check_detector_detect_batch)],
     "landmarks": [("cascades", check_landmark_cascades), ("predict", check_landmark_predict)],
