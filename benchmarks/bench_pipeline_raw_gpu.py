@@ -13,7 +13,9 @@ Figures (all in this one run, on the same GPU):
 - inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
 - alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s;
 - the actor alone: ``InvertWorker`` aligning and inverting chunks of those photos, without Ray, its calls
-  from one thread and from two at once (as Ray runs it), photos/s;
+  from one thread and from two at once (as Ray runs it), photos/s, and its alignment's time by part (upload,
+  detect, landmarks, crop) in ms per chunk, which the pipeline's run summary gives too (``align_ms_per_chunk``:
+  the same parts inside the pipeline);
 - the pipeline: ``run_pipeline``'s runner with embedded Ray, photos/s and faces/s in steady state (from the
   end of the actor's first call to the last commit, as benchmarks/bench_pipeline_gpu.py measures), the
   ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
@@ -50,6 +52,7 @@ from models.landmarks import ShapePredictor, random_model, serialize_shape_predi
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
+from pipeline.inversion import ALIGN_PARTS_LINE  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
 from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
@@ -145,7 +148,20 @@ def write_tars(d: str, photos, shard: int) -> None:
                 tf.addfile(info, io.BytesIO(photos[i][0]))
 
 
-def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> dict[str, float]:
+def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float]:
+    """Alignment's seconds by part (pipeline.device_align.ALIGN_PARTS) as ms per chunk."""
+    return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
+
+
+def pipeline_align_parts(lines: list[str]) -> dict[str, float]:
+    """The run summary's alignment seconds by part (pipeline.inversion.ALIGN_PARTS_LINE), {} if absent."""
+    for line in lines:
+        if line.startswith(ALIGN_PARTS_LINE):
+            return {k: float(v) for k, v in (p.split() for p in line[len(ALIGN_PARTS_LINE):].split(", "))}
+    return {}
+
+
+def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> dict:
     """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
     on chunks of decoded photos already in memory, without Ray or decoding: called from one thread (align,
     then invert, one chunk after the other) and from two threads at once (as Ray's max_concurrency=2 runs the
@@ -162,6 +178,7 @@ def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> di
     for threads in (1, 2):
         if device == "cuda":
             torch.cuda.synchronize()
+        before = worker.align_part_seconds()
         t = time.time()
         jobs = [chunks[k::threads] for k in range(threads)]
         runners = [threading.Thread(target=lambda mine=mine: [worker.invert_chunks(c) for c in mine]) for mine in jobs]
@@ -170,7 +187,10 @@ def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> di
         for r in runners:
             r.join()
         rates[f"{threads} thread(s)"] = round(len(decoded) / (time.time() - t), 1)
-        print(f"actor alone, {threads} thread(s): {rates[f'{threads} thread(s)']} photos/s", flush=True)
+        parts = {k: v - before[k] for k, v in worker.align_part_seconds().items()}
+        rates[f"{threads} thread(s), align ms per chunk"] = per_chunk_ms(parts, len(chunks))
+        print(f"actor alone, {threads} thread(s): {rates[f'{threads} thread(s)']} photos/s; alignment, ms per "
+              f"chunk of {group}: {rates[f'{threads} thread(s), align ms per chunk']}", flush=True)
     del worker
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -259,6 +279,8 @@ def main() -> None:
               "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
               "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
               "actor_alone_photos_s": actor_rates}
+    # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
+    n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))
     for backend in a.backends.split(","):
         out = os.path.join(a.work, f"out_{backend}")
         cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
@@ -267,7 +289,8 @@ def main() -> None:
                        "align": {"enabled": True, "backend": backend}, "ray": {"num_cpus": a.num_cpus},
                        "progress": False}, {})
         t = time.time()
-        res = run(cfg, echo=lambda s: print(s, flush=True))
+        lines: list[str] = []
+        res = run(cfg, echo=lambda s: print(s, flush=True) or lines.append(s))
         wall = time.time() - t
         stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
@@ -277,7 +300,9 @@ def main() -> None:
                            "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
                            "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
                            "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
-                           "stage_seconds": res.summary.get("stage_seconds")}
+                           "stage_seconds": res.summary.get("stage_seconds"),
+                           # the actors' alignment by part, per chunk of the run (as the actor alone's above)
+                           "align_ms_per_chunk": per_chunk_ms(pipeline_align_parts(lines), n_chunks)}
         print(json.dumps({backend: result[backend]}), flush=True)
     report(result, a.out)
 

@@ -32,7 +32,7 @@ from .progress import Progress
 from .read import Shard
 from .scheduler import ActorPool, Attempt, Scheduler, short_error
 
-__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE"]
+__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "ALIGN_PARTS_LINE"]
 
 log = logging.getLogger("e2style.pipeline")
 
@@ -136,12 +136,15 @@ class InversionJob:
         return all(a.state is not None and a.state.reading_done for a in self.sched.active.values())
 
 
+ALIGN_PARTS_LINE = "alignment on the actors, seconds by part: "
+
+
 def _align_parts_line(per_actor: list[dict[str, float]]) -> str:
     """The run summary's line of where the actors' alignment spent its time, summed over actors."""
     total = collections.Counter()
     for parts in per_actor:
         total.update(parts)
-    return "alignment on the actors, seconds by part: " + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
+    return ALIGN_PARTS_LINE + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
 
 
 def _relative_inputs(shard: Shard) -> list[str]:

@@ -318,7 +318,7 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
         assert res.exit_code == 0
         assert any(f"alignment: {backend}" in line for line in lines)
         # The summary says where the actors' alignment spent its time (torch backend only).
-        parts = [line for line in lines if line.startswith("alignment on the actors, seconds by part: ")]
+        parts = [line for line in lines if line.startswith(ALIGN_PARTS_LINE)]
         assert len(parts) == (backend == "torch"), lines
         if parts:
             assert [p.split()[0] for p in parts[0].split(": ")[1].split(", ")] == list(ALIGN_PARTS)
