@@ -23,6 +23,7 @@ from pipeline.align import FaceAligner, get_aligner
 from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, resolve
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
 from pipeline.device_align import ALIGN_PARTS, UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
+from pipeline.inversion import ALIGN_PARTS_LINE
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
