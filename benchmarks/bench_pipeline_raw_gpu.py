@@ -11,11 +11,12 @@ stages with reconstructions.
 
 Figures (all in this one run, on the same GPU):
 - inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
-- alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s;
-- the actor alone: ``InvertWorker`` aligning and inverting chunks of those photos, without Ray, its calls
-  from one thread and from two at once (as Ray runs it), photos/s, and its alignment's time by part (upload,
-  detect, landmarks, crop) in ms per chunk, which the pipeline's run summary gives too (``align_ms_per_chunk``:
-  the same parts inside the pipeline);
+- alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s, on photos of sizes
+  it has not met (as in the pipeline) and on the same photos again (size-keyed tables cached);
+- the actor alone: ``InvertWorker`` aligning and inverting chunks of such photos, without Ray: from one thread
+  on photos it has met, from one thread on new ones and from two threads at once (as Ray runs it) on new
+  ones, photos/s, and its alignment's time by part (upload, detect, landmarks, crop) in ms per chunk, which
+  the pipeline's run summary gives too (``align_ms_per_chunk``: the same parts inside the pipeline);
 - the pipeline: ``run_pipeline``'s runner with embedded Ray, photos/s and faces/s in steady state (from the
   end of the actor's first call to the last commit, as benchmarks/bench_pipeline_gpu.py measures), the
   ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
@@ -161,21 +162,37 @@ def pipeline_align_parts(lines: list[str]) -> dict[str, float]:
     return {}
 
 
-def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> dict:
+def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: str) -> dict:
     """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
-    on chunks of decoded photos already in memory, without Ray or decoding: called from one thread (align,
-    then invert, one chunk after the other) and from two threads at once (as Ray's max_concurrency=2 runs the
-    actor: one call's alignment beside the other's inversion). Tells the actor's own limit from the rest of
-    the pipeline's, and whether the two calls at once help or hinder each other."""
+    on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
+    by part: from one thread (align, then invert, one chunk after the other) on photos it has aligned before
+    (``seen``: every size-keyed table cached) and on photos of sizes it has not met (the first half of
+    ``new``), as in the pipeline, where each photo is new; and from two threads at once (as Ray's
+    max_concurrency=2 runs the actor: one call's alignment beside the other's inversion) on the second half
+    of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos cost more,
+    and whether the two calls at once help or hinder each other. Without enough ``new`` photos (--smoke),
+    every run is on ``seen``."""
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
                           landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size
-    chunks = [PreparedChunk("b", k, [Row(str(i), "x", status=ALIGN_PENDING) for i in range(i0, i0 + len(part))],
-                            np.zeros((0, 256, 256, 3), np.uint8), {}, len(part), photos=part)
-              for k, (i0, part) in enumerate((i, decoded[i:i + group]) for i in range(0, len(decoded), group))]
-    worker.invert_chunks(chunks[0])  # warm-up
+
+    def chunks_of(photos: list) -> list[PreparedChunk]:
+        return [PreparedChunk("b", k, [Row(str(i), "x", status=ALIGN_PENDING) for i in range(i0, i0 + len(part))],
+                              np.zeros((0, 256, 256, 3), np.uint8), {}, len(part), photos=part)
+                for k, (i0, part) in enumerate((i, photos[i:i + group]) for i in range(0, len(photos), group))]
+
+    seen_chunks = chunks_of(seen)
+    for c in seen_chunks:
+        worker.invert_chunks(c)  # warm-up, and every size of ``seen`` met
+    half = len(new) // 2 // group * group
+    runs = [("seen photos, 1 thread", seen_chunks, 1)]
+    if half:
+        runs += [("new photos, 1 thread", chunks_of(new[:half]), 1),
+                 ("new photos, 2 threads", chunks_of(new[half:2 * half]), 2)]
+    else:
+        runs += [("seen photos, 2 threads", seen_chunks, 2)]
     rates = {}
-    for threads in (1, 2):
+    for name, chunks, threads in runs:
         if device == "cuda":
             torch.cuda.synchronize()
         before = worker.align_part_seconds()
@@ -186,11 +203,12 @@ def actor_alone(ckpt: str, a, landmarks_model, decoded: list, device: str) -> di
             r.start()
         for r in runners:
             r.join()
-        rates[f"{threads} thread(s)"] = round(len(decoded) / (time.time() - t), 1)
+        photos = sum(len(c.photos) for c in chunks)
+        rates[name] = round(photos / (time.time() - t), 1)
         parts = {k: v - before[k] for k, v in worker.align_part_seconds().items()}
-        rates[f"{threads} thread(s), align ms per chunk"] = per_chunk_ms(parts, len(chunks))
-        print(f"actor alone, {threads} thread(s): {rates[f'{threads} thread(s)']} photos/s; alignment, ms per "
-              f"chunk of {group}: {rates[f'{threads} thread(s), align ms per chunk']}", flush=True)
+        rates[f"{name}, align ms per chunk"] = per_chunk_ms(parts, len(chunks))
+        print(f"actor alone, {name}: {rates[name]} photos/s; alignment, ms per chunk of {group}: "
+              f"{rates[f'{name}, align ms per chunk']}", flush=True)
     del worker
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -246,14 +264,18 @@ def main() -> None:
     decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 512)]]
     group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
     aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
-    if on_gpu:
-        torch.cuda.synchronize()
-    t = time.time()
-    found = 0
-    for i in range(0, len(decoded), group):
-        found += sum(len(f) for f in aligner.align(decoded[i:i + group]))
-    align_rate = len(decoded) / (time.time() - t)
-    print(f"alignment alone: {align_rate:.1f} photos/s ({found} faces in {len(decoded)} photos)", flush=True)
+    align_rates = []
+    for _ in ("new photos", "the same photos again"):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t = time.time()
+        found = 0
+        for i in range(0, len(decoded), group):
+            found += sum(len(f) for f in aligner.align(decoded[i:i + group]))
+        align_rates.append(len(decoded) / (time.time() - t))
+    align_rate = align_rates[0]
+    print(f"alignment alone: {align_rates[0]:.1f} photos/s on photos it had not met, {align_rates[1]:.1f} on "
+          f"the same photos again ({found} faces in {len(decoded)} photos)", flush=True)
     del aligner
 
     # Inversion alone, same settings, the actor's class, faces already decoded and aligned.
@@ -271,13 +293,18 @@ def main() -> None:
     invert_only = reps * len(faces) / (time.time() - t)
     print(f"inversion only: {invert_only:.1f} faces/s", flush=True)
     del worker
-    actor_rates = actor_alone(ckpt, a, landmarks_model, decoded, device) if on_gpu or a.smoke else {}
+    actor_rates = {}
+    if on_gpu or a.smoke:
+        # Photos the actor has not met: 2 x 384 (in the smoke run there are none: it reuses ``decoded``).
+        new_photos = [decode_image(p) for p, _ in photos[len(decoded):len(decoded) + 768]]
+        actor_rates = actor_alone(ckpt, a, landmarks_model, decoded, new_photos, device)
     if on_gpu:
         torch.cuda.empty_cache()
 
     result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "photos": a.photos,
               "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
               "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
+              "alignment_alone_again_photos_s": round(align_rates[1], 1),
               "actor_alone_photos_s": actor_rates}
     # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
     n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))
