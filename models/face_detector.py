@@ -622,7 +622,6 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, order_keys: np.nd
 # -- resampling (dlib's resize_image, bilinear, RGB) -----------------------------------------------------
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=4096)
 def _row_table(n_in: int, n_out: int):
     scale = (n_in - 1) / max(n_out - 1, 1)
     # dlib accumulates the row position in double, one step per row: np.add.accumulate adds in that order.
