@@ -48,6 +48,27 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def profile_new_photos(aligner: DeviceAligner, chunks: list, sync, say) -> None:
+    """align() on chunks of photos it has not met, then on the same chunks again: ms per chunk by part, and
+    the host's time by function (cProfile) on the new photos."""
+    for name in ("new photos", "the same photos again"):
+        before = dict(aligner.part_seconds)
+        pr = cProfile.Profile()
+        sync()
+        t = time.perf_counter()
+        pr.enable()
+        for chunk in chunks:
+            aligner.align(chunk)
+        sync()
+        pr.disable()
+        ms = {k: round(1e3 * (v - before[k]) / len(chunks), 1) for k, v in aligner.part_seconds.items()}
+        say(f"align() on {name}: {1e3 * (time.perf_counter() - t) / len(chunks):.1f} ms per chunk; by part {ms}")
+        for key in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats(key).print_stats(40)
+            say(f"\n== align() on {name}: cProfile ({key})\n{s.getvalue()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=64)
@@ -56,11 +77,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rolled", action="store_true", help="random mean points: every face re-predicted upright")
+    ap.add_argument("--new-chunks", type=int, default=0,
+                    help="first profile align() on this many chunks of --photos photos it has not met (as in the "
+                         "pipeline, where each photo is new), against the same chunks again")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    photos = [decode_image(p) for p, _ in make_photos(a.photos, a.min_side, a.max_side, 0.1)]
+    decoded = [decode_image(p) for p, _ in make_photos(a.photos * (1 + a.new_chunks), a.min_side, a.max_side, 0.1)]
+    photos, new_chunks = decoded[:a.photos], [decoded[i:i + a.photos] for i in range(a.photos, len(decoded), a.photos)]
     t = time.perf_counter()
     model = random_model(seed=0) if a.rolled else face_like_model(seed=0)
     aligner = DeviceAligner.build(AlignConfig(backend="torch"), str(dev),
@@ -72,6 +97,9 @@ def main() -> None:
     def say(line: str) -> None:
         print(line, flush=True)
         report.append(line)
+
+    if new_chunks:
+        profile_new_photos(aligner, new_chunks, sync, say)
 
     rows = {}
     rows["align (whole)"] = timed(lambda: aligner.align(photos), a.repeats, sync)

@@ -39,6 +39,8 @@ __all__ = [
     "plan_crop",
     "crop_faces",
     "photos_to_device",
+    "stage_photos",
+    "StagedPhotos",
     "UprightGeometry",
     "upright_geometry",
     "upright_region",
@@ -169,9 +171,23 @@ def plan_crop(quad, qsize: float, image_size: tuple[int, int], output_size: int,
 # Photos on the device
 
 
-def photos_to_device(photos: Sequence, device) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
-    """All photos in one flat (P, 3) uint8 tensor on ``device``: (buffer, start row of each photo, (w, h) of
-    each). Host photos travel as uint8 in one copy from pinned memory to a CUDA device."""
+@dataclass
+class StagedPhotos:
+    """Photos ready for their one host -> device copy (stage_photos): the host photos' pixels in ``staging``,
+    one flat (P, 3) uint8 buffer (pinned for a CUDA device), photo i from row ``starts[i]``; photos already on
+    the device are kept in ``photos`` and copied on the device."""
+
+    photos: list
+    staging: torch.Tensor | None
+    starts: np.ndarray  # (n + 1,) int64
+    sizes: list  # (w, h) of each photo
+    on_host: list
+
+
+def stage_photos(photos: Sequence, device) -> StagedPhotos:
+    """The host half of photos_to_device: the host photos copied into one buffer, pinned for a CUDA ``device``
+    (on a CPU device, the buffer photos_to_device returns). Needs no device work, so a caller may stage one
+    group of photos while another group's device work runs."""
     device = torch.device(device)
     for p in photos:
         if str(p.dtype) not in ("uint8", "torch.uint8") or len(p.shape) != 3 or p.shape[2] != 3:
@@ -179,28 +195,37 @@ def photos_to_device(photos: Sequence, device) -> tuple[torch.Tensor, list[int],
     sizes = [(int(p.shape[1]), int(p.shape[0])) for p in photos]
     starts = np.concatenate([[0], np.cumsum([w * h for w, h in sizes])]).astype(np.int64)
     on_host = [not isinstance(p, torch.Tensor) or p.device.type == "cpu" for p in photos]
-    buffer = torch.empty((int(starts[-1]), 3), dtype=torch.uint8, device=device)
     staging = None
-    if device.type == "cpu":
-        staging = buffer
-    elif any(on_host):
+    if device.type == "cpu" or any(on_host):
         staging = torch.empty((int(starts[-1]), 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    rows = [slice(int(starts[i]), int(starts[i + 1])) for i in range(len(photos))]
     with warnings.catch_warnings():
         # Read-only arrays (np.asarray of a PIL image, Ray's zero-copy arrays) are only read here.
         warnings.simplefilter("ignore", UserWarning)
         for i, p in enumerate(photos):
-            if on_host[i]:
+            if on_host[i] or device.type == "cpu":
                 # torch's copy runs on several threads for large photos, numpy's assignment on one.
                 source = p if isinstance(p, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(p))
-                staging[rows[i]].copy_(source.reshape(-1, 3))
-    if staging is not None and staging is not buffer:
+                staging[int(starts[i]):int(starts[i + 1])].copy_(source.reshape(-1, 3))
+    return StagedPhotos(list(photos), staging, starts, sizes, on_host)
+
+
+def photos_to_device(photos: Sequence | StagedPhotos, device) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+    """All photos (or photos stage_photos staged for ``device``) in one flat (P, 3) uint8 tensor on ``device``:
+    (buffer, start row of each photo, (w, h) of each). Host photos travel as uint8 in one copy from pinned
+    memory to a CUDA device."""
+    device = torch.device(device)
+    staged = photos if isinstance(photos, StagedPhotos) else stage_photos(photos, device)
+    starts = staged.starts
+    if device.type == "cpu":
+        return staged.staging, [int(s) for s in starts[:-1]], staged.sizes
+    buffer = torch.empty((int(starts[-1]), 3), dtype=torch.uint8, device=device)
+    if staged.staging is not None:
         # One transfer for all host photos; device photos' rows are written after it, in stream order.
-        buffer.copy_(staging, non_blocking=True)
-    for i, p in enumerate(photos):
-        if not on_host[i]:
-            buffer[rows[i]].copy_(p.reshape(-1, 3))
-    return buffer, [int(s) for s in starts[:-1]], sizes
+        buffer.copy_(staged.staging, non_blocking=True)
+    for i, p in enumerate(staged.photos):
+        if not staged.on_host[i]:
+            buffer[int(starts[i]):int(starts[i + 1])].copy_(p.reshape(-1, 3))
+    return buffer, [int(s) for s in starts[:-1]], staged.sizes
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -295,20 +295,22 @@ def _lanczos_weights(in_size: int, in0: float, in1: float, out_size: int, group:
     fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
     first = int(xmin.min())
     used = int((xmin + xmax).max()) - first
-    dense = np.zeros((used, out_size), dtype=np.float64)
-    rows = xmin[:, None] - first + taps[None, :]
-    valid = taps[None, :] < xmax[:, None]
-    dense[rows[valid], np.nonzero(valid)[0]] = fixed[valid]
-    # Band per group: the inputs any of its outputs reads; one window length L for all groups.
+    # Band per group: the inputs any of its outputs reads; one window length L for all groups. (The last
+    # group is padded with its last output's values, which change neither its min nor its max.)
     n_groups = -(-out_size // group)
-    lo = np.array([xmin[j * group : (j + 1) * group].min() - first for j in range(n_groups)])
-    hi = np.array([(xmin + xmax)[j * group : (j + 1) * group].max() - first for j in range(n_groups)])
+    grouped = np.pad(np.stack([xmin, xmin + xmax]), ((0, 0), (0, n_groups * group - out_size)), mode="edge")
+    lo = grouped[0].reshape(n_groups, group).min(axis=1) - first
+    hi = grouped[1].reshape(n_groups, group).max(axis=1) - first
     length = int((hi - lo).max())
     starts = np.minimum(lo, used - length)
+    # Output o's tap t weighs input xmin[o] + t, row xmin[o] + t - first - starts[o // group] of its group's
+    # window, which holds every input the group reads.
+    out = np.arange(out_size)
+    rows = xmin[:, None] - first - starts[out // group][:, None] + taps[None, :]
+    valid = taps[None, :] < xmax[:, None]
     blocks = np.zeros((n_groups, length, group), dtype=np.float64)
-    for j in range(n_groups):
-        cols = dense[starts[j] : starts[j] + length, j * group : (j + 1) * group]
-        blocks[j, :, : cols.shape[1]] = cols
+    o = np.broadcast_to(out[:, None], rows.shape)[valid]
+    blocks[o // group, rows[valid], o % group] = fixed[valid]
     return _AxisWeights(first, starts.astype(np.int64), blocks, out_size)
 
 

@@ -19,14 +19,16 @@ views of that copy (what they copy of it is device to device).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 
 from models.face_detector import FrontalFaceDetector
-from models.ffhq_crop import crop_faces, ffhq_quads, photos_to_device, upright_landmarks_batch
+from models.ffhq_crop import StagedPhotos, crop_faces, ffhq_quads, photos_to_device, stage_photos, upright_landmarks_batch
 from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows
@@ -50,9 +52,10 @@ def resolve_align_backend(backend: str, device: str) -> str:
     return backend
 
 
-# The parts of DeviceAligner.align whose host time it adds up (seconds; the device work of each part is
-# waited for where the part reads its results back).
-ALIGN_PARTS = ("upload", "detect", "landmarks", "crop")
+# The parts of DeviceAligner's work whose host time it adds up (seconds; the device work of each part is
+# waited for where the part reads its results back): stage (the photos' host copy into pinned memory,
+# DeviceAligner.stage), then align()'s.
+ALIGN_PARTS = ("stage", "upload", "detect", "landmarks", "crop")
 
 
 @dataclass
@@ -107,11 +110,22 @@ class DeviceAligner:
                     found[i].append((box, float(score)))
         return found
 
-    def align(self, photos: list[np.ndarray]) -> list[list[AlignedFace]]:
-        """Per photo, its aligned faces (the policy's choice), as the dlib backend's FaceAligner.align."""
+    def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
+        """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages
+        one chunk while another is aligned."""
+        clock = _PartClock(self.part_seconds)
+        staged = stage_photos(photos, self.device)
+        clock.lap("stage")
+        return staged
+
+    def align(self, photos: list[np.ndarray] | StagedPhotos) -> list[list[AlignedFace]]:
+        """Per photo (or per photo of stage()'s result), its aligned faces (the policy's choice), as the dlib
+        backend's FaceAligner.align."""
         cfg = self.cfg
-        out: list[list[AlignedFace]] = [[] for _ in photos]
-        if not photos:
+        if not isinstance(photos, StagedPhotos):
+            photos = self.stage(photos)
+        out: list[list[AlignedFace]] = [[] for _ in photos.photos]
+        if not photos.photos:
             return out
         clock = _PartClock(self.part_seconds)
         # The group's one host -> device copy (from pinned memory): the detector, the predictor and the crop
@@ -182,12 +196,14 @@ def _groups(photos: list[np.ndarray], max_pixels: int) -> list[list[int]]:
     return groups
 
 
-def align_photos(aligner: DeviceAligner, photos: list[np.ndarray], rows: list[Row]
+def align_photos(aligner: DeviceAligner, photos: list[np.ndarray], rows: list[Row],
+                 serial: Callable[[], ContextManager] = contextlib.nullcontext
                  ) -> tuple[list[Row], np.ndarray, list[int], float]:
     """A chunk's rows with each ALIGN_PENDING row (one per photo, in order) replaced by its photo's rows (as
     the dlib backend makes them: ok rows with quad, landmarks and score, or no_face; align_error when
     aligning its group failed). Returns (rows, the ok rows' faces (F, S, S, 3) uint8, each face's photo index,
-    seconds)."""
+    seconds). ``serial()``: a context held around each group's device work (the actor's: one chunk aligns at
+    a time, on alignment's stream); the photos' host staging runs outside it."""
     t0 = time.perf_counter()
     pending = [r for r in rows if r.status == ALIGN_PENDING]
     if len(pending) != len(photos):
@@ -195,11 +211,13 @@ def align_photos(aligner: DeviceAligner, photos: list[np.ndarray], rows: list[Ro
     per_photo: list[list[tuple[Row, np.ndarray | None]]] = [[] for _ in photos]
     for group in _groups(photos, aligner.max_group_pixels):
         try:
-            aligned = aligner.align([photos[i] for i in group])
+            staged = aligner.stage([photos[i] for i in group])
+            with serial():
+                aligned = aligner.align(staged)
         except Exception as e:  # noqa: BLE001 - a failing group costs its rows, not the chunk
             if len(group) > 1:  # find the photo at fault: the others are aligned one by one
                 for i in group:
-                    per_photo[i] = _align_one(aligner, photos[i], pending[i])
+                    per_photo[i] = _align_one(aligner, photos[i], pending[i], serial)
                 continue
             aligned = None
             error = f"{type(e).__name__}: {e}"
@@ -226,9 +244,12 @@ def align_photos(aligner: DeviceAligner, photos: list[np.ndarray], rows: list[Ro
     return out_rows, arr, face_photo, time.perf_counter() - t0
 
 
-def _align_one(aligner: DeviceAligner, photo: np.ndarray, base: Row) -> list[tuple[Row, np.ndarray | None]]:
+def _align_one(aligner: DeviceAligner, photo: np.ndarray, base: Row, serial: Callable[[], ContextManager]
+               ) -> list[tuple[Row, np.ndarray | None]]:
     try:
-        return face_rows(base, aligner.align([photo])[0])
+        staged = aligner.stage([photo])
+        with serial():
+            return face_rows(base, aligner.align(staged)[0])
     except Exception as e:  # noqa: BLE001 - a pathological photo costs one row
         return [(Row(base.key, base.source, status="align_error", error=f"{type(e).__name__}: {e}",
                      meta=base.meta), None)]

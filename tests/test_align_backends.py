@@ -359,8 +359,8 @@ def test_a_photo_that_fails_to_align_costs_its_own_row(photos, torch_aligners, m
     real_align = DeviceAligner.align
     bad_shape = images[1].shape
 
-    def failing_align(self, group):
-        if any(p.shape == bad_shape for p in group):
+    def failing_align(self, group):  # align_photos passes each group's photos staged (StagedPhotos)
+        if any(p.shape == bad_shape for p in group.photos):
             raise RuntimeError("injected failure")
         return real_align(self, group)
 

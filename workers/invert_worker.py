@@ -5,6 +5,7 @@ A thin wrapper over ``pipeline.invert`` (and ``pipeline.device_align`` when the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -105,9 +106,9 @@ class InvertWorker:
                 if self.aligner is None:
                     raise ValueError("this inversion actor does not align (align.backend resolved to "
                                      f"{self.align_backend!r}), but a chunk of photos came")
-                # One call aligns at a time; the other's inversion runs meanwhile.
-                with self._align_lock, torch.cuda.stream(self._align_stream):
-                    aligned[k] = align_photos(self.aligner, c.photos, c.rows)
+                # One call aligns at a time (its photos staged before, outside the lock); the other's inversion
+                # runs meanwhile.
+                aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._serial_alignment)
         chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
         sizes = [len(f) for f in chunk_faces]
         faces = [f for f in chunk_faces if len(f)]
@@ -139,6 +140,12 @@ class InvertWorker:
             out.append(r)
             start += n
         return out
+
+    @contextlib.contextmanager
+    def _serial_alignment(self):
+        """Held around alignment's device work: one call at a time, on alignment's stream."""
+        with self._align_lock, torch.cuda.stream(self._align_stream):
+            yield
 
     def align_part_seconds(self) -> dict[str, float]:
         """Seconds this actor's alignment spent in each part so far (pipeline.device_align.ALIGN_PARTS);
