@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--work", default=tempfile.mkdtemp(prefix="bench_raw_"))
     ap.add_argument("--backends", default="torch",
                     help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
+    ap.add_argument("--no-actor-alone", action="store_true",
+                    help="skip the actor alone (InvertWorker without Ray): saves about a minute of device time")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.smoke:
@@ -295,7 +297,7 @@ def main() -> None:
     print(f"inversion only: {invert_only:.1f} faces/s", flush=True)
     del worker
     actor_rates = {}
-    if on_gpu or a.smoke:
+    if (on_gpu or a.smoke) and not a.no_actor_alone:
         # Photos the actor has not met: 2 x 384 (in the smoke run there are none: it reuses ``decoded``).
         new_photos = [decode_image(p) for p, _ in photos[len(decoded):len(decoded) + 768]]
         actor_rates = actor_alone(ckpt, a, landmarks_model, decoded, new_photos, device)

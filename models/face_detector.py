@@ -621,56 +621,79 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, order_keys: np.nd
 
 # -- resampling (dlib's resize_image, bilinear, RGB) -----------------------------------------------------
 
-@functools.lru_cache(maxsize=4096)
-def _row_table(n_in: int, n_out: int):
-    scale = (n_in - 1) / max(n_out - 1, 1)
-    # dlib accumulates the row position in double, one step per row: np.add.accumulate adds in that order.
-    steps = np.full(n_out + 1, scale, dtype=np.float64)
-    steps[0] = -scale
-    ys = np.add.accumulate(steps)[1:]
+@dataclass
+class ResizeTables:
+    """dlib's resize_image (bilinear) sampling tables of a batch (resize_tables): per image b and output row,
+    top, bottom (int64), the fraction tb64 and its float32 roundings tb32, inv_tb32 = float32(1 - tb64);
+    per output column, left, right (int64), lr32 (SSE path, float32), inv_lr32 = 1 - lr32 (float32) and lr64
+    (double path); tail[b]: the first column of the double path. (n, out_h) and (n, out_w) arrays; outside
+    each image's output the entries are only valid indices."""
+
+    top: np.ndarray
+    bottom: np.ndarray
+    tb64: np.ndarray
+    tb32: np.ndarray
+    inv_tb32: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    lr32: np.ndarray
+    inv_lr32: np.ndarray
+    lr64: np.ndarray
+    tail: np.ndarray
+
+
+def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]], out_h: int, out_w: int
+                  ) -> ResizeTables:
+    """The tables of resize_image from in_sizes[b] to out_sizes[b] ((h, w)) for every image at once, padded to
+    out_h rows and out_w columns. numpy, one pass per table over the whole batch: every pyramid level of every
+    photo needs its own, and photos are seldom of a size met before (per image, they took ~40% of a 64-photo
+    batch's detection host time on an H200's host)."""
+    n = len(in_sizes)
+    h, w = (np.array([s[k] for s in in_sizes], np.int64) for k in (0, 1))
+    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
+    # Rows: dlib accumulates the row position in double, one step per row, from -scale; np.add.accumulate
+    # along axis 1 adds in that order, row by row.
+    scale = (h - 1) / np.maximum(oh - 1, 1)
+    steps = np.repeat(scale[:, None], out_h + 1, axis=1)
+    steps[:, 0] = -scale
+    ys = np.where(np.arange(out_h) < oh[:, None], np.add.accumulate(steps, axis=1)[:, 1:], 0.0)
     top = np.floor(ys).astype(np.int64)
-    bottom = np.minimum(top + 1, n_in - 1)
-    frac = ys - top
-    table = (top, bottom, frac, frac.astype(np.float32), (1 - frac).astype(np.float32))
-    for a in table:  # cached: shared by every call with these sizes
-        a.setflags(write=False)
-    return table
-
-
-@functools.lru_cache(maxsize=4096)
-def _col_table(n_in: int, n_out: int):
-    """Per output column: left, right, float32 weights of the SSE path; the first column of the double path
-    (dlib's loop stops when the 4th lane's right neighbour leaves the image); double weights there."""
-    scale = (n_in - 1) / max(n_out - 1, 1)
-    x0 = -4 * scale
-    lanes = np.array([x0, x0 + scale, x0 + 2 * scale, x0 + 3 * scale], dtype=np.float64).astype(np.float32)
-    step = np.float32(4 * scale)
-    n_groups = (n_out + 3) // 4 + 1
-    # float32 accumulator, one step per group of 4 columns (np.add.accumulate: sequential, in float32)
-    seq = np.empty((n_groups + 1, 4), dtype=np.float32)
-    seq[0] = lanes
-    seq[1:] = step
-    pos = np.add.accumulate(seq, axis=0, dtype=np.float32)[1:]
-    left_simd = pos.astype(np.int64)  # truncation (cvttps); positions are >= 0
-    stops = np.flatnonzero(left_simd[:, 3] + 1 >= n_in)
-    tail_start = min(4 * int(stops[0]) if stops.size else 4 * n_groups, n_out)
-    left = np.zeros(n_out, dtype=np.int64)
-    right = np.zeros(n_out, dtype=np.int64)
-    lr32 = np.zeros(n_out, dtype=np.float32)
-    flat_pos = pos.reshape(-1)[:tail_start]
-    left[:tail_start] = left_simd.reshape(-1)[:tail_start]
-    right[:tail_start] = left[:tail_start] + 1
-    lr32[:tail_start] = flat_pos - left[:tail_start].astype(np.float32)
+    bottom = np.minimum(top + 1, h[:, None] - 1)
+    tb64 = ys - top
+    # Columns, SSE path: four float32 lanes x0 + k * scale (from double), advanced by float32(4 * scale) per
+    # group of four columns in a float32 accumulator, truncated (cvttps); it stops at the first group whose
+    # 4th lane's right neighbour leaves the image.
+    scale = (w - 1) / np.maximum(ow - 1, 1)
+    n_groups = max(int(((ow + 3) // 4 + 1).max()), -(-out_w // 4))
+    seq = np.empty((n, n_groups + 1, 4), np.float32)
+    seq[:, 0] = (-4 * scale)[:, None] + np.arange(4) * scale[:, None]
+    seq[:, 1:] = (4 * scale).astype(np.float32)[:, None, None]
+    pos = np.add.accumulate(seq, axis=1, dtype=np.float32)[:, 1:]
+    left_simd = pos.astype(np.int64)
+    stops = left_simd[:, :, 3] + 1 >= w[:, None]
+    tail = np.minimum(4 * np.where(stops.any(axis=1), stops.argmax(axis=1), n_groups), ow)
+    if np.any(ow - tail > _TAIL_BAND):
+        b = int(np.argmax(ow - tail))
+        raise AssertionError(f"resize {w[b]}->{ow[b]}: {ow[b] - tail[b]} scalar columns")
+    simd = np.arange(out_w) < tail[:, None]
+    pos = pos.reshape(n, -1)[:, :out_w]
+    left = np.where(simd, left_simd.reshape(n, -1)[:, :out_w], 0)
+    right = np.where(simd, left + 1, 0)
+    lr32 = np.where(simd, pos - left.astype(np.float32), np.float32(0))
     inv_lr32 = (np.float32(1) - lr32).astype(np.float32)
-    lr64 = np.zeros(n_out, dtype=np.float64)
-    if tail_start < n_out:  # the double path: a double accumulator from the SSE loop's last position
-        seq = np.full(n_out - tail_start + 1, scale, dtype=np.float64)
-        seq[0] = -scale + tail_start * scale
-        xs = np.add.accumulate(seq)[1:]
-        left[tail_start:] = np.floor(xs).astype(np.int64)
-        right[tail_start:] = np.minimum(left[tail_start:] + 1, n_in - 1)
-        lr64[tail_start:] = xs - left[tail_start:]
-    return left, right, lr32, inv_lr32, lr64, tail_start
+    # Double path, the columns from tail on: a double accumulator from the SSE loop's last position.
+    steps = np.repeat(scale[:, None], _TAIL_BAND + 1, axis=1)
+    steps[:, 0] = -scale + tail * scale
+    xs = np.add.accumulate(steps, axis=1)[:, 1:]
+    cols = tail[:, None] + np.arange(_TAIL_BAND)
+    b, k = np.nonzero(cols < ow[:, None])
+    lr64 = np.zeros((n, out_w), np.float64)
+    band_left = np.floor(xs[b, k]).astype(np.int64)
+    left[b, cols[b, k]] = band_left
+    right[b, cols[b, k]] = np.minimum(band_left + 1, w[b] - 1)
+    lr64[b, cols[b, k]] = xs[b, k] - band_left
+    return ResizeTables(top, bottom, tb64, tb64.astype(np.float32), (1 - tb64).astype(np.float32), left, right,
+                        lr32, inv_lr32, lr64, tail)
 
 
 _TAIL_BAND = 8  # widest right-edge band handled by a scalar path (resize: < 8 columns; filters: < 8)
@@ -684,25 +707,10 @@ def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes:
     n, _, in_h, in_w = images.shape
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
-    top = np.zeros((n, out_h), np.int64)
-    bottom = np.zeros((n, out_h), np.int64)
-    tb64 = np.zeros((n, out_h), np.float64)
-    tb32 = np.zeros((n, out_h), np.float32)
-    inv_tb32 = np.zeros((n, out_h), np.float32)
-    left = np.zeros((n, out_w), np.int64)
-    right = np.zeros((n, out_w), np.int64)
-    lr32 = np.zeros((n, out_w), np.float32)
-    inv_lr32 = np.zeros((n, out_w), np.float32)
-    lr64 = np.zeros((n, out_w), np.float64)
-    band = np.zeros((n, _TAIL_BAND), np.int64)
-    for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
-        t, bo, f64, f32, if32 = _row_table(h, oh)
-        top[b, :oh], bottom[b, :oh], tb64[b, :oh], tb32[b, :oh], inv_tb32[b, :oh] = t, bo, f64, f32, if32
-        le, ri, l32, il32, l64, tail = _col_table(w, ow)
-        left[b, :ow], right[b, :ow], lr32[b, :ow], inv_lr32[b, :ow], lr64[b, :ow] = le, ri, l32, il32, l64
-        if ow - tail > _TAIL_BAND:
-            raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
-        band[b] = tail + np.arange(_TAIL_BAND)
+    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    top, bottom, tb64, tb32, inv_tb32 = r.top, r.bottom, r.tb64, r.tb32, r.inv_tb32
+    left, right, lr32, inv_lr32, lr64 = r.left, r.right, r.lr32, r.inv_lr32, r.lr64
+    band = r.tail[:, None] + np.arange(_TAIL_BAND)
 
     def t(a):
         return upload(a, dev)
@@ -1377,25 +1385,6 @@ if triton is not None:
         tl.store(out + 29 * plane, tl.where(inside, t2 * 0.4714, 0.0), mask=live)
         tl.store(out + 30 * plane, tl.where(inside, t3 * 0.4714, 0.0), mask=live)
 
-@functools.lru_cache(maxsize=4096)
-def _resize_rgb_kernel_tables(h: int, w: int, oh: int, ow: int) -> tuple[np.ndarray, ...]:
-    """_resize_rgb_kernel's tables for one image resized from h x w to oh x ow: rows_i (2, oh) int32, rows_f
-    (2, oh) float32, rows_d (oh) float64, cols_i (ow) int32, cols_f (ow) float32, cols_d (ow) float64, info (4)
-    int32 (see the kernel). Cached: a batch's every level needs them for each photo, and photos of a size
-    share them."""
-    top, bottom, tb64, tb32, inv_tb32 = _row_table(h, oh)
-    left, right, lr32, _inv_lr32, lr64, tail = _col_table(w, ow)
-    if ow - tail > _TAIL_BAND:
-        raise AssertionError(f"resize {w}->{ow}: {ow - tail} scalar columns")
-    if not np.array_equal(right, np.minimum(left + 1, w - 1)):
-        raise AssertionError(f"resize {w}->{ow}: right neighbours are not min(left + 1, {w - 1})")
-    tables = (np.stack([top, bottom]).astype(np.int32), np.stack([tb32, inv_tb32]), tb64, left.astype(np.int32),
-              lr32, lr64, np.array([tail, ow, oh, w - 1], np.int32))
-    for a in tables:
-        a.setflags(write=False)
-    return tables
-
-
 def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
                        ) -> torch.Tensor:
     """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
@@ -1404,20 +1393,17 @@ def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], ou
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + _TAIL_BAND
     out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
-    rows_i = np.zeros((n, 2, out_h), np.int32)
-    rows_f = np.zeros((n, 2, out_h), np.float32)
-    rows_d = np.zeros((n, out_h), np.float64)
-    cols_i = np.zeros((n, out_w), np.int32)
-    cols_f = np.zeros((n, out_w), np.float32)
-    cols_d = np.zeros((n, out_w), np.float64)
-    info = np.zeros((n, 4), np.int32)
-    for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
-        ri, rf, rd, ci, cf, cd, info[b] = _resize_rgb_kernel_tables(h, w, oh, ow)
-        rows_i[b, :, :oh], rows_f[b, :, :oh], rows_d[b, :oh] = ri, rf, rd
-        cols_i[b, :ow], cols_f[b, :ow], cols_d[b, :ow] = ci, cf, cd
+    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
+    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
+    live = np.arange(out_w) < ow[:, None]
+    if not np.array_equal(r.right[live], np.minimum(r.left + 1, last_col[:, None])[live]):
+        raise AssertionError("resize: right neighbours are not min(left + 1, last column)")
+    # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info.
+    tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1), r.tb64,
+              r.left.astype(np.int32), r.lr32, r.lr64, np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
     _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _TRITON_BLOCK), n)](
-        images.contiguous(), out, *upload_many([rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info],
-                                               images.device),
+        images.contiguous(), out, *upload_many(tables, images.device),
         in_h, in_w, out_h, out_w, BLOCK=_TRITON_BLOCK, enable_fp_fusion=False)
     return out
 
@@ -1728,12 +1714,13 @@ class FrontalFaceDetector:
             b_idx, f_idx, r_idx, c_idx = np.unravel_index(where[sel] - start, tuple(totals.shape))
             values = saliency[sel] - self.model.thresholds[f_idx]
             start = stop
-            for k in np.unique(b_idx):
-                mine = b_idx == k
-                rows = r_idx[mine] + fh // 2
-                cols = c_idx[mine] + fw // 2
-                found[active[k]].append((values[mine], f_idx[mine], np.full(mine.sum(), level), rows, cols,
-                                         window_boxes(rows, cols, level, self.model)))
+            # The level's hits, image by image (b_idx is sorted: hits come in (image, filter, row, col) order).
+            rows, cols = r_idx + fh // 2, c_idx + fw // 2
+            boxes = window_boxes(rows, cols, level, self.model)
+            images, firsts = np.unique(b_idx, return_index=True)
+            for k, a, b in zip(images, firsts, [*firsts[1:], len(b_idx)]):
+                found[active[k]].append((values[a:b], f_idx[a:b], np.full(b - a, level), rows[a:b], cols[a:b],
+                                         boxes[a:b]))
         return found
 
     def _finish(self, found, upsample):

@@ -32,6 +32,7 @@ from models.face_detector import (
     pyramid_up_size,
     read_detector_file,
     resize_rgb,
+    resize_tables,
 )
 from face_variants import face_variants, faceless_variants, original_photos
 
@@ -281,6 +282,96 @@ def test_upsampling_equals_dlib():
         theirs = dlib.resize_image(image, *size)
         ours = resize_rgb(_as_tensor(image), [(h, w)], [size])[0].permute(1, 2, 0).numpy()[:size[0], :size[1]]
         assert np.array_equal(ours, theirs), f"{(h, w)}: {(ours != theirs).sum()} values differ"
+
+
+def _row_table_one(n_in: int, n_out: int):
+    """dlib's resize_image row tables for one image, row by row as dlib computes them: the reference for the
+    batched resize_tables."""
+    scale = (n_in - 1) / max(n_out - 1, 1)
+    ys, y = [], -scale
+    for _ in range(n_out):
+        y += scale  # a double accumulator, one step per row
+        ys.append(y)
+    ys = np.array(ys, np.float64)
+    top = np.floor(ys).astype(np.int64)
+    return top, np.minimum(top + 1, n_in - 1), ys - top
+
+
+def _col_table_one(n_in: int, n_out: int):
+    """dlib's resize_image column tables for one image as its SSE loop and its scalar tail compute them:
+    (left, right, lr32, lr64, first column of the scalar tail)."""
+    scale = (n_in - 1) / max(n_out - 1, 1)
+    lanes = np.array([-4 * scale + k * scale for k in range(4)], np.float64).astype(np.float32)
+    step = np.float32(4 * scale)
+    left, right, lr32, lr64 = [], [], [], []
+    x = lanes
+    while len(left) < n_out:
+        x = (x + step).astype(np.float32)  # float32 accumulator, one step per group of four columns
+        cols = x.astype(np.int64)
+        if cols[3] + 1 >= n_in:
+            break
+        for k in range(4):
+            left.append(int(cols[k]))
+            right.append(int(cols[k]) + 1)
+            lr32.append(np.float32(x[k] - np.float32(cols[k])))
+            lr64.append(0.0)
+    left, right, lr32, lr64 = left[:n_out], right[:n_out], lr32[:n_out], lr64[:n_out]
+    tail = len(left)
+    xd = -scale + tail * scale
+    while len(left) < n_out:
+        xd += scale  # the scalar loop's double accumulator
+        left.append(int(np.floor(xd)))
+        right.append(min(left[-1] + 1, n_in - 1))
+        lr32.append(np.float32(0))
+        lr64.append(xd - left[-1])
+    return (np.array(left, np.int64), np.array(right, np.int64), np.array(lr32, np.float32), np.array(lr64), tail)
+
+
+def test_batched_resize_tables_are_dlibs_per_image():
+    """resize_tables, all images of a batch at once, gives each image the tables dlib's loops compute for it
+    alone, bit for bit, for pyramid levels down and up and arbitrary sizes from 1 to 2000 pixels."""
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        ins = [(int(rng.integers(1, 2000)), int(rng.integers(1, 2000))) for _ in range(n)]
+        kind = trial % 3
+        outs = [pyramid_down_size(h, w) if kind == 0 else pyramid_up_size(h, w) if kind == 1 else
+                (int(rng.integers(1, 2000)), int(rng.integers(1, 2000))) for h, w in ins]
+        keep = [k for k, (h, w) in enumerate(outs) if h > 0 and w > 0]
+        ins, outs = [ins[k] for k in keep], [outs[k] for k in keep]
+        if not ins:
+            continue
+        out_h, out_w = max(h for h, _ in outs), max(w for _, w in outs) + 8
+        r = resize_tables(ins, outs, out_h, out_w)
+        for b, ((h, w), (oh, ow)) in enumerate(zip(ins, outs)):
+            top, bottom, frac = _row_table_one(h, oh)
+            for ours, theirs in ((r.top, top), (r.bottom, bottom), (r.tb64, frac),
+                                 (r.tb32, frac.astype(np.float32)), (r.inv_tb32, (1 - frac).astype(np.float32))):
+                assert np.array_equal(ours[b, :oh], theirs), (h, w, oh, ow)
+            left, right, lr32, lr64, tail = _col_table_one(w, ow)
+            assert int(r.tail[b]) == tail, (h, w, oh, ow)
+            for ours, theirs in ((r.left, left), (r.right, right), (r.lr32, lr32), (r.lr64, lr64),
+                                 (r.inv_lr32, (np.float32(1) - lr32).astype(np.float32))):
+                assert np.array_equal(ours[b, :ow], theirs), (h, w, oh, ow)
+            assert r.top[b].min() >= 0 and r.bottom[b].max() < h and r.left[b].min() >= 0 and r.right[b].max() < w
+
+
+def test_a_batch_of_sizes_resizes_as_dlib_does_each():
+    """resize_rgb on one padded batch of images of different sizes: each image's pyramid level and upsampling
+    are dlib's (pyramid_down(6), resize_image) of that image alone."""
+    images = [v.image for v in face_variants(5, seed=4, max_side=300)]
+    sizes = [im.shape[:2] for im in images]
+    h_max, w_max = max(h for h, _ in sizes), max(w for _, w in sizes)
+    batch = torch.zeros((len(images), 3, h_max, w_max), dtype=torch.uint8)
+    for k, im in enumerate(images):
+        batch[k, :, :im.shape[0], :im.shape[1]] = _as_tensor(im)[0]
+    down = dlib.pyramid_down(6)
+    for out_sizes, theirs in (([pyramid_down_size(h, w) for h, w in sizes], [down(im) for im in images]),
+                              ([pyramid_up_size(h, w) for h, w in sizes],
+                               [dlib.resize_image(im, *pyramid_up_size(*im.shape[:2])) for im in images])):
+        ours = resize_rgb(batch, sizes, out_sizes)
+        for k, (oh, ow) in enumerate(out_sizes):
+            assert np.array_equal(ours[k, :, :oh, :ow].permute(1, 2, 0).numpy(), theirs[k]), sizes[k]
 
 
 def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):

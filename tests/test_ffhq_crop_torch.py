@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from face_variants import face_variants, load_photo, load_photo_array
-from models.ffhq_crop import _channel_median, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
+from models.ffhq_crop import _channel_median, _gaussian_blur, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
 from models.pillow_resample import VERTICAL_FIRST_RULE, lanczos_resize
 from pipeline.align import ffhq_crop, ffhq_quad, get_aligner
+from pipeline.blur import gaussian_blur_hw
 
 MAX_GREY_DIFF = 2
 MIN_PSNR_DB = 50.0
@@ -135,6 +136,19 @@ def test_channel_median_is_numpys_bit_for_bit(n):
         assert ours.dtype == np.float32
         np.testing.assert_array_equal(ours.view(np.uint32), _kthvalue_median(flat).cpu().numpy().view(np.uint32))
         np.testing.assert_array_equal(ours.view(np.uint32), np.median(values, axis=0).view(np.uint32))
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+@pytest.mark.parametrize("shape,sigma", [((181, 233, 3), 3.1), ((37, 300, 3), 9.7), ((257, 129, 3), 15.2), ((5, 9, 3), 0.8)])
+def test_padding_blur_is_scipys(shape, sigma, bucketed):
+    """The padding step's blur, with fast FFT lengths (CPUs) and with lengths and batches rounded up to
+    powers of two (what CUDA devices run, to reuse cuFFT plans), is scipy.ndimage.gaussian_filter(f, [s, s, 0])
+    (mode 'reflect', truncate 4; pipeline.blur's float64 FFT) to float32 rounding, on sizes whose lines reflect
+    several times (the 5 x 9 image: radius 3)."""
+    f = np.random.default_rng(len(shape) + shape[0]).integers(0, 256, shape).astype(np.float32)
+    ours = _gaussian_blur(torch.from_numpy(f).to(DEVICE), sigma, bucketed=bucketed).cpu().numpy()
+    assert ours.shape == f.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, gaussian_blur_hw(f, sigma, exact=True), rtol=0, atol=2e-3)
 
 
 def test_quads_are_the_reference_quads(faces):
