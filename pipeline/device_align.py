@@ -14,8 +14,10 @@ own functions, so rows, keys and statuses are the same.
 
 Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
 shrunk (no shrink factor is known that cannot change dlib's boxes). Each group crosses to the device once, as
-uint8 from pinned memory (photos_to_device): the detector (every run), the predictor and the crop are given
-views of that copy (what they copy of it is device to device).
+uint8 from pinned memory: first copied there on the host (DeviceAligner.stage, outside align_photos' ``serial``
+context, so an actor stages one chunk while another aligns), then in one transfer (photos_to_device); the
+detector (every run), the predictor and the crop are given views of that copy (what they copy of it is device
+to device).
 """
 from __future__ import annotations
 
