@@ -6,6 +6,7 @@ scaled, rolled), faceless photos, a photo with two faces and bad inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -370,3 +371,40 @@ def test_a_photo_that_fails_to_align_costs_its_own_row(photos, torch_aligners, m
     assert rows[1].error == "RuntimeError: injected failure"
     assert vars(rows[0]) == vars(want[0][0]) and face_photo == [0]
     np.testing.assert_array_equal(faces[0], want[1][0])
+
+
+def test_photos_are_staged_outside_the_serial_context(photos, torch_aligners, monkeypatch):
+    """align_photos copies each group's photos on the host (DeviceAligner.stage) before it enters ``serial()``
+    (the actor's alignment lock), and aligns them inside it: one chunk is staged while another aligns. The rows
+    are those of a plain call."""
+    cfg = _prepare_cfg("torch")
+    pending, images = [], []
+    for name in ("astro", "china"):
+        for row, photo in prepare_item(InputItem(name, name, photos[name]), cfg, {}):
+            pending.append(row)
+            images.append(photo)
+    aligner = torch_aligners["largest"]
+    want = align_photos(aligner, images, pending)
+    inside, seen = [False], []
+    real_stage, real_align = DeviceAligner.stage, DeviceAligner.align
+
+    def stage(self, group):
+        seen.append(("stage", inside[0]))
+        return real_stage(self, group)
+
+    def align(self, staged):
+        seen.append(("align", inside[0]))
+        return real_align(self, staged)
+
+    @contextlib.contextmanager
+    def serial():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    monkeypatch.setattr(DeviceAligner, "stage", stage)
+    monkeypatch.setattr(DeviceAligner, "align", align)
+    rows, faces, face_photo, _ = align_photos(aligner, images, pending, serial=serial)
+    assert seen == [("stage", False), ("align", True)]
+    assert [vars(r) for r in rows] == [vars(r) for r in want[0]] and face_photo == want[2]
+    np.testing.assert_array_equal(faces, want[1])
