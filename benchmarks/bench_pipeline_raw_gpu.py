@@ -53,7 +53,6 @@ from models.landmarks import ShapePredictor, random_model, serialize_shape_predi
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
-from pipeline.inversion import ALIGN_PARTS_LINE  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
 from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
@@ -152,14 +151,6 @@ def write_tars(d: str, photos, shard: int) -> None:
 def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float]:
     """Alignment's seconds by part (pipeline.device_align.ALIGN_PARTS) as ms per chunk."""
     return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
-
-
-def pipeline_align_parts(lines: list[str]) -> dict[str, float]:
-    """The run summary's alignment seconds by part (pipeline.inversion.ALIGN_PARTS_LINE), {} if absent."""
-    for line in lines:
-        if line.startswith(ALIGN_PARTS_LINE):
-            return {k: float(v) for k, v in (p.split() for p in line[len(ALIGN_PARTS_LINE):].split(", "))}
-    return {}
 
 
 def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: str) -> dict:
@@ -319,8 +310,7 @@ def main() -> None:
                        "align": {"enabled": True, "backend": backend}, "ray": {"num_cpus": a.num_cpus},
                        "progress": False}, {})
         t = time.time()
-        lines: list[str] = []
-        res = run(cfg, echo=lambda s: print(s, flush=True) or lines.append(s))
+        res = run(cfg, echo=lambda s: print(s, flush=True))
         wall = time.time() - t
         stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
@@ -332,7 +322,7 @@ def main() -> None:
                            "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
                            "stage_seconds": res.summary.get("stage_seconds"),
                            # the actors' alignment by part, per chunk of the run (as the actor alone's above)
-                           "align_ms_per_chunk": per_chunk_ms(pipeline_align_parts(lines), n_chunks)}
+                           "align_ms_per_chunk": per_chunk_ms(res.summary.get("align_seconds_by_part", {}), n_chunks)}
         print(json.dumps({backend: result[backend]}), flush=True)
     report(result, a.out)
 

@@ -139,12 +139,12 @@ class InversionJob:
 ALIGN_PARTS_LINE = "alignment on the actors, seconds by part: "
 
 
-def _align_parts_line(per_actor: list[dict[str, float]]) -> str:
-    """The run summary's line of where the actors' alignment spent its time, summed over actors."""
+def _sum_align_parts(per_actor: list[dict[str, float]]) -> dict[str, float]:
+    """Where the actors' alignment spent its time (seconds by part), summed over actors."""
     total = collections.Counter()
     for parts in per_actor:
         total.update(parts)
-    return ALIGN_PARTS_LINE + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
+    return {k: round(v, 3) for k, v in total.items()}
 
 
 def _relative_inputs(shard: Shard) -> list[str]:
@@ -153,8 +153,10 @@ def _relative_inputs(shard: Shard) -> list[str]:
 
 
 def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, checkpoint_sha256: str,
-                  stage_options: dict, known_total: int | None, echo) -> tuple[list[tuple[str, dict]], dict[str, str], float]:
-    """Invert ``todo`` on the running Ray: ([(shard, stats)] committed, {shard: why} failed, seconds)."""
+                  stage_options: dict, known_total: int | None, echo
+                  ) -> tuple[list[tuple[str, dict]], dict[str, str], float, dict[str, float]]:
+    """Invert ``todo`` on the running Ray: ([(shard, stats)] committed, {shard: why} failed, seconds, the actors'
+    alignment seconds by part ({} when they do not align))."""
     t0 = time.time()
     n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
     if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
@@ -230,12 +232,14 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
             sched.run(todo, job.start)
         finally:
             prog.close()
+        align_parts: dict[str, float] = {}
         if info["align_backend"] == "torch":
             try:  # a report only: an actor lost at the end costs the line, not the run
-                echo(_align_parts_line(ray.get([a.align_part_seconds.remote() for a in actors], timeout=60)))
+                align_parts = _sum_align_parts(ray.get([a.align_part_seconds.remote() for a in actors], timeout=60))
+                echo(ALIGN_PARTS_LINE + ", ".join(f"{k} {v:.1f}" for k, v in align_parts.items()))
             except Exception as e:  # noqa: BLE001
                 log.warning("alignment time by part not reported: %s", short_error(e))
-        return sched.committed, sched.failed, time.time() - t0
+        return sched.committed, sched.failed, time.time() - t0, align_parts
     finally:
         for a in actors:
             ray.kill(a)

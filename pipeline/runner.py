@@ -121,11 +121,12 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False, echo: Callable[[str], Non
     committed: list[tuple[str, dict]] = []
     failed: dict[str, str] = {}
     processing = 0.0
+    align_parts: dict[str, float] = {}
     if todo:
         started_ray = init_ray(cfg.ray)
         try:
             known_total = sum(len(s.paths) for s in todo) if p.format == "images" else None
-            committed, failed, processing = run_inversion(
+            committed, failed, processing, align_parts = run_inversion(
                 cfg, todo, fingerprint=p.fingerprint, checkpoint_sha256=p.checkpoint_sha256,
                 stage_options=p.stage_options, known_total=known_total, echo=echo)
         finally:
@@ -135,6 +136,8 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False, echo: Callable[[str], Non
     summary = summarise([st for _, st in committed], time.time() - t_start, processing)
     summary.update({"shards_total": len(p.shards), "shards_committed_now": len(committed),
                     "shards_skipped": len(skipped), "shards_failed": sorted(failed)})
+    if align_parts:
+        summary["align_seconds_by_part"] = align_parts  # the actors' alignment (align.backend torch)
     p.ledger.finish(failed, summary, len(p.shards))
     out_uri = to_uri(p.ledger.fs, p.ledger.root)
     if not failed and cfg.output.contact_sheet:

@@ -324,6 +324,11 @@ def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny
         assert len(parts) == (backend == "torch"), lines
         if parts:
             assert [p.split()[0] for p in parts[0].split(": ")[1].split(", ")] == list(ALIGN_PARTS)
+        # ... and carries them in its dict (the run's _run.json, benchmarks).
+        by_part = res.summary.get("align_seconds_by_part")
+        assert (by_part is not None) == (backend == "torch")
+        if by_part is not None:
+            assert list(by_part) == list(ALIGN_PARTS) and all(v > 0 for v in by_part.values()), by_part
         outs[backend] = _read_output(out)
     (d, d_images), (t, t_images) = outs["dlib"], outs["torch"]
     assert list(d.columns) == list(t.columns)
