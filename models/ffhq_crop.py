@@ -286,8 +286,8 @@ def _gaussian_blur(f: torch.Tensor, sigma: float, bucketed: bool | None = None) 
             nfft = fast_fft_len(n + 2 * radius)
         k = torch.fft.rfft(upload(kernel.astype(np.float32), a.device), nfft)
         # Circular convolution; outputs from 2r on see no wrap-around (nfft >= n + 2r).
-        out = torch.fft.irfft(torch.fft.rfft(lines, nfft) * k, nfft)[: padded[..., 0].numel(), 2 * radius : 2 * radius + n]
-        return out.reshape(*a.shape[:-1], n)
+        out = torch.fft.irfft(torch.fft.rfft(lines, nfft) * k, nfft)
+        return out[: padded[..., 0].numel(), 2 * radius : 2 * radius + n].reshape(*a.shape[:-1], n)
 
     down = along_last(f.permute(1, 2, 0))  # (W, 3, H)
     return along_last(down.permute(2, 1, 0)).permute(0, 2, 1)  # (H, 3, W) -> (H, W, 3)

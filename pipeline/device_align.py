@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from models.face_detector import FrontalFaceDetector
-from models.ffhq_crop import StagedPhotos, crop_faces, ffhq_quads, photos_to_device, stage_photos, upright_landmarks_batch
+from models.ffhq_crop import (StagedPhotos, crop_faces, ffhq_quads, photos_to_device, stage_photos,
+                              upright_landmarks_batch)
 from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from face_variants import face_variants, load_photo, load_photo_array
-from models.ffhq_crop import _channel_median, _gaussian_blur, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop, upright_landmarks
+from models.ffhq_crop import (_channel_median, _gaussian_blur, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop,
+                              upright_landmarks)
 from models.pillow_resample import VERTICAL_FIRST_RULE, lanczos_resize
 from pipeline.align import ffhq_crop, ffhq_quad, get_aligner
 from pipeline.blur import gaussian_blur_hw
@@ -139,7 +140,8 @@ def test_channel_median_is_numpys_bit_for_bit(n):
 
 
 @pytest.mark.parametrize("bucketed", [False, True])
-@pytest.mark.parametrize("shape,sigma", [((181, 233, 3), 3.1), ((37, 300, 3), 9.7), ((257, 129, 3), 15.2), ((5, 9, 3), 0.8)])
+@pytest.mark.parametrize("shape,sigma", [((181, 233, 3), 3.1), ((37, 300, 3), 9.7), ((257, 129, 3), 15.2),
+                                         ((5, 9, 3), 0.8)])
 def test_padding_blur_is_scipys(shape, sigma, bucketed):
     """The padding step's blur, with fast FFT lengths (CPUs) and with lengths and batches rounded up to
     powers of two (what CUDA devices run, to reuse cuFFT plans), is scipy.ndimage.gaussian_filter(f, [s, s, 0])
