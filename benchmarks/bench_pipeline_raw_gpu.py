@@ -53,6 +53,7 @@ from models.landmarks import ShapePredictor, random_model, serialize_shape_predi
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
+from pipeline.inversion import ALIGNING_ACTOR_QUEUE  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
 from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
@@ -156,13 +157,13 @@ def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float
 def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: str) -> dict:
     """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
     on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
-    by part: from one thread (align, then invert, one chunk after the other) on photos it has aligned before
-    (``seen``: every size-keyed table cached) and on photos of sizes it has not met (the first half of
-    ``new``), as in the pipeline, where each photo is new; and from two threads at once (as Ray's
-    max_concurrency=2 runs the actor: one call's alignment beside the other's inversion) on the second half
-    of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos cost more,
-    and whether the two calls at once help or hinder each other. Without enough ``new`` photos (--smoke),
-    every run is on ``seen``."""
+    by part: from one thread (stage, align, invert, one chunk after the other) on photos it has aligned before
+    (``seen``: every size-keyed table cached) and on photos of sizes it has not met (a third of ``new``), as in
+    the pipeline, where each photo is new; then from 2 and from ALIGNING_ACTOR_QUEUE (3) threads at once, as
+    Ray's max_concurrency runs the pipeline's actor (one call staging, one aligning, one inverting), each on
+    another third of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos
+    cost more, and what each call at once adds. Without enough ``new`` photos (--smoke), every run is on
+    ``seen``."""
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
                           landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size
@@ -175,13 +176,14 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     seen_chunks = chunks_of(seen)
     for c in seen_chunks:
         worker.invert_chunks(c)  # warm-up, and every size of ``seen`` met
-    half = len(new) // 2 // group * group
+    third = len(new) // 3 // group * group
     runs = [("seen photos, 1 thread", seen_chunks, 1)]
-    if half:
-        runs += [("new photos, 1 thread", chunks_of(new[:half]), 1),
-                 ("new photos, 2 threads", chunks_of(new[half:2 * half]), 2)]
-    else:
-        runs += [("seen photos, 2 threads", seen_chunks, 2)]
+    for k, threads in enumerate((1, 2, ALIGNING_ACTOR_QUEUE)):
+        name = f"{threads} thread{'s' * (threads > 1)}"
+        if third:
+            runs.append((f"new photos, {name}", chunks_of(new[k * third:(k + 1) * third]), threads))
+        elif threads > 1:
+            runs.append((f"seen photos, {threads} threads", seen_chunks, threads))
     rates = {}
     for name, chunks, threads in runs:
         if device == "cuda":
@@ -289,7 +291,7 @@ def main() -> None:
     del worker
     actor_rates = {}
     if (on_gpu or a.smoke) and not a.no_actor_alone:
-        # Photos the actor has not met: 2 x 384 (in the smoke run there are none: it reuses ``decoded``).
+        # Photos the actor has not met: 3 x 256 (in the smoke run there are none: it reuses ``decoded``).
         new_photos = [decode_image(p) for p, _ in photos[len(decoded):len(decoded) + 768]]
         actor_rates = actor_alone(ckpt, a, landmarks_model, decoded, new_photos, device)
     if on_gpu:

@@ -32,11 +32,14 @@ from .progress import Progress
 from .read import Shard
 from .scheduler import ActorPool, Attempt, Scheduler, short_error
 
-__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "ALIGN_PARTS_LINE"]
+__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "ALIGNING_ACTOR_QUEUE", "ALIGN_PARTS_LINE"]
 
 log = logging.getLogger("e2style.pipeline")
 
 ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
+# Calls at once in an inversion actor that aligns photos on its GPU: one per step of InvertWorker.invert_chunks
+# (the photos' host copy into pinned memory, alignment, inversion), each step taken by one call at a time.
+ALIGNING_ACTOR_QUEUE = 3
 # CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
 # above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
 # spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.
@@ -159,14 +162,17 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     alignment seconds by part ({} when they do not align))."""
     t0 = time.time()
     n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
+    calls = ACTOR_QUEUE
     if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
         actor_opts["num_cpus"] = aligning_actor_cpus(cpus_per_gpu())
+        calls = ALIGNING_ACTOR_QUEUE
     # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.
-    # max_concurrency=2: while one call's batches run on the GPU, the next call's inputs are unpacked,
-    # pinned and copied, and (an actor that aligns) its photos aligned on a stream of their own.
-    Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)(InvertWorker)
+    # max_concurrency: while one call's batches run on the GPU, the next call's inputs are unpacked, pinned and
+    # copied; in an actor that aligns, a third call copies its photos while the second aligns them on a stream
+    # of their own.
+    Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=calls)(InvertWorker)
     m, ep = cfg.model, cfg.storage.endpoint_url
     actors = [Actor.options(**actor_opts).remote(
         m.checkpoint, endpoint_url=ep, sha256=checkpoint_sha256, precision=m.precision, device=m.device,
@@ -225,7 +231,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         sched = Scheduler(wait_one, retries=cfg.retries, max_in_flight=cfg.ray.max_shards_in_flight or cpu_for_tasks + 1,
                           on_commit=on_commit, on_failed=lambda a, why: prog.shard_done(failed=True),
                           on_idle=on_idle, on_round=on_round)
-        job = InversionJob(sched, ActorPool(actors, ACTOR_QUEUE), submit_prepare=lambda s: prep.remote(s, prepare_cfg),
+        job = InversionJob(sched, ActorPool(actors, calls), submit_prepare=lambda s: prep.remote(s, prepare_cfg),
                            submit_invert=submit_invert, submit_finish=submit_finish, get=ray.get,
                            batch_size=info["batch_size"], progress=prog)
         try:

@@ -10,6 +10,8 @@ import contextlib
 import io
 import os
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,7 @@ from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
 from pipeline.runner import run
+from workers import invert_worker
 from workers.invert_worker import InvertWorker
 
 
@@ -287,6 +290,56 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
     assert dlib_only.align_part_seconds() == {}
     with pytest.raises(ValueError, match="does not align"):
         dlib_only.invert_chunks(photo_chunk)
+
+
+def test_an_aligning_actor_inverts_one_call_at_a_time(photos, tiny_checkpoint, monkeypatch):
+    """Calls at once in an actor that aligns (as Ray's max_concurrency runs it: one staging, one aligning, one
+    inverting) invert one at a time, so the device holds one inversion beside one alignment; each call still
+    gets the result it gets alone. (Alignment is replayed from a first pass, so that the calls reach their
+    inversions together.)"""
+    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                          align=AlignConfig(backend="torch"))
+    cfg = _prepare_cfg("torch")
+    chunks = []
+    for k, name in enumerate(["astro", "hopper", "pair"]):
+        rows, images = zip(*prepare_item(InputItem(name, name, photos[name]), cfg, {}))
+        chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
+                                    list(images)))
+    want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
+    # Alignment as already done (the lock under test is inversion's): the calls reach inversion together.
+    aligned = {id(c.photos): align_photos(worker.aligner, c.photos, c.rows) for c in chunks}
+    monkeypatch.setattr(invert_worker, "align_photos", lambda aligner, photos, rows, serial: aligned[id(photos)])
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = invert_worker.invert_faces
+
+    def counting_invert_faces(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # long enough for the other calls to reach their inversion meanwhile
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(invert_worker, "invert_faces", counting_invert_faces)
+    results = [None] * len(chunks)
+
+    def call(k):
+        results[k] = worker.invert_chunks(chunks[k])[0]
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(chunks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    for res, expected in zip(results, want):
+        assert [(r.key, r.status) for r in res.rows] == [(r.key, r.status) for r in expected.rows]
+        np.testing.assert_allclose(res.codes, expected.codes, rtol=0, atol=1e-6)
+    assert [len(res.codes) for res in results] == [1, 1, 1]
 
 
 def _read_output(out: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

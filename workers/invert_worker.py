@@ -63,7 +63,7 @@ class InvertWorker:
             raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
         if self.compiled:
             # Compile now, single-threaded, at the one batch shape the actor will use (batches are padded):
-            # the actor runs two calls at once, and two first calls must not both trigger compilation.
+            # the actor runs several calls at once, and two first calls must not both trigger compilation.
             warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
             invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
                          return_images=return_images, pad_batches=True)
@@ -76,6 +76,9 @@ class InvertWorker:
         self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
                         if self.align_backend == "torch" else None)
         self._align_lock = threading.Lock()
+        # An actor that aligns runs several calls at once, one per step (staging, alignment, inversion): one
+        # inversion at a time, so that the GPU holds at most one batch's inversion beside one alignment.
+        self._invert_lock = threading.Lock() if self.aligner is not None else contextlib.nullcontext()
         # Alignment's kernels on a stream of their own: its host syncs (detections, crops) then wait for its own
         # work only, not for the other call's inversion queued on the default stream. At the highest priority:
         # alignment is a chain of small kernels and host steps, serial under the lock, so it is what the actor
@@ -106,8 +109,8 @@ class InvertWorker:
                 if self.aligner is None:
                     raise ValueError("this inversion actor does not align (align.backend resolved to "
                                      f"{self.align_backend!r}), but a chunk of photos came")
-                # One call aligns at a time (its photos staged before, outside the lock); the other's inversion
-                # runs meanwhile.
+                # One call aligns at a time (its photos staged before, outside the lock); another call's
+                # inversion runs meanwhile, and a third's staging.
                 aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._serial_alignment)
         chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
         sizes = [len(f) for f in chunk_faces]
@@ -118,12 +121,13 @@ class InvertWorker:
             # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
             faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
                      else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
-        res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
-                           device=self.device, return_images=self.return_images, pad_batches=self.compiled,
-                           task=self.task)
         rows = [aligned[k][0] if k in aligned else c.rows for k, c in enumerate(chunks)]
         keys = [r.key for chunk_rows in rows for r in chunk_rows if r.status == "ok"]
-        edit = apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
+        with self._invert_lock:
+            res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
+                               device=self.device, return_images=self.return_images, pad_batches=self.compiled,
+                               task=self.task)
+            edit = apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
         out: list[InvertResult | None] = []
         start = 0
         total = max(1, sum(sizes))
