@@ -22,6 +22,7 @@ to device).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -168,14 +169,18 @@ class DeviceAligner:
 
 
 class _PartClock:
-    """Adds the time since the previous lap (or its creation) to ``seconds[part]``."""
+    """Adds the time since the previous lap (or its creation) to ``seconds[part]``. (An actor's calls stage
+    and align at once, from threads of their own: the sums are added under a lock.)"""
+
+    _lock = threading.Lock()
 
     def __init__(self, seconds: dict[str, float]):
         self.seconds, self.t = seconds, time.perf_counter()
 
     def lap(self, part: str) -> None:
         now = time.perf_counter()
-        self.seconds[part] += now - self.t
+        with self._lock:
+            self.seconds[part] += now - self.t
         self.t = now
 
 
