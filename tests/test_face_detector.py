@@ -354,6 +354,8 @@ def test_batched_resize_tables_are_dlibs_per_image():
                                  (r.inv_lr32, (np.float32(1) - lr32).astype(np.float32))):
                 assert np.array_equal(ours[b, :ow], theirs), (h, w, oh, ow)
             assert r.top[b].min() >= 0 and r.bottom[b].max() < h and r.left[b].min() >= 0 and r.right[b].max() < w
+            # What the Triton resize kernel assumes instead of reading the right neighbours.
+            assert np.array_equal(r.right[b, :ow], np.minimum(r.left[b, :ow] + 1, w - 1)), (h, w, oh, ow)
 
 
 def test_a_batch_of_sizes_resizes_as_dlib_does_each():
