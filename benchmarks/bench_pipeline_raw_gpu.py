@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--work", default=tempfile.mkdtemp(prefix="bench_raw_"))
     ap.add_argument("--backends", default="torch",
                     help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
+    ap.add_argument("--niceness", default="",
+                    help="ray.cpu_task_niceness of each torch-backend run, comma-separated (default: the config's)")
     ap.add_argument("--no-actor-alone", action="store_true",
                     help="skip the actor alone (InvertWorker without Ray): saves about a minute of device time")
     ap.add_argument("--out", default="")
@@ -304,28 +306,35 @@ def main() -> None:
               "actor_alone_photos_s": actor_rates}
     # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
     n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))
-    for backend in a.backends.split(","):
-        out = os.path.join(a.work, f"out_{backend}")
+    runs = [(backend, None) for backend in a.backends.split(",")]
+    if a.niceness:  # the torch runs, once per niceness (variants of one run)
+        runs = [r for r in runs if r[0] != "torch"] + [("torch", int(n)) for n in a.niceness.split(",")]
+    for backend, niceness in runs:
+        name = backend if niceness is None else f"{backend}, niceness {niceness}"
+        out = os.path.join(a.work, f"out_{backend}_{niceness}")
+        ray_cfg = {"num_cpus": a.num_cpus} | ({} if niceness is None else {"cpu_task_niceness": niceness})
         cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
                        "output": {"url": out, "image_size": 256},
                        "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
-                       "align": {"enabled": True, "backend": backend}, "ray": {"num_cpus": a.num_cpus},
+                       "align": {"enabled": True, "backend": backend}, "ray": ray_cfg,
                        "progress": False}, {})
         t = time.time()
         res = run(cfg, echo=lambda s: print(s, flush=True))
         wall = time.time() - t
         stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
+        first_call = min(t_ for s in stats for _n, t_ in s["inverted_at"]) - t
         faces_done = sum(s["counts"].get("ok", 0) for s in stats)
         photo_rate = face_rate * a.photos / max(1, faces_done)
-        result[backend] = {"pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
-                           "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
-                           "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
-                           "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
-                           "stage_seconds": res.summary.get("stage_seconds"),
-                           # the actors' alignment by part, per chunk of the run (as the actor alone's above)
-                           "align_ms_per_chunk": per_chunk_ms(res.summary.get("align_seconds_by_part", {}), n_chunks)}
-        print(json.dumps({backend: result[backend]}), flush=True)
+        result[name] = {"pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
+                        "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
+                        "first_call_s": round(first_call, 1),
+                        "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
+                        "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
+                        "stage_seconds": res.summary.get("stage_seconds"),
+                        # the actors' alignment by part, per chunk of the run (as the actor alone's above)
+                        "align_ms_per_chunk": per_chunk_ms(res.summary.get("align_seconds_by_part", {}), n_chunks)}
+        print(json.dumps({name: result[name]}), flush=True)
     report(result, a.out)
 
 

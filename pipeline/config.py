@@ -101,6 +101,10 @@ class RayConfig:
     num_actors: int | None = None      # inversion actors; null = one per GPU, or 1 without GPUs
     max_shards_in_flight: int | None = None  # null = CPUs available for CPU work + 1
     chunk_size: int = 64               # inputs per prepared chunk handed from CPU to GPU work
+    # Niceness of the CPU tasks that read and decode while the inversion actors align photos (align.backend
+    # torch): the actors' host steps are alignment's serial path, the tasks are throughput work that should
+    # yield a core to them at once. 0: none. (Results do not depend on it: not in the run's fingerprint.)
+    cpu_task_niceness: int = 10
     actor_resources: dict[str, float] | None = None  # Ray custom resources of each inversion actor (placement:
                                        # {inverter: 1} runs them on nodes started with --resources '{"inverter": 1}')
 
@@ -114,6 +118,7 @@ class PrepareConfig:
     chunk_size: int
     task: str
     keep_originals: bool               # output.paste_back: chunks carry each face's original bytes
+    niceness: int = 0                  # ray.cpu_task_niceness: applied when the actors align (backend torch)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ class PipelineConfig:
     @property
     def prepare(self) -> PrepareConfig:
         return PrepareConfig(self.input, self.align, self.storage.endpoint_url, self.ray.chunk_size, self.task,
-                             self.output.paste_back)
+                             self.output.paste_back, self.ray.cpu_task_niceness)
 
 
 def _plain(obj: Any) -> Any:
@@ -294,6 +299,7 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "ray.num_actors", lo=1, allow_none=True)
     _check_int(cfg, "ray.max_shards_in_flight", lo=1, allow_none=True)
     _check_int(cfg, "ray.chunk_size", lo=1, hi=100_000)
+    _check_int(cfg, "ray.cpu_task_niceness", lo=0, hi=19)
     res = cfg["ray"]["actor_resources"]
     if res is not None:
         if not isinstance(res, dict):

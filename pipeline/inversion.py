@@ -186,7 +186,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         except Exception as e:  # noqa: BLE001 - surfaces as a config error naming the key
             raise ConfigError("model.checkpoint", f"cannot load the model: {short_error(e)}") from None
         echo(f"model: n_latent={info['n_latent']} stages={info['stages']}/{info['num_stages']} "
-             f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), {n_cpus} CPUs")
+             f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), {n_cpus} CPUs; "
+             f"actor started in {time.time() - t0:.0f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in info["init_seconds"].items()) + ")")
         cpu_for_tasks = max(1, n_cpus - (0 if n_gpus else n_actors))
         prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
         fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)

@@ -3,8 +3,11 @@ inversion functions and actor class on a small model, and a real-photo run with 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import fsspec
@@ -264,3 +267,32 @@ def test_aligning_gpu_actors_get_cpus_only_where_tasks_keep_most(cpus_per_gpu, w
 def test_cpus_per_gpu_is_zero_without_gpus(ray_session):
     """On a cluster without GPUs (CI's), no node offers CPUs per GPU: the aligning actors' rule never applies."""
     assert cpus_per_gpu() == 0
+
+
+_PREPARE_IN_CHILD = """
+import json, os, sys
+from pipeline.config import AlignConfig, InputConfig, PrepareConfig
+from pipeline.read import plan_shards
+from pipeline.storage import get_fs
+from workers.cpu_worker import prepare_shard
+root, backend, niceness = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fs, path = get_fs(root)
+_, shards = plan_shards(fs, path, "auto", 10)
+cfg = PrepareConfig(InputConfig(url=root), AlignConfig(backend=backend), None, 64, "invert", False, niceness)
+out = list(prepare_shard(shards[0], cfg))
+print(json.dumps({"niceness": os.nice(0), "rows": sum(len(c.rows) for c in out[1::2])}))
+"""
+
+
+@pytest.mark.parametrize("backend,niceness,want", [("torch", 7, 7), ("dlib", 7, 0), ("torch", 0, 0)])
+def test_decode_tasks_yield_to_actors_that_align(tmp_path, backend, niceness, want):
+    """ray.cpu_task_niceness: the prepare task lowers its process's priority when the actors align (backend
+    torch: it only reads and decodes), not when it aligns itself; in a child process (the niceness stays)."""
+    for i in range(3):
+        _touch(tmp_path, f"p{i}.png", tiny_image_bytes(i, "PNG"))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", _PREPARE_IN_CHILD, str(tmp_path), backend, str(niceness)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"niceness": os.nice(0) + want, "rows": 3}

@@ -6,6 +6,7 @@ processes, so the 1.7 s predictor load is paid once per worker, not per shard or
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 from pipeline.config import OutputConfig, PrepareConfig
@@ -15,7 +16,7 @@ from pipeline.records import InvertResult, PreparedChunk
 from pipeline.storage import get_fs
 from pipeline.write import finish_shard
 
-__all__ = ["ChunkHeader", "prepare_shard", "finish_shard_task"]
+__all__ = ["ChunkHeader", "prepare_shard", "finish_shard_task", "lower_priority"]
 
 
 class ChunkHeader(tuple):
@@ -25,10 +26,21 @@ class ChunkHeader(tuple):
 
 def prepare_shard(shard: Shard, cfg: PrepareConfig) -> Iterator:
     """A streaming generator: yields a ChunkHeader then the PreparedChunk, for each chunk of the shard."""
+    if cfg.align.enabled and cfg.align.backend == "torch":
+        # The actors align: on a node they share, their host steps come first (ray.cpu_task_niceness).
+        lower_priority(cfg.niceness)
     fs, _ = get_fs(cfg.input.url, cfg.endpoint_url)
     for chunk in prepare_chunks(fs, shard, cfg):
         yield ChunkHeader((chunk.n_faces + chunk.n_photos, len(chunk.rows), chunk.n_inputs))
         yield chunk
+
+
+def lower_priority(niceness: int) -> None:
+    """Raise this process's niceness to ``niceness``. Never lowers it (that needs privileges): a Ray worker
+    process keeps it for the later tasks it runs, all of them throughput work."""
+    current = os.nice(0)
+    if niceness > current:
+        os.nice(niceness - current)
 
 
 def finish_shard_task(shard_name: str, output: OutputConfig, endpoint_url: str | None, max_pixels: int | None,

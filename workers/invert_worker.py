@@ -39,6 +39,15 @@ class InvertWorker:
         """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
         actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
         dlib's model file (benchmarks)."""
+        clock = time.perf_counter()
+        self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.init_seconds[step] = round(now - clock, 2)
+            clock = now
+
         self.device = resolve_device(device)
         batch_size = resolve_batch_size(batch_size, self.device)
         if num_threads:
@@ -54,6 +63,7 @@ class InvertWorker:
         # float32 path on CPUs, where reduced-precision autocast is slower than float32.
         precision = ("fp16" if on_gpu else "fp32") if precision == "auto" else precision
         self.model = load_e2style(path, device=self.device, precision=precision)
+        lap("load")
         self.compiled = on_gpu if compile == "auto" else bool(compile)
         if on_gpu or self.compiled:
             self.model.optimize_for_gpu(channels_last=on_gpu, compile=self.compiled)
@@ -67,6 +77,7 @@ class InvertWorker:
             warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
             invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
                          return_images=return_images, pad_batches=True)
+            lap("compile")
         self.batch_size = batch_size
         self.edit_options = edit_options
         self.task = task
@@ -75,6 +86,8 @@ class InvertWorker:
         self.align_backend = None if align is None or not align.enabled else resolve_align_backend(align.backend, self.device)
         self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
                         if self.align_backend == "torch" else None)
+        if self.aligner is not None:
+            lap("aligner")
         self._align_lock = threading.Lock()
         # An actor that aligns runs several calls at once, one per step (staging, alignment, inversion): one
         # inversion at a time, so that the GPU holds at most one batch's inversion beside one alignment.
@@ -97,7 +110,7 @@ class InvertWorker:
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
                 "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
                 "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size,
-                "align_backend": self.align_backend}
+                "align_backend": self.align_backend, "init_seconds": dict(self.init_seconds)}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
         """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
