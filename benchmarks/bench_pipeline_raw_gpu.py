@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.pipeline_stats import read_stats, report, steady_rate  # noqa: E402
+from models.face_detector import FrontalFaceDetector  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
@@ -226,6 +227,8 @@ def main() -> None:
                     help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
     ap.add_argument("--niceness", default="",
                     help="ray.cpu_task_niceness of each torch-backend run, comma-separated (default: the config's)")
+    ap.add_argument("--check-cpu", type=int, default=0,
+                    help="compare the device's detections with the CPU's on this many photos (about 2 s each)")
     ap.add_argument("--no-actor-alone", action="store_true",
                     help="skip the actor alone (InvertWorker without Ray): saves about a minute of device time")
     ap.add_argument("--out", default="")
@@ -254,27 +257,44 @@ def main() -> None:
     print(f"{a.photos} photos ({sum(c for _, c in photos)} faces pasted) and checkpoint ready in "
           f"{time.time() - t:.0f}s", flush=True)
 
-    # Alignment alone: decoded photos in memory -> faces on the device.
-    align_cfg = AlignConfig(backend="torch")
-    aligner = DeviceAligner.build(align_cfg, device,
-                                  predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
-    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 512)]]
+    # Alignment alone: decoded photos in memory -> faces on the device; the default (detection from dlib's
+    # pyramid level of at most align.detect_max_side px, as the dlib backend) and full-resolution detection,
+    # each on photos it has not met, then on the same photos again.
+    base = DeviceAligner.build(AlignConfig(backend="torch"), device,
+                               predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
-    aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
-    timed = decoded[group:] or decoded  # photos the warm-up did not meet (the smoke run has only one chunk)
-    align_rates = []
-    for _ in ("new photos", "the same photos again"):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t = time.time()
-        found = 0
-        for i in range(0, len(timed), group):
-            found += sum(len(f) for f in aligner.align(timed[i:i + group]))
-        align_rates.append(len(timed) / (time.time() - t))
-    align_rate = align_rates[0]
-    print(f"alignment alone: {align_rates[0]:.1f} photos/s on photos it had not met, {align_rates[1]:.1f} on "
-          f"the same photos again ({found} faces in {len(timed)} photos)", flush=True)
-    del aligner
+    per_setting = 5 * group if on_gpu else group
+    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), group + 2 * per_setting)]]
+    base.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
+    align_rates = {}
+    for k, (name, dms) in enumerate((("default", AlignConfig.detect_max_side), ("full resolution", None))):
+        aligner = DeviceAligner(AlignConfig(backend="torch", detect_max_side=dms), base.detector, base.predictor,
+                                base.max_group_pixels)
+        # photos the warm-up and the other setting did not meet (the smoke run reuses them)
+        timed = decoded[group + k * per_setting: group + (k + 1) * per_setting] or decoded[:group]
+        for when in ("new", "again"):
+            if on_gpu:
+                torch.cuda.synchronize()
+            t = time.time()
+            found = 0
+            for i in range(0, len(timed), group):
+                found += sum(len(f) for f in aligner.align(timed[i:i + group]))
+            align_rates[f"{name}, {when}"] = round(len(timed) / (time.time() - t), 1)
+        print(f"alignment alone, {name} (detect_max_side {dms}): {align_rates[f'{name}, new']} photos/s on photos "
+              f"it had not met, {align_rates[f'{name}, again']} on the same photos again ({found} faces in "
+              f"{len(timed)} photos)", flush=True)
+    align_rate = align_rates["default, new"]
+    if a.check_cpu:
+        # The device's detections against the CPU's (the torch CPU path is the one CI tests against dlib).
+        on_cpu = DeviceAligner(AlignConfig(backend="torch"), FrontalFaceDetector(device="cpu"), base.predictor,
+                               base.max_group_pixels)
+        sample = decoded[:a.check_cpu]
+        got, want = base.detect(sample), on_cpu.detect(sample)
+        differ = sum(g != w for g, w in zip(got, want))
+        print(f"device check: detections of {len(sample)} photos ({sum(map(len, want))} faces) on {device} "
+              f"against the CPU: {differ} photos differ", flush=True)
+        align_rates["device check, photos differ"] = differ
+    del base, aligner
 
     # Inversion alone, same settings, the actor's class, faces already decoded and aligned.
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch)
@@ -301,8 +321,8 @@ def main() -> None:
 
     result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "photos": a.photos,
               "sides": [a.min_side, a.max_side], "batch": a.batch, "stages": a.stages,
-              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": round(align_rate, 1),
-              "alignment_alone_again_photos_s": round(align_rates[1], 1),
+              "inversion_only_faces_s": round(invert_only, 1), "alignment_alone_photos_s": align_rate,
+              "alignment_alone": align_rates,
               "actor_alone_photos_s": actor_rates}
     # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
     n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))

@@ -32,8 +32,12 @@ UPSAMPLE_MAX_SIDE = 800
 
 
 def _rect_box(r) -> tuple:
-    """dlib rectangle (inclusive corners) -> (x0, y0, x1, y1) floats, x1/y1 exclusive."""
-    return (float(r.left()), float(r.top()), float(r.right() + 1), float(r.bottom() + 1))
+    """Inclusive (left, top, right, bottom) -> (x0, y0, x1, y1) floats, x1/y1 exclusive."""
+    return (float(r[0]), float(r[1]), float(r[2] + 1), float(r[3] + 1))
+
+
+def _dlib_rect_tuple(r) -> tuple[int, int, int, int]:
+    return (r.left(), r.top(), r.right(), r.bottom())
 
 
 def faces_that_count(dets):
@@ -56,6 +60,109 @@ def upsample_runs(height: int, width: int, max_upsample: int, min_face_size: flo
     if upsample_max_side is not None and max(height, width) > upsample_max_side:
         return []
     return [u for u in range(1, max_upsample + 1) if min_face_size < HOG_MIN_FACE / 2 ** (u - 1)]
+
+
+# dlib's pyramid_down<6>: each level is 5/6 of the previous one, (5 h) // 6 by (5 w) // 6; points map down a
+# level as (p - 0.3) * 5/6 and up as p * 6/5 + 0.3, in double.
+_PYR_DOWN, _PYR_UP = (6 - 1.0) / 6, 6 / (6 - 1.0)
+
+
+def rect_down(box, levels: int) -> tuple[float, float, float, float]:
+    """pyramid_down<6>::rect_down(drectangle, levels): (left, top, right, bottom) in double."""
+    pts = [float(v) for v in box]
+    for _ in range(levels):
+        pts = [(v - 0.3) * _PYR_DOWN for v in pts]
+    return tuple(pts)
+
+
+def rect_up(rect, levels: int) -> tuple[int, int, int, int]:
+    """pyramid_down<6>::rect_up(rectangle, levels): each corner mapped up in double, then rounded to dlib's
+    integer point (floor(x + 0.5))."""
+    pts = [float(v) for v in rect]
+    for _ in range(levels):
+        pts = [v * _PYR_UP + 0.3 for v in pts]
+    return tuple(int(math.floor(v + 0.5)) for v in pts)
+
+
+def coarse_level(height: int, width: int, detect_max_side: int | None) -> int:
+    """The pyramid level detection starts on: the fewest pyramid_down<6> steps that bring the longer side to
+    ``detect_max_side`` or below (None: 0, the photo itself), stopping while the shorter side is over
+    2 * HOG_MIN_FACE."""
+    k = 0
+    while detect_max_side and max(height, width) > detect_max_side and min(height, width) > 2 * HOG_MIN_FACE:
+        height, width, k = (5 * height) // 6, (5 * width) // 6, k + 1
+    return k
+
+
+def detection_runs(k: int, height: int, width: int, max_upsample: int, min_face_size: float,
+                   upsample_max_side: int | None) -> list[tuple[int, int]]:
+    """(pyramid level, times upsampled) of each detection run a photo may need, in order: level k, then
+    every 4th finer level down to the photo itself, then its upsampled runs (``upsample_runs``). The runs
+    after the first are made only while ``more_runs`` says so."""
+    return ([(j, 0) for j in range(k, 0, -4)] + [(0, 0)]
+            + [(0, u) for u in upsample_runs(height, width, max_upsample, min_face_size, upsample_max_side)])
+
+
+def more_runs(found: list, exhaustive: bool, min_face_size: float, smallest_seen: float) -> bool:
+    """Whether a photo's next detection run is made: not once a face was found (except with ``exhaustive``),
+    nor when the faces the next run could add, smaller than ``smallest_seen`` (the previous run's smallest
+    visible face, source px), would be under ``min_face_size``."""
+    return (exhaustive or not found) and min_face_size < smallest_seen
+
+
+def smallest_visible(width: int, level_width: int, up: int) -> float:
+    """The smallest face (source px) a run on a level ``level_width`` px wide, upsampled ``up`` times, sees."""
+    return HOG_MIN_FACE * width / level_width / 2 ** up
+
+
+def level_rect_to_source(rect, k: int) -> tuple[int, int, int, int]:
+    """Source-pixel rectangle (dlib's, inclusive) of a detection ``rect`` made on pyramid level ``k``.
+
+    dlib maps a detection found at its own pyramid level j (window of HOG_WINDOW px there) with
+    ``rect_up(R, j)``, rounding once. A run on level k returned ``rect_up(R, j - k)``; R is recovered exactly
+    (the map has slope 1.2^(j-k) >= 1, so rounding is undone) and mapped up j levels at once, which is what
+    detection on the full-resolution photo reports for the same window.
+    """
+    rect = tuple(int(v) for v in rect)
+    if k == 0:
+        return rect
+    w = max(rect[2] - rect[0] + 1, 1)
+    j = max(int(round(math.log(w / HOG_WINDOW) / math.log(1.2))), 0)
+    for jj in (j, j - 1, j + 1):
+        if jj < 0:
+            continue
+        r = tuple(int(round(v)) for v in rect_down(rect, jj))
+        if rect_up(r, jj) == rect:
+            return rect_up(r, jj + k)
+    return rect_up(rect, k)
+
+
+def finer_window(rect, j: int, level_h: int, level_w: int) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), x1/y1 exclusive, of the crop of pyramid level ``j`` (``level_h`` x ``level_w``) in which
+    a face at source rect ``rect`` is searched one level finer than where it was found: around the face, cut
+    at multiples of 8 px (the HOG cell size) so the cells, and so the scores, are those of the whole level.
+    None when the crop is too small for a detector window."""
+    left, top, right, bottom = rect_down(rect, j)
+    m = 0.35 * (right - left) + 12
+    x0, y0 = max(int(left - m) // 8 * 8, 0), max(int(top - m) // 8 * 8, 0)
+    x1, y1 = min(int(right + m) + 1, level_w), min(int(bottom + m) + 1, level_h)
+    if x1 - x0 < HOG_MIN_FACE or y1 - y0 < HOG_MIN_FACE:
+        return None
+    return x0, y0, x1, y1
+
+
+def better_finer_detection(rect, score: float, dets, x0: int, y0: int, j: int) -> tuple[tuple, float]:
+    """The face's (rect, score) after the search in finer_window's crop of level ``j`` at (x0, y0): a window of
+    the crop's own level (not of its coarser levels, which are not the photo's) scoring higher and overlapping
+    the face replaces it. ``dets``: the crop's detections, ((left, top, right, bottom) inclusive, score)."""
+    box = _rect_box(rect)
+    for (left, top, right, bottom), sc in dets:
+        if right - left + 1 > HOG_WINDOW + 3 or sc <= score:
+            continue
+        cand = rect_up((left + x0, top + y0, right + x0, bottom + y0), j)
+        if box_iou(_rect_box(cand), box) > 0.3:
+            rect, score = cand, float(sc)
+    return rect, score
 
 
 def pick_largest(dets):
@@ -116,68 +223,41 @@ class FaceDetector:
         self._pyr = dlib.pyramid_down(6)
 
     # -- detection --------------------------------------------------------------------------------
-    def _level_rect_to_source(self, r, k: int):
-        """Source-pixel rectangle of a detection ``r`` made on pyramid level ``k``.
-
-        dlib maps a detection found at its own pyramid level j (window of HOG_WINDOW px there) with
-        ``rect_up(R, j)``, rounding once. A run on level k returned ``rect_up(R, j - k)``; R is recovered
-        exactly (the map has slope 1.2^(j-k) >= 1, so rounding is undone) and mapped up j levels at once, which
-        is what detection on the full-resolution photo reports for the same window.
-        """
-        pyr = self._pyr
-        if k == 0:
-            return r
-        w = max(r.right() - r.left() + 1, 1)
-        j = max(int(round(math.log(w / HOG_WINDOW) / math.log(1.2))), 0)
-        for jj in (j, j - 1, j + 1):
-            if jj < 0:
-                continue
-            d = pyr.rect_down(self._dlib.drectangle(r.left(), r.top(), r.right(), r.bottom()), jj)
-            R = self._dlib.rectangle(int(round(d.left())), int(round(d.top())), int(round(d.right())), int(round(d.bottom())))
-            if pyr.rect_up(R, jj) == r:
-                return pyr.rect_up(R, jj + k)
-        return pyr.rect_up(r, k)
-
     def detect(self, image, min_face_size: float = 0.0, detect_max_side="default", exhaustive: bool = False):
         """Face boxes in source pixels: list of ((x0, y0, x1, y1), score), x1/y1 exclusive.
 
         dlib's HOG detector scans an image pyramid whose levels are each ``pyramid_down(6)`` of the previous
         one, and keeps, per face, the best-scoring window over all levels. Here the photo is reduced with
-        that same ``pyramid_down`` k times (k: the fewest that bring the longer side to ``detect_max_side`` or
-        below) and the detector runs on level k: it scans exactly levels k, k+1, ... of the full-resolution
-        pyramid, and its boxes, mapped back (see _level_rect_to_source), are the ones detection on the
-        full-resolution photo reports for faces whose best window lies at those levels. A face's best
-        window can also lie on a finer level (a face smaller than about 80 * 1.2^k px, seen at level k by
-        a weaker window): for each detection the detector runs again on a crop of level k-1 around it, a
-        better-scoring window there replaces it, and the search goes on to level k-2 and finer for as long
-        as the score keeps improving.
+        that same ``pyramid_down`` k times (``coarse_level``: the fewest that bring the longer side to
+        ``detect_max_side`` or below) and the detector runs on level k: it scans exactly levels k, k+1, ... of
+        the full-resolution pyramid, and its boxes, mapped back (``level_rect_to_source``), are the ones
+        detection on the full-resolution photo reports for faces whose best window lies at those levels. A
+        face's best window can also lie on a finer level (a face smaller than about 80 * 1.2^k px, seen at
+        level k by a weaker window): for each detection the detector runs again on a crop of level k-1
+        around it (``finer_window``), a better-scoring window there replaces it, and the search goes on to
+        level k-2 and finer for as long as the score keeps improving.
         Only when nothing qualifying was found (or with ``exhaustive``), and smaller faces could still reach
-        ``min_face_size``, finer runs follow: levels k-4, k-8, ..., 0, then dlib's upsampling of the photo,
-        up to ``max_upsample`` times, on photos no longer than ``upsample_max_side`` (``upsample_runs``). The result is that of the last run made; with ``exhaustive`` the
-        runs' detections are merged (overlaps keep the coarser run's box).
+        ``min_face_size``, finer runs follow (``detection_runs``, ``more_runs``): levels k-4, k-8, ..., 0,
+        then dlib's upsampling of the photo, up to ``max_upsample`` times, on photos no longer than
+        ``upsample_max_side``. The result is that of the last run made; with ``exhaustive`` the runs'
+        detections are merged (overlaps keep the coarser run's box). The torch backend
+        (pipeline.device_align) makes the same runs with the same functions.
         """
         img = np.ascontiguousarray(as_rgb_uint8(image))
         H, W = img.shape[:2]
         dms = self.detect_max_side if detect_max_side == "default" else detect_max_side
         levels = [img]
-        while dms and max(levels[-1].shape[:2]) > dms and min(levels[-1].shape[:2]) > 2 * HOG_MIN_FACE:
+        for _ in range(coarse_level(H, W, dms)):
             levels.append(self._pyr(levels[-1]))
-        k = len(levels) - 1
-        runs = [(j, 0) for j in range(k, 0, -4)] + [(0, 0)]
-        runs += [(0, u) for u in upsample_runs(H, W, self.max_upsample, min_face_size, self.upsample_max_side)]
-        found, prev_min = [], None
-        for j, up in runs:
-            if prev_min is not None:
-                if found and not exhaustive:
-                    break
-                # Faces first visible in this run are smaller than those the previous run could see.
-                if min_face_size >= prev_min:
-                    break
+        found, smallest = [], None
+        for j, up in detection_runs(len(levels) - 1, H, W, self.max_upsample, min_face_size, self.upsample_max_side):
+            if smallest is not None and not more_runs(found, exhaustive, min_face_size, smallest):
+                break
             lv = levels[j]
-            prev_min = HOG_MIN_FACE * W / lv.shape[1] / 2**up
+            smallest = smallest_visible(W, lv.shape[1], up)
             rects, scores, _ = self.detector.run(lv, up, 0.0)
             for r, sc in zip(rects, scores):
-                r = self._level_rect_to_source(r, j)
+                r = level_rect_to_source(_dlib_rect_tuple(r), j)
                 # Descend while a finer level has a better window for this face (each step one local run).
                 jj = j if up == 0 else 0
                 while jj > 0:
@@ -198,28 +278,14 @@ class FaceDetector:
 
     def _best_window_one_level_finer(self, level: np.ndarray, j: int, r, score: float):
         """(rect, score) of the best detector window for the face at source rect ``r`` among its own and
-        the windows of pyramid level ``j`` (one finer than where it was found) that overlap it.
-
-        The detector runs on a crop of the level around the face, cut at multiples of 8 px (its HOG cell
-        size) so the cells, and so the scores, are those of the whole level; windows of the crop's own
-        coarser levels are ignored (those levels are not the photo's)."""
-        pyr = self._pyr
-        d = pyr.rect_down(self._dlib.drectangle(r.left(), r.top(), r.right(), r.bottom()), j)
-        h, w = level.shape[:2]
-        m = 0.35 * (d.right() - d.left()) + 12
-        x0, y0 = max(int(d.left() - m) // 8 * 8, 0), max(int(d.top() - m) // 8 * 8, 0)
-        x1, y1 = min(int(d.right() + m) + 1, w), min(int(d.bottom() + m) + 1, h)
-        if x1 - x0 < HOG_MIN_FACE or y1 - y0 < HOG_MIN_FACE:
+        the windows of pyramid level ``j`` (one finer than where it was found) that overlap it."""
+        window = finer_window(r, j, level.shape[0], level.shape[1])
+        if window is None:
             return r, score
+        x0, y0, x1, y1 = window
         rects, scores, _ = self.detector.run(np.ascontiguousarray(level[y0:y1, x0:x1]), 0, 0.0)
-        box = _rect_box(r)
-        for rr, sc in zip(rects, scores):
-            if rr.right() - rr.left() + 1 > HOG_WINDOW + 3 or sc <= score:
-                continue
-            cand = pyr.rect_up(self._dlib.rectangle(rr.left() + x0, rr.top() + y0, rr.right() + x0, rr.bottom() + y0), j)
-            if box_iou(_rect_box(cand), box) > 0.3:
-                r, score = cand, float(sc)
-        return r, score
+        return better_finer_detection(r, score, [(_dlib_rect_tuple(rr), sc) for rr, sc in zip(rects, scores)],
+                                      x0, y0, j)
 
     def _predict(self, img, box) -> np.ndarray:
         x0, y0, x1, y1 = box

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import dlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,7 +13,7 @@ from PIL import Image
 from pipeline.align import AlignedFace, FaceAligner, align_faces, get_aligner
 from pipeline.blur import gaussian_blur_hw
 from pipeline.crop import ffhq_crop, ffhq_quad
-from pipeline.detect import pick_largest
+from pipeline.detect import HOG_WINDOW, level_rect_to_source, pick_largest, rect_down, rect_up
 from pipeline.model_files import find_landmark_model
 from pipeline.paste import paste_back
 from workers.align_worker import AlignWorker
@@ -424,3 +425,30 @@ def test_downscaled_detection_picks_what_full_resolution_picks(aligner, monkeypa
             descended += pick_largest(aligner.detect(img)) != fast
     # The finer-level search made the difference on at least one scene (a face seen best below level k).
     assert descended >= 1
+
+
+def test_pyramid_rect_maps_equal_dlibs():
+    """rect_up / rect_down / level_rect_to_source (dlib-free: the torch backend runs them on GPU machines)
+    against dlib's pyramid_down(6) on random rectangles, negative corners and halves included."""
+    pyr = dlib.pyramid_down(6)
+    rng = np.random.default_rng(5)
+    for _ in range(3000):
+        x0, y0 = (int(v) for v in rng.integers(-60, 2000, 2))
+        side = int(rng.integers(1, 900))
+        rect = (x0, y0, x0 + side, y0 + int(rng.integers(1, 900)))
+        levels = int(rng.integers(0, 12))
+        r = dlib.rectangle(*rect)
+        up = pyr.rect_up(r, levels)
+        assert rect_up(rect, levels) == (up.left(), up.top(), up.right(), up.bottom())
+        d = pyr.rect_down(dlib.drectangle(*rect), levels)
+        assert rect_down(rect, levels) == (d.left(), d.top(), d.right(), d.bottom())
+    # A detector window of level j, as a run on level k reports it, maps to what a full-resolution run reports.
+    for _ in range(2000):
+        j = int(rng.integers(0, 10))
+        k = int(rng.integers(0, j + 1))
+        x0, y0 = (int(v) for v in rng.integers(0, 300, 2))
+        window = (x0, y0, x0 + HOG_WINDOW - 1, y0 + HOG_WINDOW - 1)
+        full = pyr.rect_up(dlib.rectangle(*window), j)
+        seen_at_k = pyr.rect_up(dlib.rectangle(*window), j - k)
+        got = level_rect_to_source((seen_at_k.left(), seen_at_k.top(), seen_at_k.right(), seen_at_k.bottom()), k)
+        assert got == (full.left(), full.top(), full.right(), full.bottom()), (window, j, k)

@@ -27,6 +27,7 @@ from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
 from pipeline.device_align import ALIGN_PARTS, UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
 from pipeline.inversion import ALIGN_PARTS_LINE
+from pipeline.model_files import find_landmark_model
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
@@ -144,6 +145,45 @@ def test_torch_alignment_equals_dlib_without_ray(photos, torch_aligners, policy)
     ok_rows = [r for r in rows if r.status == "ok"]
     assert [r.key.split("_face")[0] for r in ok_rows] == [photo_keys[p] for p in face_photo]
     assert seconds > 0
+
+
+def _coarse_to_fine_photos() -> list[np.ndarray]:
+    """Photos large enough for detect_max_side 160 to start several pyramid levels down: a face found at a
+    finer run's level and searched finer (the astronaut's head scaled up), a face only the photo's own run
+    finds (Grace Hopper small in a large frame), two faces, and a faceless photo that takes every run."""
+    astro = load_photo("astronaut.jpg").crop((110, 20, 330, 240))
+    hopper = load_photo("grace_hopper.jpg").resize((150, 176), Image.Resampling.LANCZOS)   # face ~60 px
+    rng = np.random.default_rng(2)
+    frame = Image.fromarray(rng.integers(60, 120, (420, 560, 3), dtype=np.uint8))
+    frame.paste(hopper, (330, 170))
+    two = Image.new("RGB", (520, 300), (90, 90, 90))
+    two.paste(astro.resize((250, 250), Image.Resampling.LANCZOS), (0, 20))
+    two.paste(load_photo("grace_hopper.jpg").resize((230, 270), Image.Resampling.LANCZOS), (280, 10))
+    china = load_photo("china.jpg").resize((480, 320), Image.Resampling.LANCZOS)
+    return [np.asarray(astro.resize((500, 500), Image.Resampling.LANCZOS)), np.asarray(frame), np.asarray(two),
+            np.asarray(china)]
+
+
+@pytest.mark.parametrize("policy,min_face_size", [("largest", 0), ("all", 0), ("largest", 70)])
+def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size):
+    """With the coarse pyramid level first (detect_max_side 160), then the finer search per face and the finer
+    runs where nothing counted: the torch backend's boxes and scores are the dlib backend's, photo by photo."""
+    photos = _coarse_to_fine_photos()
+    cfg = AlignConfig(policy=policy, backend="torch", detect_max_side=160, max_upsample=0, min_face_size=min_face_size)
+    base = torch_aligners["largest"]
+    aligner = DeviceAligner(cfg, base.detector, base.predictor, base.max_group_pixels)
+    reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=160, max_upsample=0)
+    calls = []
+    detect = base.detector.detect
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(base.detector, "detect", lambda images, upsample=0: calls.append(len(images)) or detect(images, upsample))
+        got = aligner.detect([torch.from_numpy(p.copy()) for p in photos])
+    want = [reference.detect(p, min_face_size=min_face_size, exhaustive=policy == "all") for p in photos]
+    assert [[b for b, _ in d] for d in got] == [[b for b, _ in d] for d in want]
+    assert all(abs(a - b) < 1e-9 for g, w in zip(got, want) for (_, a), (_, b) in zip(g, w))
+    assert got[0] and got[2] and not got[3]
+    # Every step is one call for all the photos (or faces) taking it: the coarse run holds all four.
+    assert calls[0] == len(photos) and len(calls) < 12
 
 
 def _rolled_group() -> list[np.ndarray]:
