@@ -1617,7 +1617,7 @@ class FrontalFaceDetector:
             sizes = [tuple(int(v) for v in images[i].shape[:2]) for i in index]
             for i in index:
                 image = images[i]
-                out[i].append(image if isinstance(image, torch.Tensor) and image.device == self.device
+                out[i].append(image.to(self.device) if isinstance(image, torch.Tensor)
                               else upload(np.ascontiguousarray(image), self.device))
             active = [k for k, i in enumerate(index) if counts[i] > 0]
             if not active:
