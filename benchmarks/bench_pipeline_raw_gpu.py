@@ -257,44 +257,36 @@ def main() -> None:
     print(f"{a.photos} photos ({sum(c for _, c in photos)} faces pasted) and checkpoint ready in "
           f"{time.time() - t:.0f}s", flush=True)
 
-    # Alignment alone: decoded photos in memory -> faces on the device; the default (detection from dlib's
-    # pyramid level of at most align.detect_max_side px, as the dlib backend) and full-resolution detection,
-    # each on photos it has not met, then on the same photos again.
-    base = DeviceAligner.build(AlignConfig(backend="torch"), device,
-                               predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
+    # Alignment alone: decoded photos in memory -> faces on the device.
+    aligner = DeviceAligner.build(AlignConfig(backend="torch"), device,
+                                  predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
+    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 512)]]
     group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
-    per_setting = 5 * group if on_gpu else group
-    decoded = [decode_image(p) for p, _ in photos[: min(len(photos), group + 2 * per_setting)]]
-    base.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
+    aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
+    timed = decoded[group:] or decoded  # photos the warm-up did not meet (the smoke run has only one chunk)
     align_rates = {}
-    for k, (name, dms) in enumerate((("default", AlignConfig.detect_max_side), ("full resolution", None))):
-        aligner = DeviceAligner(AlignConfig(backend="torch", detect_max_side=dms), base.detector, base.predictor,
-                                base.max_group_pixels)
-        # photos the warm-up and the other setting did not meet (the smoke run reuses them)
-        timed = decoded[group + k * per_setting: group + (k + 1) * per_setting] or decoded[:group]
-        for when in ("new", "again"):
-            if on_gpu:
-                torch.cuda.synchronize()
-            t = time.time()
-            found = 0
-            for i in range(0, len(timed), group):
-                found += sum(len(f) for f in aligner.align(timed[i:i + group]))
-            align_rates[f"{name}, {when}"] = round(len(timed) / (time.time() - t), 1)
-        print(f"alignment alone, {name} (detect_max_side {dms}): {align_rates[f'{name}, new']} photos/s on photos "
-              f"it had not met, {align_rates[f'{name}, again']} on the same photos again ({found} faces in "
-              f"{len(timed)} photos)", flush=True)
-    align_rate = align_rates["default, new"]
+    for when in ("new photos", "the same photos again"):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t = time.time()
+        found = 0
+        for i in range(0, len(timed), group):
+            found += sum(len(f) for f in aligner.align(timed[i:i + group]))
+        align_rates[when] = round(len(timed) / (time.time() - t), 1)
+    align_rate = align_rates["new photos"]
+    print(f"alignment alone: {align_rate} photos/s on photos it had not met, {align_rates['the same photos again']} "
+          f"on the same photos again ({found} faces in {len(timed)} photos)", flush=True)
     if a.check_cpu:
         # The device's detections against the CPU's (the torch CPU path is the one CI tests against dlib).
-        on_cpu = DeviceAligner(AlignConfig(backend="torch"), FrontalFaceDetector(device="cpu"), base.predictor,
-                               base.max_group_pixels)
+        on_cpu = DeviceAligner(AlignConfig(backend="torch"), FrontalFaceDetector(device="cpu"), aligner.predictor,
+                               aligner.max_group_pixels)
         sample = decoded[:a.check_cpu]
-        got, want = base.detect(sample), on_cpu.detect(sample)
+        got, want = aligner.detect(sample), on_cpu.detect(sample)
         differ = sum(g != w for g, w in zip(got, want))
         print(f"device check: detections of {len(sample)} photos ({sum(map(len, want))} faces) on {device} "
               f"against the CPU: {differ} photos differ", flush=True)
         align_rates["device check, photos differ"] = differ
-    del base, aligner
+    del aligner
 
     # Inversion alone, same settings, the actor's class, faces already decoded and aligned.
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch)

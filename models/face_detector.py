@@ -1607,37 +1607,6 @@ class FrontalFaceDetector:
             self._detect_batch(images, batch, upsample, adjust_threshold, results)
         return results
 
-    def pyramid(self, images, counts: list[int]) -> list[list[torch.Tensor]]:
-        """Per image (HxWx3 uint8, numpy or torch), its levels 0..counts[i] of dlib's pyramid_down<6> (the
-        pyramid detection scans: detect() on level k scans exactly levels k, k+1, ... of the image's) on the
-        device, as (h, w, 3) uint8 views; level 0 is the image itself (on the device)."""
-        out: list[list[torch.Tensor]] = [[] for _ in images]
-        resize = _resize_rgb_triton if self.triton_resize else resize_rgb
-        for index in self._batches([tuple(im.shape[:2]) for im in images], 1):
-            sizes = [tuple(int(v) for v in images[i].shape[:2]) for i in index]
-            for i in index:
-                image = images[i]
-                out[i].append(image.to(self.device) if isinstance(image, torch.Tensor)
-                              else upload(np.ascontiguousarray(image), self.device))
-            active = [k for k, i in enumerate(index) if counts[i] > 0]
-            if not active:
-                continue
-            batch = self._upload_batch([images[index[k]] for k in active], [sizes[k] for k in active],
-                                       max(sizes[k][0] for k in active), max(sizes[k][1] for k in active))
-            level = 0
-            while active:
-                down = [pyramid_down_size(*sizes[k]) for k in active]
-                batch = resize(batch, [sizes[k] for k in active], down)
-                level += 1
-                for j, (k, (h, w)) in enumerate(zip(active, down)):
-                    sizes[k] = (h, w)
-                    out[index[k]].append(batch[j, :, :h, :w].permute(1, 2, 0))
-                keep = [j for j, k in enumerate(active) if counts[index[k]] > level]
-                if len(keep) < len(active):
-                    batch = batch[upload(np.array(keep, dtype=np.int64), self.device)] if keep else batch
-                    active = [active[j] for j in keep]
-        return out
-
     # -- internals -------------------------------------------------------------------------------------
 
     def _batches(self, shapes: list[tuple[int, int]], factor: int) -> list[list[int]]:

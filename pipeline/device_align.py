@@ -5,14 +5,13 @@ the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
     rows, faces, face_photo = align_photos(aligner, photos, rows)   # rows: the ALIGN_PENDING rows of photos
 
 The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
-models.face_detector.FrontalFaceDetector, by the dlib backend's own runs (pipeline.detect: dlib's pyramid level
-of at most ``align.detect_max_side`` px first, each face then searched on finer levels, the finer and upsampled
-runs only where nothing was found: boxes equal to full-resolution detection's), each step one detector call
-for all the photos taking it; 68 landmarks with models.landmarks.ShapePredictor (rolled faces predicted again
-upright with models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole group); the
-FFHQ crop with models.ffhq_crop.crop_faces. The runs, the choice of faces (pipeline.align.choose_faces) and
-the rows (pipeline.align.face_rows) are the dlib backend's own functions, so rows, keys and statuses are the
-same.
+models.face_detector.FrontalFaceDetector on the full-resolution photo (boxes equal to what the dlib backend's
+start on a coarse pyramid level reports), by the dlib backend's runs (pipeline.detect.detection_runs,
+more_runs), each run one detector call for the photos making it; 68 landmarks with
+models.landmarks.ShapePredictor (rolled faces predicted again upright with
+models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole group); the FFHQ crop with
+models.ffhq_crop.crop_faces. The runs, the choice of faces (pipeline.align.choose_faces) and the rows
+(pipeline.align.face_rows) are the dlib backend's own functions, so rows, keys and statuses are the same.
 
 Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
 shrunk (no shrink factor is known that cannot change dlib's boxes). Each group crosses to the device once, as
@@ -39,8 +38,7 @@ from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows
 from .config import AlignConfig
-from .detect import (better_finer_detection, box_iou, coarse_level, detection_runs, finer_window,
-                     level_rect_to_source, more_runs, smallest_visible)
+from .detect import box_iou, detection_runs, more_runs, smallest_visible
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
@@ -94,17 +92,15 @@ class DeviceAligner:
 
     def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
         """Per photo (HxWx3 uint8, numpy or torch: those on the device are not copied again), the detections
-        ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes, by the
-        same runs with the same functions (pipeline.detect): level ``coarse_level`` of dlib's pyramid first,
-        each face then searched on finer levels while its score improves; the finer and upsampled runs only
-        where ``more_runs`` says so. Each step is one detector call for all the photos (or faces) taking it."""
+        ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes on the
+        full-resolution photo: its runs (pipeline.detect.detection_runs from the photo itself, then the
+        upsampled runs, each only where ``more_runs`` says so), each run one detector call for all the photos
+        making it. (The dlib backend's start on a coarse pyramid level, align.detect_max_side, cut its CPU time;
+        on a GPU its many small steps cost more wall time than the full pyramid: BENCHMARKS.md.)"""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
-        shapes = [(int(p.shape[0]), int(p.shape[1])) for p in photos]
-        coarse = [coarse_level(h, w, cfg.detect_max_side) for h, w in shapes]
-        levels = self.detector.pyramid(photos, coarse)
-        runs = [detection_runs(k, h, w, cfg.max_upsample, cfg.min_face_size, cfg.upsample_max_side)
-                for k, (h, w) in zip(coarse, shapes)]
+        runs = [detection_runs(0, int(p.shape[0]), int(p.shape[1]), cfg.max_upsample, cfg.min_face_size,
+                               cfg.upsample_max_side) for p in photos]
         found: list[list] = [[] for _ in photos]
         smallest: list[float | None] = [None] * len(photos)
         for step in range(max(map(len, runs), default=0)):
@@ -112,47 +108,18 @@ class DeviceAligner:
                     and (smallest[i] is None or more_runs(found[i], exhaustive, cfg.min_face_size, smallest[i]))]
             for up in sorted({runs[i][step][1] for i in todo}):
                 group = [i for i in todo if runs[i][step][1] == up]
-                results = self.detector.detect([levels[i][runs[i][step][0]] for i in group], upsample=up)
-                faces = []  # [photo, source rect (inclusive), score, level], in each photo's detection order
-                for i, dets in zip(group, results):
-                    j = runs[i][step][0]
-                    smallest[i] = smallest_visible(shapes[i][1], int(levels[i][j].shape[1]), up)
-                    faces += [[i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0]
-                              for rect, score, _filter in dets]
-                self._search_finer(levels, faces)
-                for i, rect, score, _level in faces:
-                    box = (float(rect[0]), float(rect[1]), float(rect[2] + 1), float(rect[3] + 1))
-                    if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
-                        continue
-                    # A face already found by a coarser run keeps that run's box.
-                    if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
-                        continue
-                    found[i].append((box, score))
+                for i, dets in zip(group, self.detector.detect([photos[i] for i in group], upsample=up)):
+                    width = int(photos[i].shape[1])
+                    smallest[i] = smallest_visible(width, width, up)
+                    for (left, top, right, bottom), score, _filter in dets:
+                        box = (float(left), float(top), float(right + 1), float(bottom + 1))
+                        if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
+                            continue
+                        # A face already found by an earlier run keeps that run's box.
+                        if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+                            continue
+                        found[i].append((box, float(score)))
         return found
-
-    def _search_finer(self, levels: list[list[torch.Tensor]], faces: list[list]) -> None:
-        """Moves each face ([photo, rect, score, level], in place) to a better-scoring window one level finer,
-        and on, while there is one (FaceDetector's descent): one detector call per step for all the faces
-        still descending, on their crops (``finer_window``) of the next finer level."""
-        active = [f for f in faces if f[3] > 0]
-        while active:
-            crops, windows = [], []
-            for f in active:
-                level = levels[f[0]][f[3] - 1]
-                window = finer_window(f[1], f[3] - 1, int(level.shape[0]), int(level.shape[1]))
-                if window is not None:
-                    x0, y0, x1, y1 = window
-                    crops.append(level[y0:y1, x0:x1])
-                    windows.append((f, window))
-            if not crops:
-                return
-            active = []
-            for (f, (x0, y0, _x1, _y1)), dets in zip(windows, self.detector.detect(crops)):
-                rect, score = better_finer_detection(f[1], f[2], [(r, s) for r, s, _filter in dets], x0, y0, f[3] - 1)
-                if score > f[2]:
-                    f[1], f[2], f[3] = rect, score, f[3] - 1
-                    if f[3] > 0:
-                        active.append(f)
 
     def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
         """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages

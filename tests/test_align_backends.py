@@ -147,10 +147,9 @@ def test_torch_alignment_equals_dlib_without_ray(photos, torch_aligners, policy)
     assert seconds > 0
 
 
-def _coarse_to_fine_photos() -> list[np.ndarray]:
-    """Photos large enough for detect_max_side 160 to start several pyramid levels down: a face found at a
-    finer run's level and searched finer (the astronaut's head scaled up), a face only the photo's own run
-    finds (Grace Hopper small in a large frame), two faces, and a faceless photo that takes every run."""
+def _larger_photos() -> list[np.ndarray]:
+    """Photos larger than the others here: a face scaled up, a small face in a large frame (under the
+    largest policy's rule at min_face_size 70), two faces, and a faceless photo."""
     astro = load_photo("astronaut.jpg").crop((110, 20, 330, 240))
     hopper = load_photo("grace_hopper.jpg").resize((150, 176), Image.Resampling.LANCZOS)   # face ~60 px
     rng = np.random.default_rng(2)
@@ -164,26 +163,29 @@ def _coarse_to_fine_photos() -> list[np.ndarray]:
             np.asarray(china)]
 
 
-@pytest.mark.parametrize("policy,min_face_size", [("largest", 0), ("all", 0), ("largest", 70)])
-def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size):
-    """With the coarse pyramid level first (detect_max_side 160), then the finer search per face and the finer
-    runs where nothing counted: the torch backend's boxes and scores are the dlib backend's, photo by photo."""
-    photos = _coarse_to_fine_photos()
-    cfg = AlignConfig(policy=policy, backend="torch", detect_max_side=160, max_upsample=0, min_face_size=min_face_size)
+@pytest.mark.parametrize("policy,min_face_size,max_upsample", [("largest", 0, 0), ("all", 0, 0), ("largest", 70, 0),
+                                                               ("largest", 0, 1)])
+def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size, max_upsample):
+    """The torch backend's detections are the dlib backend's on the full-resolution photo (detect_max_side
+    null), photo by photo: boxes, scores, and which runs are made (the upsampled one only on photos where
+    nothing counted, each run one detector call for the photos making it)."""
+    photos = _larger_photos()
+    cfg = AlignConfig(policy=policy, backend="torch", max_upsample=max_upsample, min_face_size=min_face_size)
     base = torch_aligners["largest"]
     aligner = DeviceAligner(cfg, base.detector, base.predictor, base.max_group_pixels)
-    reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=160, max_upsample=0)
+    reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=None, max_upsample=max_upsample)
     calls = []
     detect = base.detector.detect
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base.detector, "detect", lambda images, upsample=0: calls.append(len(images)) or detect(images, upsample))
+        mp.setattr(base.detector, "detect",
+                   lambda images, upsample=0: calls.append((len(images), upsample)) or detect(images, upsample))
         got = aligner.detect([torch.from_numpy(p.copy()) for p in photos])
     want = [reference.detect(p, min_face_size=min_face_size, exhaustive=policy == "all") for p in photos]
     assert [[b for b, _ in d] for d in got] == [[b for b, _ in d] for d in want]
     assert all(abs(a - b) < 1e-9 for g, w in zip(got, want) for (_, a), (_, b) in zip(g, w))
     assert got[0] and got[2] and not got[3]
-    # Every step is one call for all the photos (or faces) taking it: the coarse run holds all four.
-    assert calls[0] == len(photos) and len(calls) < 12
+    upsampled = [i for i, p in enumerate(photos) if not got[i] and max(p.shape) <= cfg.upsample_max_side]
+    assert calls == [(len(photos), 0)] + ([(len(upsampled), 1)] if max_upsample and upsampled else [])
 
 
 def _rolled_group() -> list[np.ndarray]:
