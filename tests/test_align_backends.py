@@ -302,6 +302,7 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
     worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
                           align=AlignConfig(backend="torch"))
     assert worker.info()["align_backend"] == "torch"
+    assert list(worker.info()["init_seconds"]) == ["load", "aligner"]  # the start's steps, for the run's log
     cfg_t, cfg_d = _prepare_cfg("torch"), _prepare_cfg("dlib")
 
     def chunk(names, cfg, index):
