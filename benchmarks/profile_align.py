@@ -1,6 +1,6 @@
-"""Where device alignment spends its time: DeviceAligner.align's parts on raw photos, and the detector's and
-the crop's kernels and host time (torch.profiler, cProfile). A profile, not a benchmark: the figures that go in
-BENCHMARKS.md come from bench_pipeline_raw_gpu.py and bench_face_models.py.
+"""Where device alignment spends its time: DeviceAligner.align's parts on raw photos, and the detector's, the
+predictor's and the crop's kernels and host time (torch.profiler, cProfile). A profile, not a benchmark: the
+figures that go in BENCHMARKS.md come from bench_pipeline_raw_gpu.py and bench_face_models.py.
 
     python benchmarks/profile_align.py --photos 64                 # GPU
     python benchmarks/profile_align.py --photos 4 --min-side 300 --max-side 400 --device cpu   # smoke
@@ -139,6 +139,7 @@ def main() -> None:
         say(f"  {name:45s} {s * 1e3:9.1f} ms  {a.photos / s:8.1f} photos/s")
 
     for name, fn in (("detector.detect", lambda: aligner.detector.detect(photos)),
+                     ("predictor.predict", lambda: aligner.predictor.predict(on_device, rects)),
                      ("crop_faces", lambda: crop_faces(on_device, index, lm, 256, 1024, device=dev))):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
