@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.pipeline_stats import read_stats, report, steady_rate  # noqa: E402
+from benchmarks.pipeline_stats import middle_rate, read_stats, report, steady_rate  # noqa: E402
 from models.face_detector import FrontalFaceDetector  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
@@ -340,6 +340,9 @@ def main() -> None:
         photo_rate = face_rate * a.photos / max(1, faces_done)
         result[name] = {"pipeline_faces_s": round(face_rate, 1), "pipeline_photos_s": round(photo_rate, 1),
                         "ratio": round(face_rate / invert_only, 3), "steady_s": round(seconds, 1),
+                        # between 10% and 90% of the faces: neither the start nor the last shards' wave
+                        "middle_faces_s": round(middle_rate(stats), 1),
+                        "middle_ratio": round(middle_rate(stats) / invert_only, 3),
                         "first_call_s": round(first_call, 1),
                         "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
                         "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),
