@@ -42,7 +42,7 @@ from .detect import box_iou, detection_runs, more_runs, smallest_visible
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
-__all__ = ["ALIGN_PARTS", "DeviceAligner", "align_photos", "resolve_align_backend"]
+__all__ = ["ALIGN_PARTS", "DeviceAligner", "PartClock", "align_photos", "resolve_align_backend"]
 
 # Eye-line tilt (degrees) above which landmarks are predicted again upright: pipeline.detect.FaceDetector's.
 UPRIGHT_ABOVE = 10.0
@@ -99,32 +99,33 @@ class DeviceAligner:
         on a GPU its many small steps cost more wall time than the full pyramid: BENCHMARKS.md.)"""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
+        # From the photo itself the runs differ only in upsampling: run ``up`` is (0, up) for every photo.
         runs = [detection_runs(0, int(p.shape[0]), int(p.shape[1]), cfg.max_upsample, cfg.min_face_size,
                                cfg.upsample_max_side) for p in photos]
         found: list[list] = [[] for _ in photos]
         smallest: list[float | None] = [None] * len(photos)
-        for step in range(max(map(len, runs), default=0)):
-            todo = [i for i, r in enumerate(runs) if step < len(r)
+        for up in range(max(map(len, runs), default=0)):
+            todo = [i for i, r in enumerate(runs) if up < len(r)
                     and (smallest[i] is None or more_runs(found[i], exhaustive, cfg.min_face_size, smallest[i]))]
-            for up in sorted({runs[i][step][1] for i in todo}):
-                group = [i for i in todo if runs[i][step][1] == up]
-                for i, dets in zip(group, self.detector.detect([photos[i] for i in group], upsample=up)):
-                    width = int(photos[i].shape[1])
-                    smallest[i] = smallest_visible(width, width, up)
-                    for (left, top, right, bottom), score, _filter in dets:
-                        box = (float(left), float(top), float(right + 1), float(bottom + 1))
-                        if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
-                            continue
-                        # A face already found by an earlier run keeps that run's box.
-                        if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
-                            continue
-                        found[i].append((box, float(score)))
+            if not todo:  # (a photo that stops making runs never starts again)
+                break
+            for i, dets in zip(todo, self.detector.detect([photos[i] for i in todo], upsample=up)):
+                width = int(photos[i].shape[1])
+                smallest[i] = smallest_visible(width, width, up)  # the photo is its own level 0
+                for (left, top, right, bottom), score, _filter in dets:
+                    box = (float(left), float(top), float(right + 1), float(bottom + 1))
+                    if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
+                        continue
+                    # A face already found by an earlier run keeps that run's box.
+                    if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+                        continue
+                    found[i].append((box, float(score)))
         return found
 
     def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
         """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages
         one chunk while another is aligned."""
-        clock = _PartClock(self.part_seconds)
+        clock = PartClock(self.part_seconds)
         staged = stage_photos(photos, self.device)
         clock.lap("stage")
         return staged
@@ -138,7 +139,7 @@ class DeviceAligner:
         out: list[list[AlignedFace]] = [[] for _ in photos.photos]
         if not photos.photos:
             return out
-        clock = _PartClock(self.part_seconds)
+        clock = PartClock(self.part_seconds)
         # The group's one host -> device copy (from pinned memory): the detector, the predictor and the crop
         # are given views of it and copy from it on the device only.
         flat, starts, sizes = photos_to_device(photos, self.device)
@@ -175,9 +176,9 @@ class DeviceAligner:
         return [p[0].astype(np.float64) for p in points]
 
 
-class _PartClock:
-    """Adds the time since the previous lap (or its creation) to ``seconds[part]``. (An actor's calls stage
-    and align at once, from threads of their own: the sums are added under a lock.)"""
+class PartClock:
+    """Adds the time since the previous lap (or its creation) to ``seconds[part]`` (from 0 for a new part).
+    (An actor's calls stage and align at once, from threads of their own: the sums are added under a lock.)"""
 
     _lock = threading.Lock()
 
@@ -187,7 +188,7 @@ class _PartClock:
     def lap(self, part: str) -> None:
         now = time.perf_counter()
         with self._lock:
-            self.seconds[part] += now - self.t
+            self.seconds[part] = self.seconds.get(part, 0.0) + now - self.t
         self.t = now
 
 

@@ -185,9 +185,10 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
             info = ray.get(actors[0].info.remote())
         except Exception as e:  # noqa: BLE001 - surfaces as a config error naming the key
             raise ConfigError("model.checkpoint", f"cannot load the model: {short_error(e)}") from None
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in info["init_seconds"].items())
         echo(f"model: n_latent={info['n_latent']} stages={info['stages']}/{info['num_stages']} "
-             f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), {n_cpus} CPUs; "
-             f"actor started in {time.time() - t0:.0f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in info["init_seconds"].items()) + ")")
+             f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), "
+             f"{n_cpus} CPUs; actor started in {time.time() - t0:.0f} s ({steps})")
         cpu_for_tasks = max(1, n_cpus - (0 if n_gpus else n_actors))
         prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
         fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)

@@ -17,7 +17,7 @@ import torch
 from models import load_e2style
 from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
 from pipeline.config import AlignConfig
-from pipeline.device_align import DeviceAligner, align_photos, resolve_align_backend
+from pipeline.device_align import DeviceAligner, PartClock, align_photos, resolve_align_backend
 from pipeline.edit import apply_edit
 from pipeline.images import MODEL_INPUT_SIZE, resize_square
 from pipeline.invert import invert_faces
@@ -39,15 +39,8 @@ class InvertWorker:
         """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
         actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
         dlib's model file (benchmarks)."""
-        clock = time.perf_counter()
         self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
-
-        def lap(step: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            self.init_seconds[step] = round(now - clock, 2)
-            clock = now
-
+        lap = PartClock(self.init_seconds).lap
         self.device = resolve_device(device)
         batch_size = resolve_batch_size(batch_size, self.device)
         if num_threads:
