@@ -155,6 +155,14 @@ def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float
     return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
 
 
+def photo_chunks(photos: list, group: int) -> list[PreparedChunk]:
+    """Decoded photos as the chunks CPU tasks hand an aligning actor: ``group`` photos each, one
+    ALIGN_PENDING row per photo."""
+    return [PreparedChunk("b", k, [Row(str(i), "x", status=ALIGN_PENDING) for i in range(i0, i0 + len(part))],
+                          np.zeros((0, 256, 256, 3), np.uint8), {}, len(part), photos=part)
+            for k, (i0, part) in enumerate((i, photos[i:i + group]) for i in range(0, len(photos), group))]
+
+
 def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: str) -> dict:
     """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
     on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
@@ -168,13 +176,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
                           landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size
-
-    def chunks_of(photos: list) -> list[PreparedChunk]:
-        return [PreparedChunk("b", k, [Row(str(i), "x", status=ALIGN_PENDING) for i in range(i0, i0 + len(part))],
-                              np.zeros((0, 256, 256, 3), np.uint8), {}, len(part), photos=part)
-                for k, (i0, part) in enumerate((i, photos[i:i + group]) for i in range(0, len(photos), group))]
-
-    seen_chunks = chunks_of(seen)
+    seen_chunks = photo_chunks(seen, group)
     for c in seen_chunks:
         worker.invert_chunks(c)  # warm-up, and every size of ``seen`` met
     third = len(new) // 3 // group * group
@@ -182,7 +184,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     for k, threads in enumerate((1, 2, ALIGNING_ACTOR_QUEUE)):
         name = f"{threads} thread{'s' * (threads > 1)}"
         if third:
-            runs.append((f"new photos, {name}", chunks_of(new[k * third:(k + 1) * third]), threads))
+            runs.append((f"new photos, {name}", photo_chunks(new[k * third:(k + 1) * third], group), threads))
         elif threads > 1:
             runs.append((f"seen photos, {threads} threads", seen_chunks, threads))
     rates = {}

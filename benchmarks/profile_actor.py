@@ -1,0 +1,171 @@
+"""Where the aligning actor's time goes when alignment and inversion share one GPU: ``InvertWorker`` (align.backend
+torch) on chunks of new raw photos from 1 and from 3 threads at once (as Ray runs it), without Ray, with each
+call's alignment and inversion timed in wall and in CPU time of its own thread (the GIL's share), then the
+3-thread run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
+stream's kernel time per chunk. A profile, not a benchmark (the pipeline's figures come from
+bench_pipeline_raw_gpu.py).
+
+    python benchmarks/profile_actor.py --chunks 6 --out actor_profile.txt          # GPU
+    python benchmarks/profile_actor.py --smoke                                    # CPU: checks it runs
+
+Photos, checkpoint and landmark trees: bench_pipeline_raw_gpu's (1024-1800 px, 0-2 faces, 10% faceless; the
+official architecture with seeded random weights; face-like random trees).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import workers.invert_worker as invert_worker  # noqa: E402
+from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_chunk_ms, photo_chunks  # noqa: E402
+from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
+from models.landmarks import ShapePredictor  # noqa: E402
+from pipeline.config import AlignConfig, RayConfig  # noqa: E402
+from pipeline.decode import decode_image  # noqa: E402
+from pipeline.inversion import ALIGNING_ACTOR_QUEUE  # noqa: E402
+
+
+class StepTimes:
+    """Wall and own-thread CPU seconds of each call of a step (thread_time: what the thread itself ran,
+    not the time it waited for the GIL, the GPU or a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.wall.append(time.perf_counter() - w)
+                    self.cpu.append(time.thread_time() - c)
+        return timed
+
+    def summary(self) -> dict:
+        n = max(1, len(self.wall))
+        return {"calls": len(self.wall), "wall_ms_per_call": round(1e3 * sum(self.wall) / n, 1),
+                "cpu_ms_per_call": round(1e3 * sum(self.cpu) / n, 1)}
+
+
+def run_threads(worker, chunks, threads: int) -> float:
+    """Seconds to push ``chunks`` through ``worker.invert_chunks`` from ``threads`` threads at once."""
+    jobs = [chunks[k::threads] for k in range(threads)]
+    runners = [threading.Thread(target=lambda mine=mine: [worker.invert_chunks(c) for c in mine]) for mine in jobs]
+    t = time.perf_counter()
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    return time.perf_counter() - t
+
+
+def kernel_summary(trace_path: str, wall_s: float, n_chunks: int) -> dict:
+    """From a chrome trace: the GPU's busy share (union of kernel intervals over the profiled wall time) and
+    each stream's kernel ms per chunk, with its 8 costliest kernels."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, -1.0
+    for a, b in spans:
+        if b <= end:
+            continue
+        busy += b - max(a, end)
+        end = b
+    by_stream: dict = {}
+    for e in kernels:
+        s = by_stream.setdefault(str(e.get("args", {}).get("stream")), {"us": 0.0, "kernels": {}})
+        s["us"] += e["dur"]
+        s["kernels"][e["name"][:70]] = s["kernels"].get(e["name"][:70], 0.0) + e["dur"]
+    streams = {k: {"kernel_ms_per_chunk": round(v["us"] / 1e3 / n_chunks, 1),
+                   "top": {n: round(us / 1e3 / n_chunks, 2)
+                           for n, us in sorted(v["kernels"].items(), key=lambda kv: -kv[1])[:8]}}
+               for k, v in by_stream.items()}
+    return {"gpu_busy_share": round(busy / 1e6 / wall_s, 3), "streams": streams}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", type=int, default=6, help="chunks of new photos per run")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    sides, resolution, width, group = (1024, 1800), 1024, 512, RayConfig.chunk_size
+    if a.smoke:
+        a.chunks, a.batch, a.stages, sides, resolution, width, group = 1, 4, 2, (200, 260), 64, 32, 4
+    n_runs = 3  # 1 thread, 3 threads, 3 threads profiled
+    photos = [decode_image(p) for p, _ in make_photos(group * (1 + n_runs * a.chunks), *sides, 0.1)]
+    work = tempfile.mkdtemp(prefix="profile_actor_")
+    ckpt = os.path.join(work, "e2style.pt")
+    with torch.device(device):
+        model = build_e2style(resolution, stages=a.stages, width=width, seed=0)
+    atomic_save(e2style_checkpoint(model), ckpt)
+    del model
+    worker = invert_worker.InvertWorker(
+        ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
+        landmark_predictor=ShapePredictor.from_model(face_like_model(seed=0), device, cuda_graphs=False))
+    chunks = photo_chunks(photos, group)
+    worker.invert_chunks(chunks[0])  # warm-up
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    align_times, invert_times = StepTimes(), StepTimes()
+    worker.aligner.align = align_times.wrap(worker.aligner.align)
+    invert_worker.invert_faces = invert_times.wrap(invert_worker.invert_faces)
+    lines = [f"InvertWorker on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
+             f"({sides[0]}-{sides[1]} px), init {worker.info()['init_seconds']}"]
+    result = {}
+    for k, (name, threads, profiled) in enumerate((("1 thread", 1, False),
+                                                   (f"{ALIGNING_ACTOR_QUEUE} threads", ALIGNING_ACTOR_QUEUE, False),
+                                                   (f"{ALIGNING_ACTOR_QUEUE} threads, profiled", ALIGNING_ACTOR_QUEUE,
+                                                    True))):
+        mine = chunks[1 + k * a.chunks:1 + (k + 1) * a.chunks]
+        align_times.__init__()
+        invert_times.__init__()
+        before = worker.align_part_seconds()
+        sync()
+        if profiled:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                seconds = run_threads(worker, mine, threads)
+                sync()
+            trace = os.path.join(work, "trace.json")
+            prof.export_chrome_trace(trace)
+        else:
+            seconds = run_threads(worker, mine, threads)
+            sync()
+        n_photos = sum(len(c.photos) for c in mine)
+        entry = {"photos_s": round(n_photos / seconds, 1), "seconds": round(seconds, 2),
+                 "align": align_times.summary(), "invert": invert_times.summary(),
+                 "align_parts_ms_per_chunk": per_chunk_ms(
+                     {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine))}
+        if profiled and on_gpu:
+            entry["kernels"] = kernel_summary(trace, seconds, len(mine))
+        result[name] = entry
+        lines.append(f"{name}: {json.dumps(entry)}")
+        print(lines[-1], flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
