@@ -6,7 +6,9 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
 1. Paths. Every combination the code can run on a GPU: precision fp32 / bf16 / fp16 x eager / torch.compile x
    kernel rewrites on / off (on CUDA the generator always upsamples in the official order, "transposed_blur":
    the folded forms hit cuDNN defects, see models/stylegan2.py), including the pipeline's default (fp16,
-   compiled, rewrites on) and its fallback when compilation fails (the same, eager). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with
+   compiled, rewrites on) and its fallback when compilation fails (the same, eager); compiled paths also as the
+   actor runs them, replayed as a CUDA graph (E2Style.capture_invert), bit for bit against the same path
+   without it ("graph_equal"). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with
    seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
    the same GPU, computed 4 samples at a time (TF32 off). Bounds: float32 paths relative error <= 1e-4 of the
    codes and of the 256 px images; bf16/fp16 paths codes <= 1e-2 and reconstructions >= 40 dB PSNR.
@@ -133,8 +135,20 @@ def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: to
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = model.invert(model.preprocess_uint8(inputs[:b]), return_images=True)
+                x = model.preprocess_uint8(inputs[:b])
+                out = model.invert(x, return_images=True)
             row = judge(path, b, out.codes, out.images, ref)
+            if path.compile and device.type == "cuda":
+                # The actor replays compiled inversion as a CUDA graph: the same kernels, so the same bits.
+                if model.capture_invert(b, return_images=True):
+                    graphed = model.invert(x, return_images=True)
+                    row["graph_equal"] = bool(torch.equal(graphed.codes, out.codes)
+                                              and torch.equal(graphed.images, out.images))
+                    row["ok"] = row["ok"] and row["graph_equal"]
+                    model._graphs = {}
+                    del graphed
+                else:
+                    row.update(ok=None, note="CUDA graph capture failed")
             del out
             fell_back = [str(w.message)[:200] for w in caught if "running eager" in str(w.message)]
             if path.compile and fell_back:  # what ran is the eager fallback, checked as its own path
@@ -310,6 +324,8 @@ def main() -> int:
     p.add_argument("--part", choices=("all", "eager", "compiled"), default="all",
                    help="eager: eager paths, convolution sweep, float64 CPU check; compiled: compiled paths (to split "
                         "the check over two device calls)")
+    p.add_argument("--compiled-paths", default="",
+                   help="only these compiled paths, comma-separated (e.g. fp16-compile-k, the pipeline's default)")
     p.add_argument("--out", default="")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -355,7 +371,8 @@ def main() -> int:
         torch.cuda.empty_cache() if on_gpu else None
 
     # Compiled paths in worker processes, the default path's worker first.
-    compiled = [p.name for p in COMPILED_PATHS] if compile_batches else []
+    chosen = [p for p in COMPILED_PATHS if not a.compiled_paths or p.name in a.compiled_paths.split(",")]
+    compiled = [p.name for p in chosen] if compile_batches else []
     procs = []
     n_workers = max(1, min(a.workers, len(compiled))) if compiled else 0
     for w in range(n_workers):
@@ -421,7 +438,7 @@ def main() -> int:
         if os.path.exists(rows_file + f".{w}"):
             path_rows += [json.loads(line) for line in open(rows_file + f".{w}")]
     done = {(r["path"], r["batch"]) for r in path_rows}
-    for path in COMPILED_PATHS if compiled else []:
+    for path in chosen if compiled else []:
         for b in [int(x) for x in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if x]:
             if (path.name, b) not in done:
                 path_rows.append({"path": path.name, "batch": b, "ok": None, "note": "not run: out of time"})
@@ -459,6 +476,10 @@ def main() -> int:
             return f"{r['codes_rel_err_max']:.1e} / {r['psnr_min_db']:.1f}{mark}"
         print(f"| {name} | " + " | ".join(cell(cells.get(b)) for b in all_b) + " |")
     print("(fp32: max per-sample relative error of codes and images; bf16/fp16: max codes error / min PSNR dB)")
+    graphed = [r for r in path_rows if "graph_equal" in r]
+    if graphed:
+        print(f"CUDA graph replays: {sum(r['graph_equal'] for r in graphed)} of {len(graphed)} compiled cells bit for "
+              "bit equal to the same path without the graph")
     if conv_rows:
         worst = {}
         for r in conv_rows:

@@ -6,6 +6,7 @@ Each stage's reconstruction is the generator output average-pooled to 256x256 (t
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +31,37 @@ def face_pool(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(images, (POOLED_SIZE, POOLED_SIZE))
 
 
+class InversionGraph:
+    """One E2Style._invert call (all its stages) recorded as a CUDA graph at one input shape, stage count and
+    precision, replayed for later inputs of that shape. The GPU then gets a batch's thousands of kernels from
+    one launch: a host thread busy elsewhere (an actor's alignment, holding the GIL) no longer leaves it idle
+    between kernels. Its input and outputs are static buffers: each call copies the input in and clones the
+    outputs out under a lock, in stream order, so calls from several threads never see each other's data."""
+
+    def __init__(self, run, example: torch.Tensor):
+        # Warm-up on a side stream (what capture needs: every lazy initialisation done), then the capture.
+        self.input = torch.zeros_like(example)
+        current = torch.cuda.current_stream(example.device)
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(self.input)
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA work during the capture is not the capture's concern.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = run(self.input)
+        self.lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> InversionOutput:
+        with self.lock, torch.inference_mode():
+            self.input.copy_(x)
+            self.graph.replay()
+            out = self.output
+            return InversionOutput(out.codes.clone(), None if out.images is None else out.images.clone())
+
+
 class E2Style(nn.Module):
     def __init__(self, encoder_firststage: nn.Module, encoder_refinestage_list: list[nn.Module], decoder: Generator, latent_avg: torch.Tensor | None, start_from_latent_avg: bool = True, learn_in_w: bool = False, input_nc: int = 3, label_nc: int = 0):
         super().__init__()
@@ -45,6 +77,7 @@ class E2Style(nn.Module):
         self.precision = "fp32"
         self.channels_last = False  # set by optimize_for_gpu
         self._compiled: dict = {}   # name -> torch.compile'd callable, filled by optimize_for_gpu
+        self._graphs: dict = {}     # (input shape, stages, return_images, precision) -> InversionGraph
 
     @property
     def num_stages(self) -> int:
@@ -76,6 +109,7 @@ class E2Style(nn.Module):
         input convolutions zero-padded to 8 channels, and the generator's RGB-skip upsampling as two matrix
         products (see BENCHMARKS.md). Inference only: the padded weights change the state dict."""
         self.channels_last = channels_last
+        self._graphs = {}  # recorded for the networks as they were
         if kernels:
             for enc in (self.encoder_firststage, *self.encoder_refinestage_list):
                 if hasattr(enc, "input_layer"):
@@ -94,6 +128,32 @@ class E2Style(nn.Module):
             for i, enc in enumerate(self.encoder_refinestage_list):
                 self._compiled[f"refine{i}"] = torch.compile(enc, dynamic=False)
         return self
+
+    def capture_invert(self, batch: int, stages: int | None = None, return_images: bool = True,
+                       size: int = POOLED_SIZE) -> bool:
+        """Record invert at (batch, input_nc, size, size), these stages and the current precision as a CUDA graph
+        (InversionGraph) that later invert calls of that shape replay. CUDA models only; call it after the
+        compiled networks ran at this shape (torch.compile may not compile during a capture) and before other
+        threads use the model. Returns False, with a warning, when the capture fails: invert then runs as
+        before."""
+        device = self.latent_avg.device
+        if device.type != "cuda":
+            raise ValueError(f"capture_invert needs a CUDA model, this one is on {device}")
+        stages = self.num_stages if stages is None else int(stages)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        example = torch.zeros((batch, self.input_nc, size, size), device=device).contiguous(memory_format=fmt)
+        try:
+            with torch.inference_mode():
+                graph = InversionGraph(lambda x: self._invert(x, stages, return_images), example)
+        except Exception as e:  # noqa: BLE001 - a capture the toolchain refuses: stay correct, run without
+            warnings.warn(f"CUDA graph capture of invert failed ({type(e).__name__}: {e}); running without")
+            return False
+        self._graphs[self._graph_key(example.shape, stages, return_images)] = graph
+        return True
+
+    def _graph_key(self, shape, stages: int | None, return_images: bool) -> tuple:
+        """What a recorded graph is valid for: the input shape, the stages run, the images, the precision."""
+        return tuple(shape), self.num_stages if stages is None else int(stages), bool(return_images), self.precision
 
     def _call(self, name: str, eager, *args):
         compiled = self._compiled
@@ -139,8 +199,10 @@ class E2Style(nn.Module):
         """x: (B, input_nc, 256, 256) in [-1, 1]. Runs stages 1..k; images are stage k's reconstruction.
 
         fp16 can overflow where bf16 cannot (5 exponent bits against 8): a batch whose fp16 result is not
-        finite is recomputed in bf16, so overflow costs speed, never a wrong row."""
-        out = self._invert(x, stages, return_images)
+        finite is recomputed in bf16, so overflow costs speed, never a wrong row. Inputs of a shape that
+        capture_invert recorded replay its CUDA graph."""
+        graph = self._graphs.get(self._graph_key(x.shape, stages, return_images))
+        out = graph(x) if graph is not None else self._invert(x, stages, return_images)
         if self.precision == "fp16" and not (torch.isfinite(out.codes).all() and (out.images is None or torch.isfinite(out.images).all())):
             warnings.warn("fp16 overflow in a batch: recomputed in bf16")
             self.precision = "bf16"

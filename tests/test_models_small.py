@@ -269,3 +269,36 @@ def test_fp16_overflow_is_recomputed_in_bf16(small3):
         out = m.invert(x)
     assert torch.isfinite(out.codes).all() and torch.isfinite(out.images).all()
     assert m.precision == "fp16"
+
+
+def test_a_recorded_graph_serves_only_its_shape_stages_and_precision(small3):
+    """invert replays a graph capture_invert recorded only for inputs of its shape, its stages, images and
+    precision; anything else runs the networks. (The replay itself is checked bit for bit against the same
+    compiled path on the GPU: benchmarks/check_gpu.py, "graph_equal".)"""
+    m = load_e2style(small3)
+    x = images()
+    ref = m.invert(x, stages=2)
+    calls = []
+
+    def replay(inp):
+        calls.append(inp.shape)
+        return m._invert(inp, 2, True)
+
+    m._graphs[m._graph_key(x.shape, 2, True)] = replay
+    out = m.invert(x, stages=2)
+    assert calls == [x.shape] and torch.equal(out.codes, ref.codes)
+    m.invert(images(batch=3), stages=2)            # another batch size
+    m.invert(x, stages=3)                          # other stages
+    m.invert(x, stages=2, return_images=False)     # latents only
+    m.set_precision("bf16")
+    m.invert(x, stages=2)                          # another precision
+    assert calls == [x.shape]
+    m.optimize_for_gpu(channels_last=False, compile=False, kernels=True)  # networks changed: graphs dropped
+    m.set_precision("fp32")
+    m.invert(x, stages=2)
+    assert calls == [x.shape]
+
+
+def test_graph_capture_needs_a_cuda_model(small3):
+    with pytest.raises(ValueError, match="CUDA model"):
+        load_e2style(small3).capture_invert(2)

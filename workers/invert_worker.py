@@ -70,6 +70,10 @@ class InvertWorker:
             warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
             invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
                          return_images=return_images, pad_batches=True)
+            if on_gpu:
+                # Each batch's inversion then reaches the GPU as one graph launch: the actor's other calls
+                # (alignment's host steps) cannot starve it of kernels (BENCHMARKS.md).
+                self.model.capture_invert(batch_size, stages, return_images)
             lap("compile")
         self.batch_size = batch_size
         self.edit_options = edit_options
