@@ -1001,72 +1001,6 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
     return total
 
 
-# -- screening: every window's score bounded by one convolution, dlib's sums only where it may pass ---------
-
-# A window's score is a sum of products of fHOG features and filter weights, and every feature is >= 0 (a
-# minimum of non-negative histogram sums times a positive normaliser). One convolution whose kernels are each
-# filter's separable terms summed into dense (fh, fw) kernels gives every window's score up to the rounding of
-# its arithmetic, and the same convolution with the terms' absolute values gives a bound of that rounding:
-# with bfloat16 operands (2^-9 relative each, so 2^-8 per product) and float32 accumulation, |approx - exact|
-# is at most about 2^-7.5 of the bound; dlib's own float32 sums differ from the real ones by about 1e-5 of it.
-# SCREEN_MARGIN = 2^-5 is four times the worst case. A window whose approx + SCREEN_MARGIN * bound is below
-# the threshold cannot pass; the few others get dlib's exact sums (_window_scores_exact), so the detections
-# are the dense path's bit for bit (FrontalFaceDetector checks both claims on its device when created).
-SCREEN_MARGIN = 2.0 ** -5
-# Windows scored exactly in one pass at most (their plane values: 26 KB each with the 66 terms of dlib's model).
-_EXACT_WINDOWS = 8192
-
-
-def screen_kernels(plane_idx: np.ndarray, row_taps: np.ndarray, col_taps: np.ndarray, n_planes: int) -> np.ndarray:
-    """(2F, n_planes, fh, fw) float32: per filter the dense kernel of its separable terms (sum over the plane's
-    terms of col_taps x row_taps, in float64), then per filter the same with absolute values (the bound)."""
-    n_filters, n_slots = plane_idx.shape
-    fh, fw = col_taps.shape[2], row_taps.shape[2]
-    k = np.zeros((2 * n_filters, n_planes, fh, fw), np.float64)
-    for f in range(n_filters):
-        for s in range(n_slots):
-            col, row = col_taps[f, s].astype(np.float64), row_taps[f, s].astype(np.float64)
-            k[f, plane_idx[f, s]] += np.outer(col, row)
-            k[n_filters + f, plane_idx[f, s]] += np.outer(np.abs(col), np.abs(row))
-    return k.astype(np.float32)
-
-
-def _screen_scores(planes: torch.Tensor, kernels: torch.Tensor, out_h: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(approx, bound), each (B, F, out_h, plane cols - fw + 1) float32, window (i, j) as _filter_scores'."""
-    n_filters = kernels.shape[0] // 2
-    y = torch.nn.functional.conv2d(planes.to(kernels.dtype), kernels)[:, :, :out_h].float()
-    return y[:, :n_filters], y[:, n_filters:]
-
-
-def _window_patches(planes: torch.Tensor, b: torch.Tensor, f: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
-                    plane_idx: torch.Tensor, fh: int, fw: int) -> torch.Tensor:
-    """(K, S, fh, fw): the plane values that the windows (b, f, i, j) (K each, on the device) read, per
-    separable term of filter f."""
-    dev = planes.device
-    rows = i[:, None, None, None] + torch.arange(fh, device=dev)[None, None, :, None]
-    cols = j[:, None, None, None] + torch.arange(fw, device=dev)[None, None, None, :]
-    return planes[b[:, None, None, None], plane_idx[f][:, :, None, None], rows, cols]
-
-
-def _window_scores_exact(patches: torch.Tensor, f: torch.Tensor, simd: torch.Tensor, row_taps: torch.Tensor,
-                         col_taps: torch.Tensor) -> torch.Tensor:
-    """_filter_scores' value at windows of filters f from their _window_patches, bit for bit: each term's row
-    sums over the window's fh plane rows and its column sum, in dlib's 8-wide order (``simd``) or its scalar
-    order (an image's last columns), then the terms added one after the other."""
-    fh, fw = col_taps.shape[2], row_taps.shape[2]
-    row_w = [row_taps[f][:, :, None, n] for n in range(fw)]  # (K, S, 1) each
-    col_w = [col_taps[f][:, :, m] for m in range(fh)]  # (K, S) each
-    simd = simd[:, None]
-    rowed = torch.where(simd[..., None], _three_accumulator_sum(lambda n: patches[..., n], row_w),
-                        _sequential_sum(lambda n: patches[..., n], row_w))  # (K, S, fh)
-    terms = torch.where(simd, _three_accumulator_sum(lambda m: rowed[..., m], col_w),
-                        _sequential_sum(lambda m: rowed[..., m], col_w))  # (K, S)
-    total = terms[:, 0].clone()
-    for s in range(1, terms.shape[1]):
-        total.add_(terms[:, s])
-    return total
-
-
 # -- Triton kernels (CUDA) ------------------------------------------------------------------------------
 # The same arithmetic as the torch path above, fused: the pyramid resize, the pixels' orientations and
 # magnitudes, the cell histograms, fHOG's features, and one kernel for both filter passes and the sum over
@@ -1548,7 +1482,7 @@ class FrontalFaceDetector:
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None,
                  max_batch_pixels: int | None = None, chunk_elements: int | None = None,
-                 use_triton: bool | None = None, screen: bool = True):
+                 use_triton: bool | None = None):
         self.model = read_detector_file(path or BUNDLED_DETECTOR_FILE)
         self.device = torch.device(device)
         on_gpu = self.device.type != "cpu"
@@ -1572,10 +1506,6 @@ class FrontalFaceDetector:
         self._plane_idx = torch.from_numpy(plane_idx).to(self.device)
         self._row_taps = torch.from_numpy(row_taps).to(self.device)
         self._col_taps = torch.from_numpy(col_taps).to(self.device)
-        # Screening (see SCREEN_MARGIN): bfloat16 convolutions on a GPU (tensor cores), float32 on a CPU.
-        self._screen_kernels = torch.from_numpy(screen_kernels(plane_idx, row_taps, col_taps, NUM_PLANES)).to(
-            self.device, torch.bfloat16 if on_gpu else torch.float32)
-        self.screen = bool(screen)
 
         # Triton kernels on CUDA (default when available): each group (fHOG histograms, filters) is used only
         # if it reproduces the torch path bit for bit on the checks here; otherwise a warning and torch.
@@ -1596,13 +1526,6 @@ class FrontalFaceDetector:
                 else:
                     warnings.warn(f"FrontalFaceDetector: Triton {group} kernels disagree with the torch path "
                                   f"({problem}); using the torch path for them", RuntimeWarning, stacklevel=2)
-
-        if self.screen and on_gpu:
-            problem = self._check_screen()
-            if problem is not None:
-                self.screen = False
-                warnings.warn(f"FrontalFaceDetector: screening disagrees with the dense filters on {self.device} "
-                              f"({problem}); scoring every window densely", RuntimeWarning, stacklevel=2)
 
     @property
     def use_triton(self) -> bool:
@@ -1658,31 +1581,6 @@ class FrontalFaceDetector:
             want = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, chunk)[..., :cols] * valid
             if not torch.equal(want, got):
                 return f"filter scores differ by up to {float((want - got).abs().max()):.3g}"
-        return None
-
-    def _check_screen(self) -> str | None:
-        # Both claims on this device's convolution, on random non-negative planes of two images: the bound holds
-        # at every window, and the exact sums at every window are the dense path's.
-        gen = torch.Generator(device="cpu").manual_seed(2)
-        fh, fw = self._fhog_pad
-        hog = np.array([[23, 45], [40, 17]])
-        rows, cols = int(hog[:, 0].max()), int(hog[:, 1].max())
-        planes = torch.zeros((2, NUM_PLANES, rows + fh - 1, cols + fw - 1 + _TAIL_BAND))
-        planes[:, :, :rows, :cols] = torch.rand((2, NUM_PLANES, rows, cols), generator=gen) * 0.4
-        planes = planes.to(self.device)
-        dense = _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
-        approx, bound = _screen_scores(planes, self._screen_kernels, rows)
-        if bool(((approx.double() - dense.double()).abs() > SCREEN_MARGIN * bound.double()).any()):
-            return "a score outside its bound"
-        # Each image's own windows (elsewhere the dense path's values are junk).
-        b, f, i, j = np.indices(dense.shape).reshape(4, -1)
-        mine = (i < hog[b, 0]) & (j < hog[b, 1])
-        b, f, i, j = (torch.from_numpy(a[mine]).to(self.device) for a in (b, f, i, j))
-        patches = _window_patches(planes, b, f, i, j, self._plane_idx, fh, fw)
-        simd = j < upload(8 * (hog[:, 1] // 8), self.device)[b]
-        exact = _window_scores_exact(patches, f, simd, self._row_taps, self._col_taps)
-        if not torch.equal(exact, dense[b, f, i, j]):
-            return "exact window sums differ from the dense path's"
         return None
 
     # -- public API ------------------------------------------------------------------------------------
@@ -1780,14 +1678,11 @@ class FrontalFaceDetector:
         return batch
 
     def _score_level(self, batch, sizes):
-        """The fHOG sizes (B, 2) of one pyramid level and the five filters' window scores, (B, 5, rows, cols)
-        float32 on the device: exact (dense), or when screening (approx, bound, planes); None when no image
-        of the level has a HOG cell."""
+        """The five filters' window scores of one pyramid level, (B, 5, rows, cols) float32 on the device,
+        and the fHOG sizes (B, 2); None when no image of the level has a HOG cell."""
         planes, hog = _fhog(batch, sizes, self._fhog_pad, use_triton=self.triton_fhog)
         if hog.max() == 0:
             return None
-        if self.screen:
-            return hog, (*_screen_scores(planes, self._screen_kernels, int(hog[:, 0].max())), planes)
         if self.triton_filters:
             return hog, _filter_scores_triton(planes, hog, self._plane_idx, self._row_taps, self._col_taps)
         return hog, _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
@@ -1802,32 +1697,25 @@ class FrontalFaceDetector:
             return found
         # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
         # the score it reports is saliency - threshold in double.
-        cut_host = self.model.thresholds + adjust
-        cut = upload(cut_host, self.device)[None, :, None, None]
+        cut = upload(self.model.thresholds + adjust, self.device)[None, :, None, None]
         flat_hits, flat_saliency = [], []
-        hogs = upload_many([hog.astype(np.int64) for _level, _active, hog, _scores in scored], self.device)
-        for (_level, _active, _hog, scores), hog_t in zip(scored, hogs):
-            out_h, out_w = self._score_shape(scores)[2:]
+        hogs = upload_many([hog.astype(np.int64) for _level, _active, hog, _totals in scored], self.device)
+        for (_level, _active, _hog, totals), hog_t in zip(scored, hogs):
+            out_h, out_w = totals.shape[2], totals.shape[3]
             # Each image's own windows: built on the device from its HOG size (a host mask was megabytes).
             valid = ((torch.arange(out_h, device=self.device)[None, :, None] < hog_t[:, 0, None, None])
                      & (torch.arange(out_w, device=self.device)[None, None, :] < hog_t[:, 1, None, None]))
-            # Screened: the windows that may pass (the bound's reach), scored exactly below; dense: the hits.
-            reach = scores[0].double() + SCREEN_MARGIN * scores[1].double() if self.screen else scores.double()
-            flat_hits.append(((reach >= cut) & valid[:, None]).reshape(-1))
-            if not self.screen:
-                flat_saliency.append(reach.reshape(-1))
+            saliency = totals.double()
+            flat_hits.append(((saliency >= cut) & valid[:, None]).reshape(-1))
+            flat_saliency.append(saliency.reshape(-1))
         where = torch.nonzero(torch.cat(flat_hits)).squeeze(1)
-        if self.screen:
-            where, saliency = self._exact_hits(scored, where, cut_host)
-        else:
-            both = torch.stack([where.double(), torch.cat(flat_saliency)[where]]).cpu().numpy()
-            where, saliency = both[0].astype(np.int64), both[1]
+        both = torch.stack([where.double(), torch.cat(flat_saliency)[where]]).cpu().numpy()
+        where, saliency = both[0].astype(np.int64), both[1]
         start = 0
-        for level, active, _hog, scores in scored:
-            shape = self._score_shape(scores)
-            stop = start + int(np.prod(shape))
+        for level, active, _hog, totals in scored:
+            stop = start + totals.numel()
             sel = (where >= start) & (where < stop)
-            b_idx, f_idx, r_idx, c_idx = np.unravel_index(where[sel] - start, shape)
+            b_idx, f_idx, r_idx, c_idx = np.unravel_index(where[sel] - start, tuple(totals.shape))
             values = saliency[sel] - self.model.thresholds[f_idx]
             start = stop
             # The level's hits, image by image (b_idx is sorted: hits come in (image, filter, row, col) order).
@@ -1838,44 +1726,6 @@ class FrontalFaceDetector:
                 found[active[k]].append((values[a:b], f_idx[a:b], np.full(b - a, level), rows[a:b], cols[a:b],
                                          boxes[a:b]))
         return found
-
-    def _score_shape(self, scores) -> tuple[int, int, int, int]:
-        """(B, F, rows, cols) of a level's scores (_score_level's)."""
-        return tuple((scores[0] if self.screen else scores).shape)
-
-    def _exact_hits(self, scored, where: torch.Tensor, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The screened windows ``where`` (flat indices into the levels' scores, in order, on the device) that
-        pass the threshold ``cut`` (per filter) by dlib's exact sums: (their flat indices, their saliency)."""
-        if len(where) == 0:
-            return np.zeros(0, np.int64), np.zeros(0)
-        flat = where.cpu().numpy()  # nonzero already waited for the device: no wait here
-        fh, fw = self._fhog_pad
-        pieces, exact, start = [], [], 0
-
-        def score_pieces():  # one exact pass over the windows gathered so far
-            f = torch.cat([p[1] for p in pieces])
-            got = _window_scores_exact(torch.cat([p[0] for p in pieces]), f, torch.cat([p[2] for p in pieces]),
-                                       self._row_taps, self._col_taps)
-            exact.append(torch.stack([got.double(), f.double()]))
-            pieces.clear()
-
-        tails = upload_many([8 * (hog[:, 1] // 8) for _level, _active, hog, _scores in scored], self.device)
-        for (_level, _active, _hog, (approx, _bound, planes)), tail in zip(scored, tails):
-            stop = start + approx.numel()
-            lo, hi = np.searchsorted(flat, [start, stop])
-            for a in range(lo, hi, _EXACT_WINDOWS):  # the level's windows, their values gathered
-                b, f, i, j = torch.unravel_index(where[a:min(hi, a + _EXACT_WINDOWS)] - start, tuple(approx.shape))
-                pieces.append((_window_patches(planes, b, f, i, j, self._plane_idx, fh, fw), f, j < tail[b]))
-                if sum(len(p[1]) for p in pieces) >= _EXACT_WINDOWS:
-                    score_pieces()
-            start = stop
-        if pieces:
-            score_pieces()
-        # dlib compares the float32 saliency, promoted to double, with the threshold (double).
-        both = torch.cat(exact, dim=1).cpu().numpy()
-        saliency = both[0]
-        passed = saliency >= cut[both[1].astype(np.int64)]
-        return flat[passed], saliency[passed]
 
     def _finish(self, found, upsample):
         if not found:
@@ -1918,10 +1768,8 @@ def _check_device(argv=None) -> int:
     devices = {"torch": FrontalFaceDetector(args.device, args.path, use_triton=False)}
     if args.device.startswith("cuda") and triton is not None:
         devices["triton"] = FrontalFaceDetector(args.device, args.path)
-        devices["triton, dense filters"] = FrontalFaceDetector(args.device, args.path, screen=False)
         print(f"triton kernels in use: resize {devices['triton'].triton_resize}, fhog {devices['triton'].triton_fhog}, "
-              f"filters {devices['triton'].triton_filters}; screening {devices['triton'].screen} (False: see the "
-              "warning above)")
+              f"filters {devices['triton'].triton_filters} (False: see the warning above)")
     failures = 0
     for upsample in (0, 1):
         subset = images if upsample == 0 else [im for im in images if im.shape[0] * im.shape[1] <= 700 * 700]

@@ -25,7 +25,6 @@ from PIL import Image
 from models.dlib_serialize import DlibReader, encode_float, encode_int
 from models.pillow_resample import upload_many
 from models.face_detector import (
-    SCREEN_MARGIN,
     BUNDLED_DETECTOR_FILE,
     DetectorFileError,
     FrontalFaceDetector,
@@ -34,11 +33,6 @@ from models.face_detector import (
     read_detector_file,
     resize_rgb,
     resize_tables,
-    _fhog,
-    _filter_scores,
-    _screen_scores,
-    _window_patches,
-    _window_scores_exact,
 )
 from face_variants import face_variants, faceless_variants, original_photos
 
@@ -502,66 +496,3 @@ def test_upload_many_gives_back_every_array_as_it_was():
     for g, a in zip(got, arrays):
         assert g.numpy().dtype == a.dtype and tuple(g.shape) == a.shape
         assert np.array_equal(g.numpy(), a)
-
-
-# -- screening (every window bounded by one convolution, dlib's sums only where the bound may pass) --------
-
-def _levels(image: np.ndarray):
-    """(planes, hog) of every pyramid level of one photo, as the detector computes them (torch path)."""
-    batch, size = _as_tensor(image), [image.shape[:2]]
-    while True:
-        planes, hog = _fhog(batch, size, (10, 10), use_triton=False)
-        if hog.max() == 0:
-            return
-        yield planes, hog
-        down = [pyramid_down_size(*size[0])]
-        batch, size = resize_rgb(batch, size, down)[:, :, :down[0][0], :down[0][1]].contiguous(), down
-
-
-def test_screening_bounds_every_window_and_scores_the_rest_exactly(detector):
-    """On the photographs and a faceless image, at every pyramid level: the features are >= 0 (what the bound
-    rests on); the convolution's score is within SCREEN_MARGIN * bound of the dense path's at every window;
-    the exact sums of every window, SIMD and scalar columns alike, are the dense path's bit for bit; and the
-    screen lets through only a small share of the windows (else it would save nothing)."""
-    images = [p.image for p in original_photos()] + [faceless_variants(1, seed=3, max_side=500)[0].image]
-    windows = passed = 0
-    for image in images:
-        for planes, hog in _levels(image):
-            assert float(planes.min()) >= 0.0
-            dense = _filter_scores(planes, hog, detector._plane_idx, detector._row_taps, detector._col_taps, 2 ** 15)
-            approx, bound = _screen_scores(planes, detector._screen_kernels, int(hog[0, 0]))
-            h, w = (int(v) for v in hog[0])
-            dense, approx, bound = (t[0, :, :h, :w].double() for t in (dense, approx, bound))
-            assert bool(((approx - dense).abs() <= SCREEN_MARGIN * bound).all())
-            f, i, j = (torch.from_numpy(a.ravel()) for a in np.indices(dense.shape))
-            b = torch.zeros_like(f)
-            patches = _window_patches(planes, b, f, i, j, detector._plane_idx, 10, 10)
-            exact = _window_scores_exact(patches, f, j < 8 * (w // 8), detector._row_taps, detector._col_taps)
-            assert torch.equal(exact.double(), dense[f, i, j])
-            cut = torch.from_numpy(detector.model.thresholds)[:, None, None]
-            windows += dense.numel()
-            passed += int((approx + SCREEN_MARGIN * bound >= cut).sum())
-    assert windows > 100_000 and passed < 0.01 * windows, (passed, windows)
-
-
-@pytest.mark.parametrize("upsample", [0, 1])
-def test_screened_detections_are_the_dense_paths(dlib_file, upsample):
-    """The detector (screening by default) and the same detector scoring every window densely, on the
-    photographs and variants, at thresholds that let through few and many windows."""
-    images = [p.image for p in original_photos()] + [v.image for v in face_variants(6, seed=5, max_side=400)]
-    screened = FrontalFaceDetector(path=dlib_file)
-    dense = FrontalFaceDetector(path=dlib_file, screen=False)
-    assert screened.screen and not dense.screen
-    for adjust in (0.0, -0.5, -2.0):
-        got, want = screened.detect(images, upsample, adjust), dense.detect(images, upsample, adjust)
-        assert got == want
-        assert sum(map(len, want)) >= {0.0: 3, -0.5: 5, -2.0: 50}[adjust]
-
-
-def test_a_screen_whose_bound_fails_is_caught(detector):
-    """The check a GPU detector runs when created (falling back to dense scoring when it fails) finds a
-    bound that does not hold."""
-    assert detector._check_screen() is None
-    broken = FrontalFaceDetector(path=None)
-    broken._screen_kernels[broken._screen_kernels.shape[0] // 2:] = 0  # no margin for the rounding
-    assert broken._check_screen() == "a score outside its bound"
