@@ -36,7 +36,8 @@ class InversionGraph:
     precision, replayed for later inputs of that shape. The GPU then gets a batch's thousands of kernels from
     one launch: a host thread busy elsewhere (an actor's alignment, holding the GIL) no longer leaves it idle
     between kernels. Its input and outputs are static buffers: each call copies the input in and clones the
-    outputs out under a lock, in stream order, so calls from several threads never see each other's data."""
+    outputs out under a lock, after the previous call's clones on whatever stream that call used, so calls from
+    several threads never see each other's data."""
 
     def __init__(self, run, example: torch.Tensor):
         # Warm-up on a side stream (what capture needs: every lazy initialisation done), then the capture.
@@ -53,13 +54,19 @@ class InversionGraph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = run(self.input)
         self.lock = threading.Lock()
+        self.done = torch.cuda.Event()  # the last call's outputs cloned: the buffers are free again
+        self.done.record(current)
 
     def __call__(self, x: torch.Tensor) -> InversionOutput:
         with self.lock, torch.inference_mode():
+            stream = torch.cuda.current_stream(self.input.device)
+            stream.wait_event(self.done)  # a call from another stream may still be using the buffers
             self.input.copy_(x)
             self.graph.replay()
             out = self.output
-            return InversionOutput(out.codes.clone(), None if out.images is None else out.images.clone())
+            result = InversionOutput(out.codes.clone(), None if out.images is None else out.images.clone())
+            self.done.record(stream)
+            return result
 
 
 class E2Style(nn.Module):
