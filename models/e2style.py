@@ -137,12 +137,13 @@ class E2Style(nn.Module):
         return self
 
     def capture_invert(self, batch: int, stages: int | None = None, return_images: bool = True,
-                       size: int = POOLED_SIZE) -> bool:
+                       size: int = POOLED_SIZE, keep_free: float = 0.25) -> bool:
         """Record invert at (batch, input_nc, size, size), these stages and the current precision as a CUDA graph
         (InversionGraph) that later invert calls of that shape replay. CUDA models only; call it after the
         compiled networks ran at this shape (torch.compile may not compile during a capture) and before other
-        threads use the model. Returns False, with a warning, when the capture fails: invert then runs as
-        before."""
+        threads use the model. The graph keeps its activations' memory for itself: when less than ``keep_free``
+        of the device's memory is left free beside it, it is dropped. Returns False, with a warning, when the
+        capture fails or the graph is dropped: invert then runs as before."""
         device = self.latent_avg.device
         if device.type != "cuda":
             raise ValueError(f"capture_invert needs a CUDA model, this one is on {device}")
@@ -154,6 +155,13 @@ class E2Style(nn.Module):
                 graph = InversionGraph(lambda x: self._invert(x, stages, return_images), example)
         except Exception as e:  # noqa: BLE001 - a capture the toolchain refuses: stay correct, run without
             warnings.warn(f"CUDA graph capture of invert failed ({type(e).__name__}: {e}); running without")
+            return False
+        free, total = torch.cuda.mem_get_info(device)
+        if free < keep_free * total:  # the actor's other work (alignment, edits) needs memory of its own
+            del graph
+            torch.cuda.empty_cache()
+            warnings.warn(f"CUDA graph of invert dropped: {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free "
+                          f"beside it (less than {keep_free:.0%}); running without")
             return False
         self._graphs[self._graph_key(example.shape, stages, return_images)] = graph
         return True

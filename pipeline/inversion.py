@@ -188,7 +188,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         steps = ", ".join(f"{k} {v:.1f}" for k, v in info["init_seconds"].items())
         echo(f"model: n_latent={info['n_latent']} stages={info['stages']}/{info['num_stages']} "
              f"resolution={info['resolution']} device={info['device']}; {n_actors} inversion actor(s), "
-             f"{n_cpus} CPUs; actor started in {time.time() - t0:.0f} s ({steps})")
+             f"{n_cpus} CPUs; actor started in {time.time() - t0:.0f} s ({steps})"
+             + ("; inversion as a CUDA graph" if info.get("cuda_graph") else ""))
         cpu_for_tasks = max(1, n_cpus - (0 if n_gpus else n_actors))
         prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
         fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)

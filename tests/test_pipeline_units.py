@@ -93,6 +93,7 @@ def test_invert_worker_without_ray(tiny_checkpoint):
     info = w.info()
     assert info["n_latent"] == 10 and info["stages"] == 2 and info["batch_size"] == 3
     assert list(info["init_seconds"]) == ["load"] and info["init_seconds"]["load"] >= 0  # not compiled, no aligner
+    assert info["cuda_graph"] is False  # CUDA graphs only for compiled GPU actors
     assert InvertWorker(tiny_checkpoint).info()["batch_size"] == 16  # "auto" on a CPU actor
     rng = np.random.default_rng(0)
     faces_a = rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)

@@ -40,6 +40,7 @@ class InvertWorker:
         actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
         dlib's model file (benchmarks)."""
         self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
+        self.graphed = False                       # inversion replayed as a CUDA graph (E2Style.capture_invert)
         lap = PartClock(self.init_seconds).lap
         self.device = resolve_device(device)
         batch_size = resolve_batch_size(batch_size, self.device)
@@ -70,10 +71,9 @@ class InvertWorker:
             warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
             invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
                          return_images=return_images, pad_batches=True)
-            if on_gpu:
-                # Each batch's inversion then reaches the GPU as one graph launch: the actor's other calls
-                # (alignment's host steps) cannot starve it of kernels (BENCHMARKS.md).
-                self.model.capture_invert(batch_size, stages, return_images)
+            # Each batch's inversion then reaches the GPU as one graph launch: the actor's other calls
+            # (alignment's host steps) cannot starve it of kernels (BENCHMARKS.md).
+            self.graphed = on_gpu and self.model.capture_invert(batch_size, stages, return_images)
             lap("compile")
         self.batch_size = batch_size
         self.edit_options = edit_options
@@ -107,7 +107,8 @@ class InvertWorker:
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
                 "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
                 "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size,
-                "align_backend": self.align_backend, "init_seconds": dict(self.init_seconds)}
+                "align_backend": self.align_backend, "init_seconds": dict(self.init_seconds),
+                "cuda_graph": self.graphed}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
         """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
