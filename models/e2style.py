@@ -153,10 +153,10 @@ class E2Style(nn.Module):
         try:
             with torch.inference_mode():
                 graph = InversionGraph(lambda x: self._invert(x, stages, return_images), example)
+            free, total = torch.cuda.mem_get_info(device)
         except Exception as e:  # noqa: BLE001 - a capture the toolchain refuses: stay correct, run without
             warnings.warn(f"CUDA graph capture of invert failed ({type(e).__name__}: {e}); running without")
             return False
-        free, total = torch.cuda.mem_get_info(device)
         if free < keep_free * total:  # the actor's other work (alignment, edits) needs memory of its own
             del graph
             torch.cuda.empty_cache()
