@@ -37,11 +37,14 @@ from pipeline.inversion import ALIGNING_ACTOR_QUEUE  # noqa: E402
 
 
 class StepTimes:
-    """Wall and own-thread CPU seconds of each call of a step (thread_time: what the thread itself ran,
-    not the time it waited for the GIL, the GPU or a lock)."""
+    """Wall and own-thread CPU seconds of each call of a step (thread_time: what the thread itself ran, not
+    the time it waited for the GIL or a lock; CUDA's spin-wait in a synchronisation does count as CPU time)."""
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
@@ -137,8 +140,8 @@ def main() -> None:
                                                    (f"{ALIGNING_ACTOR_QUEUE} threads, profiled", ALIGNING_ACTOR_QUEUE,
                                                     True))):
         mine = chunks[1 + k * a.chunks:1 + (k + 1) * a.chunks]
-        align_times.__init__()
-        invert_times.__init__()
+        align_times.reset()
+        invert_times.reset()
         before = worker.align_part_seconds()
         sync()
         if profiled:
