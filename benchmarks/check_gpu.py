@@ -149,7 +149,8 @@ def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: to
                 row["repeat_equal"] = bool(torch.equal(again.codes, out.codes) and torch.equal(again.images, out.images))
                 del again
                 graph_path = InferencePath(path.precision, path.compile, path.kernels, graph=True)
-                if model.capture_invert(b, return_images=True):
+                # keep_free 0: the check's processes share the GPU; the actor's memory rule is not checked here.
+                if model.capture_invert(b, return_images=True, keep_free=0.0):
                     graphed = model.invert(x, return_images=True)
                     graph_row = judge(graph_path, b, graphed.codes, graphed.images, ref)
                     graph_row["equal_to_unrecorded"] = bool(torch.equal(graphed.codes, out.codes)
