@@ -273,8 +273,9 @@ def test_fp16_overflow_is_recomputed_in_bf16(small3):
 
 def test_a_recorded_graph_serves_only_its_shape_stages_and_precision(small3):
     """invert replays a graph capture_invert recorded only for inputs of its shape, its stages, images and
-    precision; anything else runs the networks. (The replay itself is checked bit for bit against the same
-    compiled path on the GPU: benchmarks/check_gpu.py, "graph_equal".)"""
+    precision; anything else runs the networks. (The replay itself is checked on the GPU against the float32
+    reference and, bit for bit, against the same compiled path unrecorded: benchmarks/check_gpu.py, its
+    "-graph" rows.)"""
     m = load_e2style(small3)
     x = images()
     ref = m.invert(x, stages=2)
