@@ -147,7 +147,6 @@ class E2Style(nn.Module):
         device = self.latent_avg.device
         if device.type != "cuda":
             raise ValueError(f"capture_invert needs a CUDA model, this one is on {device}")
-        stages = self.num_stages if stages is None else int(stages)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         example = torch.zeros((batch, self.input_nc, size, size), device=device).contiguous(memory_format=fmt)
         try:
