@@ -1,11 +1,12 @@
 """Where the aligning actor's time goes when alignment and inversion share one GPU: ``InvertWorker`` (align.backend
-torch) on chunks of new raw photos from 1 and from 3 threads at once (as Ray runs it), without Ray, with each
-call's alignment and inversion timed in wall and in CPU time of its own thread (the GIL's share), then the
-3-thread run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
-stream's kernel time per chunk. A profile, not a benchmark (the pipeline's figures come from
-bench_pipeline_raw_gpu.py).
+torch) on chunks of new raw photos from 1 thread, then from as many threads at once as Ray runs it with 1 and
+with 2 alignment lanes (``--lanes``), without Ray, with each call's alignment and inversion timed in wall and in
+CPU time of its own thread; the last lane count's run again with the alignment calls under cProfile (where the
+aligning thread's wall time goes, GIL waits included), and again under torch.profiler: how busy the GPU was
+(the union of all kernels' intervals) and each stream's kernel time per chunk. A profile, not a benchmark (the
+pipeline's figures come from bench_pipeline_raw_gpu.py).
 
-    python benchmarks/profile_actor.py --chunks 6 --out actor_profile.txt          # GPU
+    python benchmarks/profile_actor.py --chunks 6 --lanes 1,2 --out actor_profile.txt    # GPU
     python benchmarks/profile_actor.py --smoke                                    # CPU: checks it runs
 
 Photos, checkpoint and landmark trees: bench_pipeline_raw_gpu's (1024-1800 px, 0-2 faces, 10% faceless; the
@@ -14,8 +15,12 @@ official architecture with seeded random weights; face-like random trees).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
+import queue
 import sys
 import tempfile
 import threading
@@ -33,7 +38,6 @@ from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noq
 from models.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
-from pipeline.inversion import ALIGNING_ACTOR_QUEUE  # noqa: E402
 
 
 class StepTimes:
@@ -77,6 +81,45 @@ def run_threads(worker, chunks, threads: int) -> float:
     return time.perf_counter() - t
 
 
+def set_lanes(worker, lanes: int) -> None:
+    """Give ``worker`` ``lanes`` alignment lanes (its private pool: a profile compares counts on one worker,
+    whose start costs a compile)."""
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(lanes):
+        free.put(torch.cuda.Stream(device=worker.device, priority=-100) if torch.cuda.is_available() else None)
+    worker._free_lanes, worker.align_lanes = free, lanes
+
+
+class HostProfile:
+    """cProfile of each call of a step, in the calling thread, added up over calls and threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stats: pstats.Stats | None = None
+
+    def wrap(self, fn):
+        def profiled(*args, **kwargs):
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(fn, *args, **kwargs)
+            finally:
+                with self.lock:
+                    if self.stats is None:
+                        self.stats = pstats.Stats(prof)
+                    else:
+                        self.stats.add(prof)
+        return profiled
+
+    def top(self, n_calls: int, limit: int = 30) -> str:
+        out = io.StringIO()
+        if self.stats is not None:
+            out.write(f"(seconds over {n_calls} calls)\n")
+            for key in ("tottime", "cumulative"):
+                self.stats.stream = out
+                self.stats.sort_stats(key).print_stats(limit)
+        return out.getvalue()
+
+
 def kernel_summary(trace_path: str, wall_s: float, n_chunks: int) -> dict:
     """From a chrome trace: the GPU's busy share (union of kernel intervals over the profiled wall time) and
     each stream's kernel ms per chunk, with its 8 costliest kernels."""
@@ -108,6 +151,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
+    ap.add_argument("--lanes", default="1,2", help="alignment lane counts, each run from lanes + 2 threads")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -115,8 +159,12 @@ def main() -> None:
     sides, resolution, width, group = (1024, 1800), 1024, 512, RayConfig.chunk_size
     if a.smoke:
         a.chunks, a.batch, a.stages, sides, resolution, width, group = 1, 4, 2, (200, 260), 64, 32, 4
-    n_runs = 3  # 1 thread, 3 threads, 3 threads profiled
-    photos = [decode_image(p) for p, _ in make_photos(group * (1 + n_runs * a.chunks), *sides, 0.1)]
+    lane_counts = [int(v) for v in a.lanes.split(",")]
+    # 1 thread; each lane count; the last one under cProfile, then under torch.profiler.
+    runs = ([("1 thread", 1, 1, None)] + [(f"{n + 2} threads, {n} lane(s)", n + 2, n, None) for n in lane_counts]
+            + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), {how}", lane_counts[-1] + 2,
+                lane_counts[-1], how) for how in ("cProfile", "torch.profiler")])
+    photos = [decode_image(p) for p, _ in make_photos(group * (1 + len(runs) * a.chunks), *sides, 0.1)]
     work = tempfile.mkdtemp(prefix="profile_actor_")
     ckpt = os.path.join(work, "e2style.pt")
     with torch.device(device):
@@ -130,21 +178,21 @@ def main() -> None:
     worker.invert_chunks(chunks[0])  # warm-up
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     align_times, invert_times = StepTimes(), StepTimes()
-    worker.aligner.align = align_times.wrap(worker.aligner.align)
+    host_profile = HostProfile()
+    timed_align = align_times.wrap(worker.aligner.align)
     invert_worker.invert_faces = invert_times.wrap(invert_worker.invert_faces)
     lines = [f"InvertWorker on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
              f"({sides[0]}-{sides[1]} px), init {worker.info()['init_seconds']}"]
     result = {}
-    for k, (name, threads, profiled) in enumerate((("1 thread", 1, False),
-                                                   (f"{ALIGNING_ACTOR_QUEUE} threads", ALIGNING_ACTOR_QUEUE, False),
-                                                   (f"{ALIGNING_ACTOR_QUEUE} threads, profiled", ALIGNING_ACTOR_QUEUE,
-                                                    True))):
+    for k, (name, threads, lanes, how) in enumerate(runs):
         mine = chunks[1 + k * a.chunks:1 + (k + 1) * a.chunks]
+        set_lanes(worker, lanes)
+        worker.aligner.align = host_profile.wrap(timed_align) if how == "cProfile" else timed_align
         align_times.reset()
         invert_times.reset()
         before = worker.align_part_seconds()
         sync()
-        if profiled:
+        if how == "torch.profiler":
             activities = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
             with torch.profiler.profile(activities=activities) as prof:
@@ -160,11 +208,13 @@ def main() -> None:
                  "align": align_times.summary(), "invert": invert_times.summary(),
                  "align_parts_ms_per_chunk": per_chunk_ms(
                      {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine))}
-        if profiled and on_gpu:
+        if how == "torch.profiler" and on_gpu:
             entry["kernels"] = kernel_summary(trace, seconds, len(mine))
         result[name] = entry
         lines.append(f"{name}: {json.dumps(entry)}")
         print(lines[-1], flush=True)
+        if how == "cProfile":
+            lines.append(host_profile.top(len(mine)))
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ray
 
 from workers.cpu_worker import finish_shard_task, prepare_shard
-from workers.invert_worker import InvertWorker
+from workers.invert_worker import ALIGN_LANES_GPU, InvertWorker
 
 from .cluster import actor_plan, cpus_per_gpu, wait_one
 from .config import ConfigError, PipelineConfig
@@ -38,8 +38,9 @@ log = logging.getLogger("e2style.pipeline")
 
 ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
 # Calls at once in an inversion actor that aligns photos on its GPU: one per step of InvertWorker.invert_chunks
-# (the photos' host copy into pinned memory, alignment, inversion), each step taken by one call at a time.
-ALIGNING_ACTOR_QUEUE = 3
+# (the photos' host copy into pinned memory, alignment, inversion), with alignment taken by as many calls as the
+# actor has alignment lanes.
+ALIGNING_ACTOR_QUEUE = ALIGN_LANES_GPU + 2
 # CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
 # above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
 # spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.

@@ -385,6 +385,53 @@ def test_an_aligning_actor_inverts_one_call_at_a_time(photos, tiny_checkpoint, m
     assert [len(res.codes) for res in results] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_an_aligning_actor_aligns_as_many_calls_at_once_as_it_has_lanes(photos, tiny_checkpoint, monkeypatch, lanes):
+    """Calls at once in an aligning actor align ``align_lanes`` at a time (each on a lane of its own), never
+    more, and each call's faces and rows are those it gets alone."""
+    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                          align=AlignConfig(backend="torch"), align_lanes=lanes)
+    assert worker.info()["align_lanes"] == lanes
+    cfg = _prepare_cfg("torch")
+    chunks = []
+    for k, name in enumerate(["astro", "hopper", "pair"]):
+        rows, images = zip(*prepare_item(InputItem(name, name, photos[name]), cfg, {}))
+        chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
+                                    list(images)))
+    want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = worker.aligner.align
+
+    def counting_align(staged):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # long enough for the other calls to reach their alignment meanwhile
+        try:
+            return real(staged)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(worker.aligner, "align", counting_align)
+    results = [None] * len(chunks)
+
+    def call(k):
+        results[k] = worker.invert_chunks(chunks[k])[0]
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(chunks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == lanes
+    for res, expected in zip(results, want):
+        assert [(r.key, r.status) for r in res.rows] == [(r.key, r.status) for r in expected.rows]
+        np.testing.assert_array_equal(res.faces, expected.faces)
+        np.testing.assert_allclose(res.codes, expected.codes, rtol=0, atol=1e-6)
+
+
 def _read_output(out: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The latents table (sorted by key) and the image members by name."""
     df = pd.read_parquet(os.path.join(out, "latents")).sort_values("key").reset_index(drop=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import threading
 import time
@@ -28,6 +29,10 @@ __all__ = ["InvertWorker"]
 
 # The GIL switch interval of an actor that aligns on its GPU (seconds; Python's default is 0.005).
 ALIGN_GIL_SWITCH_S = 0.0005
+# Chunks an actor aligns at once on a GPU, each on a CUDA stream of its own (on a CPU: one). Alignment is a chain
+# of host steps and short kernels with host synchronisations between them; while one chunk's thread waits for
+# its kernels (the GIL released), another's runs its host steps (BENCHMARKS.md).
+ALIGN_LANES_GPU = 2
 
 
 class InvertWorker:
@@ -35,10 +40,11 @@ class InvertWorker:
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
                  batch_size: int | str = "auto", num_threads: int | None = None, edit_options: dict | None = None,
                  compile: str | bool = "auto", return_images: bool = True, task: dict | None = None,
-                 align: AlignConfig | None = None, landmark_predictor=None):
+                 align: AlignConfig | None = None, landmark_predictor=None, align_lanes: int | None = None):
         """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
         actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
-        dlib's model file (benchmarks)."""
+        dlib's model file (benchmarks). ``align_lanes``: chunks aligned at once (default ALIGN_LANES_GPU on a
+        GPU, 1 on a CPU)."""
         self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
         self.graphed = False                       # inversion replayed as a CUDA graph (E2Style.capture_invert)
         lap = PartClock(self.init_seconds).lap
@@ -85,19 +91,21 @@ class InvertWorker:
                         if self.align_backend == "torch" else None)
         if self.aligner is not None:
             lap("aligner")
-        self._align_lock = threading.Lock()
         # An actor that aligns runs several calls at once, one per step (staging, alignment, inversion): one
-        # inversion at a time, so that the GPU holds at most one batch's inversion beside one alignment.
+        # inversion at a time, so that the GPU holds at most one batch's inversion beside the alignments.
         self._invert_lock = threading.Lock() if self.aligner is not None else contextlib.nullcontext()
-        # Alignment's kernels on a stream of their own: its host syncs (detections, crops) then wait for its own
-        # work only, not for the other call's inversion queued on the default stream. At the highest priority:
-        # alignment is a chain of small kernels and host steps, serial under the lock, so it is what the actor
-        # waits for; inversion's large kernels fill the GPU around it. (None on a CPU: torch.cuda.stream(None)
-        # does nothing.)
-        self._align_stream = (torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
-                              if self.aligner is not None and on_gpu else None)
-        if self._align_stream is not None:
-            # Both calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
+        # Alignment lanes: each aligning call takes one for its device work. On a GPU each is a stream of its own,
+        # so that its host syncs (detections, crops) wait for its own work only, not for the inversion queued on
+        # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
+        # and host steps, what the actor waits for; inversion's large kernels fill the GPU around it. (None on
+        # a CPU: torch.cuda.stream(None) does nothing.)
+        self.align_lanes = int(align_lanes or (ALIGN_LANES_GPU if on_gpu else 1)) if self.aligner is not None else 0
+        self._free_lanes: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.align_lanes):
+            self._free_lanes.put(torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
+                                 if on_gpu else None)
+        if self.aligner is not None and on_gpu:
+            # The calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
             # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
             # more for the GIL. (The actor's process does nothing else.)
             sys.setswitchinterval(ALIGN_GIL_SWITCH_S)
@@ -107,8 +115,8 @@ class InvertWorker:
         return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
                 "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
                 "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size,
-                "align_backend": self.align_backend, "init_seconds": dict(self.init_seconds),
-                "cuda_graph": self.graphed}
+                "align_backend": self.align_backend, "align_lanes": self.align_lanes,
+                "init_seconds": dict(self.init_seconds), "cuda_graph": self.graphed}
 
     def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
         """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
@@ -120,9 +128,9 @@ class InvertWorker:
                 if self.aligner is None:
                     raise ValueError("this inversion actor does not align (align.backend resolved to "
                                      f"{self.align_backend!r}), but a chunk of photos came")
-                # One call aligns at a time (its photos staged before, outside the lock); another call's
-                # inversion runs meanwhile, and a third's staging.
-                aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._serial_alignment)
+                # Up to align_lanes calls align at once (their photos staged before, outside the lanes); another
+                # call's inversion runs meanwhile, and another's staging.
+                aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._alignment_lane)
         chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
         sizes = [len(f) for f in chunk_faces]
         faces = [f for f in chunk_faces if len(f)]
@@ -157,10 +165,14 @@ class InvertWorker:
         return out
 
     @contextlib.contextmanager
-    def _serial_alignment(self):
-        """Held around alignment's device work: one call at a time, on alignment's stream."""
-        with self._align_lock, torch.cuda.stream(self._align_stream):
-            yield
+    def _alignment_lane(self):
+        """Held around a group's alignment on the device: a free lane (waiting for one), its stream current."""
+        lane = self._free_lanes.get()
+        try:
+            with torch.cuda.stream(lane):
+                yield
+        finally:
+            self._free_lanes.put(lane)
 
     def align_part_seconds(self) -> dict[str, float]:
         """Seconds this actor's alignment spent in each part so far (pipeline.device_align.ALIGN_PARTS);
