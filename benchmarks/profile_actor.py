@@ -1,9 +1,10 @@
 """Where the aligning actor's time goes when alignment and inversion share one GPU: ``InvertWorker`` (align.backend
 torch) on chunks of new raw photos from 1 thread, then from as many threads at once as Ray runs it with 1 and
 with 2 alignment lanes (``--lanes``), without Ray, with each call's alignment and inversion timed in wall and in
-CPU time of its own thread; the last lane count's run again with the alignment calls under cProfile (where the
-aligning thread's wall time goes, GIL waits included), and again under torch.profiler: how busy the GPU was
-(the union of all kernels' intervals) and each stream's kernel time per chunk. A profile, not a benchmark (the
+CPU time of its own thread, and the rows' statuses counted (an align_error stops the profile); the last lane
+count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
+stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
+serves the whole process.) A profile, not a benchmark (the
 pipeline's figures come from bench_pipeline_raw_gpu.py).
 
     python benchmarks/profile_actor.py --chunks 6 --lanes 1,2 --out actor_profile.txt    # GPU
@@ -15,11 +16,9 @@ official architecture with seeded random weights; face-like random trees).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
+import collections
 import json
 import os
-import pstats
 import queue
 import sys
 import tempfile
@@ -69,16 +68,25 @@ class StepTimes:
                 "cpu_ms_per_call": round(1e3 * sum(self.cpu) / n, 1)}
 
 
-def run_threads(worker, chunks, threads: int) -> float:
-    """Seconds to push ``chunks`` through ``worker.invert_chunks`` from ``threads`` threads at once."""
+def run_threads(worker, chunks, threads: int) -> tuple[float, collections.Counter]:
+    """Seconds to push ``chunks`` through ``worker.invert_chunks`` from ``threads`` threads at once, and the
+    statuses of the rows that came back."""
     jobs = [chunks[k::threads] for k in range(threads)]
-    runners = [threading.Thread(target=lambda mine=mine: [worker.invert_chunks(c) for c in mine]) for mine in jobs]
+    results: list = []
+    runners = [threading.Thread(target=lambda mine=mine: results.extend(worker.invert_chunks(c)[0] for c in mine))
+               for mine in jobs]
     t = time.perf_counter()
     for r in runners:
         r.start()
     for r in runners:
         r.join()
-    return time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    statuses = collections.Counter(row.status for res in results for row in res.rows)
+    if statuses.get("align_error") or len(results) != len(chunks):
+        errors = {row.error for res in results for row in res.rows if row.status == "align_error"}
+        raise SystemExit(f"profile_actor: {len(results)} of {len(chunks)} chunks came back, statuses {dict(statuses)}, "
+                         f"errors {sorted(errors)[:3]}")
+    return seconds, statuses
 
 
 def set_lanes(worker, lanes: int) -> None:
@@ -88,36 +96,6 @@ def set_lanes(worker, lanes: int) -> None:
     for _ in range(lanes):
         free.put(torch.cuda.Stream(device=worker.device, priority=-100) if torch.cuda.is_available() else None)
     worker._free_lanes, worker.align_lanes = free, lanes
-
-
-class HostProfile:
-    """cProfile of each call of a step, in the calling thread, added up over calls and threads."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.stats: pstats.Stats | None = None
-
-    def wrap(self, fn):
-        def profiled(*args, **kwargs):
-            prof = cProfile.Profile()
-            try:
-                return prof.runcall(fn, *args, **kwargs)
-            finally:
-                with self.lock:
-                    if self.stats is None:
-                        self.stats = pstats.Stats(prof)
-                    else:
-                        self.stats.add(prof)
-        return profiled
-
-    def top(self, n_calls: int, limit: int = 30) -> str:
-        out = io.StringIO()
-        if self.stats is not None:
-            out.write(f"(seconds over {n_calls} calls)\n")
-            for key in ("tottime", "cumulative"):
-                self.stats.stream = out
-                self.stats.sort_stats(key).print_stats(limit)
-        return out.getvalue()
 
 
 def kernel_summary(trace_path: str, wall_s: float, n_chunks: int) -> dict:
@@ -160,10 +138,10 @@ def main() -> None:
     if a.smoke:
         a.chunks, a.batch, a.stages, sides, resolution, width, group = 1, 4, 2, (200, 260), 64, 32, 4
     lane_counts = [int(v) for v in a.lanes.split(",")]
-    # 1 thread; each lane count; the last one under cProfile, then under torch.profiler.
+    # 1 thread; each lane count; the last one again under torch.profiler.
     runs = ([("1 thread", 1, 1, None)] + [(f"{n + 2} threads, {n} lane(s)", n + 2, n, None) for n in lane_counts]
-            + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), {how}", lane_counts[-1] + 2,
-                lane_counts[-1], how) for how in ("cProfile", "torch.profiler")])
+            + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), torch.profiler", lane_counts[-1] + 2,
+                lane_counts[-1], "torch.profiler")])
     photos = [decode_image(p) for p, _ in make_photos(group * (1 + len(runs) * a.chunks), *sides, 0.1)]
     work = tempfile.mkdtemp(prefix="profile_actor_")
     ckpt = os.path.join(work, "e2style.pt")
@@ -178,8 +156,7 @@ def main() -> None:
     worker.invert_chunks(chunks[0])  # warm-up
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     align_times, invert_times = StepTimes(), StepTimes()
-    host_profile = HostProfile()
-    timed_align = align_times.wrap(worker.aligner.align)
+    worker.aligner.align = align_times.wrap(worker.aligner.align)
     invert_worker.invert_faces = invert_times.wrap(invert_worker.invert_faces)
     lines = [f"InvertWorker on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
              f"({sides[0]}-{sides[1]} px), init {worker.info()['init_seconds']}"]
@@ -187,7 +164,6 @@ def main() -> None:
     for k, (name, threads, lanes, how) in enumerate(runs):
         mine = chunks[1 + k * a.chunks:1 + (k + 1) * a.chunks]
         set_lanes(worker, lanes)
-        worker.aligner.align = host_profile.wrap(timed_align) if how == "cProfile" else timed_align
         align_times.reset()
         invert_times.reset()
         before = worker.align_part_seconds()
@@ -196,15 +172,15 @@ def main() -> None:
             activities = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
             with torch.profiler.profile(activities=activities) as prof:
-                seconds = run_threads(worker, mine, threads)
+                seconds, statuses = run_threads(worker, mine, threads)
                 sync()
             trace = os.path.join(work, "trace.json")
             prof.export_chrome_trace(trace)
         else:
-            seconds = run_threads(worker, mine, threads)
+            seconds, statuses = run_threads(worker, mine, threads)
             sync()
         n_photos = sum(len(c.photos) for c in mine)
-        entry = {"photos_s": round(n_photos / seconds, 1), "seconds": round(seconds, 2),
+        entry = {"photos_s": round(n_photos / seconds, 1), "seconds": round(seconds, 2), "statuses": dict(statuses),
                  "align": align_times.summary(), "invert": invert_times.summary(),
                  "align_parts_ms_per_chunk": per_chunk_ms(
                      {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine))}
@@ -213,8 +189,6 @@ def main() -> None:
         result[name] = entry
         lines.append(f"{name}: {json.dumps(entry)}")
         print(lines[-1], flush=True)
-        if how == "cProfile":
-            lines.append(host_profile.top(len(mine)))
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -9,7 +9,6 @@ import contextlib
 import os
 import queue
 import sys
-import threading
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ from pipeline.config import AlignConfig
 from pipeline.device_align import DeviceAligner, PartClock, align_photos, resolve_align_backend
 from pipeline.edit import apply_edit
 from pipeline.images import MODEL_INPUT_SIZE, resize_square
-from pipeline.invert import invert_faces
+from pipeline.invert import SharedInversion, invert_faces
 from pipeline.records import InvertResult, PreparedChunk
 from pipeline.tasks import check_model
 
@@ -91,9 +90,10 @@ class InvertWorker:
                         if self.align_backend == "torch" else None)
         if self.aligner is not None:
             lap("aligner")
-        # An actor that aligns runs several calls at once, one per step (staging, alignment, inversion): one
-        # inversion at a time, so that the GPU holds at most one batch's inversion beside the alignments.
-        self._invert_lock = threading.Lock() if self.aligner is not None else contextlib.nullcontext()
+        # An actor that aligns runs several calls at once (staging, alignment, inversion): their faces are
+        # inverted together, in full batches, one batch at a time, so that the GPU holds at most one batch's
+        # inversion beside the alignments and no batch is padded while another call's faces are coming.
+        self._shared = SharedInversion(self._invert_batch, batch_size) if self.aligner is not None else None
         # Alignment lanes: each aligning call takes one for its device work. On a GPU each is a stream of its own,
         # so that its host syncs (detections, crops) wait for its own work only, not for the inversion queued on
         # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
@@ -122,31 +122,29 @@ class InvertWorker:
         """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
         (None: a chunk without faces). Chunks of photos are aligned first, all in one pass; their results
         always come back, carrying the chunk's rows as alignment made them."""
-        aligned = {}
-        for k, c in enumerate(chunks):
-            if c.photos is not None:
-                if self.aligner is None:
-                    raise ValueError("this inversion actor does not align (align.backend resolved to "
-                                     f"{self.align_backend!r}), but a chunk of photos came")
-                # Up to align_lanes calls align at once (their photos staged before, outside the lanes); another
-                # call's inversion runs meanwhile, and another's staging.
-                aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._alignment_lane)
-        chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
-        sizes = [len(f) for f in chunk_faces]
-        faces = [f for f in chunk_faces if len(f)]
-        if not faces:
-            return [self._aligned_only(aligned[k]) if k in aligned else None for k in range(len(chunks))]
-        if len({f.shape[1:] for f in faces}) > 1:
-            # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
-            faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
-                     else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
-        rows = [aligned[k][0] if k in aligned else c.rows for k, c in enumerate(chunks)]
-        keys = [r.key for chunk_rows in rows for r in chunk_rows if r.status == "ok"]
-        with self._invert_lock:
-            res = invert_faces(self.model, np.concatenate(faces), stages=self.stages, batch_size=self.batch_size,
-                               device=self.device, return_images=self.return_images, pad_batches=self.compiled,
-                               task=self.task)
-            edit = apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
+        with self._shared.pending() if self._shared is not None else contextlib.nullcontext() as call:
+            aligned = {}
+            for k, c in enumerate(chunks):
+                if c.photos is not None:
+                    if self.aligner is None:
+                        raise ValueError("this inversion actor does not align (align.backend resolved to "
+                                         f"{self.align_backend!r}), but a chunk of photos came")
+                    # Up to align_lanes calls align at once (their photos staged before, outside the lanes);
+                    # another call's inversion runs meanwhile, and another's staging.
+                    aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._alignment_lane)
+            chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
+            sizes = [len(f) for f in chunk_faces]
+            faces = [f for f in chunk_faces if len(f)]
+            if not faces:
+                return [self._aligned_only(aligned[k]) if k in aligned else None for k in range(len(chunks))]
+            if len({f.shape[1:] for f in faces}) > 1:
+                # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
+                faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
+                         else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
+            rows = [aligned[k][0] if k in aligned else c.rows for k, c in enumerate(chunks)]
+            keys = [r.key for chunk_rows in rows for r in chunk_rows if r.status == "ok"]
+            faces = np.concatenate(faces)
+            res, edit = call.invert(faces, keys) if call is not None else self._invert_batch(faces, keys)
         out: list[InvertResult | None] = []
         start = 0
         total = max(1, sum(sizes))
@@ -163,6 +161,12 @@ class InvertWorker:
             out.append(r)
             start += n
         return out
+
+    def _invert_batch(self, faces: np.ndarray, keys: list[str]):
+        """Faces -> (InvertResult, EditResult or None): the model's inversion in batches, then the edits."""
+        res = invert_faces(self.model, faces, stages=self.stages, batch_size=self.batch_size, device=self.device,
+                           return_images=self.return_images, pad_batches=self.compiled, task=self.task)
+        return res, apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
 
     @contextlib.contextmanager
     def _alignment_lane(self):
