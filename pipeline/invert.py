@@ -115,21 +115,24 @@ class SharedInversion:
     inside ``pending()`` (its alignment), then brings its faces (``call.invert``); a batch short of
     ``batch_size`` runs only when no call inside pending() is still to bring any, so the last faces of a run
     never wait for ever. A waiting call whose faces are queued runs the next batch, for all of them, when the
-    device is free; an error in a batch is raised in every call that had faces in it.
+    device is free (``batches_at_once`` batches may run together: 2 where a batch's launch returns at once, a
+    CUDA graph, so that the next batch is queued on the GPU while the last one's results travel back); an
+    error in a batch is raised in every call that had faces in it.
 
         with shared.pending() as call:
             faces = align(...)
             result, edits = call.invert(faces, keys)
     """
 
-    def __init__(self, invert_batch: BatchInverter, batch_size: int):
+    def __init__(self, invert_batch: BatchInverter, batch_size: int, batches_at_once: int = 1):
         self._invert_batch = invert_batch
         self.batch_size = int(batch_size)
+        self.batches_at_once = int(batches_at_once)
         self._cond = threading.Condition()
         self._claims: list[_Claim] = []              # claims with faces not yet taken, in arrival order
         self._queued = 0                             # faces of those claims not yet taken
         self._announced = 0                          # calls in pending() that have not brought their faces
-        self._running = False
+        self._running = 0                            # batches being inverted
 
     @contextlib.contextmanager
     def pending(self) -> Iterator["_Call"]:
@@ -165,7 +168,7 @@ class SharedInversion:
                 if claim.finished == len(faces) or claim.error is not None:
                     break
                 batch = self._take()
-                self._running = True
+                self._running += 1
             try:
                 result: tuple | BaseException = self._invert_batch(
                     np.concatenate([c.faces[a:a + n] for c, a, n in batch]),
@@ -174,16 +177,17 @@ class SharedInversion:
                 result = e
             with self._cond:
                 self._deliver(batch, result)
-                self._running = False
+                self._running -= 1
                 self._cond.notify_all()
         if claim.error is not None:
             raise claim.error
         return _assemble(claim)
 
     def _may_run(self, claim: _Claim) -> bool:
-        """Whether the waiting owner of ``claim`` runs the next batch now: the device free, some of its own faces
-        still queued (otherwise another owner runs it), and a full batch or no other call still to bring faces."""
-        return (not self._running and claim.taken < len(claim.faces)
+        """Whether the waiting owner of ``claim`` runs the next batch now: room for a batch on the device, some of
+        its own faces still queued (otherwise another owner runs it), and a full batch or no other call still to
+        bring faces."""
+        return (self._running < self.batches_at_once and claim.taken < len(claim.faces)
                 and (self._queued >= self.batch_size or self._announced == 0))
 
     def _take(self) -> list[tuple[_Claim, int, int]]:

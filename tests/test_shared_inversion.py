@@ -83,16 +83,18 @@ def _run_calls(shared: SharedInversion, per_call: list[np.ndarray], start_gap: f
     return results
 
 
-def test_calls_share_full_batches_and_get_their_own_faces_back():
-    inverter = RecordingInverter()
-    shared = SharedInversion(inverter, batch_size=4)
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_calls_share_full_batches_and_get_their_own_faces_back(at_once):
+    inverter = RecordingInverter(delay=0.1)
+    shared = SharedInversion(inverter, batch_size=4, batches_at_once=at_once)
     per_call = [_faces(n, seed) for seed, n in enumerate((5, 7, 6, 1))]
     results = _run_calls(shared, per_call, start_gap=0.01)
     for result, faces in zip(results, per_call):
         _check(result, faces)
-    # 19 faces: four full batches, the last one short; one batch at a time.
+    # 19 faces: four full batches, the last one short; at most ``at_once`` batches at a time, and as many
+    # when enough faces wait.
     assert sorted(inverter.sizes, reverse=True) == [4, 4, 4, 4, 3] and inverter.sizes[-1] == 3
-    assert inverter.most == 1
+    assert inverter.most == at_once
 
 
 def test_a_short_batch_waits_for_a_call_still_aligning_and_runs_when_it_leaves():

@@ -91,9 +91,11 @@ class InvertWorker:
         if self.aligner is not None:
             lap("aligner")
         # An actor that aligns runs several calls at once (staging, alignment, inversion): their faces are
-        # inverted together, in full batches, one batch at a time, so that the GPU holds at most one batch's
-        # inversion beside the alignments and no batch is padded while another call's faces are coming.
-        self._shared = SharedInversion(self._invert_batch, batch_size) if self.aligner is not None else None
+        # inverted together, in full batches, so that no batch is padded while another call's faces are coming.
+        # One batch at a time, or two through the CUDA graph: its launch returns at once, and the next batch
+        # waits on the GPU while the last one's results come back to the host.
+        self._shared = (SharedInversion(self._invert_batch, batch_size, batches_at_once=2 if self.graphed else 1)
+                        if self.aligner is not None else None)
         # Alignment lanes: each aligning call takes one for its device work. On a GPU each is a stream of its own,
         # so that its host syncs (detections, crops) wait for its own work only, not for the inversion queued on
         # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
