@@ -229,6 +229,9 @@ def main() -> None:
                     help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
     ap.add_argument("--niceness", default="",
                     help="ray.cpu_task_niceness of each torch-backend run, comma-separated (default: the config's)")
+    ap.add_argument("--detect-max-side", default="",
+                    help="align.detect_max_side of each torch-backend run, comma-separated, 'null' for the full "
+                         "pyramid (default: the config's)")
     ap.add_argument("--check-cpu", type=int, default=0,
                     help="compare the device's detections with the CPU's on this many photos (about 2 s each)")
     ap.add_argument("--no-actor-alone", action="store_true",
@@ -320,18 +323,24 @@ def main() -> None:
               "actor_alone_photos_s": actor_rates}
     # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
     n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))
-    runs = [(backend, None) for backend in a.backends.split(",")]
-    if a.niceness:  # the torch runs, once per niceness (variants of one run)
-        runs = [r for r in runs if r[0] != "torch"] + [("torch", int(n)) for n in a.niceness.split(",")]
-    for backend, niceness in runs:
-        name = backend if niceness is None else f"{backend}, niceness {niceness}"
-        out = os.path.join(a.work, f"out_{backend}_{niceness}")
+    # (backend, niceness, detect_max_side): the torch runs once per niceness and per detect_max_side given
+    # (variants of one run); None: the config's.
+    runs = [(backend, None, None) for backend in a.backends.split(",") if backend != "torch" or not
+            (a.niceness or a.detect_max_side)]
+    if "torch" in a.backends.split(","):
+        runs += [("torch", None if n == "" else int(n), None if d == "" else d)
+                 for n in a.niceness.split(",") for d in a.detect_max_side.split(",") if a.niceness or a.detect_max_side]
+    for backend, niceness, max_side in runs:
+        name = ", ".join([backend] + ([] if niceness is None else [f"niceness {niceness}"])
+                         + ([] if max_side is None else [f"detect_max_side {max_side}"]))
+        out = os.path.join(a.work, f"out_{backend}_{niceness}_{max_side}")
         ray_cfg = {"num_cpus": a.num_cpus} | ({} if niceness is None else {"cpu_task_niceness": niceness})
+        align_cfg = {"enabled": True, "backend": backend} | (
+            {} if max_side is None else {"detect_max_side": None if max_side == "null" else int(max_side)})
         cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
                        "output": {"url": out, "image_size": 256},
                        "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
-                       "align": {"enabled": True, "backend": backend}, "ray": ray_cfg,
-                       "progress": False}, {})
+                       "align": align_cfg, "ray": ray_cfg, "progress": False}, {})
         t = time.time()
         res = run(cfg, echo=lambda s: print(s, flush=True))
         wall = time.time() - t

@@ -1607,6 +1607,35 @@ class FrontalFaceDetector:
             self._detect_batch(images, batch, upsample, adjust_threshold, results)
         return results
 
+    def pyramid_down(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """dlib's ``pyramid_down(6)`` of each HxWx3 uint8 image on the detector's device (the step between the
+        levels of the detector's own pyramid): ((5 H) // 6) x ((5 W) // 6) x 3 contiguous tensors, batched as
+        detect() batches. An image with a side under 2 px gives an empty one."""
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.device != self.device or image.dtype != torch.uint8 \
+                    or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"images[{i}] must be an HxWx3 uint8 tensor on {self.device}")
+        out: list = [None] * len(images)
+        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+        todo = []
+        for i, (h, w) in enumerate(sizes):
+            dh, dw = pyramid_down_size(h, w)
+            if dh == 0 or dw == 0:
+                out[i] = torch.zeros((dh, dw, 3), dtype=torch.uint8, device=self.device)
+            else:
+                todo.append(i)
+        resize = _resize_rgb_triton if self.triton_resize else resize_rgb
+        for batch in self._batches([sizes[i] for i in todo], 1):
+            index = [todo[b] for b in batch]
+            group = [sizes[i] for i in index]
+            padded = self._upload_batch([images[i] for i in index], group, max(h for h, _ in group),
+                                        max(w for _, w in group))
+            down = [pyramid_down_size(h, w) for h, w in group]
+            levels = resize(padded, group, down)
+            for k, (i, (h, w)) in enumerate(zip(index, down)):
+                out[i] = levels[k, :, :h, :w].permute(1, 2, 0).contiguous()
+        return out
+
     # -- internals -------------------------------------------------------------------------------------
 
     def _batches(self, shapes: list[tuple[int, int]], factor: int) -> list[list[int]]:

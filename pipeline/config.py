@@ -75,7 +75,7 @@ class AlignConfig:
     output_size: int = 256
     transform_size: int = 1024         # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
     min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
-    detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null: full)
+    detect_max_side: int | None = 384  # detection from the pyramid level at most this long (null: full), both backends
     max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
     upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
                                        # cost of a photo without a face

@@ -241,8 +241,8 @@ class FaceDetector:
         then dlib's upsampling of the photo, up to ``max_upsample`` times, on photos no longer than
         ``upsample_max_side``. The result is that of the last run made; with ``exhaustive`` the runs'
         detections are merged (overlaps keep the coarser run's box). The torch backend
-        (pipeline.device_align) makes these runs from the photo itself (k = 0: on a GPU the full pyramid
-        costs less time than the coarse start's many small steps).
+        (pipeline.device_align.DeviceAligner.detect) follows the same steps with these functions, each step
+        one detector call for all the photos or faces making it.
         """
         img = np.ascontiguousarray(as_rgb_uint8(image))
         H, W = img.shape[:2]

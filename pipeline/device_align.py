@@ -5,9 +5,9 @@ the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
     rows, faces, face_photo = align_photos(aligner, photos, rows)   # rows: the ALIGN_PENDING rows of photos
 
 The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
-models.face_detector.FrontalFaceDetector on the full-resolution photo (boxes equal to what the dlib backend's
-start on a coarse pyramid level reports), by the dlib backend's runs (pipeline.detect.detection_runs,
-more_runs), each run one detector call for the photos making it; 68 landmarks with
+models.face_detector.FrontalFaceDetector by the dlib backend's own algorithm (pipeline.detect.FaceDetector.detect:
+the run on a coarse pyramid level, each face's search on finer levels, the finer and upsampled runs only where
+needed), each of its steps one detector call for all the photos or faces making it; 68 landmarks with
 models.landmarks.ShapePredictor (rolled faces predicted again upright with
 models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole group); the FFHQ crop with
 models.ffhq_crop.crop_faces. The runs, the choice of faces (pipeline.align.choose_faces) and the rows
@@ -38,7 +38,8 @@ from models.landmarks import ShapePredictor
 
 from .align import AlignedFace, choose_faces, face_rows
 from .config import AlignConfig
-from .detect import box_iou, detection_runs, more_runs, smallest_visible
+from .detect import (better_finer_detection, box_iou, coarse_level, detection_runs, finer_window,
+                     level_rect_to_source, more_runs, smallest_visible)
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
@@ -91,36 +92,83 @@ class DeviceAligner:
         return self.detector.device
 
     def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
-        """Per photo (HxWx3 uint8, numpy or torch: those on the device are not copied again), the detections
-        ((x0, y0, x1, y1) with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes on the
-        full-resolution photo: its runs (pipeline.detect.detection_runs from the photo itself, then the
-        upsampled runs, each only where ``more_runs`` says so), each run one detector call for all the photos
-        making it. (The dlib backend's start on a coarse pyramid level, align.detect_max_side, cut its CPU time;
-        on a GPU its many small steps cost more wall time than the full pyramid: BENCHMARKS.md.)"""
+        """Per photo (HxWx3 uint8 tensors on the device), the detections ((x0, y0, x1, y1) with x1/y1 exclusive,
+        score) the dlib backend's FaceDetector.detect makes, by its own algorithm and functions, each of its
+        steps one detector call for all the photos making it: the photo's pyramid down to its coarse level
+        (``coarse_level``: at most ``align.detect_max_side`` px; pyramid_down on the device), the run there,
+        each face's search one level finer for as long as its score improves (``finer_window``,
+        ``better_finer_detection``: one call per round for all faces), and the finer and upsampled runs
+        (``detection_runs``) only for photos that ``more_runs`` says need them. The coarse start spares the
+        GPU the fine levels, nine tenths of a large photo's pyramid."""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
-        # From the photo itself the runs differ only in upsampling: run ``up`` is (0, up) for every photo.
-        runs = [detection_runs(0, int(p.shape[0]), int(p.shape[1]), cfg.max_upsample, cfg.min_face_size,
-                               cfg.upsample_max_side) for p in photos]
+        sizes = [(int(p.shape[0]), int(p.shape[1])) for p in photos]
+        coarse = [coarse_level(h, w, cfg.detect_max_side) for h, w in sizes]
+        pyramids = self._pyramids(photos, coarse)
+        runs = [detection_runs(k, h, w, cfg.max_upsample, cfg.min_face_size, cfg.upsample_max_side)
+                for k, (h, w) in zip(coarse, sizes)]
         found: list[list] = [[] for _ in photos]
         smallest: list[float | None] = [None] * len(photos)
-        for up in range(max(map(len, runs), default=0)):
-            todo = [i for i, r in enumerate(runs) if up < len(r)
+        for step in range(max(map(len, runs), default=0)):
+            todo = [i for i, r in enumerate(runs) if step < len(r)
                     and (smallest[i] is None or more_runs(found[i], exhaustive, cfg.min_face_size, smallest[i]))]
             if not todo:  # (a photo that stops making runs never starts again)
                 break
-            for i, dets in zip(todo, self.detector.detect([photos[i] for i in todo], upsample=up)):
-                width = int(photos[i].shape[1])
-                smallest[i] = smallest_visible(width, width, up)  # the photo is its own level 0
-                for (left, top, right, bottom), score, _filter in dets:
-                    box = (float(left), float(top), float(right + 1), float(bottom + 1))
-                    if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
-                        continue
-                    # A face already found by an earlier run keeps that run's box.
-                    if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
-                        continue
-                    found[i].append((box, float(score)))
+            dets: dict[int, list] = {}
+            for up in sorted({runs[i][step][1] for i in todo}):
+                mine = [i for i in todo if runs[i][step][1] == up]
+                levels = [pyramids[i][runs[i][step][0]] for i in mine]
+                dets.update(zip(mine, self.detector.detect(levels, upsample=up)))
+            # (photo, source rect, score, level its finer search starts from), in the order of the detections
+            faces = []
+            for i in todo:
+                j, up = runs[i][step]
+                smallest[i] = smallest_visible(sizes[i][1], int(pyramids[i][j].shape[1]), up)
+                faces += [[i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0]
+                          for rect, score, _filter in dets[i]]
+            self._search_finer(faces, pyramids)
+            for i, rect, score, _j in faces:
+                box = (float(rect[0]), float(rect[1]), float(rect[2] + 1), float(rect[3] + 1))
+                if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
+                    continue
+                # A face already found by an earlier run keeps that run's box.
+                if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+                    continue
+                found[i].append((box, score))
         return found
+
+    def _pyramids(self, photos: list, coarse: list[int]) -> list[list[torch.Tensor]]:
+        """Per photo, its pyramid levels 0 (the photo) .. coarse[i], each level one detector call for all the
+        photos that reach it."""
+        pyramids = [[p] for p in photos]
+        for level in range(1, max(coarse, default=0) + 1):
+            mine = [i for i, k in enumerate(coarse) if k >= level]
+            for i, down in zip(mine, self.detector.pyramid_down([pyramids[i][-1] for i in mine])):
+                pyramids[i].append(down)
+        return pyramids
+
+    def _search_finer(self, faces: list[list], pyramids: list[list[torch.Tensor]]) -> None:
+        """FaceDetector's descent, for all ``faces`` ([photo, rect, score, level]) at once, in place: each face
+        found above level 0 is searched for in a crop of the next finer level around it, a better window there
+        replaces it, and its search goes on from there while that keeps happening; one detector call per
+        round."""
+        active = [f for f in faces if f[3] > 0]
+        while active:
+            searches = []
+            for f in active:
+                level = pyramids[f[0]][f[3] - 1]
+                window = finer_window(f[1], f[3] - 1, int(level.shape[0]), int(level.shape[1]))
+                if window is not None:
+                    searches.append((f, window))
+            crops = [pyramids[f[0]][f[3] - 1][y0:y1, x0:x1] for f, (x0, y0, x1, y1) in searches]
+            active = []
+            for (f, (x0, y0, _x1, _y1)), dets in zip(searches, self.detector.detect(crops) if crops else []):
+                rect, score = better_finer_detection(f[1], f[2], [(r, sc) for r, sc, _filter in dets], x0, y0,
+                                                     f[3] - 1)
+                if score > f[2]:
+                    f[1], f[2], f[3] = rect, score, f[3] - 1
+                    if f[3] > 0:
+                        active.append(f)
 
     def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
         """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages

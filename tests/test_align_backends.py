@@ -163,17 +163,22 @@ def _larger_photos() -> list[np.ndarray]:
             np.asarray(china)]
 
 
-@pytest.mark.parametrize("policy,min_face_size,max_upsample", [("largest", 0, 0), ("all", 0, 0), ("largest", 70, 0),
-                                                               ("largest", 0, 1)])
-def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size, max_upsample):
-    """The torch backend's detections are the dlib backend's on the full-resolution photo (detect_max_side
-    null), photo by photo: boxes, scores, and which runs are made (the upsampled one only on photos where
-    nothing counted, each run one detector call for the photos making it)."""
+@pytest.mark.parametrize("policy,min_face_size,max_upsample,detect_max_side",
+                         [("largest", 0, 0, None), ("all", 0, 0, None), ("largest", 70, 0, None), ("largest", 0, 1, None),
+                          ("largest", 0, 0, 384), ("all", 0, 0, 384), ("largest", 70, 0, 200), ("largest", 0, 1, 384)])
+def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size, max_upsample,
+                                                       detect_max_side):
+    """The torch backend's detections are the dlib backend's, photo by photo (boxes, scores), from the
+    full-resolution photo (detect_max_side null: one detector call for all photos, then the upsampled run
+    only on photos where nothing counted) and from a coarse pyramid level (its finer search and finer runs
+    included: more calls, the first one for all photos)."""
     photos = _larger_photos()
-    cfg = AlignConfig(policy=policy, backend="torch", max_upsample=max_upsample, min_face_size=min_face_size)
+    cfg = AlignConfig(policy=policy, backend="torch", max_upsample=max_upsample, min_face_size=min_face_size,
+                      detect_max_side=detect_max_side)
     base = torch_aligners["largest"]
     aligner = DeviceAligner(cfg, base.detector, base.predictor, base.max_group_pixels)
-    reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=None, max_upsample=max_upsample)
+    reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=detect_max_side,
+                            max_upsample=max_upsample)
     calls = []
     detect = base.detector.detect
     with pytest.MonkeyPatch.context() as mp:
@@ -185,7 +190,12 @@ def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, m
     assert all(abs(a - b) < 1e-9 for g, w in zip(got, want) for (_, a), (_, b) in zip(g, w))
     assert got[0] and got[2] and not got[3]
     upsampled = [i for i, p in enumerate(photos) if not got[i] and max(p.shape) <= cfg.upsample_max_side]
-    assert calls == [(len(photos), 0)] + ([(len(upsampled), 1)] if max_upsample and upsampled else [])
+    last = [(len(upsampled), 1)] if max_upsample and upsampled else []
+    if detect_max_side is None:
+        assert calls == [(len(photos), 0)] + last
+    else:
+        assert calls[0] == (len(photos), 0) and len(calls) > 1 + len(last)
+        assert calls[len(calls) - len(last):] == last and all(up == 0 for _, up in calls[:len(calls) - len(last)])
 
 
 def _rolled_group() -> list[np.ndarray]:

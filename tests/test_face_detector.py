@@ -376,6 +376,24 @@ def test_a_batch_of_sizes_resizes_as_dlib_does_each():
             assert np.array_equal(ours[k, :, :oh, :ow].permute(1, 2, 0).numpy(), theirs[k]), sizes[k]
 
 
+def test_pyramid_down_of_photos_of_many_sizes_equals_dlibs(detector):
+    """FrontalFaceDetector.pyramid_down (what the torch backend's coarse start builds levels with): photos of
+    several sizes in one call, three levels down, each level dlib.pyramid_down(6) of the previous one; too small
+    an image gives an empty level; bad input is named."""
+    down = dlib.pyramid_down(6)
+    images = [p.image for p in original_photos()][:3] + [v.image for v in face_variants(4, seed=7, max_side=500)]
+    ours = [torch.from_numpy(np.array(im)) for im in images]
+    theirs = list(images)
+    for _ in range(3):
+        ours = detector.pyramid_down(ours)
+        theirs = [np.ascontiguousarray(down(im)) for im in theirs]
+        for a, b in zip(ours, theirs):
+            assert a.is_contiguous() and np.array_equal(a.numpy(), b), (a.shape, b.shape)
+    assert detector.pyramid_down([torch.zeros((1, 7, 3), dtype=torch.uint8)])[0].shape == (0, 5, 3)
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        detector.pyramid_down([np.zeros((9, 9, 3), np.uint8)])
+
+
 def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):
     """Each fHOG plane read back from dlib: a detector whose only weight is 1.0 on that plane at one cell
     scores every window with exactly that feature value (one rank-1 term with unit taps), and with
