@@ -1612,8 +1612,9 @@ class FrontalFaceDetector:
         levels of the detector's own pyramid): ((5 H) // 6) x ((5 W) // 6) x 3 contiguous tensors, batched as
         detect() batches. An image with a side under 2 px gives an empty one."""
         for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.device != self.device or image.dtype != torch.uint8 \
-                    or image.ndim != 3 or image.shape[2] != 3:
+            # (self.device may carry no index: "cuda" is the current one, the images' "cuda:0")
+            if not isinstance(image, torch.Tensor) or image.device.type != self.device.type \
+                    or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"images[{i}] must be an HxWx3 uint8 tensor on {self.device}")
         out: list = [None] * len(images)
         sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
