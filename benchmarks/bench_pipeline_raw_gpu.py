@@ -230,8 +230,8 @@ def main() -> None:
     ap.add_argument("--niceness", default="",
                     help="ray.cpu_task_niceness of each torch-backend run, comma-separated (default: the config's)")
     ap.add_argument("--detect-max-side", default="",
-                    help="align.detect_max_side of each torch-backend run, comma-separated, 'null' for the full "
-                         "pyramid (default: the config's)")
+                    help="align.device_detect_max_side of each torch-backend run, comma-separated, 'null' for the "
+                         "full pyramid (default: the config's)")
     ap.add_argument("--check-cpu", type=int, default=0,
                     help="compare the device's detections with the CPU's on this many photos (about 2 s each)")
     ap.add_argument("--no-actor-alone", action="store_true",
@@ -332,11 +332,11 @@ def main() -> None:
                  for n in a.niceness.split(",") for d in a.detect_max_side.split(",") if a.niceness or a.detect_max_side]
     for backend, niceness, max_side in runs:
         name = ", ".join([backend] + ([] if niceness is None else [f"niceness {niceness}"])
-                         + ([] if max_side is None else [f"detect_max_side {max_side}"]))
+                         + ([] if max_side is None else [f"device_detect_max_side {max_side}"]))
         out = os.path.join(a.work, f"out_{backend}_{niceness}_{max_side}")
         ray_cfg = {"num_cpus": a.num_cpus} | ({} if niceness is None else {"cpu_task_niceness": niceness})
         align_cfg = {"enabled": True, "backend": backend} | (
-            {} if max_side is None else {"detect_max_side": None if max_side == "null" else int(max_side)})
+            {} if max_side is None else {"device_detect_max_side": None if max_side == "null" else int(max_side)})
         cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
                        "output": {"url": out, "image_size": 256},
                        "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},

@@ -75,7 +75,9 @@ class AlignConfig:
     output_size: int = 256
     transform_size: int = 1024         # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
     min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
-    detect_max_side: int | None = 384  # detection from the pyramid level at most this long (null: full), both backends
+    detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null: full)
+    device_detect_max_side: int | None = None  # the same for the torch backend; null: the photo's full pyramid,
+                                       # which takes less wall time on a GPU than the coarse start's many steps
     max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
     upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
                                        # cost of a photo without a face
@@ -179,6 +181,7 @@ FINGERPRINT_KEYS = (
 # of runs made before they existed keep their fingerprint.
 OPTIONAL_FINGERPRINT_KEYS = ("output.paste_back", "edit.directions", "edit.alphas", "edit.layers", "edit.save_codes",
                              "task", "resize_factor", "align.min_face_size", "align.detect_max_side", "align.max_upsample",
+                             "align.device_detect_max_side",
                              "align.upsample_max_side")
 # shard_size is not in it: committed image shards keep their membership whatever it is now, so changing
 # it only changes how the files not yet processed are grouped.
@@ -287,6 +290,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError("align.transform_size", "must be >= align.output_size")
     _check_int(cfg, "align.min_face_size", lo=0, hi=100_000)
     _check_int(cfg, "align.detect_max_side", lo=160, allow_none=True)
+    _check_int(cfg, "align.device_detect_max_side", lo=160, allow_none=True)
     _check_int(cfg, "align.max_upsample", lo=0, hi=3)
     _check_int(cfg, "align.upsample_max_side", lo=1, allow_none=True)
     _check_choice(cfg, "align.backend", ("auto", "dlib", "torch"))

@@ -92,18 +92,23 @@ class DeviceAligner:
         return self.detector.device
 
     def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
-        """Per photo (HxWx3 uint8 tensors on the device), the detections ((x0, y0, x1, y1) with x1/y1 exclusive,
-        score) the dlib backend's FaceDetector.detect makes, by its own algorithm and functions, each of its
-        steps one detector call for all the photos making it: the photo's pyramid down to its coarse level
-        (``coarse_level``: at most ``align.detect_max_side`` px; pyramid_down on the device), the run there,
-        each face's search one level finer for as long as its score improves (``finer_window``,
-        ``better_finer_detection``: one call per round for all faces), and the finer and upsampled runs
-        (``detection_runs``) only for photos that ``more_runs`` says need them. The coarse start spares the
-        GPU the fine levels, nine tenths of a large photo's pyramid."""
+        """Per photo (HxWx3 uint8; host photos are copied to the device first), the detections ((x0, y0, x1, y1)
+        with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes, by its own algorithm and
+        functions, each of its steps one detector call for all the photos or faces making it: the photo's
+        pyramid down to its coarse level (``coarse_level``: at most ``align.device_detect_max_side`` px;
+        pyramid_down on the device), the run there, each face's search one level finer for as long as its score
+        improves (``finer_window``, ``better_finer_detection``: one call per round for all faces), and the
+        finer and upsampled runs (``detection_runs``) only for photos that ``more_runs`` says need them. By
+        default (null) from the photo itself: one call for the whole pyramid of every photo, then the upsampled
+        run where nothing counted. The coarse start spares the GPU the fine levels (nine tenths of a large
+        photo's pyramid) but takes many more host steps: 118 against 417 photos/s of alignment alone on an H200
+        (BENCHMARKS.md)."""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
+        photos = [p if isinstance(p, torch.Tensor) and p.device.type == self.device.type
+                  else torch.as_tensor(np.ascontiguousarray(p)).to(self.device) for p in photos]
         sizes = [(int(p.shape[0]), int(p.shape[1])) for p in photos]
-        coarse = [coarse_level(h, w, cfg.detect_max_side) for h, w in sizes]
+        coarse = [coarse_level(h, w, cfg.device_detect_max_side) for h, w in sizes]
         pyramids = self._pyramids(photos, coarse)
         runs = [detection_runs(k, h, w, cfg.max_upsample, cfg.min_face_size, cfg.upsample_max_side)
                 for k, (h, w) in zip(coarse, sizes)]

@@ -169,12 +169,12 @@ def _larger_photos() -> list[np.ndarray]:
 def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, min_face_size, max_upsample,
                                                        detect_max_side):
     """The torch backend's detections are the dlib backend's, photo by photo (boxes, scores), from the
-    full-resolution photo (detect_max_side null: one detector call for all photos, then the upsampled run
-    only on photos where nothing counted) and from a coarse pyramid level (its finer search and finer runs
-    included: more calls, the first one for all photos)."""
+    full-resolution photo (device_detect_max_side null, the default: one detector call for all photos, then
+    the upsampled run only on photos where nothing counted) and from a coarse pyramid level (its finer search
+    and finer runs included: more calls, the first one for all photos)."""
     photos = _larger_photos()
     cfg = AlignConfig(policy=policy, backend="torch", max_upsample=max_upsample, min_face_size=min_face_size,
-                      detect_max_side=detect_max_side)
+                      device_detect_max_side=detect_max_side)
     base = torch_aligners["largest"]
     aligner = DeviceAligner(cfg, base.detector, base.predictor, base.max_group_pixels)
     reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=detect_max_side,
