@@ -345,10 +345,10 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
         dlib_only.invert_chunks(photo_chunk)
 
 
-def test_an_aligning_actor_inverts_one_call_at_a_time(photos, tiny_checkpoint, monkeypatch):
-    """Calls at once in an actor that aligns (as Ray's max_concurrency runs it: one staging, one aligning, one
-    inverting) invert one at a time, so the device holds one inversion beside one alignment; each call still
-    gets the result it gets alone. (Alignment is replayed from a first pass, so that the calls reach their
+def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpoint, monkeypatch):
+    """Calls at once in an actor that aligns (as Ray's max_concurrency runs it) bring their faces to one shared
+    batch (pipeline.invert.SharedInversion), one batch at a time without a CUDA graph; each call still gets
+    the result it gets alone. (Alignment is replayed from a first pass, so that the calls reach their
     inversions together.)"""
     worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
                           align=AlignConfig(backend="torch"))
@@ -359,20 +359,28 @@ def test_an_aligning_actor_inverts_one_call_at_a_time(photos, tiny_checkpoint, m
         chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
                                     list(images)))
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
-    # Alignment as already done (the lock under test is inversion's): the calls reach inversion together.
+    # Alignment as already done, each call's ending once all three align (the sharing under test is
+    # inversion's): the calls reach inversion together.
     aligned = {id(c.photos): align_photos(worker.aligner, c.photos, c.rows) for c in chunks}
-    monkeypatch.setattr(invert_worker, "align_photos", lambda aligner, photos, rows, serial: aligned[id(photos)])
-    running, most = [0], [0]
+    all_aligning = threading.Barrier(len(chunks))
+
+    def replayed_alignment(aligner, photos, rows, serial):
+        all_aligning.wait(10)
+        return aligned[id(photos)]
+
+    monkeypatch.setattr(invert_worker, "align_photos", replayed_alignment)
+    running, most, sizes = [0], [0], []
     lock = threading.Lock()
     real = invert_worker.invert_faces
 
-    def counting_invert_faces(*args, **kwargs):
+    def counting_invert_faces(model, faces, **kwargs):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
+            sizes.append(len(faces))
         time.sleep(0.3)  # long enough for the other calls to reach their inversion meanwhile
         try:
-            return real(*args, **kwargs)
+            return real(model, faces, **kwargs)
         finally:
             with lock:
                 running[0] -= 1
@@ -388,7 +396,7 @@ def test_an_aligning_actor_inverts_one_call_at_a_time(photos, tiny_checkpoint, m
         t.start()
     for t in threads:
         t.join()
-    assert most[0] == 1
+    assert most[0] == 1 and sizes == [3]  # the three calls' faces in one batch of 4
     for res, expected in zip(results, want):
         assert [(r.key, r.status) for r in res.rows] == [(r.key, r.status) for r in expected.rows]
         np.testing.assert_allclose(res.codes, expected.codes, rtol=0, atol=1e-6)
