@@ -6,8 +6,9 @@ the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
 
 The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
 models.face_detector.FrontalFaceDetector by the dlib backend's own algorithm (pipeline.detect.FaceDetector.detect:
-the run on a coarse pyramid level, each face's search on finer levels, the finer and upsampled runs only where
-needed), each of its steps one detector call for all the photos or faces making it; 68 landmarks with
+the run on the photo's whole pyramid by default, or on a coarse level with each face's search on finer levels
+(align.device_detect_max_side); the finer and upsampled runs only where needed), each of its steps one detector
+call for all the photos or faces making it; 68 landmarks with
 models.landmarks.ShapePredictor (rolled faces predicted again upright with
 models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole group); the FFHQ crop with
 models.ffhq_crop.crop_faces. The runs, the choice of faces (pipeline.align.choose_faces) and the rows

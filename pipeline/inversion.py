@@ -171,8 +171,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.
     # max_concurrency: while one call's batches run on the GPU, the next call's inputs are unpacked, pinned and
-    # copied; in an actor that aligns, a third call copies its photos while the second aligns them on a stream
-    # of their own.
+    # copied; in an actor that aligns, one call copies its photos while two align theirs (each on a stream of its
+    # own) and one inverts.
     Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=calls)(InvertWorker)
     m, ep = cfg.model, cfg.storage.endpoint_url
     actors = [Actor.options(**actor_opts).remote(

@@ -345,6 +345,55 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
         dlib_only.invert_chunks(photo_chunk)
 
 
+class _AtOnce:
+    """Wraps a function: counts how many of its calls run at once (the most in ``most``), records the length of
+    each call's last positional argument (faces), and holds each call long enough for other threads to reach
+    it meanwhile."""
+
+    def __init__(self, fn):
+        self.fn, self.lock = fn, threading.Lock()
+        self.running = self.most = 0
+        self.sizes: list[int] = []
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(args[-1]) if hasattr(args[-1], "__len__") else None)
+        time.sleep(0.3)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _photo_chunks(photos, names) -> list[PreparedChunk]:
+    """One chunk of one decoded photo per name, as the CPU tasks hand them to an aligning actor."""
+    cfg = _prepare_cfg("torch")
+    chunks = []
+    for k, name in enumerate(names):
+        rows, images = zip(*prepare_item(InputItem(name, name, photos[name]), cfg, {}))
+        chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
+                                    list(images)))
+    return chunks
+
+
+def _invert_at_once(worker, chunks) -> list:
+    """Each chunk's result, every chunk in a call of its own from threads at once (as Ray's max_concurrency)."""
+    results = [None] * len(chunks)
+
+    def call(k):
+        results[k] = worker.invert_chunks(chunks[k])[0]
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(chunks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpoint, monkeypatch):
     """Calls at once in an actor that aligns (as Ray's max_concurrency runs it) bring their faces to one shared
     batch (pipeline.invert.SharedInversion), one batch at a time without a CUDA graph; each call still gets
@@ -352,12 +401,7 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
     inversions together.)"""
     worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
                           align=AlignConfig(backend="torch"))
-    cfg = _prepare_cfg("torch")
-    chunks = []
-    for k, name in enumerate(["astro", "hopper", "pair"]):
-        rows, images = zip(*prepare_item(InputItem(name, name, photos[name]), cfg, {}))
-        chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
-                                    list(images)))
+    chunks = _photo_chunks(photos, ["astro", "hopper", "pair"])
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
     # Alignment as already done, each call's ending once all three align (the sharing under test is
     # inversion's): the calls reach inversion together.
@@ -369,34 +413,10 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
         return aligned[id(photos)]
 
     monkeypatch.setattr(invert_worker, "align_photos", replayed_alignment)
-    running, most, sizes = [0], [0], []
-    lock = threading.Lock()
-    real = invert_worker.invert_faces
-
-    def counting_invert_faces(model, faces, **kwargs):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-            sizes.append(len(faces))
-        time.sleep(0.3)  # long enough for the other calls to reach their inversion meanwhile
-        try:
-            return real(model, faces, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(invert_worker, "invert_faces", counting_invert_faces)
-    results = [None] * len(chunks)
-
-    def call(k):
-        results[k] = worker.invert_chunks(chunks[k])[0]
-
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(chunks))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert most[0] == 1 and sizes == [3]  # the three calls' faces in one batch of 4
+    inversions = _AtOnce(invert_worker.invert_faces)
+    monkeypatch.setattr(invert_worker, "invert_faces", inversions)
+    results = _invert_at_once(worker, chunks)
+    assert inversions.most == 1 and inversions.sizes == [3]  # the three calls' faces in one batch of 4
     for res, expected in zip(results, want):
         assert [(r.key, r.status) for r in res.rows] == [(r.key, r.status) for r in expected.rows]
         np.testing.assert_allclose(res.codes, expected.codes, rtol=0, atol=1e-6)
@@ -410,40 +430,12 @@ def test_an_aligning_actor_aligns_as_many_calls_at_once_as_it_has_lanes(photos, 
     worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
                           align=AlignConfig(backend="torch"), align_lanes=lanes)
     assert worker.info()["align_lanes"] == lanes
-    cfg = _prepare_cfg("torch")
-    chunks = []
-    for k, name in enumerate(["astro", "hopper", "pair"]):
-        rows, images = zip(*prepare_item(InputItem(name, name, photos[name]), cfg, {}))
-        chunks.append(PreparedChunk("s", k, list(rows), np.zeros((0, 256, 256, 3), np.uint8), {}, 1, None,
-                                    list(images)))
+    chunks = _photo_chunks(photos, ["astro", "hopper", "pair"])
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
-    running, most = [0], [0]
-    lock = threading.Lock()
-    real = worker.aligner.align
-
-    def counting_align(staged):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.3)  # long enough for the other calls to reach their alignment meanwhile
-        try:
-            return real(staged)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(worker.aligner, "align", counting_align)
-    results = [None] * len(chunks)
-
-    def call(k):
-        results[k] = worker.invert_chunks(chunks[k])[0]
-
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(chunks))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert most[0] == lanes
+    alignments = _AtOnce(worker.aligner.align)
+    monkeypatch.setattr(worker.aligner, "align", alignments)
+    results = _invert_at_once(worker, chunks)
+    assert alignments.most == lanes
     for res, expected in zip(results, want):
         assert [(r.key, r.status) for r in res.rows] == [(r.key, r.status) for r in expected.rows]
         np.testing.assert_array_equal(res.faces, expected.faces)
