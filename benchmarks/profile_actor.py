@@ -4,8 +4,8 @@ with 2 alignment lanes (``--lanes``), without Ray, with each call's alignment an
 CPU time of its own thread, and the rows' statuses counted (an align_error stops the profile); the last lane
 count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
-serves the whole process.) A profile, not a benchmark (the
-pipeline's figures come from bench_pipeline_raw_gpu.py).
+serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
+bench_pipeline_raw_gpu.py).
 
     python benchmarks/profile_actor.py --chunks 6 --lanes 1,2 --out actor_profile.txt    # GPU
     python benchmarks/profile_actor.py --smoke                                    # CPU: checks it runs
@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import os
-import queue
 import sys
 import tempfile
 import threading
@@ -89,15 +88,6 @@ def run_threads(worker, chunks, threads: int) -> tuple[float, collections.Counte
     return seconds, statuses
 
 
-def set_lanes(worker, lanes: int) -> None:
-    """Give ``worker`` ``lanes`` alignment lanes (its private pool: a profile compares counts on one worker,
-    whose start costs a compile)."""
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(lanes):
-        free.put(torch.cuda.Stream(device=worker.device, priority=-100) if torch.cuda.is_available() else None)
-    worker._free_lanes, worker.align_lanes = free, lanes
-
-
 def kernel_summary(trace_path: str, wall_s: float, n_chunks: int) -> dict:
     """From a chrome trace: the GPU's busy share (union of kernel intervals over the profiled wall time) and
     each stream's kernel ms per chunk, with its 8 costliest kernels."""
@@ -163,7 +153,7 @@ def main() -> None:
     result = {}
     for k, (name, threads, lanes, how) in enumerate(runs):
         mine = chunks[1 + k * a.chunks:1 + (k + 1) * a.chunks]
-        set_lanes(worker, lanes)
+        worker.set_align_lanes(lanes)
         align_times.reset()
         invert_times.reset()
         before = worker.align_part_seconds()

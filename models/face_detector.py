@@ -1528,6 +1528,11 @@ class FrontalFaceDetector:
                                   f"({problem}); using the torch path for them", RuntimeWarning, stacklevel=2)
 
     @property
+    def _resize(self):
+        """The resampling the detector's pyramid uses: the Triton kernel where it passed its check."""
+        return _resize_rgb_triton if self.triton_resize else resize_rgb
+
+    @property
     def use_triton(self) -> bool:
         return self.triton_resize and self.triton_fhog and self.triton_filters
 
@@ -1625,7 +1630,7 @@ class FrontalFaceDetector:
                 out[i] = torch.zeros((dh, dw, 3), dtype=torch.uint8, device=self.device)
             else:
                 todo.append(i)
-        resize = _resize_rgb_triton if self.triton_resize else resize_rgb
+        resize = self._resize
         for batch in self._batches([sizes[i] for i in todo], 1):
             index = [todo[b] for b in batch]
             group = [sizes[i] for i in index]
@@ -1671,7 +1676,7 @@ class FrontalFaceDetector:
         h_max = max(h for h, _ in sizes)
         w_max = max(w for _, w in sizes)
         batch = self._upload_batch([images[i] for i in index], sizes, h_max, w_max)
-        resize = _resize_rgb_triton if self.triton_resize else resize_rgb
+        resize = self._resize
         for _ in range(upsample):
             up = [pyramid_up_size(h, w) for h, w in sizes]
             batch = resize(batch, sizes, up)

@@ -101,11 +101,7 @@ class InvertWorker:
         # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
         # and host steps, what the actor waits for; inversion's large kernels fill the GPU around it. (None on
         # a CPU: torch.cuda.stream(None) does nothing.)
-        self.align_lanes = int(align_lanes or (ALIGN_LANES_GPU if on_gpu else 1)) if self.aligner is not None else 0
-        self._free_lanes: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.align_lanes):
-            self._free_lanes.put(torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
-                                 if on_gpu else None)
+        self.set_align_lanes(int(align_lanes or (ALIGN_LANES_GPU if on_gpu else 1)) if self.aligner is not None else 0)
         if self.aligner is not None and on_gpu:
             # The calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
             # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
@@ -169,6 +165,16 @@ class InvertWorker:
         res = invert_faces(self.model, faces, stages=self.stages, batch_size=self.batch_size, device=self.device,
                            return_images=self.return_images, pad_batches=self.compiled, task=self.task)
         return res, apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
+
+    def set_align_lanes(self, lanes: int) -> None:
+        """``lanes`` alignment lanes from now on (a profile compares counts on one actor, whose start costs a
+        compile); call it while no call aligns."""
+        on_gpu = self.device.startswith("cuda")
+        self.align_lanes = int(lanes)
+        self._free_lanes: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.align_lanes):
+            self._free_lanes.put(torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
+                                 if on_gpu else None)
 
     @contextlib.contextmanager
     def _alignment_lane(self):
