@@ -22,9 +22,12 @@ Figures (all in this one run, on the same GPU):
   ratio of its faces/s to inversion only's (target >= 0.9), and the time share of each stage (read, decode:
   CPU tasks; align, invert: the actor; encode, write: CPU tasks); with ``--backends torch,dlib`` the same
   pipeline again with alignment on the CPU tasks (dlib, which must be importable; the random trees then go
-  to dlib's own shape_predictor), the side-by-side figure.
+  to dlib's own shape_predictor), the side-by-side figure; with ``--variant`` (repeated) the torch pipeline
+  once per set of config overrides, on the same photos; for each run the GPU's utilisation (nvidia-smi's
+  share of time a kernel ran) between 10% and 90% of its faces.
 
     python benchmarks/bench_pipeline_raw_gpu.py --photos 4096 --shard 256 --batch 64 --stages 3 --backends torch,dlib
+    python benchmarks/bench_pipeline_raw_gpu.py --photos 4096 --variant align.device_lanes=2 --variant align.device_lanes=4
     python benchmarks/bench_pipeline_raw_gpu.py --smoke      # CPU: tiny photos and model, checks it runs
 """
 from __future__ import annotations
@@ -47,14 +50,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.pipeline_stats import middle_rate, read_stats, report, steady_rate  # noqa: E402
+from benchmarks.pipeline_stats import GpuBusy, middle_rate, middle_window, read_stats, report, steady_rate  # noqa: E402
 from models.face_detector import FrontalFaceDetector  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
-from pipeline.inversion import ALIGNING_ACTOR_QUEUE  # noqa: E402
+from pipeline.inversion import aligning_actor_calls  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
 from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
@@ -150,6 +153,16 @@ def write_tars(d: str, photos, shard: int) -> None:
                 tf.addfile(info, io.BytesIO(photos[i][0]))
 
 
+def parse_overrides(text: str) -> dict:
+    """'align.device_lanes=4,ray.cpu_task_niceness=0' -> {'align.device_lanes': 4, ...}: integers as int,
+    'null' as None, anything else as the string."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = None if value == "null" else int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
 def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float]:
     """Alignment's seconds by part (pipeline.device_align.ALIGN_PARTS) as ms per chunk."""
     return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
@@ -168,7 +181,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
     by part: from one thread (stage, align, invert, one chunk after the other) on photos it has aligned before
     (``seen``: every size-keyed table cached) and on photos of sizes it has not met (a third of ``new``), as in
-    the pipeline, where each photo is new; then from 2 and from ALIGNING_ACTOR_QUEUE (4) threads at once, as
+    the pipeline, where each photo is new; then from 2 and from aligning_actor_calls (4) threads at once, as
     Ray's max_concurrency runs the pipeline's actor (one call staging, two aligning, one inverting), each on
     another third of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos
     cost more, and what each call at once adds. Without enough ``new`` photos (--smoke), every run is on
@@ -181,7 +194,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
         worker.invert_chunks(c)  # warm-up, and every size of ``seen`` met
     third = len(new) // 3 // group * group
     runs = [("seen photos, 1 thread", seen_chunks, 1)]
-    for k, threads in enumerate((1, 2, ALIGNING_ACTOR_QUEUE)):
+    for k, threads in enumerate((1, 2, aligning_actor_calls(AlignConfig(backend="torch")))):
         name = f"{threads} thread{'s' * (threads > 1)}"
         if third:
             runs.append((f"new photos, {name}", photo_chunks(new[k * third:(k + 1) * third], group), threads))
@@ -227,11 +240,10 @@ def main() -> None:
     ap.add_argument("--work", default=tempfile.mkdtemp(prefix="bench_raw_"))
     ap.add_argument("--backends", default="torch",
                     help="align.backend of each pipeline run, comma-separated (torch,dlib: the side-by-side)")
-    ap.add_argument("--niceness", default="",
-                    help="ray.cpu_task_niceness of each torch-backend run, comma-separated (default: the config's)")
-    ap.add_argument("--detect-max-side", default="",
-                    help="align.device_detect_max_side of each torch-backend run, comma-separated, 'null' for the "
-                         "full pyramid (default: the config's)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="a torch-backend run with these config overrides, dotted keys, comma-separated, 'null' for "
+                         "None: e.g. align.device_lanes=4,align.device_detect_max_side=384 (repeat the option for "
+                         "several runs; none: one run with the config's defaults)")
     ap.add_argument("--check-cpu", type=int, default=0,
                     help="compare the device's detections with the CPU's on this many photos (about 2 s each)")
     ap.add_argument("--no-actor-alone", action="store_true",
@@ -267,26 +279,24 @@ def main() -> None:
     pipelines = {}
     # Chunks of the run: each shard's photos cut into chunks of RayConfig.chunk_size.
     n_chunks = sum(-(-min(a.shard, a.photos - t) // RayConfig.chunk_size) for t in range(0, a.photos, a.shard))
-    # (backend, niceness, detect_max_side): the torch runs once per niceness and per detect_max_side given
-    # (variants of one run); None: the config's.
-    runs = [(backend, None, None) for backend in a.backends.split(",") if backend != "torch" or not
-            (a.niceness or a.detect_max_side)]
+    # (backend, overrides): the torch runs once per --variant, the config's defaults without one
+    runs = [(backend, {}) for backend in a.backends.split(",") if backend != "torch" or not a.variant]
     if "torch" in a.backends.split(","):
-        runs += [("torch", None if n == "" else int(n), None if d == "" else d)
-                 for n in a.niceness.split(",") for d in a.detect_max_side.split(",") if a.niceness or a.detect_max_side]
-    for backend, niceness, max_side in runs:
-        name = ", ".join([backend] + ([] if niceness is None else [f"niceness {niceness}"])
-                         + ([] if max_side is None else [f"device_detect_max_side {max_side}"]))
-        out = os.path.join(a.work, f"out_{backend}_{niceness}_{max_side}")
-        ray_cfg = {"num_cpus": a.num_cpus} | ({} if niceness is None else {"cpu_task_niceness": niceness})
-        align_cfg = {"enabled": True, "backend": backend} | (
-            {} if max_side is None else {"device_detect_max_side": None if max_side == "null" else int(max_side)})
-        cfg = resolve({"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
-                       "output": {"url": out, "image_size": 256},
-                       "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
-                       "align": align_cfg, "ray": ray_cfg, "progress": False}, {})
+        runs += [("torch", parse_overrides(v)) for v in a.variant]
+    for backend, overrides in runs:
+        name = ", ".join([backend] + [f"{k}={v}" for k, v in overrides.items()])
+        out = os.path.join(a.work, f"out_{len(pipelines)}")
+        cfg_dict = {"input": {"url": os.path.join(a.work, "in"), "format": "webdataset"},
+                    "output": {"url": out, "image_size": 256},
+                    "model": {"checkpoint": ckpt, "batch_size": a.batch, "stages": a.stages},
+                    "align": {"enabled": True, "backend": backend}, "ray": {"num_cpus": a.num_cpus}, "progress": False}
+        for key, value in overrides.items():
+            section, _, leaf = key.partition(".")
+            cfg_dict.setdefault(section, {})[leaf] = value
+        cfg = resolve(cfg_dict, {})
         t = time.time()
-        res = run(cfg, echo=lambda s: print(s, flush=True))
+        with GpuBusy() as busy:
+            res = run(cfg, echo=lambda s: print(s, flush=True))
         wall = time.time() - t
         stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
@@ -297,6 +307,8 @@ def main() -> None:
                         "steady_s": round(seconds, 1),
                         # between 10% and 90% of the faces: neither the start nor the last shards' wave
                         "middle_faces_s": round(middle_rate(stats), 1),
+                        # the GPU's utilisation (nvidia-smi: share of time a kernel ran) in that window
+                        "middle_gpu_busy_percent": busy.mean(*middle_window(stats)[:2]) if middle_window(stats) else None,
                         "first_call_s": round(first_call, 1),
                         "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
                         "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),

@@ -81,6 +81,8 @@ class AlignConfig:
     max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
     upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
                                        # cost of a photo without a face
+    device_lanes: int | None = None    # torch backend: chunks an actor aligns at once, each on a CUDA stream of its
+                                       # own; null: 2 on a GPU, 1 on a CPU (speed only: not in the fingerprint)
     backend: str = "auto"              # where alignment runs: dlib (CPU tasks) | torch (on the inversion actor's
                                        # device, GPU or CPU) | auto (torch when the actor has a GPU)
 
@@ -291,6 +293,7 @@ def validate(cfg: dict) -> None:
     _check_int(cfg, "align.min_face_size", lo=0, hi=100_000)
     _check_int(cfg, "align.detect_max_side", lo=160, allow_none=True)
     _check_int(cfg, "align.device_detect_max_side", lo=160, allow_none=True)
+    _check_int(cfg, "align.device_lanes", lo=1, hi=16, allow_none=True)
     _check_int(cfg, "align.max_upsample", lo=0, hi=3)
     _check_int(cfg, "align.upsample_max_side", lo=1, allow_none=True)
     _check_choice(cfg, "align.backend", ("auto", "dlib", "torch"))

@@ -23,24 +23,29 @@ from typing import Any, Callable
 import ray
 
 from workers.cpu_worker import finish_shard_task, prepare_shard
-from workers.invert_worker import ALIGN_LANES_GPU, InvertWorker
+from workers.invert_worker import InvertWorker, aligning_lanes
 
 from .cluster import actor_plan, cpus_per_gpu, wait_one
-from .config import ConfigError, PipelineConfig
+from .config import AlignConfig, ConfigError, PipelineConfig
 from .device_align import resolve_align_backend
 from .progress import Progress
 from .read import Shard
 from .scheduler import ActorPool, Attempt, Scheduler, short_error
 
-__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "ALIGNING_ACTOR_QUEUE", "ALIGN_PARTS_LINE"]
+__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "aligning_actor_calls", "ALIGN_PARTS_LINE"]
 
 log = logging.getLogger("e2style.pipeline")
 
 ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
-# Calls at once in an inversion actor that aligns photos on its GPU: one per step of InvertWorker.invert_chunks
-# (the photos' host copy into pinned memory, alignment, inversion), with alignment taken by as many calls as the
-# actor has alignment lanes.
-ALIGNING_ACTOR_QUEUE = ALIGN_LANES_GPU + 2
+
+
+def aligning_actor_calls(align: AlignConfig) -> int:
+    """Calls at once in an inversion actor that aligns photos on its GPU: one per step of
+    InvertWorker.invert_chunks (the photos' host copy into pinned memory, alignment, inversion), with alignment
+    taken by as many calls as the actor has alignment lanes (align.device_lanes)."""
+    return aligning_lanes(align, "cuda") + 2
+
+
 # CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
 # above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
 # spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.
@@ -166,7 +171,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     calls = ACTOR_QUEUE
     if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
         actor_opts["num_cpus"] = aligning_actor_cpus(cpus_per_gpu())
-        calls = ALIGNING_ACTOR_QUEUE
+        calls = aligning_actor_calls(cfg.align)
     # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
     # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
     # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.

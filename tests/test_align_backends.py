@@ -23,17 +23,17 @@ from conftest import pipeline_config, tiny_image_bytes
 from face_variants import face_variants, faceless_variants, load_photo
 from models.ffhq_crop import upright_landmarks
 from pipeline.align import FaceAligner, get_aligner
-from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, resolve
+from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, fingerprint, resolve
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
 from pipeline.device_align import ALIGN_PARTS, UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
-from pipeline.inversion import ALIGN_PARTS_LINE
+from pipeline.inversion import ALIGN_PARTS_LINE, aligning_actor_calls
 from pipeline.model_files import find_landmark_model
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
 from pipeline.runner import run
 from workers import invert_worker
-from workers.invert_worker import InvertWorker
+from workers.invert_worker import InvertWorker, aligning_lanes
 
 
 def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
@@ -301,6 +301,14 @@ def test_config_keys_validated():
         resolve(base, {"align": {"backend": "cuda"}})
     with pytest.raises(ConfigError, match="align.upsample_max_side"):
         resolve(base, {"align": {"upsample_max_side": 0}})
+    for lanes in (0, 17, 1.5):
+        with pytest.raises(ConfigError, match="align.device_lanes"):
+            resolve(base, {"align": {"device_lanes": lanes}})
+    cfg = resolve(base, {"align": {"device_lanes": 3}})
+    assert aligning_lanes(cfg.align, "cuda:0") == 3 and aligning_actor_calls(cfg.align) == 5
+    assert aligning_lanes(resolve(base).align, "cuda:0") == 2 and aligning_lanes(resolve(base).align, "cpu") == 1
+    # lanes change only the speed: runs with other lanes resume each other's outputs
+    assert fingerprint(cfg, "0" * 64)[0] == fingerprint(resolve(base), "0" * 64)[0]
     assert resolve_align_backend("auto", "cuda:0") == "torch"
     assert resolve_align_backend("auto", "cpu") == "dlib"       # the CPU default stays today's dlib path
     assert resolve_align_backend("torch", "cpu") == "torch" and resolve_align_backend("dlib", "cuda") == "dlib"
@@ -425,10 +433,10 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
 
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_an_aligning_actor_aligns_as_many_calls_at_once_as_it_has_lanes(photos, tiny_checkpoint, monkeypatch, lanes):
-    """Calls at once in an aligning actor align ``align_lanes`` at a time (each on a lane of its own), never
-    more, and each call's faces and rows are those it gets alone."""
+    """Calls at once in an aligning actor align ``align.device_lanes`` at a time (each on a lane of its own),
+    never more, and each call's faces and rows are those it gets alone."""
     worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
-                          align=AlignConfig(backend="torch"), align_lanes=lanes)
+                          align=AlignConfig(backend="torch", device_lanes=lanes))
     assert worker.info()["align_lanes"] == lanes
     chunks = _photo_chunks(photos, ["astro", "hopper", "pair"])
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other

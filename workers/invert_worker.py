@@ -34,16 +34,23 @@ ALIGN_GIL_SWITCH_S = 0.0005
 ALIGN_LANES_GPU = 2
 
 
+def aligning_lanes(align: AlignConfig, device: str) -> int:
+    """Alignment lanes of an actor on ``device`` that aligns: ``align.device_lanes``, by default
+    ALIGN_LANES_GPU on a GPU and 1 on a CPU (where device work does not overlap)."""
+    if align.device_lanes is not None:
+        return int(align.device_lanes)
+    return ALIGN_LANES_GPU if str(device).startswith("cuda") else 1
+
+
 class InvertWorker:
     def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
                  precision: str = "auto", device: str = "auto", stages: int | None = None,
                  batch_size: int | str = "auto", num_threads: int | None = None, edit_options: dict | None = None,
                  compile: str | bool = "auto", return_images: bool = True, task: dict | None = None,
-                 align: AlignConfig | None = None, landmark_predictor=None, align_lanes: int | None = None):
+                 align: AlignConfig | None = None, landmark_predictor=None):
         """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
         actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
-        dlib's model file (benchmarks). ``align_lanes``: chunks aligned at once (default ALIGN_LANES_GPU on a
-        GPU, 1 on a CPU)."""
+        dlib's model file (benchmarks). Chunks aligned at once: ``align.device_lanes`` (aligning_lanes)."""
         self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
         self.graphed = False                       # inversion replayed as a CUDA graph (E2Style.capture_invert)
         lap = PartClock(self.init_seconds).lap
@@ -101,7 +108,7 @@ class InvertWorker:
         # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
         # and host steps, what the actor waits for; inversion's large kernels fill the GPU around it. (None on
         # a CPU: torch.cuda.stream(None) does nothing.)
-        self.set_align_lanes(int(align_lanes or (ALIGN_LANES_GPU if on_gpu else 1)) if self.aligner is not None else 0)
+        self.set_align_lanes(aligning_lanes(align, self.device) if self.aligner is not None else 0)
         if self.aligner is not None and on_gpu:
             # The calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
             # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
