@@ -754,6 +754,13 @@ def pyramid_down_size(h: int, w: int) -> tuple[int, int]:
     return (5 * h) // 6, (5 * w) // 6
 
 
+def pyramid_level_size(size: tuple[int, int], levels: int) -> tuple[int, int]:
+    """(h, w) of pyramid level ``levels`` of an image of ``size``: pyramid_down_size applied that many times."""
+    for _ in range(levels):
+        size = pyramid_down_size(*size)
+    return size
+
+
 def pyramid_up_size(h: int, w: int) -> tuple[int, int]:
     # pyramid_down<2>::rect_up of the image rectangle, lround'ed: (0,0)->(3,2), (w-1,h-1)->(2w+1, 2h)
     return 2 * h + 1, 2 * w + 2
@@ -1595,11 +1602,25 @@ class FrontalFaceDetector:
         """For each image (HxWx3 uint8 RGB numpy array, or torch tensor: photos already on the detector's
         device are not copied again), dlib's ``detector.run(image, upsample, adjust_threshold)`` as a list
         of ((left, top, right, bottom), score, filter index), best first."""
+        return [per_run[0] for per_run in self.detect_levels(images, [[0]] * len(images), upsample,
+                                                             adjust_threshold)[0]]
+
+    def detect_levels(self, images, runs: list[list[int]], upsample: int = 0, adjust_threshold: float = 0.0,
+                      keep_levels: bool = False) -> tuple[list[list[list]], list[list[torch.Tensor]] | None]:
+        """Several of dlib's runs per image at once: ``runs[i]`` lists pyramid levels j of image i, and run j is
+        ``detector.run(level_j, upsample, adjust_threshold)`` on the image's level j (``pyramid_down(6)``
+        applied j times: the detector's own pyramid, so the run scans levels j, j+1, ... of it), as detect()
+        reports it (boxes in level j's pixels). Each level is scored once for all of an image's runs, and levels
+        finer than its finest run are only resampled. Returns (per image, per run, the detections; with
+        ``keep_levels`` (upsample 0 only), per image its levels 0, 1, ... as far as its runs went, HxWx3 views on
+        the device, for searches on crops of them; else None)."""
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"images must be a list of HxWx3 uint8 numpy arrays, got {type(images).__name__}")
         if int(upsample) != upsample or upsample < 0:
             raise ValueError(f"upsample must be a non-negative integer, got {upsample!r}")
         upsample = int(upsample)
+        if keep_levels and upsample:
+            raise ValueError("keep_levels is for runs without upsampling")
         adjust_threshold = float(adjust_threshold)
         for i, image in enumerate(images):
             if not isinstance(image, (np.ndarray, torch.Tensor)):
@@ -1607,40 +1628,14 @@ class FrontalFaceDetector:
             if image.dtype not in (np.uint8, torch.uint8) or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"images[{i}] must be an HxWx3 uint8 RGB array, got shape {image.shape} "
                                  f"dtype {image.dtype}")
+        if len(runs) != len(images) or any(not r or min(r) < 0 for r in runs):
+            raise ValueError("runs must give each image at least one pyramid level >= 0")
         results: list = [None] * len(images)
+        levels: list = [[] for _ in images]
         for batch in self._batches([tuple(im.shape[:2]) for im in images], 4 ** upsample):
-            self._detect_batch(images, batch, upsample, adjust_threshold, results)
-        return results
-
-    def pyramid_down(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """dlib's ``pyramid_down(6)`` of each HxWx3 uint8 image on the detector's device (the step between the
-        levels of the detector's own pyramid): ((5 H) // 6) x ((5 W) // 6) x 3 contiguous tensors, batched as
-        detect() batches. An image with a side under 2 px gives an empty one."""
-        for i, image in enumerate(images):
-            # (self.device may carry no index: "cuda" is the current one, the images' "cuda:0")
-            if not isinstance(image, torch.Tensor) or image.device.type != self.device.type \
-                    or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"images[{i}] must be an HxWx3 uint8 tensor on {self.device}")
-        out: list = [None] * len(images)
-        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
-        todo = []
-        for i, (h, w) in enumerate(sizes):
-            dh, dw = pyramid_down_size(h, w)
-            if dh == 0 or dw == 0:
-                out[i] = torch.zeros((dh, dw, 3), dtype=torch.uint8, device=self.device)
-            else:
-                todo.append(i)
-        resize = self._resize
-        for batch in self._batches([sizes[i] for i in todo], 1):
-            index = [todo[b] for b in batch]
-            group = [sizes[i] for i in index]
-            padded = self._upload_batch([images[i] for i in index], group, max(h for h, _ in group),
-                                        max(w for _, w in group))
-            down = [pyramid_down_size(h, w) for h, w in group]
-            levels = resize(padded, group, down)
-            for k, (i, (h, w)) in enumerate(zip(index, down)):
-                out[i] = levels[k, :, :h, :w].permute(1, 2, 0).contiguous()
-        return out
+            self._detect_batch(images, batch, runs, upsample, adjust_threshold, results,
+                               levels if keep_levels else None)
+        return results, (levels if keep_levels else None)
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -1664,11 +1659,11 @@ class FrontalFaceDetector:
             batches.append(batch)
         return batches
 
-    def _detect_batch(self, images, index, upsample, adjust, results):
+    def _detect_batch(self, images, index, runs, upsample, adjust, results, kept_levels):
         sizes = [images[i].shape[:2] for i in index]
         tiny = [k for k, (h, w) in enumerate(sizes) if h == 0 or w == 0]
         for k in tiny:
-            results[index[k]] = []
+            results[index[k]] = [[] for _ in runs[index[k]]]
         index = [i for k, i in enumerate(index) if k not in tiny]
         if not index:
             return
@@ -1681,15 +1676,27 @@ class FrontalFaceDetector:
             up = [pyramid_up_size(h, w) for h, w in sizes]
             batch = resize(batch, sizes, up)
             sizes = up
-        levels = [count_pyramid_levels(h, w, self.model) for h, w in sizes]
-        scored = []  # per level: (level, active images, hog sizes, window scores on the device)
+        # Per image, per run j: the levels [j, end) it scans (dlib counts a run's levels on its level j); the
+        # image is scored from its finest run's level to its last run's end.
+        spans = [[(j, j + count_pyramid_levels(*pyramid_level_size(sizes[k], j), self.model)) for j in runs[i]]
+                 for k, i in enumerate(index)]
+        first = [min(j for j, _ in s) for s in spans]
+        last = [max(e for _, e in s) for s in spans]
+        scored = []  # per level: (level, scored images, hog sizes, window scores on the device)
         active = list(range(len(index)))
         level = 0
         while active:
-            scores = self._score_level(batch, [sizes[k] for k in active])
-            if scores is not None:
-                scored.append((level, list(active), *scores))
-            keep = [j for j, k in enumerate(active) if levels[k] > level + 1]
+            if kept_levels is not None:
+                for pos, k in enumerate(active):
+                    h, w = sizes[k]
+                    kept_levels[index[k]].append(batch[pos, :, :h, :w].permute(1, 2, 0))
+            mine = [pos for pos, k in enumerate(active) if first[k] <= level]
+            if mine:
+                part = batch if len(mine) == len(active) else batch[upload(np.array(mine, dtype=np.int64), self.device)]
+                scores = self._score_level(part, [sizes[active[pos]] for pos in mine])
+                if scores is not None:
+                    scored.append((level, [active[pos] for pos in mine], *scores))
+            keep = [j for j, k in enumerate(active) if last[k] > level + 1]
             if not keep:
                 break
             batch = batch[upload(np.array(keep, dtype=np.int64), self.device)] if len(keep) < len(active) else batch
@@ -1701,7 +1708,7 @@ class FrontalFaceDetector:
             level += 1
         found = self._windows(scored, adjust, len(index))
         for k, i in enumerate(index):
-            results[i] = self._finish(found[k], upsample)
+            results[i] = [self._finish(found[k], j, end, upsample) for j, end in spans[k]]
 
     def _upload_batch(self, photos, sizes, h_max, w_max) -> torch.Tensor:
         """(B, 3, h_max, w_max) uint8 on the device, photo k in its top-left corner, zeros around. Host photos
@@ -1723,8 +1730,8 @@ class FrontalFaceDetector:
         return hog, _filter_scores(planes, hog, self._plane_idx, self._row_taps, self._col_taps, self.chunk_elements)
 
     def _windows(self, scored, adjust, n_images):
-        """Per image, the windows at or above threshold of every level, as (scores, filters, levels, rows, cols,
-        boxes) arrays, level by level. All levels' hits come to the host in one transfer (each transfer waits
+        """Per image, the windows at or above threshold of every level scored, as (level, scores, filters, rows,
+        cols) with arrays, level by level. All levels' hits come to the host in one transfer (each transfer waits
         for the device)."""
         fh, fw = self._fhog_pad
         found = [[] for _ in range(n_images)]
@@ -1755,19 +1762,21 @@ class FrontalFaceDetector:
             start = stop
             # The level's hits, image by image (b_idx is sorted: hits come in (image, filter, row, col) order).
             rows, cols = r_idx + fh // 2, c_idx + fw // 2
-            boxes = window_boxes(rows, cols, level, self.model)
             images, firsts = np.unique(b_idx, return_index=True)
             for k, a, b in zip(images, firsts, [*firsts[1:], len(b_idx)]):
-                found[active[k]].append((values[a:b], f_idx[a:b], np.full(b - a, level), rows[a:b], cols[a:b],
-                                         boxes[a:b]))
+                found[active[k]].append((level, values[a:b], f_idx[a:b], rows[a:b], cols[a:b]))
         return found
 
-    def _finish(self, found, upsample):
+    def _finish(self, found, first, end, upsample):
+        """The run on level ``first`` from an image's windows (_windows): those of its levels [first, end), boxes
+        in level ``first``'s pixels, dlib's suppression, boxes back down an upsampling."""
+        found = [w for w in found if first <= w[0] < end]
         if not found:
             return []
-        scores = np.concatenate([p[0] for p in found])
-        keys = np.stack([np.concatenate([p[j] for p in found]) for j in (1, 2, 3, 4)], axis=1)
-        boxes = np.concatenate([p[5] for p in found])
+        scores = np.concatenate([w[1] for w in found])
+        keys = np.concatenate([np.stack([w[2], np.full(len(w[2]), w[0] - first), w[3], w[4]], axis=1)
+                               for w in found])
+        boxes = np.concatenate([window_boxes(w[3], w[4], w[0] - first, self.model) for w in found])
         kept = non_max_suppression(boxes, scores, keys, self.model)
         boxes = boxes[kept]
         if upsample:

@@ -32,7 +32,7 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from models.face_detector import FrontalFaceDetector
+from models.face_detector import FrontalFaceDetector, pyramid_level_size
 from models.ffhq_crop import (StagedPhotos, crop_faces, ffhq_quads, photos_to_device, stage_photos,
                               upright_landmarks_batch)
 from models.landmarks import ShapePredictor
@@ -95,24 +95,24 @@ class DeviceAligner:
     def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
         """Per photo (HxWx3 uint8; host photos are copied to the device first), the detections ((x0, y0, x1, y1)
         with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes, by its own algorithm and
-        functions, each of its steps one detector call for all the photos or faces making it: the photo's
-        pyramid down to its coarse level (``coarse_level``: at most ``align.device_detect_max_side`` px;
-        pyramid_down on the device), the run there, each face's search one level finer for as long as its score
-        improves (``finer_window``, ``better_finer_detection``: one call per round for all faces), and the
-        finer and upsampled runs (``detection_runs``) only for photos that ``more_runs`` says need them. By
-        default (null) from the photo itself: one call for the whole pyramid of every photo, then the upsampled
-        run where nothing counted. The coarse start spares the GPU the fine levels (nine tenths of a large
-        photo's pyramid) but takes many more host steps: 118 against 417 photos/s of alignment alone on an H200
-        (BENCHMARKS.md)."""
+        functions, each of its steps one detector call for all the photos or faces making it: the run on each
+        photo's coarse level (``coarse_level``: at most ``align.device_detect_max_side`` px; the detector resamples
+        the finer levels, scores from there, and keeps all levels for the searches), each face's search one
+        level finer for as long as its score improves (``finer_window``, ``better_finer_detection``: one call
+        per round for all faces), and the finer and upsampled runs (``detection_runs``) only for photos that
+        ``more_runs`` says need them (FrontalFaceDetector.detect_levels).
+        By default (null) from the photo itself: one call for the whole pyramid of every photo, then the
+        upsampled run where nothing counted."""
         cfg = self.cfg
         exhaustive = cfg.policy == "all"
         photos = [p if isinstance(p, torch.Tensor) and p.device.type == self.device.type
                   else torch.as_tensor(np.ascontiguousarray(p)).to(self.device) for p in photos]
         sizes = [(int(p.shape[0]), int(p.shape[1])) for p in photos]
         coarse = [coarse_level(h, w, cfg.device_detect_max_side) for h, w in sizes]
-        pyramids = self._pyramids(photos, coarse)
         runs = [detection_runs(k, h, w, cfg.max_upsample, cfg.min_face_size, cfg.upsample_max_side)
                 for k, (h, w) in zip(coarse, sizes)]
+        # Each photo's pyramid levels (kept by the detector's calls, for the finer searches' crops).
+        pyramids: list[list[torch.Tensor]] = [[p] for p in photos]
         found: list[list] = [[] for _ in photos]
         smallest: list[float | None] = [None] * len(photos)
         for step in range(max(map(len, runs), default=0)):
@@ -121,15 +121,25 @@ class DeviceAligner:
             if not todo:  # (a photo that stops making runs never starts again)
                 break
             dets: dict[int, list] = {}
-            for up in sorted({runs[i][step][1] for i in todo}):
+            plain = [i for i in todo if runs[i][step][1] == 0]
+            if plain:
+                # The runs on each photo's level j (scored from there; the finer levels only resampled, and kept
+                # for the searches when j > 0).
+                found_plain, levels = self.detector.detect_levels(
+                    [photos[i] for i in plain], [[runs[i][step][0]] for i in plain],
+                    keep_levels=any(runs[i][step][0] > 0 for i in plain))
+                for n, i in enumerate(plain):
+                    dets[i] = found_plain[n][0]
+                    if levels is not None and len(levels[n]) > len(pyramids[i]):
+                        pyramids[i] = levels[n]
+            for up in sorted({runs[i][step][1] for i in todo} - {0}):
                 mine = [i for i in todo if runs[i][step][1] == up]
-                levels = [pyramids[i][runs[i][step][0]] for i in mine]
-                dets.update(zip(mine, self.detector.detect(levels, upsample=up)))
+                dets.update(zip(mine, self.detector.detect([photos[i] for i in mine], upsample=up)))
             # (photo, source rect, score, level its finer search starts from), in the order of the detections
             faces = []
             for i in todo:
                 j, up = runs[i][step]
-                smallest[i] = smallest_visible(sizes[i][1], int(pyramids[i][j].shape[1]), up)
+                smallest[i] = smallest_visible(sizes[i][1], pyramid_level_size(sizes[i], j)[1], up)
                 faces += [[i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0]
                           for rect, score, _filter in dets[i]]
             self._search_finer(faces, pyramids)
@@ -142,16 +152,6 @@ class DeviceAligner:
                     continue
                 found[i].append((box, score))
         return found
-
-    def _pyramids(self, photos: list, coarse: list[int]) -> list[list[torch.Tensor]]:
-        """Per photo, its pyramid levels 0 (the photo) .. coarse[i], each level one detector call for all the
-        photos that reach it."""
-        pyramids = [[p] for p in photos]
-        for level in range(1, max(coarse, default=0) + 1):
-            mine = [i for i, k in enumerate(coarse) if k >= level]
-            for i, down in zip(mine, self.detector.pyramid_down([pyramids[i][-1] for i in mine])):
-                pyramids[i].append(down)
-        return pyramids
 
     def _search_finer(self, faces: list[list], pyramids: list[list[torch.Tensor]]) -> None:
         """FaceDetector's descent, for all ``faces`` ([photo, rect, score, level]) at once, in place: each face

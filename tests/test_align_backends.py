@@ -179,11 +179,11 @@ def test_device_detection_makes_the_dlib_backends_runs(torch_aligners, policy, m
     aligner = DeviceAligner(cfg, base.detector, base.predictor, base.max_group_pixels)
     reference = FaceAligner(predictor_path=find_landmark_model(None), detect_max_side=detect_max_side,
                             max_upsample=max_upsample)
-    calls = []
-    detect = base.detector.detect
+    calls = []  # (images, upsample) of each detector call (detect() makes its one call of detect_levels)
+    detect_levels = base.detector.detect_levels
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base.detector, "detect",
-                   lambda images, upsample=0: calls.append((len(images), upsample)) or detect(images, upsample))
+        mp.setattr(base.detector, "detect_levels", lambda images, runs, upsample=0, *a, **k:
+                   calls.append((len(images), upsample)) or detect_levels(images, runs, upsample, *a, **k))
         got = aligner.detect([torch.from_numpy(p.copy()) for p in photos])
     want = [reference.detect(p, min_face_size=min_face_size, exhaustive=policy == "all") for p in photos]
     assert [[b for b, _ in d] for d in got] == [[b for b, _ in d] for d in want]

@@ -376,22 +376,34 @@ def test_a_batch_of_sizes_resizes_as_dlib_does_each():
             assert np.array_equal(ours[k, :, :oh, :ow].permute(1, 2, 0).numpy(), theirs[k]), sizes[k]
 
 
-def test_pyramid_down_of_photos_of_many_sizes_equals_dlibs(detector):
-    """FrontalFaceDetector.pyramid_down (what the torch backend's coarse start builds levels with): photos of
-    several sizes in one call, three levels down, each level dlib.pyramid_down(6) of the previous one; too small
-    an image gives an empty level; bad input is named."""
+def test_runs_on_pyramid_levels_are_dlibs_runs_on_those_levels(detector, dlib_detector):
+    """detect_levels (the torch backend's coarse start and finer runs): several runs per photo in one call, photos
+    of several sizes. Run j is dlib's run on the photo's level j (dlib.pyramid_down(6) j times), and bit for bit
+    the port's own detect() of that level; the kept levels are dlib's pyramid levels; bad arguments are named."""
     down = dlib.pyramid_down(6)
     images = [p.image for p in original_photos()][:3] + [v.image for v in face_variants(4, seed=7, max_side=500)]
-    ours = [torch.from_numpy(np.array(im)) for im in images]
-    theirs = list(images)
-    for _ in range(3):
-        ours = detector.pyramid_down(ours)
-        theirs = [np.ascontiguousarray(down(im)) for im in theirs]
-        for a, b in zip(ours, theirs):
-            assert a.is_contiguous() and np.array_equal(a.numpy(), b), (a.shape, b.shape)
-    assert detector.pyramid_down([torch.zeros((1, 7, 3), dtype=torch.uint8)])[0].shape == (0, 5, 3)
-    with pytest.raises(ValueError, match=r"images\[0\]"):
-        detector.pyramid_down([np.zeros((9, 9, 3), np.uint8)])
+    runs = [[0, 2], [3], [1, 4], [2], [0], [1, 3], [5]]
+    got, levels = detector.detect_levels([torch.from_numpy(np.array(im)) for im in images], runs, keep_levels=True)
+    compared = 0
+    for image, wanted, ours, kept in zip(images, runs, got, levels):
+        pyramid = [image]
+        while len(pyramid) < len(kept):
+            pyramid.append(np.ascontiguousarray(down(pyramid[-1])))
+        assert len(kept) > max(wanted)
+        for k, (a, b) in enumerate(zip(kept, pyramid)):
+            assert np.array_equal(a.numpy(), b), (image.shape, k)
+        assert len(ours) == len(wanted)
+        for j, run in zip(wanted, ours):
+            assert run == detector.detect([pyramid[j]])[0], (image.shape, j)
+            diff = difference(run, dlib_run(dlib_detector, pyramid[j], 0, 0.0), 0.0)
+            assert diff is None or diff[1], diff
+            compared += len(run)
+    assert compared >= 5  # the runs found faces to compare
+    assert detector.detect_levels(images[:1], [[1]])[1] is None
+    with pytest.raises(ValueError, match="keep_levels"):
+        detector.detect_levels(images[:1], [[0]], upsample=1, keep_levels=True)
+    with pytest.raises(ValueError, match="runs"):
+        detector.detect_levels(images[:2], [[0], []])
 
 
 def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):
