@@ -458,6 +458,16 @@ def boxes_down_after_upsample(boxes: np.ndarray, times: int) -> np.ndarray:
     return _lround(pts)
 
 
+def float32_at_least(values: np.ndarray) -> np.ndarray:
+    """Per double value t, the smallest float32 c with c >= t: for any float32 s, s >= c exactly when s,
+    promoted to double, is >= t (dlib's threshold test, made without promoting s)."""
+    t = np.asarray(values, dtype=np.float64)
+    c = t.astype(np.float32)
+    below = c.astype(np.float64) < t
+    c[below] = np.nextafter(c[below], np.float32(np.inf))
+    return c
+
+
 def _overlaps(kept: list, box: tuple, iou_thresh: float, covered_thresh: float) -> bool:
     """test_box_overlap against every kept box (inclusive integer rectangles, as tuples of ints). Plain Python:
     a handful of boxes per photo, where numpy's per-call cost dominated a GPU batch's host time. The ratios are
@@ -1738,8 +1748,9 @@ class FrontalFaceDetector:
         if not scored:
             return found
         # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
-        # the score it reports is saliency - threshold in double.
-        cut = upload(self.model.thresholds + adjust, self.device)[None, :, None, None]
+        # the score it reports is saliency - threshold in double. The comparison is made in float32 against
+        # float32_at_least (the same windows pass), so the score maps are not copied to double on the device.
+        cut = upload(float32_at_least(self.model.thresholds + adjust), self.device)[None, :, None, None]
         flat_hits, flat_saliency = [], []
         hogs = upload_many([hog.astype(np.int64) for _level, _active, hog, _totals in scored], self.device)
         for (_level, _active, _hog, totals), hog_t in zip(scored, hogs):
@@ -1747,11 +1758,10 @@ class FrontalFaceDetector:
             # Each image's own windows: built on the device from its HOG size (a host mask was megabytes).
             valid = ((torch.arange(out_h, device=self.device)[None, :, None] < hog_t[:, 0, None, None])
                      & (torch.arange(out_w, device=self.device)[None, None, :] < hog_t[:, 1, None, None]))
-            saliency = totals.double()
-            flat_hits.append(((saliency >= cut) & valid[:, None]).reshape(-1))
-            flat_saliency.append(saliency.reshape(-1))
+            flat_hits.append(((totals >= cut) & valid[:, None]).reshape(-1))
+            flat_saliency.append(totals.reshape(-1))
         where = torch.nonzero(torch.cat(flat_hits)).squeeze(1)
-        both = torch.stack([where.double(), torch.cat(flat_saliency)[where]]).cpu().numpy()
+        both = torch.stack([where.double(), torch.cat(flat_saliency)[where].double()]).cpu().numpy()
         where, saliency = both[0].astype(np.int64), both[1]
         start = 0
         for level, active, _hog, totals in scored:

@@ -28,6 +28,7 @@ from models.face_detector import (
     BUNDLED_DETECTOR_FILE,
     DetectorFileError,
     FrontalFaceDetector,
+    float32_at_least,
     pyramid_down_size,
     pyramid_up_size,
     read_detector_file,
@@ -404,6 +405,24 @@ def test_runs_on_pyramid_levels_are_dlibs_runs_on_those_levels(detector, dlib_de
         detector.detect_levels(images[:1], [[0]], upsample=1, keep_levels=True)
     with pytest.raises(ValueError, match="runs"):
         detector.detect_levels(images[:2], [[0], []])
+
+
+def test_the_float32_threshold_passes_the_windows_dlibs_double_test_passes():
+    """float32_at_least(t) (the detector's threshold on the device): a float32 saliency s passes it exactly when
+    dlib's test, s promoted to double >= t, passes; for thresholds that are float32 values, between two of them,
+    and the detector file's own, with s on and around each threshold."""
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.normal(0, 1, 500), rng.normal(0, 1, 500).astype(np.float32).astype(np.float64),
+                        (read_detector_file(BUNDLED_DETECTOR_FILE).thresholds[None, :]
+                         + np.array([0.0, -0.5, 1e-9])[:, None]).ravel()])
+    c = float32_at_least(t)
+    assert c.dtype == np.float32
+    for step in (-2, -1, 0, 1, 2):
+        s = c.copy()
+        for _ in range(abs(step)):
+            s = np.nextafter(s, np.float32(np.inf if step > 0 else -np.inf))
+        assert np.array_equal(s >= c, s.astype(np.float64) >= t), step
+    assert (c.astype(np.float64) >= t).all() and (np.nextafter(c, np.float32(-np.inf)).astype(np.float64) < t).all()
 
 
 def test_fhog_planes_equal_dlib_bit_for_bit(dlib_file, tmp_path):
