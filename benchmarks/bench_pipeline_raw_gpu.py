@@ -181,7 +181,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
     by part: from one thread (stage, align, invert, one chunk after the other) on photos it has aligned before
     (``seen``: every size-keyed table cached) and on photos of sizes it has not met (a third of ``new``), as in
-    the pipeline, where each photo is new; then from 2 and from aligning_actor_calls (4) threads at once, as
+    the pipeline, where each photo is new; then from 2 and from aligning_actor_calls (lanes + 2) threads at once, as
     Ray's max_concurrency runs the pipeline's actor (one call staging, two aligning, one inverting), each on
     another third of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos
     cost more, and what each call at once adds. Without enough ``new`` photos (--smoke), every run is on

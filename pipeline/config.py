@@ -82,7 +82,8 @@ class AlignConfig:
     upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
                                        # cost of a photo without a face
     device_lanes: int | None = None    # torch backend: chunks an actor aligns at once, each on a CUDA stream of its
-                                       # own; null: 2 on a GPU, 1 on a CPU (speed only: not in the fingerprint)
+                                       # own; null: 4 on a GPU of 64 GB or more, 2 on a smaller one, 1 on a CPU
+                                       # (speed only: not in the fingerprint)
     backend: str = "auto"              # where alignment runs: dlib (CPU tasks) | torch (on the inversion actor's
                                        # device, GPU or CPU) | auto (torch when the actor has a GPU)
 

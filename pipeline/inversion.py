@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ray
 
 from workers.cpu_worker import finish_shard_task, prepare_shard
-from workers.invert_worker import InvertWorker, aligning_lanes
+from workers.invert_worker import ALIGN_LANES_LARGE_GPU, InvertWorker
 
 from .cluster import actor_plan, cpus_per_gpu, wait_one
 from .config import AlignConfig, ConfigError, PipelineConfig
@@ -42,8 +42,10 @@ ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queue
 def aligning_actor_calls(align: AlignConfig) -> int:
     """Calls at once in an inversion actor that aligns photos on its GPU: one per step of
     InvertWorker.invert_chunks (the photos' host copy into pinned memory, alignment, inversion), with alignment
-    taken by as many calls as the actor has alignment lanes (align.device_lanes)."""
-    return aligning_lanes(align, "cuda") + 2
+    taken by as many calls as the actor has alignment lanes: align.device_lanes, or by default as many as an
+    actor may choose (workers.invert_worker.aligning_lanes: fewer on a smaller GPU, whose extra calls wait
+    for a lane with their photos staged)."""
+    return (align.device_lanes or ALIGN_LANES_LARGE_GPU) + 2
 
 
 # CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,

@@ -306,7 +306,11 @@ def test_config_keys_validated():
             resolve(base, {"align": {"device_lanes": lanes}})
     cfg = resolve(base, {"align": {"device_lanes": 3}})
     assert aligning_lanes(cfg.align, "cuda:0") == 3 and aligning_actor_calls(cfg.align) == 5
-    assert aligning_lanes(resolve(base).align, "cuda:0") == 2 and aligning_lanes(resolve(base).align, "cpu") == 1
+    default = resolve(base).align
+    assert aligning_lanes(default, "cpu") == 1 and aligning_actor_calls(default) == 6
+    assert aligning_lanes(default, "cuda:0", total_memory=141 * 2 ** 30) == 4     # an H200
+    assert aligning_lanes(default, "cuda:0", total_memory=24 * 2 ** 30) == 2      # a 24 GB GPU
+    assert aligning_lanes(cfg.align, "cuda:0", total_memory=24 * 2 ** 30) == 3
     # lanes change only the speed: runs with other lanes resume each other's outputs
     assert fingerprint(cfg, "0" * 64)[0] == fingerprint(resolve(base), "0" * 64)[0]
     assert resolve_align_backend("auto", "cuda:0") == "torch"
