@@ -1028,8 +1028,11 @@ def _filter_scores(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tenso
 
 _TRITON_BLOCK = 128
 # A batch's padded pixels at most this many times its photos' own: fewer, larger batches cost fewer launches
-# and host work per photo; the Triton kernels skip the padding, the torch path computes it.
+# and host work per photo; the Triton kernels skip the padding, the torch path computes it. Batches of small
+# images (under 1/_SMALL_BATCH_SHARE of max_batch_pixels, padded: the crops of the finer searches, of many
+# sizes) are not split for padding: each batch is a chain of host steps.
 _MAX_PADDING = 1.5
+_SMALL_BATCH_SHARE = 16
 # H200, 64 photos of 1024-1800 px, all levels (BENCHMARKS.md): 37.4 ms of device time per detect call with
 # the kernels below, against 94.2 with those they replaced in the same run (one lane per cell and bin for
 # the histograms, one program per channel for the resize, 32x32 tiles with a scratch slot for the filters).
@@ -1661,7 +1664,8 @@ class FrontalFaceDetector:
             w_max = max(shapes[j][1] for j in grown)
             area = sum(shapes[j][0] * shapes[j][1] for j in grown)
             padded = h_max * w_max * len(grown)
-            if batch and (padded * factor > self.max_batch_pixels or padded > _MAX_PADDING * area):
+            if batch and (padded * factor > self.max_batch_pixels or (
+                    padded > _MAX_PADDING * area and padded * factor * _SMALL_BATCH_SHARE > self.max_batch_pixels)):
                 batches.append(batch)
                 grown = [i]
             batch = grown

@@ -123,14 +123,17 @@ class DeviceAligner:
             dets: dict[int, list] = {}
             plain = [i for i in todo if runs[i][step][1] == 0]
             if plain:
-                # The runs on each photo's level j (scored from there; the finer levels only resampled, and kept
-                # for the searches when j > 0).
+                # The run on each photo's level j: on that level where an earlier call kept it, else from the
+                # photo (the detector resamples the finer levels, scores from level j, and keeps all levels for
+                # the searches when j > 0).
+                kept = [runs[i][step][0] < len(pyramids[i]) for i in plain]
                 found_plain, levels = self.detector.detect_levels(
-                    [photos[i] for i in plain], [[runs[i][step][0]] for i in plain],
-                    keep_levels=any(runs[i][step][0] > 0 for i in plain))
-                for n, i in enumerate(plain):
+                    [pyramids[i][runs[i][step][0]] if k else photos[i] for i, k in zip(plain, kept)],
+                    [[0] if k else [runs[i][step][0]] for i, k in zip(plain, kept)],
+                    keep_levels=any(not k and runs[i][step][0] > 0 for i, k in zip(plain, kept)))
+                for n, (i, k) in enumerate(zip(plain, kept)):
                     dets[i] = found_plain[n][0]
-                    if levels is not None and len(levels[n]) > len(pyramids[i]):
+                    if not k and levels is not None:
                         pyramids[i] = levels[n]
             for up in sorted({runs[i][step][1] for i in todo} - {0}):
                 mine = [i for i in todo if runs[i][step][1] == up]
