@@ -331,36 +331,42 @@ def main() -> None:
                         # the actors' alignment by part, per chunk of the run (as the actor alone's above)
                         "align_ms_per_chunk": per_chunk_ms(res.summary.get("align_seconds_by_part", {}), n_chunks)}
         print(json.dumps({name: pipelines[name]}), flush=True)
-    # Alignment alone: decoded photos in memory -> faces on the device.
-    aligner = DeviceAligner.build(AlignConfig(backend="torch"), device,
-                                  predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
+    # Alignment alone: decoded photos in memory -> faces on the device; once per align.device_detect_max_side
+    # of the runs (the default first), each with its check against the CPU when asked.
     decoded = [decode_image(p) for p, _ in photos[: min(len(photos), 512)]]
     group = RayConfig.chunk_size  # the photos of one chunk: what the actor aligns in one call
-    aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
     timed = decoded[group:] or decoded  # photos the warm-up did not meet (the smoke run has only one chunk)
     align_rates = {}
-    for when in ("new photos", "the same photos again"):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t = time.time()
-        found = 0
-        for i in range(0, len(timed), group):
-            found += sum(len(f) for f in aligner.align(timed[i:i + group]))
-        align_rates[when] = round(len(timed) / (time.time() - t), 1)
-    align_rate = align_rates["new photos"]
-    print(f"alignment alone: {align_rate} photos/s on photos it had not met, {align_rates['the same photos again']} "
-          f"on the same photos again ({found} faces in {len(timed)} photos)", flush=True)
-    if a.check_cpu:
-        # The device's detections against the CPU's (the torch CPU path is the one CI tests against dlib).
-        on_cpu = DeviceAligner(AlignConfig(backend="torch"), FrontalFaceDetector(device="cpu"), aligner.predictor,
-                               aligner.max_group_pixels)
-        sample = decoded[:a.check_cpu]
-        got, want = aligner.detect(sample), on_cpu.detect(sample)
-        differ = sum(g != w for g, w in zip(got, want))
-        print(f"device check: detections of {len(sample)} photos ({sum(map(len, want))} faces) on {device} "
-              f"against the CPU: {differ} photos differ", flush=True)
-        align_rates["device check, photos differ"] = differ
-    del aligner
+    max_sides = list(dict.fromkeys([AlignConfig.device_detect_max_side] + [
+        o["align.device_detect_max_side"] for _b, o in runs if "align.device_detect_max_side" in o]))
+    for max_side in max_sides:
+        cfg = AlignConfig(backend="torch", device_detect_max_side=max_side)
+        aligner = DeviceAligner.build(cfg, device, predictor=ShapePredictor.from_model(landmarks_model, device,
+                                                                                       cuda_graphs=False))
+        aligner.align(decoded[:group])  # warm-up (Triton kernels, CUDA graphs)
+        rates = {}
+        for when in ("new photos", "the same photos again"):
+            if on_gpu:
+                torch.cuda.synchronize()
+            t = time.time()
+            found = 0
+            for i in range(0, len(timed), group):
+                found += sum(len(f) for f in aligner.align(timed[i:i + group]))
+            rates[when] = round(len(timed) / (time.time() - t), 1)
+        print(f"alignment alone, device_detect_max_side {max_side}: {rates['new photos']} photos/s on photos it "
+              f"had not met, {rates['the same photos again']} on the same photos again ({found} faces in "
+              f"{len(timed)} photos)", flush=True)
+        if a.check_cpu:
+            # The device's detections against the CPU's (the torch CPU path is the one CI tests against dlib).
+            on_cpu = DeviceAligner(cfg, FrontalFaceDetector(device="cpu"), aligner.predictor, aligner.max_group_pixels)
+            sample = decoded[:a.check_cpu]
+            got, want = aligner.detect(sample), on_cpu.detect(sample)
+            rates["device check, photos differ"] = sum(g != w for g, w in zip(got, want))
+            print(f"device check: detections of {len(sample)} photos ({sum(map(len, want))} faces) on {device} "
+                  f"against the CPU: {rates['device check, photos differ']} photos differ", flush=True)
+        align_rates[f"device_detect_max_side {max_side}"] = rates
+        del aligner
+    align_rate = align_rates[f"device_detect_max_side {max_sides[0]}"]["new photos"]
 
     actor_rates = {}
     if (on_gpu or a.smoke) and not a.no_actor_alone:

@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
-    ap.add_argument("--lanes", default="1,2", help="alignment lane counts, each run from lanes + 2 threads")
+    ap.add_argument("--lanes", default="2,4", help="alignment lane counts, each run from lanes + 2 threads")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     on_gpu = torch.cuda.is_available()
