@@ -315,6 +315,7 @@ def main() -> None:
         wall = time.time() - t
         stats = read_stats(out)
         face_rate, seconds = steady_rate(stats)
+        middle = middle_window(stats)
         first_call = min(t_ for s in stats for _n, t_ in s["inverted_at"]) - t
         faces_done = sum(s["counts"].get("ok", 0) for s in stats)
         photo_rate = face_rate * a.photos / max(1, faces_done)
@@ -323,7 +324,7 @@ def main() -> None:
                         # between 10% and 90% of the faces: neither the start nor the last shards' wave
                         "middle_faces_s": round(middle_rate(stats), 1),
                         # the GPU's utilisation (nvidia-smi: share of time a kernel ran) in that window
-                        "middle_gpu_busy_percent": busy.mean(*middle_window(stats)[:2]) if middle_window(stats) else None,
+                        "middle_gpu_busy_percent": busy.mean(*middle[:2]) if middle else None,
                         "first_call_s": round(first_call, 1),
                         "wall_s": round(wall, 1), "counts": res.summary.get("counts"),
                         "exit_code": res.exit_code, "stage_share": res.summary.get("stage_share"),

@@ -67,7 +67,8 @@ class GpuBusy:
     def __init__(self, period_ms: int = 200):
         self.period_ms = period_ms
         self.proc = None
-        self.path = tempfile.mktemp(prefix="gpu_busy_", suffix=".csv")
+        fd, self.path = tempfile.mkstemp(prefix="gpu_busy_", suffix=".csv")
+        os.close(fd)  # nvidia-smi writes it
 
     def __enter__(self) -> "GpuBusy":
         if shutil.which("nvidia-smi"):
@@ -83,8 +84,6 @@ class GpuBusy:
     def samples(self) -> list[tuple[float, float]]:
         """(unix seconds, percent) of each sample (nvidia-smi's timestamps are local time, as time.mktime's)."""
         out = []
-        if not os.path.exists(self.path):
-            return out
         with open(self.path) as f:
             for line in f:
                 try:

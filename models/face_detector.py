@@ -1644,11 +1644,10 @@ class FrontalFaceDetector:
         if len(runs) != len(images) or any(not r or min(r) < 0 for r in runs):
             raise ValueError("runs must give each image at least one pyramid level >= 0")
         results: list = [None] * len(images)
-        levels: list = [[] for _ in images]
+        levels = [[] for _ in images] if keep_levels else None
         for batch in self._batches([tuple(im.shape[:2]) for im in images], 4 ** upsample):
-            self._detect_batch(images, batch, runs, upsample, adjust_threshold, results,
-                               levels if keep_levels else None)
-        return results, (levels if keep_levels else None)
+            self._detect_batch(images, batch, runs, upsample, adjust_threshold, results, levels)
+        return results, levels
 
     # -- internals -------------------------------------------------------------------------------------
 
