@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny photos and model on CPU: checks the script runs")
     ap.add_argument("--lanes", default="2,4", help="alignment lane counts, each run from lanes + 2 threads")
+    ap.add_argument("--switch-intervals", default="",
+                    help="GIL switch intervals (seconds, comma-separated) to run the last lane count at again, besides "
+                         "the actor's own (workers.invert_worker.ALIGN_GIL_SWITCH_S)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -128,8 +131,11 @@ def main() -> None:
     if a.smoke:
         a.chunks, a.batch, a.stages, sides, resolution, width, group = 1, 4, 2, (200, 260), 64, 32, 4
     lane_counts = [int(v) for v in a.lanes.split(",")]
-    # 1 thread; each lane count; the last one again under torch.profiler.
+    switch_intervals = [float(v) for v in a.switch_intervals.split(",") if v]
+    # 1 thread; each lane count; the last one at each other GIL switch interval; then under torch.profiler.
     runs = ([("1 thread", 1, 1, None)] + [(f"{n + 2} threads, {n} lane(s)", n + 2, n, None) for n in lane_counts]
+            + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), GIL switch interval {s * 1e3:g} ms",
+                lane_counts[-1] + 2, lane_counts[-1], s) for s in switch_intervals]
             + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), torch.profiler", lane_counts[-1] + 2,
                 lane_counts[-1], "torch.profiler")])
     photos = [decode_image(p) for p, _ in make_photos(group * (1 + len(runs) * a.chunks), *sides, 0.1)]
@@ -157,6 +163,9 @@ def main() -> None:
         align_times.reset()
         invert_times.reset()
         before = worker.align_part_seconds()
+        actor_interval = sys.getswitchinterval()
+        if isinstance(how, float):
+            sys.setswitchinterval(how)
         sync()
         if how == "torch.profiler":
             activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -169,6 +178,7 @@ def main() -> None:
         else:
             seconds, statuses = run_threads(worker, mine, threads)
             sync()
+        sys.setswitchinterval(actor_interval)
         n_photos = sum(len(c.photos) for c in mine)
         entry = {"photos_s": round(n_photos / seconds, 1), "seconds": round(seconds, 2), "statuses": dict(statuses),
                  "align": align_times.summary(), "invert": invert_times.summary(),
