@@ -122,7 +122,9 @@ class InvertWorker:
         if self.aligner is not None and on_gpu:
             # The calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
             # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
-            # more for the GIL. (The actor's process does nothing else.)
+            # more for the GIL. (The actor's process does nothing else.) Measured on an H200 without Ray, in bursts
+            # of 5 chunks over 4 lanes: 5, 0.5 and 0.1 ms gave the same photos/s (BENCHMARKS.md, sixth session);
+            # a steady-state comparison in the pipeline has not been made.
             sys.setswitchinterval(ALIGN_GIL_SWITCH_S)
 
     def info(self) -> dict:
