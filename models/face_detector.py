@@ -1744,8 +1744,8 @@ class FrontalFaceDetector:
 
     def _windows(self, scored, adjust, n_images):
         """Per image, the windows at or above threshold of every level scored, as (level, scores, filters, rows,
-        cols) with arrays, level by level. All levels' hits come to the host in one transfer (each transfer waits
-        for the device)."""
+        cols, boxes in level 0's pixels) with arrays, level by level. All levels' hits come to the host in one
+        transfer (each transfer waits for the device); the boxes are made once per level for all images."""
         fh, fw = self._fhog_pad
         found = [[] for _ in range(n_images)]
         if not scored:
@@ -1775,9 +1775,10 @@ class FrontalFaceDetector:
             start = stop
             # The level's hits, image by image (b_idx is sorted: hits come in (image, filter, row, col) order).
             rows, cols = r_idx + fh // 2, c_idx + fw // 2
+            boxes = window_boxes(rows, cols, level, self.model)
             images, firsts = np.unique(b_idx, return_index=True)
             for k, a, b in zip(images, firsts, [*firsts[1:], len(b_idx)]):
-                found[active[k]].append((level, values[a:b], f_idx[a:b], rows[a:b], cols[a:b]))
+                found[active[k]].append((level, values[a:b], f_idx[a:b], rows[a:b], cols[a:b], boxes[a:b]))
         return found
 
     def _finish(self, found, first, end, upsample):
@@ -1789,7 +1790,9 @@ class FrontalFaceDetector:
         scores = np.concatenate([w[1] for w in found])
         keys = np.concatenate([np.stack([w[2], np.full(len(w[2]), w[0] - first), w[3], w[4]], axis=1)
                                for w in found])
-        boxes = np.concatenate([window_boxes(w[3], w[4], w[0] - first, self.model) for w in found])
+        # Runs on level 0 (every run of the default full pyramid) take the boxes _windows made.
+        boxes = np.concatenate([w[5] if first == 0 else window_boxes(w[3], w[4], w[0] - first, self.model)
+                                for w in found])
         kept = non_max_suppression(boxes, scores, keys, self.model)
         boxes = boxes[kept]
         if upsample:
