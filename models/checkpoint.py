@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
+import re
 from typing import Any
 
 import torch
 
+from .checkpoint_kinds import (SAFETENSORS, TORCH_ZIP, CheckpointError, describe_checkpoint, refused_pickle,
+                               sniff_checkpoint)
 from .e2style import E2Style, build_encoder
 from .encoders import HEAD_NAMES, ir_se_blocks
 from .stylegan2 import Generator, generator_config_from_state_dict
@@ -26,28 +28,41 @@ DECODER = "decoder."
 UNITS_TO_LAYERS = {len(ir_se_blocks(n)): n for n in (50, 100, 152)}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+# torch's weights_only refusal names the global it would not import: "Unsupported global: GLOBAL io.open ...".
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a .pt/.pth (torch zip or legacy) or .safetensors file into a plain dict, never unpickling code."""
+    """Read a .pt/.pth (torch zip or legacy) or .safetensors file into a plain dict, never unpickling code.
+    The file's kind is sniffed first (models.checkpoint_kinds): anything else is named as what it is."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
+    kind = sniff_checkpoint(path)
+    if kind == SAFETENSORS:
         return _read_safetensors(path)
     try:
         # mmap: tensors are paged in on use rather than read up front (zip-format files; legacy ones load whole).
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == TORCH_ZIP)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: the file needs arbitrary unpickling, which could run code "
-                              f"(only tensors and plain containers are accepted). Detail: {str(e).splitlines()[0]}") from None
+        named = _REFUSED_GLOBAL.search(str(e))
+        raise refused_pickle(path, f"its pickle names {named.group(1) if named else 'a class or function'} (a "
+                                   f"pickled object, not only tensors)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: a damaged PyTorch checkpoint (truncated or corrupt: "
+                              f"{str(e).splitlines()[0]}); fetch the file again") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: a PyTorch file holding a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+def e2style_state_dict(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+    """The state_dict of an E2Style checkpoint; CheckpointError saying what the file is when it is not one."""
+    what = describe_checkpoint(ckpt)
+    if what != "an E2Style checkpoint":
+        hint = (" (a generator goes to training's generator key, not to model.checkpoint)"
+                if "generator" in what else "")
+        raise CheckpointError(f"{path}: {what}, not an E2Style checkpoint ({{'state_dict': encoder_firststage.*, "
+                              f"decoder.*, ...; 'latent_avg'; 'opts'}}){hint}")
+    return ckpt["state_dict"]
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -132,15 +147,10 @@ def build_generator(g_sd: dict[str, torch.Tensor], path: str, what: str = "gener
 
 
 def e2style_from_checkpoint(ckpt: dict[str, Any], path: str = "<checkpoint>") -> E2Style:
-    sd = ckpt.get("state_dict")
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: not an E2Style checkpoint: no 'state_dict' entry (keys: {sorted(ckpt)[:10]})")
+    sd = e2style_state_dict(ckpt, path)
     opts = ckpt.get("opts") or {}
     if not isinstance(opts, dict):
         raise CheckpointError(f"{path}: 'opts' must be a dict, got {type(opts).__name__}")
-    unknown = sorted({k.split(".")[0] for k in sd} - {FIRST[:-1], REFINE[:-1], DECODER[:-1]})
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected top-level modules in state_dict: {unknown}")
 
     decoder = build_generator(_sub(sd, DECODER), path, "decoder")
     style_dim = decoder.style_dim
@@ -211,7 +221,8 @@ def load_stylegan2(path: str | os.PathLike, device: str | torch.device = "cpu") 
     ckpt = read_checkpoint(path)
     g_sd = ckpt.get("g_ema")
     if not isinstance(g_sd, dict):
-        raise CheckpointError(f"{path}: not a StyleGAN2 generator checkpoint: no 'g_ema' entry (keys: {sorted(ckpt)[:10]})")
+        raise CheckpointError(f"{path}: {describe_checkpoint(ckpt)}, not a StyleGAN2 generator checkpoint "
+                              f"({{'g_ema': state_dict, 'latent_avg'}})")
     G = build_generator(g_sd, path, "g_ema")
     latent_avg = ckpt.get("latent_avg")
     if isinstance(latent_avg, torch.Tensor):

@@ -7,6 +7,7 @@ from typing import Callable
 
 from .config import ConfigError
 from .ledger import RefusedError
+from .storage import StorageError
 
 __all__ = ["setup_logging", "cli_exit_code"]
 
@@ -19,8 +20,8 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def cli_exit_code(job: Callable[[], int]) -> int:
-    """``job()``'s exit code; an invalid config or a refused output is printed to stderr and exits 2 (the
-    checks run before anything is written)."""
+    """``job()``'s exit code; an invalid config, a refused output or storage the run cannot start with is
+    printed to stderr as one line and exits 2 (the checks run before anything is written)."""
     try:
         return job()
     except ConfigError as e:
@@ -28,4 +29,7 @@ def cli_exit_code(job: Callable[[], int]) -> int:
         return 2
     except RefusedError as e:
         print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"error: storage: {e}", file=sys.stderr)
         return 2

@@ -14,17 +14,16 @@ from typing import Any, Callable
 
 import ray
 
-from .checkpoints import checkpoint_sha256
 from .cluster import init_ray
 from .config import ConfigError, PipelineConfig, fingerprint, redact
 from .edit import directions_sha256
 from .inversion import run_inversion
 from .ledger import RunLedger
-from .options import stage_options
+from .options import checkpoint_identity, stage_options
 from .progress import format_summary, summarise
 from .read import Shard, plan_shards
 from .report import write_contact_sheet
-from .storage import get_fs, to_uri
+from .storage import get_fs, require_bucket, storage_errors, to_uri
 
 __all__ = ["RunResult", "Plan", "run", "plan", "format_plan"]
 
@@ -68,22 +67,27 @@ class Plan:
         return self.ledger.prior
 
 
-def plan(cfg: PipelineConfig) -> Plan:
+def plan(cfg: PipelineConfig, ledger: RunLedger | None = None) -> Plan:
     """Check the checkpoint, the stage options, the output and the input, and list the shards. Writes nothing:
-    a refused or invalid run (ConfigError, RefusedError) leaves the output as it was."""
+    a refused or invalid run (ConfigError, RefusedError) leaves the output as it was. ``ledger``: the one that
+    holds the output's lease, to plan again under it."""
     ep = cfg.storage.endpoint_url
-    sha = checkpoint_sha256(cfg.model.checkpoint, ep)
+    sha = checkpoint_identity(cfg.model.checkpoint, ep)
     stages = stage_options(cfg, sha)  # a bad checkpoint, direction file or task stops here
     # Direction files by content: one replaced at the same path is another run.
     extra = {"edit.directions_sha256": directions_sha256(stages["edit"]["directions"])} if stages["edit"] else None
     fp, fp_values = fingerprint(cfg, sha, extra)
-    ledger = RunLedger(cfg.output.url, ep)
-    committed = ledger.admit(fp, fp_values, cfg.output.overwrite)
+    with storage_errors("output.url", cfg.output.url, ep):  # no credentials, no endpoint, no bucket: exit 2
+        ledger = ledger or RunLedger(cfg.output.url, ep)
+        require_bucket(ledger.fs, ledger.root, "output.url", cfg.output.url, ep)
+        committed = ledger.admit(fp, fp_values, cfg.output.overwrite)
     fs_in, in_root = get_fs(cfg.input.url, ep)
     try:
-        fmt, shards = plan_shards(fs_in, in_root, cfg.input.format, cfg.shard_size, committed)
-    except FileNotFoundError as e:
-        raise ConfigError("input.url", str(e)) from None
+        with storage_errors("input.url", cfg.input.url, ep):
+            fmt, shards = plan_shards(fs_in, in_root, cfg.input.format, cfg.shard_size, committed)
+    except FileNotFoundError:
+        raise ConfigError("input.url", f"nothing at {cfg.input.url}" + (f" (endpoint {ep})" if ep else "")
+                          + ": check the path, or the bucket and prefix") from None
     except ValueError as e:
         raise ConfigError("input.format", str(e)) from None
     return Plan(fmt, shards, fp, fp_values, sha, ledger, stages)
@@ -103,11 +107,26 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False, echo: Callable[[str], Non
     if dry_run:
         p = plan(cfg)
         echo(format_plan(p))
+        echo(p.ledger.lease_report(cfg.output.lease_stale_s))
         return RunResult(0, skipped=[s.name for s in p.shards if s.committed])
 
     t_start = time.time()
     p = plan(cfg)
-    p.ledger.prepare()  # the first write: everything is checked
+    with storage_errors("output.url", cfg.output.url, cfg.storage.endpoint_url):  # e.g. read-only credentials
+        # The first write, everything checked: the output's lease (one writer per output, pipeline/lease.py).
+        changed = p.ledger.hold(cfg.output.lease_wait_s, cfg.output.lease_stale_s)
+    try:
+        if changed:  # another run committed shards or ended between the plan and the lease
+            p = plan(cfg, p.ledger)
+        return _run_held(cfg, p, t_start, echo)
+    finally:
+        p.ledger.release()
+
+
+def _run_held(cfg: PipelineConfig, p: Plan, t_start: float, echo: Callable[[str], None]) -> RunResult:
+    """The run under the output's lease: cleanup, run record, the inversion job, summary, _SUCCESS."""
+    with storage_errors("output.url", cfg.output.url, cfg.storage.endpoint_url):
+        p.ledger.prepare()  # removes what an interrupted or overwritten run left: no other run writes here now
     todo = p.todo
     skipped = [s.name for s in p.shards if s.committed]
     p.ledger.start({
