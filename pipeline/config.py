@@ -47,6 +47,11 @@ class OutputConfig:
     jpeg_quality: int = 95
     contact_sheet: bool = False        # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
     paste_back: bool = False           # also write <key>.[<variant>.]paste.<ext>: the face pasted into the original photo
+    lease_wait_s: int = 0              # another run holds the output's lease (pipeline/lease.py): wait up to this
+                                       # long for it to end (a scheduler's queue), then refuse; 0: refuse at once
+    lease_stale_s: int = 300           # a lease whose heartbeat (every lease_stale_s / 20 s) is older than this is a
+                                       # dead run's and is taken over (at once on the holder's machine if its process
+                                       # is gone); keep it above the longest pause of a driver (not in the fingerprint)
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError("output.image_size", f"must be 0 (latents only) or at least 16, got {cfg['output']['image_size']}")
     _check_bool(cfg, "output.save_aligned")
     _check_bool(cfg, "output.overwrite")
+    _check_int(cfg, "output.lease_wait_s", lo=0)
+    _check_int(cfg, "output.lease_stale_s", lo=20)
     _check_bool(cfg, "output.contact_sheet")
     _check_int(cfg, "output.jpeg_quality", lo=1, hi=100)
     _check_str(cfg, "model.checkpoint")

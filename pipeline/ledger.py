@@ -3,8 +3,9 @@ checkpoint or config, the cleanup of what an interrupted run left, the run recor
 ``_SUCCESS``. The inversion runner and the latents subcommands both keep their outputs through it.
 
 Order of a run: ``admit`` (reads only; refuses a mismatched rerun), then, once everything else is checked,
-``prepare`` (the first write: an overwritten run's shards or an interrupted run's orphans are deleted),
-``start`` (the record, status running), the shards, ``finish`` (the record's outcome, ``_SUCCESS``).
+``hold`` (the first write: the output's lease, pipeline/lease.py, then the output read again under it),
+``prepare`` (an overwritten run's shards or an interrupted run's orphans are deleted), ``start`` (the record,
+status running), the shards, ``finish`` (the record's outcome, ``_SUCCESS``), ``release`` (the lease).
 """
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import logging
 import posixpath
 import time
 
+from .lease import LeaseLostError, OutputLease
 from .storage import atomic_put, ensure_dir, get_fs, is_local
 
-__all__ = ["RefusedError", "RunLedger", "now", "read_committed", "clean_uncommitted", "read_run_record",
+__all__ = ["RefusedError", "OutputBusyError", "RunLedger", "now", "read_committed", "clean_uncommitted", "read_run_record",
            "write_run_record", "clear_outputs", "mark_success", "clear_success"]
 
 
 class RefusedError(RuntimeError):
     """The output holds a run with another checkpoint or config, and output.overwrite is false."""
+
+
+class OutputBusyError(RefusedError):
+    """Another live run holds the output's lease."""
 
 
 log = logging.getLogger("e2style.ledger")
@@ -37,11 +43,14 @@ class RunLedger:
         self.prior: dict | None = None       # the earlier run's record, when this run continues it
         self.replace = False                 # output.overwrite of another run: its shards go in prepare()
         self.committed: dict[str, dict] = {}  # shard -> stats, of this run's fingerprint
+        self.lease: OutputLease | None = None
         self._detail = ""
+        self._admitted: tuple = ()
 
     def admit(self, fingerprint: str, values: dict, overwrite: bool) -> dict[str, dict]:
         """Check the output against this run (nothing is written). Returns the shards already committed by a
         run of the same fingerprint; raises RefusedError for another run's output unless ``overwrite``."""
+        self._admitted, self.replace = (fingerprint, values, overwrite), False
         prior = read_run_record(self.fs, self.root)
         if prior is not None and prior.get("fingerprint") != fingerprint:
             old = prior.get("fingerprint_values") or {}
@@ -56,9 +65,43 @@ class RunLedger:
                                                    if st.get("fingerprint") == fingerprint}
         return self.committed
 
+    def lease_report(self, stale_s: float) -> str:
+        """The output's lease as ``--dry-run`` shows it (read only)."""
+        lease = OutputLease(self.fs, self.root, self.url, stale_s=stale_s)
+        holder = lease.peek()
+        if holder is None:
+            return "lease: free"
+        why = lease.dead_because(holder)
+        if why:
+            return f"lease: held by {holder.describe()}, dead ({why}): a run now takes it over"
+        return f"lease: held by {holder.describe()}, live: a run now is refused (or waits, output.lease_wait_s)"
+
+    def hold(self, wait_s: float, stale_s: float) -> bool:
+        """Take the output's lease (the run's first write, once everything is checked), then admit the run again
+        under it: another run may have committed shards or ended since. Returns whether what ``admit`` saw
+        changed; raises OutputBusyError while a live run holds the lease (after ``wait_s``)."""
+        lease = OutputLease(self.fs, self.root, self.url, stale_s=stale_s, wait_s=wait_s)
+        holder = lease.acquire()
+        if holder is not None:
+            raise OutputBusyError(lease.refusal(holder))
+        self.lease = lease
+        before = (set(self.committed), self.prior, self.replace)
+        try:
+            self.admit(*self._admitted)
+        except BaseException:
+            self.release()
+            raise
+        return (set(self.committed), self.prior, self.replace) != before
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
     def prepare(self) -> None:
-        """The first write, once the run is admitted and everything else checked: remove the shards of the run
-        being overwritten, and the uncommitted files an interrupted run left."""
+        """Once the lease is held: remove the shards of the run being overwritten, and the uncommitted files
+        an interrupted run left (no other run writes here now)."""
+        if self.lease is None or not self.lease.held:
+            raise RuntimeError("RunLedger.prepare() deletes files: hold() the output's lease first")
         if self.replace:
             log.warning("output.overwrite: removing earlier outputs (%s)", self._detail)
             clear_outputs(self.fs, self.root)
@@ -68,7 +111,8 @@ class RunLedger:
 
     def start(self, record: dict, work_to_do: bool) -> dict:
         """Write the run record (status running); with work to do, _SUCCESS goes until it is true again."""
-        self.record = {"status": "running", "started_at": now(), "ended_at": None, **record}
+        self.record = {"status": "running", "started_at": now(), "ended_at": None, "run_id": self.lease.run_id,
+                       **record}
         write_run_record(self.fs, self.root, self.record)
         if work_to_do:
             clear_success(self.fs, self.root)
@@ -76,6 +120,9 @@ class RunLedger:
 
     def finish(self, failed: dict[str, str], summary: dict, shards: int) -> dict:
         """Record the outcome; ``_SUCCESS`` when no shard failed."""
+        if self.lease.lost:
+            raise LeaseLostError(f"the lease on {self.url} was taken over by another run while this one ran: "
+                                 f"this run's record and _SUCCESS are left to it")
         ok = not failed
         self.record.update({"status": "succeeded" if ok else "failed", "ended_at": now(), "summary": summary,
                             "failed_shards": failed})
