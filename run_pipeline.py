@@ -35,7 +35,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run  # noqa: E402
 
 # name -> "module" (its main(argv)) or "module:function"
-SUBCOMMANDS = {"train": "pipeline.train",
+SUBCOMMANDS = {"train": "pipeline.training.cli",
                "decode": "pipeline.latents:decode_main", "edit": "pipeline.latents:edit_main",
                "mix": "pipeline.latents:mix_main", "interpolate": "pipeline.latents:interpolate_main"}
 

@@ -32,7 +32,11 @@ from PIL import Image  # noqa: E402
 from models.checkpoint import load_e2style, load_stylegan2, read_checkpoint  # noqa: E402
 from models.factory import atomic_save, generator_checkpoint  # noqa: E402
 from models.stylegan2 import Generator, default_channels  # noqa: E402
-from pipeline.train import resolve_config, run_training, stage_paths, seeded_generator, synthetic_batch, validate_model  # noqa: E402
+from pipeline.training.config import resolve_config  # noqa: E402
+from pipeline.training.data import seeded_generator, synthetic_batch  # noqa: E402
+from pipeline.training.loop import run_training  # noqa: E402
+from pipeline.training.model import validate_model  # noqa: E402
+from pipeline.training.paths import stage_paths  # noqa: E402
 
 
 def half_state(d: dict) -> dict:

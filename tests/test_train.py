@@ -1,4 +1,4 @@
-"""E2Style training (pipeline/train*.py, models/losses.py and its networks, models/optim.py, workers/train_worker.py)
+"""E2Style training (pipeline/training/, models/losses.py and its networks, models/optim.py, workers/train_worker.py)
 on CPU.
 
 Most tests use a tiny 32 px generator and let the encoders see its native 32 px images (``native_pool``:
@@ -33,15 +33,15 @@ def tiny_generator(tmp_path_factory):
 def native_pool(monkeypatch):
     """Encoders see the generator's 32 px output instead of its 256 px upsampling (same code path, 64x cheaper)."""
     import models.e2style
-    import pipeline.train_data
-    import pipeline.train_model
+    import pipeline.training.data
+    import pipeline.training.model
 
-    for module in (models.e2style, pipeline.train_data, pipeline.train_model):  # every module that calls it
+    for module in (models.e2style, pipeline.training.data, pipeline.training.model):  # every module that calls it
         monkeypatch.setattr(module, "face_pool", lambda x: x)
 
 
 def make_cfg(out, generator, **over):
-    from pipeline.train_config import resolve_config
+    from pipeline.training.config import resolve_config
 
     base = {
         "output_dir": str(out), "generator": generator,
@@ -124,8 +124,8 @@ def test_pretrained_key_layouts_and_losses(random_pretrained):
 
 def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator, random_pretrained):
     from models.losses import MissingPretrainedError
-    from pipeline.train import main
-    from pipeline.train_loop import run_training
+    from pipeline.training.cli import main
+    from pipeline.training.loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, loss__id=0.5, pretrained__ir_se50=str(tmp_path / "nope_ir_se50.pth"))
     with pytest.raises(MissingPretrainedError, match=r"pretrained\.ir_se50.*nope_ir_se50\.pth"):
@@ -150,9 +150,9 @@ def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator,
 
 
 def test_few_steps_lower_the_loss(tmp_path, tiny_generator, native_pool):
-    from pipeline.train_data import seeded_generator, synthetic_batch
-    from pipeline.train_loop import run_training
-    from pipeline.train_model import build_stage_model, validate_model
+    from pipeline.training.data import seeded_generator, synthetic_batch
+    from pipeline.training.loop import run_training
+    from pipeline.training.model import build_stage_model, validate_model
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=24, train__batch_size=4)
     model0, _ = build_stage_model(cfg, 1, quiet)
@@ -166,7 +166,7 @@ def test_few_steps_lower_the_loss(tmp_path, tiny_generator, native_pool):
 
 
 def test_stage2_leaves_stage1_bit_identical(tmp_path, tiny_generator, native_pool):
-    from pipeline.train_loop import run_training
+    from pipeline.training.loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__stages=[1, 2], train__steps=2)
     r1, r2 = run_training(cfg, log=quiet)
@@ -198,16 +198,33 @@ def _tensors_equal(a, b) -> bool:
     return a == b
 
 
-def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, tiny_generator, native_pool):
-    from pipeline.train_config import stage_paths
-    from pipeline.train_loop import SimulatedCrash, run_training
+class ProcessDied(BaseException):
+    """What the test's crash raises: a BaseException, so no ``except Exception`` in the loop can swallow it."""
+
+
+def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, tiny_generator, native_pool, monkeypatch):
+    import pipeline.training.loop as loop
+    from pipeline.training.paths import stage_paths
 
     ref_cfg = make_cfg(tmp_path / "ref", tiny_generator, train__steps=4, train__save_every=2)
-    [ref] = run_training(ref_cfg, log=quiet)
+    [ref] = loop.run_training(ref_cfg, log=quiet)
+
+    # The process 'dies' inside its third step, after the update: nothing after it runs or is saved.
+    real_step, calls = loop.train_step, []
+
+    def dies_in_third_step(run, x, w):
+        result = real_step(run, x, w)
+        calls.append(run.k)
+        if len(calls) == 3:
+            raise ProcessDied("killed during step 3")
+        return result
 
     cfg = make_cfg(tmp_path / "crashy", tiny_generator, train__steps=4, train__save_every=2)
-    with pytest.raises(SimulatedCrash):
-        run_training(cfg, log=quiet, crash_after=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_step", dies_in_third_step)
+        with pytest.raises(ProcessDied):
+            loop.run_training(cfg, log=quiet)
+    run_training = loop.run_training
     latest = stage_paths(cfg, 1)["latest"]
     assert not os.path.exists(stage_paths(cfg, 1)["final"])
     saved = read_checkpoint(latest)["train_state"]
@@ -230,7 +247,7 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
 
 
 def test_adamw_and_w_norm(tmp_path, tiny_generator, native_pool):
-    from pipeline.train_loop import run_training
+    from pipeline.training.loop import run_training
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, optim__name="adamw", loss__w_norm=0.01, train__steps=2, train__log_every=1)
     [res] = run_training(cfg, log=quiet)
@@ -242,8 +259,8 @@ def test_adamw_and_w_norm(tmp_path, tiny_generator, native_pool):
 def test_metrics_are_tensorboard_readable(tmp_path, tiny_generator, native_pool):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.train_loop import run_training
-    from pipeline.train_metrics import MetricsLogger
+    from pipeline.training.loop import run_training
+    from pipeline.training.metrics import MetricsLogger
 
     def read_back(log_dir) -> dict[tuple[str, int], float]:
         acc = EventAccumulator(str(log_dir))
@@ -276,8 +293,8 @@ def test_image_folder_training(tmp_path, tiny_generator):
     from PIL import Image
 
     from models.checkpoint import load_stylegan2
-    from pipeline.train_data import decode_to_tensor, image_batches, seeded_generator, synthetic_batch
-    from pipeline.train_loop import run_training
+    from pipeline.training.data import decode_to_tensor, image_batches, seeded_generator, synthetic_batch
+    from pipeline.training.loop import run_training
 
     G = load_stylegan2(tiny_generator)
     x, _ = synthetic_batch(G, None, 7, seeded_generator("imgs"))
@@ -294,7 +311,7 @@ def test_image_folder_training(tmp_path, tiny_generator):
     # costs its batch one slot (batches are formed before decoding, so a resume can skip them undecoded).
     held = {str(folder / "img0.png"), str(folder / "img1.png")}
     held_x = [decode_to_tensor((folder / f"img{i}.png").read_bytes()) for i in (0, 1)]
-    it = image_batches(cfg, 0, 1, 2, 0, held)
+    it = image_batches(cfg.data, 0, 1, 2, 0, held)
     sizes = []
     for _ in range(3):  # one epoch: 5 good files + 1 broken = 3 raw batches of 2
         b = next(it)
@@ -302,7 +319,7 @@ def test_image_folder_training(tmp_path, tiny_generator):
         assert not any(torch.equal(img, h) for img in b for h in held_x)
         sizes.append(len(b))
     assert sorted(sizes) == [1, 2, 2]
-    from pipeline.train_config import TrainConfigError, resolve_config
+    from pipeline.training.config import TrainConfigError, resolve_config
     with pytest.raises(TrainConfigError, match="loss.latent"):
         resolve_config({"output_dir": "x", "data": {"mode": "images", "url": str(folder)}, "loss": {"latent": 1.0}})
 
@@ -332,7 +349,7 @@ def test_demo_script_runs_tiny(tmp_path, native_pool):
 
 
 def test_cli_trains_from_yaml(tmp_path, tiny_generator):
-    from pipeline.train import main
+    from pipeline.training.cli import main
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(
@@ -345,19 +362,20 @@ def test_cli_trains_from_yaml(tmp_path, tiny_generator):
 
 
 def test_shipped_configs_resolve():
-    from pipeline.train_config import load_train_config
+    from pipeline.training.config import load_train_config
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("train_synthetic.yaml", "train_demo.yaml"):
         cfg = load_train_config(os.path.join(root, name))
-        assert cfg["data"]["mode"] in ("synthetic", "images")
+        assert cfg.data.mode in ("synthetic", "images")
 
 
-def _spied_ddp_rank(rank: int, world_size: int, cfg: dict, port: int) -> None:
-    """``pipeline.train.ddp_rank_main`` with spies that keep what this rank trained on and the trainable encoder's
-    weights before and after, in ``output_dir/rank{rank}.pt`` (spawned processes do not see the test's patches)."""
-    import pipeline.train_loop as loop
-    from pipeline.train import ddp_rank_main
+def _spied_ddp_rank(rank: int, world_size: int, cfg, port: int) -> None:
+    """``pipeline.training.ddp.ddp_rank_main`` with spies that keep what this rank trained on and the trainable
+    encoder's weights before and after, in ``output_dir/rank{rank}.pt`` (spawned processes do not see the test's
+    patches)."""
+    import pipeline.training.loop as loop
+    from pipeline.training.ddp import ddp_rank_main
 
     build_stage_model, training_batches = loop.build_stage_model, loop.training_batches
     seen = {"inputs": []}
@@ -376,13 +394,13 @@ def _spied_ddp_rank(rank: int, world_size: int, cfg: dict, port: int) -> None:
     loop.build_stage_model, loop.training_batches = spy_build, spy_batches
     ddp_rank_main(rank, world_size, cfg, port)
     final = {n: p.detach().clone() for n, p in seen["encoder"].named_parameters() if p.requires_grad}
-    torch.save({"inputs": seen["inputs"], "initial": seen["initial"], "final": final}, os.path.join(cfg["output_dir"], f"rank{rank}.pt"))
+    torch.save({"inputs": seen["inputs"], "initial": seen["initial"], "final": final}, os.path.join(cfg.output_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_keep_ranks_in_step(tmp_path, tiny_generator, monkeypatch):
     """Two ranks train on different batches and must end with the same weights: only true when every step's
     gradients are averaged across ranks (DDP). Without DDP each rank would follow its own data."""
-    import pipeline.train as launcher
+    import pipeline.training.ddp as launcher
 
     cfg = make_cfg(tmp_path / "run", tiny_generator, train__steps=2, train__batch_size=1, data__val_count=1,
                    train__device="cpu", train__num_threads=1, train__max_seconds=300)

@@ -1,6 +1,6 @@
-"""Ray Train wrapper of the training loop (``pipeline.train_loop.run_training``): a TorchTrainer whose workers
+"""Ray Train wrapper of the training loop (``pipeline.training.loop.run_training``): a TorchTrainer whose workers
 each run the plain loop as one DDP rank (the trainable encoder is wrapped in DistributedDataParallel when there
-is more than one). Ray is imported where used, so importing this module (the launcher does) costs nothing.
+is more than one). Ray is imported where used, so importing this module (the training CLI does) costs nothing.
 
 Config keys: ``num_workers`` (ranks), ``use_gpu`` (one GPU each), ``ray.address`` (join a cluster; null =
 a local Ray), ``ray.cpus_per_worker``. ``output_dir`` must be visible to every worker (a shared filesystem
@@ -8,13 +8,15 @@ on a multi-node cluster): rank 0 writes the checkpoints there and every rank res
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import torch
 
-from pipeline.train_config import check_files, stage_paths
-from pipeline.train_loop import run_training
+from pipeline.training.config import TrainConfig
+from pipeline.training.loop import run_training
+from pipeline.training.paths import check_files, stage_paths
 
 __all__ = ["train_loop_per_worker", "run_ray_training"]
 
@@ -23,21 +25,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = config["cfg"]
+    cfg: TrainConfig = config["cfg"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg["use_gpu"] else "cpu"
-    if not cfg["use_gpu"] and os.environ.get("OMP_NUM_THREADS") and not cfg["train"]["num_threads"]:
+    device = ray.train.torch.get_device() if cfg.use_gpu else "cpu"
+    if not cfg.use_gpu and os.environ.get("OMP_NUM_THREADS") and not cfg.train.num_threads:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-    cfg = {**cfg, "progress": cfg["progress"] and rank == 0}
 
     def report(metrics: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
 
-    run_training(cfg, rank=rank, world_size=world, device=device, report=report)
+    run_training(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device, report=report)
 
 
-def run_ray_training(cfg: dict[str, Any]) -> list[dict]:
+def run_ray_training(cfg: TrainConfig) -> list[dict]:
     """Run ``run_training`` on ``num_workers`` Ray Train workers; returns one result per stage
     (read back from the checkpoints rank 0 wrote)."""
     import ray
@@ -49,25 +49,24 @@ def run_ray_training(cfg: dict[str, Any]) -> list[dict]:
     if not ray.is_initialized():
         # No address: a fresh embedded instance (address="local"), never a running local cluster that a
         # plain ray.init() would join (pipeline/cluster.py does the same for inversion jobs).
-        kw = {"address": cfg["ray"]["address"]} if cfg["ray"]["address"] else {"address": "local", "include_dashboard": False}
+        kw = {"address": cfg.ray.address} if cfg.ray.address else {"address": "local", "include_dashboard": False}
         ray.init(**kw)
         started = True
     try:
-        out = os.path.abspath(cfg["output_dir"])
-        cfg = {**cfg, "output_dir": out}
+        cfg = dataclasses.replace(cfg, output_dir=os.path.abspath(cfg.output_dir))
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg},
-            scaling_config=ScalingConfig(num_workers=int(cfg["num_workers"]), use_gpu=bool(cfg["use_gpu"]),
-                                         resources_per_worker={"CPU": float(cfg["ray"]["cpus_per_worker"]),
-                                                               **({"GPU": 1.0} if cfg["use_gpu"] else {})}),
-            run_config=RunConfig(name="e2style_train", storage_path=os.path.join(out, "ray_results")),
+            scaling_config=ScalingConfig(num_workers=int(cfg.num_workers), use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": float(cfg.ray.cpus_per_worker),
+                                                               **({"GPU": 1.0} if cfg.use_gpu else {})}),
+            run_config=RunConfig(name="e2style_train", storage_path=os.path.join(cfg.output_dir, "ray_results")),
         )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
         return [{"stage": k, "final": stage_paths(cfg, k)["final"], "metrics": result.metrics}
-                for k in cfg["train"]["stages"]]
+                for k in cfg.train.stages]
     finally:
         if started:
             ray.shutdown()

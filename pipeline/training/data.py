@@ -6,7 +6,7 @@ batches as an uninterrupted one, and each DDP rank sees its own.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 from typing import Iterator
 
@@ -14,10 +14,11 @@ import torch
 
 from models.e2style import face_pool
 
-from .decode import decode_image
-from .images import to_model_input
-from .read import plan_shards, read_shard
-from .storage import get_fs
+from ..decode import decode_image
+from ..images import to_model_input
+from ..read import plan_shards, read_shard
+from ..storage import get_fs
+from .config import DataConfig, TrainConfig
 
 
 def stream_seed(*parts) -> int:
@@ -46,13 +47,12 @@ def synthetic_batch(G, latent_avg_w: torch.Tensor | None, n: int, gen: torch.Gen
     return (_quantize(x) if quantize else x), w
 
 
-def _image_shards(cfg: dict):
-    """(fs, shards) of data.url via the pipeline's planner."""
-    d = cfg["data"]
-    fs, root = get_fs(d["url"], d["endpoint_url"])
-    _, shards = plan_shards(fs, root, d["format"], d["shard_size"])
+def _image_shards(d: DataConfig):
+    """(fs, shards) of ``d.url`` via the pipeline's planner."""
+    fs, root = get_fs(d.url, d.endpoint_url)
+    _, shards = plan_shards(fs, root, d.format, d.shard_size)
     if not shards:
-        raise FileNotFoundError(f"data.url: {d['url']}: no input shards found")
+        raise FileNotFoundError(f"data.url: {d.url}: no input shards found")
     return fs, shards
 
 
@@ -87,11 +87,9 @@ def _iter_raw(fs, shards, rank: int, world: int, order: list[int], exclude: set[
             yield item.source, item.data
 
 
-def load_image_set(cfg: dict, url: str | None, count: int) -> tuple[torch.Tensor, list[str]]:
+def load_image_set(d: DataConfig, url: str | None, count: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``count`` decodable images of ``url`` (or of data.url) in planned order: the held-out set."""
-    sub = copy.deepcopy(cfg)
-    if url:
-        sub["data"]["url"] = url
+    sub = dataclasses.replace(d, url=url) if url else d
     fs, shards = _image_shards(sub)
     xs, sources = [], []
     for source, data in _iter_raw(fs, shards, 0, 1, list(range(len(shards))), set()):
@@ -103,17 +101,17 @@ def load_image_set(cfg: dict, url: str | None, count: int) -> tuple[torch.Tensor
         if len(xs) >= count:
             break
     if not xs:
-        raise FileNotFoundError(f"no decodable images for the validation set in {sub['data']['url']}")
+        raise FileNotFoundError(f"no decodable images for the validation set in {sub.url}")
     return torch.stack(xs), sources
 
 
-def image_batches(cfg: dict, rank: int, world: int, batch_size: int, seed: int, exclude: set[str],
+def image_batches(d: DataConfig, rank: int, world: int, batch_size: int, seed: int, exclude: set[str],
                   skip_batches: int = 0) -> Iterator[torch.Tensor]:
     """Endless shuffled batches (B, 3, 256, 256) in [-1, 1] for this rank. Deterministic given (seed, rank,
     world), so a resumed run skips ``skip_batches`` batches (without decoding them) and continues in place.
     Batches are formed before decoding: an undecodable file makes its batch one smaller."""
-    fs, shards = _image_shards(cfg)
-    buf_size = cfg["data"]["shuffle_buffer"]
+    fs, shards = _image_shards(d)
+    buf_size = d.shuffle_buffer
     formed = 0
     epoch = 0
     while True:
@@ -143,37 +141,37 @@ def image_batches(cfg: dict, rank: int, world: int, batch_size: int, seed: int, 
         while buf:
             yield from emit_one()
         if not got_any:
-            raise FileNotFoundError(f"data.url: {cfg['data']['url']}: no training images for worker {rank} of {world} "
+            raise FileNotFoundError(f"data.url: {d.url}: no training images for worker {rank} of {world} "
                                     f"(after holding out {len(exclude)} for validation)")
         epoch += 1
 
 
-def held_out_set(cfg: dict, G, avg_w: torch.Tensor | None, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None, set[str]]:
+def held_out_set(cfg: TrainConfig, G, avg_w: torch.Tensor | None, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None, set[str]]:
     """(x, true w or None, sources to keep out of training). Only rank 0 validates, so other ranks get x = None;
     with images and no ``data.val_url`` every rank still reads the held-out sources, to skip them."""
-    d, seed = cfg["data"], cfg["train"]["seed"]
-    if d["mode"] == "synthetic":
+    d, seed = cfg.data, cfg.train.seed
+    if d.mode == "synthetic":
         if rank != 0:
             return None, None, set()
         xs, ws = [], []
         g = seeded_generator(seed, "val")
-        for i in range(0, d["val_count"], d["val_batch_size"]):
-            x, w = synthetic_batch(G, avg_w, min(d["val_batch_size"], d["val_count"] - i), g, d["truncation"], d["quantize"])
+        for i in range(0, d.val_count, d.val_batch_size):
+            x, w = synthetic_batch(G, avg_w, min(d.val_batch_size, d.val_count - i), g, d.truncation, d.quantize)
             xs.append(x.cpu())
             ws.append(w.cpu())
         return torch.cat(xs), torch.cat(ws), set()
-    vx, sources = load_image_set(cfg, d["val_url"], d["val_count"])
-    return (vx if rank == 0 else None), None, (set() if d["val_url"] else set(sources))
+    vx, sources = load_image_set(d, d.val_url, d.val_count)
+    return (vx if rank == 0 else None), None, (set() if d.val_url else set(sources))
 
 
-def training_batches(cfg: dict, k: int, G, avg_w: torch.Tensor | None, start_step: int, rank: int, world: int,
+def training_batches(cfg: TrainConfig, k: int, G, avg_w: torch.Tensor | None, start_step: int, rank: int, world: int,
                      exclude: set[str], device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Stage k's endless (x, true w or None) batches for this rank, from ``start_step`` on."""
-    d, seed, bs = cfg["data"], cfg["train"]["seed"], cfg["train"]["batch_size"]
-    if d["mode"] == "synthetic":
+    d, seed, bs = cfg.data, cfg.train.seed, cfg.train.batch_size
+    if d.mode == "synthetic":
         step = start_step
         while True:
-            yield synthetic_batch(G, avg_w, bs, seeded_generator(seed, "train", k, step, rank), d["truncation"], d["quantize"])
+            yield synthetic_batch(G, avg_w, bs, seeded_generator(seed, "train", k, step, rank), d.truncation, d.quantize)
             step += 1
-    for x in image_batches(cfg, rank, world, bs, stream_seed(seed, "stage", k), exclude, skip_batches=start_step):
+    for x in image_batches(d, rank, world, bs, stream_seed(seed, "stage", k), exclude, skip_batches=start_step):
         yield x.to(device, non_blocking=True), None

@@ -3,17 +3,11 @@
 A stage trains to ``train.steps`` optimizer steps, resuming from its latest checkpoint (same step, optimizer
 state and RNG, and the same batches, so a resumed run ends where an uninterrupted one would), validates on
 rank 0 every ``val_every`` steps and at the end, and writes its final checkpoint. A stage whose final
-checkpoint exists is skipped.
-
-Output layout (``output_dir``):
-    train_config.json                      the resolved config
-    stage{k}/checkpoints/latest_model.pt   official layout + ``train_state`` (step, optimizer, RNG): resume point
-    stage{k}/e2style_stage{k}.pt           the stage's final model, official layout (``load_e2style``)
-    stage{k}/logs/metrics.jsonl            train and validation scalars, one JSON object per line
-    stage{k}/logs/events.out.tfevents.*    the same scalars for TensorBoard
+checkpoint exists is skipped. What it writes where: pipeline/training/paths.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,20 +24,20 @@ from models.losses import E2StyleLoss
 from models.lpips import load_lpips
 from models.optim import build_optimizer
 
-from .train_config import LOSS_KEYS, check_files, stage_paths
-from .train_data import held_out_set, training_batches
-from .train_metrics import MetricsLogger, Progress
-from .train_model import build_stage_model, load_resume_point, restore_rng, save_checkpoint, stage_forward, validate_model
+from ..checkpoints import resolve_device
+from .config import TrainConfig
+from .data import held_out_set, training_batches
+from .metrics import MetricsLogger, Progress
+from .model import build_stage_model, load_resume_point, restore_rng, save_checkpoint, stage_forward, validate_model
+from .paths import RUN_CONFIG, check_files, stage_paths
 
-
-class SimulatedCrash(RuntimeError):
-    """Raised by ``train_stage(crash_after=n)``: the process 'dies' mid-stage, nothing more is saved."""
+__all__ = ["StageRun", "train_step", "train_stage", "run_training"]
 
 
 @dataclass
-class _StageRun:
+class StageRun:
     """Everything one rank's stage k works with; built by ``_start_stage``."""
-    cfg: dict
+    cfg: TrainConfig
     k: int
     rank: int
     world_size: int
@@ -64,38 +58,29 @@ class _StageRun:
     t0: float = 0.0
 
 
-def _resolve_device(cfg: dict, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    d = cfg["train"]["device"]
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(d)
-
-
-def _configure_device(cfg: dict, device: torch.device) -> None:
-    if cfg["train"]["num_threads"] and device.type == "cpu":
-        torch.set_num_threads(cfg["train"]["num_threads"])
+def _configure_device(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.train.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
 
-def _build_losses(cfg: dict, device: torch.device, rank: int, log) -> tuple[E2StyleLoss, torch.nn.Module | None]:
+def _build_losses(cfg: TrainConfig, device: torch.device, rank: int, log) -> tuple[E2StyleLoss, torch.nn.Module | None]:
     """The weighted loss, and the LPIPS net for validation (the loss's own, or loaded for rank 0 alone when
     its files are configured but the LPIPS loss is off)."""
-    loss_fn = E2StyleLoss({kk: cfg["loss"][kk] for kk in LOSS_KEYS}, cfg["pretrained"]).to(device)
+    loss_fn = E2StyleLoss(dataclasses.asdict(cfg.loss), dataclasses.asdict(cfg.pretrained)).to(device)
     lpips_metric = loss_fn.lpips.net if loss_fn.lpips is not None else None
-    if lpips_metric is None and cfg["pretrained"]["alexnet"] and rank == 0:
+    if lpips_metric is None and cfg.pretrained.alexnet and rank == 0:
         try:
-            lpips_metric = load_lpips(cfg["pretrained"]["alexnet"], cfg["pretrained"]["lpips_lin"]).to(device)
+            lpips_metric = load_lpips(cfg.pretrained.alexnet, cfg.pretrained.lpips_lin).to(device)
         except Exception as e:  # noqa: BLE001 - the metric is optional
             log(f"LPIPS metric unavailable: {e}")
     return loss_fn, lpips_metric
 
 
-def _start_stage(cfg: dict, k: int, rank: int, world_size: int, device: torch.device, log, report) -> tuple[_StageRun, int]:
+def _start_stage(cfg: TrainConfig, k: int, rank: int, world_size: int, device: torch.device, log, report) -> tuple[StageRun, int]:
     """Build (or resume) stage k on this rank: model, optimizer, losses, held-out data. Returns (run, step).
     The order of the steps is the order of their RNG draws, which a resumed run must repeat."""
     paths = stage_paths(cfg, k)
@@ -110,12 +95,12 @@ def _start_stage(cfg: dict, k: int, rank: int, world_size: int, device: torch.de
     enc.train()
     train_enc = DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else enc
     params = [p for p in enc.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg["optim"]["name"], params, lr=float(cfg["optim"]["lr"]), weight_decay=float(cfg["optim"]["weight_decay"]))
+    optimizer = build_optimizer(cfg.optim.name, params, lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         restore_rng(resume_state, device)
     loss_fn, lpips_metric = _build_losses(cfg, device, rank, log)
-    run = _StageRun(cfg, k, rank, world_size, device, paths, log, report, model, train_enc, params, optimizer, loss_fn, lpips_metric)
+    run = StageRun(cfg, k, rank, world_size, device, paths, log, report, model, train_enc, params, optimizer, loss_fn, lpips_metric)
     run.val_x, run.val_w, run.exclude = held_out_set(cfg, model.decoder, _avg_w(model), rank)
     return run, int(resume_state["step"]) if resume_state is not None else 0
 
@@ -124,36 +109,37 @@ def _avg_w(model) -> torch.Tensor | None:
     return model.latent_avg.reshape(-1, model.decoder.style_dim)[0] if model.start_from_latent_avg else None
 
 
-def _train_step(run: _StageRun, x: torch.Tensor, w: torch.Tensor | None) -> tuple[float, dict[str, torch.Tensor]]:
-    tcfg, model = run.cfg["train"], run.model
+def train_step(run: StageRun, x: torch.Tensor, w: torch.Tensor | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step on batch ``x`` (true codes ``w`` or None); returns (loss, its weighted parts)."""
+    tcfg, model = run.cfg.train, run.model
     x = x.to(run.device)
-    if tcfg["precision"] == "bf16":
+    if tcfg.precision == "bf16":
         with torch.autocast(run.device.type, dtype=torch.bfloat16):
-            y_hat, codes = stage_forward(model, run.train_enc, run.k, x, tcfg["randomize_noise"])
+            y_hat, codes = stage_forward(model, run.train_enc, run.k, x, tcfg.randomize_noise)
         y_hat, codes = y_hat.float(), codes.float()
     else:
-        y_hat, codes = stage_forward(model, run.train_enc, run.k, x, tcfg["randomize_noise"])
+        y_hat, codes = stage_forward(model, run.train_enc, run.k, x, tcfg.randomize_noise)
     loss, parts = run.loss_fn(y_hat, x, codes, model.latent_avg if model.start_from_latent_avg else None, w)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP: gradients all-reduced (averaged) across ranks here
-    if tcfg["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(run.params, tcfg["grad_clip"])
+    if tcfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.params, tcfg.grad_clip)
     run.optimizer.step()
     return float(loss.detach()), parts
 
 
-def _validate(run: _StageRun, at: int) -> dict[str, float]:
+def _validate(run: StageRun, at: int) -> dict[str, float]:
     if run.rank != 0:
         return {}
-    m = validate_model(run.model, run.val_x, run.k, run.cfg["data"]["val_batch_size"], run.device, run.lpips_metric, run.val_w)
+    m = validate_model(run.model, run.val_x, run.k, run.cfg.data.val_batch_size, run.device, run.lpips_metric, run.val_w)
     run.logger.log(at, {f"val/{kk}": v for kk, v in m.items()})
     run.log(f"stage {run.k} step {at}: " + ", ".join(f"{kk} {v:.4f}" for kk, v in m.items() if kk.endswith(("psnr", "lpips"))))
     return m
 
 
-def _out_of_time(run: _StageRun) -> bool:
+def _out_of_time(run: StageRun) -> bool:
     """Past ``train.max_seconds`` on any rank (all ranks stop at the same step)."""
-    limit = run.cfg["train"]["max_seconds"]
+    limit = run.cfg.train.max_seconds
     out = limit is not None and time.time() - run.t0 > limit
     if run.world_size > 1 and limit is not None:
         flag = torch.tensor([float(out)], device=run.device)
@@ -162,31 +148,29 @@ def _out_of_time(run: _StageRun) -> bool:
     return out
 
 
-def _run_steps(run: _StageRun, batches: Iterator, step: int, crash_after: int | None) -> dict:
+def _run_steps(run: StageRun, batches: Iterator, step: int) -> dict:
     """Steps until ``train.steps`` or ``max_seconds``; logs, validates and saves the resume point on schedule."""
-    tcfg, k = run.cfg["train"], run.k
-    steps, start_step = tcfg["steps"], step
+    tcfg, k = run.cfg.train, run.k
+    steps = tcfg.steps
     out = {"step": step, "loss_first": None, "loss_last": None, "stopped_early": False}
-    progress = Progress(run.cfg["progress"] and run.rank == 0, steps, step, f"stage {k}")
+    progress = Progress(run.cfg.progress and run.rank == 0, steps, step, f"stage {k}")
     try:
         while step < steps:
-            lv, parts = _train_step(run, *next(batches))
+            lv, parts = train_step(run, *next(batches))
             step += 1
-            if crash_after is not None and step - start_step >= crash_after:
-                raise SimulatedCrash(f"stage {k}: simulated crash after step {step}")
             if not math.isfinite(lv):
                 raise FloatingPointError(f"stage {k} step {step}: loss is {lv}")
             out.update(step=step, loss_last=lv, loss_first=lv if out["loss_first"] is None else out["loss_first"])
             progress.update(lv)
-            if run.rank == 0 and (step % tcfg["log_every"] == 0 or step == 1):
+            if run.rank == 0 and (step % tcfg.log_every == 0 or step == 1):
                 run.logger.log(step, {"train/loss": lv, **{f"train/{kk}": float(v) for kk, v in parts.items()},
                                       "train/steps_per_s": step / max(time.time() - run.t0, 1e-9)})
             out_of_time = _out_of_time(run)
-            if step % tcfg["val_every"] == 0 and step < steps and not out_of_time:
+            if step % tcfg.val_every == 0 and step < steps and not out_of_time:
                 val = _validate(run, step)
                 if run.report is not None:
                     run.report({"stage": k, "step": step, "loss": lv, **val})
-            if run.rank == 0 and step % tcfg["save_every"] == 0 and step < steps and not out_of_time:
+            if run.rank == 0 and step % tcfg.save_every == 0 and step < steps and not out_of_time:
                 save_checkpoint(run.paths["latest"], run.model, run.cfg, k, step, run.optimizer)
             if out_of_time:
                 run.log(f"stage {k}: max_seconds reached at step {step}")
@@ -197,7 +181,7 @@ def _run_steps(run: _StageRun, batches: Iterator, step: int, crash_after: int | 
     return out
 
 
-def _finish_stage(run: _StageRun, step: int) -> dict[str, float]:
+def _finish_stage(run: StageRun, step: int) -> dict[str, float]:
     """Final validation and checkpoints (rank 0), with every rank past its last step first."""
     if run.world_size > 1:
         dist.barrier()
@@ -210,15 +194,14 @@ def _finish_stage(run: _StageRun, step: int) -> dict[str, float]:
     return val
 
 
-def train_stage(cfg: dict, k: int, *, rank: int = 0, world_size: int = 1, device=None,
-                report: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
-                crash_after: int | None = None) -> dict:
+def train_stage(cfg: TrainConfig, k: int, *, rank: int = 0, world_size: int = 1, device=None,
+                report: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train stage k to ``train.steps`` (resuming from its latest checkpoint), write its final checkpoint.
-    Returns {'stage', 'step', 'final', 'val': {...}, 'loss_first', 'loss_last', 'seconds', 'stopped_early'}.
-    ``crash_after``: raise ``SimulatedCrash`` after that many steps in this call (tests of resume)."""
+    ``device``: this rank's device (Ray Train's, a DDP rank's); None: ``train.device``.
+    Returns {'stage', 'step', 'final', 'val': {...}, 'loss_first', 'loss_last', 'seconds', 'stopped_early'}."""
     log = log or (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True) if rank == 0 else None)
     paths = stage_paths(cfg, k)
-    device = _resolve_device(cfg, device)
+    device = torch.device(device if device is not None else resolve_device(cfg.train.device))
     _configure_device(cfg, device)
     if os.path.isfile(paths["final"]):
         log(f"stage {k}: already trained ({paths['final']}), skipping")
@@ -227,10 +210,10 @@ def train_stage(cfg: dict, k: int, *, rank: int = 0, world_size: int = 1, device
     batches = training_batches(cfg, k, run.model.decoder, _avg_w(run.model), step, rank, world_size, run.exclude, device)
     run.logger = MetricsLogger(paths["logs"], enabled=rank == 0)
     run.t0 = time.time()
-    log(f"stage {k}: training {sum(p.numel() for p in run.params)} parameters, steps {step}->{cfg['train']['steps']}, "
-        f"batch {cfg['train']['batch_size']} x {world_size} worker(s), {cfg['data']['mode']} data, "
+    log(f"stage {k}: training {sum(p.numel() for p in run.params)} parameters, steps {step}->{cfg.train.steps}, "
+        f"batch {cfg.train.batch_size} x {world_size} worker(s), {cfg.data.mode} data, "
         f"losses {({kk: v for kk, v in run.loss_fn.weights.items() if v > 0})}, device {device}")
-    steps = _run_steps(run, batches, step, crash_after)
+    steps = _run_steps(run, batches, step)
     val = _finish_stage(run, steps["step"])
     run.logger.close()
     result = {"stage": k, "step": steps["step"], "final": paths["final"], "val": val, "loss_first": steps["loss_first"],
@@ -240,13 +223,12 @@ def train_stage(cfg: dict, k: int, *, rank: int = 0, world_size: int = 1, device
     return result
 
 
-def run_training(cfg: dict, *, rank: int = 0, world_size: int = 1, device=None, report=None, log=None,
-                 crash_after: int | None = None) -> list[dict]:
+def run_training(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, device=None, report=None, log=None) -> list[dict]:
     """Train ``train.stages`` in order in this process (one rank of a DDP group when world_size > 1)."""
     check_files(cfg)
     if rank == 0:
-        os.makedirs(cfg["output_dir"], exist_ok=True)
-        with open(os.path.join(cfg["output_dir"], "train_config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, default=str)
-    return [train_stage(cfg, k, rank=rank, world_size=world_size, device=device, report=report, log=log, crash_after=crash_after)
-            for k in cfg["train"]["stages"]]
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    return [train_stage(cfg, k, rank=rank, world_size=world_size, device=device, report=report, log=log)
+            for k in cfg.train.stages]

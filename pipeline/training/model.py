@@ -18,8 +18,9 @@ from models.e2style import E2Style, build_encoder, face_pool
 from models.factory import atomic_save, e2style_checkpoint, split_head_codes
 from models.pretrained import plain_state_dict
 
-from .train_config import TrainConfigError, stage_paths
-from .train_data import stream_seed
+from .config import TrainConfig, TrainConfigError
+from .data import stream_seed
+from .paths import stage_paths
 
 
 def _latent_avg_for(G, n_latent: int, learn_in_w: bool) -> torch.Tensor:
@@ -38,9 +39,9 @@ def _small_head_init(enc: torch.nn.Module) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
-def _maybe_init_irse(cfg: dict, enc: torch.nn.Module, include_input_layer: bool, log: Callable[[str], None]) -> None:
-    mode = cfg["model"]["init_from_ir_se50"]
-    path = cfg["pretrained"]["ir_se50"]
+def _maybe_init_irse(cfg: TrainConfig, enc: torch.nn.Module, include_input_layer: bool, log: Callable[[str], None]) -> None:
+    mode = cfg.model.init_from_ir_se50
+    path = cfg.pretrained.ir_se50
     if mode is False or path is None:
         if mode is True:
             raise TrainConfigError("model.init_from_ir_se50", "is true but pretrained.ir_se50 is not set")
@@ -55,26 +56,26 @@ def _maybe_init_irse(cfg: dict, enc: torch.nn.Module, include_input_layer: bool,
         log(f"not initialising from {path}: its widths do not fit model.encoder_base_width")
 
 
-def _new_encoder(cfg: dict, in_channels: int, head_codes, widths, style_dim: int, first_stage: bool, log) -> torch.nn.Module:
+def _new_encoder(cfg: TrainConfig, in_channels: int, head_codes, widths, style_dim: int, first_stage: bool, log) -> torch.nn.Module:
     enc = build_encoder(in_channels, head_codes, widths, 50, style_dim)
     _small_head_init(enc)
     _maybe_init_irse(cfg, enc, first_stage, log)
     return enc
 
 
-def _first_stage_model(cfg: dict, log) -> tuple[E2Style, torch.nn.Module]:
-    m = cfg["model"]
-    G = load_stylegan2(cfg["generator"])
-    base = m["encoder_base_width"]
-    head_codes = None if m["learn_in_w"] else split_head_codes(G.n_latent)
+def _first_stage_model(cfg: TrainConfig, log) -> tuple[E2Style, torch.nn.Module]:
+    m = cfg.model
+    G = load_stylegan2(cfg.generator)
+    base = m.encoder_base_width
+    head_codes = None if m.learn_in_w else split_head_codes(G.n_latent)
     first = _new_encoder(cfg, 3, head_codes, (base, base * 2, base * 4, base * 8), G.style_dim, True, log)
-    latent_avg = _latent_avg_for(G, G.n_latent, m["learn_in_w"]) if m["start_from_latent_avg"] else None
-    return E2Style(first, [], G, latent_avg, m["start_from_latent_avg"], m["learn_in_w"], 3, 0), first
+    latent_avg = _latent_avg_for(G, G.n_latent, m.learn_in_w) if m.start_from_latent_avg else None
+    return E2Style(first, [], G, latent_avg, m.start_from_latent_avg, m.learn_in_w, 3, 0), first
 
 
-def _refinement_stage_model(cfg: dict, k: int, log) -> tuple[E2Style, torch.nn.Module]:
-    m = cfg["model"]
-    init = m["init_checkpoint"] if k == cfg["train"]["stages"][0] and m["init_checkpoint"] else stage_paths(cfg, k - 1)["final"]
+def _refinement_stage_model(cfg: TrainConfig, k: int, log) -> tuple[E2Style, torch.nn.Module]:
+    m = cfg.model
+    init = m.init_checkpoint if k == cfg.train.stages[0] and m.init_checkpoint else stage_paths(cfg, k - 1)["final"]
     prev = e2style_from_checkpoint(read_checkpoint(init), init)
     if prev.num_stages < k - 1:
         raise TrainConfigError("model.init_checkpoint", f"{init} has {prev.num_stages} stage(s); training stage {k} needs {k - 1}")
@@ -89,9 +90,9 @@ def _refinement_stage_model(cfg: dict, k: int, log) -> tuple[E2Style, torch.nn.M
     return model, new
 
 
-def build_stage_model(cfg: dict, k: int, log: Callable[[str], None] = print) -> tuple[E2Style, torch.nn.Module]:
+def build_stage_model(cfg: TrainConfig, k: int, log: Callable[[str], None] = print) -> tuple[E2Style, torch.nn.Module]:
     """(model, trainable encoder) for training stage k: stages 1..k-1 loaded and frozen, stage k new."""
-    torch.manual_seed(stream_seed(cfg["train"]["seed"], "init", k))
+    torch.manual_seed(stream_seed(cfg.train.seed, "init", k))
     model, trainable = _first_stage_model(cfg, log) if k == 1 else _refinement_stage_model(cfg, k, log)
     model.requires_grad_(False)
     trainable.requires_grad_(True)
@@ -162,17 +163,17 @@ def validate_model(model, xs: torch.Tensor, stages: int, batch_size: int, device
     return {k: v / n for k, v in sums.items()}
 
 
-def checkpoint_opts(cfg: dict, k: int, step: int) -> dict:
+def checkpoint_opts(cfg: TrainConfig, k: int, step: int) -> dict:
     """The official ``opts`` of a stage-k checkpoint at ``step`` (what it was trained with)."""
-    L = cfg["loss"]
-    return {"training_stage": k, "start_from_latent_avg": cfg["model"]["start_from_latent_avg"], "learn_in_w": cfg["model"]["learn_in_w"],
-            "l2_lambda": L["l2"], "lpips_lambda": L["lpips"], "id_lambda": L["id"], "parse_lambda": L["parse"],
-            "w_norm_lambda": L["w_norm"], "latent_lambda": L["latent"], "optim_name": cfg["optim"]["name"],
-            "learning_rate": cfg["optim"]["lr"], "batch_size": cfg["train"]["batch_size"], "max_steps": cfg["train"]["steps"],
-            "step": int(step), "stylegan_weights": cfg["generator"], "data_mode": cfg["data"]["mode"]}
+    L = cfg.loss
+    return {"training_stage": k, "start_from_latent_avg": cfg.model.start_from_latent_avg, "learn_in_w": cfg.model.learn_in_w,
+            "l2_lambda": L.l2, "lpips_lambda": L.lpips, "id_lambda": L.id, "parse_lambda": L.parse,
+            "w_norm_lambda": L.w_norm, "latent_lambda": L.latent, "optim_name": cfg.optim.name,
+            "learning_rate": cfg.optim.lr, "batch_size": cfg.train.batch_size, "max_steps": cfg.train.steps,
+            "step": int(step), "stylegan_weights": cfg.generator, "data_mode": cfg.data.mode}
 
 
-def save_checkpoint(path: str, model, cfg: dict, k: int, step: int, optimizer=None, extra: dict | None = None) -> None:
+def save_checkpoint(path: str, model, cfg: TrainConfig, k: int, step: int, optimizer=None, extra: dict | None = None) -> None:
     """Official layout, on CPU, written atomically; with ``optimizer`` also the ``train_state`` to resume from."""
     ckpt = e2style_checkpoint(model, checkpoint_opts(cfg, k, step))
     ckpt["state_dict"] = {kk: v.cpu() for kk, v in ckpt["state_dict"].items()}
