@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.checkpoint import e2style_state_dict, read_checkpoint
 from models.checkpoint_kinds import CheckpointError, sniff_checkpoint
 
 from .checkpoints import checkpoint_dims, checkpoint_sha256, fetch_checkpoint
@@ -42,6 +43,7 @@ def stage_options(cfg: PipelineConfig, checkpoint_sha256: str | None = None) -> 
     remote = not url.startswith(FACTORY_PREFIX) and not is_local(get_fs(url, ep)[0])
     fetched = f"{url} (fetched to) " if remote else ""
     try:
+        e2style_state_dict(read_checkpoint(local), local)  # a generator's or another model's file, named as such
         dims = checkpoint_dims(local)
     except CheckpointError as e:  # names the file and what it is
         raise ConfigError("model.checkpoint", fetched + str(e)) from None
