@@ -199,12 +199,26 @@ def run_latents(op: str, cfg: PipelineConfig, input_record: dict | None = None, 
                                        pairs=pairs)
     ledger = RunLedger(cfg.output.url, cfg.storage.endpoint_url)
     committed = ledger.admit(job.fingerprint, fp_values, cfg.output.overwrite)
-    todo = [s for s in shards if s not in committed]
-    echo(f"{op}: {len(shards)} shard(s), {len(shards) - len(todo)} already committed, {len(todo)} to do")
     if dry_run:
+        echo(f"{op}: {len(shards)} shard(s), {len(set(shards) & set(committed))} already committed, "
+             f"{len(set(shards) - set(committed))} to do")
         for s in shards:
             echo(f"  {'done' if s in committed else 'todo'}  {s}")
+        echo(ledger.lease_report(cfg.output.lease_stale_s))
         return 0
+    # The first write, everything checked: the output's lease (one writer per output), then admitted again.
+    ledger.hold(cfg.output.lease_wait_s, cfg.output.lease_stale_s)
+    try:
+        return _run_held(op, cfg, ledger, job, shards, sha, fp_values, echo)
+    finally:
+        ledger.release()
+
+
+def _run_held(op: str, cfg: PipelineConfig, ledger: RunLedger, job: LatentsJob, shards: list[str], sha: str,
+              fp_values: dict, echo) -> int:
+    """The subcommand's run under the output's lease: cleanup, run record, the shards, _SUCCESS."""
+    todo = [s for s in shards if s not in ledger.committed]
+    echo(f"{op}: {len(shards)} shard(s), {len(shards) - len(todo)} already committed, {len(todo)} to do")
     ledger.prepare()
     ledger.start({"op": op, "input": cfg.input.url, "config": redact(cfg.to_dict()), "checkpoint_sha256": sha,
                   "fingerprint": job.fingerprint, "fingerprint_values": fp_values, "argv": sys.argv},
