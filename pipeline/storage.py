@@ -67,12 +67,16 @@ def storage_errors(key: str, url: str, endpoint_url: str | None = None) -> Itera
 
 def require_bucket(fs: fsspec.AbstractFileSystem, path: str, key: str, url: str, endpoint_url: str | None) -> None:
     """StorageError when ``path``'s bucket does not exist on an object store (a local folder is made on use)."""
-    if is_local(fs):
+    if is_local(fs) or not hasattr(fs, "call_s3"):
         return
     bucket = path.split("/", 1)[0]
-    if not fs.exists(bucket):
+    try:
+        # Not fs.exists: it answers False for missing credentials or an unreachable endpoint as well, which
+        # storage_errors names better; head_bucket raises them.
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
         raise StorageError(f"{key}={url} (endpoint {endpoint_url or 'the AWS default'}): the bucket {bucket!r} "
-                           f"does not exist (or these credentials cannot see it); check the URL's bucket name")
+                           f"does not exist; check the URL's bucket name") from None
 
 
 def get_fs(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

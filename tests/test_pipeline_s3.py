@@ -173,3 +173,101 @@ def test_dry_run_plans_without_writing(s3fs_session, s3_bucket, moto_server, tin
     assert "shards: 3" in text and "images-000002" in text
     fs.invalidate_cache()
     assert not fs.exists(f"{s3_bucket}/out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage that a run cannot start with: one line, exit 2, the URL and endpoint named, nothing written.
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_subprocess(env_drop: tuple[str, ...] = (), *sets: str):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    env.update({"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
+    args = [sys.executable, os.path.join(root, "run_pipeline.py"), "--set", "align.enabled=false",
+            "--set", "progress=false"]
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.monotonic()
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def _assert_one_line_exit_2(proc, *words):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-3000:]
+    for w in words:
+        assert w in err, err
+
+
+def test_no_credentials_exit_2_one_line(s3fs_session, s3_bucket, moto_server, tiny_checkpoint, tmp_path):
+    s3fs_session.pipe_file(f"{s3_bucket}/in/a.png", tiny_image_bytes(0, "PNG"))
+    proc, _ = _cli_subprocess(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), f"input.url=s3://{s3_bucket}/in",
+                              f"output.url=s3://{s3_bucket}/out", f"model.checkpoint={tiny_checkpoint}",
+                              f"storage.endpoint_url={moto_server}")
+    _assert_one_line_exit_2(proc, "error: storage: output.url=s3://", f"endpoint {moto_server}",
+                            "no S3 credentials found", "AWS_ACCESS_KEY_ID")
+    assert not s3fs_session.exists(f"{s3_bucket}/out")
+
+
+def test_unreachable_endpoint_fails_in_seconds_exit_2(tiny_checkpoint, tmp_path):
+    from pipeline.storage import S3_CONNECT_TIMEOUT_S, S3_MAX_ATTEMPTS
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    proc, took = _cli_subprocess((), "input.url=s3://bucket/photos", f"output.url={tmp_path / 'out'}",
+                                 f"model.checkpoint={tiny_checkpoint}", f"storage.endpoint_url={endpoint}")
+    _assert_one_line_exit_2(proc, "input.url=s3://bucket/photos", f"endpoint {endpoint}", "cannot reach the endpoint",
+                            f"after {S3_MAX_ATTEMPTS} attempts", "check storage.endpoint_url")
+    # Bounded: the attempts' backoff (2 s, then 4 s at most) beside start-up, not botocore's legacy 5 attempts.
+    assert took < 30 + S3_MAX_ATTEMPTS * S3_CONNECT_TIMEOUT_S, took
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_bucket_and_prefix_exit_2(s3fs_session, s3_bucket, moto_server, tiny_checkpoint, tmp_path, capsys):
+    import run_pipeline
+
+    s3fs_session.pipe_file(f"{s3_bucket}/in/a.png", tiny_image_bytes(0, "PNG"))
+    base = ["--set", "align.enabled=false", "--set", "progress=false", "--set", f"storage.endpoint_url={moto_server}",
+            "--set", f"model.checkpoint={tiny_checkpoint}"]
+    assert run_pipeline.main(base + ["--set", f"input.url=s3://{s3_bucket}/in",
+                                     "--set", "output.url=s3://no-such-bucket-h4/out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "output.url=s3://no-such-bucket-h4/out" in err and "the bucket 'no-such-bucket-h4' does not exist" in err, err
+    assert run_pipeline.main(base + ["--set", f"input.url=s3://{s3_bucket}/nothing-here",
+                                     "--set", f"output.url=s3://{s3_bucket}/out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"input.url: nothing at s3://{s3_bucket}/nothing-here (endpoint {moto_server})" in err, err
+    assert len(err.splitlines()) == 1
+    s3fs_session.invalidate_cache()
+    assert not s3fs_session.exists(f"{s3_bucket}/out")
+
+
+def test_access_denied_exit_2(s3fs_session, s3_bucket, moto_server, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """moto's server checking credentials (as S3 does): the test's keys belong to no user, so every request is
+    denied (InvalidAccessKeyId, 403)."""
+    import moto.settings
+
+    import run_pipeline
+
+    s3fs_session.pipe_file(f"{s3_bucket}/in/a.png", tiny_image_bytes(0, "PNG"))
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    code = run_pipeline.main(["--set", "align.enabled=false", "--set", "progress=false",
+                              "--set", f"storage.endpoint_url={moto_server}", "--set", f"model.checkpoint={tiny_checkpoint}",
+                              "--set", f"input.url=s3://{s3_bucket}/in", "--set", f"output.url={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert f"input.url=s3://{s3_bucket}/in (endpoint {moto_server}): access denied" in err, err
+    assert "credentials" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
