@@ -1,4 +1,4 @@
-"""FFHQ crop throughput: models.ffhq_crop.crop_faces on a device vs pipeline.align.ffhq_crop (Pillow, one core).
+"""FFHQ crop throughput: models.alignment.ffhq_crop.crop_faces on a device vs pipeline.align.ffhq_crop (Pillow, one core).
 
     .venv/bin/python benchmarks/bench_crop.py --device cuda                      # batches of 64 photos, 1024-1800 px
     .venv/bin/python benchmarks/bench_crop.py --device cpu --batch 4 --min-side 384 --max-side 512 --iters 2   # smoke
@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.ffhq_crop import crop_faces, ffhq_quads, plan_crop  # noqa: E402
+from models.alignment.ffhq_crop import crop_faces  # noqa: E402
+from models.alignment.ffhq_geometry import ffhq_quad, ffhq_quads, plan_crop  # noqa: E402
 from pipeline.align import get_aligner  # noqa: E402
 from pipeline.crop import ffhq_crop, ffhq_quad  # noqa: E402
 

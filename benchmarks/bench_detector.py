@@ -26,22 +26,23 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import models.face_detector as face_detector  # noqa: E402
+from models.alignment import detector as detector_module  # noqa: E402
+from models.alignment import fhog, filters  # noqa: E402
 from benchmarks.bench_pipeline_raw_gpu import make_photos  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 
-# Settings of models.face_detector tried against its defaults in the same run (photos on the device):
-# the filter kernel's tiles (rows x columns per program, warps), histogram cells per program, the padding
-# allowed in a batch. (Names without commas: --variants is comma-separated.)
+# Settings of the detector's modules (models/alignment/) tried against their defaults in the same run (photos
+# on the device): the filter kernel's tiles (rows x columns per program, warps), histogram cells per program,
+# the padding allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
-    "filters 8x32 1 warp": {"_FILTER_ROWS": 8, "_FILTER_BLOCK": 32, "_FILTER_WARPS": 1},
-    "filters 16x32 1 warp": {"_FILTER_BLOCK": 32, "_FILTER_WARPS": 1},
-    "filters 32x64": {"_FILTER_ROWS": 32},
-    "hist 64 cells": {"_CELL_BLOCK": 64},
-    "hist 256 cells": {"_CELL_BLOCK": 256},
-    "padding 2": {"_MAX_PADDING": 2.0},
-    "padding 4": {"_MAX_PADDING": 4.0},
+    "filters 8x32 1 warp": {(filters, "_FILTER_ROWS"): 8, (filters, "_FILTER_BLOCK"): 32, (filters, "_FILTER_WARPS"): 1},
+    "filters 16x32 1 warp": {(filters, "_FILTER_BLOCK"): 32, (filters, "_FILTER_WARPS"): 1},
+    "filters 32x64": {(filters, "_FILTER_ROWS"): 32},
+    "hist 64 cells": {(fhog, "_CELL_BLOCK"): 64},
+    "hist 256 cells": {(fhog, "_CELL_BLOCK"): 256},
+    "padding 2": {(detector_module, "_MAX_PADDING"): 2.0},
+    "padding 4": {(detector_module, "_MAX_PADDING"): 4.0},
 }
 
 
@@ -63,7 +64,7 @@ def main() -> int:
     resident = [torch.from_numpy(p).to(dev) for p in photos]
     megapixels = sum(p.shape[0] * p.shape[1] for p in photos) / 1e6
     t = time.perf_counter()
-    detector = face_detector.FrontalFaceDetector(dev)
+    detector = detector_module.FrontalFaceDetector(dev)
     print(f"detector built in {time.perf_counter() - t:.1f}s; triton: resize {detector.triton_resize}, "
           f"fhog {detector.triton_fhog}, filters {detector.triton_filters}", flush=True)
 
@@ -105,9 +106,9 @@ def main() -> int:
     differ = []
     for name in (a.variants.split(",") if a.variants else []):
         settings = VARIANTS[name]
-        saved = {k: getattr(face_detector, k) for k in settings}
-        for k, v in settings.items():
-            setattr(face_detector, k, v)
+        saved = {(module, k): getattr(module, k) for module, k in settings}
+        for (module, k), v in settings.items():
+            setattr(module, k, v)
         try:
             if detector.detect(resident) != want:
                 differ.append(name)
@@ -117,8 +118,8 @@ def main() -> int:
                          "device ms": round(device_ms(lambda: detector.detect(resident)), 1)})
             print(rows[-1], flush=True)
         finally:
-            for k, v in saved.items():
-                setattr(face_detector, k, v)
+            for (module, k), v in saved.items():
+                setattr(module, k, v)
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as prof:

@@ -6,9 +6,9 @@
     python benchmarks/bench_face_models.py --device cpu --face-batches 16,64 --detect-photos 2
 
 Rows, printed as one table at the end:
-  * detect: models.face_detector.FrontalFaceDetector on 1024x1024 photos, upsample 0, batches of
+  * detect: models.alignment.detector.FrontalFaceDetector on 1024x1024 photos, upsample 0, batches of
     --photo-batch photos, on --device; the same on one CPU core; dlib's detector on one core when importable.
-  * landmarks: models.landmarks.ShapePredictor.predict on --device for each face batch size, with the images
+  * landmarks: models.alignment.landmarks.ShapePredictor.predict on --device for each face batch size, with the images
     already on the device (as the pipeline holds them after detection) and boxes spread over a pool of
     --pool-photos photos; on CUDA both the Triton kernels and the pure-torch path, whose results must be
     identical (exit status 1 otherwise); "core" rows time predict_faces alone (inputs already prepared on
@@ -35,8 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.face_detector import FrontalFaceDetector  # noqa: E402
-from models.landmarks import ShapePredictor, grey_levels, shape_predictor_68_path  # noqa: E402
+from models.alignment.detector import FrontalFaceDetector  # noqa: E402
+from models.alignment.landmarks import ShapePredictor, grey_levels  # noqa: E402
+from models.alignment.landmarks_model import shape_predictor_68_path  # noqa: E402
 
 try:
     import dlib
@@ -237,7 +238,7 @@ def main() -> int:
 
     # -- detection ----------------------------------------------------------------------------------------
     if not args.skip_detect:
-        detector_file = args.detector_file  # None: the copy bundled with models/face_detector.py
+        detector_file = args.detector_file  # None: the copy bundled with models/alignment/detector.py
         batch = photos[:args.photo_batch]
         det = FrontalFaceDetector(device=device, path=detector_file)
         seconds = median_seconds(lambda: det.detect(batch, upsample=0), device, args.repeats,

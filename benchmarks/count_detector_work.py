@@ -18,8 +18,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos  # noqa: E402
-from models.face_detector import FrontalFaceDetector  # noqa: E402
-from models.landmarks import ShapePredictor  # noqa: E402
+from models.alignment.detector import FrontalFaceDetector  # noqa: E402
+from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402

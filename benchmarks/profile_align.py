@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, mean_face_shape  # noqa: E402
-from models.ffhq_crop import crop_faces, upright_landmarks_batch  # noqa: E402
-from models.landmarks import ShapePredictor, random_model  # noqa: E402
+from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch  # noqa: E402
+from models.alignment.landmarks import ShapePredictor  # noqa: E402
+from models.alignment.landmarks_model import random_model  # noqa: E402
 from pipeline.align import choose_faces  # noqa: E402
 from pipeline.config import AlignConfig  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.ffhq_crop import fast_fft_len
+from models.alignment.ffhq_geometry import fast_fft_len
 
 __all__ = ["gaussian_kernel", "gaussian_blur_hw", "blur_region"]
 

@@ -14,33 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.ffhq_crop import crop_and_pad
+from models.alignment.ffhq_geometry import crop_and_pad, ffhq_quad
 
 from .blur import blur_region, gaussian_kernel
 from .images import as_rgb_uint8
 
-__all__ = ["ffhq_quad", "ffhq_crop"]
-
-
-def ffhq_quad(landmarks) -> tuple[np.ndarray, float]:
-    """Oriented crop square (4x2, float64) and its side length from 68 landmarks (FFHQ procedure)."""
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.shape != (68, 2):
-        raise ValueError(f"expected (68, 2) landmarks, got {lm.shape}")
-    eye_left = np.mean(lm[36:42], axis=0)
-    eye_right = np.mean(lm[42:48], axis=0)
-    eye_avg = (eye_left + eye_right) * 0.5
-    eye_to_eye = eye_right - eye_left
-    mouth_avg = (lm[48] + lm[54]) * 0.5
-    eye_to_mouth = mouth_avg - eye_avg
-    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
-    x /= np.hypot(*x)
-    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
-    y = np.flipud(x) * [-1, 1]
-    c = eye_avg + eye_to_mouth * 0.1
-    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
-    qsize = float(np.hypot(*x) * 2)
-    return quad, qsize
+__all__ = ["ffhq_crop"]
 
 
 def _band_regions(wy: np.ndarray, wx: np.ndarray):

@@ -1,4 +1,4 @@
-"""models.dlib_serialize: dlib's portable format, read vectorised, and errors that name the file and offset.
+"""models.alignment.formats: dlib's portable format, read vectorised, and errors that name the file and offset.
 
 dlib itself is the reference for the format: files written here are read back by dlib (see
 test_landmarks.py, which loads synthetic shape predictors in dlib.shape_predictor), and the 68-point model
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.dlib_serialize import DlibFormatError, DlibReader, DlibWriter, encode_float, encode_int
+from models.alignment.formats import DlibFormatError, DlibReader, DlibWriter, encode_float, encode_int
 
 
 def _reference_encode_int(value: int) -> bytes:

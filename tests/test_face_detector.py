@@ -1,4 +1,4 @@
-"""models.face_detector.FrontalFaceDetector against dlib's own frontal face detector, per image.
+"""models.alignment.detector.FrontalFaceDetector against dlib's own frontal face detector, per image.
 
 The reference is dlib: every image is also run through ``dlib.get_frontal_face_detector().run(image,
 upsample, adjust_threshold)`` and the port must return the same rectangles, the same filter indices and
@@ -22,19 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.dlib_serialize import DlibReader, encode_float, encode_int
-from models.pillow_resample import upload_many
-from models.face_detector import (
-    BUNDLED_DETECTOR_FILE,
-    DetectorFileError,
-    FrontalFaceDetector,
-    float32_at_least,
-    pyramid_down_size,
-    pyramid_up_size,
-    read_detector_file,
-    resize_rgb,
-    resize_tables,
-)
+from models.alignment.detector import BUNDLED_DETECTOR_FILE, FrontalFaceDetector, float32_at_least
+from models.alignment.device import upload_many
+from models.alignment.formats import DetectorFileError, DlibReader, encode_float, encode_int, read_detector_file
+from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb, resize_tables
 from face_variants import face_variants, faceless_variants, original_photos
 
 SCORE_TOLERANCE = 1e-4

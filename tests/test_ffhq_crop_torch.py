@@ -1,5 +1,5 @@
-"""models.ffhq_crop (the FFHQ crop in torch, batched) against pipeline.align's Pillow path, per face, and
-models.pillow_resample's Lanczos resize against Pillow's.
+"""models.alignment.ffhq_crop (the FFHQ crop in torch, batched) against pipeline.align's Pillow path, per face,
+and models.alignment.resample's Lanczos resize against Pillow's.
 
 Faces: dlib landmarks of the test photographs, of seeded variants (tests/face_variants.py: scaled, rotated,
 mirrored, moved to edges or onto canvases, JPEG) and of the photographs cut so that the face touches an edge
@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from face_variants import face_variants, load_photo, load_photo_array
-from models.ffhq_crop import (_channel_median, _gaussian_blur, crop_faces, eye_roll_degrees, ffhq_quads, plan_crop,
-                              upright_landmarks)
-from models.pillow_resample import VERTICAL_FIRST_RULE, lanczos_resize
-from pipeline.align import ffhq_crop, ffhq_quad, get_aligner
+from models.alignment.ffhq_crop import _channel_median, _gaussian_blur, crop_faces, upright_landmarks
+from models.alignment.ffhq_geometry import eye_roll_degrees, ffhq_quad, ffhq_quads, plan_crop
+from models.alignment.resample import VERTICAL_FIRST_RULE, lanczos_resize
+from pipeline.align import ffhq_crop, get_aligner
 from pipeline.blur import gaussian_blur_hw
 
 MAX_GREY_DIFF = 2
@@ -153,12 +153,32 @@ def test_padding_blur_is_scipys(shape, sigma, bucketed):
     np.testing.assert_allclose(ours, gaussian_blur_hw(f, sigma, exact=True), rtol=0, atol=2e-3)
 
 
+def _nvlabs_quad(lm: np.ndarray) -> tuple[np.ndarray, float]:
+    """The quad of NVlabs' ffhq-dataset recreate_aligned_images, transcribed line for line (the reference)."""
+    eye_left = np.mean(lm[36:42], axis=0)
+    eye_right = np.mean(lm[42:48], axis=0)
+    eye_avg = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    mouth_avg = (lm[48] + lm[54]) * 0.5
+    eye_to_mouth = mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x /= np.hypot(*x)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y]), float(np.hypot(*x) * 2)
+
+
 def test_quads_are_the_reference_quads(faces):
+    """The one FFHQ geometry (batched, and one face at a time as the Pillow path calls it) gives the reference
+    script's floats exactly."""
     landmarks = np.stack([lm for _, _, lm in faces])
     quads, sides = ffhq_quads(landmarks)
     for (name, _, lm), quad, side in zip(faces, quads, sides):
-        ref_quad, ref_side = ffhq_quad(lm)
+        ref_quad, ref_side = _nvlabs_quad(np.asarray(lm, dtype=np.float64))
         assert np.array_equal(quad, ref_quad) and side == ref_side, name
+        one_quad, one_side = ffhq_quad(lm)
+        assert np.array_equal(one_quad, ref_quad) and one_side == ref_side, name
 
 
 @pytest.mark.parametrize(
@@ -232,7 +252,7 @@ def test_without_padding_outside_the_photo_is_black(faces):
 
 
 def _dlib_predictor(aligner, calls: list):
-    """dlib's 68-point predictor as models.ffhq_crop expects it: (image tensor, box) -> (68, 2). Records the
+    """dlib's 68-point predictor as models.alignment.ffhq_crop expects it: (image tensor, box) -> (68, 2). Records the
     image sizes it was called on."""
 
     def predict(image: torch.Tensor, box) -> np.ndarray:

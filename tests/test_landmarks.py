@@ -1,4 +1,4 @@
-"""models.landmarks.ShapePredictor against dlib.shape_predictor itself, per face, on real photographs.
+"""models.alignment.landmarks.ShapePredictor against dlib.shape_predictor itself, per face, on real photographs.
 
 The reference is dlib: every comparison runs dlib on the same image and box and requires the same integers.
 Faces come from the test photographs and from 220 seeded variants (tests/face_variants.py: scale, rotation,
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.dlib_serialize import DlibFormatError, DlibReader, DlibWriter
-from models.landmarks import (
-    ShapePredictor,
+from models.alignment.formats import DlibFormatError, DlibReader, DlibWriter
+from models.alignment.landmarks import ShapePredictor
+from models.alignment.landmarks_model import (
     ShapePredictorModel,
     parse_shape_predictor,
     random_model,
@@ -28,7 +28,7 @@ from models.landmarks import (
     shape_predictor_68_path,
 )
 from face_variants import face_variants, load_photo_array, original_photos
-from models.ffhq_crop import eye_roll_degrees
+from models.alignment.ffhq_geometry import eye_roll_degrees
 
 VARIANTS = 220
 

@@ -13,17 +13,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 
+import models.alignment
 import triton_interpreter_checks as checks
 
 # About two minutes in all on 2 cores: the interpreter runs each program of a launch in Python.
 pytestmark = pytest.mark.slow
 
-MODULES_WITH_KERNELS = ["models.face_detector", "models.landmarks", "models.pillow_resample"]
+MODULES_WITH_KERNELS = ["models.alignment.pyramid", "models.alignment.fhog", "models.alignment.filters",
+                        "models.alignment.landmarks", "models.alignment.resample"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +49,14 @@ def run_group(group: str) -> None:
 
 
 def test_every_triton_function_has_a_check():
-    # A kernel added to one of the modules must join a group of tests/triton_interpreter_checks.py.
+    # A kernel added to one of the modules must join a group of tests/triton_interpreter_checks.py, and every
+    # module of the alignment ports that defines Triton functions must be listed here.
+    with_triton = set()
+    for info in pkgutil.iter_modules(models.alignment.__path__):
+        source = open(os.path.join(models.alignment.__path__[0], info.name + ".py")).read()
+        if "@triton.jit" in source:
+            with_triton.add(f"models.alignment.{info.name}")
+    assert with_triton == set(MODULES_WITH_KERNELS)
     checked = {(module, name) for group in checks.FUNCTIONS.values() for module, names in group.items()
                for name in names}
     defined = {(module, name) for module in MODULES_WITH_KERNELS
@@ -57,12 +67,12 @@ def test_every_triton_function_has_a_check():
 
 
 def test_detector_pyramid_resize_kernel():
-    # FrontalFaceDetector._check_triton_resize: pyramid_down and pyramid_up of two sizes in a batch.
+    # pyramid.check_resize_kernels (the device probe): pyramid_down and pyramid_up of two sizes in a batch.
     run_group("detector-resize")
 
 
 def test_detector_fhog_kernels():
-    # FrontalFaceDetector._check_triton_fhog: pixel votes, cell histograms, block energy and features of two
+    # fhog.check_fhog_kernels (the device probe): pixel votes, cell histograms, block energy and features of two
     # quantised images of other sizes in a batch.
     run_group("detector-fhog")
 
@@ -78,7 +88,8 @@ def test_detector_whole_detect_with_every_triton_group():
 
 
 def test_landmark_kernels():
-    # The tree and leaf kernels per cascade (many tied splits), and predict() on two images, two tree shapes.
+    # landmarks.check_landmark_kernels (the device probe): the tree and leaf kernels per cascade (many tied
+    # splits); and predict() on two images; two tree shapes.
     run_group("landmarks")
 
 

@@ -2,9 +2,9 @@
 
     TRITON_INTERPRET=1 python tests/triton_interpreter_checks.py GROUP
 
-The kernels (models/face_detector.py, models/landmarks.py, models/pillow_resample.py) port dlib's and
+The kernels (models/alignment/: pyramid.py, fhog.py, filters.py, landmarks.py, resample.py) port dlib's and
 Pillow's arithmetic to the GPU and are only used there when they equal the torch path, checked on the device
-when a model is built. Machines without a GPU (CI) never compile them, but the interpreter executes their
+(models/alignment/kernel_check.py) with the probes these checks run too. Machines without a GPU (CI) never compile them, but the interpreter executes their
 code (the same operations in the same order, with numpy) on CPU tensors, so a change that breaks their
 arithmetic, indexing or masking fails here. The interpreter is chosen when ``triton`` is first imported
 (kernels are decorated at import), so these checks run in a process of their own:
@@ -29,14 +29,17 @@ DATA_DIR = os.path.join(ROOT, "tests", "data")
 # The Triton functions (kernels and the jit helpers they call) each group must run, per module: the test
 # file checks that together they are all of the modules' Triton functions.
 FUNCTIONS = {
-    "detector-resize": {"models.face_detector": ["_resize_rgb_kernel"]},
-    "detector-fhog": {"models.face_detector": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
-                                               "_features_kernel", "_lane_normaliser"]},
-    "detector-filters": {"models.face_detector": ["_filter_rows_kernel", "_filter_rows", "_row_pass", "_dlib_dot"]},
-    "detector-detect": {"models.face_detector": ["_resize_rgb_kernel", "_orient_mag_kernel", "_cell_hist_kernel",
-                                                 "_block_energy_kernel", "_features_kernel", "_filter_rows_kernel"]},
-    "landmarks": {"models.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
-    "quad": {"models.pillow_resample": ["_quad_bilinear_kernel"]},
+    "detector-resize": {"models.alignment.pyramid": ["_resize_rgb_kernel"]},
+    "detector-fhog": {"models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
+                                                "_features_kernel", "_lane_normaliser"]},
+    "detector-filters": {"models.alignment.filters": ["_filter_rows_kernel", "_filter_rows", "_row_pass",
+                                                      "_dlib_dot"]},
+    "detector-detect": {"models.alignment.pyramid": ["_resize_rgb_kernel"],
+                        "models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
+                                                  "_features_kernel"],
+                        "models.alignment.filters": ["_filter_rows_kernel"]},
+    "landmarks": {"models.alignment.landmarks": ["_tree_leaf_kernel", "_add_leaves_kernel"]},
+    "quad": {"models.alignment.resample": ["_quad_bilinear_kernel"]},
 }
 
 
@@ -124,63 +127,46 @@ def differences(want, got) -> str | None:
 
 # -- face detector ------------------------------------------------------------------------------------------
 
-def _detector():
-    from models.face_detector import FrontalFaceDetector
+def _detector(use_triton: bool):
+    from models.alignment.detector import FrontalFaceDetector
 
-    # The detector's own device checks compare the Triton and torch paths on self.device; under the
-    # interpreter the Triton kernels run on CPU tensors, so a CPU detector runs them.
-    return FrontalFaceDetector("cpu", use_triton=False)
+    # Under the interpreter the Triton kernels run on CPU tensors: a CPU detector runs them when forced.
+    return FrontalFaceDetector("cpu", use_triton=use_triton)
 
 
 def check_detector_resize() -> str | None:
-    # Two sizes in a batch, pyramid_down and pyramid_up, columns over two kernel blocks.
-    return _detector()._check_triton_resize()
+    # The device probe: two sizes in a batch, pyramid_down and pyramid_up, columns over two kernel blocks.
+    from models.alignment.pyramid import check_resize_kernels
+
+    return check_resize_kernels("cpu")
 
 
 def check_detector_fhog() -> str | None:
-    # Quantised random images (ties in every vote), two sizes in a batch.
-    return _detector()._check_triton_fhog()
+    # The device probe: quantised random images (ties in every vote), two sizes in a batch.
+    from models.alignment.fhog import check_fhog_kernels
+
+    return check_fhog_kernels("cpu", _detector(False).model.fhog_window)
 
 
 def check_detector_filters_few_terms() -> str | None:
-    """The fused filter kernel on planes spanning several row tiles and column blocks, two images of other
-    sizes in a batch, every filter with five of its term slots: the first two, the last term of the filter
-    with the fewest terms and the zero slot after it (padding, which must add +0.0), and the last slot. (All
-    of the model's slots, about 60, take about 2 s per program under the interpreter, and the detector's own
-    _check_triton_filters runs 150 programs: minutes. detector-detect runs every slot, on a real photo.)"""
-    import numpy as np
-    import torch
+    """The device probe of the fused filter kernel (planes over several row tiles and column blocks, two images of
+    other sizes in a batch) on the detector's bank cut to five of its term slots per filter: the first two, the
+    last term of the filter with the fewest terms and the zero slot after it (padding, which must add +0.0), and
+    the last slot. (All of the model's slots, about 60, take about 2 s per program under the interpreter, and
+    the probe's own planes 150 programs: minutes. detector-detect runs every slot, on a real photo.)"""
+    from models.alignment import filters
 
-    from models import face_detector as fd
-
-    det = _detector()
-    fewest, most = min(det.num_terms), max(det.num_terms)
+    bank = _detector(False).bank
+    fewest, most = min(bank.num_terms), max(bank.num_terms)
     if fewest == most:
         return "every filter has as many terms as the others: no padding slot to check"
-    slots = torch.tensor([0, 1, fewest - 1, fewest, most - 1])
-    plane_idx, row_taps, col_taps = (t.index_select(1, slots) for t in (det._plane_idx, det._row_taps, det._col_taps))
-    rows_tile, cols_block = fd._FILTER_ROWS, fd._FILTER_BLOCK
-    fh, fw = det._fhog_pad
+    few = bank.select_slots([0, 1, fewest - 1, fewest, most - 1])
+    rows_tile, cols_block = filters._FILTER_ROWS, filters._FILTER_BLOCK
     # Image 0: two row tiles, its last column block partial; image 1: less than one row tile, three column
-    # blocks. Neither width is a multiple of 8: both have a band of columns on dlib's scalar loop.
-    hog = np.array([[rows_tile + 5, cols_block - 3], [rows_tile // 3, 2 * cols_block + 6]])
-    rows, cols = int(hog[:, 0].max()), int(hog[:, 1].max())
-    gen = torch.Generator().manual_seed(0)
-    planes = torch.zeros((2, fd.NUM_PLANES, rows + fh - 1, cols + fw - 1 + fd._TAIL_BAND))
-    for k, (h, w) in enumerate(hog):
-        planes[k, :, :h + fh - 1, :w + fw - 1] = torch.rand((fd.NUM_PLANES, h + fh - 1, w + fw - 1), generator=gen)
-    # Outside each image's own windows the kernel computes nothing (0) and the torch path junk: compare inside.
-    valid = torch.from_numpy((np.arange(rows)[None, None, :, None] < hog[:, 0, None, None, None])
-                             & (np.arange(cols)[None, None, None, :] < hog[:, 1, None, None, None]))
-    got = fd._filter_scores_triton(planes, hog, plane_idx, row_taps, col_taps)[..., :cols] * valid
-    for chunk in (det.chunk_elements, 1):
-        want = fd._filter_scores(planes, hog, plane_idx, row_taps, col_taps, chunk)[..., :cols] * valid
-        problem = differences(want, got)
-        if problem:
-            return f"filter scores (torch chunk {chunk}): {problem}"
-    if not bool((got != 0).any(dim=(0, 2, 3)).all()):
-        return "some filter scored 0 everywhere: nothing was compared"
-    return None
+    # blocks. Neither width is a multiple of 8: both have a band of columns on dlib's scalar loop. The torch
+    # path with its CPU chunk and with one term per step.
+    hog = ((rows_tile + 5, cols_block - 3), (rows_tile // 3, 2 * cols_block + 6))
+    return filters.check_filter_kernels("cpu", few, hog=hog, chunks=(2 ** 15, 1))
 
 
 def check_detector_detect_batch() -> str | None:
@@ -191,24 +177,25 @@ def check_detector_detect_batch() -> str | None:
     import numpy as np
     import torch
 
-    det = _detector()
     face = photo("grace_hopper.jpg", 200)[30:120, 40:130]
     other = photo("astronaut.jpg", 90)[:74, :60]
     images = [face.copy(), other.copy()]
     adjust = -2.0
     levels = {False: [], True: []}  # per path: (hog sizes, window scores) of each level scored
-    score_level = det._score_level
+    found = {}
+    for use_triton in (False, True):
+        det = _detector(use_triton)
+        score_level = det._score_level
 
-    def recorded(batch, sizes):
-        scored = score_level(batch, sizes)
-        if scored is not None:
-            levels[det.triton_filters].append(scored)
-        return scored
+        def recorded(batch, sizes, score_level=score_level, use_triton=use_triton):
+            scored = score_level(batch, sizes)
+            if scored is not None:
+                levels[use_triton].append(scored)
+            return scored
 
-    det._score_level = recorded
-    want = det.detect(images, adjust_threshold=adjust)
-    det.triton_resize = det.triton_fhog = det.triton_filters = True
-    got = det.detect(images, adjust_threshold=adjust)
+        det._score_level = recorded
+        found[use_triton] = det.detect(images, adjust_threshold=adjust)
+    want, got = found[False], found[True]
     if got != want:
         return f"detections differ:\n  torch:  {want}\n  Triton: {got}"
     if not all(want) or max(score for _box, score, _f in want[0]) < 0:
@@ -230,20 +217,21 @@ def check_detector_detect_batch() -> str | None:
 
 # -- landmarks ----------------------------------------------------------------------------------------------
 
-def _predictor(trees: int, depth: int, parts: int, seed: int):
+def _predictor(trees: int, depth: int, parts: int, seed: int, use_triton: bool):
     """A random predictor, every other threshold rounded to an integer: grey levels are integers, so those
     splits see f1 - f2 == threshold (a tie goes to the right child); the others keep float thresholds."""
     import dataclasses
 
     import numpy as np
 
-    from models.landmarks import ShapePredictor, random_model
+    from models.alignment.landmarks import ShapePredictor
+    from models.alignment.landmarks_model import random_model
 
     model = random_model(cascades=3, trees=trees, depth=depth, pixels=200, parts=parts, seed=seed)
     threshold = model.split_threshold.copy()
     threshold[..., ::2] = np.round(threshold[..., ::2] / 8)
     model = dataclasses.replace(model, split_threshold=threshold)
-    return ShapePredictor.from_model(model, device="cpu", use_triton=False)
+    return ShapePredictor.from_model(model, device="cpu", use_triton=use_triton)
 
 
 # Tree shapes: trees over three blocks of the tree kernel (the last partial), unrolled by 10, 68 points
@@ -253,31 +241,14 @@ PREDICTOR_SHAPES = [dict(trees=300, depth=4, parts=68, seed=1), dict(trees=132, 
 
 
 def check_landmark_cascades() -> str | None:
-    """Each cascade's trees and leaf sums (_cascade_triton: both kernels) against _cascade_torch, from the
-    same shapes and feature pixel values, quantised so that many splits tie."""
-    import numpy as np
-    import torch
+    """The device probe (check_landmark_kernels): each cascade's trees and leaf sums with both kernels against
+    the torch path, from the same shapes and feature pixel values, quantised so that many splits tie."""
+    from models.alignment.landmarks import check_landmark_kernels
 
     for shape_args in PREDICTOR_SHAPES:
-        sp = _predictor(**shape_args)
-        rng = np.random.default_rng(shape_args["seed"])
-        faces = 5
-        values = torch.from_numpy((rng.integers(0, 6, (faces, sp.model.num_pixels)) * 4).astype(np.float32))
-        start = sp._mean_shape.repeat(faces, 1) + torch.from_numpy(
-            rng.normal(0, 0.02, (faces, 2 * sp.num_parts)).astype(np.float32))
-        split1, split2 = sp.model.split_index1[:, :, 0], sp.model.split_index2[:, :, 0]
-        ties = (values[:, split1] - values[:, split2]) == torch.from_numpy(sp.model.split_threshold[:, :, 0])
-        if not bool(ties.any()):
-            return f"{shape_args}: no tie at any root split: the tie rule is not exercised"
-        for c in range(sp.model.num_cascades):
-            want, got = start.clone(), start.clone()
-            sp._cascade_torch(want, values, c)
-            sp._cascade_triton(got, values, c)
-            problem = differences(want, got)
-            if problem:
-                return f"{shape_args}, cascade {c}: shapes {problem}"
-            if torch.equal(want, start):
-                return f"{shape_args}, cascade {c}: the leaves moved nothing: nothing was compared"
+        problem = check_landmark_kernels("cpu", cascades=3, pixels=200, **shape_args)
+        if problem:
+            return f"{shape_args}: {problem}"
     return None
 
 
@@ -291,10 +262,8 @@ def check_landmark_predict() -> str | None:
     noise = (rng.integers(0, 4, (70, 95, 3)) * 85).astype(np.uint8)
     boxes = [[(30, 30, 110, 110), (-20, 40, 60, 170), (5, 10, 35, 40)], [(10, 5, 80, 65), (60, -30, 130, 50)]]
     for shape_args in PREDICTOR_SHAPES:
-        sp = _predictor(**shape_args)
-        want = sp.predict([face, noise], boxes)
-        sp.use_triton = True  # the constructor allows it on CUDA only; the interpreter runs it on CPU
-        got = sp.predict([face, noise], boxes)
+        want = _predictor(**shape_args, use_triton=False).predict([face, noise], boxes)
+        got = _predictor(**shape_args, use_triton=True).predict([face, noise], boxes)
         for i, (w, g) in enumerate(zip(want, got)):
             if w.shape != g.shape or not np.array_equal(w, g):
                 return f"{shape_args}, image {i}: points differ at {int((w != g).sum())} coordinates"
@@ -306,14 +275,14 @@ def check_landmark_predict() -> str | None:
 # -- Pillow's QUAD transform --------------------------------------------------------------------------------
 
 def check_quad_sample() -> str | None:
-    """_quad_sample_triton against _quad_sample_torch: three sources of other sizes in one buffer, one of them
+    """quad_sample with the Triton kernel against the torch path: three sources of other sizes in one buffer, one of them
     a window of a wider image (stride > width, as the crop samples photos), and quads across the edges,
     mirrored and rotated, and on a grid of pixel centres and midpoints (fractions 0 and 0.5); outputs 131 px
     wide (two column blocks, the second masked after 3 columns)."""
     import numpy as np
     import torch
 
-    from models import pillow_resample as pr
+    from models.alignment import resample as pr
 
     rng = np.random.default_rng(0)
     wide = 100                                                   # the third source lies in a 100-wide image
@@ -332,8 +301,8 @@ def check_quad_sample() -> str | None:
     ]
     src = pr.ImageSources(*torch.tensor([where[k] for _, k in quads], dtype=torch.int64).t().contiguous())
     coeffs = torch.tensor([q for q, _ in quads], dtype=torch.float64)
-    want = pr._quad_sample_torch(flat, src, coeffs, size)
-    got = pr._quad_sample_triton(flat, src, coeffs, size)
+    want = pr.quad_sample(flat, src, coeffs, size, use_triton=False)
+    got = pr.quad_sample(flat, src, coeffs, size, use_triton=True)
     problem = differences(want, got)
     if problem:
         return problem
@@ -344,16 +313,16 @@ def check_quad_sample() -> str | None:
 
 
 def check_quad_in_crop_faces() -> str | None:
-    """models.ffhq_crop.crop_faces with the QUAD transform on the Triton kernel (the switch is CUDA-only:
-    forced here) against the torch path: dlib's landmarks of a photo, a face cropped from the photo and the
+    """models.alignment.ffhq_crop.crop_faces with the QUAD transform on the Triton kernel (forced: on CPU the
+    default is the torch path) against the torch path: dlib's landmarks of a photo, a face cropped from the photo and the
     same face cut at the photo's edge (sampled from a padded canvas)."""
     import dlib
     import numpy as np
     import torch
 
-    from models import pillow_resample as pr
-    from models.ffhq_crop import crop_faces, ffhq_quads, plan_crop
-    from models.landmarks import shape_predictor_68_path
+    from models.alignment.ffhq_crop import crop_faces
+    from models.alignment.ffhq_geometry import ffhq_quads, plan_crop
+    from models.alignment.landmarks_model import shape_predictor_68_path
 
     image = photo("grace_hopper.jpg", 240)
     box = max(dlib.get_frontal_face_detector()(image, 0), key=lambda r: r.area(), default=None)
@@ -369,13 +338,8 @@ def check_quad_in_crop_faces() -> str | None:
     plans = [plan_crop(quads[i], qsizes[i], (p.shape[1], p.shape[0]), size, size, True) for i, p in enumerate(photos)]
     if [plan.padded for plan in plans] != [False, True]:
         return f"expected the whole face unpadded and the cut face padded, got {[p.padded for p in plans]}"
-    want = crop_faces(photos, [0, 1], faces, output_size=size, transform_size=size, plans=plans)
-    checked = pr._triton_quad_checked
-    pr._triton_quad_checked = lambda device: True
-    try:
-        got = crop_faces(photos, [0, 1], faces, output_size=size, transform_size=size, plans=plans)
-    finally:
-        pr._triton_quad_checked = checked
+    want = crop_faces(photos, [0, 1], faces, output_size=size, transform_size=size, plans=plans, use_triton=False)
+    got = crop_faces(photos, [0, 1], faces, output_size=size, transform_size=size, plans=plans, use_triton=True)
     problem = differences(want, got)
     if problem:
         return f"crops: {problem}"

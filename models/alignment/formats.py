@@ -1,4 +1,8 @@
-"""Reader (and writer) of dlib's portable serialization format, vectorised with numpy.
+"""dlib's file formats: its portable serialization (a reader, vectorised with numpy, and a writer, for tests) and
+the file of its frontal face detector (``object_detector<scan_fhog_pyramid<pyramid_down<6>>>``, as
+``detector.save(path)`` writes it). The shape predictor's file is read in models/alignment/landmarks_model.py.
+
+The portable serialization:
 
 dlib writes every integer as a control byte followed by its magnitude: the low nibble of the control byte is
 the number of little-endian magnitude bytes (1..8), bit 0x80 marks a negative signed value, bits 0x70 are
@@ -16,6 +20,7 @@ raises `DlibFormatError` naming the file and the byte offset.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -349,3 +354,125 @@ class DlibWriter:
 
     def getvalue(self) -> bytes:
         return b"".join(self._parts)
+
+
+# -- the detector file ---------------------------------------------------------------------------------------
+# dlib's frontal face detector: fHOG of 8-pixel cells with 31 planes (18 signed and 9 unsigned orientations,
+# 4 texture planes). The file holds the cell size (only 8 is supported) and the filters' planes.
+CELL_SIZE = 8
+NUM_PLANES = 31
+
+
+class DetectorFileError(DlibFormatError):
+    """The detector file is not what dlib's frontal face detector saves; names the file and byte offset."""
+
+
+@dataclass(frozen=True)
+class HogDetectorModel:
+    """What dlib's ``object_detector<scan_fhog_pyramid<pyramid_down<6>>>`` file holds."""
+    cell_size: int
+    padding: int
+    window_width: int
+    window_height: int
+    max_pyramid_levels: int
+    min_level_width: int
+    min_level_height: int
+    iou_thresh: float
+    covered_thresh: float
+    filters: np.ndarray      # (n_filters, NUM_PLANES, fhog height, fhog width) float64
+    thresholds: np.ndarray   # (n_filters,) float64: the bias (last weight) of each filter
+
+    @property
+    def fhog_window(self) -> tuple[int, int]:
+        return self.filters.shape[2], self.filters.shape[3]
+
+
+def _c_div(a: int, b: int) -> int:
+    """C++ integer division (truncates toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _fhog_window_size(cell_size: int, padding: int, width: int, height: int) -> tuple[int, int]:
+    # scan_fhog_pyramid::compute_fhog_window_size: the window centred at 0, mapped by image_to_fhog with
+    # filter padding 1, grown by `padding` cells on every side.
+    left, top = -(width // 2), -(height // 2)
+    right, bottom = left + width - 1, top + height - 1
+
+    def to_fhog(v: int) -> int:
+        return _c_div(v - 1, cell_size) - 1
+
+    return (to_fhog(bottom) - to_fhog(top) + 1 + 2 * padding, to_fhog(right) - to_fhog(left) + 1 + 2 * padding)
+
+
+def read_detector_file(path: str) -> HogDetectorModel:
+    """Parse ``dlib.fhog_object_detector.save(path)`` output (object_detector version 2). Raises
+    DetectorFileError (naming the file and the byte offset) on a truncated or altered file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    reader = DlibReader(data, path)
+    try:
+        return _parse_detector(reader)
+    except DetectorFileError:
+        raise
+    except DlibFormatError as e:
+        raise DetectorFileError(str(e)) from None
+
+
+def _parse_detector(r: DlibReader) -> HogDetectorModel:
+    def fail(message: str, at: int) -> DetectorFileError:
+        return DetectorFileError(str(r.error(message, at)))
+
+    def small_int(what: str, low: int, high: int) -> int:
+        at = r.offset
+        value = r.read_int(what=what)
+        if not low <= value <= high:
+            raise fail(f"{what} is {value}, expected {low}..{high}", at)
+        return value
+
+    def read_double(what: str, low: float, high: float) -> float:
+        at = r.offset
+        value = float(r.read_floats(1, dtype=np.float64)[0])
+        if not low <= value <= high:  # also rejects nan
+            raise fail(f"{what} is {value}, expected {low}..{high}", at)
+        return value
+
+    r.expect_int(2, "object_detector version")
+    r.expect_int(1, "scan_fhog_pyramid version")
+    # The scanner's cached feature pyramid: dlib saves a copy_configuration() of it, always empty.
+    r.expect_int(0, "feature pyramid max_size")
+    r.expect_int(0, "feature pyramid size")
+    at = r.offset
+    cell_size = r.read_int(what="cell_size")
+    if cell_size != CELL_SIZE:
+        raise fail(f"cell_size is {cell_size}: only dlib's cell size {CELL_SIZE} is supported", at)
+    padding = small_int("padding", 0, 16)
+    window_width = small_int("window width", 1, 4096)
+    window_height = small_int("window height", 1, 4096)
+    max_levels = small_int("max_pyramid_levels", 1, 1 << 20)
+    min_width = small_int("min_pyramid_layer_width", 1, 1 << 20)
+    min_height = small_int("min_pyramid_layer_height", 1, 1 << 20)
+    read_double("nuclear_norm_regularization_strength", 0.0, math.inf)
+    fhog_h, fhog_w = _fhog_window_size(cell_size, padding, window_width, window_height)
+    dims = fhog_h * fhog_w * NUM_PLANES
+    r.expect_int(dims, "number of dimensions")
+    iou = read_double("overlap iou threshold", 0.0, 1.0)
+    covered = read_double("overlap percent-covered threshold", 0.0, 1.0)
+    n_filters = small_int("number of filters", 1, 64)
+    filters, thresholds = [], []
+    for i in range(n_filters):
+        at = r.offset
+        size = r.read_ints(2, what="weight vector size")
+        if abs(int(size[0])) != dims + 1 or abs(int(size[1])) != 1:
+            raise fail(f"weight vector {i} is {abs(int(size[0]))}x{abs(int(size[1]))}, expected {dims + 1}x1",
+                       at)
+        at = r.offset
+        w = r.read_floats(dims + 1, dtype=np.float64)
+        if not np.isfinite(w).all():
+            raise fail(f"weight vector {i} has a value that is not finite", at)
+        filters.append(w[:dims].reshape(NUM_PLANES, fhog_h, fhog_w))
+        thresholds.append(w[dims])
+    if not r.at_end():
+        raise fail("unexpected data after the last weight vector", r.offset)
+    return HogDetectorModel(cell_size, padding, window_width, window_height, max_levels, min_width, min_height,
+                            iou, covered, np.stack(filters), np.array(thresholds, dtype=np.float64))

@@ -11,13 +11,13 @@ Read from Pillow's C code (src/libImaging/Geometry.c, Resample.c; Pillow 13 for 
     picks (VERTICAL_FIRST_RULE). The integer sums are formed exactly in float64 matmuls, on the band of
     inputs each group of outputs reads.
 Coefficients are computed on the host (numpy float64, C floats where Pillow has them); pixels stay on the
-tensors' device.
+tensors' device. On CUDA the QUAD transform is one Triton pass (reference, kernel, launcher, probe and the
+public ``quad_sample`` in that order below), trusted as models/alignment/kernel_check.py trusts kernels.
 """
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
@@ -25,11 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-try:  # a Triton kernel for the QUAD transform on CUDA (optional; the torch path is the reference)
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from .device import upload
+from .kernel_check import tl, triton, use_kernels
 
 __all__ = [
     "ImageSources",
@@ -40,37 +37,12 @@ __all__ = [
     "pixel_centres",
     "quad_positions",
     "quad_sample",
-    "upload",
+    "check_quad_kernel",
 ]
 
 # Pillow's fixed point for 8-bit resampling: 32 bits less 8 for the value and 2 for overshoot.
 PRECISION_BITS = 22
-
-
-def upload(array: np.ndarray, device) -> torch.Tensor:
-    """A small host array on ``device`` (upload_many of one)."""
-    return upload_many([array], device)[0]
-
-
-def upload_many(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
-    """Small host arrays on ``device`` in one host -> device copy: packed into one buffer (each at an 8-byte
-    boundary) and viewed back with their dtypes and shapes. To a CUDA device the buffer is pinned, so that the
-    host does not wait for the work already queued on the stream (a pageable copy would); a kernel's tables
-    travel together, as each copy costs the host tens of microseconds whatever its size."""
-    arrays = [np.ascontiguousarray(a) for a in arrays]
-    offsets, end = [], 0
-    for a in arrays:
-        start = -(-end // 8) * 8
-        offsets.append(start)
-        end = start + a.nbytes
-    on_cuda = torch.device(device).type == "cuda"
-    host = torch.empty(max(end, 1), dtype=torch.uint8, pin_memory=on_cuda)  # (packed on CPUs too: one code)
-    packed = host.numpy()
-    for a, start in zip(arrays, offsets):
-        packed[start:start + a.nbytes] = a.reshape(-1).view(np.uint8)
-    on_device = host.to(device, non_blocking=True) if on_cuda else host
-    return [on_device[start:start + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
-            for a, start in zip(arrays, offsets)]
+_QUAD_BLOCK = 128  # output columns per program of _quad_bilinear_kernel
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,46 +169,38 @@ if triton is not None:
             value = top + (bottom - top) * dy
             tl.store(out + ch, tl.where(inside, value.to(tl.int32), 0).to(tl.uint8), mask=live)
 
-    def _quad_sample_triton(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
-        n = coeffs.shape[0]
-        out = torch.empty((n, size, size, 3), dtype=torch.uint8, device=flat.device)
-        where = torch.stack([src.base, src.stride, src.width, src.height]).to(torch.int64).contiguous()
-        block = 128
-        _quad_bilinear_kernel[(n * size, triton.cdiv(size, block))](
-            flat.contiguous(), where, coeffs.to(torch.float64).contiguous(), out, n, size, BLOCK=block,
-            enable_fp_fusion=False)
-        return out
 
 
-@functools.lru_cache(maxsize=8)
-def _triton_quad_checked(device: torch.device) -> bool:
-    """Whether the Triton QUAD kernel gives the torch path's pixels on ``device`` (checked once per device on
-    two sources, positions inside, across and outside them, non-square quads); a warning and the torch path
-    otherwise."""
-    if triton is None or device.type != "cuda":
-        return False
+def _quad_sample_triton(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
+    """_quad_sample_torch as one Triton pass: same arguments, same pixels."""
+    n = coeffs.shape[0]
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8, device=flat.device)
+    where = torch.stack([src.base, src.stride, src.width, src.height]).to(torch.int64).contiguous()
+    _quad_bilinear_kernel[(n * size, triton.cdiv(size, _QUAD_BLOCK))](
+        flat.contiguous(), where, coeffs.to(torch.float64).contiguous(), out, n, size, BLOCK=_QUAD_BLOCK,
+        enable_fp_fusion=False)
+    return out
+
+
+def check_quad_kernel(device) -> str | None:
+    """The QUAD kernel against the torch path on ``device``: two sources, positions inside, across and outside
+    them, non-square quads. None when equal, else what differs."""
     rng = np.random.default_rng(0)
-    try:
-        flat = upload(rng.integers(0, 256, (61 * 47 + 13 * 29, 3), dtype=np.uint8), device)
-        src = ImageSources(*upload(np.array([[0, 61 * 47], [47, 29], [47, 29], [61, 13]], dtype=np.int64), device))
-        coeffs = upload(np.array([[-3.3, 0.71, 0.13, 1e-4, -2.1, -0.09, 0.83, 2e-4],
-                                  [1.7, 0.41, -0.05, -3e-4, 0.3, 0.07, 0.27, 1e-4]]), device)
-        want = _quad_sample_torch(flat, src, coeffs, 53)
-        got = _quad_sample_triton(flat, src, coeffs, 53)
-        problem = None if torch.equal(want, got) else f"{int((want != got).sum())} values differ"
-    except Exception as e:  # noqa: BLE001 - a compile or launch failure means: use torch
-        problem = f"{type(e).__name__}: {e}"
-    if problem is not None:
-        warnings.warn(f"pillow_resample: the Triton QUAD kernel disagrees with the torch path ({problem}); "
-                      "using the torch path", RuntimeWarning, stacklevel=3)
-    return problem is None
+    flat = upload(rng.integers(0, 256, (61 * 47 + 13 * 29, 3), dtype=np.uint8), device)
+    src = ImageSources(*upload(np.array([[0, 61 * 47], [47, 29], [47, 29], [61, 13]], dtype=np.int64), device))
+    coeffs = upload(np.array([[-3.3, 0.71, 0.13, 1e-4, -2.1, -0.09, 0.83, 2e-4],
+                              [1.7, 0.41, -0.05, -3e-4, 0.3, 0.07, 0.27, 1e-4]]), device)
+    want = quad_sample(flat, src, coeffs, 53, use_triton=False)
+    got = quad_sample(flat, src, coeffs, 53, use_triton=True)
+    return None if torch.equal(want, got) else f"{int((want != got).sum())} values differ"
 
 
-def quad_sample(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int) -> torch.Tensor:
+def quad_sample(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int,
+                use_triton: bool | None = None) -> torch.Tensor:
     """Pillow's ``transform((size, size), QUAD, coeffs[i], BILINEAR)`` of each source ``i`` of ``flat``:
-    (C, size, size, 3) uint8. On CUDA one Triton pass (once checked equal to the torch path on the device),
-    otherwise quad_positions then bilinear_sample."""
-    if _triton_quad_checked(flat.device):
+    (C, size, size, 3) uint8. ``use_triton``: see models/alignment/kernel_check.py (None: on CUDA one Triton
+    pass once checked equal to the torch path there; otherwise quad_positions then bilinear_sample)."""
+    if use_kernels("quad", flat.device, use_triton, check_quad_kernel):
         return _quad_sample_triton(flat, src, coeffs, size)
     return _quad_sample_torch(flat, src, coeffs, size)
 

@@ -1,0 +1,376 @@
+"""dlib's image pyramid (``pyramid_down<6>``, and ``pyramid_up`` for upsampled runs): level sizes, the levels a
+run scans, the rectangle maps between levels (``rect_down``, ``rect_up``), the detection windows' boxes, and the
+bilinear RGB resize that makes the levels. One definition for both alignment backends: the detection search
+(pipeline/) sizes levels and maps rectangles with these functions whichever backend runs the detector.
+
+The resize is dlib's ``resize_image`` (bilinear, RGB) in dlib's arithmetic: columns positioned by a float32
+accumulator stepping four columns at a time (its SSE path), weighted in float32; the last few columns of each
+row, where the SSE loop stops, computed in double; results truncated to uint8. Order in this module: sizes and
+rectangle maps (numpy / plain Python), the resize's tables and torch reference, its Triton kernel (compiled
+with ``enable_fp_fusion=False``: no FMA contraction) and launcher, the probe that trusts the kernel
+(models/alignment/kernel_check.py), the public ``resize_rgb``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .device import upload, upload_many
+from .formats import HogDetectorModel
+from .kernel_check import tl, triton, use_kernels
+
+__all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
+           "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
+           "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
+           "resize_tables", "resize_rgb", "check_resize_kernels"]
+
+PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
+PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
+PYRAMID_RATE_UP = PYRAMID_FACTOR / (PYRAMID_FACTOR - 1.0)    # pyramid_down<6>::point_up: p * 6/5 + 0.3
+PYRAMID_SHIFT = 0.3                                         # the 0.3 of point_down and point_up
+# Widest right-edge band handled by a scalar path in dlib's loops (resize: < 8 columns; filters: < 8).
+TAIL_BAND = 8
+_RESIZE_BLOCK = 128  # output columns per program of _resize_rgb_kernel
+
+
+# -- sizes and rectangle maps (dlib's integer and double rectangle arithmetic) -----------------------------------
+
+def pyramid_down_size(h: int, w: int) -> tuple[int, int]:
+    """(h, w) of the next level of dlib's pyramid_down<6>."""
+    return ((PYRAMID_FACTOR - 1) * h) // PYRAMID_FACTOR, ((PYRAMID_FACTOR - 1) * w) // PYRAMID_FACTOR
+
+
+def pyramid_level_size(size: tuple[int, int], levels: int) -> tuple[int, int]:
+    """(h, w) of pyramid level ``levels`` of an image of ``size``: pyramid_down_size applied that many times."""
+    for _ in range(levels):
+        size = pyramid_down_size(*size)
+    return size
+
+
+def pyramid_up_size(h: int, w: int) -> tuple[int, int]:
+    # pyramid_down<2>::rect_up of the image rectangle, lround'ed: (0,0)->(3,2), (w-1,h-1)->(2w+1, 2h)
+    return 2 * h + 1, 2 * w + 2
+
+
+def _lround(x: np.ndarray) -> np.ndarray:
+    """std::lround: halves away from zero."""
+    x = np.asarray(x, dtype=np.float64)
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+def count_pyramid_levels(height: int, width: int, model: HogDetectorModel) -> int:
+    """impl::create_fhog_pyramid: levels until the rect_down'ed image rectangle gets smaller than the minimum."""
+    return _count_pyramid_levels(height, width, model.min_level_width, model.min_level_height,
+                                 model.max_pyramid_levels)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_pyramid_levels(height: int, width: int, min_width: int, min_height: int, max_levels: int) -> int:
+    # Plain Python floats (IEEE doubles, as numpy's and dlib's): this runs for every photo of every batch on the
+    # host, where numpy's per-call cost on scalars was a visible share of a GPU batch's host time.
+    def lround(v: float) -> int:  # std::lround: halves away from zero
+        return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+    right, bottom = width - 1, height - 1
+    left = top = 0
+    levels = 0
+    while True:
+        left, top, right, bottom = (lround((v - PYRAMID_SHIFT) * PYRAMID_RATE_DOWN) for v in (left, top, right, bottom))
+        levels += 1
+        if not (right - left + 1 >= min_width and bottom - top + 1 >= min_height and levels < max_levels):
+            return levels
+
+
+def _fhog_to_image(p: np.ndarray, fhog_pad: int, cell: int) -> np.ndarray:
+    q = (p + 1 - (fhog_pad - 1) // 2) * cell + 1
+    return q + np.where(q >= 0, cell // 2, -(cell // 2))
+
+
+def window_boxes(rows: np.ndarray, cols: np.ndarray, level: int, model: HogDetectorModel) -> np.ndarray:
+    """(n, 4) left, top, right, bottom of detection windows at plane position (row, col) of pyramid `level`."""
+    fh, fw = model.fhog_window
+    box_h, box_w = fh - 2 * model.padding, fw - 2 * model.padding
+    left = cols - box_w // 2
+    top = rows - box_h // 2
+    pts = np.stack([_fhog_to_image(left, fw, model.cell_size), _fhog_to_image(top, fh, model.cell_size),
+                    _fhog_to_image(left + box_w - 1, fw, model.cell_size),
+                    _fhog_to_image(top + box_h - 1, fh, model.cell_size)], axis=1).astype(np.float64)
+    for _ in range(level):  # pyramid_down<6>::rect_up(rect, level): in double, rounded once at the end
+        pts = pts * PYRAMID_RATE_UP + PYRAMID_SHIFT
+    return _lround(pts)
+
+
+def boxes_down_after_upsample(boxes: np.ndarray, times: int) -> np.ndarray:
+    """pyramid_down<2>::rect_down(rect, times), as dlib maps detections of an upsampled image back."""
+    pts = boxes.astype(np.float64)
+    for _ in range(times):
+        pts = pts / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
+    return _lround(pts)
+
+
+def rect_down(box, levels: int) -> tuple[float, float, float, float]:
+    """pyramid_down<6>::rect_down(drectangle, levels): (left, top, right, bottom) in double."""
+    pts = [float(v) for v in box]
+    for _ in range(levels):
+        pts = [(v - PYRAMID_SHIFT) * PYRAMID_RATE_DOWN for v in pts]
+    return tuple(pts)
+
+
+def rect_up(rect, levels: int) -> tuple[int, int, int, int]:
+    """pyramid_down<6>::rect_up(rectangle, levels): each corner mapped up in double, then rounded to dlib's
+    integer point (floor(x + 0.5))."""
+    pts = [float(v) for v in rect]
+    for _ in range(levels):
+        pts = [v * PYRAMID_RATE_UP + PYRAMID_SHIFT for v in pts]
+    return tuple(int(math.floor(v + 0.5)) for v in pts)
+
+
+# -- the resize: tables and torch reference ----------------------------------------------------------------------
+
+@dataclass
+class ResizeTables:
+    """dlib's resize_image (bilinear) sampling tables of a batch (resize_tables): per image b and output row,
+    top, bottom (int64), the fraction tb64 and its float32 roundings tb32, inv_tb32 = float32(1 - tb64);
+    per output column, left, right (int64), lr32 (SSE path, float32), inv_lr32 = 1 - lr32 (float32) and lr64
+    (double path); tail[b]: the first column of the double path. (n, out_h) and (n, out_w) arrays; outside
+    each image's output the entries are only valid indices."""
+
+    top: np.ndarray
+    bottom: np.ndarray
+    tb64: np.ndarray
+    tb32: np.ndarray
+    inv_tb32: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    lr32: np.ndarray
+    inv_lr32: np.ndarray
+    lr64: np.ndarray
+    tail: np.ndarray
+
+
+def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]], out_h: int, out_w: int
+                  ) -> ResizeTables:
+    """The tables of resize_image from in_sizes[b] to out_sizes[b] ((h, w)) for every image at once, padded to
+    out_h rows and out_w columns. numpy, one pass per table over the whole batch: every pyramid level of every
+    photo needs its own, and photos are seldom of a size met before (per image, they took ~40% of a 64-photo
+    batch's detection host time on an H200's host)."""
+    n = len(in_sizes)
+    h, w = (np.array([s[k] for s in in_sizes], np.int64) for k in (0, 1))
+    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
+    # Rows: dlib accumulates the row position in double, one step per row, from -scale; np.add.accumulate
+    # along axis 1 adds in that order, row by row.
+    scale = (h - 1) / np.maximum(oh - 1, 1)
+    steps = np.repeat(scale[:, None], out_h + 1, axis=1)
+    steps[:, 0] = -scale
+    ys = np.where(np.arange(out_h) < oh[:, None], np.add.accumulate(steps, axis=1)[:, 1:], 0.0)
+    top = np.floor(ys).astype(np.int64)
+    bottom = np.minimum(top + 1, h[:, None] - 1)
+    tb64 = ys - top
+    # Columns, SSE path: four float32 lanes x0 + k * scale (from double), advanced by float32(4 * scale) per
+    # group of four columns in a float32 accumulator, truncated (cvttps); it stops at the first group whose
+    # 4th lane's right neighbour leaves the image.
+    scale = (w - 1) / np.maximum(ow - 1, 1)
+    n_groups = max(int(((ow + 3) // 4 + 1).max()), -(-out_w // 4))
+    seq = np.empty((n, n_groups + 1, 4), np.float32)
+    seq[:, 0] = (-4 * scale)[:, None] + np.arange(4) * scale[:, None]
+    seq[:, 1:] = (4 * scale).astype(np.float32)[:, None, None]
+    pos = np.add.accumulate(seq, axis=1, dtype=np.float32)[:, 1:]
+    left_simd = pos.astype(np.int64)
+    stops = left_simd[:, :, 3] + 1 >= w[:, None]
+    tail = np.minimum(4 * np.where(stops.any(axis=1), stops.argmax(axis=1), n_groups), ow)
+    if np.any(ow - tail > TAIL_BAND):
+        b = int(np.argmax(ow - tail))
+        raise AssertionError(f"resize {w[b]}->{ow[b]}: {ow[b] - tail[b]} scalar columns")
+    simd = np.arange(out_w) < tail[:, None]
+    pos = pos.reshape(n, -1)[:, :out_w]
+    left = np.where(simd, left_simd.reshape(n, -1)[:, :out_w], 0)
+    right = np.where(simd, left + 1, 0)
+    lr32 = np.where(simd, pos - left.astype(np.float32), np.float32(0))
+    inv_lr32 = (np.float32(1) - lr32).astype(np.float32)
+    # Double path, the columns from tail on: a double accumulator from the SSE loop's last position.
+    steps = np.repeat(scale[:, None], TAIL_BAND + 1, axis=1)
+    steps[:, 0] = -scale + tail * scale
+    xs = np.add.accumulate(steps, axis=1)[:, 1:]
+    cols = tail[:, None] + np.arange(TAIL_BAND)
+    b, k = np.nonzero(cols < ow[:, None])
+    lr64 = np.zeros((n, out_w), np.float64)
+    band_left = np.floor(xs[b, k]).astype(np.int64)
+    left[b, cols[b, k]] = band_left
+    right[b, cols[b, k]] = np.minimum(band_left + 1, w[b] - 1)
+    lr64[b, cols[b, k]] = xs[b, k] - band_left
+    return ResizeTables(top, bottom, tb64, tb64.astype(np.float32), (1 - tb64).astype(np.float32), left, right,
+                        lr32, inv_lr32, lr64, tail)
+
+
+
+def _resize_rgb_torch(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
+                ) -> torch.Tensor:
+    """resize_rgb's reference: every step a separate eager torch operation (no FMA), the right-edge band in
+    double; outside each image's output: junk."""
+    dev = images.device
+    n, _, in_h, in_w = images.shape
+    out_h = max(h for h, _ in out_sizes)
+    out_w = max(w for _, w in out_sizes) + TAIL_BAND
+    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    top, bottom, tb64, tb32, inv_tb32 = r.top, r.bottom, r.tb64, r.tb32, r.inv_tb32
+    left, right, lr32, inv_lr32, lr64 = r.left, r.right, r.lr32, r.inv_lr32, r.lr64
+    band = r.tail[:, None] + np.arange(TAIL_BAND)
+
+    def t(a):
+        return upload(a, dev)
+
+    flat = images.reshape(n, 3, in_h * in_w)
+
+    def gather(rows, cols):
+        idx = (t(rows)[:, :, None] * in_w + t(cols)[:, None, :]).reshape(n, 1, -1).expand(n, 3, -1)
+        return torch.gather(flat, 2, idx).reshape(n, 3, rows.shape[1], cols.shape[1])
+
+    tl, tr = gather(top, left), gather(top, right)
+    bl, br = gather(bottom, left), gather(bottom, right)
+    # SSE path: weights are float32 products, each term rounded before it is added (no FMA).
+    inv_tb, tb = t(inv_tb32)[:, None, :, None], t(tb32)[:, None, :, None]
+    inv_lr, lr = t(inv_lr32)[:, None, None, :], t(lr32)[:, None, None, :]
+    w_tl, w_tr = torch.mul(inv_tb, inv_lr), torch.mul(inv_tb, lr)
+    w_bl, w_br = torch.mul(tb, inv_lr), torch.mul(tb, lr)
+    acc = torch.mul(w_tl, tl.float())
+    acc = torch.add(acc, torch.mul(w_tr, tr.float()))
+    acc = torch.add(acc, torch.mul(w_bl, bl.float()))
+    acc = torch.add(acc, torch.mul(w_br, br.float()))
+    out = acc.to(torch.int32).to(torch.uint8)  # truncation toward zero, like cvttps
+    # Double path for the right-edge band of each image.
+    band_t = t(band)
+    band_idx = band_t[:, None, None, :].expand(n, 3, out_h, TAIL_BAND)
+
+    def band_of(x):
+        return torch.gather(x, 3, band_idx).double()
+
+    lr_b = torch.gather(t(lr64), 1, band_t)[:, None, None, :]
+    tb_b = t(tb64)[:, None, :, None]
+    one_lr = torch.sub(1.0, lr_b)
+    upper = torch.add(torch.mul(one_lr, band_of(tl)), torch.mul(lr_b, band_of(tr)))
+    lower = torch.add(torch.mul(one_lr, band_of(bl)), torch.mul(lr_b, band_of(br)))
+    value = torch.add(torch.mul(torch.sub(1.0, tb_b), upper), torch.mul(tb_b, lower))
+    out.scatter_(3, band_idx, value.to(torch.int32).to(torch.uint8))
+    return out
+
+
+# -- the resize: Triton kernel ---------------------------------------------------------------------------------
+
+# Shape arguments are not specialised (do_not_specialize): photos of every size would otherwise compile new
+# variants (divisible by 16 or not, per argument) for many calls after the first.
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
+    def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
+                           cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
+        # One program per (output row, block of output columns, image), its three channels: resize_rgb's
+        # arithmetic. Tables per image: rows_i (2, dst_h) top, bottom; rows_f (2, dst_h) tb32, 1 - tb32 (rounded
+        # from double: not the float32 difference); rows_d (dst_h) tb64; cols_i (dst_w) left; cols_f (dst_w)
+        # lr32 (its complement is the float32 difference 1 - lr32, as in resize_rgb); cols_d (dst_w) lr64; info
+        # (4): first double-path column, output width and height, last input column. Right neighbours are
+        # min(left + 1, last column). Outside the image's output: nothing computed or written. The double path
+        # (the right-edge band) is computed only in the column block that holds it.
+        r = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK
+        b = tl.program_id(2)
+        info = info_ptr + 4 * b
+        tail = tl.load(info)
+        out_w = tl.load(info + 1)
+        if (r < tl.load(info + 2)) & (c0 < out_w):
+            c = c0 + tl.arange(0, BLOCK)
+            live = c < out_w
+            c = tl.minimum(c, out_w - 1)  # table entries of the image's own columns: no masked loads
+            row_i = rows_i_ptr + 2 * b * dst_h + r
+            row_f = rows_f_ptr + 2 * b * dst_h + r
+            top = tl.load(row_i) * src_w
+            bottom = tl.load(row_i + dst_h) * src_w
+            tb = tl.load(row_f)
+            inv_tb = tl.load(row_f + dst_h)
+            left = tl.load(cols_i_ptr + b * dst_w + c)
+            right = tl.minimum(left + 1, tl.load(info + 3))
+            lr = tl.load(cols_f_ptr + b * dst_w + c)
+            inv_lr = 1.0 - lr
+            w_tl = inv_tb * inv_lr
+            w_tr = inv_tb * lr
+            w_bl = tb * inv_lr
+            w_br = tb * lr
+            band = c0 + BLOCK > tail
+            plane = src_h * src_w
+            src = src_ptr + b.to(tl.int64) * 3 * plane
+            dst = dst_ptr + (b.to(tl.int64) * 3 * dst_h + r) * dst_w + c
+            for ch in tl.static_range(3):
+                p_tl = tl.load(src + ch * plane + top + left)
+                p_tr = tl.load(src + ch * plane + top + right)
+                p_bl = tl.load(src + ch * plane + bottom + left)
+                p_br = tl.load(src + ch * plane + bottom + right)
+                acc = w_tl * p_tl.to(tl.float32)
+                acc = acc + w_tr * p_tr.to(tl.float32)
+                acc = acc + w_bl * p_bl.to(tl.float32)
+                acc = acc + w_br * p_br.to(tl.float32)
+                out = acc.to(tl.int32)
+                if band:
+                    tb64 = tl.load(rows_d_ptr + b * dst_h + r)
+                    lr64 = tl.load(cols_d_ptr + b * dst_w + c)
+                    one_lr = 1.0 - lr64
+                    upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
+                    lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)
+                    value = (1.0 - tb64) * upper + tb64 * lower
+                    out = tl.where(c < tail, out, value.to(tl.int32))
+                tl.store(dst + ch * dst_h * dst_w, out.to(tl.uint8), mask=live)
+
+
+# -- the resize: launcher, probe, public function --------------------------------------------------------------
+
+def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
+                       ) -> torch.Tensor:
+    """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
+    unwritten, where the torch path leaves junk)."""
+    n, _, in_h, in_w = images.shape
+    out_h = max(h for h, _ in out_sizes)
+    out_w = max(w for _, w in out_sizes) + TAIL_BAND
+    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
+    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
+    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
+    # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info. It takes each right
+    # neighbour as min(left + 1, last column), which resize_tables' are (tests/test_face_detector.py).
+    tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1), r.tb64,
+              r.left.astype(np.int32), r.lr32, r.lr64, np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
+    _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _RESIZE_BLOCK), n)](
+        images.contiguous(), out, *upload_many(tables, images.device),
+        in_h, in_w, out_h, out_w, BLOCK=_RESIZE_BLOCK, enable_fp_fusion=False)
+    return out
+
+
+def check_resize_kernels(device) -> str | None:
+    """The resize kernel against the torch path on ``device``: two sizes in a batch, pyramid_down and pyramid_up,
+    noise and flat areas, columns over two kernel blocks. None when equal, else what differs."""
+    rng = np.random.default_rng(1)
+    sizes = [(97, 143), (61, 37)]
+    batch = torch.zeros((2, 3, 97, 143), dtype=torch.uint8)
+    for k, (h, w) in enumerate(sizes):
+        batch[k, :, :h, :w] = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+    batch[1, :, 10:30, 5:25] = 200
+    batch = batch.to(device)
+    for out in ([pyramid_down_size(*z) for z in sizes], [pyramid_up_size(*z) for z in sizes]):
+        want = resize_rgb(batch, sizes, out, use_triton=False)
+        got = resize_rgb(batch, sizes, out, use_triton=True)
+        for k, (h, w) in enumerate(out):
+            if not torch.equal(want[k, :, :h, :w], got[k, :, :h, :w]):
+                return f"resized pixels differ ({sizes[k]} -> {(h, w)})"
+    return None
+
+
+def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]],
+               use_triton: bool | None = None) -> torch.Tensor:
+    """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
+    to out_sizes[b]; returns (B, 3, max out H, max out W + TAIL_BAND) uint8, equal to dlib inside each output
+    image (outside: junk). ``use_triton``: see models/alignment/kernel_check.py (None: the kernel on CUDA once
+    checked there)."""
+    if use_kernels("resize", images.device, use_triton, check_resize_kernels):
+        return _resize_rgb_triton(images, in_sizes, out_sizes)
+    return _resize_rgb_torch(images, in_sizes, out_sizes)
