@@ -51,9 +51,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.pipeline_stats import GpuBusy, middle_rate, middle_window, read_stats, report, steady_rate  # noqa: E402
-from models.face_detector import FrontalFaceDetector  # noqa: E402
+from models.alignment.detector import FrontalFaceDetector  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
-from models.landmarks import ShapePredictor, random_model, serialize_shape_predictor  # noqa: E402
+from models.alignment.landmarks import ShapePredictor  # noqa: E402
+from models.alignment.landmarks_model import random_model, serialize_shape_predictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
@@ -72,7 +73,7 @@ LANDMARKS_FILE = os.path.join(ROOT, "benchmarks", "data", "photo_landmarks.json"
 # dlib's frontal detector's box of the face those landmarks belong to, as a dlib.rectangle (left, top, right,
 # bottom, inclusive): the frame of dlib's mean shape. tests/test_landmarks.py checks them against dlib.
 FACE_BOXES = {"astronaut.jpg": (179, 83, 266, 170), "grace_hopper.jpg": (161, 137, 376, 352)}
-# Leaf spread of the face-like random trees: points move by ~1e-3 of the box (see models.landmarks.random_model).
+# Leaf spread of the face-like random trees: points move by ~1e-3 of the box (see models.alignment.landmarks_model.random_model).
 FACE_LEAF_SCALE = 1e-5
 
 

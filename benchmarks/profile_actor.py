@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import workers.invert_worker as invert_worker  # noqa: E402
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_chunk_ms, photo_chunks  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
-from models.landmarks import ShapePredictor  # noqa: E402
+from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
