@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .crop import ffhq_crop, ffhq_quad
+from models.alignment.ffhq_geometry import ffhq_quad
+
+from .crop import ffhq_crop
 from .detect import FaceDetector, faces_that_count, pick_largest
 from .images import as_rgb_uint8
 from .records import Row

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from models.ffhq_crop import eye_roll_degrees, upright_geometry
+from models.alignment.ffhq_geometry import eye_roll_degrees, upright_geometry
 
 from .images import as_rgb_uint8
 from .model_files import find_landmark_model

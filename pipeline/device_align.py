@@ -32,10 +32,12 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from models.face_detector import FrontalFaceDetector, pyramid_level_size
-from models.ffhq_crop import (StagedPhotos, crop_faces, ffhq_quads, photos_to_device, stage_photos,
-                              upright_landmarks_batch)
-from models.landmarks import ShapePredictor
+from models.alignment.detector import FrontalFaceDetector
+from models.alignment.device import StagedPhotos, photos_to_device, stage_photos
+from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch
+from models.alignment.ffhq_geometry import ffhq_quads
+from models.alignment.landmarks import ShapePredictor
+from models.alignment.pyramid import pyramid_level_size
 
 from .align import AlignedFace, choose_faces, face_rows
 from .config import AlignConfig

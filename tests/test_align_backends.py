@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import pipeline_config, tiny_image_bytes
 from face_variants import face_variants, faceless_variants, load_photo
-from models.ffhq_crop import upright_landmarks
+from models.alignment.ffhq_crop import upright_landmarks
 from pipeline.align import FaceAligner, get_aligner
 from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, fingerprint, resolve
 from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
