@@ -2,7 +2,7 @@
 
 Input: pre-aligned 256px JPEGs (crops of the test photos) in WebDataset tars on local disk; output:
 latents and reconstructions on local disk; alignment off; full-size official architecture with seeded
-random weights. Model-only: `InvertWorker` on the decoded faces in one process (warm-up, then a timed
+random weights. Model-only: `Inverter` on the decoded faces in one process (warm-up, then a timed
 pass). Pipeline: `run_pipeline`'s runner with embedded Ray; throughput is measured in steady state, from
 the end of the inversion actor's first call to the last commit (`inverted_at`, `committed_unix` in the
 stats files), counting the faces inverted in that window, so Ray start-up, model loading and compilation
@@ -72,7 +72,7 @@ def main() -> None:
     from models.factory import atomic_save, build_e2style, e2style_checkpoint
     from pipeline.config import resolve
     from pipeline.runner import run
-    from workers.invert_worker import InvertWorker
+    from pipeline.inverter import Inverter
 
     t = time.time()
     sample = make_tars(os.path.join(a.work, "in"), a.images, a.shard)
@@ -84,8 +84,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     print(f"inputs and checkpoint ready in {time.time() - t:.0f}s", flush=True)
 
-    # Model alone, same settings, same process kind as the actor (InvertWorker), inputs already decoded.
-    worker = InvertWorker(ckpt, precision=a.precision, stages=a.stages, batch_size=a.batch, return_images=a.image_size > 0)
+    # Model alone, same settings, same process kind as the actor (Inverter), inputs already decoded.
+    worker = Inverter(ckpt, precision=a.precision, stages=a.stages, batch_size=a.batch, return_images=a.image_size > 0)
     from pipeline.prepare import PreparedChunk, Row
 
     faces = np.stack(sample[: a.batch * 16])

@@ -10,10 +10,10 @@ upright, as most real faces are not). Full-size official architecture, seeded ra
 stages with reconstructions.
 
 Figures (all in this one run, on the same GPU):
-- inversion only: ``InvertWorker`` on 256 px faces already in memory (warm-up, then timed calls);
+- inversion only: ``Inverter`` on 256 px faces already in memory (warm-up, then timed calls);
 - alignment alone: ``DeviceAligner.align`` on decoded photos already in memory, photos/s, on photos of sizes
   it has not met (as in the pipeline) and on the same photos again (size-keyed tables cached);
-- the actor alone: ``InvertWorker`` aligning and inverting chunks of such photos, without Ray: from one thread
+- the actor alone: ``Inverter`` aligning and inverting chunks of such photos, without Ray: from one thread
   on photos it has met, from one thread on new ones and from two threads at once (as Ray runs it) on new
   ones, photos/s, and its alignment's time by part (upload, detect, landmarks, crop) in ms per chunk, which
   the pipeline's run summary gives too (``align_ms_per_chunk``: the same parts inside the pipeline);
@@ -58,11 +58,10 @@ from models.alignment.landmarks_model import random_model, serialize_shape_predi
 from pipeline.config import AlignConfig, RayConfig, resolve  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
-from pipeline.inversion import aligning_actor_calls  # noqa: E402
+from pipeline.inverter import Inverter, aligning_actor_calls  # noqa: E402
 from pipeline.model_files import LANDMARK_MODEL_ENV  # noqa: E402
 from pipeline.records import ALIGN_PENDING, PreparedChunk, Row  # noqa: E402
 from pipeline.runner import run  # noqa: E402
-from workers.invert_worker import InvertWorker  # noqa: E402
 
 # Head crops of the test photographs (left, top, right, bottom): the faces pasted into the photos.
 HEADS = {"astronaut.jpg": (130, 30, 320, 230), "grace_hopper.jpg": (130, 100, 410, 400)}
@@ -178,7 +177,7 @@ def photo_chunks(photos: list, group: int) -> list[PreparedChunk]:
 
 
 def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: str) -> dict:
-    """Photos/s of the inversion actor's own class (``InvertWorker`` aligning on its device, then inverting),
+    """Photos/s of the inversion actor's own class (``Inverter`` aligning on its device, then inverting),
     on chunks of decoded photos already in memory, without Ray or decoding, and its alignment's ms per chunk
     by part: from one thread (stage, align, invert, one chunk after the other) on photos it has aligned before
     (``seen``: every size-keyed table cached) and on photos of sizes it has not met (a third of ``new``), as in
@@ -187,7 +186,7 @@ def actor_alone(ckpt: str, a, landmarks_model, seen: list, new: list, device: st
     another third of ``new``. Tells the actor's own limit from the rest of the pipeline's, whether new photos
     cost more, and what each call at once adds. Without enough ``new`` photos (--smoke), every run is on
     ``seen``."""
-    worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
+    worker = Inverter(ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
                           landmark_predictor=ShapePredictor.from_model(landmarks_model, device, cuda_graphs=False))
     group = RayConfig.chunk_size
     seen_chunks = photo_chunks(seen, group)
@@ -248,7 +247,7 @@ def main() -> None:
     ap.add_argument("--check-cpu", type=int, default=0,
                     help="compare the device's detections with the CPU's on this many photos (about 2 s each)")
     ap.add_argument("--no-actor-alone", action="store_true",
-                    help="skip the actor alone (InvertWorker without Ray): saves about a minute of device time")
+                    help="skip the actor alone (Inverter without Ray): saves about a minute of device time")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.smoke:
@@ -276,7 +275,7 @@ def main() -> None:
           f"{time.time() - t:.0f}s", flush=True)
 
     # Inversion alone, same settings, the actor's class, faces already decoded and aligned.
-    worker = InvertWorker(ckpt, stages=a.stages, batch_size=a.batch)
+    worker = Inverter(ckpt, stages=a.stages, batch_size=a.batch)
     rng = np.random.default_rng(1)
     faces = rng.integers(0, 256, (a.batch * (16 if on_gpu else 1), 256, 256, 3), dtype=np.uint8)
     chunk = PreparedChunk("b", 0, [Row(str(i), "x") for i in range(len(faces))], faces, {}, len(faces))

@@ -1,4 +1,4 @@
-"""Where the aligning actor's time goes when alignment and inversion share one GPU: ``InvertWorker`` (align.backend
+"""Where the aligning actor's time goes when alignment and inversion share one GPU: ``Inverter`` (align.backend
 torch) on chunks of new raw photos from 1 thread, then from as many threads at once as Ray runs it with 1 and
 with 2 alignment lanes (``--lanes``), without Ray, with each call's alignment and inversion timed in wall and in
 CPU time of its own thread, and the rows' statuses counted (an align_error stops the profile); the last lane
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import workers.invert_worker as invert_worker  # noqa: E402
+import pipeline.inverter as inverter  # noqa: E402
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_chunk_ms, photo_chunks  # noqa: E402
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--lanes", default="2,4", help="alignment lane counts, each run from lanes + 2 threads")
     ap.add_argument("--switch-intervals", default="",
                     help="GIL switch intervals (seconds, comma-separated) to run the last lane count at again, besides "
-                         "the actor's own (workers.invert_worker.ALIGN_GIL_SWITCH_S)")
+                         "the actor's own (pipeline.inverter.ALIGN_GIL_SWITCH_S)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -145,7 +145,7 @@ def main() -> None:
         model = build_e2style(resolution, stages=a.stages, width=width, seed=0)
     atomic_save(e2style_checkpoint(model), ckpt)
     del model
-    worker = invert_worker.InvertWorker(
+    worker = inverter.Inverter(
         ckpt, stages=a.stages, batch_size=a.batch, align=AlignConfig(backend="torch"),
         landmark_predictor=ShapePredictor.from_model(face_like_model(seed=0), device, cuda_graphs=False))
     chunks = photo_chunks(photos, group)
@@ -153,8 +153,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     align_times, invert_times = StepTimes(), StepTimes()
     worker.aligner.align = align_times.wrap(worker.aligner.align)
-    invert_worker.invert_faces = invert_times.wrap(invert_worker.invert_faces)
-    lines = [f"InvertWorker on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
+    inverter.invert_faces = invert_times.wrap(inverter.invert_faces)
+    lines = [f"Inverter on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
              f"({sides[0]}-{sides[1]} px), init {worker.info()['init_seconds']}"]
     result = {}
     for k, (name, threads, lanes, how) in enumerate(runs):

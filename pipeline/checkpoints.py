@@ -1,5 +1,7 @@
 """Checkpoint files: a local path for any URL (cached by sha256), the file's sha256, the shapes a checkpoint
-implies (read from its tensors, no network built), and the device an actor runs on. Imports no stage."""
+implies (read from its tensors, no network built), and how a process runs a model: its device, precision,
+batch size and threads (one rule each, for the inversion actor, the latents actor and training), and the
+model loaded by those rules. Imports no stage."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +11,8 @@ import tempfile
 import numpy as np
 import torch
 
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_e2style, read_checkpoint
+from models.e2style import E2Style
 from models.factory import write_checkpoint
 from models.stylegan2 import generator_config_from_state_dict
 
@@ -17,14 +20,48 @@ from .config import MAX_GPU_BATCH_SIZE
 from .config_files import ConfigError
 from .storage import get_fs, is_local
 
-__all__ = ["resolve_device", "resolve_batch_size", "file_sha256", "checkpoint_sha256", "fetch_checkpoint", "factory_checkpoint",
+__all__ = ["resolve_device", "resolve_precision", "use_threads", "load_model", "resolve_batch_size", "file_sha256",
+           "checkpoint_sha256", "fetch_checkpoint", "factory_checkpoint",
            "checkpoint_dims"]
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``device`` as torch names it: "auto" is the GPU when there is one, else the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+# model.precision "auto" on a GPU: fp16 autocast, the fastest setting within the accuracy bar (a batch whose fp16
+# result overflows is recomputed in bf16: models.E2Style.invert; BENCHMARKS.md has its error against float32).
+AUTO_GPU_PRECISION = "fp16"
+
+
+def resolve_precision(precision: str, device: str, gpu_auto: str = AUTO_GPU_PRECISION) -> str:
+    """``precision`` for a model on ``device``: "auto" is ``gpu_auto`` on a GPU and fp32 elsewhere (on CPUs
+    reduced-precision autocast is slower than float32); any other value as given. Inference uses the default
+    ``gpu_auto``; a caller with another GPU choice (training's bf16) passes its own."""
+    if precision != "auto":
+        return precision
+    return gpu_auto if str(device).startswith("cuda") else "fp32"
+
+
+def use_threads(num_threads: int | None) -> None:
+    """torch's intra-op threads in this process: ``num_threads`` when given, else the process's CPU share as Ray
+    sets it (OMP_NUM_THREADS: a task's or actor's CPUs), else torch's own default. On a GPU actor the pool serves
+    host copies (the pinned staging of photos to align)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    elif os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
+
+def load_model(checkpoint: str, device: str, *, precision: str = "auto", endpoint_url: str | None = None,
+               sha256: str | None = None) -> E2Style:
+    """The E2Style checkpoint at ``checkpoint`` (any URL, fetch_checkpoint) on ``device`` (resolved), at
+    ``precision`` (resolve_precision), in eval mode."""
+    path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
+    return load_e2style(path, device=device, precision=resolve_precision(precision, device))
 
 
 # model.batch_size "auto": the fastest measured setting per device (BENCHMARKS.md: batch 64 against 16 on an

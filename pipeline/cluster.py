@@ -1,5 +1,6 @@
-"""Ray: start an embedded instance or join a cluster, and size the actor pool. The only Ray setup the
-inversion job and the latents jobs share; everything else of theirs runs on pipeline/scheduler.py."""
+"""Ray: start an embedded instance or join a cluster, and size the actor pool (how many actors, the resources
+each asks for). The only Ray setup the inversion job and the latents jobs share; everything else of theirs runs
+on pipeline/scheduler.py, and their actors and tasks are defined in workers/."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,12 @@ import ray
 
 from .config import RayConfig
 
-__all__ = ["init_ray", "actor_plan", "cpus_per_gpu", "wait_one"]
+__all__ = ["init_ray", "actor_plan", "cpus_per_gpu", "aligning_actor_cpus", "wait_one"]
+
+# CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
+# above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
+# spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.
+ALIGNING_ACTOR_CPUS = 4
 
 
 def init_ray(rc: RayConfig) -> bool:
@@ -47,6 +53,13 @@ def cpus_per_gpu() -> int:
     shares = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in ray.nodes()
               if node.get("Alive") and node["Resources"].get("GPU", 0) > 0]
     return min(shares) if shares else 0
+
+
+def aligning_actor_cpus(cpus_per_gpu: int) -> int:
+    """CPUs for each GPU actor that aligns, given the fewest CPUs per GPU of the GPU nodes: ALIGNING_ACTOR_CPUS
+    where they have at least twice that (the rest read and decode), at most half of them on smaller nodes (so
+    the actor fits on every GPU node), never below one."""
+    return max(1, min(ALIGNING_ACTOR_CPUS, cpus_per_gpu // 2))
 
 
 def wait_one(refs: list, timeout: float | None) -> list:

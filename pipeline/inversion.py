@@ -1,4 +1,5 @@
-"""The inversion job on the shard scheduler: what one attempt at one shard is, on Ray.
+"""The inversion job on Ray: the Ray-free InversionJob (pipeline/inversion_job.py) wired to Ray's tasks and
+actors (workers/).
 
     prepare_shard (CPU task, streaming generator: read -> decode -> align, one chunk at a time; with
         align.backend torch read -> decode only, and the actor aligns the chunk's photos)
@@ -6,9 +7,8 @@
         -> finish_shard_task (CPU task: encode, Parquet + tar, commit with stats last)
 
 The driver holds only object references and small headers, never pixels. Memory is bounded by
-``ray.max_shards_in_flight`` (shards being prepared or waiting to be written) and by two outstanding calls
-per actor, whatever the size of the input. ``InversionJob`` is given its Ray calls as functions, so it
-depends on the scheduler and nothing of Ray's; ``run_inversion`` wires it to Ray.
+``ray.max_shards_in_flight`` (shards being prepared or waiting to be written) and by the outstanding calls
+per actor, whatever the size of the input.
 """
 from __future__ import annotations
 
@@ -17,134 +17,26 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import ray
 
-from workers.cpu_worker import finish_shard_task, prepare_shard
-from workers.invert_worker import ALIGN_LANES_LARGE_GPU, InvertWorker
+from workers.cpu_worker import finish_shard_task, prepare_shard_task
+from workers.invert_worker import start_invert_actors, submit_invert
 
-from .cluster import actor_plan, cpus_per_gpu, wait_one
-from .config import AlignConfig, ConfigError, PipelineConfig
+from .cluster import actor_plan, aligning_actor_cpus, cpus_per_gpu, wait_one
+from .config import ConfigError, PipelineConfig
 from .device_align import resolve_align_backend
+from .inversion_job import InversionJob
+from .inverter import aligning_actor_calls
 from .progress import Progress
 from .read import Shard
 from .scheduler import ActorPool, Attempt, Scheduler, short_error
 
-__all__ = ["InversionJob", "run_inversion", "ACTOR_QUEUE", "aligning_actor_calls", "ALIGN_PARTS_LINE"]
+__all__ = ["run_inversion", "ACTOR_QUEUE", "ALIGN_PARTS_LINE"]
 
 log = logging.getLogger("e2style.pipeline")
 
 ACTOR_QUEUE = 2  # outstanding calls per inversion actor: one running, one queued so the device never idles
-
-
-def aligning_actor_calls(align: AlignConfig) -> int:
-    """Calls at once in an inversion actor that aligns photos on its GPU: one per step of
-    InvertWorker.invert_chunks (the photos' host copy into pinned memory, alignment, inversion), with alignment
-    taken by as many calls as the actor has alignment lanes: align.device_lanes, or by default as many as an
-    actor may choose (workers.invert_worker.aligning_lanes: fewer on a smaller GPU, whose extra calls wait
-    for a lane with their photos staged)."""
-    return (align.device_lanes or ALIGN_LANES_LARGE_GPU) + 2
-
-
-# CPUs of a GPU actor that aligns photos (align.backend torch): its host steps are on alignment's serial path,
-# above all the copy of each chunk's photos into pinned memory (~400 MB per 64 photos of 2 MP), which torch
-# spreads over the actor's threads, and Ray gives an actor as many threads (OMP_NUM_THREADS) as CPUs.
-ALIGNING_ACTOR_CPUS = 4
-
-
-def aligning_actor_cpus(cpus_per_gpu: int) -> int:
-    """CPUs for each GPU actor that aligns, given the fewest CPUs per GPU of the GPU nodes: ALIGNING_ACTOR_CPUS
-    where they have at least twice that (the rest read and decode), at most half of them on smaller nodes (so
-    the actor fits on every GPU node), never below one."""
-    return max(1, min(ALIGNING_ACTOR_CPUS, cpus_per_gpu // 2))
-
-
-@dataclass
-class _ShardState:
-    gen: Any                                            # the prepare task's chunk generator
-    chunks: list = field(default_factory=list)          # chunk refs in order
-    results: dict = field(default_factory=dict)         # chunk index -> inversion result ref (None: no faces)
-    reading_done: bool = False
-    finishing: bool = False
-
-
-@dataclass
-class _Pending:
-    attempt: Attempt
-    index: int          # the chunk's index in its shard
-    chunk: Any          # its ref
-    n_faces: int
-
-
-class InversionJob:
-    """Per shard attempt: chunks from ``submit_prepare(shard)`` (a generator of header ref, chunk ref, ...), their
-    faces batched across shards (``batch_size``) onto the actor pool with ``submit_invert(actor, chunk refs)``
-    (one result ref per chunk), then ``submit_finish(attempt, chunk refs, result refs)`` whose result (the
-    shard's stats) commits it."""
-
-    def __init__(self, sched: Scheduler, pool: ActorPool, *, submit_prepare: Callable[[Any], Any],
-                 submit_invert: Callable[[Any, list], list], submit_finish: Callable[[Attempt, list, list], Any],
-                 get: Callable[[Any], Any], batch_size: int, progress: Progress):
-        self.sched, self.pool, self.get, self.batch_size, self.progress = sched, pool, get, batch_size, progress
-        self.submit_prepare, self.submit_invert, self.submit_finish = submit_prepare, submit_invert, submit_finish
-        self.pending: collections.deque[_Pending] = collections.deque()
-
-    def start(self, attempt: Attempt) -> None:
-        attempt.state = _ShardState(self.submit_prepare(attempt.shard))
-        self.sched.watch(attempt.state.gen, self._on_chunk(attempt), attempt, "prepare")
-
-    def _on_chunk(self, attempt: Attempt) -> Callable[[Any], None]:
-        def handler(gen) -> None:
-            st = attempt.state
-            try:
-                header = next(gen)
-            except StopIteration:
-                st.reading_done = True
-                self._maybe_finish(attempt)
-                return
-            n_faces, _n_rows, n_inputs = self.get(header)
-            chunk = next(gen)
-            index = len(st.chunks)
-            st.chunks.append(chunk)
-            self.progress.add_images(n_inputs)
-            if n_faces:
-                self.pending.append(_Pending(attempt, index, chunk, n_faces))
-            else:
-                st.results[index] = None
-            self.sched.watch(gen, handler, attempt, "prepare")  # the next chunk
-        return handler
-
-    def _maybe_finish(self, attempt: Attempt) -> None:
-        st = attempt.state
-        if st.finishing or not st.reading_done or len(st.results) < len(st.chunks):
-            return
-        st.finishing = True
-        ref = self.submit_finish(attempt, st.chunks, [st.results[i] for i in range(len(st.chunks))])
-        self.sched.watch(ref, lambda r: self.sched.commit(attempt, self.get(r)), attempt, "invert/write")
-
-    def submit_batches(self, flush: bool) -> None:
-        """Send full batches of faces to actors with room; partial ones too when ``flush``."""
-        # The chunks of an attempt that failed meanwhile are not inverted.
-        self.pending = collections.deque(p for p in self.pending if self.sched.is_current(p.attempt))
-        while self.pending and self.pool.has_free():
-            if sum(p.n_faces for p in self.pending) < self.batch_size and not flush:
-                return
-            take, n = [], 0
-            while self.pending and (n < self.batch_size or not take):
-                take.append(self.pending.popleft())
-                n += take[-1].n_faces
-            index, actor = self.pool.acquire()
-            refs = self.submit_invert(actor, [p.chunk for p in take])
-            self.sched.watch(refs[-1], lambda r, i=index: self.pool.release(i))
-            for p, r in zip(take, refs):
-                p.attempt.state.results[p.index] = r
-            for p in take:
-                self._maybe_finish(p.attempt)
-
-    def reading_done(self) -> bool:
-        return all(a.state is not None and a.state.reading_done for a in self.sched.active.values())
 
 
 ALIGN_PARTS_LINE = "alignment on the actors, seconds by part: "
@@ -174,22 +66,16 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
     n_actors, actor_opts, n_gpus, n_cpus = actor_plan(cfg.ray)
     calls = ACTOR_QUEUE
     if n_gpus and cfg.align.enabled and resolve_align_backend(cfg.align.backend, "cuda") == "torch":
+        # An actor that aligns: one call copies its photos while others align theirs (each on a stream of its
+        # own) and one inverts; its host copies take CPUs of their own.
         actor_opts["num_cpus"] = aligning_actor_cpus(cpus_per_gpu())
         calls = aligning_actor_calls(cfg.align)
-    # A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it
-    # restarts are retried by Ray (max_task_retries: invert_many is a pure function of its inputs; bounded, so a
-    # batch that kills the actor every time still ends the shard's attempt); shards that still fail are retried.
-    # max_concurrency: while one call's batches run on the GPU, the next call's inputs are unpacked, pinned and
-    # copied; in an actor that aligns, one call copies its photos while two align theirs (each on a stream of its
-    # own) and one inverts.
-    Actor = ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=calls)(InvertWorker)
     m, ep = cfg.model, cfg.storage.endpoint_url
-    actors = [Actor.options(**actor_opts).remote(
-        m.checkpoint, endpoint_url=ep, sha256=checkpoint_sha256, precision=m.precision, device=m.device,
-        stages=m.stages, batch_size=m.batch_size, num_threads=m.num_threads, compile=m.compile,
-        return_images=cfg.output.image_size > 0, edit_options=stage_options.get("edit"), task=stage_options.get("task"),
-        align=cfg.align if cfg.align.enabled else None)
-        for _ in range(n_actors)]
+    actors = start_invert_actors(
+        n_actors, actor_opts, calls, m.checkpoint, endpoint_url=ep, sha256=checkpoint_sha256,
+        precision=m.precision, device=m.device, stages=m.stages, batch_size=m.batch_size, num_threads=m.num_threads,
+        compile=m.compile, return_images=cfg.output.image_size > 0, edit_options=stage_options.get("edit"),
+        task=stage_options.get("task"), align=cfg.align if cfg.align.enabled else None)
     try:
         try:
             info = ray.get(actors[0].info.remote())
@@ -201,8 +87,6 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
              f"{n_cpus} CPUs; actor started in {time.time() - t0:.0f} s ({steps})"
              + ("; inversion as a CUDA graph" if info.get("cuda_graph") else ""))
         cpu_for_tasks = max(1, n_cpus - (0 if n_gpus else n_actors))
-        prep = ray.remote(num_cpus=1, max_retries=0)(prepare_shard)
-        fin = ray.remote(num_cpus=1, max_retries=0)(finish_shard_task)
         metadata = {"fingerprint": fingerprint, "checkpoint_sha256": checkpoint_sha256,
                     "stages": str(info["stages"]), "style_dim": str(info["style_dim"])}
         # align.backend as the actors resolved it (auto: torch on GPU actors): with torch, CPU tasks only read
@@ -219,12 +103,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
                      "attempt": attempt.number, "n_latent": info["n_latent"]}
             if shard.format == "images":
                 extra["inputs"] = _relative_inputs(shard)
-            return fin.remote(shard.name, cfg.output, ep, cfg.input.max_pixels, info["n_latent"], extra, metadata,
-                              len(chunks), *chunks, *results)
-
-        def submit_invert(actor, chunks: list) -> list:
-            refs = actor.invert_many.options(num_returns=len(chunks)).remote(*chunks)
-            return refs if isinstance(refs, list) else [refs]
+            return finish_shard_task.remote(shard.name, cfg.output, ep, cfg.input.max_pixels, info["n_latent"], extra,
+                                            metadata, len(chunks), *chunks, *results)
 
         prog = Progress(cfg.progress, known_total, len(todo), cfg.progress_interval_s)
 
@@ -244,7 +124,8 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         sched = Scheduler(wait_one, retries=cfg.retries, max_in_flight=cfg.ray.max_shards_in_flight or cpu_for_tasks + 1,
                           on_commit=on_commit, on_failed=lambda a, why: prog.shard_done(failed=True),
                           on_idle=on_idle, on_round=on_round)
-        job = InversionJob(sched, ActorPool(actors, calls), submit_prepare=lambda s: prep.remote(s, prepare_cfg),
+        job = InversionJob(sched, ActorPool(actors, calls),
+                           submit_prepare=lambda shard: prepare_shard_task.remote(shard, prepare_cfg),
                            submit_invert=submit_invert, submit_finish=submit_finish, get=ray.get,
                            batch_size=info["batch_size"], progress=prog)
         try:

@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from workers.latents_worker import LatentsWorker
+from workers.latents_worker import start_latents_actors
 
 from .checkpoints import checkpoint_dims, checkpoint_sha256, fetch_checkpoint
 from .cli import cli_exit_code, setup_logging
@@ -236,16 +236,14 @@ def _run_held(op: str, cfg: PipelineConfig, ledger: RunLedger, job: LatentsJob, 
 
 
 def _execute(cfg: PipelineConfig, sha: str, todo: list[str], job: LatentsJob) -> tuple[dict[str, str], list[dict]]:
-    """The shards on Ray: one call per shard on a pool of LatentsWorker actors (the model loaded once each)."""
+    """The shards on Ray: one call per shard on a pool of latents actors (the model loaded once each)."""
     started = init_ray(cfg.ray)
     try:
         n_actors, opts, _, _ = actor_plan(cfg.ray)
-        Actor = ray.remote(max_restarts=2, max_task_retries=0)(LatentsWorker)
         m = cfg.model
-        actors = [Actor.options(**opts).remote(m.checkpoint, endpoint_url=cfg.storage.endpoint_url, sha256=sha,
-                                               precision=m.precision, device=m.device,
-                                               num_threads=m.num_threads, batch_size=m.batch_size)
-                  for _ in range(n_actors)]
+        actors = start_latents_actors(n_actors, opts, m.checkpoint, endpoint_url=cfg.storage.endpoint_url, sha256=sha,
+                                      precision=m.precision, device=m.device, num_threads=m.num_threads,
+                                      batch_size=m.batch_size)
         try:
             job_ref = ray.put(job)
             pool = ActorPool(actors, ACTOR_QUEUE)

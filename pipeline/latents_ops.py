@@ -1,5 +1,6 @@
 """The work of the latents subcommands (pipeline/latents.py) over an existing latents dataset: reading codes
-back, what each op makes of a shard's rows, and one input shard turned into one committed output shard."""
+back, what each op makes of a shard's rows, and one input shard turned into one committed output shard;
+``LatentsProcessor``, the latents actor's logic without Ray (workers/latents_worker.py runs it on Ray)."""
 from __future__ import annotations
 
 import collections
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .checkpoints import load_model, resolve_batch_size, resolve_device, use_threads
 from .config import OutputConfig
 from .edit import apply_direction, decode_codes, edit_variants
 from .images import encode_image
@@ -22,8 +24,8 @@ from .records import Row
 from .storage import get_fs
 from .write import add_code_columns, build_table, build_tar, shard_stats, write_shard
 
-__all__ = ["LatentsJob", "latents_files", "read_shard_table", "read_codes", "shard_outputs", "process_shard",
-           "PAIRS_SHARD"]
+__all__ = ["LatentsJob", "LatentsProcessor", "latents_files", "read_shard_table", "read_codes", "shard_outputs",
+           "process_shard", "PAIRS_SHARD"]
 
 PAIRS_SHARD = "pairs"
 
@@ -237,3 +239,23 @@ def process_shard(model, shard: str, job: LatentsJob, batch_size: int = 16) -> d
     write_shard(fs_out, out_root, shard, table, tar, stats)
     stats["timings"]["write"] = round(time.perf_counter() - t2, 4)
     return stats
+
+
+class LatentsProcessor:
+    """The generator loaded once (device, precision, threads by the pipeline's rules: pipeline/checkpoints.py),
+    then one call per shard."""
+
+    def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
+                 precision: str = "auto", device: str = "auto", num_threads: int | None = None,
+                 batch_size: int | str = "auto"):
+        self.device = resolve_device(device)
+        use_threads(num_threads)
+        self.model = load_model(checkpoint, self.device, precision=precision, endpoint_url=endpoint_url, sha256=sha256)
+        self.batch_size = resolve_batch_size(batch_size, self.device)
+
+    def info(self) -> dict:
+        m = self.model
+        return {"n_latent": int(m.n_latent), "style_dim": int(m.decoder.style_dim), "device": self.device}
+
+    def process(self, shard: str, job: LatentsJob) -> dict:
+        return process_shard(self.model, shard, job, self.batch_size)

@@ -22,18 +22,19 @@ from PIL import Image
 from conftest import pipeline_config, tiny_image_bytes
 from face_variants import face_variants, faceless_variants, load_photo
 from models.alignment.ffhq_crop import upright_landmarks
+from models.alignment.ffhq_geometry import UPRIGHT_ABOVE
 from pipeline.align import FaceAligner, get_aligner
 from pipeline.config import AlignConfig, ConfigError, InputConfig, PrepareConfig, fingerprint, resolve
-from pipeline.detect import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
-from pipeline.device_align import ALIGN_PARTS, UPRIGHT_ABOVE, DeviceAligner, align_photos, resolve_align_backend
-from pipeline.inversion import ALIGN_PARTS_LINE, aligning_actor_calls
+from pipeline.device_align import ALIGN_PARTS, DeviceAligner, align_photos, resolve_align_backend
+from pipeline.face_search import HOG_MIN_FACE, faces_that_count, pick_largest, upsample_runs
+from pipeline import inverter
+from pipeline.inversion import ALIGN_PARTS_LINE
+from pipeline.inverter import Inverter, aligning_actor_calls, aligning_lanes
 from pipeline.model_files import find_landmark_model
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.records import ALIGN_PENDING, PreparedChunk
 from pipeline.runner import run
-from workers import invert_worker
-from workers.invert_worker import InvertWorker, aligning_lanes
 
 
 def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
@@ -321,8 +322,8 @@ def test_config_keys_validated():
 def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
     """The actor class called directly: a chunk of photos comes back aligned and inverted, a chunk of faces
     as before, a chunk without any face with its no_face rows."""
-    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
-                          align=AlignConfig(backend="torch"))
+    worker = Inverter(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                      align=AlignConfig(backend="torch"))
     assert worker.info()["align_backend"] == "torch"
     assert list(worker.info()["init_seconds"]) == ["load", "aligner"]  # the start's steps, for the run's log
     cfg_t, cfg_d = _prepare_cfg("torch"), _prepare_cfg("dlib")
@@ -350,7 +351,7 @@ def test_invert_worker_aligns_photo_chunks_without_ray(photos, tiny_checkpoint):
     # Where alignment's time went: every part ran (the photo chunk has faces to predict and crop).
     parts = worker.align_part_seconds()
     assert list(parts) == list(ALIGN_PARTS) and all(v > 0 for v in parts.values()), parts
-    dlib_only = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False, align=AlignConfig())
+    dlib_only = Inverter(tiny_checkpoint, device="cpu", batch_size=4, compile=False, align=AlignConfig())
     assert dlib_only.info()["align_backend"] == "dlib" and dlib_only.aligner is None
     assert dlib_only.align_part_seconds() == {}
     with pytest.raises(ValueError, match="does not align"):
@@ -411,8 +412,8 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
     batch (pipeline.invert.SharedInversion), one batch at a time without a CUDA graph; each call still gets
     the result it gets alone. (Alignment is replayed from a first pass, so that the calls reach their
     inversions together.)"""
-    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
-                          align=AlignConfig(backend="torch"))
+    worker = Inverter(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                      align=AlignConfig(backend="torch"))
     chunks = _photo_chunks(photos, ["astro", "hopper", "pair"])
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other
     # Alignment as already done, each call's ending once all three align (the sharing under test is
@@ -424,9 +425,9 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
         all_aligning.wait(10)
         return aligned[id(photos)]
 
-    monkeypatch.setattr(invert_worker, "align_photos", replayed_alignment)
-    inversions = _AtOnce(invert_worker.invert_faces)
-    monkeypatch.setattr(invert_worker, "invert_faces", inversions)
+    monkeypatch.setattr(inverter, "align_photos", replayed_alignment)
+    inversions = _AtOnce(inverter.invert_faces)
+    monkeypatch.setattr(inverter, "invert_faces", inversions)
     results = _invert_at_once(worker, chunks)
     assert inversions.most == 1 and inversions.sizes == [3]  # the three calls' faces in one batch of 4
     for res, expected in zip(results, want):
@@ -439,8 +440,8 @@ def test_an_aligning_actor_inverts_its_calls_faces_together(photos, tiny_checkpo
 def test_an_aligning_actor_aligns_as_many_calls_at_once_as_it_has_lanes(photos, tiny_checkpoint, monkeypatch, lanes):
     """Calls at once in an aligning actor align ``align.device_lanes`` at a time (each on a lane of its own),
     never more, and each call's faces and rows are those it gets alone."""
-    worker = InvertWorker(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
-                          align=AlignConfig(backend="torch", device_lanes=lanes))
+    worker = Inverter(tiny_checkpoint, device="cpu", batch_size=4, compile=False,
+                      align=AlignConfig(backend="torch", device_lanes=lanes))
     assert worker.info()["align_lanes"] == lanes
     chunks = _photo_chunks(photos, ["astro", "hopper", "pair"])
     want = [worker.invert_chunks(c)[0] for c in chunks]  # one after the other

@@ -15,12 +15,16 @@ MAX_LINES = 400
 
 
 def _modules() -> dict[str, str]:
+    """{dotted name: path} of every module of PACKAGES, subpackages included (a package's __init__.py is the
+    package)."""
     out = {}
     for pkg in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(ROOT, pkg))):
-            if name.endswith(".py"):
-                mod = pkg if name == "__init__.py" else f"{pkg}.{name[:-3]}"
-                out[mod] = os.path.join(ROOT, pkg, name)
+        for folder, dirs, files in os.walk(os.path.join(ROOT, pkg)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    out[os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")] = path
     return out
 
 
@@ -118,10 +122,62 @@ def test_pipeline_modules_stay_small():
     assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
 
 
+# models/ holds the ports and networks, each module one part (the Triton kernels of a part may sit in a sibling
+# module to stay under this).
+MAX_MODEL_LINES = 600
+
+
+def test_model_modules_stay_small():
+    mods, _ = _graph()
+    sizes = {m: sum(1 for _ in open(p, encoding="utf-8")) for m, p in mods.items() if m.startswith("models.")}
+    assert any(m.startswith("models.alignment.") for m in sizes), "subpackages of models/ are not scanned"
+    assert {m: n for m, n in sizes.items() if n > MAX_MODEL_LINES} == {}
+
+
+def test_alignment_ports_know_nothing_of_e2style():
+    """models/alignment/ (dlib's and Pillow's ports) imports only its own modules of the project: nothing of
+    E2Style (models' other modules), pipeline/ or workers/, at the top or inside a function."""
+    _, imports = _graph()
+    ports = [m for m in imports if m.startswith("models.alignment")]
+    assert len(ports) > 10
+    outside = sorted(f"{m} imports {n}" for m in ports for n, _ in imports[m] if not n.startswith("models.alignment"))
+    assert outside == []
+
+
+# The modules that run jobs on Ray: only they import ``ray`` or ``workers`` (the Ray definitions); every other
+# module of pipeline/ and models/ runs without Ray (tests, benchmarks, Ray Data's own processes).
+JOB_MODULES = {"pipeline.runner", "pipeline.inversion", "pipeline.latents", "pipeline.cluster",
+               "pipeline.training.cli"}
+
+
+def _ray_importers() -> set[str]:
+    """Modules of pipeline/ and models/ (subpackages included) with an import of ``ray`` or ``workers``
+    anywhere in them, at the top or inside a function."""
+    found = set()
+    for pkg in ("pipeline", "models"):
+        for folder, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                    if any(n.split(".")[0] in ("ray", "workers") for n in names):
+                        found.add(mod)
+    return found
+
+
+def test_only_the_job_modules_import_ray_or_workers():
+    assert sorted(_ray_importers() - JOB_MODULES) == []
+
+
 def test_architecture_md_names_every_module():
     """ARCHITECTURE.md has a line for every module of pipeline/ and workers/."""
     mods, _ = _graph()
     text = open(os.path.join(ROOT, "ARCHITECTURE.md"), encoding="utf-8").read()
     missing = [m for m in mods if m.startswith(("pipeline.", "workers."))
-               and f"`{m.replace('.', '/')}.py`" not in text and f"{m.split('.')[1]}.py`" not in text]
+               and f"`{m.replace('.', '/')}.py`" not in text and f"`{m.replace('.', '/')}/" not in text
+               and f"{m.rpartition('.')[2]}.py`" not in text]
     assert missing == []

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
-from pipeline.cluster import cpus_per_gpu
-from pipeline.inversion import aligning_actor_cpus
+from pipeline.cluster import aligning_actor_cpus, cpus_per_gpu
 from pipeline.read import plan_shards, sanitize_key
 from pipeline.write import build_tar
 
@@ -85,16 +84,16 @@ def test_build_tar_refuses_escaping_names():
         assert tf.getnames() == ["a/b.recon.jpg"]
 
 
-def test_invert_worker_without_ray(tiny_checkpoint):
+def test_inverter_without_ray(tiny_checkpoint):
     from pipeline.records import PreparedChunk, Row
-    from workers.invert_worker import InvertWorker
+    from pipeline.inverter import Inverter
 
-    w = InvertWorker(tiny_checkpoint, batch_size=3)
+    w = Inverter(tiny_checkpoint, batch_size=3)
     info = w.info()
     assert info["n_latent"] == 10 and info["stages"] == 2 and info["batch_size"] == 3
     assert list(info["init_seconds"]) == ["load"] and info["init_seconds"]["load"] >= 0  # not compiled, no aligner
     assert info["cuda_graph"] is False  # CUDA graphs only for compiled GPU actors
-    assert InvertWorker(tiny_checkpoint).info()["batch_size"] == 16  # "auto" on a CPU actor
+    assert Inverter(tiny_checkpoint).info()["batch_size"] == 16  # "auto" on a CPU actor
     rng = np.random.default_rng(0)
     faces_a = rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
     faces_b = rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)  # resized to 256 for the model
@@ -110,7 +109,7 @@ def test_invert_worker_without_ray(tiny_checkpoint):
     alone = w.invert_chunks(PreparedChunk("s2", 0, b.rows, faces_b, {}, 2))[0]
     np.testing.assert_allclose(alone.codes, rb.codes, atol=1e-2)  # float noise of batched convolutions
     with pytest.raises(ValueError, match="model.stages"):
-        InvertWorker(tiny_checkpoint, stages=3)
+        Inverter(tiny_checkpoint, stages=3)
 
 
 @pytest.mark.slow
@@ -203,12 +202,12 @@ def test_latents_only_mode_and_padded_batches(tiny_checkpoint):
     from models import load_e2style
     from pipeline.invert import invert_faces
     from pipeline.records import PreparedChunk, Row
-    from workers.invert_worker import InvertWorker
+    from pipeline.inverter import Inverter
 
     faces = np.random.default_rng(1).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
     chunk = PreparedChunk("s1", 0, [Row(f"k{i}", "x") for i in range(5)], faces, {}, 5)
-    full = InvertWorker(tiny_checkpoint, batch_size=3).invert_chunks(chunk)[0]
-    latents = InvertWorker(tiny_checkpoint, batch_size=3, return_images=False).invert_chunks(chunk)[0]
+    full = Inverter(tiny_checkpoint, batch_size=3).invert_chunks(chunk)[0]
+    latents = Inverter(tiny_checkpoint, batch_size=3, return_images=False).invert_chunks(chunk)[0]
     np.testing.assert_allclose(latents.codes, full.codes, atol=1e-5)
     assert latents.recon.shape[0] == 0 and np.isnan(latents.mse).all() and np.isnan(latents.psnr).all()
 
@@ -276,7 +275,7 @@ import json, os, sys
 from pipeline.config import AlignConfig, InputConfig, PrepareConfig
 from pipeline.read import plan_shards
 from pipeline.storage import get_fs
-from workers.cpu_worker import prepare_shard
+from pipeline.prepare import prepare_shard
 root, backend, niceness = sys.argv[1], sys.argv[2], int(sys.argv[3])
 fs, path = get_fs(root)
 _, shards = plan_shards(fs, path, "auto", 10)

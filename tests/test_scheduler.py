@@ -4,10 +4,13 @@ back-pressure are counted exactly."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 
-from pipeline.inversion import InversionJob
+from pipeline.inversion_job import InversionJob
 from pipeline.progress import Progress
 from pipeline.scheduler import ActorPool, Attempt, Scheduler
 
@@ -232,3 +235,14 @@ def test_scheduler_rejects_a_job_that_waits_on_nothing():
     sched = Scheduler(lambda refs, t: [], retries=0, max_in_flight=1)
     with pytest.raises(RuntimeError, match="nothing to wait for"):
         sched.run(["a"], lambda a: None, name=str)
+
+
+def test_the_inversion_job_imports_neither_ray_nor_torch_nor_workers():
+    """InversionJob is the inversion job's logic without Ray: importing it (in a fresh interpreter) loads none of
+    Ray, torch or workers/, so these tests run it on the simulated cluster alone."""
+    code = ("import sys, pipeline.inversion_job; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'workers'}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

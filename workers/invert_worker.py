@@ -1,226 +1,44 @@
-"""Inversion actor: one per GPU (``num_gpus=1``), the model loaded once in ``__init__``.
-
-A thin wrapper over ``pipeline.invert`` (and ``pipeline.device_align`` when the actor aligns photos:
-``align.backend`` torch, or auto on a GPU); tests call it directly, without Ray.
+"""The inversion actor on Ray: ``pipeline.inverter.Inverter`` (the model loaded once, alignment on its device,
+batched inversion) with its Ray entry point, its options in one place, and the call that submits to it.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import sys
-import time
+from typing import Any
 
-import numpy as np
-import torch
+import ray
 
-from models import load_e2style
-from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
-from pipeline.config import AlignConfig
-from pipeline.device_align import DeviceAligner, PartClock, align_photos, resolve_align_backend
-from pipeline.edit import apply_edit
-from pipeline.images import MODEL_INPUT_SIZE, resize_square
-from pipeline.invert import SharedInversion, invert_faces
-from pipeline.records import InvertResult, PreparedChunk
-from pipeline.tasks import check_model
+from pipeline.inverter import Inverter
+from pipeline.records import PreparedChunk
 
-__all__ = ["InvertWorker"]
+__all__ = ["InvertWorker", "start_invert_actors", "submit_invert"]
 
-# The GIL switch interval of an actor that aligns on its GPU (seconds; Python's default is 0.005).
-ALIGN_GIL_SWITCH_S = 0.0005
-# Chunks an actor aligns at once on a GPU, each on a CUDA stream of its own (on a CPU: one). Alignment is a chain
-# of host steps and short kernels with host synchronisations between them; while one chunk's thread waits for
-# its kernels (the GIL released), another's runs its host steps (BENCHMARKS.md).
-# On an H200 the pipeline aligned and inverted 9% more faces/s with 4 lanes than with 2 (3: 5%); each lane holds
-# a chunk's photos and the detector's buffers on the device (a few GB), so smaller GPUs keep 2.
-ALIGN_LANES_GPU = 2
-ALIGN_LANES_LARGE_GPU = 4
-LARGE_GPU_BYTES = 64 * 2 ** 30
+# A crashed actor (OOM, driver-level CUDA error, its node lost) is restarted, and the calls sent while it restarts
+# are retried by Ray (invert_many is a pure function of its inputs; bounded, so a batch that kills the actor every
+# time still ends the shard's attempt); shards that still fail are retried by the shard scheduler.
+ACTOR_RESTARTS = 2
+CALL_RETRIES = 2
 
 
-def aligning_lanes(align: AlignConfig, device: str, total_memory: int | None = None) -> int:
-    """Alignment lanes of an actor on ``device`` that aligns: ``align.device_lanes``, by default
-    ALIGN_LANES_LARGE_GPU on a GPU of at least LARGE_GPU_BYTES (``total_memory``: the GPU's, read from the
-    device when not given), ALIGN_LANES_GPU on a smaller one and 1 on a CPU (where device work does not
-    overlap)."""
-    if align.device_lanes is not None:
-        return int(align.device_lanes)
-    if not str(device).startswith("cuda"):
-        return 1
-    if total_memory is None:
-        total_memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return ALIGN_LANES_LARGE_GPU if total_memory >= LARGE_GPU_BYTES else ALIGN_LANES_GPU
-
-
-class InvertWorker:
-    def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
-                 precision: str = "auto", device: str = "auto", stages: int | None = None,
-                 batch_size: int | str = "auto", num_threads: int | None = None, edit_options: dict | None = None,
-                 compile: str | bool = "auto", return_images: bool = True, task: dict | None = None,
-                 align: AlignConfig | None = None, landmark_predictor=None):
-        """``align``: the alignment settings when photos need alignment (None: the inputs are faces); the
-        actor aligns when its backend resolves to torch. ``landmark_predictor``: a ShapePredictor instead of
-        dlib's model file (benchmarks). Chunks aligned at once: ``align.device_lanes`` (aligning_lanes)."""
-        self.init_seconds: dict[str, float] = {}   # what the actor's start took, by step (the run's log says it)
-        self.graphed = False                       # inversion replayed as a CUDA graph (E2Style.capture_invert)
-        lap = PartClock(self.init_seconds).lap
-        self.device = resolve_device(device)
-        batch_size = resolve_batch_size(batch_size, self.device)
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        elif os.environ.get("OMP_NUM_THREADS"):
-            # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it (on a GPU
-            # actor it serves host copies: the pinned staging of photos to align).
-            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-        path = fetch_checkpoint(checkpoint, endpoint_url, sha256)
-        on_gpu = self.device.startswith("cuda")
-        # "auto": the fastest setting within the accuracy bar on GPUs (fp16 autocast, compiled, with bf16
-        # recomputation of any overflowing batch; BENCHMARKS.md has its error against float32), and the
-        # float32 path on CPUs, where reduced-precision autocast is slower than float32.
-        precision = ("fp16" if on_gpu else "fp32") if precision == "auto" else precision
-        self.model = load_e2style(path, device=self.device, precision=precision)
-        lap("load")
-        self.compiled = on_gpu if compile == "auto" else bool(compile)
-        if on_gpu or self.compiled:
-            self.model.optimize_for_gpu(channels_last=on_gpu, compile=self.compiled)
-        self.return_images = return_images
-        self.stages = stages
-        if stages is not None and not 1 <= stages <= self.model.num_stages:
-            raise ValueError(f"model.stages: must be in 1..{self.model.num_stages} for this checkpoint, got {stages}")
-        if self.compiled:
-            # Compile now, single-threaded, at the one batch shape the actor will use (batches are padded):
-            # the actor runs several calls at once, and two first calls must not both trigger compilation.
-            warm = np.zeros((batch_size, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8)
-            invert_faces(self.model, warm, stages=stages, batch_size=batch_size, device=self.device,
-                         return_images=return_images, pad_batches=True)
-            # Each batch's inversion then reaches the GPU as one graph launch: the actor's other calls
-            # (alignment's host steps) cannot starve it of kernels (BENCHMARKS.md).
-            self.graphed = on_gpu and self.model.capture_invert(batch_size, stages, return_images)
-            lap("compile")
-        self.batch_size = batch_size
-        self.edit_options = edit_options
-        self.task = task
-        if task is not None:
-            check_model(task["name"], self.model.input_nc, self.model.label_nc)
-        self.align_backend = None if align is None or not align.enabled else resolve_align_backend(align.backend, self.device)
-        self.aligner = (DeviceAligner.build(align, self.device, predictor=landmark_predictor)
-                        if self.align_backend == "torch" else None)
-        if self.aligner is not None:
-            lap("aligner")
-        # An actor that aligns runs several calls at once (staging, alignment, inversion): their faces are
-        # inverted together, in full batches, so that no batch is padded while another call's faces are coming.
-        # One batch at a time, or two through the CUDA graph: its launch returns at once, and the next batch
-        # waits on the GPU while the last one's results come back to the host.
-        self._shared = (SharedInversion(self._invert_batch, batch_size, batches_at_once=2 if self.graphed else 1)
-                        if self.aligner is not None else None)
-        # Alignment lanes: each aligning call takes one for its device work. On a GPU each is a stream of its own,
-        # so that its host syncs (detections, crops) wait for its own work only, not for the inversion queued on
-        # the default stream nor another lane's. At the highest priority: alignment is a chain of small kernels
-        # and host steps, what the actor waits for; inversion's large kernels fill the GPU around it. (None on
-        # a CPU: torch.cuda.stream(None) does nothing.)
-        self.set_align_lanes(aligning_lanes(align, self.device) if self.aligner is not None else 0)
-        if self.aligner is not None and on_gpu:
-            # The calls' threads are busy in Python (alignment's host steps, inversion's kernel launches): with
-            # the default 5 ms GIL switch interval, each time alignment waits on the GPU it may wait up to 5 ms
-            # more for the GIL. (The actor's process does nothing else.) Measured on an H200 without Ray, in bursts
-            # of 5 chunks over 4 lanes: 5, 0.5 and 0.1 ms gave the same photos/s (BENCHMARKS.md, sixth session);
-            # a steady-state comparison in the pipeline has not been made.
-            sys.setswitchinterval(ALIGN_GIL_SWITCH_S)
-
-    def info(self) -> dict:
-        m = self.model
-        return {"n_latent": int(m.n_latent), "num_stages": int(m.num_stages), "input_nc": int(m.input_nc),
-                "resolution": int(m.resolution), "style_dim": int(m.decoder.style_dim), "device": self.device,
-                "stages": int(self.stages or m.num_stages), "batch_size": self.batch_size,
-                "align_backend": self.align_backend, "align_lanes": self.align_lanes,
-                "init_seconds": dict(self.init_seconds), "cuda_graph": self.graphed}
-
-    def invert_chunks(self, *chunks: PreparedChunk) -> list[InvertResult | None]:
-        """Invert the faces of several chunks (of any shards) as one stream of batches; one result per chunk
-        (None: a chunk without faces). Chunks of photos are aligned first, all in one pass; their results
-        always come back, carrying the chunk's rows as alignment made them."""
-        with self._shared.pending() if self._shared is not None else contextlib.nullcontext() as call:
-            aligned = {}
-            for k, c in enumerate(chunks):
-                if c.photos is not None:
-                    if self.aligner is None:
-                        raise ValueError("this inversion actor does not align (align.backend resolved to "
-                                         f"{self.align_backend!r}), but a chunk of photos came")
-                    # Up to align_lanes calls align at once (their photos staged before, outside the lanes);
-                    # another call's inversion runs meanwhile, and another's staging.
-                    aligned[k] = align_photos(self.aligner, c.photos, c.rows, serial=self._alignment_lane)
-            chunk_faces = [aligned[k][1] if k in aligned else c.faces for k, c in enumerate(chunks)]
-            sizes = [len(f) for f in chunk_faces]
-            faces = [f for f in chunk_faces if len(f)]
-            if not faces:
-                return [self._aligned_only(aligned[k]) if k in aligned else None for k in range(len(chunks))]
-            if len({f.shape[1:] for f in faces}) > 1:
-                # Chunks from runs of different align.output_size cannot stack; bring all to the model's size.
-                faces = [f if f.shape[1:3] == (MODEL_INPUT_SIZE,) * 2
-                         else np.stack([resize_square(x, MODEL_INPUT_SIZE) for x in f]) for f in faces]
-            rows = [aligned[k][0] if k in aligned else c.rows for k, c in enumerate(chunks)]
-            keys = [r.key for chunk_rows in rows for r in chunk_rows if r.status == "ok"]
-            faces = np.concatenate(faces)
-            res, edit = call.invert(faces, keys) if call is not None else self._invert_batch(faces, keys)
-        out: list[InvertResult | None] = []
-        start = 0
-        total = max(1, sum(sizes))
-        for k, n in enumerate(sizes):
-            if n == 0:
-                out.append(self._aligned_only(aligned[k]) if k in aligned else None)
-                continue
-            s = slice(start, start + n)
-            r = InvertResult(res.codes[s], res.recon[s], res.mse[s], res.psnr[s], res.stages,
-                             res.seconds * n / total, finished_unix=time.time(),
-                             edits=None if edit is None else edit.slice(s))
-            if k in aligned:
-                r.rows, r.faces, r.face_photo, r.align_seconds = aligned[k]
-            out.append(r)
-            start += n
-        return out
-
-    def _invert_batch(self, faces: np.ndarray, keys: list[str]):
-        """Faces -> (InvertResult, EditResult or None): the model's inversion in batches, then the edits."""
-        res = invert_faces(self.model, faces, stages=self.stages, batch_size=self.batch_size, device=self.device,
-                           return_images=self.return_images, pad_batches=self.compiled, task=self.task)
-        return res, apply_edit(self.model, res.codes, keys, self.edit_options, self.batch_size)
-
-    def set_align_lanes(self, lanes: int) -> None:
-        """``lanes`` alignment lanes from now on (a profile compares counts on one actor, whose start costs a
-        compile); call it while no call aligns."""
-        on_gpu = self.device.startswith("cuda")
-        self.align_lanes = int(lanes)
-        self._free_lanes: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.align_lanes):
-            self._free_lanes.put(torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
-                                 if on_gpu else None)
-
-    @contextlib.contextmanager
-    def _alignment_lane(self):
-        """Held around a group's alignment on the device: a free lane (waiting for one), its stream current."""
-        lane = self._free_lanes.get()
-        try:
-            with torch.cuda.stream(lane):
-                yield
-        finally:
-            self._free_lanes.put(lane)
-
-    def align_part_seconds(self) -> dict[str, float]:
-        """Seconds this actor's alignment spent in each part so far (pipeline.device_align.ALIGN_PARTS);
-        empty when it does not align."""
-        return dict(self.aligner.part_seconds) if self.aligner is not None else {}
-
-    def _aligned_only(self, aligned) -> InvertResult:
-        """The result of a chunk of photos in which no face was found: its rows, nothing inverted."""
-        m = self.model
-        rows, faces, face_photo, seconds = aligned
-        return InvertResult(np.zeros((0, m.n_latent, m.decoder.style_dim), np.float32),
-                            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), np.uint8),
-                            np.zeros((0,), np.float32), np.zeros((0,), np.float32), int(self.stages or m.num_stages),
-                            finished_unix=time.time(), rows=rows, faces=faces, face_photo=face_photo,
-                            align_seconds=seconds)
+class InvertWorker(Inverter):
+    """The Ray actor's class (its name is what Ray's state API lists)."""
 
     def invert_many(self, *chunks: PreparedChunk):
         """Ray entry point, called with ``num_returns=len(chunks)``: a tuple, or the single result."""
         out = self.invert_chunks(*chunks)
         return out[0] if len(out) == 1 else tuple(out)
+
+
+def start_invert_actors(n: int, resources: dict[str, Any], calls: int, checkpoint: str, **inverter_kwargs) -> list:
+    """``n`` inversion actors, each asking for ``resources`` (num_gpus, num_cpus, custom resources:
+    pipeline.cluster sizes them) and running up to ``calls`` calls at once (max_concurrency: while one call's
+    batches run on the device, the next call's inputs are unpacked, pinned and copied, and an aligning actor's
+    calls align meanwhile); ``inverter_kwargs`` go to Inverter."""
+    actor = ray.remote(InvertWorker).options(max_restarts=ACTOR_RESTARTS, max_task_retries=CALL_RETRIES,
+                                             max_concurrency=calls, **resources)
+    return [actor.remote(checkpoint, **inverter_kwargs) for _ in range(n)]
+
+
+def submit_invert(actor, chunks: list) -> list:
+    """One call inverting ``chunks`` (refs) on ``actor``: one result ref per chunk."""
+    refs = actor.invert_many.options(num_returns=len(chunks)).remote(*chunks)
+    return refs if isinstance(refs, list) else [refs]

@@ -1,34 +1,22 @@
-"""The latents subcommands' actor: the generator loaded once in ``__init__``, one call per shard.
-
-A thin wrapper over ``pipeline.latents_ops.process_shard``; usable without Ray."""
+"""The latents subcommands' actor on Ray: ``pipeline.latents_ops.LatentsProcessor`` (the generator loaded once,
+one call per shard), with its options in one place."""
 from __future__ import annotations
 
-import os
+from typing import Any
 
-import torch
+import ray
 
-from models import load_e2style
-from pipeline.checkpoints import fetch_checkpoint, resolve_batch_size, resolve_device
-from pipeline.latents_ops import LatentsJob, process_shard
+from pipeline.latents_ops import LatentsProcessor
 
-__all__ = ["LatentsWorker"]
+__all__ = ["start_latents_actors"]
+
+# A crashed actor is restarted; its shard's call is not retried by Ray (max_task_retries=0): the shard
+# scheduler retries the shard as a new attempt.
+ACTOR_RESTARTS = 2
 
 
-class LatentsWorker:
-    def __init__(self, checkpoint: str, *, endpoint_url: str | None = None, sha256: str | None = None,
-                 precision: str = "auto", device: str = "auto", num_threads: int | None = None, batch_size: int | str = "auto"):
-        self.device = resolve_device(device)
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        elif self.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
-            # Ray sets OMP_NUM_THREADS to the actor's CPU share; keep torch's intra-op pool to it.
-            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-        precision = ("fp16" if self.device.startswith("cuda") else "fp32") if precision == "auto" else precision
-        self.model = load_e2style(fetch_checkpoint(checkpoint, endpoint_url, sha256), device=self.device, precision=precision)
-        self.batch_size = resolve_batch_size(batch_size, self.device)
-
-    def info(self) -> dict:
-        return {"n_latent": int(self.model.n_latent), "style_dim": int(self.model.decoder.style_dim), "device": self.device}
-
-    def process(self, shard: str, job: LatentsJob) -> dict:
-        return process_shard(self.model, shard, job, self.batch_size)
+def start_latents_actors(n: int, resources: dict[str, Any], checkpoint: str, **processor_kwargs) -> list:
+    """``n`` latents actors, each asking for ``resources`` (pipeline.cluster.actor_plan's); ``processor_kwargs``
+    go to LatentsProcessor."""
+    actor = ray.remote(LatentsProcessor).options(max_restarts=ACTOR_RESTARTS, max_task_retries=0, **resources)
+    return [actor.remote(checkpoint, **processor_kwargs) for _ in range(n)]
