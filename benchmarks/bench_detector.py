@@ -36,7 +36,8 @@ from pipeline.decode import decode_image  # noqa: E402
 # on the device): the filter kernel's tiles (rows x columns per program, warps), histogram cells per program,
 # the padding allowed in a batch. (Names without commas: --variants is comma-separated.)
 VARIANTS = {
-    "filters 8x32 1 warp": {(filters, "_FILTER_ROWS"): 8, (filters, "_FILTER_BLOCK"): 32, (filters, "_FILTER_WARPS"): 1},
+    "filters 8x32 1 warp": {(filters, "_FILTER_ROWS"): 8, (filters, "_FILTER_BLOCK"): 32,
+                            (filters, "_FILTER_WARPS"): 1},
     "filters 16x32 1 warp": {(filters, "_FILTER_BLOCK"): 32, (filters, "_FILTER_WARPS"): 1},
     "filters 32x64": {(filters, "_FILTER_ROWS"): 32},
     "hist 64 cells": {(fhog, "_CELL_BLOCK"): 64},

@@ -25,6 +25,7 @@ from PIL import Image
 from models.alignment.detector import BUNDLED_DETECTOR_FILE, FrontalFaceDetector, float32_at_least
 from models.alignment.device import upload_many
 from models.alignment.formats import DetectorFileError, DlibReader, encode_float, encode_int, read_detector_file
+from models.alignment.kernel_check import use_kernels
 from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb, resize_tables
 from face_variants import face_variants, faceless_variants, original_photos
 
@@ -536,3 +537,32 @@ def test_upload_many_gives_back_every_array_as_it_was():
     for g, a in zip(got, arrays):
         assert g.numpy().dtype == a.dtype and tuple(g.shape) == a.shape
         assert np.array_equal(g.numpy(), a)
+
+
+def test_a_kernel_group_that_disagrees_warns_once_and_falls_back_to_torch():
+    """kernel_check.use_kernels, the one way every port trusts its kernels: a group is checked once per device
+    and process; a check that finds a difference, or fails, warns naming the group and the device and the
+    torch path serves; True forces the kernels (refused where they cannot run), False never runs a check."""
+    runs = []
+
+    def disagrees(device):
+        runs.append(device)
+        return "3 values differ"
+
+    def fails(device):
+        raise RuntimeError("no compiler")
+
+    device = torch.device("cuda", 7)  # auto mode checks on CUDA only; the probes here touch no device
+    with pytest.warns(RuntimeWarning, match=r"Triton probe-a kernels .* on cuda:7 \(3 values differ\)"):
+        assert use_kernels("probe-a", device, None, disagrees) is False
+    assert use_kernels("probe-a", device, None, disagrees) is False
+    assert runs == [device]  # once per device and process
+    with pytest.warns(RuntimeWarning, match=r"Triton probe-b kernels .* \(RuntimeError: no compiler\)"):
+        assert use_kernels("probe-b", device, None, fails) is False
+    assert use_kernels("probe-a", device, False, disagrees) is False
+    assert use_kernels("probe-c", "cpu", None, disagrees) is False  # the torch path on CPU, unchecked
+    assert runs == [device]
+    with pytest.raises(ValueError, match="use_triton needs a CUDA device"):
+        use_kernels("probe-d", "cpu", True, disagrees)
+    with pytest.raises(ValueError, match="use_triton needs a CUDA device"):
+        FrontalFaceDetector("cpu", use_triton=True)

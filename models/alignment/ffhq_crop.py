@@ -52,9 +52,8 @@ def _gaussian_blur(f: torch.Tensor, sigma: float, bucketed: bool | None = None) 
 
     ``bucketed`` (default: on CUDA): FFT lengths and batches rounded up to powers of two (zero rows added).
     cuFFT makes a plan for each (length, batch) and torch caches them; every face has its own size, and a new
-    plan cost ~10-40 ms per face on an H200 (1.8 of 2.0 s of crop_faces' host time on 5 chunks of new
-    photos), so the sizes are bucketed into a few dozen plans. On CPUs plans are cheap: fast lengths, no
-    padding."""
+    plan costs milliseconds of host time per face (BENCHMARKS.md), so the sizes are bucketed into a few dozen
+    plans. On CPUs plans are cheap: fast lengths, no padding."""
     if bucketed is None:
         bucketed = f.device.type == "cuda"
     radius = int(4.0 * sigma + 0.5)
@@ -91,10 +90,10 @@ def _channel_median(flat: torch.Tensor) -> torch.Tensor:
     """np.median(flat, axis=0) of an (n, 3) float tensor: the middle value, or the mean of the two middle
     values when n is even (in the tensor's dtype, as numpy's float32 mean of two).
 
-    One sort along the pixel axis of the (3, n) transpose, a segmented radix sort on CUDA: torch.kthvalue took
-    ~4 ms per padded face there (41 of crop_faces' 72 ms of GPU time for 58 faces on an H200). On CPU the sort
-    is about twice kthvalue's time (~0.1 s for n = 1M). The sorted values at n // 2 (and n // 2 - 1) are the
-    very values kthvalue selects, so the median is bit-identical."""
+    One sort along the pixel axis of the (3, n) transpose, a segmented radix sort on CUDA, where torch.kthvalue
+    was most of the crop's GPU time on padded faces (BENCHMARKS.md); on CPU the sort is slower than kthvalue but
+    the crop's GPU path matters. The sorted values at n // 2 (and n // 2 - 1) are the very values kthvalue
+    selects, so the median is bit-identical."""
     n = flat.shape[0]
     ordered = torch.sort(flat.t().contiguous(), dim=1).values
     if n % 2:
@@ -254,9 +253,9 @@ def upright_landmarks_batch(photos: Sequence[torch.Tensor], boxes: Sequence, pre
     re-predicted upright when its eyes are rolled by more than ``upright_above`` degrees.
 
     A rolled face is predicted again on its :func:`upright_region`, and once more when that changed the roll
-    by over UPRIGHT_AGAIN_ABOVE degrees (a badly rolled first prediction misjudges the roll too). Each round is one
-    ``predict_many`` call over all its faces (each on its own region): on a GPU a call costs ~17 ms whatever
-    its size, so face-by-face rounds were most of alignment's time. ``first``: the faces' first predictions
+    by over UPRIGHT_AGAIN_ABOVE degrees (a badly rolled first prediction misjudges the roll too). Each round is
+    one ``predict_many`` call over all its faces (each on its own region): on a GPU a call costs about the same
+    whatever its size, so face-by-face rounds were most of alignment's time. ``first``: the faces' first predictions
     when already known (otherwise one ``predict_many`` call on the photos makes them). A face's points do not
     depend on the others in a call, so each equals its own :func:`upright_landmarks`."""
     if len(photos) != len(boxes):

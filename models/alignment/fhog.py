@@ -239,7 +239,7 @@ if triton is not None:
         best = tl.zeros([BLOCK], dtype=tl.float32)
         bin_ = tl.zeros([BLOCK], dtype=tl.int32)
         for o in tl.static_range(9):
-            dot = gx * DIRECTIONS_C[2 * o] + gy * DIRECTIONS_C[2 * o + 1]
+            dot = gx * _DIRECTIONS_C[2 * o] + gy * _DIRECTIONS_C[2 * o + 1]
             size = tl.abs(dot)
             better = size > best
             best = tl.where(better, size, best)

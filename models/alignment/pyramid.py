@@ -156,8 +156,8 @@ def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, in
                   ) -> ResizeTables:
     """The tables of resize_image from in_sizes[b] to out_sizes[b] ((h, w)) for every image at once, padded to
     out_h rows and out_w columns. numpy, one pass per table over the whole batch: every pyramid level of every
-    photo needs its own, and photos are seldom of a size met before (per image, they took ~40% of a 64-photo
-    batch's detection host time on an H200's host)."""
+    photo needs its own, and photos are seldom of a size met before (made per image, they were a large share of
+    a GPU batch's detection host time)."""
     n = len(in_sizes)
     h, w = (np.array([s[k] for s in in_sizes], np.int64) for k in (0, 1))
     oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
