@@ -111,7 +111,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         def on_commit(attempt: Attempt, stats: dict) -> None:
             bad = {k: v for k, v in stats["counts"].items() if k != "ok"}
             log.info("committed shard %s: %d rows%s", attempt.name, stats["rows"], f" ({bad})" if bad else "")
-            prog.shard_done()
+            prog.commit(stats.get("inputs_read", 0), attempt.name)
 
         def on_round() -> None:
             job.submit_batches(flush=job.reading_done())
@@ -122,7 +122,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
             prog.tick()
 
         sched = Scheduler(wait_one, retries=cfg.retries, max_in_flight=cfg.ray.max_shards_in_flight or cpu_for_tasks + 1,
-                          on_commit=on_commit, on_failed=lambda a, why: prog.shard_done(failed=True),
+                          on_commit=on_commit, on_failed=lambda a, why: prog.drop(a.name, failed=True),
                           on_idle=on_idle, on_round=on_round)
         job = InversionJob(sched, ActorPool(actors, calls),
                            submit_prepare=lambda shard: prepare_shard_task.remote(shard, prepare_cfg),
@@ -131,7 +131,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
         try:
             sched.run(todo, job.start)
         finally:
-            prog.close()
+            processing_s = prog.close()  # the summary's throughput is over the progress's own time: one figure
         align_parts: dict[str, float] = {}
         if info["align_backend"] == "torch":
             try:  # a report only: an actor lost at the end costs the line, not the run
@@ -139,7 +139,7 @@ def run_inversion(cfg: PipelineConfig, todo: list[Shard], *, fingerprint: str, c
                 echo(ALIGN_PARTS_LINE + ", ".join(f"{k} {v:.1f}" for k, v in align_parts.items()))
             except Exception as e:  # noqa: BLE001
                 log.warning("alignment time by part not reported: %s", short_error(e))
-        return sched.committed, sched.failed, time.time() - t0, align_parts
+        return sched.committed, sched.failed, processing_s, align_parts
     finally:
         for a in actors:
             ray.kill(a)

@@ -51,6 +51,7 @@ class InversionJob:
         self.pending: collections.deque[_Pending] = collections.deque()
 
     def start(self, attempt: Attempt) -> None:
+        self.progress.drop(attempt.name)  # a retried shard's work in flight starts again from nothing
         attempt.state = _ShardState(self.submit_prepare(attempt.shard))
         self.sched.watch(attempt.state.gen, self._on_chunk(attempt), attempt, "prepare")
 
@@ -67,7 +68,7 @@ class InversionJob:
             chunk = next(gen)
             index = len(st.chunks)
             st.chunks.append(chunk)
-            self.progress.add_images(n_inputs)
+            self.progress.in_flight(attempt.name, n_inputs)
             if n_faces:
                 self.pending.append(_Pending(attempt, index, chunk, n_faces))
             else:

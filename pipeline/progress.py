@@ -1,19 +1,23 @@
-"""Progress of a run, and its summary at the end: a tqdm bar on a terminal (``progress: true``), and otherwise one plain log line every
-``progress_interval_s`` seconds (images, images/s, shards done, ETA): what ``ray job logs`` of a cluster job
-can show."""
+"""Progress of a run, and its summary at the end. One class counts work *committed* (and, apart, work in
+flight), and derives the one throughput figure and the ETA that the bar, the log lines and the summary all
+show: on a terminal a tqdm bar (``progress: true``), otherwise one plain log line every ``progress_interval_s``
+(what ``ray job logs`` of a cluster job can show) and a last one at the end. Training uses the same class
+for its steps (``unit="steps"``, no shards)."""
 from __future__ import annotations
 
 import collections
 import logging
 import sys
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "format_duration", "summarise", "format_summary"]
+__all__ = ["Progress", "format_duration", "format_rate", "summarise", "format_summary"]
 
 log = logging.getLogger("e2style.progress")
+# The bar shows our rate and ETA (from committed work), not tqdm's own (from whatever it was last updated with).
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 def format_duration(s: float) -> str:
@@ -23,74 +27,118 @@ def format_duration(s: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+def format_rate(rate: float | None, unit: str) -> str:
+    """The one way a throughput is printed (bar, log line, summary), so that the three read the same."""
+    return f"{rate or 0:.2f} {unit}/s"
+
+
 class Progress:
-    def __init__(self, bar: bool, total_images: int | None, total_shards: int, interval_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] = log.info):
-        self.total_images, self.total_shards = total_images, total_shards
-        self.shards_done = self.shards_failed = self.images = 0
+    """Counts of work committed and in flight, the rate of committed work and the ETA.
+
+    ``in_flight(key, n)``: n more inputs of shard ``key`` are being worked on (read, aligned, inverted);
+    ``commit(n, key)``: n inputs are committed (the shard ``key``'s stats are written; its in-flight count
+    ends); ``drop(key, failed)``: an attempt's in-flight work is discarded (retried, or failed for good).
+    ``rate()`` is committed work over ``elapsed_s()``; the summary's throughput is the same figure.
+    """
+
+    def __init__(self, bar: bool, total: int | None, total_shards: int | None = None, interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] = log.info,
+                 unit: str = "images"):
+        self.total, self.total_shards, self.unit = total, total_shards, unit
+        self.committed = self.shards_done = self.shards_failed = 0
+        self._in_flight: dict[Hashable, int] = collections.defaultdict(int)
         self.interval_s, self.clock, self.emit = interval_s, clock, emit
         self.t0 = self.last = clock()
         self.bar = None
         if bar:
-            self.bar = tqdm(total=total_images, unit="img", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
-            self._post()
+            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, bar_format=_BAR_FORMAT)
+            self._refresh_bar()
 
-    def _post(self):
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"shards {self.shards_done}/{self.total_shards}")
+    @property
+    def in_flight_total(self) -> int:
+        return sum(self._in_flight.values())
 
-    def add_images(self, n: int):
-        self.images += n
-        if self.bar is not None:
-            self.bar.update(n)
+    def in_flight(self, key: Hashable, n: int) -> None:
+        self._in_flight[key] += n
+        self._refresh_bar()
 
-    def shard_done(self, failed: bool = False):
-        if failed:
-            self.shards_failed += 1
-        else:
+    def commit(self, n: int, key: Hashable | None = None) -> None:
+        self.committed += n
+        if key is not None:
+            self._in_flight.pop(key, None)
             self.shards_done += 1
         if self.bar is not None:
-            if self.total_images is None and self.shards_done:
-                self.bar.total = max(self.estimated_total() or 0, self.images)
-                self.bar.refresh()
-            self._post()
+            if self.total is None and self.estimated_total() is not None:
+                self.bar.total = self.estimated_total()
+            self.bar.update(n)
+        self._refresh_bar()
+
+    def drop(self, key: Hashable, failed: bool = False) -> None:
+        self._in_flight.pop(key, None)
+        if failed:
+            self.shards_failed += 1
+        self._refresh_bar()
+
+    def elapsed_s(self) -> float:
+        return max(self.clock() - self.t0, 1e-9)
+
+    def rate(self) -> float:
+        """Committed work per second since the start."""
+        return self.committed / self.elapsed_s()
 
     def estimated_total(self) -> int | None:
-        """The images of the whole run: known for image folders, else extrapolated from the finished shards."""
-        if self.total_images is not None:
-            return self.total_images
-        if not self.shards_done:
+        """The run's whole work: known (image folders, training steps), else extrapolated from committed shards."""
+        if self.total is not None:
+            return self.total
+        if not self.shards_done or self.total_shards is None:
             return None
         left = self.total_shards - self.shards_done - self.shards_failed
-        return self.images + int(self.images / self.shards_done * left)
+        return self.committed + round(self.committed / self.shards_done * left)
+
+    def eta(self) -> str:
+        total, rate = self.estimated_total(), self.rate()
+        if total is None or not self.committed:
+            return "?"
+        return format_duration(max(total - self.committed, 0) / rate)
+
+    def _status(self) -> str:
+        """What the bar's tail and the log line share: rate, in flight, shards, ETA."""
+        parts = [format_rate(self.rate(), self.unit)]
+        if self.total_shards is not None:
+            parts.append(f"{self.in_flight_total} in flight")
+            failed = f" ({self.shards_failed} failed)" if self.shards_failed else ""
+            parts.append(f"shards {self.shards_done}/{self.total_shards} done{failed}")
+        parts.append(f"ETA {self.eta()}")
+        return ", ".join(parts)
 
     def line(self) -> str:
-        elapsed = max(self.clock() - self.t0, 1e-9)
-        rate = self.images / elapsed
-        done = self.shards_done + self.shards_failed
         total = self.estimated_total()
-        if total is not None and rate > 0:
-            eta = format_duration(max(total - self.images, 0) / rate)
-        elif done:
-            eta = format_duration(elapsed / done * (self.total_shards - done))
-        else:
-            eta = "?"
-        failed = f" ({self.shards_failed} failed)" if self.shards_failed else ""
-        return (f"progress: {self.images} images in {format_duration(elapsed)}, {rate:.1f} images/s, "
-                f"shards {self.shards_done}/{self.total_shards} done{failed}, ETA {eta}")
+        of = f"/{total}" if total is not None else ""
+        return f"progress: {self.committed}{of} {self.unit} committed in {format_duration(self.elapsed_s())}, {self._status()}"
 
-    def tick(self):
-        """Called often; without a bar, logs ``line()`` once per interval."""
-        if self.bar is not None or not self.interval_s:
+    def _refresh_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(), refresh=True)
+
+    def tick(self) -> None:
+        """Called often: refreshes the bar's rate and ETA, or logs ``line()`` once per interval."""
+        if self.bar is not None:
+            self._refresh_bar()
             return
         t = self.clock()
-        if t - self.last >= self.interval_s:
+        if self.interval_s and t - self.last >= self.interval_s:
             self.last = t
             self.emit(self.line())
 
-    def close(self):
+    def close(self) -> float:
+        """Ends the bar, or logs the last line; returns elapsed_s(), the time the summary's throughput is over."""
+        elapsed = self.elapsed_s()
         if self.bar is not None:
+            self._refresh_bar()
             self.bar.close()
+        elif self.interval_s:
+            self.emit(self.line())
+        return elapsed
 
 
 def summarise(stats_all: list[dict], wall: float, processing: float = 0.0) -> dict:
@@ -105,16 +153,18 @@ def summarise(stats_all: list[dict], wall: float, processing: float = 0.0) -> di
     # images/s over the processing time (Ray start-up and planning excluded; wall_s has everything)
     return {"inputs": inputs, "rows": sum(counts.values()), "counts": dict(counts), "wall_s": round(wall, 3),
             "processing_s": round(processing, 3),
-            "images_per_s": round(inputs / processing, 3) if processing > 0 else None,
+            "images_per_s": inputs / processing if processing > 0 else None,  # the progress's rate at its end
             "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
             "stage_share": {k: round(v / busy, 4) for k, v in sorted(timings.items())}}
 
 
-def format_summary(s: dict, failed: dict[str, str], out_uri: str) -> str:
+def format_summary(s: dict, failed: dict[str, str], out_uri: str, failure_lines: list[str] = ()) -> str:
+    """The summary printed at the end; ``failure_lines``: the inputs that failed (pipeline/failures.py)."""
     lines = ["", "=== summary ===",
              f"inputs: {s['inputs']}   rows: {s['rows']}   wall: {s['wall_s']:.1f} s   "
-             f"throughput: {s['images_per_s'] or 0:.2f} images/s (over {s['processing_s']:.1f} s of processing)",
-             "status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(s["counts"].items())) or "(none)")]
+             f"throughput: {format_rate(s['images_per_s'], 'images')} (over {s['processing_s']:.1f} s of processing)",
+             "status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(s["counts"].items())) or "(none)"),
+             *failure_lines]
     if s["stage_share"]:
         lines.append("stage time share: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["stage_share"].items()))
     lines.append(f"shards: {s['shards_total']} total, {s['shards_committed_now']} committed now, "

@@ -17,13 +17,14 @@ import ray
 from .cluster import init_ray
 from .config import ConfigError, PipelineConfig, fingerprint, redact
 from .edit import directions_sha256
+from .failures import FAILURES_FILE, format_failures, update_failures
 from .inversion import run_inversion
 from .ledger import RunLedger
 from .options import checkpoint_identity, stage_options
 from .progress import format_summary, summarise
 from .read import Shard, plan_shards
 from .report import write_contact_sheet
-from .storage import get_fs, require_bucket, storage_errors, to_uri
+from .storage import get_fs, join, require_bucket, storage_errors, to_uri
 
 __all__ = ["RunResult", "Plan", "run", "plan", "format_plan"]
 
@@ -157,11 +158,13 @@ def _run_held(cfg: PipelineConfig, p: Plan, t_start: float, echo: Callable[[str]
                     "shards_skipped": len(skipped), "shards_failed": sorted(failed)})
     if align_parts:
         summary["align_seconds_by_part"] = align_parts  # the actors' alignment (align.backend torch)
+    failures = update_failures(p.ledger.fs, p.ledger.root, committed, set(skipped))
+    summary["inputs_failed_now"] = len(failures)
     p.ledger.finish(failed, summary, len(p.shards))
     out_uri = to_uri(p.ledger.fs, p.ledger.root)
     if not failed and cfg.output.contact_sheet:
         sheet = write_contact_sheet(p.ledger.fs, p.ledger.root)
         if sheet:
             echo(f"contact sheet (inputs above reconstructions): {to_uri(p.ledger.fs, sheet)}")
-    echo(format_summary(summary, failed, out_uri))
+    echo(format_summary(summary, failed, out_uri, format_failures(failures, join(out_uri, FAILURES_FILE))))
     return RunResult(0 if not failed else 1, [n for n, _ in committed], failed, skipped, summary)

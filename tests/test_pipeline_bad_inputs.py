@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import tarfile
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_parquet, make_tar, pipeline_config, tiny_image_bytes
+from pipeline.failures import format_failures
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
 from pipeline.runner import run
@@ -46,14 +49,18 @@ def _corpus() -> dict[str, tuple[bytes, str]]:
     }
 
 
-def test_bad_inputs_one_row_each_s3(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint):
+def test_bad_inputs_one_row_each_s3(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint, caplog):
+    """One row per input whatever its bytes; the summary names the inputs that failed (all of them in
+    failures.jsonl), and its throughput is the one the last progress line shows."""
     fs = s3fs_session
     corpus = _corpus()
     for name, (data, _) in corpus.items():
         fs.pipe_file(f"{s3_bucket}/in/{name}.{'png' if name in ('rgba', 'gray16', 'bomb') else 'jpg'}", data)
     cfg = pipeline_config(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", tiny_checkpoint, moto_server,
-                          input__max_pixels=100_000)
-    res = run(cfg, echo=lambda s: None)
+                          input__max_pixels=100_000, shard_size=5)
+    echoed: list[str] = []
+    with caplog.at_level(logging.INFO, logger="e2style.progress"):
+        res = run(cfg, echo=echoed.append)
     assert res.exit_code == 0
     fs.invalidate_cache()
     df = pd.concat([pd.read_parquet(fs.open(p)) for p in fs.glob(f"{s3_bucket}/out/latents/*.parquet")])
@@ -63,6 +70,27 @@ def test_bad_inputs_one_row_each_s3(ray_session, s3fs_session, s3_bucket, moto_s
     assert bad.codes.isna().all() and bad.error.notna().all() and bad.recon_psnr.isna().all()
     assert df[df.status == "ok"].error.isna().all()
     assert res.summary["counts"]["ok"] == 4
+
+    # The failed inputs: every one in failures.jsonl, each in the summary with its status and error.
+    listed = [json.loads(line) for line in fs.cat_file(f"{s3_bucket}/out/failures.jsonl").decode().splitlines()]
+    assert {r["key"]: (r["status"], r["error"], r["source"]) for r in listed} == \
+        {r.key: (r.status, r.error, r.source) for r in bad.itertuples()}
+    summary = echoed[-1]
+    assert f"inputs that failed in this run: {len(bad)} (all in s3://{s3_bucket}/out/failures.jsonl)" in summary
+    for r in bad.itertuples():
+        assert f"{r.status:<13} {r.source}: {r.error.splitlines()[0][:160]}" in summary, summary
+
+    # One throughput: the last progress line (all inputs committed, none in flight) and the summary.
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")][-1]
+    assert last.startswith(f"progress: {len(corpus)}/{len(corpus)} images committed") and "0 in flight" in last, last
+    rate = re.search(r"([\d.]+ images/s)", last).group(1)
+    assert f"throughput: {rate}" in summary, (last, summary)
+
+    # A rerun that commits nothing keeps the list of the shards still committed.
+    res = run(cfg, echo=echoed.append)
+    assert res.exit_code == 0 and not res.committed
+    fs.invalidate_cache()
+    assert [json.loads(line) for line in fs.cat_file(f"{s3_bucket}/out/failures.jsonl").decode().splitlines()] == listed
 
 
 def test_hostile_tar_and_parquet(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint):
@@ -150,3 +178,13 @@ def test_failing_shard_is_retried_then_reported(ray_session, s3fs_session, s3_bu
     assert not fs.exists(f"{s3_bucket}/out/_SUCCESS")
     st = json.loads(fs.cat_file(f"{s3_bucket}/out/stats/good.json"))
     assert st["attempt"] == 1
+
+
+def test_summary_lists_failed_inputs_up_to_a_bound():
+    failures = [{"shard": "s", "key": f"k{i}", "source": f"/in/k{i}.jpg", "status": "decode_error",
+                 "error": f"cannot identify image {i}\nsecond line"} for i in range(25)]
+    lines = format_failures(failures, "/out/failures.jsonl", shown=20)
+    assert lines[0] == "inputs that failed in this run: 25 (all in /out/failures.jsonl)"
+    assert lines[1] == "  decode_error  /in/k0.jpg: cannot identify image 0"
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == "  ... and 5 more in /out/failures.jsonl"
+    assert format_failures([], "/out/failures.jsonl") == []
