@@ -1,7 +1,8 @@
 """The multi-stage E2Style model: a first-stage encoder, refinement encoders, a frozen StyleGAN2 decoder.
 
 Stage 1: codes = E1(x) (+ latent_avg). Stage k > 1: codes += E_k(concat(x, pool256(G(codes_{k-1})))).
-Each stage's reconstruction is the generator output average-pooled to 256x256 (the official `face_pool`).
+Each stage's reconstruction is the generator output average-pooled to 256x256 (the official `face_pool`); with
+``pool_before_rgb`` the generator makes it at 256 px directly (Generator.synthesis's ``pool_to``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from .stylegan2 import Generator, Upsample
 
 POOLED_SIZE = 256
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile modes of optimize_for_gpu. "max-autotune" also records each compiled network as CUDA graphs of
+# its own; "max-autotune-no-cudagraphs" autotunes the same kernels (Triton convolution and matmul templates
+# against the libraries') without them, the form that fits inside capture_invert's one graph.
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -83,6 +88,7 @@ class E2Style(nn.Module):
         self.label_nc = label_nc
         self.precision = "fp32"
         self.channels_last = False  # set by optimize_for_gpu
+        self.pool_before_rgb = False  # set by optimize_for_gpu: reconstructions made at 256 px (see _reconstruct)
         self._compiled: dict = {}   # name -> torch.compile'd callable, filled by optimize_for_gpu
         self._graphs: dict = {}     # (input shape, stages, return_images, precision) -> InversionGraph
 
@@ -107,15 +113,24 @@ class E2Style(nn.Module):
         self.precision = precision
         self.decoder.set_modconv_mode(modconv)
 
-    def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False, kernels: bool = True) -> "E2Style":
+    def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False, kernels: bool = True,
+                         compile_mode: str = "default", pool_before_rgb: bool = False) -> "E2Style":
         """channels_last activations (what cuDNN's tensor-core kernels want) and, optionally, torch.compile
-        of the encoders and the synthesis network (fuses the elementwise epilogues). Compilation happens on
-        first use; if it fails there, the eager modules are used and a warning says why.
+        of the encoders and the synthesis network (fuses the elementwise epilogues) in ``compile_mode`` (one of
+        COMPILE_MODES). Compilation happens on first use; if it fails there, the eager modules are used and a
+        warning says why.
 
         kernels: two rewrites of the same maths that GPU libraries run faster: the encoders' 3/6-channel
         input convolutions zero-padded to 8 channels, and the generator's RGB-skip upsampling as two matrix
-        products (see BENCHMARKS.md). Inference only: the padded weights change the state dict."""
+        products (see BENCHMARKS.md). Inference only: the padded weights change the state dict.
+
+        pool_before_rgb: the generator's last layer average-pools its activations to 256 px before its ToRGB
+        (the same function: Generator.synthesis's ``pool_to``), so no 1024 px RGB image is made and, compiled,
+        the pooling fuses into the last convolution's epilogue."""
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.channels_last = channels_last
+        self.pool_before_rgb = pool_before_rgb
         self._graphs = {}  # recorded for the networks as they were
         if kernels:
             for enc in (self.encoder_firststage, *self.encoder_refinestage_list):
@@ -123,17 +138,18 @@ class E2Style(nn.Module):
                     pad_input_channels(enc)
             for m in self.decoder.modules():
                 if isinstance(m, Upsample):
-                    m.matmul = True
+                    m.form = "matmul"
         if channels_last:
             for m in self.modules():  # the generator's 5-D modulated weights stay as they are
                 if isinstance(m, nn.Conv2d):
                     m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if compile:
             self._compiled = {}
+            mode = None if compile_mode == "default" else compile_mode
             for name, fn in (("first", self.encoder_firststage), ("synthesis", self.decoder.synthesis)):
-                self._compiled[name] = torch.compile(fn, dynamic=False)
+                self._compiled[name] = torch.compile(fn, dynamic=False, mode=mode)
             for i, enc in enumerate(self.encoder_refinestage_list):
-                self._compiled[f"refine{i}"] = torch.compile(enc, dynamic=False)
+                self._compiled[f"refine{i}"] = torch.compile(enc, dynamic=False, mode=mode)
         return self
 
     def capture_invert(self, batch: int, stages: int | None = None, return_images: bool = True,
@@ -169,15 +185,15 @@ class E2Style(nn.Module):
         """What a recorded graph is valid for: the input shape, the stages run, the images, the precision."""
         return tuple(shape), self.num_stages if stages is None else int(stages), bool(return_images), self.precision
 
-    def _call(self, name: str, eager, *args):
+    def _call(self, name: str, eager, *args, **kwargs):
         compiled = self._compiled
         if name in compiled:
             try:
-                return compiled[name](*args)
+                return compiled[name](*args, **kwargs)
             except Exception as e:  # an unsupported toolchain (no Triton, no compiler): stay correct, run eager
                 warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {e}); running eager")
                 compiled.pop(name)
-        return eager(*args)
+        return eager(*args, **kwargs)
 
     def preprocess_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8 (pinned host or device memory) -> (B, C, H, W) float in [-1, 1] on the model's
@@ -200,13 +216,17 @@ class E2Style(nn.Module):
         dtype = PRECISIONS[self.precision]
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def _synthesis(self, codes: torch.Tensor) -> torch.Tensor:
-        return self._call("synthesis", self.decoder.synthesis, self._wplus(codes).contiguous())
+    def _reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes -> face_pool(G(codes)), the 256 px reconstruction; with pool_before_rgb made at 256 px."""
+        wplus = self._wplus(codes).contiguous()
+        if self.pool_before_rgb:
+            return self._call("synthesis", self.decoder.synthesis, wplus, pool_to=POOLED_SIZE)
+        return face_pool(self._call("synthesis", self.decoder.synthesis, wplus))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """W+ codes -> 256x256 images with the stored noise (the official inference setting)."""
         with torch.no_grad(), self._autocast(codes.device):
-            return face_pool(self._synthesis(codes)).float()
+            return self._reconstruct(codes).float()
 
     @torch.no_grad()
     def invert(self, x: torch.Tensor, stages: int | None = None, return_images: bool = True) -> InversionOutput:
@@ -236,10 +256,10 @@ class E2Style(nn.Module):
             codes = self._encode_first(x)
             images = None
             for k in range(1, stages):
-                images = face_pool(self._synthesis(codes))
+                images = self._reconstruct(codes)
                 refine_in = torch.cat((x.to(images.dtype), images), dim=1)
                 codes = codes + self._call(f"refine{k - 1}", self.encoder_refinestage_list[k - 1], refine_in).to(codes.dtype)
-            images = face_pool(self._synthesis(codes)) if return_images else None
+            images = self._reconstruct(codes) if return_images else None
         codes = self._wplus(codes).float()
         return InversionOutput(codes=codes, images=images.float() if images is not None else None)
 

@@ -31,6 +31,12 @@ MODCONV_MODES = ("grouped", "shared")
 # form at batch >= 8; the official order is right at every batch size checked. benchmarks/check_gpu.py keeps
 # both reproductions and checks every path the code takes on a GPU.
 UPSAMPLE_FORMS = ("auto", "transposed", "transposed_blur")
+# The RGB skip's 2x upsampling (upfirdn2d, up 2, the 4-tap FIR), all the same function: "auto" is the modulated
+# convolutions' mode's (grouped: upfirdn2d; shared: one depthwise transposed convolution); "matmul" is
+# U_h @ x @ U_w^T with banded upsampling matrices (cuDNN's depthwise kernel is slow on 3 channels); "phases" writes
+# each of the four output phases as a 4-tap stencil of shifted slices, pointwise work that torch.compile fuses
+# with ToRGB's bias and sum (the upsampled skip is never stored).
+SKIP_UPSAMPLE_FORMS = ("auto", "matmul", "phases")
 
 
 def make_kernel(k: list[float]) -> torch.Tensor:
@@ -106,15 +112,18 @@ class Upsample(nn.Module):
         self.register_buffer("kernel", make_kernel(kernel) * (factor**2))
         p = self.kernel.shape[0] - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+        # The matrix and phase forms need a separable kernel: make_kernel's outer product of a 1-D list.
+        self.separable = not isinstance(kernel[0], (list, tuple))
 
         self.mode = "grouped"
-        # Separable form: two matrix products with banded (2n, n) upsampling matrices, instead of cuDNN's slow
-        # depthwise transposed convolution for the 3-channel RGB skip (set by E2Style.optimize_for_gpu).
-        self.matmul = False
+        self.form = "auto"  # one of SKIP_UPSAMPLE_FORMS (E2Style.optimize_for_gpu sets "matmul")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul:
+        form = self.form if self.separable else "auto"
+        if form == "matmul":
             return upsample_separable(x, self.kernel, self.factor, self.pad)
+        if form == "phases" and self.factor == 2 and self.pad == (2, 1):
+            return upsample2x_phases(x, self.kernel)
         if self.mode == "shared" and self.factor == 2 and self.pad == (2, 1):
             # Zero-insertion, pad (2, 1) and a 4-tap FIR is one depthwise transposed convolution
             # (stride 2, padding 1) with the same kernel: no zero-filled intermediate at 2x size.
@@ -122,6 +131,22 @@ class Upsample(nn.Module):
             k = self.kernel.to(x.dtype)  # convT scatters with the kernel as stored, i.e. a true convolution
             return F.conv_transpose2d(x, k[None, None].expand(c, 1, *k.shape), stride=2, padding=1, groups=c)
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+    def pooled(self, x: torch.Tensor, pool: int) -> torch.Tensor:
+        """F.avg_pool2d(self(x), pool) without the upsampled image: both are linear and separable, so their
+        composition along each axis is one (factor * n / pool, n) matrix (for the official [1, 3, 3, 1] kernel
+        and pool 4: a stride-2 filter [1, 7, 7, 1] / 16)."""
+        if not self.separable:
+            return F.avg_pool2d(self(x), pool)
+        a_h, a_w = separable_factors(self.kernel)
+        mh = upsample_pool_matrix(x.shape[-2], a_h, self.factor, self.pad, pool).to(x.dtype)
+        mw = upsample_pool_matrix(x.shape[-1], a_w, self.factor, self.pad, pool).to(x.dtype)
+        return torch.matmul(torch.matmul(mh, x), mw.t())
+
+
+def separable_factors(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with outer(a, b) == kernel, for a rank-1 kernel: its row sums, and its column sums over the total."""
+    return kernel.sum(1), kernel.sum(0) / kernel.sum()
 
 
 def upsample_matrix(n: int, kernel_1d: torch.Tensor, factor: int, pad: tuple[int, int]) -> torch.Tensor:
@@ -134,12 +159,35 @@ def upsample_matrix(n: int, kernel_1d: torch.Tensor, factor: int, pad: tuple[int
     return F.conv1d(z, k)[:, 0].t()  # column j: the response to input sample j
 
 
+def upsample_pool_matrix(n: int, kernel_1d: torch.Tensor, factor: int, pad: tuple[int, int], pool: int) -> torch.Tensor:
+    """(factor * n / pool, n) matrix: upfirdn along one axis (upsample_matrix), then the mean of each ``pool``
+    consecutive samples (average pooling)."""
+    u = upsample_matrix(n, kernel_1d, factor, pad)
+    return u.reshape(factor * n // pool, pool, n).mean(1)
+
+
 def upsample_separable(x: torch.Tensor, kernel: torch.Tensor, factor: int, pad: tuple[int, int]) -> torch.Tensor:
-    """upfirdn2d(x, kernel, up=factor, pad=pad) for a separable kernel (outer(a, a)), as U_h @ x @ U_w^T."""
-    a = kernel.sum(1) / kernel.sum().sqrt()  # outer(a, a).sum(1) = a * sum(a), and sum(a) = sqrt(sum)
-    uh = upsample_matrix(x.shape[-2], a, factor, pad).to(x.dtype)
-    uw = uh if x.shape[-1] == x.shape[-2] else upsample_matrix(x.shape[-1], a, factor, pad).to(x.dtype)
+    """upfirdn2d(x, kernel, up=factor, pad=pad) for a separable kernel (outer(a, b)), as U_h @ x @ U_w^T."""
+    a_h, a_w = separable_factors(kernel)
+    uh = upsample_matrix(x.shape[-2], a_h, factor, pad).to(x.dtype)
+    uw = upsample_matrix(x.shape[-1], a_w, factor, pad).to(x.dtype)
     return torch.matmul(torch.matmul(uh, x), uw.t())
+
+
+def upsample2x_phases(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """upfirdn2d(x, kernel, up=2, pad=(2, 1)) for a separable 4x4 kernel, phase by phase: along each axis output
+    2m takes taps 0 and 2 of the flipped kernel on inputs m-1, m, output 2m+1 taps 1 and 3 on m, m+1. Slices,
+    products and sums only (a compiler fuses them with what consumes the result)."""
+    a_h, a_w = separable_factors(kernel)
+    a_h, a_w = torch.flip(a_h, [0]).to(x.dtype), torch.flip(a_w, [0]).to(x.dtype)  # a true convolution
+    h, w = x.shape[-2:]
+    xp = F.pad(x, [1, 1, 1, 1])
+    # Rows first: even and odd output rows, each (B, C, H, W + 2).
+    rows = [a_h[0] * xp[..., 0:h, :] + a_h[2] * xp[..., 1:h + 1, :],
+            a_h[1] * xp[..., 1:h + 1, :] + a_h[3] * xp[..., 2:h + 2, :]]
+    phases = [torch.stack([r[..., 0:w] * a_w[0] + r[..., 1:w + 1] * a_w[2],
+                           r[..., 1:w + 1] * a_w[1] + r[..., 2:w + 2] * a_w[3]], dim=-1) for r in rows]
+    return torch.stack(phases, dim=-3).reshape(*x.shape[:-2], 2 * h, 2 * w)
 
 
 def fir_stencil(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
@@ -297,10 +345,15 @@ class ToRGB(nn.Module):
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None, pool: int = 1) -> torch.Tensor:
+        """pool > 1: F.avg_pool2d of the RGB image by ``pool``, computed at the pooled size. The modulated 1x1
+        convolution (no demodulation) and the bias act on each pixel alone, affinely, so they commute with the
+        average pooling of ``x``; the skip's upsampling and the pooling fold into one (Upsample.pooled)."""
+        if pool > 1:
+            x = F.avg_pool2d(x, pool)
         out = self.conv(x, style) + self.bias.to(x.dtype)
         if skip is not None:
-            out = out + self.upsample(skip)
+            out = out + (self.upsample.pooled(skip, pool) if pool > 1 else self.upsample(skip))
         return out
 
 
@@ -358,6 +411,13 @@ class Generator(nn.Module):
             if isinstance(m, ModulatedConv2d):
                 m.upsample_impl = form
 
+    def set_skip_upsample_form(self, form: str) -> None:
+        if form not in SKIP_UPSAMPLE_FORMS:
+            raise ValueError(f"RGB skip upsampling form must be one of {SKIP_UPSAMPLE_FORMS}, got {form!r}")
+        for m in self.modules():
+            if isinstance(m, Upsample):
+                m.form = form
+
     def mapping(self, z: torch.Tensor) -> torch.Tensor:
         """Z (B, style_dim) -> W (B, style_dim)."""
         return self.style(z)
@@ -371,8 +431,13 @@ class Generator(nn.Module):
     def stored_noise(self) -> list[torch.Tensor]:
         return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
 
-    def synthesis(self, wplus: torch.Tensor, randomize_noise: bool = False, truncation: float = 1.0, truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
-        """W+ (B, n_latent, style_dim), or W (B, style_dim) broadcast to all layers -> image (B, 3, R, R)."""
+    def synthesis(self, wplus: torch.Tensor, randomize_noise: bool = False, truncation: float = 1.0,
+                  truncation_latent: torch.Tensor | None = None, pool_to: int | None = None) -> torch.Tensor:
+        """W+ (B, n_latent, style_dim), or W (B, style_dim) broadcast to all layers -> image (B, 3, R, R).
+
+        pool_to: the image as F.adaptive_avg_pool2d(image, pool_to) instead (B, 3, pool_to, pool_to). When it
+        divides the resolution, the last layer's RGB is made at pool_to directly (ToRGB's ``pool``): the
+        full-resolution image never exists."""
         if wplus.ndim == 2:
             wplus = wplus.unsqueeze(1).repeat(1, self.n_latent, 1)
         if wplus.shape[1] != self.n_latent:
@@ -388,11 +453,15 @@ class Generator(nn.Module):
         out = self.conv1(out, wplus[:, 0], noise=noise[0])
         skip = self.to_rgb1(out, wplus[:, 1])
         i = 1
-        for conv_up, conv, noise1, noise2, to_rgb in zip(self.convs[::2], self.convs[1::2], noise[1::2], noise[2::2], self.to_rgbs):
+        last = len(self.to_rgbs) - 1
+        pool = self.size // pool_to if pool_to is not None and pool_to < self.size and self.size % pool_to == 0 else 1
+        for layer, (conv_up, conv, noise1, noise2, to_rgb) in enumerate(zip(self.convs[::2], self.convs[1::2], noise[1::2], noise[2::2], self.to_rgbs)):
             out = conv_up(out, wplus[:, i], noise=noise1)
             out = conv(out, wplus[:, i + 1], noise=noise2)
-            skip = to_rgb(out, wplus[:, i + 2], skip)
+            skip = to_rgb(out, wplus[:, i + 2], skip, pool=pool if layer == last else 1)
             i += 2
+        if pool_to is not None and skip.shape[-2:] != (pool_to, pool_to):
+            skip = F.adaptive_avg_pool2d(skip, (pool_to, pool_to))
         return skip
 
     def forward(self, z: torch.Tensor, randomize_noise: bool = False, truncation: float = 1.0, truncation_latent: torch.Tensor | None = None) -> torch.Tensor:

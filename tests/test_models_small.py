@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import CheckpointError, load_e2style, load_stylegan2
 from models.checkpoint import save_safetensors
 from models.e2style import face_pool
 from models.factory import build_e2style, e2style_checkpoint, generator_checkpoint, write_checkpoint
-from models.stylegan2 import Generator, default_channels
+from models.stylegan2 import SKIP_UPSAMPLE_FORMS, Generator, Upsample, default_channels, upfirdn2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -234,14 +235,65 @@ def test_fast_fir_upsample_equals_upfirdn2d_with_an_asymmetric_kernel():
     assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_separable_skip_upsample_equals_upfirdn2d():
-    from models.stylegan2 import Upsample
-
+@pytest.mark.parametrize("form", ["matmul", "phases"])
+def test_skip_upsample_forms_equal_upfirdn2d(form):
+    """The matrix and phase forms of the RGB skip's upsampling, and its pooled form, on a separable kernel that
+    is not symmetric (a wrong flip or a swapped axis would show) and a non-square input."""
     up = Upsample([1, 3, 3, 1]).double()
-    x = torch.randn(2, 3, 6, 9, dtype=torch.float64)
-    ref = up(x)
-    up.matmul = True
+    up.kernel = torch.outer(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 1, 2, 5])).double()
+    x = torch.randn(2, 3, 6, 12, dtype=torch.float64)
+    ref = upfirdn2d(x, up.kernel, up=2, pad=up.pad)
+    up.form = form
     assert torch.allclose(up(x), ref, rtol=1e-12, atol=1e-12)
+    for pool in (2, 4):
+        assert torch.allclose(up.pooled(x, pool), F.avg_pool2d(ref, pool), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,pool_to", [(64, 32), (128, 32), (64, 8), (32, 64), (64, 64)])
+def test_pooled_synthesis_equals_pooling_the_image(size, pool_to):
+    """synthesis(pool_to=p) (the last ToRGB on pooled activations, the skip's upsampling and pooling as one
+    matrix) is adaptive_avg_pool2d(synthesis(), p) in float64, in both modulated convolution modes and every
+    skip upsampling form; with noise, biases and styles that differ per layer and sample."""
+    torch.manual_seed(size + pool_to)
+    G = Generator(size, channels=default_channels(2, 32)).double()
+    for name, p in G.named_parameters():
+        if name.endswith("noise.weight") or "bias" in name:
+            p.data.normal_()
+    w = torch.randn(3, G.n_latent, 512, dtype=torch.float64)
+    with torch.no_grad():
+        ref = F.adaptive_avg_pool2d(G.synthesis(w), (pool_to, pool_to))
+        assert ref.abs().max() > 0.1  # a test on near-zero images would prove little
+        for mode in ("grouped", "shared"):
+            G.set_modconv_mode(mode)
+            for form in SKIP_UPSAMPLE_FORMS:
+                G.set_skip_upsample_form(form)
+                out = G.synthesis(w, pool_to=pool_to)
+                assert out.shape == (3, 3, pool_to, pool_to)
+                assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12), (mode, form)
+    with pytest.raises(ValueError, match="skip upsampling form"):
+        G.set_skip_upsample_form("fir")
+
+
+def test_pool_before_rgb_keeps_the_function(tmp_path):
+    """E2Style with pool_before_rgb (a 512 px generator: the last layer pooled 2x2 before its ToRGB) inverts and
+    decodes as the model as loaded, in float64; off again, the model takes the full-size path."""
+    path = write_checkpoint(tmp_path / "m512.pt", resolution=512, stages=2, seed=2, width=16)
+    ref_model = load_e2style(path).double()
+    fast = load_e2style(path).double().optimize_for_gpu(channels_last=False, kernels=True, pool_before_rgb=True)
+    x = images().double()
+    ref, out = ref_model.invert(x, stages=2), fast.invert(x, stages=2)  # stage 2's input holds stage 1's image
+    assert torch.allclose(out.codes, ref.codes, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(out.images, ref.images, rtol=1e-9, atol=1e-10)
+    codes = ref.codes.double()  # invert returns float32 codes whatever the model's dtype
+    assert torch.allclose(fast.decode(codes), ref_model.decode(codes), rtol=1e-9, atol=1e-10)
+    rgb_sizes = []  # what the last ToRGB made: the path taken, not only its result
+    fast.decoder.to_rgbs[-1].register_forward_hook(lambda m, args, out: rgb_sizes.append(out.shape[-1]))
+    fast.decode(codes)
+    fast.optimize_for_gpu(channels_last=False, kernels=True)
+    fast.decode(codes)
+    assert rgb_sizes == [256, 512]
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        fast.optimize_for_gpu(compile=True, compile_mode="fastest")
 
 
 def test_gpu_kernel_rewrites_keep_the_function(small3):
