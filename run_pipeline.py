@@ -32,12 +32,23 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline.cli import cli_exit_code, setup_logging  # noqa: E402 - after the environment above
 from pipeline.config import load_config  # noqa: E402
+from pipeline.config_reference import render_config_reference  # noqa: E402
 from pipeline.runner import run  # noqa: E402
 
 # name -> "module" (its main(argv)) or "module:function"
 SUBCOMMANDS = {"train": "pipeline.training.cli",
                "decode": "pipeline.latents:decode_main", "edit": "pipeline.latents:edit_main",
                "mix": "pipeline.latents:mix_main", "interpolate": "pipeline.latents:interpolate_main"}
+SUBCOMMAND_HELP = {"train": "train an E2Style model (configs/train_*.yaml; README, \"Training\")",
+                   "decode": "an inversion run's latents -> images, no re-inversion",
+                   "edit": "latents moved along directions (.npy) -> edited images",
+                   "mix": "style mixing: W+ layers taken from a reference row",
+                   "interpolate": "images between pairs of rows"}
+EPILOG = ("subcommands (each with its own --help):\n"
+          + "".join(f"  {name:<12} {SUBCOMMAND_HELP[name]}\n" for name in SUBCOMMANDS)
+          + "\nconfiguration: every key with its type, default and meaning in docs/CONFIG.md, or --help-config;\n"
+            "examples: README.md. Exit codes: 0 every shard committed, 1 some shard failed (listed), 2 the run was\n"
+            "refused before it started (config, checkpoint, storage, output); a refused run writes nothing.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +59,20 @@ def main(argv: list[str] | None = None) -> int:
 
         module, _, func = SUBCOMMANDS[argv[0]].partition(":")
         return getattr(importlib.import_module(module), func or "main")(argv[1:])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                 usage="%(prog)s [--config FILE] [--set KEY=VALUE ...] [--dry-run] | %(prog)s "
+                                       "{" + ",".join(SUBCOMMANDS) + "} ...",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
+    ap.add_argument("--help-config", action="store_true", help="print every config key (docs/CONFIG.md) and exit")
     ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, dotted (model.batch_size=8); repeatable")
     ap.add_argument("--dry-run", action="store_true", help="plan and print the shards, then exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
+    if args.help_config:
+        sys.stdout.write(render_config_reference())
+        return 0
     setup_logging(args.log_level)
     return cli_exit_code(lambda: run(load_config(args.config, args.overrides), dry_run=args.dry_run).exit_code)
 

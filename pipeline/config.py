@@ -39,12 +39,12 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    url: str | None = None
+    url: str | None = None             # where the outputs go: s3://bucket/prefix or a local dir (not inside input.url)
     image_format: str = "jpg"          # jpg | png | webp
     image_size: int = 256              # 0 = latents only: no reconstructions, the last generator pass is skipped
-    save_aligned: bool = False
-    overwrite: bool = False
-    jpeg_quality: int = 95
+    save_aligned: bool = False         # also write each aligned input face, <key>.aligned.<ext>
+    overwrite: bool = False            # replace an output made with another checkpoint or output-changing config
+    jpeg_quality: int = 95             # 1-100, for image_format jpg
     contact_sheet: bool = False        # write contact_sheet.png (aligned inputs above reconstructions; needs save_aligned)
     paste_back: bool = False           # also write <key>.[<variant>.]paste.<ext>: the face pasted into the original photo
     lease_wait_s: int = 0              # another run holds the output's lease (pipeline/lease.py): wait up to this
@@ -75,9 +75,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    enabled: bool = True
+    enabled: bool = True               # FFHQ face alignment of photos; false: inputs are already aligned faces
     policy: str = "largest"            # largest | all
-    output_size: int = 256
+    output_size: int = 256             # side of the aligned face (px) the encoder sees
     transform_size: int = 1024         # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
     min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
     detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null: full)

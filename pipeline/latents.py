@@ -55,6 +55,20 @@ __all__ = ["main", "build_config", "run_latents", "OPS"]
 
 log = logging.getLogger("e2style.latents")
 OPS = ("decode", "edit", "mix", "interpolate")
+# Each subcommand's --help: what it does and what it writes per ok row.
+OP_HELP = {
+    "decode": "Decode an inversion run's latents into images, with no re-inversion: <key>.recon.<ext> per ok row, "
+              "codes as they were.",
+    "edit": "Edit an inversion run's latents along directions (codes + alpha * direction) and decode them, with no "
+            "re-inversion: <key>.edit_<name>_<alpha>.<ext> per direction and alpha for each ok row; with "
+            "--save-codes also the edited codes in columns codes_edit_<name>_<alpha>.",
+    "mix": "Style mixing, with no re-inversion: each ok row's W+ layers [START, END) taken from the reference "
+           "row, decoded to <key>.mix.<ext>.",
+    "interpolate": "Images between pairs of an inversion run's rows, with no re-inversion: one row per step, "
+                   "key <a>__<b>__<k>, image <that key>.interp.<ext>, codes (1 - t) a + t b.",
+}
+LATENTS_EPILOG = ("The output has the inversion run's layout and exactly-once rules (docs/editing_and_tasks.md). "
+                  "--set takes the pipeline's config keys: docs/CONFIG.md, or run_pipeline.py --help-config.")
 ACTOR_QUEUE = 2  # outstanding shards per actor
 
 
@@ -276,16 +290,19 @@ def main(argv: list[str] | None = None, op: str | None = None) -> int:
             print(f"usage: run_pipeline.py {{{','.join(OPS)}}} ...", file=sys.stderr)
             return 2
         op, argv = argv[0], argv[1:]
-    ap = argparse.ArgumentParser(prog=f"run_pipeline.py {op}", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=f"run_pipeline.py {op}", description=OP_HELP[op], epilog=LATENTS_EPILOG)
     ap.add_argument("--latents", required=True, help="an inversion run's output (local or s3://...)")
     ap.add_argument("--output", required=True, help="where to write (local or s3://...)")
     ap.add_argument("--checkpoint", help="E2Style checkpoint (default: the one in the input's _run.json)")
     ap.add_argument("--config", "-c", help="YAML config (pipeline keys; input/output/checkpoint come from the flags)")
-    ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, dotted (output.image_format=png); repeatable")
+    ap.add_argument("--dry-run", action="store_true", help="plan and print the shards, then exit")
     ap.add_argument("--log-level", default="INFO")
     if op == "edit":
-        ap.add_argument("--direction", action="append", default=[], metavar="NAME=PATH", help="repeatable")
+        ap.add_argument("--direction", action="append", default=[], metavar="NAME=PATH",
+                        help="a direction: a .npy of shape (style_dim,), (1, style_dim) or (n_latent, style_dim); "
+                             "repeatable")
         ap.add_argument("--alphas", help="comma-separated, e.g. --alphas=-3,3 (default: edit.alphas)")
         ap.add_argument("--layers", help="START:END, the W+ layers the edit touches (default: all)")
         ap.add_argument("--save-codes", action="store_true", help="edited codes as extra Parquet columns")

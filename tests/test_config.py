@@ -168,3 +168,72 @@ def test_batch_size_auto_is_the_default_and_resolves_per_device():
     assert resolve(cpu_cfg).model.batch_size == 512  # CPU actors: no GPU cap
     with pytest.raises(ValueError, match="model.batch_size: at most 128 on a GPU"):
         resolve_batch_size(129, "cuda:0")  # beyond the batches checked on GPUs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The configuration reference and the command line's help
+
+def test_config_reference_is_in_sync_with_the_typed_config():
+    """docs/CONFIG.md is what the generator makes of pipeline/config.py now: a key added, renamed, retyped or
+    given another default without regenerating it fails here (regenerate with the command in its header)."""
+    from pipeline.config_reference import CONFIG_DOC, render_config_reference
+
+    with open(os.path.join(ROOT, CONFIG_DOC), encoding="utf-8") as f:
+        assert f.read() == render_config_reference(), \
+            f"{CONFIG_DOC} is stale: run .venv/bin/python -m pipeline.config_reference --write {CONFIG_DOC}"
+
+
+def test_config_reference_has_every_key_with_type_default_and_meaning():
+    from pipeline.config_reference import config_keys
+
+    keys = {k.key: k for k in config_keys()}
+    assert set(keys) == {k for k, _ in _leaves(DEFAULTS)}
+    for k, v in _leaves(DEFAULTS):
+        assert keys[k].default == v and keys[k].type and len(keys[k].meaning) > 10, keys[k]
+    # the keys a new user could only find in _run.json before
+    for k in ("input.max_pixels", "input.key_column", "model.device", "ray.num_cpus", "ray.max_shards_in_flight",
+              "ray.chunk_size", "output.jpeg_quality"):
+        assert keys[k].meaning, k
+
+
+def test_field_meanings_beside_continued_or_above_and_none_is_an_error():
+    from pipeline.config_reference import _field_meanings
+
+    source = (
+        "class A:\n"
+        "    beside: int = 1        # one line\n"
+        "    continued: int = 2     # first part,\n"
+        "                           # second part\n"
+        "    # the block above,\n"
+        "    # two lines\n"
+        "    above: int = 3\n"
+        "    bare: int = 4\n"
+        "    # a comment of the next field only\n"
+        "    after: int = 5\n")
+    assert _field_meanings(source)["A"] == {"beside": "one line", "continued": "first part, second part",
+                                            "above": "the block above, two lines", "bare": "",
+                                            "after": "a comment of the next field only"}
+
+
+def test_help_lists_subcommands_and_points_to_the_config_reference(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_pipeline.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("train", "decode", "edit", "mix", "interpolate"):
+        assert f"\n  {name} " in out, out
+    assert "docs/CONFIG.md" in out and "--help-config" in out
+    assert run_pipeline.main(["--help-config"]) == 0
+    with open(os.path.join(ROOT, "docs", "CONFIG.md"), encoding="utf-8") as f:
+        assert capsys.readouterr().out == f.read()
+
+
+@pytest.mark.parametrize("op", ["decode", "edit", "mix", "interpolate"])
+def test_latents_subcommand_help_says_what_it_does_in_whole_sentences(op, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_pipeline.main([op, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.rstrip().endswith(".") and "no re-inversion" in description, description
+    assert out.rstrip().endswith("--help-config."), out  # the epilog, whole
