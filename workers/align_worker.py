@@ -5,6 +5,7 @@
 
 With Ray Data: ``ds.map_batches(AlignWorker, fn_constructor_kwargs={...}, concurrency=n)``; a batch may be
 a list of images or a dict with an "image" column (then the same dict comes back with a "faces" column).
+To align and invert in a Ray Data pipeline, as the pipeline does: ``workers.ray_data.InvertPhotos``.
 """
 from __future__ import annotations
 
