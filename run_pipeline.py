@@ -22,12 +22,35 @@ An official checkpoint instead of the demo's random one:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
 # Ray reads these when it starts; set before importing anything that may start it.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# The project's top-level packages (the layout is fixed): a folder or module of one of these names found first
+# on sys.path (PYTHONPATH, the working folder of `python -m ...`) would be imported instead of ours.
+OWN_PACKAGES = ("pipeline", "models", "workers")
+
+
+def shadowed_package() -> str | None:
+    """A message naming the first of OWN_PACKAGES that resolves to another folder than this project's, or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in OWN_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        found = os.path.dirname(spec.origin) if spec is not None and spec.origin else "(a namespace package)"
+        if found != os.path.join(here, name):
+            return (f"error: the package {name!r} resolves to {found}, not this project's {os.path.join(here, name)}: "
+                    f"a folder or module of that name on PYTHONPATH or in the working folder shadows it; run the "
+                    f"e2style command (it does not look in the working folder) or rename yours")
+    return None
+
+
+if (_shadowed := shadowed_package()) is not None:
+    print(_shadowed, file=sys.stderr)
+    sys.exit(2)
 
 
 from pipeline.cli import cli_exit_code, setup_logging  # noqa: E402 - after the environment above
