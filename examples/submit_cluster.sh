@@ -18,6 +18,14 @@
 # Stop a job:     ray job stop --address "$RAY_ADDRESS" ID
 # Resubmit:       run this script again with the same config and output.url: committed shards are
 #                 skipped, files of uncommitted ones are removed and those shards are redone.
+# Overlap:        one run writes an output.url at a time (its lease, output.url/_lease.json). A job started
+#                 while another still writes there fails at once (exit 2 in its log, which names the
+#                 running job's run id, host, start and last heartbeat) and touches nothing; add
+#                 --set output.lease_wait_s=SECONDS to wait for the running one instead. A stopped or
+#                 killed job's lease is released on SIGTERM, or taken over by the next job.
+# On a schedule (cron; a workflow engine's task runs the same line):
+#   0 * * * *  cd /srv/e2style && RAY_ADDRESS=http://head-node:8265 examples/submit_cluster.sh \
+#              --set input.url=s3://bucket/photos --set output.url=s3://bucket/latents >> /var/log/e2style.log 2>&1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # (No apostrophes inside this message: bash parses quotes within ${...:?...}.)

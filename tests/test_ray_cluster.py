@@ -9,7 +9,9 @@ dirs are private (no ``ray_current_cluster`` under /tmp/ray for the embedded-Ray
 1. the example submits a job that succeeds and commits every shard exactly once;
 2. node loss: the worker node holding the inversion actor is SIGKILLed (raylet, agents, workers) after the
    first shard commits; the job still succeeds (actor restarted on the other ``inverter`` node, shards retried);
-3. ``ray job stop`` mid-run, then the same submission again: committed shards are skipped, the rest done.
+3. ``ray job stop`` mid-run, then the same submission again: committed shards are skipped, the rest done;
+4. a second submission of the same job while the first runs: refused (the job fails, naming the first run),
+   writes nothing, and the first succeeds.
 
 Bounded: each job waits at most JOB_TIMEOUT_S; the module takes about 2-4 minutes on 2 busy cores.
 """
@@ -19,6 +21,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -343,3 +346,43 @@ def test_job_stop_then_resubmit_skips_committed_shards(cluster, jobs, photos, ti
     for name, st in first.items():                 # skipped, not redone: the first job's commit stands
         assert second[name] == st
     assert len(re.findall(r"committed shard ", logs)) == N_SHARDS - n
+
+
+def test_second_submission_while_the_first_runs_is_refused(cluster, jobs, photos, tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    sets = pipeline_sets(photos, out, tiny_checkpoint, in_flight=1)
+    sid1 = f"e2style-first-{uuid.uuid4().hex[:8]}"
+    jobs.append(sid1)
+    r = submit(cluster, "--no-wait", "--submission-id", sid1, *sets, timeout=120)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    lease_path = os.path.join(out, "_lease.json")
+    client = job_client(cluster)
+    deadline = time.time() + JOB_TIMEOUT_S
+    while not os.path.exists(lease_path):
+        status = str(client.get_job_status(sid1).value)
+        if status in TERMINAL or time.time() > deadline:
+            pytest.fail(f"job {sid1} ({status}) never held its output's lease:\n{job_logs(cluster, sid1)[-4000:]}")
+        time.sleep(0.1)
+    with open(lease_path) as f:
+        holder = json.load(f)
+    # The first job's driver, held still while the second is submitted: alive, so its lease is live.
+    os.kill(holder["pid"], signal.SIGSTOP)
+    try:
+        before = file_listing(out)
+        sid2 = f"e2style-second-{uuid.uuid4().hex[:8]}"
+        jobs.append(sid2)
+        r = submit(cluster, "--submission-id", sid2, *sets)
+        assert r.returncode != 0 and f"job {sid2} did not succeed" in r.stderr, r.stdout[-4000:] + r.stderr[-4000:]
+        assert str(client.get_job_status(sid2).value) == "FAILED"
+        logs = job_logs(cluster, sid2)
+        assert f"refused: output {out} is being written by run {holder['run_id']}" in logs, logs[-4000:]
+        assert f"pid {holder['pid']}" in logs and "last heartbeat" in logs
+        after = set(file_listing(out))                          # the refused job removed nothing (the
+        assert {f for f in before if not f.endswith(".tmp")} <= after   # first one's tasks may still write)
+        assert not [f for f in after - set(before) if not f.startswith(("stats/", "latents/", "images/", "."))]
+    finally:
+        os.kill(holder["pid"], signal.SIGCONT)
+    assert wait_job(cluster, sid1) == "SUCCEEDED", job_logs(cluster, sid1)[-4000:]
+    assert_exactly_once(out, photos)
+    with open(os.path.join(out, "_run.json")) as f:
+        assert json.load(f)["run_id"] == holder["run_id"]
