@@ -6,7 +6,8 @@
     python run_pipeline.py {decode,edit,mix,interpolate} --latents OUT --output OUT2 ...   (docs/editing_and_tasks.md)
 
 Exit codes: 0 every shard committed; 1 some shard failed (listed in the log and in _run.json);
-2 invalid config, or an output that holds a run with another checkpoint/config (see output.overwrite).
+2 invalid config, an output that holds a run with another checkpoint/config (see output.overwrite), or an
+output another live run is writing (its lease; see output.lease_wait_s).
 
 Reading the outputs:
 
@@ -71,7 +72,8 @@ EPILOG = ("subcommands (each with its own --help):\n"
           + "".join(f"  {name:<12} {SUBCOMMAND_HELP[name]}\n" for name in SUBCOMMANDS)
           + "\nconfiguration: every key with its type, default and meaning in docs/CONFIG.md, or --help-config;\n"
             "examples: README.md. Exit codes: 0 every shard committed, 1 some shard failed (listed), 2 the run was\n"
-            "refused before it started (config, checkpoint, storage, output); a refused run writes nothing.")
+            "refused before it started (config, checkpoint, storage, output, another run writing there); a refused run\n"
+            "writes nothing.")
 
 
 def main(argv: list[str] | None = None) -> int:
