@@ -19,13 +19,12 @@ import numpy as np
 from models.alignment.ffhq_geometry import ffhq_quad
 
 from .crop import ffhq_crop
-from .detect import FaceDetector, faces_that_count, pick_largest
+from .detect import FaceDetector
+from .face_search import POLICIES, choose_faces
 from .images import as_rgb_uint8
 from .records import Row
 
-__all__ = ["AlignedFace", "FaceAligner", "align_faces", "get_aligner", "choose_faces", "face_rows", "POLICIES"]
-
-POLICIES = ("largest", "all")
+__all__ = ["AlignedFace", "FaceAligner", "align_faces", "get_aligner", "face_rows"]
 
 
 @dataclass
@@ -63,19 +62,6 @@ class FaceAligner(FaceDetector):
         return faces
 
     __call__ = align
-
-
-def choose_faces(dets, policy: str):
-    """The faces a policy keeps of a photo's detections ((x0, y0, x1, y1), score): ``largest`` one (see
-    ``pick_largest``), or ``all`` that count as faces (``faces_that_count``), left to right then top to
-    bottom. Both backends choose with this."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not dets:
-        return []
-    if policy == "largest":
-        return [pick_largest(dets)]
-    return sorted(faces_that_count(dets), key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3]))
 
 
 def _face_key(key: str, i: int) -> str:

@@ -4,15 +4,15 @@ the inversion actor's own device (GPU, or CPU: the same code, so CI tests it).
     aligner = DeviceAligner(align_cfg, device="cuda")
     rows, faces, face_photo = align_photos(aligner, photos, rows)   # rows: the ALIGN_PENDING rows of photos
 
-The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection with
-models.face_detector.FrontalFaceDetector by the dlib backend's own algorithm (pipeline.detect.FaceDetector.detect:
-the run on the photo's whole pyramid by default, or on a coarse level with each face's search on finer levels
-(align.device_detect_max_side); the finer and upsampled runs only where needed), each of its steps one detector
-call for all the photos or faces making it; 68 landmarks with
-models.landmarks.ShapePredictor (rolled faces predicted again upright with
-models.ffhq_crop.upright_landmarks_batch: one predictor call per round for the whole group); the FFHQ crop with
-models.ffhq_crop.crop_faces. The runs, the choice of faces (pipeline.align.choose_faces) and the rows
-(pipeline.align.face_rows) are the dlib backend's own functions, so rows, keys and statuses are the same.
+The torch ports of dlib's models do the work of pipeline/detect.py and pipeline/crop.py: detection is the dlib
+backend's search (pipeline.face_search.search_faces: the run on the photo's whole pyramid by default, or on a
+coarse level with each face's search on finer levels, align.device_detect_max_side; the finer and upsampled runs
+only where needed) with models.alignment.detector.FrontalFaceDetector, each of its steps one detector call for
+all the photos or faces making it; 68 landmarks with models.alignment.landmarks.ShapePredictor (rolled faces
+predicted again upright with models.alignment.ffhq_crop.upright_landmarks_batch: one predictor call per round
+for the whole group); the FFHQ crop with models.alignment.ffhq_crop.crop_faces. The search, the choice of faces
+(pipeline.face_search.choose_faces) and the rows (pipeline.align.face_rows) are the dlib backend's own, so rows,
+keys and statuses are the same.
 
 Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a larger photo alone); none is
 shrunk (no shrink factor is known that cannot change dlib's boxes). Each group crosses to the device once, as
@@ -35,23 +35,16 @@ import torch
 from models.alignment.detector import FrontalFaceDetector
 from models.alignment.device import StagedPhotos, photos_to_device, stage_photos
 from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch
-from models.alignment.ffhq_geometry import ffhq_quads
+from models.alignment.ffhq_geometry import UPRIGHT_ABOVE, ffhq_quads
 from models.alignment.landmarks import ShapePredictor
-from models.alignment.pyramid import pyramid_level_size
 
-from .align import AlignedFace, choose_faces, face_rows
+from .align import AlignedFace, face_rows
 from .config import AlignConfig
-from .detect import (better_finer_detection, box_iou, coarse_level, detection_runs, finer_window,
-                     level_rect_to_source, more_runs, smallest_visible)
+from .face_search import Detection, SearchRules, choose_faces, search_faces
 from .model_files import find_landmark_model
 from .records import ALIGN_PENDING, Row
 
 __all__ = ["ALIGN_PARTS", "DeviceAligner", "PartClock", "align_photos", "resolve_align_backend"]
-
-# Eye-line tilt (degrees) above which landmarks are predicted again upright: pipeline.detect.FaceDetector's.
-UPRIGHT_ABOVE = 10.0
-# IoU above which a detection of a later (upsampled) run is the same face as an earlier one's.
-SAME_FACE_IOU = 0.3
 
 
 def resolve_align_backend(backend: str, device: str) -> str:
@@ -96,90 +89,17 @@ class DeviceAligner:
 
     def detect(self, photos: list) -> list[list[tuple[tuple, float]]]:
         """Per photo (HxWx3 uint8; host photos are copied to the device first), the detections ((x0, y0, x1, y1)
-        with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes, by its own algorithm and
-        functions, each of its steps one detector call for all the photos or faces making it: the run on each
-        photo's coarse level (``coarse_level``: at most ``align.device_detect_max_side`` px; the detector resamples
-        the finer levels, scores from there, and keeps all levels for the searches), each face's search one
-        level finer for as long as its score improves (``finer_window``, ``better_finer_detection``: one call
-        per round for all faces), and the finer and upsampled runs (``detection_runs``) only for photos that
-        ``more_runs`` says need them (FrontalFaceDetector.detect_levels).
-        By default (null) from the photo itself: one call for the whole pyramid of every photo, then the
-        upsampled run where nothing counted."""
+        with x1/y1 exclusive, score) the dlib backend's FaceDetector.detect makes: the same search
+        (pipeline.face_search.search_faces) with the torch detector, each of its steps one detector call for
+        all the photos or faces making it. By default (``align.device_detect_max_side`` null) from the photo
+        itself: one call for the whole pyramid of every photo, then the upsampled run where nothing counted."""
         cfg = self.cfg
-        exhaustive = cfg.policy == "all"
         photos = [p if isinstance(p, torch.Tensor) and p.device.type == self.device.type
                   else torch.as_tensor(np.ascontiguousarray(p)).to(self.device) for p in photos]
-        sizes = [(int(p.shape[0]), int(p.shape[1])) for p in photos]
-        coarse = [coarse_level(h, w, cfg.device_detect_max_side) for h, w in sizes]
-        runs = [detection_runs(k, h, w, cfg.max_upsample, cfg.min_face_size, cfg.upsample_max_side)
-                for k, (h, w) in zip(coarse, sizes)]
-        # Each photo's pyramid levels (kept by the detector's calls, for the finer searches' crops).
-        pyramids: list[list[torch.Tensor]] = [[p] for p in photos]
-        found: list[list] = [[] for _ in photos]
-        smallest: list[float | None] = [None] * len(photos)
-        for step in range(max(map(len, runs), default=0)):
-            todo = [i for i, r in enumerate(runs) if step < len(r)
-                    and (smallest[i] is None or more_runs(found[i], exhaustive, cfg.min_face_size, smallest[i]))]
-            if not todo:  # (a photo that stops making runs never starts again)
-                break
-            dets: dict[int, list] = {}
-            plain = [i for i in todo if runs[i][step][1] == 0]
-            if plain:
-                # The run on each photo's level j: on that level where an earlier call kept it, else from the
-                # photo (the detector resamples the finer levels, scores from level j, and keeps all levels for
-                # the searches when j > 0).
-                kept = [runs[i][step][0] < len(pyramids[i]) for i in plain]
-                found_plain, levels = self.detector.detect_levels(
-                    [pyramids[i][runs[i][step][0]] if k else photos[i] for i, k in zip(plain, kept)],
-                    [[0] if k else [runs[i][step][0]] for i, k in zip(plain, kept)],
-                    keep_levels=any(not k and runs[i][step][0] > 0 for i, k in zip(plain, kept)))
-                for n, (i, k) in enumerate(zip(plain, kept)):
-                    dets[i] = found_plain[n][0]
-                    if not k and levels is not None:
-                        pyramids[i] = levels[n]
-            for up in sorted({runs[i][step][1] for i in todo} - {0}):
-                mine = [i for i in todo if runs[i][step][1] == up]
-                dets.update(zip(mine, self.detector.detect([photos[i] for i in mine], upsample=up)))
-            # (photo, source rect, score, level its finer search starts from), in the order of the detections
-            faces = []
-            for i in todo:
-                j, up = runs[i][step]
-                smallest[i] = smallest_visible(sizes[i][1], pyramid_level_size(sizes[i], j)[1], up)
-                faces += [[i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0]
-                          for rect, score, _filter in dets[i]]
-            self._search_finer(faces, pyramids)
-            for i, rect, score, _j in faces:
-                box = (float(rect[0]), float(rect[1]), float(rect[2] + 1), float(rect[3] + 1))
-                if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
-                    continue
-                # A face already found by an earlier run keeps that run's box.
-                if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
-                    continue
-                found[i].append((box, score))
-        return found
-
-    def _search_finer(self, faces: list[list], pyramids: list[list[torch.Tensor]]) -> None:
-        """FaceDetector's descent, for all ``faces`` ([photo, rect, score, level]) at once, in place: each face
-        found above level 0 is searched for in a crop of the next finer level around it, a better window there
-        replaces it, and its search goes on from there while that keeps happening; one detector call per
-        round."""
-        active = [f for f in faces if f[3] > 0]
-        while active:
-            searches = []
-            for f in active:
-                level = pyramids[f[0]][f[3] - 1]
-                window = finer_window(f[1], f[3] - 1, int(level.shape[0]), int(level.shape[1]))
-                if window is not None:
-                    searches.append((f, window))
-            crops = [pyramids[f[0]][f[3] - 1][y0:y1, x0:x1] for f, (x0, y0, x1, y1) in searches]
-            active = []
-            for (f, (x0, y0, _x1, _y1)), dets in zip(searches, self.detector.detect(crops) if crops else []):
-                rect, score = better_finer_detection(f[1], f[2], [(r, sc) for r, sc, _filter in dets], x0, y0,
-                                                     f[3] - 1)
-                if score > f[2]:
-                    f[1], f[2], f[3] = rect, score, f[3] - 1
-                    if f[3] > 0:
-                        active.append(f)
+        rules = SearchRules(cfg.device_detect_max_side, cfg.max_upsample, cfg.upsample_max_side, cfg.min_face_size,
+                            exhaustive=cfg.policy == "all")
+        return search_faces(_DevicePyramids(self.detector, photos), [(int(p.shape[0]), int(p.shape[1])) for p in photos],
+                            rules)
 
     def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
         """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages
@@ -233,6 +153,38 @@ class DeviceAligner:
         ``images[i]``, all in one predictor call."""
         points = self.predictor.predict(images, [[_dlib_rect(box)] for box in boxes])
         return [p[0].astype(np.float64) for p in points]
+
+
+class _DevicePyramids:
+    """The photos' pyramids on the device as pipeline.face_search's LevelDetector. A photo's run on level j is
+    made on that level where an earlier call kept it, else from the photo (FrontalFaceDetector.detect_levels
+    resamples the finer levels, scores from level j, and keeps all levels for the finer searches' crops)."""
+
+    def __init__(self, detector: FrontalFaceDetector, photos: list[torch.Tensor]):
+        self.detector, self.photos = detector, photos
+        self.pyramids: list[list[torch.Tensor]] = [[p] for p in photos]
+
+    def run_levels(self, photos, levels, upsample: int) -> list[list[Detection]]:
+        if upsample:
+            return _detections(self.detector.detect([self.photos[i] for i in photos], upsample=upsample))
+        kept = [j < len(self.pyramids[i]) for i, j in zip(photos, levels)]
+        found, new_levels = self.detector.detect_levels(
+            [self.pyramids[i][j] if k else self.photos[i] for i, j, k in zip(photos, levels, kept)],
+            [[0] if k else [j] for j, k in zip(levels, kept)],
+            keep_levels=any(not k and j > 0 for j, k in zip(levels, kept)))
+        for n, (i, k) in enumerate(zip(photos, kept)):
+            if not k and new_levels is not None:
+                self.pyramids[i] = new_levels[n]
+        return _detections([per_run[0] for per_run in found])
+
+    def run_windows(self, photos, levels, windows) -> list[list[Detection]]:
+        return _detections(self.detector.detect([self.pyramids[i][j][y0:y1, x0:x1]
+                                                 for i, j, (x0, y0, x1, y1) in zip(photos, levels, windows)]))
+
+
+def _detections(per_image: list[list]) -> list[list[Detection]]:
+    """The detector's (rect, score, filter) detections without the filter."""
+    return [[(rect, float(score)) for rect, score, _filter in dets] for dets in per_image]
 
 
 class PartClock:

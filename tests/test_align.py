@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.alignment.pyramid import rect_down, rect_up
+from pipeline import face_search
 from pipeline.align import AlignedFace, FaceAligner, align_faces, get_aligner
 from pipeline.blur import gaussian_blur_hw
 from pipeline.crop import ffhq_crop, ffhq_quad
-from pipeline.detect import HOG_WINDOW, level_rect_to_source, pick_largest, rect_down, rect_up
+from pipeline.face_search import HOG_WINDOW, level_rect_to_source, pick_largest
 from pipeline.model_files import find_landmark_model
 from pipeline.paste import paste_back
 from workers.align_worker import AlignWorker
@@ -421,7 +423,7 @@ def test_downscaled_detection_picks_what_full_resolution_picks(aligner, monkeypa
         assert fast[0] == ref[0], (params, fast, ref)
         assert abs(fast[1] - ref[1]) < 1e-9
         with monkeypatch.context() as m:  # the same without the search on finer levels
-            m.setattr(aligner, "_best_window_one_level_finer", lambda level, j, r, score: (r, score))
+            m.setattr(face_search, "search_finer", lambda detector, faces, sizes: None)
             descended += pick_largest(aligner.detect(img)) != fast
     # The finer-level search made the difference on at least one scene (a face seen best below level k).
     assert descended >= 1
