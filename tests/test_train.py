@@ -426,3 +426,136 @@ def test_ray_train_one_worker(tmp_path, tiny_generator, ray_session):
     m = load_e2style(res["final"])
     assert m.num_stages == 1
     assert read_checkpoint(res["final"])["opts"]["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The typed config
+
+
+def test_config_is_typed_frozen_and_errors_name_the_key(tmp_path, tiny_generator, capsys):
+    import dataclasses
+
+    from pipeline.training.cli import main
+    from pipeline.training.config import TrainConfig, TrainConfigError, load_train_config, resolve_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"output_dir: {tmp_path / 'run'}\ngenerator: {tiny_generator}\ntrain: {{stages: 2, steps: 7}}\n")
+    cfg = load_train_config(str(cfg_file), ["train.batch_size=3", "loss.lpips=0", "data.truncation=0.7"])
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.train.stages, cfg.train.steps, cfg.train.batch_size) == ((2,), 7, 3)  # an int k means [k]
+    assert (cfg.loss.lpips, cfg.loss.l2, cfg.data.truncation) == (0, 1.0, 0.7)  # untouched keys keep defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 8
+    assert cfg.to_dict()["train"]["stages"] == [2]
+    assert resolve_config(cfg.to_dict()) == cfg  # what train_config.json holds reads back to the same config
+
+    for overrides, key, why in [
+        (["train.stpes=3"], "train.stpes", "did you mean 'steps'"),
+        (["train.steps=many"], "train.steps", "must be an integer"),
+        (["train.stages=[1, 3]"], "train.stages", "consecutive"),
+        (["optim.name=sgd"], "optim.name", "ranger, adamw or adam"),
+        (["data.format=zip"], "data.format", "auto, images"),
+        (["use_gpu=maybe"], "use_gpu", "true or false"),
+        (["generator=3"], "generator", "a string"),
+        (["output_dir="], "output_dir", "is required"),
+    ]:
+        with pytest.raises(TrainConfigError, match=f"invalid training config: {key}: .*{why}"):
+            load_train_config(str(cfg_file), overrides)
+        assert main(["--config", str(cfg_file), "--set", overrides[0]]) == 2  # the CLI refuses before writing
+        assert f"error: invalid training config: {key}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's training commands, as written (issue 29: they must run from a fresh clone)
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README_MARK = "<!-- readme-test: {} -->"
+
+
+def readme_commands(kind: str) -> list[str]:
+    """The commands in the README's code block after each ``<!-- readme-test: kind -->`` (indented or fenced;
+    ``\\`` continues a line), exactly as a reader would paste them."""
+    lines = open(README, encoding="utf-8").read().splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.strip() != README_MARK.format(kind):
+            continue
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        fenced = lines[j].startswith("```")
+        j += fenced
+        block = []
+        while j < len(lines) and (not lines[j].startswith("```") if fenced else lines[j].startswith("    ")):
+            block.append(lines[j].strip())
+            j += 1
+        found += [cmd for cmd in "\n".join(block).replace("\\\n", " ").splitlines() if cmd.strip()]
+    return found
+
+
+def _as_written(command: str) -> list[str]:
+    """argv of a README command: its own words, with the README's interpreter (.venv/bin/python) this one."""
+    import shlex
+    import sys
+
+    argv = shlex.split(command, comments=True)
+    assert argv[0] == ".venv/bin/python", f"a README command that does not start with .venv/bin/python: {command}"
+    return [sys.executable, *argv[1:]]
+
+
+@pytest.fixture
+def fresh_clone(tmp_path):
+    """A folder holding the repository's tracked files (linked) and nothing else: no out/, no trained model."""
+    import subprocess
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for top in sorted({p.split("/")[0] for p in tracked}):
+        if os.path.exists(os.path.join(root, top)):
+            (clone / top).symlink_to(os.path.join(root, top))
+    assert not (clone / "out").exists()
+    return clone
+
+
+@pytest.mark.slow
+def test_readme_training_commands_run_as_written(fresh_clone):
+    import math
+    import subprocess
+    import time
+
+    from pipeline.training.config import load_train_config
+    from pipeline.training.paths import stage_paths
+
+    [runs] = readme_commands("runs")
+    [starts] = readme_commands("starts")
+    assert " train --config configs/train_synthetic.yaml" in runs and " train --config " in starts
+
+    done = subprocess.run(_as_written(runs), cwd=fresh_clone, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = json.loads(done.stdout)
+    final = fresh_clone / result["final"]
+    assert load_e2style(str(final)).num_stages == result["stage"] == 1
+    assert read_checkpoint(str(final))["opts"]["step"] == result["step"] == 10
+    assert final.is_relative_to(fresh_clone / "out")  # written where the README says, inside the clone
+
+    # The whole config starts as written: it builds its model and takes a step (then this test stops it).
+    argv = _as_written(starts)
+    cfg = load_train_config(str(fresh_clone / argv[argv.index("--config") + 1]))
+    metrics = fresh_clone / stage_paths(cfg, cfg.train.stages[0])["logs"] / "metrics.jsonl"
+    stderr = fresh_clone / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(argv, cwd=fresh_clone, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 900
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, f"exited {proc.returncode} before its first step: {stderr.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no training step logged in 15 minutes"
+            time.sleep(1)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = json.loads(metrics.read_text().splitlines()[0])
+    assert first["step"] == 1 and math.isfinite(first["train/loss"])

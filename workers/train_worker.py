@@ -12,8 +12,6 @@ import dataclasses
 import os
 from typing import Any
 
-import torch
-
 from pipeline.training.config import TrainConfig
 from pipeline.training.loop import run_training
 from pipeline.training.paths import check_files, stage_paths
@@ -27,9 +25,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if cfg.use_gpu else "cpu"
-    if not cfg.use_gpu and os.environ.get("OMP_NUM_THREADS") and not cfg.train.num_threads:
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    device = ray.train.torch.get_device() if cfg.use_gpu else "cpu"  # CPU threads: the worker's share (the loop)
 
     def report(metrics: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})

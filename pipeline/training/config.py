@@ -34,27 +34,27 @@ class PretrainedFiles:
 @dataclass(frozen=True)
 class EncoderConfig:
     encoder_base_width: int = 64       # IR-SE50 widths (w, 2w, 4w, 8w); 64 = official, >= 16
-    learn_in_w: bool = False
-    start_from_latent_avg: bool = True
+    learn_in_w: bool = False           # one w for all layers instead of W+ codes
+    start_from_latent_avg: bool = True  # codes are offsets from the generator's average latent
     init_from_ir_se50: str | bool = "auto"  # auto: when pretrained.ir_se50 is given and fits | true | false
     init_checkpoint: str | None = None  # stage k-1 checkpoint when the first stage trained here is k > 1
 
 
 @dataclass(frozen=True)
-class LossWeights:                     # 0 turns a loss off (and its pretrained file is not needed)
-    l2: float = OFFICIAL_WEIGHTS["l2"]
-    lpips: float = OFFICIAL_WEIGHTS["lpips"]
-    id: float = OFFICIAL_WEIGHTS["id"]
-    parse: float = OFFICIAL_WEIGHTS["parse"]
-    w_norm: float = OFFICIAL_WEIGHTS["w_norm"]
-    latent: float = OFFICIAL_WEIGHTS["latent"]  # needs the true w: synthetic data only
+class LossWeights:                     # the paper's defaults; 0 turns a loss off (and needs no file)
+    l2: float = OFFICIAL_WEIGHTS["l2"]  # pixel MSE
+    lpips: float = OFFICIAL_WEIGHTS["lpips"]  # LPIPS-AlexNet (pretrained.alexnet)
+    id: float = OFFICIAL_WEIGHTS["id"]  # multi-layer identity (pretrained.ir_se50)
+    parse: float = OFFICIAL_WEIGHTS["parse"]  # multi-layer face parsing (pretrained.parsing)
+    w_norm: float = OFFICIAL_WEIGHTS["w_norm"]  # distance of the codes from the average latent
+    latent: float = OFFICIAL_WEIGHTS["latent"]  # MSE to the true w: synthetic data only
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "ranger"               # ranger | adamw | adam
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = 1e-4                   # learning rate
+    weight_decay: float = 0.0          # the optimizer's weight decay (0: none)
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,15 @@ class StepsConfig:
     stages: tuple[int, ...] = (1,)     # stages to train, in order (an int k means [k]); consecutive
     steps: int = 1000                  # optimizer steps per stage
     batch_size: int = 4                # per worker
-    seed: int = 0
+    seed: int = 0                      # model initialisation and every data stream (resumes see the same batches)
     randomize_noise: bool = False      # false: the generator's stored noise (as at inference)
     precision: str = "fp32"            # fp32 | bf16 (autocast on CUDA)
     device: str = "auto"               # auto | cpu | cuda (single-process runs; Ray picks the worker's device)
-    log_every: int = 50
-    val_every: int = 500
-    save_every: int = 500
+    log_every: int = 50                # steps between training scalars in the logs
+    val_every: int = 500               # steps between validations (rank 0); also at each stage's end
+    save_every: int = 500              # steps between resume points (latest_model.pt)
     max_seconds: float | None = None   # per stage wall-clock budget: stop early, validate and save
-    grad_clip: float | None = None
+    grad_clip: float | None = None     # gradient norm clipped to this; null: none
     num_threads: int | None = None     # torch intra-op threads on CPU
 
 
@@ -80,10 +80,10 @@ class DataConfig:
     url: str | None = None             # images: folder / tar / parquet, local or s3://
     format: str = "auto"               # images: auto | images | webdataset | parquet
     endpoint_url: str | None = None    # images: S3-compatible endpoint
-    shard_size: int = 1000
+    shard_size: int = 1000             # images: files per shard of a folder (each rank reads whole shards)
     val_url: str | None = None         # images: held-out set; null = hold out the first val_count inputs
-    val_count: int = 64
-    val_batch_size: int = 16
+    val_count: int = 64                # held-out samples validated on
+    val_batch_size: int = 16           # their batch size
     truncation: float = 1.0            # synthetic: w = avg + psi * (w - avg)
     quantize: bool = True              # synthetic: round images to 8-bit levels, as stored images are
     shuffle_buffer: int = 256          # images: samples shuffled in memory
@@ -92,7 +92,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class RayTrainConfig:
     address: str | None = None         # null: a fresh embedded local Ray; an address: join that cluster
-    cpus_per_worker: float = 1
+    cpus_per_worker: float = 1         # Ray CPUs each training worker holds (its torch threads)
 
 
 @dataclass(frozen=True)

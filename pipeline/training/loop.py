@@ -24,7 +24,7 @@ from models.losses import E2StyleLoss
 from models.lpips import load_lpips
 from models.optim import build_optimizer
 
-from ..checkpoints import resolve_device
+from ..checkpoints import resolve_device, use_threads
 from .config import TrainConfig
 from .data import held_out_set, training_batches
 from .metrics import MetricsLogger, Progress
@@ -59,8 +59,8 @@ class StageRun:
 
 
 def _configure_device(cfg: TrainConfig, device: torch.device) -> None:
-    if cfg.train.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
+    if device.type == "cpu":
+        use_threads(cfg.train.num_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
