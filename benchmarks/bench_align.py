@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from pipeline.align import FaceAligner  # noqa: E402
 from models.alignment.ffhq_geometry import crop_and_pad, ffhq_quad  # noqa: E402
 from pipeline.crop import ffhq_crop  # noqa: E402
-from pipeline.detect import pick_largest  # noqa: E402
+from pipeline.face_search import pick_largest  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 

@@ -32,7 +32,7 @@ from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, mean
 from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from models.alignment.landmarks_model import random_model  # noqa: E402
-from pipeline.align import choose_faces  # noqa: E402
+from pipeline.face_search import choose_faces  # noqa: E402
 from pipeline.config import AlignConfig  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.device_align import DeviceAligner  # noqa: E402
