@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -89,8 +90,8 @@ def photos(place) -> set[str]:
     return keys
 
 
-def config(place: Place, ray_session, checkpoint: str, out: str = "out") -> dict:
-    return {"input": {"url": place.url("in")}, "output": {"url": place.url(out)},
+def config(place: Place, ray_session, checkpoint: str, out_url: str | None = None) -> dict:
+    return {"input": {"url": place.url("in")}, "output": {"url": out_url or place.url("out")},
             "model": {"checkpoint": checkpoint, "batch_size": 2}, "align": {"enabled": False},
             "storage": {"endpoint_url": place.endpoint}, "shard_size": SHARD_SIZE, "progress": False,
             # Join the test session's Ray: no second Ray on a small CI machine.
@@ -244,12 +245,26 @@ def test_killed_inversion_run_is_taken_over_by_one_of_two_racers(place, photos, 
 # A latents subcommand: decode
 
 
+@pytest.fixture(scope="module")
+def inversions() -> dict[str, str]:
+    """The decode tests' input per store, made by the first test that needs it."""
+    return {}
+
+
 @pytest.fixture
-def inverted(place, photos, ray_session, tiny_checkpoint, tmp_path) -> str:
-    """An inversion output of N_SHARDS shards, for decode to read."""
-    cfg = config(place, ray_session, tiny_checkpoint, out="inv")
-    assert run(resolve(cfg), echo=lambda s: None).exit_code == 0
-    return place.url("inv")
+def inverted(place, photos, ray_session, tiny_checkpoint, inversions, tmp_path_factory) -> str:
+    """An inversion output of N_SHARDS shards of ``photos``' keys, on the test's store, for decode to read."""
+    kind = "local" if place.endpoint is None else "s3"
+    if kind not in inversions:
+        if kind == "local":
+            url = str(tmp_path_factory.mktemp("lease_inv") / "inv")
+        else:
+            bucket = f"lease-inv-{uuid.uuid4().hex[:8]}"
+            place.fs.mkdir(bucket)
+            url = f"s3://{bucket}/inv"
+        assert run(resolve(config(place, ray_session, tiny_checkpoint, url)), echo=lambda s: None).exit_code == 0
+        inversions[kind] = url
+    return inversions[kind]
 
 
 def decode_args(place: Place, ray_session, inverted: str, extra: tuple[str, ...] = ()) -> list[str]:
