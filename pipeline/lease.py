@@ -101,9 +101,13 @@ class Holder:
     @classmethod
     def parse(cls, data: bytes, heartbeat_at: float, age_s: float) -> Holder:
         """A stored lease, with its heartbeat as the store dates it (a file's mtime, an object's Last-Modified)."""
-        d = json.loads(data)
-        return cls(**{k: d.get(k) for k in ("run_id", "host", "pid", "started_at", "machine", "pid_start",
-                                            "command")}, heartbeat_at=heartbeat_at, age_s=age_s)
+        try:
+            d = json.loads(data)
+            return cls(**{k: d.get(k) for k in ("run_id", "host", "pid", "started_at", "machine", "pid_start",
+                                                "command")}, heartbeat_at=heartbeat_at, age_s=age_s)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ConfigError("output.url", f"its {LEASE_NAME} is not a lease this pipeline wrote ({e}); remove it "
+                                            f"if no run writes there") from None
 
     def describe(self) -> str:
         return (f"run {self.run_id} (host {self.host}, pid {self.pid}, started {_iso(self.started_at)}, "
@@ -146,16 +150,7 @@ class _LocalStore:
         return True
 
     def adopt(self, token: tuple[int, int]) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != token:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
+        return False                           # a local create's answer is never lost: nothing to adopt
 
     def _is_current(self, fd: int) -> bool:
         try:

@@ -198,3 +198,13 @@ def test_stores_without_an_exclusive_create_are_refused():
     fs = fsspec.filesystem("memory")
     with pytest.raises(ConfigError, match=r"output.url.*local paths and s3:// only.*memory"):
         OutputLease(fs, "/out", "memory://out", stale_s=STALE_S)
+
+
+def test_a_file_in_the_leases_place_that_is_no_lease_is_named(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEASE_NAME).write_bytes(b"\x00 not json")
+    fs, root = get_fs(str(out))
+    with pytest.raises(ConfigError, match=rf"output.url.*{LEASE_NAME} is not a lease this pipeline wrote"):
+        OutputLease(fs, root, str(out), stale_s=STALE_S).acquire()
+    assert (out / LEASE_NAME).read_bytes() == b"\x00 not json"
