@@ -14,7 +14,8 @@ Each committed input shard ``latents/<shard>.parquet`` gives the output shard of
 inversion run's layout (``latents/``, ``images/<shard>.tar``, ``stats/``, ``_run.json``, ``_SUCCESS``) and
 under the same exactly-once rules: images, then latents, then stats as the commit marker; a rerun skips
 committed shards of the same fingerprint, deletes what an interrupted run left, and refuses an output
-that holds a run of other options unless ``output.overwrite``.
+that holds a run of other options unless ``output.overwrite``; one run writes an output at a time (the
+output's lease, pipeline/lease.py, taken before the cleanup: another run meanwhile is refused, exit 2).
 
 What each writes, per ``ok`` input row (rows of other statuses are copied with null codes):
 
