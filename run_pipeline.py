@@ -9,16 +9,20 @@ Exit codes: 0 every shard committed; 1 some shard failed (listed in the log and 
 2 invalid config, an output that holds a run with another checkpoint/config (see output.overwrite), or an
 output another live run is writing (its lease; see output.lease_wait_s).
 
-Reading the outputs:
+Reading the outputs (here the demo's, out/demo; any checkpoint: the codes' shape is in the schema metadata):
 
-    import numpy as np, pandas as pd
+    import json, numpy as np, pandas as pd, pyarrow.parquet as pq
     df = pd.read_parquet("out/demo/latents")            # s3://...: storage_options={"client_kwargs": {...}}
+    shape = json.loads(pq.read_schema("out/demo/latents/demo-000000.parquet").metadata[b"codes_shape"])
     ok = df[df.status == "ok"]
-    codes = np.stack(ok.codes.to_numpy()).reshape(len(ok), -1, 512)   # (N, n_latent, 512) W+
-    # reconstructions: out/demo/images/<shard>.tar, members <key>.recon.jpg (WebDataset)
+    codes = np.stack(ok.codes.to_numpy()).reshape(len(ok), *shape)   # (N, n_latent, style_dim) W+
+    print(codes.shape)   # the demo model: (16, 10, 32); official FFHQ models: (N, 18, 512)
+    # reconstructions: out/demo/images/<shard>.tar, members <key>.recon.<output.image_format> (.png in the demo)
 
-An official checkpoint instead of the demo's random one:
+An official checkpoint instead of the demo model (a 3-stage E2Style trained for the small demo generator):
     --set model.checkpoint=/path/to/e2style_ffhq_inversion.pt   (or s3://bucket/e2style.pt)
+
+Configuration reference: docs/CONFIG.md, or --help-config.
 """
 from __future__ import annotations
 
