@@ -39,19 +39,25 @@ class Progress:
     ``commit(n, key)``: n inputs are committed (the shard ``key``'s stats are written; its in-flight count
     ends); ``drop(key, failed)``: an attempt's in-flight work is discarded (retried, or failed for good).
     ``rate()`` is committed work over ``elapsed_s()``; the summary's throughput is the same figure.
+    ``initial``: work done before this run (a resumed training's steps): counted as committed, not in the rate.
+    ``desc`` names what is counted (a training stage); ``note(text)`` adds a figure to the bar's tail and the
+    log line (training's loss).
     """
 
     def __init__(self, bar: bool, total: int | None, total_shards: int | None = None, interval_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] = log.info,
-                 unit: str = "images"):
-        self.total, self.total_shards, self.unit = total, total_shards, unit
-        self.committed = self.shards_done = self.shards_failed = 0
+                 unit: str = "images", initial: int = 0, desc: str | None = None):
+        self.total, self.total_shards, self.unit, self.initial, self.desc = total, total_shards, unit, initial, desc
+        self.committed = initial
+        self.shards_done = self.shards_failed = 0
+        self._note = ""
         self._in_flight: dict[Hashable, int] = collections.defaultdict(int)
         self.interval_s, self.clock, self.emit = interval_s, clock, emit
         self.t0 = self.last = clock()
         self.bar = None
         if bar:
-            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, bar_format=_BAR_FORMAT)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                            bar_format=_BAR_FORMAT)
             self._refresh_bar()
 
     @property
@@ -73,6 +79,10 @@ class Progress:
             self.bar.update(n)
         self._refresh_bar()
 
+    def note(self, text: str) -> None:
+        self._note = text
+        self._refresh_bar()
+
     def drop(self, key: Hashable, failed: bool = False) -> None:
         self._in_flight.pop(key, None)
         if failed:
@@ -83,8 +93,8 @@ class Progress:
         return max(self.clock() - self.t0, 1e-9)
 
     def rate(self) -> float:
-        """Committed work per second since the start."""
-        return self.committed / self.elapsed_s()
+        """Work committed by this run per second since its start."""
+        return (self.committed - self.initial) / self.elapsed_s()
 
     def estimated_total(self) -> int | None:
         """The run's whole work: known (image folders, training steps), else extrapolated from committed shards."""
@@ -97,7 +107,7 @@ class Progress:
 
     def eta(self) -> str:
         total, rate = self.estimated_total(), self.rate()
-        if total is None or not self.committed:
+        if total is None or not rate:
             return "?"
         return format_duration(max(total - self.committed, 0) / rate)
 
@@ -109,12 +119,14 @@ class Progress:
             failed = f" ({self.shards_failed} failed)" if self.shards_failed else ""
             parts.append(f"shards {self.shards_done}/{self.total_shards} done{failed}")
         parts.append(f"ETA {self.eta()}")
-        return ", ".join(parts)
+        return ", ".join(parts + ([self._note] if self._note else []))
 
     def line(self) -> str:
         total = self.estimated_total()
         of = f"/{total}" if total is not None else ""
-        return f"progress: {self.committed}{of} {self.unit} committed in {format_duration(self.elapsed_s())}, {self._status()}"
+        what = f"progress ({self.desc})" if self.desc else "progress"
+        return (f"{what}: {self.committed}{of} {self.unit} committed in {format_duration(self.elapsed_s())}, "
+                f"{self._status()}")
 
     def _refresh_bar(self) -> None:
         if self.bar is not None:

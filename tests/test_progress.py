@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 
-import pytest
 
 from pipeline import progress as progress_module
 from pipeline.progress import Progress, format_summary, summarise
@@ -102,12 +101,17 @@ def test_bar_log_line_and_summary_agree_on_one_throughput(monkeypatch):
     assert "30/30" in stream.getvalue()
 
 
-@pytest.mark.parametrize("unit", ["steps"])
-def test_progress_without_shards_for_training_steps(unit):
+def test_progress_without_shards_for_training_steps_resumed():
+    """Training's use: steps, no shards, a resumed stage's earlier steps not in the rate, the loss as a note."""
     now = [0.0]
     lines: list[str] = []
-    p = Progress(False, 200, None, interval_s=10, clock=lambda: now[0], emit=lines.append, unit=unit)
-    p.commit(50)
+    p = Progress(False, 200, None, interval_s=10, clock=lambda: now[0], emit=lines.append, unit="steps",
+                 initial=100, desc="stage 1")
     now[0] = 10.0
     p.tick()
-    assert lines == ["progress: 50/200 steps committed in 10s, 5.00 steps/s, ETA 30s"]
+    assert lines == ["progress (stage 1): 100/200 steps committed in 10s, 0.00 steps/s, ETA ?"]
+    p.commit(50)
+    p.note("loss 0.1234")
+    now[0] = 20.0
+    p.tick()
+    assert lines[-1] == "progress (stage 1): 150/200 steps committed in 20s, 2.50 steps/s, ETA 20s, loss 0.1234"
