@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 
-
 from pipeline import progress as progress_module
 from pipeline.progress import Progress, format_summary, summarise
 
