@@ -210,21 +210,19 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
     [ref] = loop.run_training(ref_cfg, log=quiet)
 
     # The process 'dies' inside its third step, after the update: nothing after it runs or is saved.
-    real_step, calls = loop.train_step, []
+    real_step, steps_taken = loop.train_step, []
 
     def dies_in_third_step(run, x, w):
-        result = real_step(run, x, w)
-        calls.append(run.k)
-        if len(calls) == 3:
+        steps_taken.append(real_step(run, x, w))
+        if len(steps_taken) == 3:
             raise ProcessDied("killed during step 3")
-        return result
+        return steps_taken[-1]
 
     cfg = make_cfg(tmp_path / "crashy", tiny_generator, train__steps=4, train__save_every=2)
     with monkeypatch.context() as patch:
         patch.setattr(loop, "train_step", dies_in_third_step)
         with pytest.raises(ProcessDied):
             loop.run_training(cfg, log=quiet)
-    run_training = loop.run_training
     latest = stage_paths(cfg, 1)["latest"]
     assert not os.path.exists(stage_paths(cfg, 1)["final"])
     saved = read_checkpoint(latest)["train_state"]
@@ -233,7 +231,7 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
     assert load_e2style(latest).num_stages == 1  # the resume point is an official-layout file too
 
     logs = []
-    [res] = run_training(cfg, log=logs.append)
+    [res] = loop.run_training(cfg, log=logs.append)
     assert any("resuming" in m and "step 2" in m for m in logs)
     assert res["step"] == 4
     a, b = read_checkpoint(ref["final"]), read_checkpoint(res["final"])
@@ -242,7 +240,7 @@ def test_resume_after_crash_continues_same_step_and_optimizer_state(tmp_path, ti
     assert ta["step"] == tb["step"] == 4
     assert _tensors_equal(ta["optimizer"], tb["optimizer"])
     # A rerun of a finished stage trains nothing.
-    [again] = run_training(cfg, log=quiet)
+    [again] = loop.run_training(cfg, log=quiet)
     assert again.get("skipped")
 
 
@@ -506,17 +504,19 @@ def _as_written(command: str) -> list[str]:
 
 @pytest.fixture
 def fresh_clone(tmp_path):
-    """A folder holding the repository's tracked files (linked) and nothing else: no out/, no trained model."""
+    """A copy of the repository's tracked files (as they are in the working tree) and nothing else: no out/, no
+    trained model. Copies, not links: run_pipeline.py refuses packages found outside its own folder."""
+    import shutil
     import subprocess
 
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
     clone = tmp_path / "clone"
-    clone.mkdir()
-    for top in sorted({p.split("/")[0] for p in tracked}):
-        if os.path.exists(os.path.join(root, top)):
-            (clone / top).symlink_to(os.path.join(root, top))
-    assert not (clone / "out").exists()
+    for rel in filter(None, tracked.split("\0")):
+        if os.path.isfile(os.path.join(root, rel)):  # not one deleted in the working tree
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(root, rel), clone / rel)
+    assert (clone / "run_pipeline.py").is_file() and not (clone / "out").exists()
     return clone
 
 

@@ -6,7 +6,7 @@ under Ray Train (DDP). One module per job:
     data.py      synthetic (w, G(w)) pairs and image datasets, deterministic per seed, stage, step, rank
     model.py     the stage-k model (earlier stages frozen), its forward, validation, checkpoints
     loop.py      train_stage / run_training: one rank's loop, resume, validation, logging
-    metrics.py   metrics.jsonl and TensorBoard event files, the progress bar of a stage's steps
+    metrics.py   metrics.jsonl and TensorBoard event files (the steps' bar: pipeline/progress.py)
     ddp.py       local DDP on this machine's processes, without Ray
     cli.py       the command line (``run_pipeline.py train``, ``python -m pipeline.training``)
 

@@ -25,9 +25,10 @@ from models.lpips import load_lpips
 from models.optim import build_optimizer
 
 from ..checkpoints import resolve_device, use_threads
+from ..progress import Progress
 from .config import TrainConfig
 from .data import held_out_set, training_batches
-from .metrics import MetricsLogger, Progress
+from .metrics import MetricsLogger
 from .model import build_stage_model, load_resume_point, restore_rng, save_checkpoint, stage_forward, validate_model
 from .paths import RUN_CONFIG, check_files, stage_paths
 
@@ -62,6 +63,8 @@ def _configure_device(cfg: TrainConfig, device: torch.device) -> None:
     if device.type == "cpu":
         use_threads(cfg.train.num_threads)
     if device.type == "cuda":
+        # Speed over bit-exactness, for training only: TF32 matmuls and autotuned cuDNN kernels (the inversion
+        # pipeline leaves both off, so its outputs stay those checked against the float32 reference).
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -153,7 +156,9 @@ def _run_steps(run: StageRun, batches: Iterator, step: int) -> dict:
     tcfg, k = run.cfg.train, run.k
     steps = tcfg.steps
     out = {"step": step, "loss_first": None, "loss_last": None, "stopped_early": False}
-    progress = Progress(run.cfg.progress and run.rank == 0, steps, step, f"stage {k}")
+    # The pipeline's progress count, over this call's steps (a resumed stage counts from its resume point): the
+    # bar on rank 0 when ``progress`` is on; no periodic lines (the stage's own log lines say where it is).
+    progress = Progress(run.cfg.progress and run.rank == 0, steps - step, interval_s=0, unit="steps")
     try:
         while step < steps:
             lv, parts = train_step(run, *next(batches))
@@ -161,7 +166,7 @@ def _run_steps(run: StageRun, batches: Iterator, step: int) -> dict:
             if not math.isfinite(lv):
                 raise FloatingPointError(f"stage {k} step {step}: loss is {lv}")
             out.update(step=step, loss_last=lv, loss_first=lv if out["loss_first"] is None else out["loss_first"])
-            progress.update(lv)
+            progress.commit(1)
             if run.rank == 0 and (step % tcfg.log_every == 0 or step == 1):
                 run.logger.log(step, {"train/loss": lv, **{f"train/{kk}": float(v) for kk, v in parts.items()},
                                       "train/steps_per_s": step / max(time.time() - run.t0, 1e-9)})

@@ -1,14 +1,12 @@
-"""What a training run tells: rank 0's scalars in ``metrics.jsonl`` and in TensorBoard event files (torch's
-SummaryWriter), and a progress bar."""
+"""What a training run keeps: rank 0's scalars in ``metrics.jsonl`` and in TensorBoard event files (torch's
+SummaryWriter). Its progress bar is the pipeline's (pipeline/progress.py)."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 
 class MetricsLogger:
@@ -39,19 +37,3 @@ class MetricsLogger:
             self._jsonl.close()
             self._events.close()
 
-
-class Progress:
-    """A tqdm bar of the stage's steps (its loss as postfix) on stderr; nothing when disabled (other ranks)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr) if enabled else None
-
-    def update(self, loss: float | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
