@@ -42,15 +42,15 @@ import ray
 
 from workers.latents_worker import start_latents_actors
 
-from .checkpoints import checkpoint_dims, checkpoint_sha256, fetch_checkpoint
 from .cli import cli_exit_code, setup_logging
 from .cluster import actor_plan, init_ray, wait_one
 from .config import ConfigError, PipelineConfig, load_config, parse_overrides, redact
 from .edit import DirectionError, directions_sha256, make_edit_options
 from .latents_ops import PAIRS_SHARD, LatentsJob, latents_files, read_codes
 from .ledger import RunLedger, read_run_record
+from .options import checkpoint_identity, e2style_dims
 from .scheduler import ActorPool, Attempt, Scheduler
-from .storage import get_fs, to_uri
+from .storage import get_fs, storage_errors, to_uri
 
 __all__ = ["main", "build_config", "run_latents", "OPS"]
 
@@ -110,7 +110,8 @@ def build_config(op: str, args: argparse.Namespace) -> tuple[PipelineConfig, dic
             e["save_codes"] = True
     cfg0 = load_config(args.config, {k: v for k, v in over.items() if k != "model"} | {"model": {"checkpoint": "-"}})
     fs_in, in_root = get_fs(cfg0.input.url, cfg0.storage.endpoint_url)
-    rec = read_run_record(fs_in, in_root)
+    with storage_errors("--latents", cfg0.input.url, cfg0.storage.endpoint_url):  # credentials, endpoint: exit 2
+        rec = read_run_record(fs_in, in_root)
     if not (over.get("model") or {}).get("checkpoint"):
         ck = ((rec or {}).get("config") or {}).get("model", {}).get("checkpoint")
         if not ck or "***" in ck:
@@ -141,11 +142,8 @@ def _job(op: str, cfg: PipelineConfig, input_record: dict, *, steps: int, refere
     files = latents_files(fs_in, in_root)
     if not files:
         raise ConfigError("input.url", f"no committed latents shards under {cfg.input.url} (expected latents/ and stats/)")
-    sha = checkpoint_sha256(cfg.model.checkpoint, ep)
-    try:
-        dims = checkpoint_dims(fetch_checkpoint(cfg.model.checkpoint, ep, sha))
-    except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is the checkpoint key's fault
-        raise ConfigError("model.checkpoint", f"cannot read the checkpoint: {e}") from None
+    sha = checkpoint_identity(cfg.model.checkpoint, ep)
+    dims = e2style_dims(cfg.model.checkpoint, ep, sha)  # a file that is not an E2Style checkpoint, named
     n_latent, width = dims["n_latent"], dims["style_dim"]
     with fs_in.open(next(iter(files.values())), "rb") as f:
         md = pq.read_schema(f).metadata or {}

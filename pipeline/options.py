@@ -16,7 +16,7 @@ from .edit import DirectionError, make_edit_options
 from .storage import get_fs, is_local, storage_errors
 from .tasks import check_model
 
-__all__ = ["checkpoint_identity", "stage_options"]
+__all__ = ["checkpoint_identity", "e2style_dims", "stage_options"]
 
 FACTORY_PREFIX = "factory:"
 
@@ -35,20 +35,25 @@ def checkpoint_identity(url: str, endpoint_url: str | None = None) -> str:
         return checkpoint_sha256(url, endpoint_url)
 
 
-def stage_options(cfg: PipelineConfig, checkpoint_sha256: str | None = None) -> dict[str, Any]:
-    """{"task": {...} or None, "edit": {...} or None, "dims": checkpoint_dims(...)}; raises ConfigError."""
-    url, ep = cfg.model.checkpoint, cfg.storage.endpoint_url
-    with storage_errors("model.checkpoint", url, ep):
-        local = fetch_checkpoint(url, ep, checkpoint_sha256)
-    remote = not url.startswith(FACTORY_PREFIX) and not is_local(get_fs(url, ep)[0])
+def e2style_dims(url: str, endpoint_url: str | None = None, sha256: str | None = None) -> dict[str, int]:
+    """checkpoint_dims of the E2Style checkpoint at ``url`` (fetched when remote); ConfigError naming the file
+    and what it is when it is not one, StorageError when it cannot be fetched."""
+    with storage_errors("model.checkpoint", url, endpoint_url):
+        local = fetch_checkpoint(url, endpoint_url, sha256)
+    remote = not url.startswith(FACTORY_PREFIX) and not is_local(get_fs(url, endpoint_url)[0])
     fetched = f"{url} (fetched to) " if remote else ""
     try:
         e2style_state_dict(read_checkpoint(local), local)  # a generator's or another model's file, named as such
-        dims = checkpoint_dims(local)
+        return checkpoint_dims(local)
     except CheckpointError as e:  # names the file and what it is
         raise ConfigError("model.checkpoint", fetched + str(e)) from None
     except Exception as e:  # noqa: BLE001 - an E2Style file whose tensors do not fit is the checkpoint key's fault
         raise ConfigError("model.checkpoint", f"{fetched}{local}: cannot read the checkpoint: {e}") from None
+
+
+def stage_options(cfg: PipelineConfig, checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """{"task": {...} or None, "edit": {...} or None, "dims": checkpoint_dims(...)}; raises ConfigError."""
+    dims = e2style_dims(cfg.model.checkpoint, cfg.storage.endpoint_url, checkpoint_sha256)
     stages = cfg.model.stages
     if stages is not None and not 1 <= stages <= dims["num_stages"]:
         raise ConfigError("model.stages", f"must be in 1..{dims['num_stages']} for this checkpoint, got {stages}")
