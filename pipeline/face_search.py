@@ -18,6 +18,10 @@ by a weaker window: each face is searched for again in a crop of the next finer 
 level finer while the score improves. Only when nothing qualifying was found (or with ``exhaustive``), and
 smaller faces could still reach ``min_face_size``, finer runs follow (``run_plan``, ``more_runs``): levels k-4,
 k-8, ..., 0, then dlib's upsampling of the photo. A face found by an earlier run keeps that run's box.
+
+The finer search ends on full resolution's box on about 98% of faces (README, Face alignment); on the others the
+box is the same face's weaker window of a coarser level: dlib's run on the search's crop also scans the crop's
+own coarser levels, which are not the photo's, and one of their windows can suppress the finer level's best.
 """
 from __future__ import annotations
 
@@ -76,6 +80,15 @@ class LevelDetector(Protocol):
                     ) -> list[list[Detection]]:
         """Per photo, dlib's ``detector.run(crop, 0, 0)`` on the crop (x0, y0, x1, y1), x1/y1 exclusive, of its
         pyramid level ``levels[n]``."""
+
+
+@dataclass
+class _Face:
+    """A face during a search step: its photo, source rect and score, and the level its finer search is on."""
+    photo: int
+    rect: Rect
+    score: float
+    level: int
 
 
 @dataclass(frozen=True)
@@ -216,27 +229,27 @@ def better_finer_detection(rect, score: float, dets, x0: int, y0: int, j: int) -
     return rect, score
 
 
-def search_finer(detector: LevelDetector, faces: list[list], sizes: Sequence[tuple[int, int]]) -> None:
-    """Each of ``faces`` ([photo, source rect, score, level it was found on]) found above level 0 searched for
-    in a crop of the next finer level around it; a better window there replaces it, and its search goes on
-    from there while that keeps happening. In place; one detector call per round for all faces."""
-    active = [f for f in faces if f[3] > 0]
+def search_finer(detector: LevelDetector, faces: list[_Face], sizes: Sequence[tuple[int, int]]) -> None:
+    """Each of ``faces`` found above level 0 searched for in a crop of the next finer level around it; a better
+    window there replaces it, and its search goes on from there while that keeps happening. In place; one
+    detector call per round for all faces."""
+    active = [f for f in faces if f.level > 0]
     while active:
         searches = []
         for f in active:
-            window = finer_window(f[1], f[3] - 1, *pyramid_level_size(sizes[f[0]], f[3] - 1))
+            window = finer_window(f.rect, f.level - 1, *pyramid_level_size(sizes[f.photo], f.level - 1))
             if window is not None:
                 searches.append((f, window))
         if not searches:
             return
-        results = detector.run_windows([f[0] for f, _ in searches], [f[3] - 1 for f, _ in searches],
+        results = detector.run_windows([f.photo for f, _ in searches], [f.level - 1 for f, _ in searches],
                                        [w for _, w in searches])
         active = []
         for (f, (x0, y0, _x1, _y1)), dets in zip(searches, results):
-            rect, score = better_finer_detection(f[1], f[2], dets, x0, y0, f[3] - 1)
-            if score > f[2]:
-                f[1], f[2], f[3] = rect, score, f[3] - 1
-                if f[3] > 0:
+            rect, score = better_finer_detection(f.rect, f.score, dets, x0, y0, f.level - 1)
+            if score > f.score:
+                f.rect, f.score, f.level = rect, score, f.level - 1
+                if f.level > 0:
                     active.append(f)
 
 
@@ -259,21 +272,21 @@ def search_faces(detector: LevelDetector, sizes: Sequence[tuple[int, int]], rule
         for up in sorted({plans[i][step][1] for i in todo}):
             photos = [i for i in todo if plans[i][step][1] == up]
             dets.update(zip(photos, detector.run_levels(photos, [plans[i][step][0] for i in photos], up)))
-        faces = []  # [photo, source rect, score, level its finer search starts from], in the detections' order
+        faces = []  # in the detections' order; an upsampled run's faces have no finer level
         for i in todo:
             j, up = plans[i][step]
             smallest[i] = smallest_visible(sizes[i][1], pyramid_level_size(sizes[i], j)[1], up)
-            faces += [[i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0]
+            faces += [_Face(i, level_rect_to_source(rect, j), float(score), j if up == 0 else 0)
                       for rect, score in dets[i]]
         search_finer(detector, faces, sizes)
-        for i, rect, score, _level in faces:
-            box = rect_box(rect)
-            if score < rules.min_score or min(box[2] - box[0], box[3] - box[1]) < rules.min_face_size:
+        for face in faces:
+            box = rect_box(face.rect)
+            if face.score < rules.min_score or min(box[2] - box[0], box[3] - box[1]) < rules.min_face_size:
                 continue
             # A face already found by an earlier run keeps that run's box.
-            if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[i]):
+            if any(box_iou(box, b) > SAME_FACE_IOU for b, _ in found[face.photo]):
                 continue
-            found[i].append((box, score))
+            found[face.photo].append((box, face.score))
     return found
 
 
