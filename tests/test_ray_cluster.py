@@ -256,7 +256,8 @@ def test_example_submits_a_job_that_commits_once(cluster, jobs, photos, tiny_che
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert f"Job '{sid}' succeeded" in r.stdout + r.stderr
     # What following the job shows: the periodic progress line of a job without a bar.
-    assert re.search(rf"progress: \d+ images in \S+, [\d.]+ images/s, shards \d+/{N_SHARDS} done, ETA ", r.stdout), \
+    assert re.search(rf"progress: \d+/{N_PHOTOS} images committed in \S+, [\d.]+ images/s, \d+ in flight, "
+                     rf"shards \d+/{N_SHARDS} done, ETA ", r.stdout), \
         r.stdout[-4000:]
     assert str(job_client(cluster).get_job_status(sid).value) == "SUCCEEDED"
     # The job joined this cluster (ray.address auto), not an embedded Ray of its own.
