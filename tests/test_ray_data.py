@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA_DIR, pipeline_config
+from pipeline.config import AlignConfig
 from pipeline.decode import decode_image
 from pipeline.photo_inversion import PhotoInverter
 from pipeline.runner import run
@@ -95,3 +96,19 @@ def test_photo_inverter_takes_uint8_photos(pipeline_rows):
     assert out.rows[3].status == "decode_error" and "HxWx3 uint8" in out.rows[3].error
     _assert_same_rows({r.key: (r.status, out.codes[k], r.quad) for k, r in enumerate(out.rows[:3])}, pipeline_rows)
     assert np.isfinite(out.recon_psnr[[0, 2]]).all() and np.isnan(out.recon_psnr[[1, 3]]).all()
+
+
+def test_photo_inverter_aligning_on_its_device(pipeline_rows):
+    """With align.backend torch the photos are aligned by the actor's own device path (here on the CPU), as a
+    pipeline run's actor aligns them: each row maps back to its photo, the statuses are the pipeline's and the
+    faces' corners agree with dlib's to a pixel (the backends' agreement is tests/test_align_backends.py's)."""
+    inverter = PhotoInverter(DEMO_CHECKPOINT, align=AlignConfig(backend="torch"), batch_size=4, device="cpu")
+    assert inverter.info()["align_backend"] == "torch"
+    data = [open(os.path.join(DATA_DIR, n), "rb").read() for n in PHOTOS]
+    out = inverter.invert(data[::-1] + [BROKEN], [n.rsplit(".", 1)[0] for n in PHOTOS][::-1] + ["broken"])
+    assert out.photo.tolist() == [0, 1, 2, 3]
+    assert {r.key: r.status for r in out.rows} == {k: v[0] for k, v in pipeline_rows.items()}
+    for k, r in enumerate(out.rows):
+        if r.status == "ok":
+            assert np.isfinite(out.codes[k]).all()
+            np.testing.assert_allclose(r.quad, pipeline_rows[r.key][2], atol=1.0)
