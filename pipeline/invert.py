@@ -1,6 +1,6 @@
 """Stage 6, invert: aligned uint8 faces -> W+ codes, reconstructions and reconstruction metrics.
 
-Plain functions over a loaded model; ``workers/invert_worker.py`` only holds the model in a Ray actor.
+Plain functions over a loaded model; ``pipeline/inverter.py`` (the actor's logic) holds the model and calls them.
 """
 from __future__ import annotations
 
