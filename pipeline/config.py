@@ -9,14 +9,13 @@ whole tree.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_files import ConfigError, merge_config, parse_overrides, read_config_file
+from .config_files import ConfigError, as_mapping, from_mapping, merge_config, parse_overrides, plain, read_config_file
 
 __all__ = ["ConfigError", "PipelineConfig", "InputConfig", "OutputConfig", "EditConfig", "ModelConfig",
            "AlignConfig", "StorageConfig", "RayConfig", "PrepareConfig", "DEFAULTS", "TASKS", "DIRECTION_NAME",
@@ -151,7 +150,7 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain nested mapping (lists, not tuples), as a config file would write it."""
-        return _plain(dataclasses.asdict(self))
+        return as_mapping(self)
 
     def get(self, dotted: str) -> Any:
         cur: Any = self
@@ -165,16 +164,6 @@ class PipelineConfig:
                              self.output.paste_back, self.ray.cpu_task_niceness)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(PipelineConfig)
-             if f.default_factory is not dataclasses.MISSING}
 # The defaults as the mapping that files and --set are merged into.
 DEFAULTS: dict[str, Any] = PipelineConfig().to_dict()
 
@@ -214,15 +203,7 @@ def resolve(file_cfg: dict | None, overrides: dict | None = None) -> PipelineCon
     merge_config(cfg, file_cfg or {})
     merge_config(cfg, overrides or {})
     validate(cfg)
-    return _build(cfg)
-
-
-def _build(cfg: dict) -> PipelineConfig:
-    def frozen(v: Any) -> Any:
-        return tuple(v) if isinstance(v, list) else v
-
-    return PipelineConfig(**{name: _SECTIONS[name](**{k: frozen(v) for k, v in value.items()})
-                             if name in _SECTIONS else value for name, value in cfg.items()})
+    return from_mapping(PipelineConfig, cfg)
 
 
 def load_config(path: str | None, overrides: list[str] | dict | None = None) -> PipelineConfig:
@@ -395,6 +376,6 @@ def fingerprint(cfg: PipelineConfig, checkpoint_sha256: str, extra: dict | None 
     values.update({k: cfg.get(k) for k in OPTIONAL_FINGERPRINT_KEYS if cfg.get(k) != default.get(k)})
     values.update(extra or {})
     values["checkpoint_sha256"] = checkpoint_sha256
-    values = _plain(values)  # as they read back from _run.json
+    values = plain(values)  # as they read back from _run.json
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
     return digest, values

@@ -3,10 +3,11 @@ defaults, with errors that name the dotted key. Shared by the pipeline's typed c
 and the training config, which is why it knows nothing of either's keys."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
-__all__ = ["ConfigError", "parse_overrides", "merge_config", "read_config_file"]
+__all__ = ["ConfigError", "parse_overrides", "merge_config", "read_config_file", "plain", "as_mapping", "from_mapping"]
 
 
 class ConfigError(ValueError):
@@ -82,3 +83,30 @@ def read_config_file(path: str | None, error: type[ConfigError] = ConfigError) -
         raise error("--config", f"file not found: {path}") from None
     except yaml.YAMLError as e:
         raise error("--config", f"not valid YAML: {e}") from None
+
+
+def plain(obj: Any) -> Any:
+    """Nested values as YAML and JSON write them: tuples as lists."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def as_mapping(config: Any) -> dict[str, Any]:
+    """A typed config (a frozen dataclass whose sections are dataclasses) as the plain nested mapping a config
+    file would write: sections as mappings, tuples as lists."""
+    return plain(dataclasses.asdict(config))
+
+
+def from_mapping(cls: type, mapping: dict[str, Any]) -> Any:
+    """The typed config ``cls`` from a merged, validated mapping of its keys (``as_mapping``'s inverse): each
+    section (a field with a default factory) built from its sub-mapping, lists frozen into tuples."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+
+    def frozen(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    return cls(**{name: sections[name](**{k: frozen(v) for k, v in value.items()}) if name in sections else value
+                  for name, value in mapping.items()})

@@ -5,13 +5,12 @@ keys are those of configs/train_*.yaml."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.losses import OFFICIAL_WEIGHTS
 
-from ..config_files import ConfigError, merge_config, parse_overrides, read_config_file
+from ..config_files import ConfigError, as_mapping, from_mapping, merge_config, parse_overrides, read_config_file
 
 __all__ = ["TrainConfigError", "TrainConfig", "PretrainedFiles", "EncoderConfig", "LossWeights", "OptimConfig",
            "StepsConfig", "DataConfig", "RayTrainConfig", "DEFAULTS", "resolve_config", "load_train_config"]
@@ -112,19 +111,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain nested mapping (lists, not tuples), as a config file would write it."""
-        return _plain(dataclasses.asdict(self))
+        return as_mapping(self)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)
-             if f.default_factory is not dataclasses.MISSING}
 # The defaults as the mapping that files and --set are merged into.
 DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
 OPTIMIZERS = ("ranger", "adamw", "adam")
@@ -209,14 +198,6 @@ def _check_data_and_workers(cfg: dict) -> None:
             raise TrainConfigError(key, f"must be a path or URL (a string) or null, got {value!r}")
 
 
-def _build(cfg: dict) -> TrainConfig:
-    def frozen(v: Any) -> Any:
-        return tuple(v) if isinstance(v, list) else v
-
-    return TrainConfig(**{name: _SECTIONS[name](**{k: frozen(v) for k, v in value.items()})
-                          if name in _SECTIONS else value for name, value in cfg.items()})
-
-
 def resolve_config(file_cfg: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- file <- overrides, validated, then frozen into the typed config; paths are checked later,
     before any step (pipeline/training/paths.py ``check_files``)."""
@@ -230,7 +211,7 @@ def resolve_config(file_cfg: dict | None = None, overrides: dict | None = None) 
     cfg["train"]["stages"] = _stage_list(cfg["train"]["stages"])
     _check_optim_and_train(cfg)
     _check_data_and_workers(cfg)
-    return _build(cfg)
+    return from_mapping(TrainConfig, cfg)
 
 
 def load_train_config(path: str | None, overrides: list[str] | dict | None = None) -> TrainConfig:
