@@ -1,0 +1,121 @@
+"""The generator's fused Triton kernel (models/stylegan2_kernels.py), executed by Triton's interpreter on the CPU,
+against the float64 official StyledConv.
+
+The interpreter must be chosen before ``triton`` is imported, and the other tests import the models normally, so
+the checks run in a process of their own: this file run as a script with TRITON_INTERPRET=1 (the checks print
+PASS lines; the test asserts every check passed).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script from the test
+
+import models.stylegan2_kernels as kernels  # noqa: E402
+from models.stylegan2 import StyledConv  # noqa: E402
+
+# Shapes off the kernel's tiles (masks along pixels, input and output channels), per-sample and shared noise.
+SHAPES = [(2, 9, 13, 40, 24, True), (3, 16, 16, 32, 64, False), (1, 5, 7, 8, 16, True)]
+
+
+def official_layer(cin: int, cout: int, seed: int):
+    """A StyledConv (3x3, no upsampling) in float64 with non-zero noise strength and bias."""
+    torch.manual_seed(seed)
+    layer = StyledConv(cin, cout, 3, style_dim=32).double()
+    with torch.no_grad():
+        layer.noise.weight.fill_(0.7)
+        layer.activate.bias.normal_()
+    return layer
+
+
+def kernel_arguments(layer, style: torch.Tensor):
+    """The kernel's operands from the layer's parameters: styles, (3, 3, Cin, Cout) weight, demodulation."""
+    conv = layer.conv
+    s = conv.modulation(style)
+    weight = conv.scale * conv.weight[0]  # (out, in, 3, 3)
+    demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
+    return s, weight.permute(2, 3, 1, 0).contiguous(), demod
+
+
+def check_against_official(dtype: torch.dtype, bound: float) -> None:
+    for i, (b, h, w, cin, cout, per_sample_noise) in enumerate(SHAPES):
+        layer = official_layer(cin, cout, seed=i)
+        gen = torch.Generator().manual_seed(100 + i)
+        x = torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64)
+        style = torch.randn(b, 32, generator=gen, dtype=torch.float64)
+        noise = torch.randn(b if per_sample_noise else 1, 1, h, w, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            ref = layer(x, style, noise=noise).permute(0, 2, 3, 1)  # the official (grouped) form, float64
+            s, weight, demod = kernel_arguments(layer, style)
+            out = kernels.styled_conv3x3(x.permute(0, 2, 3, 1).to(dtype), s.float(), weight.float(), demod.float(),
+                                 noise[:, 0].float(), float(layer.noise.weight), layer.activate.bias.float())
+        assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape)
+        err = ((out.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+        assert err <= bound, f"{dtype} shape {SHAPES[i]}: per-sample relative error {err:.2e} > {bound:.0e}"
+        print(f"  {dtype} {SHAPES[i]}: {err:.1e}")
+
+
+def check_float32_equals_official() -> None:
+    check_against_official(torch.float32, 1e-5)
+
+
+def check_float16_within_the_reduced_precision_bound() -> None:
+    # fp16 operands (x * s rounded once, the weight) and output, float32 accumulation: 3e-4 measured here, so
+    # an fp16 intermediate rounding (an accumulation or epilogue in fp16) would show.
+    check_against_official(torch.float16, 1e-3)
+
+
+def check_device_self_check_passes_and_catches_a_wrong_kernel() -> None:
+    assert kernels.check_styled_conv_kernel(torch.device("cpu")) is None
+    assert kernels.use_styled_conv_kernel("cpu", use_triton=True)
+    right = kernels.styled_conv3x3
+    try:  # a kernel that drops the noise must fail the check
+        kernels.styled_conv3x3 = lambda x, s, w, d, noise, nw, bias: right(x, s, w, d, noise, 0.0, bias)
+        problem = kernels.check_styled_conv_kernel(torch.device("cpu"))
+    finally:
+        kernels.styled_conv3x3 = right
+    assert problem is not None and "relative error" in problem, problem
+
+
+def check_bad_shapes_are_named() -> None:
+    x = torch.zeros(2, 4, 4, 8)
+    try:
+        kernels.styled_conv3x3(x, torch.zeros(2, 8), torch.zeros(3, 3, 16, 8), torch.zeros(2, 8), torch.zeros(1, 4, 4), 0.0,
+                       torch.zeros(8))
+    except ValueError as e:
+        assert "(3, 3, Cin, Cout)" in str(e), e
+    else:
+        raise AssertionError("a weight of the wrong input channels was accepted")
+
+
+CHECKS = [check_float32_equals_official, check_float16_within_the_reduced_precision_bound,
+          check_device_self_check_passes_and_catches_a_wrong_kernel, check_bad_shapes_are_named]
+
+
+@pytest.mark.slow
+def test_fused_styled_conv_kernel_under_the_interpreter():
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is not installed; it is a test dependency (`make install`): these tests run the GPU "
+                    "kernels under its interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    report = f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, report
+    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]
+    assert passed == [c.__name__ for c in CHECKS], report  # none lost to an early exit
+    print(proc.stdout)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (TRITON_INTERPRET=1 before triton loads)"
+    for check in CHECKS:
+        check()
+        print(f"PASS {check.__name__}", flush=True)
