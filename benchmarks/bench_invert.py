@@ -1,13 +1,21 @@
-"""Model-only inversion speed and accuracy on whatever GPU is present.
+"""Model-only inversion speed and accuracy on whatever GPU is present, variants side by side in one run.
 
-Method: full-size official architecture (IR-SE50 encoders, 1024px StyleGAN2) with seeded random weights
-(speed does not depend on the values); uint8 256px inputs already on the GPU (normalisation timed);
-`--warmup` untimed runs, then `--iters` runs each timed with CUDA events; the median is reported.
-Accuracy: each variant against the float32 reference (official grouped modulated convolution, TF32 off)
-on the same real photographs: relative error of the final codes, PSNR of the 256px reconstruction.
+Method: full-size official architecture (IR-SE50 encoders, 1024px StyleGAN2, 3 stages) with seeded random weights
+(speed does not depend on the values); uint8 256px crops of real photographs already on the device
+(normalisation timed). Each variant gets its own copy of the model. Per case (stages, with reconstructions or
+latents only): the first call is timed by the wall clock (for compiled variants it holds the compilation:
+"compile s" is that call less the median), then `--warmup` untimed runs, then `--iters` runs each timed with CUDA
+events; the median is reported, with the peak memory of those runs. Accuracy: the outputs of the last timed run
+against the float32 reference (official per-sample grouped modulated convolution, TF32 off) on the same inputs:
+codes max abs difference, max per-sample relative error of the codes, min per-sample PSNR of the 256 px
+reconstruction. One table, printed last (also when `--time-limit` stops the run early).
 
-    python benchmarks/bench_invert.py --batch-sizes 16,32,64 --out results.json
-    python benchmarks/bench_invert.py --tiny --device cpu      # a smoke run of the script itself
+    python benchmarks/bench_invert.py --out $OUT/bench.json                 # the generator levers, batch 64
+    python benchmarks/bench_invert.py --smoke                               # CPU: checks the script, not speed
+
+`--layer-bench`: the 1024 px non-upsampling StyledConv alone (32 -> 32 channels, fp16, NHWC) as torch eager,
+torch.compile'd and the fused Triton kernel (models/stylegan2_kernels.py) in a few tile settings, with each one's
+max per-sample relative error against float32 and the kernel's device check verdict; a second table.
 """
 
 from __future__ import annotations
@@ -19,29 +27,64 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.e2style import E2Style  # noqa: E402
 from models.factory import build_e2style  # noqa: E402
+from models.stylegan2 import StyledConv  # noqa: E402
+from models.stylegan2_kernels import check_styled_conv_kernel, styled_conv3x3  # noqa: E402
 
 PHOTOS = ("tests/data/astronaut.jpg", "tests/data/grace_hopper.jpg")
+REFERENCE_CHUNK = 16  # the float32 reference runs this many samples at a time (its grouped convolutions' memory)
 
-# name: (precision, modconv form, channels_last, torch.compile, upsample implementation, kernel rewrites).
-# Eager variants take the form the code takes ("auto": the official order on CUDA; the folded 6x6 form is
-# wrong there in float32 at batch 64, see models/stylegan2.py).
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    modconv: str = "shared"
+    channels_last: bool = True
+    compile_mode: str | None = None  # None: eager; else one of models.e2style.COMPILE_MODES
+    upsample: str = "auto"           # models.stylegan2.UPSAMPLE_FORMS ("auto": the official order on CUDA)
+    kernels: bool = True             # optimize_for_gpu's rewrites (padded input convolutions, matmul RGB skip)
+    pool_before_rgb: bool = False    # the 256 px reconstruction made without the 1024 px RGB image
+    skip_upsample: str | None = None  # models.stylegan2.SKIP_UPSAMPLE_FORMS; None: what optimize_for_gpu sets
+
+
+AUTOTUNE = "max-autotune-no-cudagraphs"  # max-autotune's kernels, fit for the actor's own CUDA graph
+# Eager variants take the upsampling form the code takes ("auto": the official order on CUDA; the folded 6x6 form
+# is wrong there in float32 at batch 64, see models/stylegan2.py).
 VARIANTS = {
-    "fp32-reference": ("fp32", "grouped", False, False, "auto", False),
-    "fp32-shared": ("fp32", "shared", False, False, "auto", False),
-    "bf16": ("bf16", "shared", True, False, "auto", False),
-    "bf16-compile-tblur": ("bf16", "shared", True, True, "transposed_blur", False),
-    "fp16-compile-tblur": ("fp16", "shared", True, True, "transposed_blur", False),
-    # optimize_for_gpu(kernels=True): 8-channel padded encoder input convs, matmul RGB-skip upsampling
-    "bf16-k": ("bf16", "shared", True, False, "auto", True),
-    "fp16-compile-tblur-k": ("fp16", "shared", True, True, "transposed_blur", True),
+    "fp32-reference": Variant("fp32", modconv="grouped", channels_last=False, kernels=False),
+    "fp32-shared": Variant("fp32", channels_last=False, kernels=False),
+    "bf16": Variant("bf16", kernels=False),
+    "bf16-compile-tblur": Variant("bf16", compile_mode="default", upsample="transposed_blur", kernels=False),
+    "fp16-compile-tblur": Variant("fp16", compile_mode="default", upsample="transposed_blur", kernels=False),
+    "bf16-k": Variant("bf16"),
+    # The pipeline's default on GPUs (fp16, compiled, kernel rewrites), then the generator's cheap levers.
+    "fp16-compile-tblur-k": Variant("fp16", compile_mode="default", upsample="transposed_blur"),
+    "fp16-compile-tblur-k-pool": Variant("fp16", compile_mode="default", upsample="transposed_blur", pool_before_rgb=True),
+    "fp16-autotune-tblur-k": Variant("fp16", compile_mode=AUTOTUNE, upsample="transposed_blur"),
+    "fp16-autotune-tblur-k-pool": Variant("fp16", compile_mode=AUTOTUNE, upsample="transposed_blur", pool_before_rgb=True),
+    "fp16-compile-tblur-k-pool-phases": Variant("fp16", compile_mode="default", upsample="transposed_blur",
+                                                pool_before_rgb=True, skip_upsample="phases"),
+    "fp16-eager-k-pool": Variant("fp16", pool_before_rgb=True),  # the pooled path's fallback when compilation fails
+    "fp32-eager-k": Variant("fp32"),
+    "fp32-eager-k-pool": Variant("fp32", pool_before_rgb=True),
+    "fp32-eager-k-pool-phases": Variant("fp32", pool_before_rgb=True, skip_upsample="phases"),
 }
+LEVERS = ("fp16-compile-tblur-k", "fp16-compile-tblur-k-pool", "fp16-autotune-tblur-k", "fp16-autotune-tblur-k-pool",
+          "fp16-compile-tblur-k-pool-phases")
+SMOKE_VARIANTS = ("fp32-eager-k", "fp32-eager-k-pool", "fp32-eager-k-pool-phases")
+# Cases: stages and whether the reconstruction is returned ("3r": 3 stages with reconstructions, "3l": latents only).
+CASES = {"3r": (3, True), "1r": (1, True), "3l": (3, False)}
+# The fused kernel's launch settings tried by --layer-bench: (block_m, block_n, block_k, num_warps, num_stages).
+LAYER_KERNEL_SETTINGS = [(64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 32, 32, 8, 4), (256, 32, 32, 8, 3)]
 
 
 def real_inputs(batch: int, seed: int = 0) -> torch.Tensor:
@@ -61,149 +104,295 @@ def real_inputs(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
 
 
-def configure(model, variant: str):
-    """The model set up as ``variant``; variants with kernel rewrites get their own copy (the padded input
-    convolutions cannot be undone), the others reuse ``model``."""
-    precision, modconv, channels_last, compile_, upsample_impl, kernels = VARIANTS[variant]
-    if kernels:
-        model = copy.deepcopy(model)
-    model.set_precision(precision, modconv=modconv)
-    model.decoder.set_upsample_form(upsample_impl)
-    for m in model.decoder.modules():
-        if hasattr(m, "matmul"):
-            m.matmul = False
+def configure(model: E2Style, v: Variant) -> E2Style:
+    """``model`` (a fresh copy: the kernel rewrites cannot be undone) set up as the variant."""
+    model.set_precision(v.precision, modconv=v.modconv)
+    model.decoder.set_upsample_form(v.upsample)
+    model.decoder.set_skip_upsample_form("auto")
     model._compiled = {}
     model.channels_last = False
-    if channels_last or compile_:
-        model.optimize_for_gpu(channels_last=channels_last, compile=compile_, kernels=kernels)
+    if v.channels_last or v.compile_mode or v.kernels or v.pool_before_rgb:
+        model.optimize_for_gpu(channels_last=v.channels_last, compile=v.compile_mode is not None, kernels=v.kernels,
+                               compile_mode=v.compile_mode or "default", pool_before_rgb=v.pool_before_rgb)
+    if v.skip_upsample is not None:
+        model.decoder.set_skip_upsample_form(v.skip_upsample)
     return model
 
 
-def run_once(model, u8: torch.Tensor, stages: int, recon: bool):
+def run_once(model: E2Style, u8: torch.Tensor, stages: int, recon: bool):
     return model.invert(model.preprocess_uint8(u8), stages=stages, return_images=recon)
 
 
-def time_variant(model, u8, stages, recon, warmup, iters, device):
-    for _ in range(warmup):
-        run_once(model, u8, stages, recon)
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_case(model: E2Style, u8: torch.Tensor, stages: int, recon: bool, warmup: int, iters: int,
+              device: torch.device, graph: bool) -> dict:
+    """The first call's wall time, the median of ``iters`` timed calls, their peak memory, the last output."""
+    sync(device)
+    t = time.perf_counter()
+    run_once(model, u8, stages, recon)
+    sync(device)
+    first = time.perf_counter() - t
+    graphed = False
+    if graph and device.type == "cuda" and model._compiled:  # as the actor runs a compiled model
+        model._graphs = {}
+        graphed = model.capture_invert(u8.shape[0], stages, recon, keep_free=0.0)
+    for _ in range(warmup):
+        run_once(model, u8, stages, recon)
+    sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, out = [], None
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run_once(model, u8, stages, recon)
+            out = run_once(model, u8, stages, recon)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             t = time.perf_counter()
-            run_once(model, u8, stages, recon)
+            out = run_once(model, u8, stages, recon)
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    model._graphs = {}  # a graph holds its activations' memory: one case's at a time
+    return {"first_s": first, "median_s": statistics.median(times), "peak_gib": peak, "graph": graphed, "out": out}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # images span [-1, 1]: peak-to-peak 2
+def reference(model: E2Style, u8: torch.Tensor, stages: int) -> dict:
+    """Codes and reconstructions of the float32 grouped (official) formulation, REFERENCE_CHUNK samples at a time."""
+    configure(model, VARIANTS["fp32-reference"])
+    codes, images = [], []
+    for i in range(0, len(u8), REFERENCE_CHUNK):
+        out = run_once(model, u8[i:i + REFERENCE_CHUNK], stages, True)
+        codes.append(out.codes.cpu())
+        images.append(out.images.cpu())
+    return {"codes": torch.cat(codes).double(), "images": torch.cat(images).double()}
 
 
-def main() -> None:
+def accuracy(out, ref: dict) -> dict:
+    """Codes max abs difference and max per-sample relative error; min per-sample PSNR of the reconstructions."""
+    codes = out.codes.detach().cpu().double()
+    diff = (codes - ref["codes"]).flatten(1)
+    acc = {"codes_max_abs": float(diff.abs().max()),
+           "codes_rel_max": float((diff.norm(dim=1) / ref["codes"].flatten(1).norm(dim=1)).max()),
+           "psnr_min_db": float("nan")}
+    if out.images is not None:
+        mse = (out.images.detach().cpu().double().clamp(-1, 1) - ref["images"].clamp(-1, 1)).pow(2).flatten(1).mean(1)
+        acc["psnr_min_db"] = float((10 * torch.log10(4.0 / mse.clamp_min(1e-30))).min())  # images span [-1, 1]
+    return acc
+
+
+def median_s(fn, warmup: int, iters: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``iters`` runs (CUDA events on a GPU), after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def layer_bench(device: torch.device, batch: int, size: int, channels: int, warmup: int, iters: int) -> list[dict]:
+    """The generator's last StyledConv (no upsampling) in fp16 NHWC: torch eager, compiled, and the fused kernel."""
+    torch.manual_seed(0)
+    layer = StyledConv(channels, channels, 3, 512).to(device).eval()
+    layer.conv.mode = "shared"
+    layer.noise.weight.fill_(0.1)
+    layer.activate.bias.normal_(0, 0.1)
+    x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    style, noise = torch.randn(batch, 512, device=device), torch.randn(1, 1, size, size, device=device)
+    x16 = x.half()
+    ref = torch.cat([layer(x16[i:i + 8].float(), style[i:i + 8], noise) for i in range(0, batch, 8)])  # float32
+
+    def torch_path(fn):
+        def run():
+            with torch.autocast(device.type, dtype=torch.float16):
+                return fn(x16, style, noise)
+        return run
+
+    def fused(settings):
+        def run():
+            conv = layer.conv
+            s = conv.modulation(style)
+            weight = conv.scale * conv.weight[0]
+            demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
+            out = styled_conv3x3(x16.permute(0, 2, 3, 1), s, weight.permute(2, 3, 1, 0), demod, noise[:, 0],
+                                 float(layer.noise.weight), layer.activate.bias, *settings)
+            return out.permute(0, 3, 1, 2)
+        return run
+
+    paths = [("torch eager", torch_path(layer)), ("torch.compile", torch_path(torch.compile(layer, dynamic=False)))]
+    paths += [(f"fused kernel {settings}", fused(settings)) for settings in LAYER_KERNEL_SETTINGS]
+    check = check_styled_conv_kernel(device)
+    rows = []
+    min_bytes = 2 * x16.numel() * x16.element_size()  # the activations read once and the output written once
+    for name, fn in paths:
+        t = time.perf_counter()
+        try:
+            out = fn()
+            sync(device)
+        except Exception as e:  # noqa: BLE001 - a setting the device refuses (shared memory): reported, not fatal
+            rows.append({"path": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        first = time.perf_counter() - t
+        err = ((out.float() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+        del out
+        median = median_s(fn, warmup, max(1, iters), device)
+        rows.append({"path": name, "ms": median * 1e3, "first_call_s": first, "rel_err_max": err,
+                     "effective_gb_s": min_bytes / median / 1e9, "device_check": check or "passed"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", default="16,32,64")
-    p.add_argument("--stages", default="1,3")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--reference-batch", type=int, default=16, help="the slow reference is timed at this batch only")
-    p.add_argument("--compile-batches", default="32", help="compiled variants are timed at these batches only (one compile each)")
-    p.add_argument("--acc-batch", type=int, default=32, help="batch of real photos for the accuracy comparison")
+    p.add_argument("--variants", default=",".join(LEVERS), help="comma-separated names of VARIANTS, the first is "
+                   "the baseline of the 'x first' column; all: " + ",".join(VARIANTS))
+    p.add_argument("--cases", default="3r,1r,3l", help="3r: 3 stages with reconstructions, 1r: 1 stage, 3l: 3 stages "
+                   "latents only")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--graph", action="store_true", help="compiled variants replayed as one CUDA graph per call "
+                   "(E2Style.capture_invert), as the pipeline's actor runs them")
+    p.add_argument("--recompile", action="store_true", help="compiled variants compiled once more after "
+                   "torch._dynamo.reset(): the compilation with warm inductor caches (an actor's restart)")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; no variant starts after it (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="64px narrow model: checks the script, not the GPU")
-    p.add_argument("--profile", default="", help="variant to profile (top CUDA kernels at the largest batch, 3 stages)")
-    p.add_argument("--out", default="")
+    p.add_argument("--smoke", action="store_true", help="512 px narrow model, batch 2, eager fp32 variants unless "
+                   "--variants names others: checks the script on a CPU, not the speed")
+    p.add_argument("--layer-bench", action="store_true", help="also the 1024 px StyledConv alone: torch against the "
+                   "fused Triton kernel (with --smoke: a 32 px layer on the CPU, under TRITON_INTERPRET=1)")
+    p.add_argument("--profile", default="", help="variant to profile (top CUDA kernels, the first case)")
+    p.add_argument("--out", default="", help="JSON of every row; rows are also appended to OUT + 'l' as they come")
     a = p.parse_args()
+    start = time.time()
     device = torch.device(a.device)
-    torch.backends.cudnn.benchmark = True
-    # The reference is true float32: TF32 would already be a reduced-precision variant.
+    # The pipeline leaves cudnn.benchmark off; the reference is true float32 (TF32 would be a reduced precision).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-    resolution, width = (64, 64) if a.tiny else (1024, 512)
-    t0 = time.time()
+    names = a.variants.split(",") if not (a.smoke and a.variants == p.get_default("variants")) else list(SMOKE_VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS] + [c for c in a.cases.split(",") if c not in CASES]
+    if unknown:
+        p.error(f"unknown variants or cases: {unknown}; variants: {sorted(VARIANTS)}, cases: {sorted(CASES)}")
+    cases = a.cases.split(",")
+    batch, warmup, iters = (2, 0, 1) if a.smoke else (a.batch, a.warmup, a.iters)
+    resolution, width = (512, 16) if a.smoke else (1024, 512)
+    if a.smoke:
+        torch.manual_seed(0)
     with torch.device(device):
-        model = build_e2style(resolution, stages=3, width=width, seed=0)
-    print(f"built {resolution}px 3-stage model on {device} in {time.time() - t0:.1f}s; "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
+        base = build_e2style(resolution, stages=3, width=width, seed=0).eval()
+    print(f"built {resolution}px 3-stage model on {device} in {time.time() - start:.1f}s; "
+          f"{sum(q.numel() for q in base.parameters()) / 1e6:.0f}M parameters", flush=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    batches = [int(b) for b in a.batch_sizes.split(",")]
-    stage_list = [int(s) for s in a.stages.split(",")]
-    variants = a.variants.split(",")
+    u8 = real_inputs(batch, seed=1).to(device)
+    refs = {}
+    for stages in sorted({CASES[c][0] for c in cases}):
+        refs[stages] = reference(base, u8, stages)
+    base = base.cpu()  # each variant gets a device copy: its peak memory is its own
+    last_layer_channels = base.decoder.channels[resolution]
+    sync(device)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    print(f"float32 reference at batch {batch}: {time.time() - start:.0f}s", flush=True)
 
-    # Reference outputs for accuracy, on one batch of real photographs.
-    acc_batch = real_inputs(a.acc_batch, seed=1).to(device)
-    compile_batches = [int(b) for b in a.compile_batches.split(",")]
     log = open(a.out + "l", "a") if a.out else None
-    ref_model = configure(model, "fp32-reference")
-    ref = {s: run_once(ref_model, acc_batch, s, True) for s in stage_list}
+    rows, skipped = [], []
+    for name in names:
+        if a.time_limit and time.time() - start > a.time_limit:
+            skipped.append(name)
+            continue
+        v = VARIANTS[name]
+        model = configure(copy.deepcopy(base).to(device), v)
+        for case in cases:
+            stages, recon = CASES[case]
+            try:
+                r = time_case(model, u8, stages, recon, warmup, iters, device, a.graph)
+            except torch.OutOfMemoryError:
+                print(f"{name} {case}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = {"variant": name, "case": case, "stages": stages, "recon": recon, "batch": batch,
+                   "img_per_s": batch / r["median_s"], "ms_per_batch": r["median_s"] * 1e3, "peak_gib": r["peak_gib"],
+                   "first_call_s": r["first_s"], "compile_s": r["first_s"] - r["median_s"], "graph": r["graph"],
+                   **accuracy(r["out"], refs[stages]), "settings": asdict(v)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+        if a.recompile and v.compile_mode is not None and rows and rows[-1]["variant"] == name:
+            torch._dynamo.reset()
+            stages, recon = CASES[cases[0]]
+            sync(device)
+            t = time.perf_counter()
+            run_once(model, u8, stages, recon)
+            sync(device)
+            warm = time.perf_counter() - t
+            for row in rows:
+                if row["variant"] == name:
+                    row["recompile_s"] = warm - row["ms_per_batch"] / 1e3 if row["case"] == cases[0] else None
+        if a.profile == name and device.type == "cuda":
+            stages, recon = CASES[cases[0]]
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run_once(model, u8, stages, recon)
+                sync(device)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    rows = []
-    for v in variants:
-        vm = configure(model, v)
-        acc = {s: run_once(vm, acc_batch, s, True) for s in stage_list}
-        for s in stage_list:
-            code_err = ((acc[s].codes - ref[s].codes).norm() / ref[s].codes.norm()).item()
-            rec_psnr = psnr(acc[s].images, ref[s].images)
-            for recon in (True, False):
-                for b in batches:
-                    if v == "fp32-reference" and b != a.reference_batch:
-                        continue
-                    if VARIANTS[v][3] and b not in compile_batches:
-                        continue
-                    u8 = real_inputs(b).to(device)
-                    try:
-                        t, peak = time_variant(vm, u8, s, recon, a.warmup, a.iters, device)
-                    except torch.OutOfMemoryError:
-                        print(f"{v} stages={s} batch={b}: out of memory", flush=True)
-                        torch.cuda.empty_cache()
-                        continue
-                    row = {"variant": v, "stages": s, "recon": recon, "batch": b, "img_per_s": b / t, "ms_per_batch": t * 1e3,
-                           "peak_gib": peak, "codes_rel_err": code_err, "recon_psnr_db": rec_psnr}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
+    layer_rows = []
+    if a.layer_bench:
+        layer_size, layer_channels = (32, 32) if a.smoke else (resolution, last_layer_channels)
+        layer_rows = layer_bench(device, batch, layer_size, layer_channels, warmup, iters)
 
-    ref_speed = {(r["stages"], r["recon"]): r["img_per_s"] for r in rows if r["variant"] == "fp32-reference"}
-    if a.profile and device.type == "cuda":
-        pm = configure(model, a.profile)
-        u8 = real_inputs(max(batches)).to(device)
-        for _ in range(2):
-            run_once(pm, u8, 3, True)
-        torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run_once(pm, u8, 3, True)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
-
-    print(f"\n### {gpu}, torch {torch.__version__}")
-    print("| variant | stages | recon | batch | img/s | x fp32 ref | peak GiB | codes rel err | recon PSNR dB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    base_speed = {r["case"]: r["img_per_s"] for r in rows if r["variant"] == names[0]}
+    print(f"\n### {gpu}, torch {torch.__version__}, batch {batch}, {time.time() - start:.0f}s")
+    print("| variant | case | img/s | x first | ms/batch | peak GiB | compile s | warm recompile s | graph | "
+          "codes max abs | codes rel max | PSNR min dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = ref_speed.get((r["stages"], r["recon"]))
-        ratio = f"{r['img_per_s'] / base:.1f}" if base else ""
-        print(f"| {r['variant']} | {r['stages']} | {'yes' if r['recon'] else 'no'} | {r['batch']} | {r['img_per_s']:.0f} | {ratio} | "
-              f"{r['peak_gib']:.1f} | {r['codes_rel_err']:.1e} | {r['recon_psnr_db']:.1f} |")
+        ratio = f"{r['img_per_s'] / base_speed[r['case']]:.2f}" if r["case"] in base_speed else ""
+        warm = r.get("recompile_s")
+        compile_s = f"{r['compile_s']:.1f}" if r["settings"]["compile_mode"] else ""  # eager: nothing to compile
+        print(f"| {r['variant']} | {r['case']} | {r['img_per_s']:.4g} | {ratio} | {r['ms_per_batch']:.1f} | "
+              f"{r['peak_gib']:.1f} | {compile_s} | {'' if warm is None else f'{warm:.1f}'} | "
+              f"{'yes' if r['graph'] else 'no'} | {r['codes_max_abs']:.1e} | {r['codes_rel_max']:.1e} | "
+              f"{r['psnr_min_db']:.1f} |")
+    if skipped:
+        print(f"not run (time limit): {', '.join(skipped)}")
+    if layer_rows:
+        print(f"\n#### the {layer_size} px StyledConv alone ({batch} x {layer_channels} x {layer_size}^2, fp16 NHWC); "
+              f"GB/s: activations read once and written once over the time")
+        print("| path | ms | GB/s | rel err max vs fp32 | first call s | device check |")
+        print("|---|---|---|---|---|---|")
+        for r in layer_rows:
+            if "error" in r:
+                print(f"| {r['path']} | {r['error']} | | | | |")
+                continue
+            print(f"| {r['path']} | {r['ms']:.2f} | {r['effective_gb_s']:.0f} | {r['rel_err_max']:.1e} | "
+                  f"{r['first_call_s']:.1f} | {r['device_check']} |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"gpu": gpu, "torch": torch.__version__, "batch": batch, "rows": rows, "not_run": skipped,
+                       "layer_rows": layer_rows}, f, indent=1)
+    return 2 if skipped else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
