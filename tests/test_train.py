@@ -145,6 +145,25 @@ def test_missing_pretrained_file_fails_before_any_step(tmp_path, tiny_generator,
     assert not (tmp_path / "run2" / "stage1").exists()
 
 
+def test_files_of_the_wrong_kind_are_refused_before_anything_is_written(tmp_path, tiny_generator, capsys):
+    from models.factory import write_checkpoint
+    from pipeline.training.cli import main
+
+    one_stage = write_checkpoint(tmp_path / "one_stage.pt", resolution=32, stages=1, width=16)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"output_dir: {tmp_path / 'run'}\ngenerator: {tiny_generator}\nloss: {{lpips: 0, id: 0, parse: 0}}\n")
+    for overrides, message in [
+        ([f"generator={one_stage}"], f"generator: {one_stage}: an E2Style checkpoint, not a StyleGAN2 generator"),
+        ([f"model.init_checkpoint={tiny_generator}", "train.stages=2"],
+         f"model.init_checkpoint: {tiny_generator}: a StyleGAN2 generator checkpoint"),
+        ([f"model.init_checkpoint={one_stage}", "train.stages=3"],
+         f"model.init_checkpoint: {one_stage} has 1 stage(s); training stage 3 needs 2"),
+    ]:
+        assert main(["--config", str(cfg_file), *(a for o in overrides for a in ("--set", o))]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Training behaviour
 

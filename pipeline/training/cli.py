@@ -1,14 +1,8 @@
 """The training command line: ``run_pipeline.py train --config configs/train_*.yaml [--set key=value ...]``
 (``python -m pipeline.training`` is the same). Every check (config keys, every file the run needs) happens
 before anything is built or written; a refused run exits 2. ``num_workers: N`` runs the loop on N Ray Train
-workers (workers/train_worker.py), otherwise in this process.
-
-``train.stages: [1, 2, 3]`` runs the stages one after the other, each starting from the previous one's final
-checkpoint; a rerun with the same ``output_dir`` skips finished stages and resumes an unfinished one at its
-saved step with its optimizer state. Data (``data.mode``): ``synthetic`` samples (w, G(w)) pairs from the
-generator on the fly; ``images`` reads aligned faces with the pipeline's readers (image folders, WebDataset
-tars, Parquet; local or S3).
-"""
+workers (workers/train_worker.py), otherwise in this process. What ``--help`` says of stages, resuming and data
+is ``EPILOG``."""
 from __future__ import annotations
 
 import argparse
@@ -26,10 +20,17 @@ from .paths import check_files
 __all__ = ["main"]
 
 DESCRIPTION = "E2Style training: multi-stage encoders, on one device or on Ray Train workers (DDP)."
+EPILOG = """\
+stages: train.stages [1, 2, 3] trains them one after the other, each from the previous one's final checkpoint;
+  a rerun with the same output_dir skips finished stages and resumes an unfinished one at its last saved step.
+data: data.mode synthetic samples (w, G(w)) pairs from the generator; images reads aligned faces (folders,
+  WebDataset tars, Parquet; local or s3://).
+keys: every key with its default and meaning is in pipeline/training/config.py.
+exit codes: 0 trained; 2 an invalid config or a missing file (nothing is written)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="run_pipeline.py train", description=DESCRIPTION, epilog=__doc__.split("\n\n", 1)[1],
+    ap = argparse.ArgumentParser(prog="run_pipeline.py train", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", "-c", required=True, help="YAML training config (configs/train_*.yaml)")
     ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

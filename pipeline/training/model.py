@@ -76,9 +76,7 @@ def _first_stage_model(cfg: TrainConfig, log) -> tuple[E2Style, torch.nn.Module]
 def _refinement_stage_model(cfg: TrainConfig, k: int, log) -> tuple[E2Style, torch.nn.Module]:
     m = cfg.model
     init = m.init_checkpoint if k == cfg.train.stages[0] and m.init_checkpoint else stage_paths(cfg, k - 1)["final"]
-    prev = e2style_from_checkpoint(read_checkpoint(init), init)
-    if prev.num_stages < k - 1:
-        raise TrainConfigError("model.init_checkpoint", f"{init} has {prev.num_stages} stage(s); training stage {k} needs {k - 1}")
+    prev = e2style_from_checkpoint(read_checkpoint(init), init)  # its kind and stages: paths.check_files
     first = prev.encoder_firststage
     sd = first.state_dict()
     style_dim = prev.decoder.style_dim
