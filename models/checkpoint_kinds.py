@@ -66,10 +66,11 @@ def sniff_checkpoint(path: str | os.PathLike) -> str:
         head = f.read(SNIFF_BYTES)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _sniff_zip(path, size)
-    if head.startswith(b"\x80"):
-        return _sniff_pickle(path, head)
+    # Before the pickle test: a safetensors header's length (8 bytes, little-endian) may begin with 0x80 too.
     if _is_safetensors(head, size, path):
         return SAFETENSORS
+    if head.startswith(b"\x80"):
+        return _sniff_pickle(path, head)
     for magic, what in _MAGIC:
         if head.startswith(magic):
             raise _fail(path, f"is {what}, not a checkpoint")

@@ -2,17 +2,21 @@
 written, nothing unpickled, and no advice to turn the safety off."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 import run_pipeline
 from conftest import tiny_image_bytes
+from models.checkpoint_kinds import SAFETENSORS, sniff_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_GENERATOR = os.path.join(ROOT, "demo", "generator.pt")
@@ -150,3 +154,15 @@ def test_pickle_that_would_run_code_is_refused_without_advice_to_disable_safety(
         assert "io.open" in err or "builtins.open" in err, err  # the global it would have imported, named
     assert "weights_only" not in err and "False" not in err and "trust" not in err, err
     assert not marker.exists() and not out.exists()
+
+
+def test_safetensors_whose_header_length_begins_like_a_pickle_is_safetensors(tmp_path):
+    """A safetensors file starts with its header's length (8 bytes, little-endian): 0x80 there must not read
+    as a pickle's first byte (an E2Style checkpoint's header happened to be 128 + 256 k bytes long)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (0x180 - len(header))   # the length's first byte is 0x80
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.0))
+    assert path.read_bytes()[0] == 0x80
+    assert sniff_checkpoint(path) == SAFETENSORS
+    assert load_file(str(path))["w"].tolist() == [1.0]   # a valid file, as the library reads it

@@ -154,7 +154,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 def test_truncated_and_non_checkpoint_files_give_clear_errors(tmp_path, small3):
     data = small3.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cut.pt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="cut.pt: is a truncated or damaged zip"):
         load_e2style(tmp_path / "cut.pt")
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="text.pt"):
@@ -162,7 +162,7 @@ def test_truncated_and_non_checkpoint_files_give_clear_errors(tmp_path, small3):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_e2style(tmp_path / "absent.pt")
     torch.save({"g_ema": {}}, tmp_path / "gen.pt")
-    with pytest.raises(CheckpointError, match="no 'state_dict' entry"):
+    with pytest.raises(CheckpointError, match="gen.pt: a StyleGAN2 generator checkpoint .'g_ema'., not an E2Style"):
         load_e2style(tmp_path / "gen.pt")
 
 
