@@ -8,7 +8,9 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
    the folded forms hit cuDNN defects, see models/stylegan2.py), including the pipeline's default (fp16,
    compiled, rewrites on) and its fallback when compilation fails (the same, eager); compiled paths also as the
    actor runs them, replayed as a CUDA graph (E2Style.capture_invert: "-graph" rows, with whether their bits
-   are the same path's unrecorded). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with
+   are the same path's unrecorded); "-pool" paths make the 256 px reconstruction without the 1024 px RGB image
+   (optimize_for_gpu's pool_before_rgb), "-autotune" ones compile in max-autotune mode (run only when named in
+   --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with
    seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
    the same GPU, computed 4 samples at a time (TF32 off). Bounds: float32 paths relative error <= 1e-4 of the
    codes and of the 256 px images; bf16/fp16 paths codes <= 1e-2 and reconstructions >= 40 dB PSNR.
@@ -22,12 +24,13 @@ Compiled paths run in parallel worker processes (compilation is CPU-bound), each
 as the pipeline does (it pads every batch to model.batch_size).
 
     python benchmarks/check_gpu.py --out $OUT/check.json
-    python benchmarks/check_gpu.py --tiny --device cpu --batch-sizes 1,2,4 --compile-batches ""   # smoke run
+    python benchmarks/check_gpu.py --tiny --device cpu --batch-sizes 2 --compile-batches "" --compile-batches-nok "" --skip-sweep   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +54,8 @@ FP32_BOUND = 1e-4
 REDUCED_CODES_BOUND = 1e-2
 REDUCED_PSNR_BOUND = 40.0
 REDUCED_CONV_BOUND = 1e-2
+FULL = (1024, 512)  # the official architecture: resolution, width
+TINY = (512, 16)  # --tiny: narrow, but above 256 px so the "-pool" paths pool before the ToRGB
 REF_CHUNK = 4  # the reference runs 4 samples at a time (the defect seen so far is right at batch 2 and 4)
 
 
@@ -60,32 +65,47 @@ class InferencePath:
     compile: bool
     kernels: bool
     graph: bool = False  # replayed as a CUDA graph (compiled paths on CUDA; the actor's way)
+    pool: bool = False  # optimize_for_gpu's pool_before_rgb
+    compile_mode: str = "default"  # models.e2style.COMPILE_MODES
 
     @property
     def name(self) -> str:
-        name = f"{self.precision}-{'compile' if self.compile else 'eager'}-{'k' if self.kernels else 'nok'}"
-        return name + "-graph" * self.graph
+        compiled = ("autotune" if self.compile_mode != "default" else "compile") if self.compile else "eager"
+        name = f"{self.precision}-{compiled}-{'k' if self.kernels else 'nok'}"
+        return name + "-pool" * self.pool + "-graph" * self.graph
+
+    def gpu_settings(self, on_gpu: bool) -> dict:
+        """optimize_for_gpu's arguments for this path."""
+        return {"channels_last": on_gpu, "compile": self.compile, "kernels": self.kernels,
+                "compile_mode": self.compile_mode, "pool_before_rgb": self.pool}
 
 
 # The pipeline's default on GPUs; when its compilation fails at first use, InferencePath("fp16", False, True)
 # runs instead (one of EAGER_PATHS).
 PIPELINE_DEFAULT = InferencePath("fp16", True, True)
-EAGER_PATHS = [InferencePath(p, False, k) for k in (False, True) for p in ("fp32", "bf16", "fp16")]
+# The candidate default: the same with the reconstruction made at 256 px (its fallback: fp16-eager-k-pool).
+POOLED_DEFAULT = InferencePath("fp16", True, True, pool=True)
+PRECISIONS = ("fp32", "bf16", "fp16")
+EAGER_PATHS = ([InferencePath(p, False, k) for k in (False, True) for p in PRECISIONS]
+               + [InferencePath(p, False, True, pool=True) for p in PRECISIONS])
 # Compiled: rewrites on first (what the pipeline runs), the default first of all.
-COMPILED_PATHS = [PIPELINE_DEFAULT] + [InferencePath(p, True, k) for k in (True, False) for p in ("fp32", "bf16", "fp16")
-                                      if (p, k) != ("fp16", True)]
+COMPILED_PATHS = [PIPELINE_DEFAULT, POOLED_DEFAULT] + [InferencePath(p, True, k) for k in (True, False) for p in PRECISIONS
+                                                       if (p, k) != ("fp16", True)]
+# Run only when --compiled-paths names them (max-autotune compiles for minutes per batch size).
+AUTOTUNE_PATHS = [InferencePath("fp16", True, True, pool=pool, compile_mode="max-autotune-no-cudagraphs")
+                  for pool in (False, True)]
 
 
 def configure(model: E2Style, path: InferencePath, on_gpu: bool) -> E2Style:
     """Set ``model`` (built with or without the kernel rewrites, to match ``path``) up as the pipeline does."""
     model.set_precision(path.precision, modconv="shared")
     model._compiled = {}
-    model.optimize_for_gpu(channels_last=on_gpu, compile=path.compile, kernels=path.kernels)
+    model.optimize_for_gpu(**path.gpu_settings(on_gpu))
     return model
 
 
 def load_model(weights: str, device: torch.device, kernels: bool, tiny: bool) -> E2Style:
-    resolution, width = (64, 64) if tiny else (1024, 512)
+    resolution, width = TINY if tiny else FULL
     with torch.device("meta"):
         model = build_e2style(resolution, stages=3, width=width, seed=0)
     state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
@@ -148,7 +168,7 @@ def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: to
                 again = model.invert(x, return_images=True)
                 row["repeat_equal"] = bool(torch.equal(again.codes, out.codes) and torch.equal(again.images, out.images))
                 del again
-                graph_path = InferencePath(path.precision, path.compile, path.kernels, graph=True)
+                graph_path = dataclasses.replace(path, graph=True)
                 # keep_free 0: the check's processes share the GPU; the actor's memory rule is not checked here.
                 if model.capture_invert(b, return_images=True, keep_free=0.0):
                     graphed = model.invert(x, return_images=True)
@@ -164,7 +184,7 @@ def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: to
             if path.compile and fell_back:  # what ran is the eager fallback, checked as its own path
                 row.update(ok=None, note="compilation failed: " + fell_back[0])
                 model._compiled = {}
-                model.optimize_for_gpu(channels_last=device.type == "cuda", compile=True, kernels=path.kernels)
+                model.optimize_for_gpu(**path.gpu_settings(device.type == "cuda"))
         except torch.OutOfMemoryError:
             row = {"path": path.name, "batch": b, "ok": None, "note": "out of memory (this process's share)"}
         if device.type == "cuda":
@@ -287,7 +307,7 @@ def compiled_worker(a) -> None:
     deadline = a.deadline
     with open(a.rows, "a") as log:
         for name in a.paths.split(","):
-            path = next(p for p in COMPILED_PATHS if p.name == name)
+            path = next(p for p in COMPILED_PATHS + AUTOTUNE_PATHS if p.name == name)
             batches = [int(b) for b in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if b]
             if not batches:
                 continue
@@ -330,13 +350,14 @@ def main() -> int:
     p.add_argument("--cpu-samples", type=int, default=2, help="samples checked against float64 on the CPU")
     p.add_argument("--time-limit", type=float, default=540, help="seconds; what is left unrun is reported as such")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="64px narrow model: checks the script, not the GPU")
+    p.add_argument("--tiny", action="store_true", help="512px narrow model: checks the script, not the GPU")
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--part", choices=("all", "eager", "compiled"), default="all",
                    help="eager: eager paths, convolution sweep, float64 CPU check; compiled: compiled paths (to split "
                         "the check over two device calls)")
     p.add_argument("--compiled-paths", default="",
-                   help="only these compiled paths, comma-separated (e.g. fp16-compile-k, the pipeline's default)")
+                   help="only these compiled paths, comma-separated (e.g. fp16-compile-k, the pipeline's default; "
+                        "fp16-autotune-k-pool)")
     p.add_argument("--out", default="")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -353,6 +374,10 @@ def main() -> int:
         compiled_worker(a)
         return 0
 
+    named = a.compiled_paths.split(",") if a.compiled_paths else []
+    unknown = [n for n in named if n not in {q.name for q in COMPILED_PATHS + AUTOTUNE_PATHS}]
+    if unknown:
+        p.error(f"unknown --compiled-paths {unknown}; known: {[q.name for q in COMPILED_PATHS + AUTOTUNE_PATHS]}")
     start = time.time()
     deadline = start + a.time_limit
     device = torch.device(a.device)
@@ -362,7 +387,7 @@ def main() -> int:
     weights, shared, rows_file = (os.path.join(tmp, n) for n in ("weights.pt", "shared.pt", "rows.jsonl"))
 
     # Weights built once on the CPU (seeded), shared by every process through one file.
-    resolution, width = (64, 64) if a.tiny else (1024, 512)
+    resolution, width = TINY if a.tiny else FULL
     cpu_model = build_e2style(resolution, stages=3, width=width, seed=0)
     torch.save({"model": cpu_model.state_dict(), "latent_avg": cpu_model.latent_avg}, weights)
     del cpu_model
@@ -382,7 +407,7 @@ def main() -> int:
         torch.cuda.empty_cache() if on_gpu else None
 
     # Compiled paths in worker processes, the default path's worker first.
-    chosen = [p for p in COMPILED_PATHS if not a.compiled_paths or p.name in a.compiled_paths.split(",")]
+    chosen = [q for q in COMPILED_PATHS + AUTOTUNE_PATHS if q.name in named] if named else COMPILED_PATHS
     compiled = [p.name for p in chosen] if compile_batches else []
     procs = []
     n_workers = max(1, min(a.workers, len(compiled))) if compiled else 0
