@@ -287,6 +287,10 @@ def main() -> int:
     # The pipeline leaves cudnn.benchmark off; the reference is true float32 (TF32 would be a reduced precision).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # Three encoders of one class per variant: past dynamo's default limit of 8 compilations per code object, a
+    # network would silently run eager.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     names = a.variants.split(",") if not (a.smoke and a.variants == p.get_default("variants")) else list(SMOKE_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS] + [c for c in a.cases.split(",") if c not in CASES]
     if unknown:
@@ -318,6 +322,10 @@ def main() -> int:
             skipped.append(name)
             continue
         v = VARIANTS[name]
+        if v.compile_mode is not None:
+            # Dynamo's guards of earlier variants' networks (the same classes' code) go; inductor's caches stay, so
+            # a later variant compiles graphs seen before (the encoders) faster: "compile s" depends on the order.
+            torch._dynamo.reset()
         model = configure(copy.deepcopy(base).to(device), v)
         for case in cases:
             stages, recon = CASES[case]
