@@ -156,9 +156,9 @@ def _run_steps(run: StageRun, batches: Iterator, step: int) -> dict:
     tcfg, k = run.cfg.train, run.k
     steps = tcfg.steps
     out = {"step": step, "loss_first": None, "loss_last": None, "stopped_early": False}
-    # The pipeline's progress count, over this call's steps (a resumed stage counts from its resume point): the
-    # bar on rank 0 when ``progress`` is on; no periodic lines (the stage's own log lines say where it is).
-    progress = Progress(run.cfg.progress and run.rank == 0, steps - step, interval_s=0, unit="steps")
+    # The bar on rank 0 when ``progress`` is on; no periodic lines (the stage's own log lines say where it is).
+    progress = Progress(run.cfg.progress and run.rank == 0, steps, interval_s=0, unit="steps", initial=step,
+                        desc=f"stage {k}")
     try:
         while step < steps:
             lv, parts = train_step(run, *next(batches))
@@ -167,6 +167,7 @@ def _run_steps(run: StageRun, batches: Iterator, step: int) -> dict:
                 raise FloatingPointError(f"stage {k} step {step}: loss is {lv}")
             out.update(step=step, loss_last=lv, loss_first=lv if out["loss_first"] is None else out["loss_first"])
             progress.commit(1)
+            progress.note(f"loss {lv:.4f}")
             if run.rank == 0 and (step % tcfg.log_every == 0 or step == 1):
                 run.logger.log(step, {"train/loss": lv, **{f"train/{kk}": float(v) for kk, v in parts.items()},
                                       "train/steps_per_s": step / max(time.time() - run.t0, 1e-9)})
