@@ -10,8 +10,8 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
    actor runs them, replayed as a CUDA graph (E2Style.capture_invert: "-graph" rows, with whether their bits
    are the same path's unrecorded); "-pool" paths make the 256 px reconstruction without the 1024 px RGB image
    (optimize_for_gpu's pool_before_rgb), "-autotune" ones compile in max-autotune mode (run only when named in
-   --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with
-   seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
+   --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages,
+   reconstructions) with seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
    the same GPU, computed 4 samples at a time (TF32 off). Bounds: float32 paths relative error <= 1e-4 of the
    codes and of the 256 px images; bf16/fp16 paths codes <= 1e-2 and reconstructions >= 40 dB PSNR.
 2. Convolutions. Every convolution shape the shared-weight paths run (captured from the model itself, with
@@ -21,7 +21,8 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
 3. The float32 reference itself against float64 on the CPU, for a few samples (<= 1e-4).
 
 Compiled paths run in parallel worker processes (compilation is CPU-bound), each specialised per batch size
-as the pipeline does (it pads every batch to model.batch_size).
+as the pipeline does (it pads every batch to model.batch_size); the (path, batch) cells are dealt out to the
+workers in turn, so one path's batch sizes compile in parallel.
 
     python benchmarks/check_gpu.py --out $OUT/check.json
     python benchmarks/check_gpu.py --tiny --device cpu --batch-sizes 2 --compile-batches "" --compile-batches-nok "" --skip-sweep   # smoke run
@@ -293,8 +294,15 @@ DEFECT_REPRO += [(ConvCall((c, r, r), (c, c // 2, 6, 6), False, (2, 2), (2, 2), 
 
 # --- processes ---------------------------------------------------------------------------------------------
 
+def path_batches(path: InferencePath, a) -> list[int]:
+    """The batch sizes a compiled path is checked at (--compile-batches, or --compile-batches-nok without the
+    rewrites)."""
+    return [int(b) for b in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if b]
+
+
 def compiled_worker(a) -> None:
-    """Runs the compiled paths named in --paths; writes its rows as JSON lines to --rows."""
+    """Runs the compiled (path, batch) cells named in --paths ("name:batch,..."); writes its rows as JSON lines to
+    --rows. One model per path, its cells in the order given."""
     device = torch.device(a.device)
     if device.type == "cuda" and a.memory_fraction:
         torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
@@ -305,12 +313,13 @@ def compiled_worker(a) -> None:
     shared = torch.load(a.shared, weights_only=True)
     inputs, ref = shared["inputs"], {"codes": shared["codes"], "images": shared["images"]}
     deadline = a.deadline
+    cells: dict[str, list[int]] = {}
+    for cell in a.paths.split(","):
+        name, batch = cell.rsplit(":", 1)
+        cells.setdefault(name, []).append(int(batch))
     with open(a.rows, "a") as log:
-        for name in a.paths.split(","):
+        for name, batches in cells.items():
             path = next(p for p in COMPILED_PATHS + AUTOTUNE_PATHS if p.name == name)
-            batches = [int(b) for b in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if b]
-            if not batches:
-                continue
             model = configure(load_model(a.weights, device, path.kernels, a.tiny), path, device.type == "cuda")
             run_path(model, path, batches, inputs.to(device), ref, device, deadline, log)
             del model
@@ -406,13 +415,14 @@ def main() -> int:
         del model
         torch.cuda.empty_cache() if on_gpu else None
 
-    # Compiled paths in worker processes, the default path's worker first.
+    # Compiled (path, batch) cells in worker processes, dealt out in turn (a path's batch sizes compile in parallel),
+    # the default path's cells first.
     chosen = [q for q in COMPILED_PATHS + AUTOTUNE_PATHS if q.name in named] if named else COMPILED_PATHS
-    compiled = [p.name for p in chosen] if compile_batches else []
+    cells = [f"{q.name}:{b}" for q in chosen for b in path_batches(q, a)] if compile_batches else []
     procs = []
-    n_workers = max(1, min(a.workers, len(compiled))) if compiled else 0
+    n_workers = max(1, min(a.workers, len(cells))) if cells else 0
     for w in range(n_workers):
-        mine = compiled[w::n_workers]
+        mine = cells[w::n_workers]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--paths", ",".join(mine), "--weights", weights,
                "--shared", shared, "--rows", rows_file + f".{w}", "--deadline", str(deadline), "--device", a.device,
                "--compile-batches", a.compile_batches, "--compile-batches-nok", a.compile_batches_nok,
@@ -474,8 +484,8 @@ def main() -> int:
         if os.path.exists(rows_file + f".{w}"):
             path_rows += [json.loads(line) for line in open(rows_file + f".{w}")]
     done = {(r["path"], r["batch"]) for r in path_rows}
-    for path in chosen if compiled else []:
-        for b in [int(x) for x in (a.compile_batches if path.kernels else a.compile_batches_nok).split(",") if x]:
+    for path in chosen if cells else []:
+        for b in path_batches(path, a):
             if (path.name, b) not in done:
                 path_rows.append({"path": path.name, "batch": b, "ok": None, "note": "not run: out of time"})
     cpu64 = None
