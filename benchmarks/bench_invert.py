@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class Variant:
     kernels: bool = True             # optimize_for_gpu's rewrites (padded input convolutions, matmul RGB skip)
     pool_before_rgb: bool = False    # the 256 px reconstruction made without the 1024 px RGB image
     skip_upsample: str | None = None  # models.stylegan2.SKIP_UPSAMPLE_FORMS; None: what optimize_for_gpu sets
+    fused_min_size: int | None = None  # non-upsampling layers from this size as the fused Triton kernel
 
 
 AUTOTUNE = "max-autotune-no-cudagraphs"  # max-autotune's kernels, fit for the actor's own CUDA graph
@@ -73,6 +75,9 @@ VARIANTS = {
     "fp16-autotune-tblur-k-pool": Variant("fp16", compile_mode=AUTOTUNE, upsample="transposed_blur", pool_before_rgb=True),
     "fp16-compile-tblur-k-pool-phases": Variant("fp16", compile_mode="default", upsample="transposed_blur",
                                                 pool_before_rgb=True, skip_upsample="phases"),
+    "fp16-compile-tblur-k-pool-fused": Variant("fp16", compile_mode="default", upsample="transposed_blur",
+                                               pool_before_rgb=True, fused_min_size=1024),
+    "fp16-eager-k-pool-fused": Variant("fp16", pool_before_rgb=True, fused_min_size=1024),
     "fp16-eager-k-pool": Variant("fp16", pool_before_rgb=True),  # the pooled path's fallback when compilation fails
     "fp32-eager-k": Variant("fp32"),
     "fp32-eager-k-pool": Variant("fp32", pool_before_rgb=True),
@@ -111,9 +116,10 @@ def configure(model: E2Style, v: Variant) -> E2Style:
     model.decoder.set_skip_upsample_form("auto")
     model._compiled = {}
     model.channels_last = False
-    if v.channels_last or v.compile_mode or v.kernels or v.pool_before_rgb:
+    if v.channels_last or v.compile_mode or v.kernels or v.pool_before_rgb or v.fused_min_size:
         model.optimize_for_gpu(channels_last=v.channels_last, compile=v.compile_mode is not None, kernels=v.kernels,
-                               compile_mode=v.compile_mode or "default", pool_before_rgb=v.pool_before_rgb)
+                               compile_mode=v.compile_mode or "default", pool_before_rgb=v.pool_before_rgb,
+                               fused_min_size=v.fused_min_size)
     if v.skip_upsample is not None:
         model.decoder.set_skip_upsample_form(v.skip_upsample)
     return model
@@ -133,9 +139,14 @@ def time_case(model: E2Style, u8: torch.Tensor, stages: int, recon: bool, warmup
     """The first call's wall time, the median of ``iters`` timed calls, their peak memory, the last output."""
     sync(device)
     t = time.perf_counter()
-    run_once(model, u8, stages, recon)
-    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_once(model, u8, stages, recon)
+        sync(device)
     first = time.perf_counter() - t
+    for w in caught:  # a failed compilation runs eager (E2Style._call): the row must say so
+        print(f"warning: {w.message}", flush=True)
+    notes = [str(w.message)[:160] for w in caught if "running eager" in str(w.message)]
     graphed = False
     if graph and device.type == "cuda" and model._compiled:  # as the actor runs a compiled model
         model._graphs = {}
@@ -160,7 +171,8 @@ def time_case(model: E2Style, u8: torch.Tensor, stages: int, recon: bool, warmup
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     model._graphs = {}  # a graph holds its activations' memory: one case's at a time
-    return {"first_s": first, "median_s": statistics.median(times), "peak_gib": peak, "graph": graphed, "out": out}
+    return {"first_s": first, "median_s": statistics.median(times), "peak_gib": peak, "graph": graphed, "out": out,
+            "notes": notes}
 
 
 def reference(model: E2Style, u8: torch.Tensor, stages: int) -> dict:
@@ -338,7 +350,8 @@ def main() -> int:
             row = {"variant": name, "case": case, "stages": stages, "recon": recon, "batch": batch,
                    "img_per_s": batch / r["median_s"], "ms_per_batch": r["median_s"] * 1e3, "peak_gib": r["peak_gib"],
                    "first_call_s": r["first_s"], "compile_s": r["first_s"] - r["median_s"], "graph": r["graph"],
-                   **accuracy(r["out"], refs[stages]), "settings": asdict(v)}
+                   **accuracy(r["out"], refs[stages]), "settings": asdict(v), "notes": r["notes"],
+                   "fused_layers": sum(layer.fused for layer in model.decoder.convs)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if log:
@@ -382,6 +395,9 @@ def main() -> int:
               f"{r['peak_gib']:.1f} | {compile_s} | {'' if warm is None else f'{warm:.1f}'} | "
               f"{'yes' if r['graph'] else 'no'} | {r['codes_max_abs']:.1e} | {r['codes_rel_max']:.1e} | "
               f"{r['psnr_min_db']:.1f} |")
+    for r in rows:
+        for note in r["notes"]:
+            print(f"{r['variant']} {r['case']}: {note}")
     if skipped:
         print(f"not run (time limit): {', '.join(skipped)}")
     if layer_rows:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .encoders import E2StyleEncoder, WEncoder, pad_input_channels
 from .stylegan2 import Generator, Upsample
+from .stylegan2_kernels import use_styled_conv_kernel
 
 POOLED_SIZE = 256
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,7 +115,8 @@ class E2Style(nn.Module):
         self.decoder.set_modconv_mode(modconv)
 
     def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False, kernels: bool = True,
-                         compile_mode: str = "default", pool_before_rgb: bool = False) -> "E2Style":
+                         compile_mode: str = "default", pool_before_rgb: bool = False,
+                         fused_min_size: int | None = None) -> "E2Style":
         """channels_last activations (what cuDNN's tensor-core kernels want) and, optionally, torch.compile
         of the encoders and the synthesis network (fuses the elementwise epilogues) in ``compile_mode`` (one of
         COMPILE_MODES). Compilation happens on first use; if it fails there, the eager modules are used and a
@@ -126,11 +128,16 @@ class E2Style(nn.Module):
 
         pool_before_rgb: the generator's last layer average-pools its activations to 256 px before its ToRGB
         (the same function: Generator.synthesis's ``pool_to``), so no 1024 px RGB image is made and, compiled,
-        the pooling fuses into the last convolution's epilogue."""
+        the pooling fuses into the last convolution's epilogue.
+
+        fused_min_size: the generator's non-upsampling layers at this size and above as one fused Triton kernel
+        each (models/stylegan2_kernels.py), where the kernel passed its check on this device; None: none."""
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.channels_last = channels_last
         self.pool_before_rgb = pool_before_rgb
+        fused = fused_min_size is not None and use_styled_conv_kernel(self.latent_avg.device)
+        self.decoder.set_fused_styled_convs(fused_min_size if fused else None)
         self._graphs = {}  # recorded for the networks as they were
         if kernels:
             for enc in (self.encoder_firststage, *self.encoder_refinestage_list):

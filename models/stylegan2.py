@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stylegan2_kernels import styled_conv3x3
+
 MODCONV_MODES = ("grouped", "shared")
 # Shared mode's upsampling convolution, all the same function: "transposed" folds the FIR blur into the 3x3
 # kernel (one 6x6 transposed convolution: the fastest form on CPUs); "transposed_blur" keeps the official order,
@@ -314,8 +316,11 @@ class StyledConv(nn.Module):
         self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample, blur_kernel=blur_kernel)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
+        self.fused = False  # the whole layer as one Triton kernel (Generator.set_fused_styled_convs)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused and self.conv.mode == "shared" and not self.conv.upsample and not torch.is_grad_enabled():
+            return self._forward_fused(x, style, noise)
         out = self.conv(x, style)
         if self.conv.mode == "shared" and not torch.is_grad_enabled():
             # Inference epilogue in place: noise, bias, leaky ReLU and gain rewrite one buffer instead of
@@ -326,6 +331,20 @@ class StyledConv(nn.Module):
             out.add_(self.activate.bias.to(out.dtype).view(1, -1, 1, 1))
             return F.leaky_relu_(out, 0.2).mul_(2**0.5)
         return self.activate(self.noise(out, noise=noise))
+
+    def _forward_fused(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The shared form's inference as one kernel over NHWC activations (models/stylegan2_kernels.py): the
+        styles and the demodulation in float32 here, the rest in the kernel; the result in x's dtype, channels_last."""
+        conv = self.conv
+        with torch.autocast(x.device.type, enabled=False):
+            s = conv.modulation(style.float())
+            weight = conv.scale * conv.weight[0].float()  # (out, in, 3, 3)
+            demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
+        if noise is None:
+            noise = x.new_empty(x.shape[0], 1, *x.shape[2:]).normal_()
+        out = styled_conv3x3(x.permute(0, 2, 3, 1), s, weight.permute(2, 3, 1, 0), demod, noise[:, 0],
+                             self.noise.weight, self.activate.bias)
+        return out.permute(0, 3, 1, 2)
 
 
 class FusedLeakyReLU(nn.Module):
@@ -410,6 +429,13 @@ class Generator(nn.Module):
         for m in self.modules():
             if isinstance(m, ModulatedConv2d):
                 m.upsample_impl = form
+
+    def set_fused_styled_convs(self, min_size: int | None) -> None:
+        """The non-upsampling StyledConvs at ``min_size`` px and above run as one fused Triton kernel each (shared
+        mode, inference); None: none. Whether the kernel can be trusted on a device is the caller's check
+        (models/stylegan2_kernels.use_styled_conv_kernel)."""
+        for k, layer in enumerate(self.convs[1::2]):
+            layer.fused = min_size is not None and 2 ** (k + 3) >= min_size
 
     def set_skip_upsample_form(self, form: str) -> None:
         if form not in SKIP_UPSAMPLE_FORMS:

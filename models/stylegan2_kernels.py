@@ -8,9 +8,9 @@ and in its epilogue the demodulation, the noise, the bias and the leaky ReLU wit
 read once per tap and written once.
 
 Reads top-down: the torch reference (the shared form of models/stylegan2.py's StyledConv, in any dtype), the
-kernel, its launcher, the device check. Not wired into the generator yet: on CUDA a caller asks
-``use_styled_conv_kernel(device)``, which runs the check once per device and process
-(models/alignment/kernel_check.py, the project's one way to trust a kernel group). The kernel rounds where the
+kernel, its launcher, the device check. The generator runs it where asked (Generator.set_fused_styled_convs, off
+by default); E2Style.optimize_for_gpu asks ``use_styled_conv_kernel(device)`` first, which runs the check once per
+device and process (models/alignment/kernel_check.py, the project's one way to trust a kernel group). The kernel rounds where the
 library path does not (operands to fp16 once, the epilogue in float32), so the check is a tolerance against the
 float32 reference, not bit equality.
 """
@@ -42,7 +42,7 @@ def styled_conv3x3_reference(x: torch.Tensor, s: torch.Tensor, weight: torch.Ten
 
 if triton is not None:
     @triton.jit
-    def _styled_conv3x3_kernel(x_ptr, s_ptr, w_ptr, demod_ptr, noise_ptr, bias_ptr, out_ptr, noise_weight,
+    def _styled_conv3x3_kernel(x_ptr, s_ptr, w_ptr, demod_ptr, noise_ptr, bias_ptr, out_ptr, noise_weight_ptr,
                                H, W, noise_batch_stride, CIN: tl.constexpr, COUT: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                IEEE: tl.constexpr):
@@ -83,6 +83,7 @@ if triton is not None:
         d = tl.load(demod_ptr + b * COUT + offs_n, mask=n_ok, other=0.0)
         nz = tl.load(noise_ptr + b * noise_batch_stride + offs_m, mask=m_ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+        noise_weight = tl.load(noise_weight_ptr)  # from the device: no host sync (CUDA graph capture)
         y = acc * d[None, :] + noise_weight * nz[:, None] + bias[None, :]
         y = tl.where(y >= 0.0, y, y * 0.2) * 1.4142135623730951  # LEAKY_SLOPE, ACTIVATION_GAIN
         out = out_ptr + (b.to(tl.int64) * H * W + offs_m[:, None]) * COUT + offs_n[None, :]
@@ -90,11 +91,11 @@ if triton is not None:
 
 
 def styled_conv3x3(x: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, demod: torch.Tensor,
-                   noise: torch.Tensor, noise_weight: float, bias: torch.Tensor, block_m: int = 64,
+                   noise: torch.Tensor, noise_weight: torch.Tensor | float, bias: torch.Tensor, block_m: int = 64,
                    block_n: int = 32, block_k: int = 32, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """styled_conv3x3_reference as one Triton kernel (arguments as there; x contiguous NHWC in fp16, bf16 or
-    float32, the rest in float32). The output has x's dtype. The tile sizes and launch settings are not tuned yet
-    (benchmarks/bench_invert.py --layer-bench times a few)."""
+    float32, the rest in float32; noise_weight a number or a one-element tensor). The output has x's dtype. The
+    tile sizes and launch settings are not tuned yet (benchmarks/bench_invert.py --layer-bench times a few)."""
     if triton is None:
         raise RuntimeError("styled_conv3x3 needs the triton package")
     b, h, w, cin = x.shape
@@ -107,11 +108,12 @@ def styled_conv3x3(x: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, demod
         raise ValueError(f"styled_conv3x3: noise {tuple(noise.shape)} is not (1 or {b}, {h}, {w})")
     x = x.contiguous()
     noise = noise.reshape(-1, h, w).contiguous()
+    noise_weight = torch.as_tensor(noise_weight, dtype=torch.float32, device=x.device).reshape(1)
     out = torch.empty((b, h, w, cout), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(h * w, block_m), triton.cdiv(cout, block_n), b)
     _styled_conv3x3_kernel[grid](
         x, s.float().contiguous(), weight.to(x.dtype).contiguous(), demod.float().contiguous(), noise,
-        bias.float().contiguous(), out, float(noise_weight), h, w, h * w if noise.shape[0] > 1 else 0,
+        bias.float().contiguous(), out, noise_weight, h, w, h * w if noise.shape[0] > 1 else 0,
         CIN=cin, COUT=cout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -18,8 +18,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from the test
 
+import models.stylegan2 as stylegan2  # noqa: E402
 import models.stylegan2_kernels as kernels  # noqa: E402
-from models.stylegan2 import StyledConv  # noqa: E402
+from models.stylegan2 import Generator, StyledConv, default_channels  # noqa: E402
 
 # Shapes off the kernel's tiles (masks along pixels, input and output channels), per-sample and shared noise.
 SHAPES = [(2, 9, 13, 40, 24, True), (3, 16, 16, 32, 64, False), (1, 5, 7, 8, 16, True)]
@@ -95,8 +96,36 @@ def check_bad_shapes_are_named() -> None:
         raise AssertionError("a weight of the wrong input channels was accepted")
 
 
+def check_generator_with_fused_layers_equals_the_torch_path() -> None:
+    """Generator.set_fused_styled_convs: the 32 and 64 px non-upsampling layers through the kernel (float32) give
+    the shared form's image; the kernel ran (a fused layer's forward is not the torch one)."""
+    torch.manual_seed(0)
+    G = Generator(64, channels=default_channels(2, 64))
+    for name, p in G.named_parameters():
+        if name.endswith("noise.weight") or "bias" in name:
+            p.data.normal_()
+    G.set_modconv_mode("shared")
+    w = torch.randn(2, G.n_latent, 512)
+    calls = []
+    right = kernels.styled_conv3x3
+    with torch.no_grad():
+        ref = G.synthesis(w)
+        G.set_fused_styled_convs(32)
+        assert [layer.fused for layer in G.convs] == [False] * 5 + [True, False, True]
+        try:  # the generator's launches, counted
+            stylegan2.styled_conv3x3 = lambda *args, **kw: calls.append(args[0].shape) or right(*args, **kw)
+            out = G.synthesis(w)
+        finally:
+            stylegan2.styled_conv3x3 = right
+    assert [c[1] for c in calls] == [32, 64], calls  # NHWC inputs of the two fused layers
+    err = ((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+    assert err <= 1e-5, f"fused generator: per-sample relative error {err:.2e}"
+    print(f"  generator 64 px, fused at 32 and 64 px: {err:.1e}")
+
+
 CHECKS = [check_float32_equals_official, check_float16_within_the_reduced_precision_bound,
-          check_device_self_check_passes_and_catches_a_wrong_kernel, check_bad_shapes_are_named]
+          check_device_self_check_passes_and_catches_a_wrong_kernel, check_bad_shapes_are_named,
+          check_generator_with_fused_layers_equals_the_torch_path]
 
 
 @pytest.mark.slow
