@@ -83,8 +83,9 @@ VARIANTS = {
     "fp32-eager-k-pool": Variant("fp32", pool_before_rgb=True),
     "fp32-eager-k-pool-phases": Variant("fp32", pool_before_rgb=True, skip_upsample="phases"),
 }
-LEVERS = ("fp16-compile-tblur-k", "fp16-compile-tblur-k-pool", "fp16-autotune-tblur-k", "fp16-autotune-tblur-k-pool",
-          "fp16-compile-tblur-k-pool-phases")
+# Today's default first (the "x first" baseline), then the levers in order of need: --time-limit drops the tail.
+LEVERS = ("fp16-compile-tblur-k", "fp16-compile-tblur-k-pool", "fp16-autotune-tblur-k-pool", "fp16-autotune-tblur-k",
+          "fp16-compile-tblur-k-pool-phases", "fp16-compile-tblur-k-pool-fused")
 SMOKE_VARIANTS = ("fp32-eager-k", "fp32-eager-k-pool", "fp32-eager-k-pool-phases")
 # Cases: stages and whether the reconstruction is returned ("3r": 3 stages with reconstructions, "3l": latents only).
 CASES = {"3r": (3, True), "1r": (1, True), "3l": (3, False)}
