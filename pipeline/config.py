@@ -79,8 +79,7 @@ class AlignConfig:
     output_size: int = 256             # side of the aligned face (px) the encoder sees
     transform_size: int = 1024         # FFHQ's 4x output; 512: up to 1.5x faster alignment, crops within ~54 dB
     min_face_size: int = 0             # ignore faces whose detector box side (source px) is smaller
-    detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null:
-                                       # full); full resolution's boxes on about 98% of faces (README, Face alignment)
+    detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null: full)
     device_detect_max_side: int | None = None  # the same for the torch backend; null: the photo's full pyramid,
                                        # which takes less wall time on a GPU than the coarse start's many steps
                                        # (H200 pipeline: 160.8 against 97.5 faces/s at 384, BENCHMARKS.md)

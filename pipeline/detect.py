@@ -9,9 +9,13 @@ photo, again on an upright copy for rolled faces.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 from PIL import Image
 
+from models.alignment.formats import DlibReader, encode_int
 from models.alignment.ffhq_geometry import UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, eye_roll_degrees, upright_geometry
 
 from .face_search import UPSAMPLE_MAX_SIDE, Detection, SearchRules, search_faces
@@ -46,6 +50,7 @@ class FaceDetector:
 
         self.predictor_path = find_landmark_model(predictor_path)
         self.detector = dlib.get_frontal_face_detector()
+        self.crop_detector = _one_level_detector(dlib)
         self.predictor = dlib.shape_predictor(self.predictor_path)
         self.detect_max_side = detect_max_side
         self.max_upsample = int(max_upsample)
@@ -64,7 +69,8 @@ class FaceDetector:
         img = np.ascontiguousarray(as_rgb_uint8(image))
         rules = SearchRules(self.detect_max_side if detect_max_side == "default" else detect_max_side,
                             self.max_upsample, self.upsample_max_side, min_face_size, exhaustive, self.min_score)
-        return search_faces(_DlibPyramid(self.detector.run, self._pyr, img), [img.shape[:2]], rules)[0]
+        return search_faces(_DlibPyramid(self.detector.run, self.crop_detector.run, self._pyr, img), [img.shape[:2]],
+                            rules)[0]
 
     def _predict(self, img, box) -> np.ndarray:
         x0, y0, x1, y1 = box
@@ -105,25 +111,50 @@ class FaceDetector:
         return g.to_source(self._predict(np.asarray(region), g.box))
 
 
+def _one_level_detector(dlib):
+    """dlib's frontal face detector scanning only the image's own pyramid level (saved with max_pyramid_levels
+    1), for the finer search's crops: their coarser levels are not the photo's, and a window there could
+    suppress the crop's best."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "frontal_face_detector.svm")
+        dlib.get_frontal_face_detector().save(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        reader = DlibReader(data, path)
+        # The fields before it, as models.alignment.formats' parser reads them.
+        reader.expect_int(2, "object_detector version")
+        reader.expect_int(1, "scan_fhog_pyramid version")
+        reader.expect_int(0, "feature pyramid max_size")
+        reader.expect_int(0, "feature pyramid size")
+        reader.read_ints(4, what="cell_size, padding, window width and height")
+        start = reader.offset
+        reader.read_int(what="max_pyramid_levels")
+        with open(path, "wb") as f:
+            f.write(data[:start] + encode_int(1) + data[reader.offset:])
+        return dlib.fhog_object_detector(path)
+
+
 class _DlibPyramid:
     """One photo's dlib pyramid as pipeline.face_search's LevelDetector (photo 0, the only one): dlib's
-    ``detector.run`` on its levels, each level made from the previous one when first asked for."""
+    ``detector.run`` on its levels, each level made from the previous one when first asked for, and on crops
+    of them scanning only the crop's own level (``crop_run``)."""
 
-    def __init__(self, run, pyramid_down, image: np.ndarray):
-        self._run, self._pyramid_down, self._levels = run, pyramid_down, [image]
+    def __init__(self, run, crop_run, pyramid_down, image: np.ndarray):
+        self._run, self._crop_run, self._pyramid_down, self._levels = run, crop_run, pyramid_down, [image]
 
     def _level(self, j: int) -> np.ndarray:
         while len(self._levels) <= j:
             self._levels.append(self._pyramid_down(self._levels[-1]))
         return self._levels[j]
 
-    def _detections(self, image: np.ndarray, upsample: int) -> list[Detection]:
-        rects, scores, _ = self._run(image, upsample, 0.0)
-        return [((r.left(), r.top(), r.right(), r.bottom()), score) for r, score in zip(rects, scores)]
-
     def run_levels(self, photos, levels, upsample: int) -> list[list[Detection]]:
-        return [self._detections(self._level(j), upsample) for j in levels]
+        return [_detections(self._run, self._level(j), upsample) for j in levels]
 
     def run_windows(self, photos, levels, windows) -> list[list[Detection]]:
-        return [self._detections(np.ascontiguousarray(self._level(j)[y0:y1, x0:x1]), 0)
+        return [_detections(self._crop_run, np.ascontiguousarray(self._level(j)[y0:y1, x0:x1]), 0)
                 for j, (x0, y0, x1, y1) in zip(levels, windows)]
+
+
+def _detections(run, image: np.ndarray, upsample: int) -> list[Detection]:
+    rects, scores, _ = run(image, upsample, 0.0)
+    return [((r.left(), r.top(), r.right(), r.bottom()), score) for r, score in zip(rects, scores)]

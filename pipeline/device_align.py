@@ -179,7 +179,8 @@ class _DevicePyramids:
 
     def run_windows(self, photos, levels, windows) -> list[list[Detection]]:
         return _detections(self.detector.detect([self.pyramids[i][j][y0:y1, x0:x1]
-                                                 for i, j, (x0, y0, x1, y1) in zip(photos, levels, windows)]))
+                                                 for i, j, (x0, y0, x1, y1) in zip(photos, levels, windows)],
+                                                max_levels=1))
 
 
 def _detections(per_image: list[list]) -> list[list[Detection]]:

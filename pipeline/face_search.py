@@ -19,9 +19,9 @@ level finer while the score improves. Only when nothing qualifying was found (or
 smaller faces could still reach ``min_face_size``, finer runs follow (``run_plan``, ``more_runs``): levels k-4,
 k-8, ..., 0, then dlib's upsampling of the photo. A face found by an earlier run keeps that run's box.
 
-The finer search ends on full resolution's box on about 98% of faces (README, Face alignment); on the others the
-box is the same face's weaker window of a coarser level: dlib's run on the search's crop also scans the crop's
-own coarser levels, which are not the photo's, and one of their windows can suppress the finer level's best.
+The finer search's runs on crops scan only the crop's own level: the crop's coarser levels are not the photo's,
+and a window of theirs could outscore and suppress the finer level's best (the search then ended on a weaker
+window of a coarser level than full resolution's).
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ class LevelDetector(Protocol):
     def run_windows(self, photos: Sequence[int], levels: Sequence[int], windows: Sequence[tuple[int, int, int, int]]
                     ) -> list[list[Detection]]:
         """Per photo, dlib's ``detector.run(crop, 0, 0)`` on the crop (x0, y0, x1, y1), x1/y1 exclusive, of its
-        pyramid level ``levels[n]``."""
+        pyramid level ``levels[n]``, scanning the crop's own level only (the detector saved with
+        max_pyramid_levels 1)."""
 
 
 @dataclass
@@ -215,9 +216,8 @@ def finer_window(rect, j: int, level_h: int, level_w: int) -> tuple[int, int, in
 
 def better_finer_detection(rect, score: float, dets, x0: int, y0: int, j: int) -> tuple[Rect, float]:
     """The face's (rect, score) after the search in finer_window's crop of level ``j`` at (x0, y0): a window of
-    the level (not one of the crop's coarser levels, which are not the photo's, nor one across the crop's
-    edge) scoring higher and overlapping the face replaces it. ``dets``: the crop's detections,
-    ((left, top, right, bottom) inclusive, score)."""
+    the level (not one across the crop's edge) scoring higher and overlapping the face replaces it. ``dets``:
+    the crop's detections, ((left, top, right, bottom) inclusive, score)."""
     box = rect_box(rect)
     for (left, top, right, bottom), sc in dets:
         on_level = (left + x0, top + y0, right + x0, bottom + y0)

@@ -110,23 +110,25 @@ class FrontalFaceDetector:
 
     # -- public API ------------------------------------------------------------------------------------
 
-    def detect(self, images, upsample: int = 0, adjust_threshold: float = 0.0
+    def detect(self, images, upsample: int = 0, adjust_threshold: float = 0.0, max_levels: int | None = None
                ) -> list[list[tuple[tuple[int, int, int, int], float, int]]]:
         """For each image (HxWx3 uint8 RGB numpy array, or torch tensor: photos already on the detector's
         device are not copied again), dlib's ``detector.run(image, upsample, adjust_threshold)`` as a list
-        of ((left, top, right, bottom), score, filter index), best first."""
+        of ((left, top, right, bottom), score, filter index), best first. ``max_levels``: each run scans at
+        most this many pyramid levels (dlib's detector saved with that ``max_pyramid_levels``)."""
         return [per_run[0] for per_run in self.detect_levels(images, [[0]] * len(images), upsample,
-                                                             adjust_threshold)[0]]
+                                                             adjust_threshold, max_levels=max_levels)[0]]
 
     def detect_levels(self, images, runs: list[list[int]], upsample: int = 0, adjust_threshold: float = 0.0,
-                      keep_levels: bool = False) -> tuple[list[list[list]], list[list[torch.Tensor]] | None]:
+                      keep_levels: bool = False, max_levels: int | None = None
+                      ) -> tuple[list[list[list]], list[list[torch.Tensor]] | None]:
         """Several of dlib's runs per image at once: ``runs[i]`` lists pyramid levels j of image i, and run j is
         ``detector.run(level_j, upsample, adjust_threshold)`` on the image's level j (``pyramid_down(6)``
         applied j times: the detector's own pyramid, so the run scans levels j, j+1, ... of it), as detect()
         reports it (boxes in level j's pixels). Each level is scored once for all of an image's runs, and levels
-        finer than its finest run are only resampled. Returns (per image, per run, the detections; with
-        ``keep_levels`` (upsample 0 only), per image its levels 0, 1, ... as far as its runs went, HxWx3 views on
-        the device, for searches on crops of them; else None)."""
+        finer than its finest run are only resampled; ``max_levels``: as detect()'s. Returns (per image, per run,
+        the detections; with ``keep_levels`` (upsample 0 only), per image its levels 0, 1, ... as far as its runs
+        went, HxWx3 views on the device, for searches on crops of them; else None)."""
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"images must be a list of HxWx3 uint8 numpy arrays, got {type(images).__name__}")
         if int(upsample) != upsample or upsample < 0:
@@ -146,7 +148,7 @@ class FrontalFaceDetector:
         results: list = [None] * len(images)
         levels = [[] for _ in images] if keep_levels else None
         for batch in self._batches([tuple(im.shape[:2]) for im in images], 4 ** upsample):
-            self._detect_batch(images, batch, runs, upsample, adjust_threshold, results, levels)
+            self._detect_batch(images, batch, runs, upsample, adjust_threshold, results, levels, max_levels)
         return results, levels
 
     # -- internals -------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class FrontalFaceDetector:
             batches.append(batch)
         return batches
 
-    def _detect_batch(self, images, index, runs, upsample, adjust, results, kept_levels):
+    def _detect_batch(self, images, index, runs, upsample, adjust, results, kept_levels, max_levels):
         sizes = [images[i].shape[:2] for i in index]
         tiny = [k for k, (h, w) in enumerate(sizes) if h == 0 or w == 0]
         for k in tiny:
@@ -190,7 +192,8 @@ class FrontalFaceDetector:
             sizes = up
         # Per image, per run j: the levels [j, end) it scans (dlib counts a run's levels on its level j); the
         # image is scored from its finest run's level to its last run's end.
-        spans = [[(j, j + count_pyramid_levels(*pyramid_level_size(sizes[k], j), self.model)) for j in runs[i]]
+        spans = [[(j, j + min(count_pyramid_levels(*pyramid_level_size(sizes[k], j), self.model),
+                              max_levels or self.model.max_pyramid_levels)) for j in runs[i]]
                  for k, i in enumerate(index)]
         first = [min(j for j, _ in s) for s in spans]
         last = [max(e for _, e in s) for s in spans]
