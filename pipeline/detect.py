@@ -2,7 +2,7 @@
 
 Detection is the search of pipeline/face_search.py (from the pyramid level of at most ``detect_max_side`` px,
 with a local search of finer levels per face, so its boxes, and so the landmarks, equal full-resolution
-detection's but where that module says otherwise; dlib's upsampling only when no qualifying face was found
+detection's; dlib's upsampling only when no qualifying face was found
 and a face too small to be seen at the current scale could still be at least ``min_face_size``), made with
 dlib's detector on dlib's own pyramid, one photo at a time. Landmarks are predicted on the full-resolution
 photo, again on an upright copy for rolled faces.
