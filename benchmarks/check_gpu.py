@@ -9,8 +9,9 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
    compiled, rewrites on) and its fallback when compilation fails (the same, eager); compiled paths also as the
    actor runs them, replayed as a CUDA graph (E2Style.capture_invert: "-graph" rows, with whether their bits
    are the same path's unrecorded); "-pool" paths make the 256 px reconstruction without the 1024 px RGB image
-   (optimize_for_gpu's pool_before_rgb), "-autotune" ones compile in max-autotune mode (run only when named in
-   --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages,
+   (optimize_for_gpu's pool_before_rgb), "-fused" ones run the 1024 px non-upsampling layer as the fused Triton
+   kernel, "-autotune" ones compile in max-autotune mode (compiled "-fused" and "-autotune" paths run only when
+   named in --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages,
    reconstructions) with seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
    the same GPU, computed 4 samples at a time (TF32 off). Bounds: float32 paths relative error <= 1e-4 of the
    codes and of the 256 px images; bf16/fp16 paths codes <= 1e-2 and reconstructions >= 40 dB PSNR.
@@ -57,6 +58,7 @@ REDUCED_PSNR_BOUND = 40.0
 REDUCED_CONV_BOUND = 1e-2
 FULL = (1024, 512)  # the official architecture: resolution, width
 TINY = (512, 16)  # --tiny: narrow, but above 256 px so the "-pool" paths pool before the ToRGB
+FUSED_MIN_SIZE = 1024  # "-fused" paths: the generator's 1024 px non-upsampling layer through the kernel
 REF_CHUNK = 4  # the reference runs 4 samples at a time (the defect seen so far is right at batch 2 and 4)
 
 
@@ -68,17 +70,19 @@ class InferencePath:
     graph: bool = False  # replayed as a CUDA graph (compiled paths on CUDA; the actor's way)
     pool: bool = False  # optimize_for_gpu's pool_before_rgb
     compile_mode: str = "default"  # models.e2style.COMPILE_MODES
+    fused: bool = False  # the 1024 px non-upsampling layer as the fused Triton kernel (models/stylegan2_kernels.py)
 
     @property
     def name(self) -> str:
         compiled = ("autotune" if self.compile_mode != "default" else "compile") if self.compile else "eager"
         name = f"{self.precision}-{compiled}-{'k' if self.kernels else 'nok'}"
-        return name + "-pool" * self.pool + "-graph" * self.graph
+        return name + "-pool" * self.pool + "-fused" * self.fused + "-graph" * self.graph
 
     def gpu_settings(self, on_gpu: bool) -> dict:
         """optimize_for_gpu's arguments for this path."""
         return {"channels_last": on_gpu, "compile": self.compile, "kernels": self.kernels,
-                "compile_mode": self.compile_mode, "pool_before_rgb": self.pool}
+                "compile_mode": self.compile_mode, "pool_before_rgb": self.pool,
+                "fused_min_size": FUSED_MIN_SIZE if self.fused else None}
 
 
 # The pipeline's default on GPUs; when its compilation fails at first use, InferencePath("fp16", False, True)
@@ -88,13 +92,15 @@ PIPELINE_DEFAULT = InferencePath("fp16", True, True)
 POOLED_DEFAULT = InferencePath("fp16", True, True, pool=True)
 PRECISIONS = ("fp32", "bf16", "fp16")
 EAGER_PATHS = ([InferencePath(p, False, k) for k in (False, True) for p in PRECISIONS]
-               + [InferencePath(p, False, True, pool=True) for p in PRECISIONS])
+               + [InferencePath(p, False, True, pool=True) for p in PRECISIONS]
+               + [InferencePath("fp16", False, True, pool=True, fused=True)])
 # Compiled: rewrites on first (what the pipeline runs), the default first of all.
 COMPILED_PATHS = [PIPELINE_DEFAULT, POOLED_DEFAULT] + [InferencePath(p, True, k) for k in (True, False) for p in PRECISIONS
                                                        if (p, k) != ("fp16", True)]
-# Run only when --compiled-paths names them (max-autotune compiles for minutes per batch size).
-AUTOTUNE_PATHS = [InferencePath("fp16", True, True, pool=pool, compile_mode="max-autotune-no-cudagraphs")
-                  for pool in (False, True)]
+# Run only when --compiled-paths names them (max-autotune compiles for minutes per batch size; the fused kernel is
+# not a default yet).
+NAMED_ONLY_PATHS = [InferencePath("fp16", True, True, pool=pool, compile_mode="max-autotune-no-cudagraphs")
+                  for pool in (False, True)] + [InferencePath("fp16", True, True, pool=True, fused=True)]
 
 
 def configure(model: E2Style, path: InferencePath, on_gpu: bool) -> E2Style:
@@ -319,7 +325,7 @@ def compiled_worker(a) -> None:
         cells.setdefault(name, []).append(int(batch))
     with open(a.rows, "a") as log:
         for name, batches in cells.items():
-            path = next(p for p in COMPILED_PATHS + AUTOTUNE_PATHS if p.name == name)
+            path = next(p for p in COMPILED_PATHS + NAMED_ONLY_PATHS if p.name == name)
             model = configure(load_model(a.weights, device, path.kernels, a.tiny), path, device.type == "cuda")
             run_path(model, path, batches, inputs.to(device), ref, device, deadline, log)
             del model
@@ -384,9 +390,9 @@ def main() -> int:
         return 0
 
     named = a.compiled_paths.split(",") if a.compiled_paths else []
-    unknown = [n for n in named if n not in {q.name for q in COMPILED_PATHS + AUTOTUNE_PATHS}]
+    unknown = [n for n in named if n not in {q.name for q in COMPILED_PATHS + NAMED_ONLY_PATHS}]
     if unknown:
-        p.error(f"unknown --compiled-paths {unknown}; known: {[q.name for q in COMPILED_PATHS + AUTOTUNE_PATHS]}")
+        p.error(f"unknown --compiled-paths {unknown}; known: {[q.name for q in COMPILED_PATHS + NAMED_ONLY_PATHS]}")
     start = time.time()
     deadline = start + a.time_limit
     device = torch.device(a.device)
@@ -417,7 +423,7 @@ def main() -> int:
 
     # Compiled (path, batch) cells in worker processes, dealt out in turn (a path's batch sizes compile in parallel),
     # the default path's cells first.
-    chosen = [q for q in COMPILED_PATHS + AUTOTUNE_PATHS if q.name in named] if named else COMPILED_PATHS
+    chosen = [q for q in COMPILED_PATHS + NAMED_ONLY_PATHS if q.name in named] if named else COMPILED_PATHS
     cells = [f"{q.name}:{b}" for q in chosen for b in path_batches(q, a)] if compile_batches else []
     procs = []
     n_workers = max(1, min(a.workers, len(cells))) if cells else 0
