@@ -10,7 +10,7 @@ read once per tap and written once.
 Reads top-down: the torch reference (the shared form of models/stylegan2.py's StyledConv, in any dtype), the
 kernel, its launcher, the device check. The generator runs it where asked (Generator.set_fused_styled_convs, off
 by default); E2Style.optimize_for_gpu asks ``use_styled_conv_kernel(device)`` first, which runs the check once per
-device and process (models/alignment/kernel_check.py, the project's one way to trust a kernel group). The kernel rounds where the
+device and process (models/kernel_check.py, the project's one way to trust a kernel group). The kernel rounds where the
 library path does not (operands to fp16 once, the epilogue in float32), so the check is a tolerance against the
 float32 reference, not bit equality.
 """
@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .alignment.kernel_check import tl, triton, use_kernels
+from .kernel_check import tl, triton, use_kernels
 
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)

@@ -25,7 +25,7 @@ from PIL import Image
 from models.alignment.detector import BUNDLED_DETECTOR_FILE, FrontalFaceDetector, float32_at_least
 from models.alignment.device import upload_many
 from models.alignment.formats import DetectorFileError, DlibReader, encode_float, encode_int, read_detector_file
-from models.alignment.kernel_check import use_kernels
+from models.kernel_check import use_kernels
 from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb, resize_tables
 from face_variants import face_variants, faceless_variants, original_photos
 

@@ -4,7 +4,7 @@
 
 The kernels (models/alignment/: pyramid.py, fhog.py, filters.py, landmarks.py, resample.py) port dlib's and
 Pillow's arithmetic to the GPU and are only used there when they equal the torch path, checked on the device
-(models/alignment/kernel_check.py) with the probes these checks run too. Machines without a GPU (CI) never
+(models/kernel_check.py) with the probes these checks run too. Machines without a GPU (CI) never
 compile them, but the interpreter executes their code (the same operations in the same order, with numpy) on
 CPU tensors, so a change that breaks their arithmetic, indexing or masking fails here. The interpreter is
 chosen when ``triton`` is first imported (kernels are decorated at import), so these checks run in a process of

@@ -14,5 +14,6 @@ public function or class):
 - resample.py: Pillow's bilinear QUAD/AFFINE sampling and 8-bit Lanczos resize.
 - ffhq_geometry.py: the FFHQ quad and crop geometry (numpy, shared with pipeline/crop.py); ffhq_crop.py: the
   batched crop and the upright re-prediction of rolled faces.
-- device.py: uploads and photo staging; kernel_check.py: the one way a kernel group is trusted.
+- device.py: uploads and photo staging. Kernels are trusted through models/kernel_check.py, the one way every
+  Triton kernel of models/ is checked.
 """

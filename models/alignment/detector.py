@@ -19,7 +19,7 @@ GPU exactness: every arithmetic step of the torch paths is a separate eager PyTo
 each product is rounded to float32 before the addition that uses it, as in dlib; fused operations and
 ``torch.compile`` are not used. The same code runs on CPU and CUDA. On CUDA each stage's Triton kernels
 (compiled without FMA contraction) serve where their group passed its check against the torch path on the
-device (models/alignment/kernel_check.py).
+device (models/kernel_check.py).
 
 Batching: images of any sizes are padded into one tensor per pyramid level (level l of every image that
 has one), with per-image index tables and masks, so the number of kernel launches depends on the number of
@@ -46,7 +46,7 @@ from .device import photos_to_device, upload, upload_many
 from .fhog import check_fhog_kernels, fhog_planes
 from .filters import FilterBank, check_filter_kernels, filter_scores
 from .formats import read_detector_file
-from .kernel_check import triton, use_kernels
+from ..kernel_check import triton, use_kernels
 from .pyramid import (boxes_down_after_upsample, check_resize_kernels, count_pyramid_levels, pyramid_down_size,
                       pyramid_level_size, pyramid_up_size, resize_rgb, window_boxes)
 from .suppression import non_max_suppression
@@ -85,7 +85,7 @@ class FrontalFaceDetector:
                  max_batch_pixels: int | None = None, chunk_elements: int | None = None,
                  use_triton: bool | None = None):
         """``use_triton``: None: each group of Triton kernels (resize, fhog, filters) on CUDA where it passed its
-        check there (models/alignment/kernel_check.py), else the torch path; True: every group's kernels (a CUDA
+        check there (models/kernel_check.py), else the torch path; True: every group's kernels (a CUDA
         device, or Triton's interpreter); False: the torch path."""
         self.model = read_detector_file(path or BUNDLED_DETECTOR_FILE)
         self.device = torch.device(device)

@@ -141,7 +141,7 @@ def crop_faces(
     output_size, 3) uint8 on ``device`` (default: the first photo's device). The bilinear transform runs
     ``faces_per_chunk`` faces at a time (its intermediates take about 150 * transform_size^2 bytes per
     face). ``plans``: precomputed :func:`plan_crop` results, otherwise made from the landmarks. ``use_triton``:
-    the QUAD transform's kernel (see models/alignment/kernel_check.py)."""
+    the QUAD transform's kernel (see models/kernel_check.py)."""
     if device is None:
         device = photos[0].device if len(photos) and isinstance(photos[0], torch.Tensor) else "cpu"
     device = torch.device(device)

@@ -17,7 +17,7 @@ import torch
 
 from .device import upload
 from .formats import CELL_SIZE, NUM_PLANES
-from .kernel_check import tl, triton, use_kernels
+from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 
 __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "fhog_planes",
@@ -433,7 +433,7 @@ def fhog_planes(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tu
     """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
     (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
     image (hog rows, hog cols). Images (B, 3, H, W) uint8, image b's valid part sizes[b]. ``use_triton``: see
-    models/alignment/kernel_check.py (None: the kernels on CUDA once checked there)."""
+    models/kernel_check.py (None: the kernels on CUDA once checked there)."""
     dev = images.device
     cell = CELL_SIZE
     n = images.shape[0]

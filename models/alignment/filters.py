@@ -19,7 +19,7 @@ import torch
 
 from .device import upload
 from .formats import NUM_PLANES, HogDetectorModel
-from .kernel_check import tl, triton, use_kernels
+from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 from .svd import dlib_svd
 
@@ -371,7 +371,7 @@ def filter_scores(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, chunk
     column-filter(row-filter(plane)). Returns (B, F, hog rows max, plane cols - fw + 1) float32: position (i, j)
     scores the window centred at plane (i + fh // 2, j + fw // 2), equal to dlib at each image's own windows.
     ``chunk_elements`` bounds the torch path's intermediates. ``use_triton``: see
-    models/alignment/kernel_check.py (None: the kernel on CUDA once checked there with this bank's shape)."""
+    models/kernel_check.py (None: the kernel on CUDA once checked there with this bank's shape)."""
     if use_kernels("filters", planes.device, use_triton, lambda device: check_filter_kernels(device, bank),
                    variant=bank.shape):
         return _filter_scores_triton(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps)

@@ -36,7 +36,7 @@ On CUDA two Triton kernels (when Triton is installed) replace the launch-bound p
 trees of a cascade for all faces, one adds the leaves, one program per (face, block of coordinates) looping
 over the trees in order. Elsewhere (CPU, or `use_triton=False`) the same steps run as torch operations: the
 trees vectorised, the leaves as one vectorised add per tree. Both give identical bits: the kernels serve only
-where they passed their check on the device (models/alignment/kernel_check.py), and
+where they passed their check on the device (models/kernel_check.py), and
 tests/test_triton_kernels_interpreted.py runs them under Triton's interpreter on CPU.
 
 Order in this module: dlib's box transform and the torch reference steps, the kernels, their launcher, the
@@ -53,7 +53,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kernel_check import tl, triton, use_kernels
+from ..kernel_check import tl, triton, use_kernels
 from .landmarks_model import ShapePredictorModel, random_model, read_shape_predictor
 
 __all__ = ["ShapePredictor", "DeviceForest", "apply_cascade", "check_landmark_kernels", "grey_levels"]
@@ -267,7 +267,7 @@ def apply_cascade(shape: torch.Tensor, values: torch.Tensor, forest: DeviceFores
                   use_triton: bool | None = None) -> None:
     """Cascade ``c`` of ``forest`` on the current shapes (N, 2 * parts) float32, in place: every tree walked on
     the faces' feature pixel values (N, pixels) float32, the trees' leaves added one tree after the other, in
-    dlib's order. ``use_triton``: see models/alignment/kernel_check.py (None: the kernels on CUDA once checked
+    dlib's order. ``use_triton``: see models/kernel_check.py (None: the kernels on CUDA once checked
     there for this tree shape)."""
     if use_kernels("landmarks", shape.device, use_triton,
                    lambda dev: check_landmark_kernels(dev, forest.num_trees, forest.depth, shape.shape[1] // 2,
@@ -283,7 +283,7 @@ class ShapePredictor:
 
     def __init__(self, path: str, device="cpu", use_triton: bool | None = None, cuda_graphs: bool | None = None):
         """`use_triton`: the Triton kernels (None: on CUDA where they passed their check there, see
-        models/alignment/kernel_check.py; True: forced, on CUDA or under Triton's interpreter). `cuda_graphs`: on
+        models/kernel_check.py; True: forced, on CUDA or under Triton's interpreter). `cuda_graphs`: on
         CUDA, replay each batch size's (rounded up to a power of two) launches as one captured CUDA graph,
         which removes the per-launch CPU cost that bounds small batches. Default: on CUDA with the Triton
         kernels (BENCHMARKS.md has the measurement)."""

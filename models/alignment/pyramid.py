@@ -8,7 +8,7 @@ accumulator stepping four columns at a time (its SSE path), weighted in float32;
 row, where the SSE loop stops, computed in double; results truncated to uint8. Order in this module: sizes and
 rectangle maps (numpy / plain Python), the resize's tables and torch reference, its Triton kernel (compiled
 with ``enable_fp_fusion=False``: no FMA contraction) and launcher, the probe that trusts the kernel
-(models/alignment/kernel_check.py), the public ``resize_rgb``.
+(models/kernel_check.py), the public ``resize_rgb``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from .device import upload, upload_many
 from .formats import HogDetectorModel
-from .kernel_check import tl, triton, use_kernels
+from ..kernel_check import tl, triton, use_kernels
 
 __all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
@@ -369,7 +369,7 @@ def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes:
                use_triton: bool | None = None) -> torch.Tensor:
     """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
     to out_sizes[b]; returns (B, 3, max out H, max out W + TAIL_BAND) uint8, equal to dlib inside each output
-    image (outside: junk). ``use_triton``: see models/alignment/kernel_check.py (None: the kernel on CUDA once
+    image (outside: junk). ``use_triton``: see models/kernel_check.py (None: the kernel on CUDA once
     checked there)."""
     if use_kernels("resize", images.device, use_triton, check_resize_kernels):
         return _resize_rgb_triton(images, in_sizes, out_sizes)

@@ -12,7 +12,7 @@ Read from Pillow's C code (src/libImaging/Geometry.c, Resample.c; Pillow 13 for 
     inputs each group of outputs reads.
 Coefficients are computed on the host (numpy float64, C floats where Pillow has them); pixels stay on the
 tensors' device. On CUDA the QUAD transform is one Triton pass (reference, kernel, launcher, probe and the
-public ``quad_sample`` in that order below), trusted as models/alignment/kernel_check.py trusts kernels.
+public ``quad_sample`` in that order below), trusted as models/kernel_check.py trusts kernels.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .device import upload
-from .kernel_check import tl, triton, use_kernels
+from ..kernel_check import tl, triton, use_kernels
 
 __all__ = [
     "ImageSources",
@@ -198,7 +198,7 @@ def check_quad_kernel(device) -> str | None:
 def quad_sample(flat: torch.Tensor, src: ImageSources, coeffs: torch.Tensor, size: int,
                 use_triton: bool | None = None) -> torch.Tensor:
     """Pillow's ``transform((size, size), QUAD, coeffs[i], BILINEAR)`` of each source ``i`` of ``flat``:
-    (C, size, size, 3) uint8. ``use_triton``: see models/alignment/kernel_check.py (None: on CUDA one Triton
+    (C, size, size, 3) uint8. ``use_triton``: see models/kernel_check.py (None: on CUDA one Triton
     pass once checked equal to the torch path there; otherwise quad_positions then bilinear_sample)."""
     if use_kernels("quad", flat.device, use_triton, check_quad_kernel):
         return _quad_sample_triton(flat, src, coeffs, size)
