@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, mean_face_shape  # noqa: E402
 from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch  # noqa: E402
+from models.alignment.ffhq_geometry import UPRIGHT_ABOVE  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from models.alignment.landmarks_model import random_model  # noqa: E402
 from pipeline.face_search import choose_faces  # noqa: E402
@@ -122,14 +123,14 @@ def main() -> None:
         calls.append(len(images))
         return aligner.predict_boxes(images, face_boxes)
 
-    lm = np.stack(upright_landmarks_batch(face_photos, boxes, predict_boxes, 10.0, first=first))
+    lm = np.stack(upright_landmarks_batch(face_photos, boxes, predict_boxes, UPRIGHT_ABOVE, first=first))
     rounds = f"{len(calls)} calls of {calls} faces"
     if a.rolled:
         # Random mean points make meaningless quads: the crop gets the mean face in each box instead.
         corners = np.array([r for f in rects for r in f], np.float64)
         lm = corners[:, None, :2] + mean_face_shape()[None] * (corners[:, None, 2:] - corners[:, None, :2])
     rows[f"upright re-prediction ({rounds})"] = timed(
-        lambda: upright_landmarks_batch(face_photos, boxes, aligner.predict_boxes, 10.0, first=first),
+        lambda: upright_landmarks_batch(face_photos, boxes, aligner.predict_boxes, UPRIGHT_ABOVE, first=first),
         a.repeats, sync)
     rows[f"crop ({len(index)} faces, photos from host)"] = timed(
         lambda: crop_faces(photos, index, lm, 256, 1024, device=dev), a.repeats, sync)
