@@ -1,4 +1,5 @@
-# Quick start on a fresh machine: `make demo` runs the main job, `make test` the whole suite.
+# Quick start on a fresh machine: `make demo` runs the main job, `make test` the whole suite (`make test-unit`
+# the tests that start no Ray and are not slow).
 # Both create .venv and install on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 # machines pass TEST_TRITON= with TORCH_SPEC.
 TEST_TRITON ?= triton==3.5.1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-unit install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The quick local loop: no Ray, no `ray start` cluster, nothing marked slow (CI runs `make test`: all of it).
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not cluster and not ray and not slow"
 
 clean:
 	rm -rf $(VENV) out

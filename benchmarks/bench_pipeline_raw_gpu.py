@@ -70,7 +70,7 @@ DATA = os.path.join(ROOT, "tests", "data")
 # dlib's 68 landmarks on the test photographs (benchmarks/bench_crop.py --save-landmarks writes them).
 LANDMARKS_FILE = os.path.join(ROOT, "benchmarks", "data", "photo_landmarks.json")
 # dlib's frontal detector's box of the face those landmarks belong to, as a dlib.rectangle (left, top, right,
-# bottom, inclusive): the frame of dlib's mean shape. tests/test_landmarks.py checks them against dlib.
+# bottom, inclusive): the frame of dlib's mean shape. tests/models/alignment/test_landmarks.py checks them against dlib.
 FACE_BOXES = {"astronaut.jpg": (179, 83, 266, 170), "grace_hopper.jpg": (161, 137, 376, 352)}
 # Leaf spread of the face-like random trees: points move by ~1e-3 of the box (see models.alignment.landmarks_model.random_model).
 FACE_LEAF_SCALE = 1e-5

@@ -6,7 +6,7 @@ its torch path as the reference and exposes ``use_triton``: None picks the kerne
 passed its check there (a disagreement or a failure to compile warns, naming the group and the device, and the
 torch path serves); True forces the kernels (tests, and Triton's interpreter on CPU tensors); False forces the
 torch path. The probes are public functions of each port (``check_*_kernels``), so CI runs the same comparisons
-under the interpreter (tests/triton_interpreter_checks.py).
+under the interpreter (tests/helpers/triton_interpreter_checks.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 config itself so that it cannot drift: every key of ``pipeline/config.py``'s dataclasses with its type and
 default from the dataclass fields, and its meaning from the comment written beside the field (or, where
 there is none beside it, the comment block right above it). A field without a comment is an error here, so a
-key cannot be added undocumented; tests/test_config.py checks docs/CONFIG.md against this output.
+key cannot be added undocumented; tests/pipeline/test_config.py checks docs/CONFIG.md against this output.
 
     python -m pipeline.config_reference --write docs/CONFIG.md
 """
@@ -111,7 +111,8 @@ def render_config_reference() -> str:
     out = ["# Configuration reference", "",
            "Generated from `pipeline/config.py` (the typed config: the dataclasses' fields, types and defaults, and",
            "the comment beside each field) by `python -m pipeline.config_reference --write docs/CONFIG.md`; also",
-           "printed by `run_pipeline.py --help-config`. `tests/test_config.py` fails when this file is out of date.",
+           "printed by `run_pipeline.py --help-config`. `tests/pipeline/test_config.py` fails when this file is out of",
+           "date.",
            "",
            "Set keys in a YAML file (`--config configs/x.yaml`, sections as nested mappings) or one at a time with",
            "`--set dotted.key=value` (values parsed as YAML: `null`, `true`, numbers, `[a, b]`, `{k: v}`). Every key",

@@ -6,7 +6,7 @@
 
 ``InversionJob`` is given its remote calls as functions and holds only their references and small headers,
 never pixels; ``pipeline/inversion.py`` wires it to Ray. It imports neither Ray nor torch, so the scheduling
-is unit-tested on a simulated cluster (tests/test_scheduler.py).
+is unit-tested on a simulated cluster (tests/pipeline/test_scheduler.py).
 """
 from __future__ import annotations
 

@@ -26,9 +26,6 @@ for _k, _v in {
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_SESSION_TOKEN", None)
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
-
-
 @pytest.fixture(scope="session")
 def moto_server():
     """moto's S3 server on 127.0.0.1; yields its endpoint URL (http://127.0.0.1:PORT)."""
@@ -55,6 +52,16 @@ def s3_bucket(moto_server, s3fs_session):
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs_session.mkdir(name)
     yield name
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``ray`` mark is written on each test that starts Ray, where a reader sees it; a test that uses
+    ``ray_session`` without it would run in ``make test-unit``, so collection stops and names it."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use ray_session without @pytest.mark.ray (add it, or a module-level "
+                                "pytestmark): " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -87,79 +94,3 @@ def tiny_checkpoint_other(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt2") / "e2style_r64_s2_seed1.pt")
     write_checkpoint(path, resolution=64, stages=2, seed=1)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small synthetic datasets (tiny random images: enough for the pipeline's plumbing, alignment off)
-
-
-def tiny_image_bytes(seed: int, fmt: str = "JPEG", size: int = 24, mode: str = "RGB") -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    im = Image.fromarray(arr, "RGB")
-    if mode != "RGB":
-        im = im.convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def make_tar(samples: dict[str, bytes], with_meta: bool = True, extra: list[tuple[str, bytes]] | None = None) -> bytes:
-    """img2dataset-style WebDataset shard: <key>.jpg, <key>.json, <key>.txt per sample."""
-    import io
-    import json
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for key, data in samples.items():
-            add(f"{key}.jpg", data)
-            if with_meta:
-                add(f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())
-                add(f"{key}.txt", f"caption of {key}".encode())
-        for name, data in extra or []:
-            add(name, data)
-    return buf.getvalue()
-
-
-def make_parquet(samples: dict[str, bytes], style: str = "img2dataset") -> bytes:
-    """A Parquet file with image bytes: img2dataset's ``jpg`` column, or Hugging Face's ``image`` struct."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    keys = list(samples)
-    if style == "img2dataset":
-        table = pa.table({"key": keys, "jpg": pa.array(list(samples.values()), pa.binary()),
-                          "caption": [f"c{k}" for k in keys]})
-    else:
-        structs = [{"bytes": v, "path": f"{k}.jpg"} for k, v in samples.items()]
-        table = pa.table({"id": keys, "image": pa.array(structs, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=3)
-    return sink.getvalue().to_pybytes()
-
-
-def pipeline_config(input_url: str, output_url: str, checkpoint: str, endpoint: str | None = None, **sets) -> dict:
-    """A resolved (typed, frozen) config for tests: alignment off, no progress bar; ``sets`` uses '__' for dots."""
-    from pipeline.config import resolve
-
-    base = {"input": {"url": input_url}, "output": {"url": output_url},
-            "model": {"checkpoint": checkpoint, "batch_size": 4}, "align": {"enabled": False},
-            "storage": {"endpoint_url": endpoint}, "ray": {"chunk_size": 4}, "progress": False, "retries": 1}
-    over: dict = {}
-    for k, v in sets.items():
-        cur = over
-        parts = k.split("__")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[parts[-1]] = v
-    return resolve(base, over)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import REPO_ROOT
+
 PACKAGES = ("pipeline", "workers", "models")
 # Modules every stage may import: they import only each other (and models/, storage libraries).
 LEAVES = {"pipeline.config_files", "pipeline.config", "pipeline.records", "pipeline.images", "pipeline.storage",
@@ -19,12 +20,12 @@ def _modules() -> dict[str, str]:
     package)."""
     out = {}
     for pkg in PACKAGES:
-        for folder, dirs, files in os.walk(os.path.join(ROOT, pkg)):
+        for folder, dirs, files in os.walk(os.path.join(REPO_ROOT, pkg)):
             dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
             for name in sorted(files):
                 if name.endswith(".py"):
                     path = os.path.join(folder, name)
-                    out[os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")] = path
+                    out[os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")] = path
     return out
 
 
@@ -161,12 +162,12 @@ def _ray_importers() -> set[str]:
     anywhere in them, at the top or inside a function."""
     found = set()
     for pkg in ("pipeline", "models"):
-        for folder, _, files in os.walk(os.path.join(ROOT, pkg)):
+        for folder, _, files in os.walk(os.path.join(REPO_ROOT, pkg)):
             for name in files:
                 if not name.endswith(".py"):
                     continue
                 path = os.path.join(folder, name)
-                mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                mod = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
                 for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
                     names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                              [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
@@ -182,7 +183,7 @@ def test_only_the_job_modules_import_ray_or_workers():
 def test_architecture_md_names_every_module():
     """ARCHITECTURE.md has a line for every module of pipeline/ and workers/."""
     mods, _ = _graph()
-    text = open(os.path.join(ROOT, "ARCHITECTURE.md"), encoding="utf-8").read()
+    text = open(os.path.join(REPO_ROOT, "ARCHITECTURE.md"), encoding="utf-8").read()
     missing = [m for m in mods if m.startswith(("pipeline.", "workers."))
                and f"`{m.replace('.', '/')}.py`" not in text and f"`{m.replace('.', '/')}/" not in text
                and f"{m.rpartition('.')[2]}.py`" not in text]

@@ -9,14 +9,14 @@ import sys
 import tomllib
 
 import run_pipeline
+from helpers.paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "e2style")
-REINSTALL = f"{sys.executable} -m pip install -q --no-deps --no-build-isolation -e {ROOT}"
+REINSTALL = f"{sys.executable} -m pip install -q --no-deps --no-build-isolation -e {REPO_ROOT}"
 
 
 def test_pyproject_declares_the_console_script():
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
     assert project["project"]["scripts"] == {"e2style": "run_pipeline:main"}
     assert "run_pipeline" in project["tool"]["setuptools"]["py-modules"]
@@ -60,5 +60,5 @@ def test_a_shadowing_package_on_the_path_is_named_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == (
         f"error: the package 'models' resolves to {tmp_path / 'models'}, not this project's "
-        f"{os.path.join(ROOT, 'models')}: a folder or module of that name on PYTHONPATH or in the working folder "
+        f"{os.path.join(REPO_ROOT, 'models')}: a folder or module of that name on PYTHONPATH or in the working folder "
         f"shadows it; run the e2style command (it does not look in the working folder) or rename yours")

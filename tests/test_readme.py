@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 import run_pipeline
+from helpers.paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+README = os.path.join(REPO_ROOT, "README.md")
 MARKED_BLOCK = re.compile(r"^<!-- readme-test: ([\w-]+) -->\n```(\w+)\n(.*?)^```$", re.S | re.M)
 LANGUAGES = {"sh": "shell", "bash": "shell", "shell": "shell", "python": "python"}
 NOT_LINKED = {"out", ".git", ".pytest_cache"}
@@ -47,9 +47,9 @@ def fresh_folder(tmp_path) -> str:
     """A folder that looks like a fresh checkout (every top-level entry linked) with no outputs yet."""
     work = tmp_path / "checkout"
     work.mkdir()
-    for name in os.listdir(ROOT):
+    for name in os.listdir(REPO_ROOT):
         if name not in NOT_LINKED:
-            os.symlink(os.path.join(ROOT, name), work / name)
+            os.symlink(os.path.join(REPO_ROOT, name), work / name)
     return str(work)
 
 
@@ -99,7 +99,7 @@ def _check_demo(work: str, outputs: list[str]) -> None:
 CHECKS = {"demo": _check_demo}   # group -> what its blocks must have made (other groups: that they run)
 # Marked commands another test runs its own way: the training commands (indented blocks; "starts" runs until
 # the first training step is logged, not to the end).
-OTHER_HARNESSES = {"runs": "tests/test_train.py", "starts": "tests/test_train.py"}
+OTHER_HARNESSES = {"runs": "tests/pipeline/training/test_train.py", "starts": "tests/pipeline/training/test_train.py"}
 
 
 def test_readme_marks_the_demo_walkthrough():
@@ -136,6 +136,7 @@ def test_docstring_snippet_extraction():
     assert docstring_snippet(doc, "Reading") == "a = 1\n\nprint(a)"
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("group", sorted(_blocks()))
 def test_readme_commands_run_as_written(group, tmp_path):
@@ -152,7 +153,7 @@ def test_readme_commands_run_as_written(group, tmp_path):
 @pytest.mark.slow
 def test_shipped_direction_is_the_documented_derivation():
     """demo/directions/brightness.npy is what demo/make_directions.py derives from the demo generator."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "make_directions.py"), "--check"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "demo", "make_directions.py"), "--check"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "largest difference from" in proc.stdout

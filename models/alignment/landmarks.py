@@ -37,7 +37,7 @@ trees of a cascade for all faces, one adds the leaves, one program per (face, bl
 over the trees in order. Elsewhere (CPU, or `use_triton=False`) the same steps run as torch operations: the
 trees vectorised, the leaves as one vectorised add per tree. Both give identical bits: the kernels serve only
 where they passed their check on the device (models/kernel_check.py), and
-tests/test_triton_kernels_interpreted.py runs them under Triton's interpreter on CPU.
+tests/models/alignment/test_triton_kernels_interpreted.py runs them under Triton's interpreter on CPU.
 
 Order in this module: dlib's box transform and the torch reference steps, the kernels, their launcher, the
 probe, the public ``apply_cascade`` and ``ShapePredictor``. Model files: models/alignment/landmarks_model.py.
@@ -69,7 +69,7 @@ _MIN_GRAPH_FACES = 16  # the smallest face count bucket of a captured CUDA graph
 # (Golub-Reinsch, svd4 in dlib/matrix/matrix_la.h), whose result is off by a few units in the last place;
 # those errors decide which way a point lying exactly halfway between two pixels rounds, which happens
 # often enough on real faces to matter. These are the nine doubles dlib computes (obtained by running the
-# same algorithm with the same operation order in double); tests/test_landmarks.py checks them against
+# same algorithm with the same operation order in double); tests/models/alignment/test_landmarks.py checks them against
 # dlib on thousands of boxes with shapes placed on half pixels, where the exact inverse disagrees with dlib
 # almost every time.
 _UNIT_SQUARE_PINV = np.array([
@@ -201,7 +201,8 @@ if triton is not None:
         # One program per (face, block of coordinates): the trees' leaves are added one tree after the
         # other, in dlib's order. UNROLL divides NUM_TREES; unrolling lets the loads of several trees be
         # issued before their adds, which stay in order. NUM_TREES is a constant of the model (one variant
-        # per model): a loop bound Triton's interpreter can run too (tests/test_triton_kernels_interpreted.py).
+        # per model): a loop bound Triton's interpreter can run too
+        # (tests/models/alignment/test_triton_kernels_interpreted.py).
         face = tl.program_id(0).to(tl.int64)
         coord = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = coord < num_coords

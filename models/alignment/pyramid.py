@@ -337,7 +337,7 @@ def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], ou
     last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
     oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
     # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info. It takes each right
-    # neighbour as min(left + 1, last column), which resize_tables' are (tests/test_face_detector.py).
+    # neighbour as min(left + 1, last column), which resize_tables' are (tests/models/alignment/test_face_detector.py).
     tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1), r.tb64,
               r.left.astype(np.int32), r.lr32, r.lr64, np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
     _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _RESIZE_BLOCK), n)](

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from helpers.paths import REPO_ROOT
 from models.checkpoint import load_e2style, read_checkpoint
 from models.factory import atomic_save, generator_checkpoint
 from models.stylegan2 import Generator, default_channels
@@ -344,7 +345,7 @@ def test_image_folder_training(tmp_path, tiny_generator):
 def test_demo_script_runs_tiny(tmp_path, native_pool):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_demo_model", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_demo_model.py"))
+    spec = importlib.util.spec_from_file_location("train_demo_model", os.path.join(REPO_ROOT, "benchmarks", "train_demo_model.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "demo"
@@ -381,7 +382,7 @@ def test_cli_trains_from_yaml(tmp_path, tiny_generator):
 def test_shipped_configs_resolve():
     from pipeline.training.config import load_train_config
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(REPO_ROOT, "configs")
     for name in ("train_synthetic.yaml", "train_demo.yaml"):
         cfg = load_train_config(os.path.join(root, name))
         assert cfg.data.mode in ("synthetic", "images")
@@ -434,6 +435,7 @@ def test_ddp_two_processes_keep_ranks_in_step(tmp_path, tiny_generator, monkeypa
     assert all(torch.equal(ck["state_dict"][f"encoder_firststage.{n}"], v) for n, v in r0["final"].items())
 
 
+@pytest.mark.ray
 def test_ray_train_one_worker(tmp_path, tiny_generator, ray_session):
     from workers.train_worker import run_ray_training
 
@@ -486,7 +488,7 @@ def test_config_is_typed_frozen_and_errors_name_the_key(tmp_path, tiny_generator
 # ------------------------------------------------------------------------------------------------
 # The README's training commands, as written (issue 29: they must run from a fresh clone)
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+README = os.path.join(REPO_ROOT, "README.md")
 README_MARK = "<!-- readme-test: {} -->"
 
 
@@ -528,7 +530,7 @@ def fresh_clone(tmp_path):
     import shutil
     import subprocess
 
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    root = REPO_ROOT
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
     clone = tmp_path / "clone"
     for rel in filter(None, tracked.split("\0")):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_parquet, make_tar, pipeline_config, tiny_image_bytes
+from helpers.inputs import make_parquet, make_tar, pipeline_config, tiny_image_bytes
 from pipeline.failures import format_failures
 from pipeline.prepare import prepare_item
 from pipeline.read import InputItem
@@ -49,6 +49,7 @@ def _corpus() -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.ray
 def test_bad_inputs_one_row_each_s3(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint, caplog):
     """One row per input whatever its bytes; the summary names the inputs that failed (all of them in
     failures.jsonl), and its throughput is the one the last progress line shows."""
@@ -93,6 +94,7 @@ def test_bad_inputs_one_row_each_s3(ray_session, s3fs_session, s3_bucket, moto_s
     assert [json.loads(line) for line in fs.cat_file(f"{s3_bucket}/out/failures.jsonl").decode().splitlines()] == listed
 
 
+@pytest.mark.ray
 def test_hostile_tar_and_parquet(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint):
     """Member names that try to escape the archive, a truncated tar, a null image in Parquet."""
     fs = s3fs_session
@@ -147,6 +149,7 @@ def test_prepare_item_never_raises_for_bad_bytes():
             assert face.shape == (256, 256, 3) and face.dtype == np.uint8
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_failing_shard_is_retried_then_reported(ray_session, s3fs_session, s3_bucket, moto_server, tiny_checkpoint,
                                                 caplog):

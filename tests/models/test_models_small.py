@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.paths import REPO_ROOT
 from models import CheckpointError, load_e2style, load_stylegan2
 from models.checkpoint import save_safetensors
 from models.e2style import face_pool
 from models.factory import build_e2style, e2style_checkpoint, generator_checkpoint, write_checkpoint
 from models.stylegan2 import SKIP_UPSAMPLE_FORMS, Generator, Upsample, default_channels, upfirdn2d
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def images(batch=2, channels=3, seed=0):
@@ -214,7 +214,7 @@ def test_shared_weight_modulated_conv_equals_grouped_in_float64(upsample, blur):
 
 def test_factory_cli_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "cli.pt"
-    subprocess.run([sys.executable, "-m", "models.factory", "--out", str(out), "--resolution", "32", "--stages", "2", "--seed", "3", "--width", "32"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "models.factory", "--out", str(out), "--resolution", "32", "--stages", "2", "--seed", "3", "--width", "32"], check=True, cwd=REPO_ROOT)
     m = load_e2style(out)
     assert (m.num_stages, m.resolution) == (2, 32)
     ck = torch.load(out, weights_only=True)

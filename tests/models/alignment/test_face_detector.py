@@ -3,7 +3,7 @@
 The reference is dlib: every image is also run through ``dlib.get_frontal_face_detector().run(image,
 upsample, adjust_threshold)`` and the port must return the same rectangles, the same filter indices and
 scores within 1e-4, in the same order. Images: the test photographs and seeded variants from
-tests/face_variants.py (scale 0.4-2.5, rotation +-35 degrees, crops and canvases, JPEG 30-95, mirror) plus
+tests/helpers/face_variants.py (scale 0.4-2.5, rotation +-35 degrees, crops and canvases, JPEG 30-95, mirror) plus
 faceless images. Counts (chosen for runtime, one CPU thread): 200 face variants up to 640 px and 20 faceless
 images at upsample 0; 60 face variants up to 400 px and 6 faceless at upsample 1; each for adjust_threshold
 0 and -0.5. The stages are also compared on their own: pyramid levels (dlib.pyramid_down), upsampling
@@ -27,7 +27,7 @@ from models.alignment.device import upload_many
 from models.alignment.formats import DetectorFileError, DlibReader, encode_float, encode_int, read_detector_file
 from models.kernel_check import use_kernels
 from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb, resize_tables
-from face_variants import face_variants, faceless_variants, original_photos
+from helpers.face_variants import face_variants, faceless_variants, original_photos
 
 SCORE_TOLERANCE = 1e-4
 BORDERLINE = 1e-3      # a differing window is only excused this close to the threshold or to another score

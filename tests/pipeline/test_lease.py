@@ -14,11 +14,11 @@ import time
 import fsspec
 import pytest
 
+from helpers.paths import REPO_ROOT
 from pipeline.config import ConfigError
 from pipeline.lease import HEARTBEATS_PER_STALE, LEASE_NAME, Holder, LeaseLostError, OutputLease, _machine, _pid_start
 from pipeline.storage import get_fs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STALE_S = 300
 
 
@@ -177,7 +177,7 @@ def test_a_heartbeat_never_overwrites_the_lease_of_the_run_that_took_over(output
 def test_sigterm_releases_the_lease(tmp_path):
     """`ray job stop` and schedulers send SIGTERM before SIGKILL: the holder unwinds and releases."""
     url = str(tmp_path / "out")
-    script = (f"import sys, time; sys.path.insert(0, {ROOT!r})\n"
+    script = (f"import sys, time; sys.path.insert(0, {REPO_ROOT!r})\n"
               "from pipeline.lease import OutputLease\nfrom pipeline.storage import get_fs\n"
               f"fs, root = get_fs({url!r})\nlease = OutputLease(fs, root, {url!r}, stale_s=300)\n"
               "assert lease.acquire() is None\ntry:\n    print('held', flush=True)\n    time.sleep(60)\n"

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "official"
+from helpers.paths import DATA_DIR
+
+FIXTURE_DIR = Path(DATA_DIR) / "official"
 
 
 def _fill(entries: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:

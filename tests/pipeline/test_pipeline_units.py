@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
+from helpers.inputs import make_parquet, make_tar, pipeline_config, tiny_image_bytes
+from helpers.paths import DATA_DIR, REPO_ROOT
 from pipeline.cluster import aligning_actor_cpus, cpus_per_gpu
 from pipeline.read import plan_shards, sanitize_key
 from pipeline.write import build_tar
@@ -112,6 +113,7 @@ def test_inverter_without_ray(tiny_checkpoint):
         Inverter(tiny_checkpoint, stages=3)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
     """Real faces through dlib alignment: ok rows carry quad/landmarks/score; a photo without a face is a
@@ -148,7 +150,6 @@ def test_real_photos_with_alignment(ray_session, tiny_checkpoint, tmp_path):
 def test_read_sources_finds_the_inputs_behind_row_sources(tmp_path):
     """read_sources returns, for each row source the reader wrote (file, tar member, Parquet row, also the
     Hugging Face struct layout), the input's bytes; a missing file or member is that source's exception."""
-    from conftest import make_parquet, make_tar
     from pipeline.read import plan_shards, read_shard, read_sources
     from pipeline.storage import get_fs
 
@@ -190,7 +191,7 @@ def test_align_settings_reach_the_aligner():
     # Her face box is about 216 px: a larger minimum leaves no face.
     assert statuses(align__min_face_size=200)[0][0] == "ok"
     assert statuses(align__min_face_size=260) == [("no_face", None)]
-    # Full-resolution detection reports the same face (with the same score, see tests/test_align.py).
+    # Full-resolution detection reports the same face (with the same score, see tests/pipeline/test_align.py).
     (status2, score2), = statuses(align__detect_max_side=None, align__max_upsample=0)
     assert status2 == "ok" and abs(score2 - score) < 1e-9
     assert get_aligner(detect_max_side=None, max_upsample=0).detect_max_side is None
@@ -219,6 +220,7 @@ def test_latents_only_mode_and_padded_batches(tiny_checkpoint):
     np.testing.assert_array_equal(padded.recon.shape, plain.recon.shape)
 
 
+@pytest.mark.ray
 def test_latents_only_run_writes_codes_without_images(ray_session, tiny_checkpoint, tmp_path):
     from pipeline.runner import run
 
@@ -265,6 +267,7 @@ def test_aligning_gpu_actors_get_cpus_only_where_tasks_keep_most(cpus_per_gpu, w
     assert aligning_actor_cpus(cpus_per_gpu) == want
 
 
+@pytest.mark.ray
 def test_cpus_per_gpu_is_zero_without_gpus(ray_session):
     """On a cluster without GPUs (CI's), no node offers CPUs per GPU: the aligning actors' rule never applies."""
     assert cpus_per_gpu() == 0
@@ -291,7 +294,7 @@ def test_decode_tasks_yield_to_actors_that_align(tmp_path, backend, niceness, wa
     torch: it only reads and decodes), not when it aligns itself; in a child process (the niceness stays)."""
     for i in range(3):
         _touch(tmp_path, f"p{i}.png", tiny_image_bytes(i, "PNG"))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     done = subprocess.run([sys.executable, "-c", _PREPARE_IN_CHILD, str(tmp_path), backend, str(niceness)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -13,11 +13,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_parquet, make_tar, pipeline_config, tiny_image_bytes
+from helpers.inputs import make_parquet, make_tar, pipeline_config, tiny_image_bytes
+from helpers.paths import REPO_ROOT
 from pipeline.ledger import RefusedError
 from pipeline.runner import run
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
 
 def _read_latents(fs, root: str) -> pd.DataFrame:
@@ -192,7 +193,6 @@ def _cli_subprocess(env_drop: tuple[str, ...] = (), *sets: str):
     import sys
     import time
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
     env.update({"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
     args = [sys.executable, os.path.join(root, "run_pipeline.py"), "--set", "align.enabled=false",
@@ -200,7 +200,7 @@ def _cli_subprocess(env_drop: tuple[str, ...] = (), *sets: str):
     for s in sets:
         args += ["--set", s]
     t0 = time.monotonic()
-    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from helpers.paths import REPO_ROOT
 from pipeline.inversion_job import InversionJob
 from pipeline.progress import Progress
 from pipeline.scheduler import ActorPool, Attempt, Scheduler
@@ -210,7 +211,6 @@ def test_the_inversion_job_imports_neither_ray_nor_torch_nor_workers():
     Ray, torch or workers/, so these tests run it on the simulated cluster alone."""
     code = ("import sys, pipeline.inversion_job; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'workers'}))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -1,7 +1,7 @@
 """models.alignment.landmarks.ShapePredictor against dlib.shape_predictor itself, per face, on real photographs.
 
 The reference is dlib: every comparison runs dlib on the same image and box and requires the same integers.
-Faces come from the test photographs and from 220 seeded variants (tests/face_variants.py: scale, rotation,
+Faces come from the test photographs and from 220 seeded variants (tests/helpers/face_variants.py: scale, rotation,
 crops and canvases, JPEG, mirror), with dlib's own detector boxes, jittered boxes, and boxes anywhere
 (partly outside the image). Synthetic models (written in dlib's format and loaded by dlib too) put points
 and feature pixels exactly on half pixels, where rounding decides, and exercise other tree shapes.
@@ -27,7 +27,8 @@ from models.alignment.landmarks_model import (
     serialize_shape_predictor,
     shape_predictor_68_path,
 )
-from face_variants import face_variants, load_photo_array, original_photos
+from helpers.face_variants import face_variants, load_photo_array, original_photos
+from helpers.paths import REPO_ROOT
 from models.alignment.ffhq_geometry import eye_roll_degrees
 
 VARIANTS = 220
@@ -335,7 +336,7 @@ def test_split_index_out_of_range_refused():
 @pytest.fixture(scope="module")
 def raw_bench():
     """benchmarks/bench_pipeline_raw_gpu.py (not a package), whose face-like random trees are tested here."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_pipeline_raw_gpu.py")
+    path = os.path.join(REPO_ROOT, "benchmarks", "bench_pipeline_raw_gpu.py")
     spec = importlib.util.spec_from_file_location("bench_pipeline_raw_gpu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -27,17 +27,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import tiny_image_bytes
+from helpers.inputs import tiny_image_bytes
+from helpers.paths import REPO_ROOT
 from pipeline.config import resolve
 from pipeline.lease import LEASE_NAME, OutputLease
 from pipeline.runner import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES, SHARD_SIZE = 12, 2
 N_SHARDS = N_IMAGES // SHARD_SIZE
 RUN_TIMEOUT_S = 240
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
 
 @dataclass
@@ -101,7 +101,7 @@ def config(place: Place, ray_session, checkpoint: str, out_url: str | None = Non
 
 def start(args: list[str], log_path) -> subprocess.Popen:
     log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "run_pipeline.py"), *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), *args], cwd=REPO_ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -221,8 +221,8 @@ def test_second_inversion_run_is_refused_while_the_first_writes(place, photos, r
     cfg_path.write_text(yaml.safe_dump(cfg))
 
     def second():
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--config", str(cfg_path)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), "--config", str(cfg_path)],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         return r.returncode, r.stdout + r.stderr
 
     def dry_run():
@@ -279,12 +279,12 @@ def test_second_decode_run_is_refused_while_the_first_writes(place, photos, inve
     args = decode_args(place, ray_session, inverted)
 
     def second():
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "run_pipeline.py"), *args], cwd=ROOT,
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), *args], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         return r.returncode, r.stdout + r.stderr
 
     def dry_run():
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "run_pipeline.py"), *args, "--dry-run"], cwd=ROOT,
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), *args, "--dry-run"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         return r.returncode, r.stdout + r.stderr
 

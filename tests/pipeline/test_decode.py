@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.paths import DATA_DIR
 from pipeline.decode import DecodeError, decode_image
 from pipeline.images import resize_square
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -24,7 +24,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.fixture(scope="module")
 def photo():
-    return Image.open(os.path.join(DATA, "astronaut.jpg")).convert("RGB").resize((128, 96))
+    return Image.open(os.path.join(DATA_DIR, "astronaut.jpg")).convert("RGB").resize((128, 96))
 
 
 def status_of(data, **kw):

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import pipeline_config, tiny_image_bytes
+from helpers.inputs import pipeline_config, tiny_image_bytes
+from helpers.paths import REPO_ROOT
 from pipeline.runner import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _committed(fs, root):
@@ -27,6 +27,7 @@ def _committed(fs, root):
     return sorted(fs.glob(f"{root}/stats/*.json"))
 
 
+@pytest.mark.ray
 def test_sigkill_mid_run_then_rerun_exactly_once(ray_session, s3fs_session, s3_bucket, moto_server,
                                                  tiny_checkpoint, tmp_path):
     fs = s3fs_session
@@ -47,8 +48,8 @@ def test_sigkill_mid_run_then_rerun_exactly_once(ray_session, s3fs_session, s3_b
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
     n_shards = n_images // shard_size
 
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--config", str(cfg_path)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), "--config", str(cfg_path)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and len(_committed(fs, out)) < 2 and proc.poll() is None:

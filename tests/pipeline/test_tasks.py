@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import pipeline_config, tiny_image_bytes
+from helpers.inputs import pipeline_config, tiny_image_bytes
 from pipeline.config import ConfigError
 from pipeline.tasks import NOISE_SIGMA, check_model, make_input
 
@@ -93,6 +93,7 @@ def test_task_against_checkpoint_refused_before_output(tmp_path, tiny_checkpoint
     assert ei.value.key == "task" and not (tmp_path / "out").exists()
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("task,input_nc,label_nc", [("super_resolution", 3, 0), ("sketch", 1, 0), ("segmentation", 19, 19)])
 def test_task_pipeline(tmp_path, task, input_nc, label_nc):

@@ -15,12 +15,10 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from the test
-
-import models.stylegan2 as stylegan2  # noqa: E402
-import models.stylegan2_kernels as kernels  # noqa: E402
-from models.stylegan2 import Generator, StyledConv, default_channels  # noqa: E402
+from helpers.paths import REPO_ROOT, with_test_imports
+import models.stylegan2 as stylegan2
+import models.stylegan2_kernels as kernels
+from models.stylegan2 import Generator, StyledConv, default_channels
 
 # Shapes off the kernel's tiles (masks along pixels, input and output channels), per-sample and shared noise.
 SHAPES = [(2, 9, 13, 40, 24, True), (3, 16, 16, 32, 64, False), (1, 5, 7, 8, 16, True)]
@@ -133,9 +131,9 @@ def test_fused_styled_conv_kernel_under_the_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.fail("triton is not installed; it is a test dependency (`make install`): these tests run the GPU "
                     "kernels under its interpreter")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = with_test_imports({**os.environ, "TRITON_INTERPRET": "1"})
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=REPO)
+                          timeout=900, cwd=REPO_ROOT)
     report = f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, report
     passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]

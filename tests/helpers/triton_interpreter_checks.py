@@ -1,6 +1,6 @@
 """The project's Triton kernels run by Triton's interpreter on CPU tensors, compared bit for bit with the torch paths.
 
-    TRITON_INTERPRET=1 python tests/triton_interpreter_checks.py GROUP
+    TRITON_INTERPRET=1 PYTHONPATH=.:tests python tests/helpers/triton_interpreter_checks.py GROUP
 
 The kernels (models/alignment/: pyramid.py, fhog.py, filters.py, landmarks.py, resample.py) port dlib's and
 Pillow's arithmetic to the GPU and are only used there when they equal the torch path, checked on the device
@@ -9,7 +9,8 @@ compile them, but the interpreter executes their code (the same operations in th
 CPU tensors, so a change that breaks their arithmetic, indexing or masking fails here. The interpreter is
 chosen when ``triton`` is first imported (kernels are decorated at import), so these checks run in a process of
 their own:
-tests/test_triton_kernels_interpreted.py starts one per group and reads what it prints.
+tests/models/alignment/test_triton_kernels_interpreted.py starts one per group (the repository and tests/ on its
+PYTHONPATH) and reads what it prints.
 
 Output: one line per check, ``PASS name`` or ``FAIL name: why``; the last check of every group says which
 Triton functions ran (each must have run at least once). Exit status 0 only when every check passed.
@@ -24,8 +25,7 @@ import time
 import traceback
 from typing import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = os.path.join(ROOT, "tests", "data")
+from helpers.paths import DATA_DIR
 
 # The Triton functions (kernels and the jit helpers they call) each group must run, per module: the test
 # file checks that together they are all of the modules' Triton functions.
@@ -373,7 +373,6 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print(f"FAIL {group}: TRITON_INTERPRET=1 must be set (the kernels would need a GPU otherwise)")
         return 1
-    sys.path.insert(0, ROOT)
     import torch
 
     # Many small tensor operations and a single-threaded interpreter: a second intra-op thread only adds

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+from helpers.paths import DATA_DIR
+
 
 # Source photo -> (face centre x, face centre y, face size) in its own pixels; only steers where the face
 # lands in a variant.

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import pipeline_config, tiny_image_bytes
+from helpers.inputs import make_tar, pipeline_config, tiny_image_bytes
+from helpers.paths import DATA_DIR
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 N_LATENT = 10  # the 64px tiny checkpoint
 
 
@@ -161,7 +162,6 @@ def test_decode_and_edit_paste_back_into_the_originals(tmp_path, tiny_checkpoint
     quad; interpolate refuses the option."""
     import fsspec
 
-    from conftest import DATA_DIR, make_tar
     from pipeline.paste import paste_back
     from pipeline.decode import decode_image
     from pipeline.runner import run

@@ -5,7 +5,7 @@ repeat dlib's and Pillow's arithmetic; they are used only where they equal the t
 against dlib and Pillow check on CPU. CI has no GPU, so the kernels run here under Triton's interpreter
 (TRITON_INTERPRET=1), which executes their code with numpy on CPU tensors. The interpreter must be chosen
 before ``triton`` is imported and the other tests import the models normally, so each group of kernels runs
-in a process of its own (tests/triton_interpreter_checks.py, which holds the checks and their inputs); a
+in a process of its own (tests/helpers/triton_interpreter_checks.py, which holds the checks and their inputs); a
 test passes when that process reports every check of its group passed (``-s`` shows each check's time).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import sys
 import pytest
 
 import models.alignment
-import triton_interpreter_checks as checks
+from helpers import triton_interpreter_checks as checks
+from helpers.paths import with_test_imports
 
 # About two minutes in all on 2 cores: the interpreter runs each program of a launch in Python.
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def triton_installed():
 
 
 def run_group(group: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = with_test_imports({**os.environ, "TRITON_INTERPRET": "1"})
     proc = subprocess.run([sys.executable, checks.__file__, group], env=env, capture_output=True, text=True,
                           timeout=900)
     passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]
@@ -49,7 +50,7 @@ def run_group(group: str) -> None:
 
 
 def test_every_triton_function_has_a_check():
-    # A kernel added to one of the modules must join a group of tests/triton_interpreter_checks.py, and every
+    # A kernel added to one of the modules must join a group of tests/helpers/triton_interpreter_checks.py, and every
     # module of the alignment ports that defines Triton functions must be listed here.
     with_triton = set()
     for info in pkgutil.iter_modules(models.alignment.__path__):

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import DATA_DIR, pipeline_config, tiny_image_bytes
+from helpers.inputs import pipeline_config, tiny_image_bytes
+from helpers.paths import DATA_DIR
 from pipeline.config import ConfigError
 from pipeline.edit import DirectionError, apply_direction, load_direction, load_directions, variant_tag
 
@@ -105,6 +106,7 @@ def _members(path) -> dict[str, np.ndarray]:
         return {m.name: np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())), np.int16) for m in tf.getmembers()}
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_pipeline_edit_stage_18_latents(tmp_path, ckpt18):
     from pipeline.runner import run
@@ -187,6 +189,7 @@ def test_edit_config_validation(tmp_path):
         assert ei.value.key == key, sets
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_paste_back_with_edit(tmp_path, tiny_checkpoint):
     """output.paste_back on a real photo: the reconstruction and each edit pasted into the original along the

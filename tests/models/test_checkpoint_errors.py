@@ -15,11 +15,11 @@ import torch
 from safetensors.numpy import load_file
 
 import run_pipeline
-from conftest import tiny_image_bytes
+from helpers.inputs import tiny_image_bytes
+from helpers.paths import REPO_ROOT
 from models.checkpoint_kinds import SAFETENSORS, sniff_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_GENERATOR = os.path.join(ROOT, "demo", "generator.pt")
+DEMO_GENERATOR = os.path.join(REPO_ROOT, "demo", "generator.pt")
 
 
 class _RunsCode:
@@ -99,7 +99,7 @@ CASES = {  # name: (make the file, words the error must hold)
     "png": (_write("photo.png", tiny_image_bytes(0, "PNG")), "is a PNG image, not a checkpoint"),
     "npy": (_npy, "is a NumPy array (.npy), not a checkpoint"),
     "npz": (_npz, "is a NumPy archive (.npz)"),
-    "yaml": (_write("config.yaml", open(os.path.join(ROOT, "configs", "demo.yaml"), "rb").read()),
+    "yaml": (_write("config.yaml", open(os.path.join(REPO_ROOT, "configs", "demo.yaml"), "rb").read()),
              "is a text file (YAML, a config or notes?), not a checkpoint"),
     "zip": (_zip_not_torch, "zip archive that is not a PyTorch checkpoint (no data.pkl; members: readme.txt)"),
     "generator": (lambda tmp_path, _: DEMO_GENERATOR, "a StyleGAN2 generator checkpoint ('g_ema'), not an E2Style checkpoint"),

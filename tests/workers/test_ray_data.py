@@ -12,16 +12,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DATA_DIR, pipeline_config
+from helpers.inputs import pipeline_config
+from helpers.paths import DATA_DIR, REPO_ROOT
 from pipeline.config import AlignConfig
 from pipeline.decode import decode_image
 from pipeline.photo_inversion import PhotoInverter
 from pipeline.runner import run
 from workers.ray_data import InvertPhotos
 
-DEMO_CHECKPOINT = os.path.join(os.path.dirname(DATA_DIR), "..", "demo", "e2style_demo.pt")
+DEMO_CHECKPOINT = os.path.join(REPO_ROOT, "demo", "e2style_demo.pt")
 PHOTOS = ("astronaut.jpg", "china.jpg", "grace_hopper.jpg")   # two faces and a landscape
 BROKEN = b"not an image at all"
+
+pytestmark = pytest.mark.ray   # every test reads pipeline_rows, a run on the session's Ray
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,7 @@ def test_photo_inverter_takes_uint8_photos(pipeline_rows):
 def test_photo_inverter_aligning_on_its_device(pipeline_rows):
     """With align.backend torch the photos are aligned by the actor's own device path (here on the CPU), as a
     pipeline run's actor aligns them: each row maps back to its photo, the statuses are the pipeline's and the
-    faces' corners agree with dlib's to a pixel (the backends' agreement is tests/test_align_backends.py's)."""
+    faces' corners agree with dlib's to a pixel (the backends' agreement is tests/pipeline/test_align_backends.py's)."""
     inverter = PhotoInverter(DEMO_CHECKPOINT, align=AlignConfig(backend="torch"), batch_size=4, device="cpu")
     assert inverter.info()["align_backend"] == "torch"
     data = [open(os.path.join(DATA_DIR, n), "rb").read() for n in PHOTOS]

@@ -1,6 +1,6 @@
 """The pipeline on a real multi-node Ray cluster (issue 16), submitted the documented way.
 
-One cluster per module, started with ``ray start`` as subprocesses (tests/ray_cluster.py): a head (1 CPU,
+One cluster per module, started with ``ray start`` as subprocesses (tests/helpers/ray_cluster.py): a head (1 CPU,
 runs the job drivers and CPU tasks) and two worker nodes (1 CPU and the custom resource ``inverter`` each).
 Jobs go through examples/submit_cluster.sh (``ray job submit`` with the repo as working dir), with local
 input and output paths. The cluster is torn down by process id at the end whatever happens, and its temp
@@ -30,18 +30,17 @@ import uuid
 
 import pytest
 
-from conftest import DATA_DIR
-from ray_cluster import LocalCluster, running
+from helpers.paths import DATA_DIR, REPO_ROOT
+from helpers.ray_cluster import LocalCluster, running
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "examples", "submit_cluster.sh")
+SCRIPT = os.path.join(REPO_ROOT, "examples", "submit_cluster.sh")
 N_PHOTOS = 48
 SHARD_SIZE = 4
 N_SHARDS = N_PHOTOS // SHARD_SIZE
 JOB_TIMEOUT_S = 240
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def pipeline_sets(photos: str, out: str, checkpoint: str, *extra: str, in_flight
 def submit(cluster: LocalCluster, *args: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
     """examples/submit_cluster.sh, as a user runs it (RAY_ADDRESS = the dashboard)."""
     env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard_url)
-    return subprocess.run([SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([SCRIPT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ray_cli(cluster: LocalCluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -241,7 +240,7 @@ def stats_of(out: str) -> dict[str, dict]:
 
 def test_submit_script_without_address_is_refused_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([SCRIPT, "--set", f"output.url={tmp_path}/out"], cwd=REPO, env=env,
+    r = subprocess.run([SCRIPT, "--set", f"output.url={tmp_path}/out"], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "RAY_ADDRESS" in r.stderr and "dashboard" in r.stderr, r.stderr

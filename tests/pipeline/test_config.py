@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 import run_pipeline
+from helpers.inputs import tiny_image_bytes
+from helpers.paths import REPO_ROOT
 from pipeline.config import ConfigError, DEFAULTS, fingerprint, load_config, parse_overrides, redact, resolve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"input": {"url": "/data/in"}, "output": {"url": "/data/out"}, "model": {"checkpoint": "/m.pt"}}
 
 
@@ -26,7 +27,7 @@ def _leaves(d: dict, prefix: str = ""):
 def test_shipped_configs_resolve(name):
     """Every key a shipped config names reaches the typed config with the file's value (none is misspelt into
     a default, none is dropped), and the local files the demo names exist."""
-    path = os.path.join(ROOT, "configs", f"{name}.yaml")
+    path = os.path.join(REPO_ROOT, "configs", f"{name}.yaml")
     with open(path) as f:
         raw = yaml.safe_load(f)
     cfg = load_config(path)
@@ -35,8 +36,8 @@ def test_shipped_configs_resolve(name):
         got = cfg.get(key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     if name == "demo":
-        assert os.path.isfile(os.path.join(ROOT, cfg.model.checkpoint))
-        assert os.listdir(os.path.join(ROOT, cfg.input.url))
+        assert os.path.isfile(os.path.join(REPO_ROOT, cfg.model.checkpoint))
+        assert os.listdir(os.path.join(REPO_ROOT, cfg.input.url))
     if name == "cluster":
         assert cfg.ray.address == "auto" and cfg.progress is False and cfg.progress_interval_s > 0
 
@@ -140,8 +141,6 @@ def test_cli_invalid_config_exit_2(tmp_path, capsys):
 
 
 def test_cli_dry_run_prints_plan(tmp_path, capsys, tiny_checkpoint):
-    from conftest import tiny_image_bytes
-
     src = tmp_path / "in"
     (src / "a").mkdir(parents=True)
     for i in range(5):
@@ -178,7 +177,7 @@ def test_config_reference_is_in_sync_with_the_typed_config():
     given another default without regenerating it fails here (regenerate with the command in its header)."""
     from pipeline.config_reference import CONFIG_DOC, render_config_reference
 
-    with open(os.path.join(ROOT, CONFIG_DOC), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, CONFIG_DOC), encoding="utf-8") as f:
         assert f.read() == render_config_reference(), \
             f"{CONFIG_DOC} is stale: run .venv/bin/python -m pipeline.config_reference --write {CONFIG_DOC}"
 
@@ -224,7 +223,7 @@ def test_help_lists_subcommands_and_points_to_the_config_reference(capsys):
         assert f"\n  {name} " in out, out
     assert "docs/CONFIG.md" in out and "--help-config" in out
     assert run_pipeline.main(["--help-config"]) == 0
-    with open(os.path.join(ROOT, "docs", "CONFIG.md"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "docs", "CONFIG.md"), encoding="utf-8") as f:
         assert capsys.readouterr().out == f.read()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import load_e2style, load_stylegan2
-from official_fixture import FIXTURE_DIR, official_e2style_checkpoint, official_generator_checkpoint
+from helpers.official_fixture import FIXTURE_DIR, official_e2style_checkpoint, official_generator_checkpoint
 
 TOL = 1e-4
 

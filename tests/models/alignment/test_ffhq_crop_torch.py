@@ -1,7 +1,7 @@
 """models.alignment.ffhq_crop (the FFHQ crop in torch, batched) against pipeline.align's Pillow path, per face,
 and models.alignment.resample's Lanczos resize against Pillow's.
 
-Faces: dlib landmarks of the test photographs, of seeded variants (tests/face_variants.py: scaled, rotated,
+Faces: dlib landmarks of the test photographs, of seeded variants (tests/helpers/face_variants.py: scaled, rotated,
 mirrored, moved to edges or onto canvases, JPEG) and of the photographs cut so that the face touches an edge
 (the same landmarks shifted: the crop then needs the blur padding). Every face is cropped by both paths from
 the same landmarks; the torch crops come from one batched call over all photos. Run with ``-s`` to see the
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from face_variants import face_variants, load_photo, load_photo_array
+from helpers.face_variants import face_variants, load_photo, load_photo_array
 from models.alignment.ffhq_crop import _channel_median, _gaussian_blur, crop_faces, upright_landmarks
 from models.alignment.ffhq_geometry import eye_roll_degrees, ffhq_quad, ffhq_quads, plan_crop
 from models.alignment.resample import VERTICAL_FIRST_RULE, lanczos_resize

@@ -10,9 +10,9 @@ import tempfile
 import pytest
 
 import run_pipeline
-from conftest import tiny_image_bytes
+from helpers.inputs import tiny_image_bytes
+from helpers.paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(tmp_path, n=2):
@@ -50,6 +50,7 @@ def test_refused_rerun_and_bad_stages_leave_the_output_as_it_was(tmp_path, tiny_
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_embedded_mode_ignores_a_stale_cluster_address(tmp_path, tiny_checkpoint):
     """ray.address null starts its own local Ray even where a cluster's address file is left in Ray's temp
@@ -63,10 +64,10 @@ def test_embedded_mode_ignores_a_stale_cluster_address(tmp_path, tiny_checkpoint
         env["RAY_TMPDIR"] = tmp
         src = _inputs(tmp_path, 1)
         proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--set", f"input.url={src}",
+            [sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), "--set", f"input.url={src}",
              "--set", f"output.url={tmp_path / 'out'}", "--set", f"model.checkpoint={tiny_checkpoint}",
              "--set", "align.enabled=false", "--set", "progress=false", "--set", "ray.num_cpus=2"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / "out" / "_SUCCESS").exists()
     finally:
