@@ -195,7 +195,7 @@ def _cli_subprocess(env_drop: tuple[str, ...] = (), *sets: str):
 
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
     env.update({"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
-    args = [sys.executable, os.path.join(root, "run_pipeline.py"), "--set", "align.enabled=false",
+    args = [sys.executable, os.path.join(REPO_ROOT, "run_pipeline.py"), "--set", "align.enabled=false",
             "--set", "progress=false"]
     for s in sets:
         args += ["--set", s]
