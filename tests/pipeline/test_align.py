@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from face_variants import face_variant
+from helpers.face_variants import face_variant
+from helpers.paths import DATA_DIR
 from models.alignment.detector import BUNDLED_DETECTOR_FILE
 from models.alignment.formats import read_detector_file
 from models.alignment.pyramid import rect_down, rect_up, window_boxes
@@ -23,11 +24,10 @@ from pipeline.model_files import find_landmark_model
 from pipeline.paste import paste_back
 from workers.align_worker import AlignWorker
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def load(name):
-    return np.asarray(Image.open(os.path.join(DATA, name)).convert("RGB"))
+    return np.asarray(Image.open(os.path.join(DATA_DIR, name)).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def reference_ffhq(image, lm, output_size, transform_size, enable_padding=True):
 
 def test_gaussian_matches_scipy():
     # Expected arrays were produced once with scipy.ndimage.gaussian_filter(x, [s, s, 0]).
-    ref = np.load(os.path.join(DATA, "gaussian_scipy_ref.npz"))
+    ref = np.load(os.path.join(DATA_DIR, "gaussian_scipy_ref.npz"))
     for s in (0.8, 2.6, 6.3):
         exp = ref[f"s{s:g}"]
         np.testing.assert_allclose(gaussian_blur_hw(ref["x"], s, exact=True), exp, rtol=0, atol=1e-4)

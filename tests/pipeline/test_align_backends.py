@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import pipeline_config, tiny_image_bytes
-from face_variants import face_variants, faceless_variants, load_photo
+from helpers.face_variants import face_variants, faceless_variants, load_photo
+from helpers.inputs import pipeline_config, tiny_image_bytes
 from models.alignment.ffhq_crop import upright_landmarks
 from models.alignment.ffhq_geometry import UPRIGHT_ABOVE
 from pipeline.align import FaceAligner, get_aligner
@@ -466,6 +466,7 @@ def _read_output(out: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     return df, images
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("policy", ["all"])
 def test_pipeline_runs_agree_across_backends(ray_session, tmp_path, photos, tiny_checkpoint, policy):
     """Two real local Ray runs over the same folder, align.backend dlib and torch (the actor on CPU)."""
