@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from helpers.face_variants import face_variant
+from helpers.nvlabs_ffhq import nvlabs_quad
 from helpers.paths import DATA_DIR
 from models.alignment.detector import BUNDLED_DETECTOR_FILE
 from models.alignment.formats import read_detector_file
@@ -70,20 +71,7 @@ def _scipy_gaussian_reference(img, sigma, truncate=4.0):
 
 
 def reference_ffhq(image, lm, output_size, transform_size, enable_padding=True):
-    lm = np.array(lm, dtype=np.float64)
-    eye_left = np.mean(lm[36:42], axis=0)
-    eye_right = np.mean(lm[42:48], axis=0)
-    eye_avg = (eye_left + eye_right) * 0.5
-    eye_to_eye = eye_right - eye_left
-    mouth_avg = (lm[48:60][0] + lm[48:60][6]) * 0.5
-    eye_to_mouth = mouth_avg - eye_avg
-    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
-    x /= np.hypot(*x)
-    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
-    y = np.flipud(x) * [-1, 1]
-    c = eye_avg + eye_to_mouth * 0.1
-    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
-    qsize = np.hypot(*x) * 2
+    quad, qsize = nvlabs_quad(lm)
     img = Image.fromarray(image, "RGB")
     shrink = int(np.floor(qsize / output_size * 0.5))
     if shrink > 1:

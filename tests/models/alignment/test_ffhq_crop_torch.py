@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from helpers.face_variants import face_variants, load_photo, load_photo_array
+from helpers.nvlabs_ffhq import nvlabs_quad
 from models.alignment.ffhq_crop import _channel_median, _gaussian_blur, crop_faces, upright_landmarks
 from models.alignment.ffhq_geometry import eye_roll_degrees, ffhq_quad, ffhq_quads, plan_crop
 from models.alignment.resample import VERTICAL_FIRST_RULE, lanczos_resize
@@ -153,29 +154,13 @@ def test_padding_blur_is_scipys(shape, sigma, bucketed):
     np.testing.assert_allclose(ours, gaussian_blur_hw(f, sigma, exact=True), rtol=0, atol=2e-3)
 
 
-def _nvlabs_quad(lm: np.ndarray) -> tuple[np.ndarray, float]:
-    """The quad of NVlabs' ffhq-dataset recreate_aligned_images, transcribed line for line (the reference)."""
-    eye_left = np.mean(lm[36:42], axis=0)
-    eye_right = np.mean(lm[42:48], axis=0)
-    eye_avg = (eye_left + eye_right) * 0.5
-    eye_to_eye = eye_right - eye_left
-    mouth_avg = (lm[48] + lm[54]) * 0.5
-    eye_to_mouth = mouth_avg - eye_avg
-    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
-    x /= np.hypot(*x)
-    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
-    y = np.flipud(x) * [-1, 1]
-    c = eye_avg + eye_to_mouth * 0.1
-    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y]), float(np.hypot(*x) * 2)
-
-
 def test_quads_are_the_reference_quads(faces):
     """The one FFHQ geometry (batched, and one face at a time as the Pillow path calls it) gives the reference
     script's floats exactly."""
     landmarks = np.stack([lm for _, _, lm in faces])
     quads, sides = ffhq_quads(landmarks)
     for (name, _, lm), quad, side in zip(faces, quads, sides):
-        ref_quad, ref_side = _nvlabs_quad(np.asarray(lm, dtype=np.float64))
+        ref_quad, ref_side = nvlabs_quad(lm)
         assert np.array_equal(quad, ref_quad) and side == ref_side, name
         one_quad, one_side = ffhq_quad(lm)
         assert np.array_equal(one_quad, ref_quad) and one_side == ref_side, name
