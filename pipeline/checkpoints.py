@@ -64,8 +64,8 @@ def load_model(checkpoint: str, device: str, *, precision: str = "auto", endpoin
     return load_e2style(path, device=device, precision=resolve_precision(precision, device))
 
 
-# model.batch_size "auto": the fastest measured setting per device (BENCHMARKS.md: batch 64 against 16 on an
-# H200; on CPUs larger batches gain nothing and hold more memory).
+# model.batch_size "auto": the fastest measured setting per device (BENCHMARKS.md; on CPUs larger batches gain
+# nothing and hold more memory).
 AUTO_BATCH_SIZE = {"cuda": 64, "cpu": 16}
 
 

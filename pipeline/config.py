@@ -82,7 +82,7 @@ class AlignConfig:
     detect_max_side: int | None = 384  # dlib backend: detection from the pyramid level at most this long (null: full)
     device_detect_max_side: int | None = None  # the same for the torch backend; null: the photo's full pyramid,
                                        # which takes less wall time on a GPU than the coarse start's many steps
-                                       # (H200 pipeline: 160.8 against 97.5 faces/s at 384, BENCHMARKS.md)
+                                       # (BENCHMARKS.md)
     max_upsample: int = 1              # dlib upsamplings tried when nothing was found (0: never; each ~4x the cost)
     upsample_max_side: int | None = 800  # upsampling only on photos at most this long (null: any): bounds the
                                        # cost of a photo without a face
@@ -100,7 +100,7 @@ class StorageConfig:
 
 # The largest batch benchmarks/check_gpu.py checks every GPU path at against the official function
 # (BENCHMARKS.md): a cuDNN defect made one formulation wrong above some batch sizes and right below them, so
-# GPU batches stay within what was checked. (128 gains at most 3% over 64 on an H200.)
+# GPU batches stay within what was checked (larger batches gain little: BENCHMARKS.md).
 MAX_GPU_BATCH_SIZE = 128
 
 

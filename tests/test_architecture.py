@@ -117,9 +117,10 @@ def test_leaf_modules_import_no_stage():
     assert bad == []
 
 
-def test_pipeline_modules_stay_small():
+def test_pipeline_and_worker_modules_stay_small():
     mods, _ = _graph()
-    sizes = {m: sum(1 for _ in open(p, encoding="utf-8")) for m, p in mods.items() if m.startswith("pipeline.")}
+    sizes = {m: sum(1 for _ in open(p, encoding="utf-8")) for m, p in mods.items()
+             if m.startswith(("pipeline.", "workers."))}
     assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
 
 
