@@ -299,4 +299,6 @@ def test_decode_tasks_yield_to_actors_that_align(tmp_path, backend, niceness, wa
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got == {"niceness": os.nice(0) + want, "rows": 3}
+    # lower_priority raises the niceness to the value asked (never lowers it), so under a runner that is
+    # already nice the child ends at the larger of the two.
+    assert got == {"niceness": max(os.nice(0), want), "rows": 3}
