@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from models.alignment.formats import DlibReader, encode_int
+from models.alignment.formats import detector_with_max_levels
 from models.alignment.ffhq_geometry import UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, eye_roll_degrees, upright_geometry
 
 from .face_search import UPSAMPLE_MAX_SIDE, Detection, SearchRules, search_faces
@@ -120,17 +120,8 @@ def _one_level_detector(dlib):
         dlib.get_frontal_face_detector().save(path)
         with open(path, "rb") as f:
             data = f.read()
-        reader = DlibReader(data, path)
-        # The fields before it, as models.alignment.formats' parser reads them.
-        reader.expect_int(2, "object_detector version")
-        reader.expect_int(1, "scan_fhog_pyramid version")
-        reader.expect_int(0, "feature pyramid max_size")
-        reader.expect_int(0, "feature pyramid size")
-        reader.read_ints(4, what="cell_size, padding, window width and height")
-        start = reader.offset
-        reader.read_int(what="max_pyramid_levels")
         with open(path, "wb") as f:
-            f.write(data[:start] + encode_int(1) + data[reader.offset:])
+            f.write(detector_with_max_levels(data, 1, path))
         return dlib.fhog_object_detector(path)
 
 

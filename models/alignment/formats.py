@@ -419,7 +419,25 @@ def read_detector_file(path: str) -> HogDetectorModel:
         raise DetectorFileError(str(e)) from None
 
 
-def _parse_detector(r: DlibReader) -> HogDetectorModel:
+def detector_with_max_levels(data: bytes, max_levels: int, name: str = "detector file") -> bytes:
+    """The bytes of a detector file (what ``detector.save`` writes) with its ``max_pyramid_levels`` replaced:
+    dlib's detector saved so, a run scans at most ``max_levels`` levels of its pyramid. The whole file is parsed
+    (DetectorFileError on a bad one) and only that field's bytes change."""
+    if int(max_levels) != max_levels or max_levels < 1:
+        raise ValueError(f"max_levels must be a positive integer, got {max_levels!r}")
+    spans: dict[str, tuple[int, int]] = {}
+    try:
+        _parse_detector(DlibReader(data, name), spans)
+    except DetectorFileError:
+        raise
+    except DlibFormatError as e:
+        raise DetectorFileError(str(e)) from None
+    start, end = spans["max_pyramid_levels"]
+    return data[:start] + encode_int(int(max_levels)) + data[end:]
+
+
+def _parse_detector(r: DlibReader, spans: dict[str, tuple[int, int]] | None = None) -> HogDetectorModel:
+    """The model in ``r``; ``spans``, when given, receives each small integer field's byte span by name."""
     def fail(message: str, at: int) -> DetectorFileError:
         return DetectorFileError(str(r.error(message, at)))
 
@@ -428,6 +446,8 @@ def _parse_detector(r: DlibReader) -> HogDetectorModel:
         value = r.read_int(what=what)
         if not low <= value <= high:
             raise fail(f"{what} is {value}, expected {low}..{high}", at)
+        if spans is not None:
+            spans[what] = (at, r.offset)
         return value
 
     def read_double(what: str, low: float, high: float) -> float:

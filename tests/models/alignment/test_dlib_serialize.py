@@ -7,10 +7,19 @@ vectorised chain search on data that defeats its guesses, and malformed input.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
+
+import dlib
 import numpy as np
 import pytest
+from PIL import Image
 
-from models.alignment.formats import DlibFormatError, DlibReader, DlibWriter, encode_float, encode_int
+from models.alignment.detector import BUNDLED_DETECTOR_FILE
+from models.alignment.formats import (DetectorFileError, DlibFormatError, DlibReader, DlibWriter, _parse_detector,
+                                      detector_with_max_levels, encode_float, encode_int)
+from tests.helpers.paths import DATA_DIR
 
 
 def _reference_encode_int(value: int) -> bytes:
@@ -148,3 +157,36 @@ def test_absurd_length_is_refused_before_allocating():
     data = encode_int(-(10**12)) + encode_int(-1) + encode_float(1.0)
     with pytest.raises(DlibFormatError, match=r"m\.dat: truncated or corrupt: matrix .* at byte offset 0"):
         DlibReader(data, "m.dat").read_matrix()
+
+
+@pytest.mark.parametrize("levels", [1, 3, 50])
+def test_detector_with_max_levels_changes_that_field_alone(levels):
+    with open(BUNDLED_DETECTOR_FILE, "rb") as f:
+        data = f.read()
+    rewritten = detector_with_max_levels(data, levels, BUNDLED_DETECTOR_FILE)
+    before = _parse_detector(DlibReader(data, "before"))
+    after = _parse_detector(DlibReader(rewritten, "after"))
+    assert before.max_pyramid_levels != levels and after.max_pyramid_levels == levels
+    for field in dataclasses.fields(before):
+        if field.name != "max_pyramid_levels":
+            np.testing.assert_array_equal(getattr(after, field.name), getattr(before, field.name))
+    # dlib reads the rewritten file, and with one level it finds only faces at the image's own scale.
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "d.svm")
+        with open(path, "wb") as f:
+            f.write(rewritten)
+        detector = dlib.fhog_object_detector(path)
+        image = np.asarray(Image.open(os.path.join(DATA_DIR, "grace_hopper.jpg")).convert("RGB"))
+        full = dlib.get_frontal_face_detector()(image, 0)
+        limited = detector(image, 0)
+        assert len(full) >= 1
+        assert (len(limited) == len(full)) if levels == 50 else len(limited) <= len(full)
+
+
+def test_detector_with_max_levels_refuses_a_bad_file():
+    with open(BUNDLED_DETECTOR_FILE, "rb") as f:
+        data = f.read()
+    with pytest.raises(DetectorFileError, match="truncated|end"):
+        detector_with_max_levels(data[:-7], 1, "cut.svm")
+    with pytest.raises(ValueError, match="positive"):
+        detector_with_max_levels(data, 0)
