@@ -54,6 +54,8 @@ import numpy as np
 import torch
 
 from ..kernel_check import tl, triton, use_kernels
+from .device import upload
+from .flat_views import shared_flat
 from .landmarks_model import ShapePredictorModel, random_model, read_shape_predictor
 
 __all__ = ["ShapePredictor", "DeviceForest", "apply_cascade", "check_landmark_kernels", "grey_levels"]
@@ -88,6 +90,22 @@ def grey_levels(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb.view(-1, 3).sum(dim=1, dtype=torch.int16) // 3).to(torch.uint8)
 
 
+def _image_tensor(i: int, image) -> torch.Tensor:
+    """Image ``i`` of a predict call as a tensor (numpy arrays wrapped, not copied), checked to be HxWx3 uint8."""
+    if isinstance(image, torch.Tensor):
+        t = image
+    elif isinstance(image, np.ndarray):
+        with warnings.catch_warnings():
+            # Read-only arrays (e.g. from Pillow) are fine: they are only read.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(image))
+    else:
+        raise ValueError(f"predict: image {i} must be a numpy array or a torch tensor, got {type(image).__name__}")
+    if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != 3:
+        raise ValueError(f"predict: image {i} must be an HxWx3 uint8 array, got {tuple(t.shape)} {t.dtype}")
+    return t
+
+
 def _boxes_array(image_boxes, image_index: int) -> np.ndarray:
     if len(image_boxes) == 0:
         return np.zeros((0, 4), dtype=np.int64)
@@ -100,6 +118,27 @@ def _boxes_array(image_boxes, image_index: int) -> np.ndarray:
             raise ValueError(f"predict: boxes of image {image_index} must have integer coordinates (dlib "
                              f"rectangles), got {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def _face_table(boxes) -> tuple[list[int], np.ndarray]:
+    """Faces per image and the (N, 7) int64 table of predict_faces with the boxes filled in (columns 4-6, the
+    image's place, left 0). All boxes are read as one array; only when that fails are they read image by image,
+    for an error naming the image."""
+    counts = [len(b) for b in boxes]
+    flat = [box for image_boxes in boxes for box in image_boxes]
+    table = np.zeros((len(flat), 7), dtype=np.int64)
+    if not flat:
+        return counts, table
+    try:
+        arr = np.asarray(flat)
+        valid = arr.ndim == 2 and arr.shape[1] == 4 and (np.issubdtype(arr.dtype, np.integer) or (
+            np.issubdtype(arr.dtype, np.floating) and bool(np.all(arr == np.round(arr)))))
+    except ValueError:  # ragged boxes
+        valid = False
+    if not valid:
+        arr = np.concatenate([_boxes_array(b, i) for i, b in enumerate(boxes)])
+    table[:, :4] = arr
+    return counts, table
 
 
 def _box_transforms(boxes: torch.Tensor, pinv: torch.Tensor) -> torch.Tensor:
@@ -352,22 +391,32 @@ class ShapePredictor:
     # -- public API ----------------------------------------------------------------------------------------
 
     def predict(self, images: Sequence, boxes: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
-        """Landmarks of every box of every image: a list with one (n_i, parts, 2) int64 array per image."""
+        """Landmarks of every box of every image: a list with one (n_i, parts, 2) int64 array per image, read
+        back to the host in one transfer. Images that are views of one buffer on the device (a chunk's upload,
+        see models/alignment/flat_views.py) are read where they lie; others are copied into one buffer first."""
         if len(images) != len(boxes):
             raise ValueError(f"predict: {len(images)} images but {len(boxes)} lists of boxes")
-        flat, image_offsets, sizes = self._stack_images(images)
-        counts = []
-        face_rows = []
-        for i, image_boxes in enumerate(boxes):
-            arr = _boxes_array(image_boxes, i)
-            counts.append(arr.shape[0])
-            if arr.shape[0]:
-                h, w = sizes[i]
-                face_rows.append(np.column_stack([arr, np.full(arr.shape[0], image_offsets[i]),
-                                                  np.full(arr.shape[0], w), np.full(arr.shape[0], h)]))
-        faces = np.concatenate(face_rows) if face_rows else np.zeros((0, 7), dtype=np.int64)
-        points = self.predict_faces(grey_levels(flat), torch.from_numpy(faces).to(self.device)).cpu().numpy()
-        return list(np.split(points, np.cumsum(counts)[:-1])) if counts else []
+        tensors = [_image_tensor(i, image) for i, image in enumerate(images)]
+        counts, faces = _face_table(boxes)
+        if not faces.shape[0]:
+            return [np.zeros((0, self.num_parts, 2), dtype=np.int64) for _ in images]
+        shared = shared_flat(tensors)
+        if shared is not None and shared[0].device == self.device:
+            rgb, image_offsets, sizes = shared
+        else:
+            rgb, image_offsets, sizes = self._stack_images(tensors)
+        faces[:, 4] = np.repeat(np.asarray(image_offsets, dtype=np.int64), counts)
+        faces[:, 5:7] = np.repeat(np.asarray(sizes, dtype=np.int64).reshape(-1, 2), counts, axis=0)
+        points = self.predict_rgb_faces(rgb, upload(faces, self.device)).cpu().numpy()
+        return list(np.split(points, np.cumsum(counts)[:-1]))
+
+    def predict_rgb_faces(self, rgb: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """predict_faces on the images' RGB pixels: ``rgb`` a flat (P, 3) uint8 buffer on the device, ``faces``
+        rows as predict_faces' with offsets in pixels of ``rgb``. Only the feature pixels' grey levels are
+        formed; the points stay on the device (nothing is read back)."""
+        if self.cuda_graphs and faces.shape[0] > 0:
+            return self._predict_faces_graphed(grey_levels(rgb), faces)
+        return self._predict_faces_eager(rgb, faces)
 
     def predict_faces(self, grey: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """Low-level entry: `grey` a flat uint8 buffer on the device holding the grey levels of all images
@@ -406,7 +455,8 @@ class ShapePredictor:
         graph.replay()
         return points[:n].clone()
 
-    def _predict_faces_eager(self, grey: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    def _predict_faces_eager(self, pixels: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """``pixels``: grey levels (a flat uint8 buffer) or RGB pixels (a flat (P, 3) uint8 buffer)."""
         n = faces.shape[0]
         parts = self.num_parts
         if n == 0:
@@ -419,7 +469,7 @@ class ShapePredictor:
         shape = self._mean_shape.repeat(n, 1)                            # (N, 2*parts) float32, a copy
         for c in range(self.model.num_cascades):
             tform = self._similarity_to(shape)
-            values = self._feature_pixels(grey, shape, tform, c, box_to_image, image_offset, image_size,
+            values = self._feature_pixels(pixels, shape, tform, c, box_to_image, image_offset, image_size,
                                           row_stride)
             apply_cascade(shape, values, self._forest, c, use_triton=self.use_triton)
         xy = shape.view(n, parts, 2).transpose(1, 2)                    # (N, 2, parts)
@@ -427,31 +477,18 @@ class ShapePredictor:
 
     # -- steps -----------------------------------------------------------------------------------------
 
-    def _stack_images(self, images: Sequence) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
-        tensors, offsets, sizes = [], [], []
+    def _stack_images(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+        """The images (checked by _image_tensor) in one flat (P, 3) uint8 buffer on the device: (buffer, first
+        pixel row of each image, (w, h) of each)."""
+        offsets, sizes = [], []
         total = 0
-        for i, image in enumerate(images):
-            if isinstance(image, torch.Tensor):
-                t = image
-            elif isinstance(image, np.ndarray):
-                with warnings.catch_warnings():
-                    # Read-only arrays (e.g. from Pillow) are fine: they are only read.
-                    warnings.simplefilter("ignore", UserWarning)
-                    t = torch.from_numpy(np.ascontiguousarray(image))
-            else:
-                raise ValueError(f"predict: image {i} must be a numpy array or a torch tensor, got "
-                                 f"{type(image).__name__}")
-            if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != 3:
-                raise ValueError(f"predict: image {i} must be an HxWx3 uint8 array, got "
-                                 f"{tuple(t.shape)} {t.dtype}")
+        for t in tensors:
             offsets.append(total)
-            sizes.append((int(t.shape[0]), int(t.shape[1])))
+            sizes.append((int(t.shape[1]), int(t.shape[0])))
             total += int(t.shape[0]) * int(t.shape[1])
-            tensors.append(t.reshape(-1))
         if not tensors:
-            return torch.zeros(0, dtype=torch.uint8, device=self.device), offsets, sizes
-        # Images already on the device stay there; others are copied over one by one.
-        return torch.cat([t.to(self.device) for t in tensors]), offsets, sizes
+            return torch.zeros((0, 3), dtype=torch.uint8, device=self.device), offsets, sizes
+        return torch.cat([t.reshape(-1, 3).to(self.device) for t in tensors]), offsets, sizes
 
     def _similarity_to(self, shape: torch.Tensor) -> torch.Tensor:
         """dlib's find_similarity_transform(mean shape -> current shape), its 2x2 part as float32, (N, 2, 2).
@@ -470,8 +507,10 @@ class ShapePredictor:
         a, b = (sums / self._similarity_scale).to(torch.float32).unbind(1)
         return torch.stack([a, -b, b, a], 1).view(n, 2, 2)
 
-    def _feature_pixels(self, grey, shape, tform, c, box_to_image, image_offset, image_size, row_stride):
-        """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32."""
+    def _feature_pixels(self, pixels, shape, tform, c, box_to_image, image_offset, image_size, row_stride):
+        """The grey levels of cascade c's feature pixels for every face, (N, pixels) float32, from grey levels or
+        from RGB pixels (``pixels`` (P, 3): the grey level of each feature pixel formed from its RGB, as
+        grey_levels forms every pixel's)."""
         n, parts = shape.shape[0], self.num_parts
         delta = self._delta[c]                                           # (P, 2)
         # tform * delta in float32: each product rounded, then their sum, as dlib's 2x2 * vector product.
@@ -483,4 +522,5 @@ class ShapePredictor:
         # x + y * width + offset: integers below 2**53, exact in double.
         index = (pix * row_stride).sum(dim=1) + image_offset
         index = torch.where(inside, index, 0).to(torch.int64)
-        return torch.where(inside, grey[index], 0).to(torch.float32)
+        grey = pixels[index] if pixels.ndim == 1 else grey_levels(pixels[index])
+        return torch.where(inside, grey.view(index.shape), 0).to(torch.float32)
