@@ -20,17 +20,21 @@ the 68-point predictor as a callable.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .device import photos_to_device, upload
-from .ffhq_geometry import (REGION_MARGIN, UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, CropPlan, eye_roll_degrees,
-                            fast_fft_len, ffhq_quads, plan_crop, upright_geometry)
-from .resample import ImageSources, affine_positions, bilinear_sample, lanczos_resize, quad_sample
+from .device import photos_to_device, upload, upload_many
+from .ffhq_geometry import (REGION_MARGIN, UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, CropPlan, CropPlans, UprightGeometry,
+                            fast_fft_len, ffhq_quads, plan_crops, upright_geometry)
+from .flat_views import shared_flat, views_of
+from .resample import (ImageSources, affine_positions, affine_sample_regions, bilinear_sample, lanczos_resize,
+                       quad_sample)
 
-__all__ = ["crop_faces", "upright_region", "upright_landmarks", "upright_landmarks_batch"]
+__all__ = ["crop_faces", "eye_rolls_degrees", "regions_to_source", "upright_region", "upright_regions",
+           "upright_landmarks", "upright_landmarks_batch"]
 
 
 # -- the padding step ------------------------------------------------------------------------------------------
@@ -134,60 +138,52 @@ def crop_faces(
     enable_padding: bool = True,
     device=None,
     faces_per_chunk: int = 8,
-    plans: Sequence[CropPlan] | None = None,
+    plans: Sequence[CropPlan] | CropPlans | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """FFHQ crops of faces with ``landmarks`` (N, 68, 2) in ``photos[image_index[i]]``: (N, output_size,
-    output_size, 3) uint8 on ``device`` (default: the first photo's device). The bilinear transform runs
-    ``faces_per_chunk`` faces at a time (its intermediates take about 150 * transform_size^2 bytes per
-    face). ``plans``: precomputed :func:`plan_crop` results, otherwise made from the landmarks. ``use_triton``:
-    the QUAD transform's kernel (see models/kernel_check.py)."""
+    output_size, 3) uint8 on ``device`` (default: the first photo's device). Photos that are views of one buffer
+    on ``device`` (a chunk's upload) are read there; others are copied into one buffer first. The bilinear
+    transform runs ``faces_per_chunk`` faces at a time (its intermediates take about 150 * transform_size^2 bytes
+    per face). ``plans``: precomputed :func:`plan_crop` (or :func:`plan_crops`) results, otherwise made from the
+    landmarks. ``use_triton``: the QUAD transform's kernel (see models/kernel_check.py). Nothing is read back
+    to the host."""
     if device is None:
         device = photos[0].device if len(photos) and isinstance(photos[0], torch.Tensor) else "cpu"
     device = torch.device(device)
-    image_index = [int(i) for i in image_index]
-    flat, starts, sizes = photos_to_device(photos, device)
+    shared = shared_flat(photos)
+    flat, starts, sizes = (shared if shared is not None and shared[0].device == device
+                           else photos_to_device(photos, device))
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    face_starts = np.asarray(starts, dtype=np.int64).reshape(-1)[image_index]
+    face_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)[image_index]
     if plans is None:
         lm = np.asarray(landmarks, dtype=np.float64).reshape(-1, 68, 2)
         if len(lm) != len(image_index):
             raise ValueError(f"{len(lm)} landmark sets for {len(image_index)} image indices")
         quads, qsizes = ffhq_quads(lm)
-        plans = [plan_crop(quads[i], qsizes[i], sizes[image_index[i]], output_size, transform_size, enable_padding)
-                 for i in range(len(image_index))]
+        plans = plan_crops(quads, qsizes, face_sizes, output_size, transform_size, enable_padding)
+    elif not isinstance(plans, CropPlans):
+        plans = CropPlans.from_list(plans)
     n = len(plans)
     if n == 0:
         return torch.empty((0, output_size, output_size, 3), dtype=torch.uint8, device=device)
 
     # Faces whose crop is a window of the photo sample the photo buffer directly; shrunk or padded crops are
     # made first, each its own canvas, and sampled from a second buffer.
-    canvases, canvas_faces = [], []
-    for i, plan in enumerate(plans):
-        if plan.shrink == 1 and not plan.padded:
-            continue
-        p = image_index[i]
-        w, h = sizes[p]
-        photo = flat[starts[p] : starts[p] + w * h].view(h, w, 3)
-        x0, y0, x1, y1 = plan.crop
-        if plan.shrink > 1:
-            region = lanczos_resize(photo[None], (x1 - x0, y1 - y0), plan.shrink_box)[0]
-        else:
-            region = photo[y0:y1, x0:x1]
-        if plan.padded:
-            region = _blur_pad(region, plan.pad, plan.blur_sigma)
-        canvases.append(region.reshape(-1, 3))
-        canvas_faces.append(i)
-    direct_faces = sorted(set(range(n)) - set(canvas_faces))
+    on_canvas = (plans.shrink > 1) | plans.padded
+    direct_faces, canvas_faces = np.flatnonzero(~on_canvas), np.flatnonzero(on_canvas)
+    canvases = [_canvas(flat, int(face_starts[i]), tuple(face_sizes[i]), plans[i]) for i in canvas_faces]
 
     # Where each face samples from, all faces uploaded at once: direct faces first, then canvas faces.
-    order = direct_faces + canvas_faces
+    order = np.concatenate([direct_faces, canvas_faces])
+    canvas_size = plans.canvas_size
     canvas_starts = np.concatenate([[0], np.cumsum([len(c) for c in canvases])]).astype(np.int64)
-    widths = [sizes[p][0] for p in image_index]
-    base = [starts[image_index[i]] + plans[i].crop[1] * widths[i] + plans[i].crop[0] for i in direct_faces]
-    base += [int(b) for b in canvas_starts[:-1]]
-    stride = [widths[i] for i in direct_faces] + [plans[i].canvas_size[0] for i in canvas_faces]
-    where = upload(np.array([base, stride, [plans[i].canvas_size[0] for i in order],
-                              [plans[i].canvas_size[1] for i in order]], dtype=np.int64), device)
-    coeffs = upload(np.array([plans[i].transform for i in order], dtype=np.float64), device)
+    d = direct_faces
+    base = np.concatenate([face_starts[d] + plans.crop[d, 1] * face_sizes[d, 0] + plans.crop[d, 0], canvas_starts[:-1]])
+    stride = np.concatenate([face_sizes[d, 0], canvas_size[canvas_faces, 0]])
+    where, coeffs = upload_many([np.stack([base, stride, canvas_size[order, 0], canvas_size[order, 1]]),
+                                 plans.transform[order]], device)
     canvas_buffer = torch.cat(canvases) if canvases else None
 
     crops = []
@@ -199,11 +195,26 @@ def crop_faces(
                 warped = lanczos_resize(warped, (output_size, output_size))
             crops.append(warped)
     crops = torch.cat(crops)
-    if order == list(range(n)):
+    if (order == np.arange(n)).all():
         return crops
     out = torch.empty_like(crops)
-    out[upload(np.array(order, dtype=np.int64), device)] = crops
+    out[upload(order, device)] = crops
     return out
+
+
+def _canvas(flat: torch.Tensor, start: int, size: tuple[int, int], plan: CropPlan) -> torch.Tensor:
+    """A shrunk or padded face's canvas, (h * w, 3) uint8: its photo (at ``start`` of ``flat``, ``size`` (w, h))
+    shrunk by Lanczos and cropped, then padded (plan_crop's numbers)."""
+    w, h = (int(v) for v in size)
+    photo = flat[start : start + w * h].view(h, w, 3)
+    x0, y0, x1, y1 = plan.crop
+    if plan.shrink > 1:
+        region = lanczos_resize(photo[None], (x1 - x0, y1 - y0), plan.shrink_box)[0]
+    else:
+        region = photo[y0:y1, x0:x1]
+    if plan.padded:
+        region = _blur_pad(region, plan.pad, plan.blur_sigma)
+    return region.reshape(-1, 3)
 
 
 # -- upright re-prediction of rolled faces ------------------------------------------------------------------------
@@ -218,6 +229,42 @@ def upright_region(photo: torch.Tensor, box, roll: float, margin: float = REGION
     where = upload(np.array([[0], [W], [W], [H]], dtype=np.int64), photo.device)
     region = bilinear_sample(photo.reshape(-1, 3), ImageSources(*where), *affine_positions(g.affine, nx, ny, photo.device))[0]
     return region, g.box, g.to_source
+
+
+def upright_regions(photos: Sequence[torch.Tensor], geometry: Sequence[UprightGeometry]) -> list[torch.Tensor]:
+    """:func:`upright_region` of many faces at once: region i (``geometry[i]``, from ``upright_geometry``) of
+    ``photos[i]`` (a photo repeats for its faces), all sampled in one pass into one buffer on the photos' device.
+    Returns the regions as (ny, nx, 3) views of that buffer (the predictor reads them where they lie). Photos
+    that are views of one buffer (a chunk's upload) are read there; others are copied into one first."""
+    if not geometry:
+        return []
+    shared = shared_flat(photos)
+    flat, starts, sizes = shared if shared is not None else photos_to_device(photos, photos[0].device)
+    src = ImageSources(*upload(np.array([starts, [w for w, _ in sizes], [w for w, _ in sizes],
+                                         [h for _, h in sizes]], dtype=np.int64), flat.device))
+    region_sizes = np.array([g.size for g in geometry], dtype=np.int64)
+    pixels = affine_sample_regions(flat, src, np.array([g.affine for g in geometry], dtype=np.float64), region_sizes)
+    region_starts = np.concatenate([[0], np.cumsum(region_sizes[:, 0] * region_sizes[:, 1])[:-1]])
+    return views_of(pixels, region_starts.tolist(), [tuple(s) for s in region_sizes.tolist()])
+
+
+def regions_to_source(geometry: Sequence[UprightGeometry], points) -> np.ndarray:
+    """Each ``geometry[i].to_source`` of ``points[i]`` ((n, 2) region points each) at once: (N, n, 2) float64,
+    the same float64 operations in the same order."""
+    c, s = (np.array([g.cos_sin[k] for g in geometry])[:, None] for k in (0, 1))
+    hx, hy = (np.array([g.half[k] for g in geometry])[:, None] for k in (0, 1))
+    cx, cy = (np.array([g.centre[k] for g in geometry])[:, None] for k in (0, 1))
+    p = np.asarray(points, dtype=np.float64)
+    dx, dy = p[:, :, 0] - hx, p[:, :, 1] - hy
+    return np.stack([c * dx - s * dy + cx, s * dx + c * dy + cy], axis=2)
+
+
+def eye_rolls_degrees(landmarks) -> list[float]:
+    """``eye_roll_degrees`` of each face of (N, 68, 2) landmarks: the eyes' centres for all faces at once, the
+    angle by the same math.atan2 (its last bits decide the upright region's samples)."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    d = lm[:, 42:48].mean(axis=1) - lm[:, 36:42].mean(axis=1)
+    return [math.degrees(math.atan2(dy, dx)) for dx, dy in d.tolist()]
 
 
 Predictor = Callable[[torch.Tensor, tuple], np.ndarray]
@@ -260,25 +307,22 @@ def upright_landmarks_batch(photos: Sequence[torch.Tensor], boxes: Sequence, pre
     depend on the others in a call, so each equals its own :func:`upright_landmarks`."""
     if len(photos) != len(boxes):
         raise ValueError(f"{len(photos)} photos for {len(boxes)} boxes")
+    if not len(photos):
+        return []
     found = predict_many(list(photos), list(boxes)) if first is None else first
-    lm = [np.asarray(points, dtype=np.float64) for points in found]
-    roll = [eye_roll_degrees(points) for points in lm]
+    lm = np.array(found, dtype=np.float64).reshape(len(photos), -1, 2)
+    roll = eye_rolls_degrees(lm) if len(lm) else []
 
-    def predict_upright(faces: list[int], angles: list[float]) -> list[np.ndarray]:
-        regions = [upright_region(photos[i], boxes[i], a) for i, a in zip(faces, angles)]
-        points = predict_many([r[0] for r in regions], [r[1] for r in regions])
-        return [to_source(np.asarray(p, dtype=np.float64)) for (_, _, to_source), p in zip(regions, points)]
+    def predict_upright(faces: list[int], angles: list[float]) -> np.ndarray:
+        geometry = [upright_geometry(boxes[i], a, REGION_MARGIN) for i, a in zip(faces, angles)]
+        regions = upright_regions([photos[i] for i in faces], geometry)
+        return regions_to_source(geometry, predict_many(regions, [g.box for g in geometry]))
 
     todo = [i for i, r in enumerate(roll) if abs(r) > upright_above]
-    again, again_roll = [], []
+    again = []
     if todo:
-        for i, points in zip(todo, predict_upright(todo, [roll[i] for i in todo])):
-            lm[i] = points
-            roll2 = eye_roll_degrees(points)
-            if abs(roll2 - roll[i]) > UPRIGHT_AGAIN_ABOVE:
-                again.append(i)
-                again_roll.append(roll2)
+        lm[todo] = predict_upright(todo, [roll[i] for i in todo])
+        again = [(i, r2) for i, r2 in zip(todo, eye_rolls_degrees(lm[todo])) if abs(r2 - roll[i]) > UPRIGHT_AGAIN_ABOVE]
     if again:
-        for i, points in zip(again, predict_upright(again, again_roll)):
-            lm[i] = points
-    return lm
+        lm[[i for i, _ in again]] = predict_upright([i for i, _ in again], [r for _, r in again])
+    return list(lm)

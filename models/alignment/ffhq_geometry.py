@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["REGION_MARGIN", "UPRIGHT_ABOVE", "UPRIGHT_AGAIN_ABOVE", "ffhq_quad", "ffhq_quads", "CropPlan",
-           "crop_and_pad", "plan_crop", "eye_roll_degrees", "UprightGeometry", "upright_geometry", "fast_fft_len"]
+           "crop_and_pad", "plan_crop", "CropPlans", "plan_crops", "eye_roll_degrees", "UprightGeometry", "upright_geometry", "fast_fft_len"]
 
 # Margin (fraction of the box side) around the face box in the upright copy (both paths). The predictor reads
 # pixels outside its box: on 21 rolled test faces margins of 0.2 to 1.0 give identical landmarks, 0.1 moves
@@ -140,6 +140,94 @@ def plan_crop(quad, qsize: float, image_size: tuple[int, int], output_size: int,
         pad = (0, 0, 0, 0)
     transform = _quad_transform_coefficients(quad, transform_size)
     return CropPlan(shrink, shrink_box, crop, pad, qsize * 0.02, quad, transform)
+
+
+@dataclass(frozen=True)
+class CropPlans:
+    """plan_crop's numbers for many faces, as arrays (face i's CropPlan is ``plans[i]``); shrink_box is NaN
+    where a face is not shrunk."""
+
+    shrink: np.ndarray      # (N,) int64
+    shrink_box: np.ndarray  # (N, 4) float64
+    crop: np.ndarray        # (N, 4) int64
+    pad: np.ndarray         # (N, 4) int64
+    blur_sigma: np.ndarray  # (N,) float64
+    quad: np.ndarray        # (N, 4, 2) float64
+    transform: np.ndarray   # (N, 8) float64
+
+    def __len__(self) -> int:
+        return len(self.shrink)
+
+    def __getitem__(self, i: int) -> CropPlan:
+        shrunk = self.shrink[i] > 1
+        return CropPlan(int(self.shrink[i]), tuple(float(v) for v in self.shrink_box[i]) if shrunk else None,
+                        tuple(int(v) for v in self.crop[i]), tuple(int(v) for v in self.pad[i]),
+                        float(self.blur_sigma[i]), self.quad[i].copy(), tuple(float(v) for v in self.transform[i]))
+
+    @property
+    def padded(self) -> np.ndarray:
+        return self.pad.max(axis=1) > 0
+
+    @property
+    def canvas_size(self) -> np.ndarray:
+        """(N, 2) (w, h) of the images the QUAD transform samples: the crops plus their padding."""
+        return np.stack([self.crop[:, 2] - self.crop[:, 0] + self.pad[:, 0] + self.pad[:, 2],
+                         self.crop[:, 3] - self.crop[:, 1] + self.pad[:, 1] + self.pad[:, 3]], axis=1)
+
+    @classmethod
+    def from_list(cls, plans) -> "CropPlans":
+        nan_box = (math.nan,) * 4
+        return cls(np.array([p.shrink for p in plans], dtype=np.int64).reshape(-1),
+                   np.array([p.shrink_box or nan_box for p in plans], dtype=np.float64).reshape(-1, 4),
+                   np.array([p.crop for p in plans], dtype=np.int64).reshape(-1, 4),
+                   np.array([p.pad for p in plans], dtype=np.int64).reshape(-1, 4),
+                   np.array([p.blur_sigma for p in plans], dtype=np.float64).reshape(-1),
+                   np.array([p.quad for p in plans], dtype=np.float64).reshape(-1, 4, 2),
+                   np.array([p.transform for p in plans], dtype=np.float64).reshape(-1, 8))
+
+
+def plan_crops(quads, qsizes, image_sizes, output_size: int, transform_size: int,
+               enable_padding: bool = True) -> CropPlans:
+    """plan_crop of every face at once (``image_sizes``: (N, 2) (w, h) of each face's photo): the same float64
+    operations in the same order on arrays, so every number equals plan_crop's."""
+    quad = np.array(quads, dtype=np.float64).reshape(-1, 4, 2)
+    qsize = np.array(qsizes, dtype=np.float64).reshape(-1)
+    W, H = (np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2)[:, k] for k in (0, 1))
+    shrink = np.floor(qsize / output_size * 0.5).astype(np.int64)
+    shrunk = shrink > 1
+    shrink = np.where(shrunk, shrink, 1)
+    size_w = np.where(shrunk, np.rint(W / shrink), W).astype(np.int64)
+    size_h = np.where(shrunk, np.rint(H / shrink), H).astype(np.int64)
+    quad = quad / shrink[:, None, None]   # (x / 1 is x: unshrunk faces keep their numbers)
+    qsize = qsize / shrink
+    # crop_and_pad
+    border = np.maximum(np.rint(qsize * 0.1).astype(np.int64), 3)
+    qx0, qy0 = (np.floor(quad[:, :, k].min(axis=1)).astype(np.int64) for k in (0, 1))
+    qx1, qy1 = (np.ceil(quad[:, :, k].max(axis=1)).astype(np.int64) for k in (0, 1))
+    crop = np.stack([np.maximum(qx0 - border, 0), np.maximum(qy0 - border, 0), np.minimum(qx1 + border, size_w),
+                     np.minimum(qy1 + border, size_h)], axis=1)
+    empty = (crop[:, 2] <= crop[:, 0]) | (crop[:, 3] <= crop[:, 1])
+    crop[empty] = np.stack([np.zeros_like(size_w), np.zeros_like(size_h), size_w, size_h], axis=1)[empty]
+    cw, ch = crop[:, 2] - crop[:, 0], crop[:, 3] - crop[:, 1]
+    pad = np.stack([np.maximum(crop[:, 0] - qx0 + border, 0), np.maximum(crop[:, 1] - qy0 + border, 0),
+                    np.maximum(qx1 - crop[:, 0] - cw + border, 0), np.maximum(qy1 - crop[:, 1] - ch + border, 0)],
+                   axis=1)
+    # the shrink's source box, the quad in the crop, the padding
+    sx, sy = W / size_w, H / size_h
+    shrink_box = np.where(shrunk[:, None], np.stack([crop[:, 0] * sx, crop[:, 1] * sy, crop[:, 2] * sx,
+                                                     crop[:, 3] * sy], axis=1), math.nan)
+    quad = quad - crop[:, None, 0:2]
+    padded = (pad.max(axis=1) > border - 4) if enable_padding else np.zeros(len(pad), dtype=bool)
+    pad = np.where(padded[:, None], np.maximum(pad, np.rint(qsize * 0.3).astype(np.int64)[:, None]), 0)
+    quad = np.where(padded[:, None, None], quad + pad[:, None, :2], quad)
+    # _quad_transform_coefficients
+    nw, sw, se, ne = (quad[:, k] + 0.5 for k in range(4))
+    x0, y0 = nw[:, 0], nw[:, 1]
+    As = At = 1.0 / transform_size
+    transform = np.stack([x0, (ne[:, 0] - x0) * As, (sw[:, 0] - x0) * At, (se[:, 0] - sw[:, 0] - ne[:, 0] + x0) * As * At,
+                          y0, (ne[:, 1] - y0) * As, (sw[:, 1] - y0) * At, (se[:, 1] - sw[:, 1] - ne[:, 1] + y0) * As * At],
+                         axis=1)
+    return CropPlans(shrink, shrink_box, crop, pad, qsize * 0.02, quad, transform)
 
 
 # -- the padding blur's FFT sizes --------------------------------------------------------------------------------

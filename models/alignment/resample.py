@@ -25,13 +25,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .device import upload
+from .device import upload, upload_many
 from ..kernel_check import tl, triton, use_kernels
 
 __all__ = [
     "ImageSources",
     "VERTICAL_FIRST_RULE",
     "affine_positions",
+    "affine_sample_regions",
     "bilinear_sample",
     "lanczos_resize",
     "pixel_centres",
@@ -103,6 +104,40 @@ def affine_positions(coeffs: Sequence[float], width: int, height: int, device) -
     X = pixel_centres(width, device).view(1, 1, width)
     Y = pixel_centres(height, device).view(1, height, 1)
     return (coeffs[0] * X + coeffs[1] * Y) + coeffs[2], (coeffs[3] * X + coeffs[4] * Y) + coeffs[5]
+
+
+def affine_sample_regions(flat: torch.Tensor, src: ImageSources, coeffs: np.ndarray, sizes: np.ndarray,
+                          max_pixels: int = 1 << 22) -> torch.Tensor:
+    """Pillow's bilinear ``transform((nx, ny), AFFINE, coeffs[i])`` of source ``i`` of ``flat`` for regions of
+    different sizes (``sizes[i]`` = (nx, ny)), all in one flat (sum of nx * ny, 3) uint8 buffer, region after
+    region, each row-major: what ``affine_positions`` and ``bilinear_sample`` make region by region, the same
+    float64 operations in the same order. Output pixels are taken ``max_pixels`` at a time (the float64
+    positions and neighbour indices take about 100 bytes a pixel), whatever the number of regions: each pixel
+    finds its region on the device (a sorted search of the regions' ends), so the host loops over neither
+    regions nor rows."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    ends = np.cumsum(sizes[:, 0] * sizes[:, 1])
+    total = int(ends[-1]) if len(ends) else 0
+    out = torch.empty((total, 3), dtype=torch.uint8, device=flat.device)
+    if total == 0:
+        return out
+    ends_t, starts_t, nx_t, coeffs_t = upload_many(
+        [ends, ends - sizes[:, 0] * sizes[:, 1], sizes[:, 0].copy(), np.asarray(coeffs, dtype=np.float64)],
+        flat.device)
+    for first in range(0, total, max_pixels):
+        ids = torch.arange(first, min(first + max_pixels, total), device=flat.device)
+        region = torch.searchsorted(ends_t, ids, right=True)
+        local = ids - starts_t[region]
+        nx = nx_t[region]
+        X = (local % nx).to(torch.float64) + 0.5
+        Y = (local // nx).to(torch.float64) + 0.5
+        c = coeffs_t[region]
+        xin = (c[:, 0] * X + c[:, 1] * Y) + c[:, 2]
+        yin = (c[:, 3] * X + c[:, 4] * Y) + c[:, 5]
+        pixel_src = ImageSources(src.base[region], src.stride[region], src.width[region], src.height[region])
+        n = len(ids)
+        out[first:first + n] = bilinear_sample(flat, pixel_src, xin.view(n, 1, 1), yin.view(n, 1, 1)).view(n, 3)
+    return out
 
 
 def quad_positions(coeffs: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
