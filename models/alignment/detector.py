@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .device import photos_to_device, upload, upload_many
+from .batch_plan import BatchPlan, LevelPlan, plan_batch
+from .device import photos_to_device
 from .fhog import check_fhog_kernels, fhog_planes
 from .filters import FilterBank, check_filter_kernels, filter_scores
 from .formats import read_detector_file
 from ..kernel_check import triton, use_kernels
-from .pyramid import (boxes_down_after_upsample, check_resize_kernels, count_pyramid_levels, pyramid_down_size,
-                      pyramid_level_size, pyramid_up_size, resize_rgb, window_boxes)
+from .pyramid import boxes_down_after_upsample, check_resize_kernels, pyramid_up_size, resize_rgb, window_boxes
 from .suppression import non_max_suppression
 
 __all__ = ["BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least"]
@@ -183,47 +183,40 @@ class FrontalFaceDetector:
         if not index:
             return
         sizes = [tuple(int(v) for v in images[i].shape[:2]) for i in index]
-        h_max = max(h for h, _ in sizes)
-        w_max = max(w for _, w in sizes)
-        batch = self._upload_batch([images[i] for i in index], sizes, h_max, w_max)
+        grown = list(sizes)
+        for _ in range(upsample):
+            grown = [pyramid_up_size(h, w) for h, w in grown]
+        # Everything the levels need is planned and uploaded before the device work: no host steps per level
+        # but kernel launches, no transfer back until the batch's windows.
+        plan = plan_batch(grown, [runs[i] for i in index], self.model, max_levels, self.bank.shape[0])
+        cut, = plan.upload(self.device, (float32_at_least(self.model.thresholds + adjust),))
+        sizes = [sizes[k] for k in plan.order]
+        batch = self._upload_batch([images[index[k]] for k in plan.order], sizes,
+                                   max(h for h, _ in sizes), max(w for _, w in sizes))
         for _ in range(upsample):
             up = [pyramid_up_size(h, w) for h, w in sizes]
             batch = resize_rgb(batch, sizes, up, use_triton=self.triton_resize)
             sizes = up
-        # Per image, per run j: the levels [j, end) it scans (dlib counts a run's levels on its level j); the
-        # image is scored from its finest run's level to its last run's end.
-        spans = [[(j, j + min(count_pyramid_levels(*pyramid_level_size(sizes[k], j), self.model),
-                              max_levels or self.model.max_pyramid_levels)) for j in runs[i]]
-                 for k, i in enumerate(index)]
-        first = [min(j for j, _ in s) for s in spans]
-        last = [max(e for _, e in s) for s in spans]
-        scored = []  # per level: (level, scored images, hog sizes, window scores on the device)
-        active = list(range(len(index)))
-        level = 0
-        while active:
+        # Window scores of every level scored, one buffer; windows outside a photo's own stay -inf (never pass).
+        scores = torch.full((plan.score_elements,), -torch.inf, dtype=torch.float32, device=self.device)
+        hits = torch.zeros((plan.score_elements,), dtype=torch.bool, device=self.device)
+        cut = cut[None, :, None, None]
+        for lp in plan.levels:
             if kept_levels is not None:
-                for pos, k in enumerate(active):
-                    h, w = sizes[k]
-                    kept_levels[index[k]].append(batch[pos, :, :h, :w].permute(1, 2, 0))
-            mine = [pos for pos, k in enumerate(active) if first[k] <= level]
-            if mine:
-                part = batch if len(mine) == len(active) else batch[upload(np.array(mine, dtype=np.int64), self.device)]
-                scores = self._score_level(part, [sizes[active[pos]] for pos in mine])
-                if scores is not None:
-                    scored.append((level, [active[pos] for pos in mine], *scores))
-            keep = [j for j, k in enumerate(active) if last[k] > level + 1]
-            if not keep:
-                break
-            batch = batch[upload(np.array(keep, dtype=np.int64), self.device)] if len(keep) < len(active) else batch
-            active = [active[j] for j in keep]
-            down = [pyramid_down_size(*sizes[k]) for k in active]
-            batch = resize_rgb(batch, [sizes[k] for k in active], down, use_triton=self.triton_resize)
-            for k, s in zip(active, down):
-                sizes[k] = s
-            level += 1
-        found = self._windows(scored, adjust, len(index))
+                for pos, (h, w) in enumerate(lp.sizes):
+                    kept_levels[index[plan.order[pos]]].append(batch[pos, :, :h, :w].permute(1, 2, 0))
+            if lp.layout is not None:
+                _hog, level_scores = self._score_level(batch[:lp.count], lp, scores)
+                # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold
+                # (double); the comparison is made in float32 against float32_at_least (the same windows pass).
+                torch.ge(level_scores, cut, out=hits[lp.score_offset:lp.score_offset + lp.score_elements]
+                         .view(lp.score_shape))
+            if lp.resize is not None:
+                batch = resize_rgb(batch[:len(lp.resize.out_sizes)], lp.resize.in_sizes, lp.resize.out_sizes,
+                                   use_triton=self.triton_resize, plan=lp.resize)
+        found = self._windows(plan, scores, hits)
         for k, i in enumerate(index):
-            results[i] = [self._finish(found[k], j, end, upsample) for j, end in spans[k]]
+            results[i] = [self._finish(found.get(k), j, end, upsample) for j, end in plan.spans[k]]
 
     def _upload_batch(self, photos, sizes, h_max, w_max) -> torch.Tensor:
         """(B, 3, h_max, w_max) uint8 on the device, photo k in its top-left corner, zeros around. Host photos
@@ -234,65 +227,64 @@ class FrontalFaceDetector:
             batch[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
         return batch
 
-    def _score_level(self, batch, sizes):
-        """The five filters' window scores of one pyramid level, (B, 5, rows, cols) float32 on the device,
-        and the fHOG sizes (B, 2); None when no image of the level has a HOG cell."""
-        planes, hog = fhog_planes(batch, sizes, self._fhog_pad, use_triton=self.triton_fhog)
-        if hog.max() == 0:
-            return None
-        return hog, filter_scores(planes, hog, self.bank, self.chunk_elements, use_triton=self.triton_filters)
+    def _score_level(self, batch, lp: LevelPlan, scores: torch.Tensor):
+        """The five filters' window scores of one pyramid level (its plan ``lp``: batch (count, 3, H, W) of the
+        level's photos), written into its part of the batch's ``scores`` buffer, -inf outside each photo's own
+        windows. Returns (the fHOG sizes (count, 2), that part as (count, 5, rows, cols))."""
+        planes, hog = fhog_planes(batch, lp.scored_sizes, self._fhog_pad, use_triton=self.triton_fhog,
+                                  layout=lp.layout, device_tables=lp.fhog_tables)
+        out = scores[lp.score_offset:lp.score_offset + lp.score_elements].view(lp.score_shape)
+        return hog, filter_scores(planes, hog, self.bank, self.chunk_elements, use_triton=self.triton_filters,
+                                  bounds=lp.bounds, out=out)
 
-    def _windows(self, scored, adjust, n_images):
-        """Per image, the windows at or above threshold of every level scored, as (level, scores, filters, rows,
-        cols, boxes in level 0's pixels) with arrays, level by level. All levels' hits come to the host in one
-        transfer (each transfer waits for the device); the boxes are made once per level for all images."""
-        fh, fw = self._fhog_pad
-        found = [[] for _ in range(n_images)]
-        if not scored:
-            return found
-        # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double);
-        # the score it reports is saliency - threshold in double. The comparison is made in float32 against
-        # float32_at_least (the same windows pass), so the score maps are not copied to double on the device.
-        cut = upload(float32_at_least(self.model.thresholds + adjust), self.device)[None, :, None, None]
-        flat_hits, flat_saliency = [], []
-        hogs = upload_many([hog.astype(np.int64) for _level, _active, hog, _totals in scored], self.device)
-        for (_level, _active, _hog, totals), hog_t in zip(scored, hogs):
-            out_h, out_w = totals.shape[2], totals.shape[3]
-            # Each image's own windows: built on the device from its HOG size (a host mask was megabytes).
-            valid = ((torch.arange(out_h, device=self.device)[None, :, None] < hog_t[:, 0, None, None])
-                     & (torch.arange(out_w, device=self.device)[None, None, :] < hog_t[:, 1, None, None]))
-            flat_hits.append(((totals >= cut) & valid[:, None]).reshape(-1))
-            flat_saliency.append(totals.reshape(-1))
-        where = torch.nonzero(torch.cat(flat_hits)).squeeze(1)
-        both = torch.stack([where.double(), torch.cat(flat_saliency)[where].double()]).cpu().numpy()
+    def _windows(self, plan: BatchPlan, scores: torch.Tensor, hits: torch.Tensor) -> dict:
+        """Per photo (position in the batch's index), its windows that passed, at every level scored: arrays
+        (levels, scores, filters, rows, cols, boxes in level 0's pixels). One transfer from the device for the
+        whole batch (the candidates: flat position and saliency); decoded on the host with numpy, all levels
+        at once."""
+        if plan.score_elements == 0:
+            return {}
+        where = torch.nonzero(hits).squeeze(1)
+        both = torch.stack([where.double(), scores[where].double()]).cpu().numpy()
         where, saliency = both[0].astype(np.int64), both[1]
-        start = 0
-        for level, active, _hog, totals in scored:
-            stop = start + totals.numel()
-            sel = (where >= start) & (where < stop)
-            b_idx, f_idx, r_idx, c_idx = np.unravel_index(where[sel] - start, tuple(totals.shape))
-            values = saliency[sel] - self.model.thresholds[f_idx]
-            start = stop
-            # The level's hits, image by image (b_idx is sorted: hits come in (image, filter, row, col) order).
-            rows, cols = r_idx + fh // 2, c_idx + fw // 2
-            boxes = window_boxes(rows, cols, level, self.model)
-            images, firsts = np.unique(b_idx, return_index=True)
-            for k, a, b in zip(images, firsts, [*firsts[1:], len(b_idx)]):
-                found[active[k]].append((level, values[a:b], f_idx[a:b], rows[a:b], cols[a:b], boxes[a:b]))
+        if where.size == 0:
+            return {}
+        fh, fw = self._fhog_pad
+        n_filters = self.bank.shape[0]
+        table = plan.level_table()
+        li = np.searchsorted(table["offset"], where, side="right") - 1
+        local = where - table["offset"][li]
+        cols = table["cols"][li]
+        per_filter = table["rows"][li] * cols
+        pos = local // (n_filters * per_filter)
+        f_idx = (local // per_filter) % n_filters
+        rows = (local % per_filter) // cols + fh // 2
+        cols = local % cols + fw // 2
+        levels = table["level"][li]
+        values = saliency - self.model.thresholds[f_idx]
+        boxes = window_boxes(rows, cols, levels, self.model)
+        photo = np.asarray(plan.order, np.int64)[pos]
+        by_photo = np.argsort(photo, kind="stable")
+        photos, firsts = np.unique(photo[by_photo], return_index=True)
+        found = {}
+        for k, a, b in zip(photos.tolist(), firsts, [*firsts[1:], len(by_photo)]):
+            sel = by_photo[a:b]
+            found[k] = (levels[sel], values[sel], f_idx[sel], rows[sel], cols[sel], boxes[sel])
         return found
 
     def _finish(self, found, first, end, upsample):
-        """The run on level ``first`` from an image's windows (_windows): those of its levels [first, end), boxes
+        """The run on level ``first`` from a photo's windows (_windows): those of its levels [first, end), boxes
         in level ``first``'s pixels, dlib's suppression, boxes back down an upsampling."""
-        found = [w for w in found if first <= w[0] < end]
-        if not found:
+        if found is None:
             return []
-        scores = np.concatenate([w[1] for w in found])
-        keys = np.concatenate([np.stack([w[2], np.full(len(w[2]), w[0] - first), w[3], w[4]], axis=1)
-                               for w in found])
+        levels, scores, filters, rows, cols, boxes = found
+        sel = (levels >= first) & (levels < end)
+        if not sel.any():
+            return []
+        levels, scores, filters, rows, cols = levels[sel] - first, scores[sel], filters[sel], rows[sel], cols[sel]
+        keys = np.stack([filters, levels, rows, cols], axis=1)
         # Runs on level 0 (every run of the default full pyramid) take the boxes _windows made.
-        boxes = np.concatenate([w[5] if first == 0 else window_boxes(w[3], w[4], w[0] - first, self.model)
-                                for w in found])
+        boxes = boxes[sel] if first == 0 else window_boxes(rows, cols, levels, self.model)
         kept = non_max_suppression(boxes, scores, keys, self.model)
         boxes = boxes[kept]
         if upsample:

@@ -12,16 +12,18 @@ reference, kernels, launchers, the kernels' probe, the public ``fhog_planes``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from .device import upload
+from .device import upload, upload_many
 from .formats import CELL_SIZE, NUM_PLANES
 from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 
-__all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "fhog_planes",
-           "check_fhog_kernels"]
+__all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "FhogLayout",
+           "fhog_layout", "fhog_planes", "check_fhog_kernels"]
 
 # dlib's unit vectors for the 9 unsigned orientation bins (fhog.h), as float32 like dlib's matrix<float>.
 DIRECTIONS = np.array([
@@ -370,16 +372,16 @@ if triton is not None:
 
 # -- launchers ---------------------------------------------------------------------------------------------
 
-def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels: same arguments, same result bit for bit in each image's
-    own ``cells`` (B, 2) (the only ones read)."""
+def _cell_histograms_triton(images, layout: "FhogLayout", info_t: torch.Tensor) -> torch.Tensor:
+    """_cell_histograms_torch with two Triton kernels: same result bit for bit in each image's own cells (the
+    only ones read). ``info_t``: the layout's ``info`` on the device."""
     dev = images.device
     n, _, height, width = images.shape
     images = images.contiguous()
+    n_cr, n_cc, grid_h, grid_w = layout.n_cr, layout.n_cc, layout.grid_h, layout.grid_w
+    ph, pw = layout.interior(height, width)
     n_cells = n * n_cr * n_cc
     hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    info = np.concatenate([visible, simd_end[:, None], cells], axis=1).astype(np.int32)
-    info_t = upload(info, dev)
     orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
     mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
     _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _FHOG_BLOCK), n)](
@@ -391,8 +393,10 @@ def _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n
     return hist
 
 
-def _fhog_features_triton(hist: torch.Tensor, hog: np.ndarray, planes: torch.Tensor, offset: tuple[int, int]) -> None:
-    """_fhog_features_torch as two Triton kernels: same arguments, same planes bit for bit."""
+def _fhog_features_triton(hist: torch.Tensor, hog: np.ndarray, planes: torch.Tensor, offset: tuple[int, int],
+                          hog_t: torch.Tensor) -> None:
+    """_fhog_features_torch as two Triton kernels: same arguments, same planes bit for bit. ``hog_t``: ``hog``
+    (int64) on the device."""
     n, n_cr, n_cc, _ = hist.shape
     hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
     hist = hist.contiguous()
@@ -402,9 +406,68 @@ def _fhog_features_triton(hist: torch.Tensor, hog: np.ndarray, planes: torch.Ten
                                                                 enable_fp_fusion=False)
     n_out = n * hr * hc
     _features_kernel[(triton.cdiv(n_out, _FHOG_BLOCK),)](
-        hist, norm, upload(hog.astype(np.int64), hist.device), planes, hr, hc, n_cr, n_cc, planes.shape[2],
+        hist, norm, hog_t, planes, hr, hc, n_cr, n_cc, planes.shape[2],
         planes.shape[3], offset[0], offset[1], n_out, NUM_PLANES=NUM_PLANES, EPSILON=BLOCK_EPSILON, TRUNC=TRUNCATION,
         SCALE=NORM_SCALE, TEXTURE=TEXTURE_SCALE, BLOCK=_FHOG_BLOCK, enable_fp_fusion=False)
+
+
+# -- the layout (host tables) ------------------------------------------------------------------------------
+
+@dataclass
+class FhogLayout:
+    """fhog_planes' sizes and tables for a batch of image sizes, computed on the host (fhog_layout): per image its
+    cells (rows, cols), HOG size ``hog`` (0 where it has no HOG cell), pixels that vote (``visible``), first scalar
+    pixel column ``simd_end``; the batch's planes (plane_h, plane_w), cell grid (n_cr, n_cc) and pixel grid
+    (grid_h, grid_w); ``info`` (B, 5) int32 and ``hog`` (B, 2) are the kernels' tables (``kernel_tables``)."""
+
+    cells: np.ndarray
+    hog: np.ndarray
+    visible: np.ndarray
+    simd_end: np.ndarray
+    plane_h: int
+    plane_w: int
+    n_cr: int
+    n_cc: int
+    offset: tuple[int, int]
+
+    @property
+    def grid_h(self) -> int:
+        return CELL_SIZE * (self.n_cr + 2)
+
+    @property
+    def grid_w(self) -> int:
+        return CELL_SIZE * (self.n_cc + 2)
+
+    @property
+    def empty(self) -> bool:
+        return int(self.hog.max()) == 0
+
+    def interior(self, height: int, width: int) -> tuple[int, int]:
+        """Interior pixels 1..ph, 1..pw of images (B, 3, height, width) that the cell grid reads."""
+        return min(height - 2, self.grid_h - 13), min(width - 2, self.grid_w - 13)
+
+    def kernel_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(info (B, 5) int32: visible rows and columns, simd_end, cell rows and columns; hog (B, 2) int64)."""
+        info = np.concatenate([self.visible, self.simd_end[:, None], self.cells], axis=1).astype(np.int32)
+        return info, self.hog.astype(np.int64)
+
+
+def fhog_layout(sizes: list[tuple[int, int]], fhog_pad: tuple[int, int]) -> FhogLayout:
+    """fhog_planes' sizes and tables for images of ``sizes`` (numpy only: no device work)."""
+    cell = CELL_SIZE
+    # dlib: (int)(rows / (float)cell_size + 0.5), in float32 (exact: a division by 8, then + 0.5), truncated.
+    cells = (np.asarray(sizes, dtype=np.float32).reshape(-1, 2) / np.float32(cell) + np.float32(0.5)).astype(np.int64)
+    hog = np.maximum(cells - 2, 0)
+    hog[(hog == 0).any(axis=1)] = 0
+    visible = np.minimum(cells * cell, np.asarray(sizes, dtype=np.int64).reshape(-1, 2)) - 1  # pixels 1..visible-1 vote
+    pad_r, pad_c = fhog_pad
+    plane_h = int(hog[:, 0].max()) + pad_r - 1
+    # One band's width more on the right: the scalar right-edge filter loop reads up to 8 + fw - 1 columns
+    # past each image's first scalar column.
+    plane_w = int(hog[:, 1].max()) + pad_c - 1 + TAIL_BAND
+    simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide pixel columns are x < simd_end
+    return FhogLayout(cells, hog, visible, simd_end, plane_h, plane_w, int(cells[:, 0].max()),
+                      int(cells[:, 1].max()), ((pad_r - 1) // 2, (pad_c - 1) // 2))
 
 
 # -- the probe and the public function ---------------------------------------------------------------------
@@ -429,38 +492,28 @@ def check_fhog_kernels(device, fhog_pad: tuple[int, int] = (10, 10)) -> str | No
 
 
 def fhog_planes(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int],
-                use_triton: bool | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                use_triton: bool | None = None, layout: FhogLayout | None = None,
+                device_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
     (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
-    image (hog rows, hog cols). Images (B, 3, H, W) uint8, image b's valid part sizes[b]. ``use_triton``: see
-    models/kernel_check.py (None: the kernels on CUDA once checked there)."""
+    image (hog rows, hog cols). Images (B, 3, H, W) uint8, image b's valid part sizes[b] (an image of size
+    (0, 0) has no HOG cell: nothing of it is computed). ``use_triton``: see models/kernel_check.py (None: the
+    kernels on CUDA once checked there). ``layout``: fhog_layout(sizes, fhog_pad), made beforehand;
+    ``device_tables``: its kernel_tables() already on the device (else they travel in one copy)."""
     dev = images.device
-    cell = CELL_SIZE
+    layout = layout or fhog_layout(sizes, fhog_pad)
     n = images.shape[0]
-    # dlib: (int)(rows / (float)cell_size + 0.5), in float32 (exact: a division by 8, then + 0.5), truncated.
-    cells = (np.asarray(sizes, dtype=np.float32).reshape(-1, 2) / np.float32(cell) + np.float32(0.5)).astype(np.int64)
-    hog = np.maximum(cells - 2, 0)
-    hog[(hog == 0).any(axis=1)] = 0
-    visible = np.minimum(cells * cell, np.array(sizes)) - 1  # pixels 1..visible-1 vote
-    pad_r, pad_c = fhog_pad
-    plane_h = int(hog[:, 0].max()) + pad_r - 1
-    # One band's width more on the right: the scalar right-edge filter loop reads up to 8 + fw - 1 columns
-    # past each image's first scalar column.
-    plane_w = int(hog[:, 1].max()) + pad_c - 1 + TAIL_BAND
-    planes = torch.zeros((n, NUM_PLANES, plane_h, plane_w), dtype=torch.float32, device=dev)
-    if hog.max() == 0:
+    hog = layout.hog
+    planes = torch.zeros((n, NUM_PLANES, layout.plane_h, layout.plane_w), dtype=torch.float32, device=dev)
+    if layout.empty:
         return planes, hog
-    n_cr, n_cc = int(cells[:, 0].max()), int(cells[:, 1].max())
-    height, width = images.shape[2], images.shape[3]
-    # Pixel grid: pixel (y, x) at (y + 12, x + 12), so that cell (padded index hr) gathers rows 8hr .. 8hr+15.
-    grid_h, grid_w = cell * (n_cr + 2), cell * (n_cc + 2)
-    ph, pw = min(height - 2, grid_h - 13), min(width - 2, grid_w - 13)  # interior pixels 1..ph, 1..pw
-    simd_end = 1 + 8 * ((visible[:, 1] - 1) // 8)  # dlib's 8-wide pixel columns are x < simd_end
-    offset = ((pad_r - 1) // 2, (pad_c - 1) // 2)
     if use_kernels("fhog", dev, use_triton, check_fhog_kernels):
-        hist = _cell_histograms_triton(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc, cells)
-        _fhog_features_triton(hist, hog, planes, offset)
+        info_t, hog_t = device_tables or upload_many(layout.kernel_tables(), dev)
+        hist = _cell_histograms_triton(images, layout, info_t)
+        _fhog_features_triton(hist, hog, planes, layout.offset, hog_t)
     else:
-        hist = _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc)
-        _fhog_features_torch(hist, hog, planes, offset)
+        ph, pw = layout.interior(images.shape[2], images.shape[3])
+        hist = _cell_histograms_torch(images, ph, pw, layout.visible, layout.simd_end, layout.grid_h, layout.grid_w,
+                                      layout.n_cr, layout.n_cc)
+        _fhog_features_torch(hist, hog, planes, layout.offset)
     return planes, hog

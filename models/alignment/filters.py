@@ -23,7 +23,7 @@ from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 from .svd import dlib_svd
 
-__all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_scores", "check_filter_kernels"]
+__all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "filter_scores", "check_filter_kernels"]
 
 # The filter kernel (_filter_rows_kernel): _FILTER_ROWS output rows x _FILTER_BLOCK columns per program (HOG
 # planes are 10-300 cells wide: narrow blocks waste less on the right edge; every plane row read by a program
@@ -313,10 +313,19 @@ if triton is not None:
 
 # -- launcher ---------------------------------------------------------------------------------------------------
 
+def filter_bounds(hog: np.ndarray, fh: int) -> np.ndarray:
+    """The filter kernel's per-image table (B, 4) int64: first scalar column, HOG rows and columns, plane rows that
+    valid windows read."""
+    return np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64)
+
+
 def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
-                          col_taps: torch.Tensor) -> torch.Tensor:
+                          col_taps: torch.Tensor, bounds: torch.Tensor | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """_filter_scores_torch with the Triton kernel: same arguments (less the chunking, which only bounds the torch
-    path's intermediate), same result bit for bit at each image's own windows (elsewhere: 0)."""
+    path's intermediate), same result bit for bit at each image's own windows (elsewhere: 0, or what ``out``
+    held). ``bounds``: filter_bounds on the device (else uploaded here); ``out``: a contiguous
+    (B, F, hog rows max, plane cols - fw + 1) float32 tensor to write into."""
     dev = planes.device
     planes = planes.contiguous()
     n, n_planes, plane_h, plane_w = planes.shape
@@ -324,8 +333,9 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torc
     fh, fw = col_taps.shape[2], row_taps.shape[2]
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
-    bounds = upload(np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64), dev)
-    total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev)
+    if bounds is None:
+        bounds = upload(filter_bounds(hog, fh), dev)
+    total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev) if out is None else out
     grid = (n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))
     _filter_rows_kernel[grid](
         planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, total,
@@ -365,14 +375,25 @@ def check_filter_kernels(device, bank: FilterBank, hog=((71, 29), (17, 137)), ch
 
 
 def filter_scores(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, chunk_elements: int = 2 ** 15,
-                  use_triton: bool | None = None) -> torch.Tensor:
+                  use_triton: bool | None = None, bounds: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Every filter's window scores on fHOG ``planes`` (B, 31, plane rows, plane cols), image b's HOG size
     hog[b]: for each filter the sum over its separable terms (in dlib's order) of
     column-filter(row-filter(plane)). Returns (B, F, hog rows max, plane cols - fw + 1) float32: position (i, j)
     scores the window centred at plane (i + fh // 2, j + fw // 2), equal to dlib at each image's own windows.
     ``chunk_elements`` bounds the torch path's intermediates. ``use_triton``: see
-    models/kernel_check.py (None: the kernel on CUDA once checked there with this bank's shape)."""
+    models/kernel_check.py (None: the kernel on CUDA once checked there with this bank's shape).
+    ``out``: a contiguous tensor of that shape that gets the scores of each image's own windows and keeps its
+    values elsewhere (on both paths), returned; ``bounds``: filter_bounds(hog, fh) on the device (optional)."""
     if use_kernels("filters", planes.device, use_triton, lambda device: check_filter_kernels(device, bank),
                    variant=bank.shape):
-        return _filter_scores_triton(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps)
-    return _filter_scores_torch(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps, chunk_elements)
+        return _filter_scores_triton(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, out)
+    total = _filter_scores_torch(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps, chunk_elements)
+    if out is None:
+        return total
+    dev = planes.device
+    rows, cols = out.shape[2], out.shape[3]
+    hog_t = upload(hog.astype(np.int64), dev)
+    own = ((torch.arange(rows, device=dev)[None, :, None] < hog_t[:, 0, None, None])
+           & (torch.arange(cols, device=dev)[None, None, :] < hog_t[:, 1, None, None]))
+    return out.copy_(torch.where(own[:, None], total, out))

@@ -26,7 +26,7 @@ from ..kernel_check import tl, triton, use_kernels
 __all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
            "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
-           "resize_tables", "resize_rgb", "check_resize_kernels"]
+           "resize_tables", "ResizePlan", "plan_resize", "resize_rgb", "check_resize_kernels"]
 
 PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
 PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
@@ -90,8 +90,9 @@ def _fhog_to_image(p: np.ndarray, fhog_pad: int, cell: int) -> np.ndarray:
     return q + np.where(q >= 0, cell // 2, -(cell // 2))
 
 
-def window_boxes(rows: np.ndarray, cols: np.ndarray, level: int, model: HogDetectorModel) -> np.ndarray:
-    """(n, 4) left, top, right, bottom of detection windows at plane position (row, col) of pyramid `level`."""
+def window_boxes(rows: np.ndarray, cols: np.ndarray, level, model: HogDetectorModel) -> np.ndarray:
+    """(n, 4) left, top, right, bottom of detection windows at plane position (row, col) of pyramid ``level`` (one
+    level for all, or one per window)."""
     fh, fw = model.fhog_window
     box_h, box_w = fh - 2 * model.padding, fw - 2 * model.padding
     left = cols - box_w // 2
@@ -99,8 +100,11 @@ def window_boxes(rows: np.ndarray, cols: np.ndarray, level: int, model: HogDetec
     pts = np.stack([_fhog_to_image(left, fw, model.cell_size), _fhog_to_image(top, fh, model.cell_size),
                     _fhog_to_image(left + box_w - 1, fw, model.cell_size),
                     _fhog_to_image(top + box_h - 1, fh, model.cell_size)], axis=1).astype(np.float64)
-    for _ in range(level):  # pyramid_down<6>::rect_up(rect, level): in double, rounded once at the end
-        pts = pts * PYRAMID_RATE_UP + PYRAMID_SHIFT
+    levels = np.broadcast_to(np.asarray(level, dtype=np.int64), (len(pts),))
+    for step in range(int(levels.max()) if len(levels) else 0):
+        # pyramid_down<6>::rect_up(rect, level): in double, rounded once at the end; each window stops at its
+        # own level.
+        pts = np.where((step < levels)[:, None], pts * PYRAMID_RATE_UP + PYRAMID_SHIFT, pts)
     return _lround(pts)
 
 
@@ -207,15 +211,43 @@ def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, in
 
 
 
-def _resize_rgb_torch(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
-                ) -> torch.Tensor:
+@dataclass
+class ResizePlan:
+    """One resize of a batch planned on the host (plan_resize): image b from in_sizes[b] to out_sizes[b], the
+    output padded to (out_h, out_w); its tables for the torch path (``tables``) and the kernel's (``kernel_tables``,
+    host arrays; ``device_tables``: the same on the device once uploaded, e.g. with a whole pyramid's tables in
+    one copy)."""
+
+    in_sizes: list
+    out_sizes: list
+    out_h: int
+    out_w: int
+    tables: ResizeTables
+    kernel_tables: tuple
+    device_tables: list | None = None
+
+
+def plan_resize(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]) -> ResizePlan:
+    """resize_rgb's tables for these sizes, built on the host (no device work)."""
+    out_h = max(h for h, _ in out_sizes)
+    out_w = max(w for _, w in out_sizes) + TAIL_BAND
+    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
+    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
+    # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info. It takes each right
+    # neighbour as min(left + 1, last column), which resize_tables' are (tests/models/alignment/test_face_detector.py).
+    kernel_tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1),
+                     r.tb64, r.left.astype(np.int32), r.lr32, r.lr64,
+                     np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
+    return ResizePlan(list(in_sizes), list(out_sizes), out_h, out_w, r, kernel_tables)
+
+
+def _resize_rgb_torch(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
     """resize_rgb's reference: every step a separate eager torch operation (no FMA), the right-edge band in
     double; outside each image's output: junk."""
     dev = images.device
     n, _, in_h, in_w = images.shape
-    out_h = max(h for h, _ in out_sizes)
-    out_w = max(w for _, w in out_sizes) + TAIL_BAND
-    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
+    out_h, r = plan.out_h, plan.tables
     top, bottom, tb64, tb32, inv_tb32 = r.top, r.bottom, r.tb64, r.tb32, r.inv_tb32
     left, right, lr32, inv_lr32, lr64 = r.left, r.right, r.lr32, r.inv_lr32, r.lr64
     band = r.tail[:, None] + np.arange(TAIL_BAND)
@@ -325,24 +357,16 @@ if triton is not None:
 
 # -- the resize: launcher, probe, public function --------------------------------------------------------------
 
-def _resize_rgb_triton(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]
-                       ) -> torch.Tensor:
+def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
     """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
-    unwritten, where the torch path leaves junk)."""
+    unwritten, where the torch path leaves junk). The plan's device tables serve where uploaded, else its host
+    tables travel in one copy."""
     n, _, in_h, in_w = images.shape
-    out_h = max(h for h, _ in out_sizes)
-    out_w = max(w for _, w in out_sizes) + TAIL_BAND
-    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=images.device)
-    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
-    last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
-    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
-    # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info. It takes each right
-    # neighbour as min(left + 1, last column), which resize_tables' are (tests/models/alignment/test_face_detector.py).
-    tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1), r.tb64,
-              r.left.astype(np.int32), r.lr32, r.lr64, np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
-    _resize_rgb_kernel[(out_h, triton.cdiv(out_w, _RESIZE_BLOCK), n)](
-        images.contiguous(), out, *upload_many(tables, images.device),
-        in_h, in_w, out_h, out_w, BLOCK=_RESIZE_BLOCK, enable_fp_fusion=False)
+    out = torch.empty((n, 3, plan.out_h, plan.out_w), dtype=torch.uint8, device=images.device)
+    tables = plan.device_tables or upload_many(plan.kernel_tables, images.device)
+    _resize_rgb_kernel[(plan.out_h, triton.cdiv(plan.out_w, _RESIZE_BLOCK), n)](
+        images.contiguous(), out, *tables, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
+        enable_fp_fusion=False)
     return out
 
 
@@ -366,11 +390,13 @@ def check_resize_kernels(device) -> str | None:
 
 
 def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]],
-               use_triton: bool | None = None) -> torch.Tensor:
+               use_triton: bool | None = None, plan: ResizePlan | None = None) -> torch.Tensor:
     """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
     to out_sizes[b]; returns (B, 3, max out H, max out W + TAIL_BAND) uint8, equal to dlib inside each output
     image (outside: junk). ``use_triton``: see models/kernel_check.py (None: the kernel on CUDA once
-    checked there)."""
+    checked there). ``plan``: plan_resize(in_sizes, out_sizes), made beforehand (its tables perhaps uploaded
+    already)."""
+    plan = plan or plan_resize(in_sizes, out_sizes)
     if use_kernels("resize", images.device, use_triton, check_resize_kernels):
-        return _resize_rgb_triton(images, in_sizes, out_sizes)
-    return _resize_rgb_torch(images, in_sizes, out_sizes)
+        return _resize_rgb_triton(images, plan)
+    return _resize_rgb_torch(images, plan)

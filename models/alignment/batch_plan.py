@@ -1,0 +1,129 @@
+"""A detector batch planned on the host before any device work: every pyramid level's size for every photo, which
+photos each level holds and scores, the tables of every level's resize, fHOG and filters, and where each level's
+window scores lie in one buffer of scores for the whole batch; all of it uploaded in one copy.
+
+dlib's pyramid makes each level from the previous one, so the device still runs one resize per level, but the
+host's part per level is only launching kernels on tables made here. The batch's photos are ordered by the
+number of levels they go through (most first), so the photos a level holds are always the first ``count`` of
+the batch: each level's batch is a view of the previous one's, with no index tables or copies. A level's photos
+that none of their runs scans (``detect_levels``' runs on coarser levels) are given the size (0, 0) to the fHOG
+and filter stages: no HOG cell, nothing computed for them, their windows never pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .device import upload_many
+from .fhog import FhogLayout, fhog_layout
+from .filters import filter_bounds
+from .formats import HogDetectorModel
+from .pyramid import ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size
+
+__all__ = ["LevelPlan", "BatchPlan", "plan_batch"]
+
+
+@dataclass
+class LevelPlan:
+    """Pyramid level ``level`` of a batch: the first ``count`` photos of the batch's order have it, of ``sizes``.
+    ``layout``: their fHOG layout (photos not scored here as (0, 0)), None when nothing is scored; their window
+    scores lie at ``score_offset`` of the batch's score buffer, shaped ``score_shape`` (count, filters, rows,
+    cols) (``scored_sizes``: the sizes the fHOG stage is given); ``resize``: the resize of the first ``resize.out_sizes`` photos to the next level (None at the last).
+    ``fhog_tables`` and ``bounds``: the fHOG and filter tables on the device (after BatchPlan.upload)."""
+
+    level: int
+    count: int
+    sizes: list
+    scored_sizes: list = None
+    layout: FhogLayout | None = None
+    score_offset: int = 0
+    score_shape: tuple = ()
+    resize: ResizePlan | None = None
+    fhog_tables: tuple | None = None
+    bounds: torch.Tensor | None = None
+
+    @property
+    def score_elements(self) -> int:
+        return int(np.prod(self.score_shape)) if self.layout is not None else 0
+
+
+@dataclass
+class BatchPlan:
+    """A batch's levels (LevelPlan, from level 0 down), ``order``: the photos' positions in the caller's list, in
+    the batch's order; ``spans``: per photo (caller's position), its runs' levels [first, end); ``score_elements``:
+    the size of the score buffer; ``filter_height``: the filters' rows."""
+
+    order: list
+    spans: list
+    levels: list
+    score_elements: int
+    filter_height: int
+
+    def upload(self, device, extra: tuple = ()) -> list[torch.Tensor]:
+        """Every level's tables on ``device`` in one copy (set on the levels and their resize plans); returns
+        ``extra`` arrays, which travel in the same copy, on the device."""
+        arrays: list[np.ndarray] = list(extra)
+        for lp in self.levels:
+            if lp.layout is not None:
+                arrays += [*lp.layout.kernel_tables(), filter_bounds(lp.layout.hog, self.filter_height)]
+            if lp.resize is not None:
+                arrays += list(lp.resize.kernel_tables)
+        on_device = upload_many(arrays, device)
+        at = len(extra)
+        for lp in self.levels:
+            if lp.layout is not None:
+                lp.fhog_tables = (on_device[at], on_device[at + 1])
+                lp.bounds = on_device[at + 2]
+                at += 3
+            if lp.resize is not None:
+                n = len(lp.resize.kernel_tables)
+                lp.resize.device_tables = on_device[at:at + n]
+                at += n
+        return on_device[:len(extra)]
+
+    def level_table(self) -> dict[str, np.ndarray]:
+        """The scored levels' score-buffer geometry as arrays (for decoding flat positions on the host): level,
+        offset, rows, cols; plus ``ends`` (offset + elements)."""
+        scored = [lp for lp in self.levels if lp.layout is not None]
+        return {"level": np.array([lp.level for lp in scored], np.int64),
+                "offset": np.array([lp.score_offset for lp in scored], np.int64),
+                "rows": np.array([lp.score_shape[2] for lp in scored], np.int64),
+                "cols": np.array([lp.score_shape[3] for lp in scored], np.int64)}
+
+
+def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDetectorModel,
+               max_levels: int | None, n_filters: int) -> BatchPlan:
+    """The plan of a batch of photos of ``sizes`` (after any upsampling), photo k's runs at levels ``runs[k]``
+    (detect_levels' runs), each scanning at most ``max_levels`` levels (None: the model's own limit). Host only."""
+    fh, fw = model.fhog_window
+    # Per photo, per run j: the levels [j, end) it scans (dlib counts a run's levels on its level j); the photo
+    # is scored from its finest run's level to its last run's end, and resampled down to that end.
+    spans = [[(j, j + min(count_pyramid_levels(*pyramid_level_size(size, j), model),
+                          max_levels or model.max_pyramid_levels)) for j in photo_runs]
+             for size, photo_runs in zip(sizes, runs)]
+    first = [min(j for j, _ in s) for s in spans]
+    depth = [max(max(e for _, e in s), 1) for s in spans]  # levels each photo goes through: 0 .. depth - 1
+    order = sorted(range(len(sizes)), key=lambda k: -depth[k])
+    level_sizes = {k: [tuple(sizes[k])] for k in order}
+    for k in order:
+        while len(level_sizes[k]) < depth[k]:
+            level_sizes[k].append(pyramid_down_size(*level_sizes[k][-1]))
+    levels: list[LevelPlan] = []
+    offset = 0
+    for level in range(depth[order[0]] if order else 0):
+        members = [k for k in order if depth[k] > level]
+        lp = LevelPlan(level, len(members), [level_sizes[k][level] for k in members])
+        lp.scored_sizes = [s if first[k] <= level else (0, 0) for k, s in zip(members, lp.sizes)]
+        if any(first[k] <= level for k in members):
+            layout = fhog_layout(lp.scored_sizes, model.fhog_window)
+            if not layout.empty:
+                lp.layout = layout
+                lp.score_offset = offset
+                lp.score_shape = (len(members), n_filters, int(layout.hog[:, 0].max()), layout.plane_w - (fw - 1))
+                offset += lp.score_elements
+        levels.append(lp)
+    for lp, below in zip(levels, levels[1:]):
+        lp.resize = plan_resize(lp.sizes[:below.count], below.sizes)
+    return BatchPlan(order, spans, levels, offset, fh)
