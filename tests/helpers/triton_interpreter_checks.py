@@ -188,11 +188,10 @@ def check_detector_detect_batch() -> str | None:
         det = _detector(use_triton)
         score_level = det._score_level
 
-        def recorded(batch, sizes, score_level=score_level, use_triton=use_triton):
-            scored = score_level(batch, sizes)
-            if scored is not None:
-                levels[use_triton].append(scored)
-            return scored
+        def recorded(*args, score_level=score_level, use_triton=use_triton):
+            hog, scores = score_level(*args)
+            levels[use_triton].append((hog, scores.clone()))
+            return hog, scores
 
         det._score_level = recorded
         found[use_triton] = det.detect(images, adjust_threshold=adjust)
@@ -207,10 +206,15 @@ def check_detector_detect_batch() -> str | None:
         if not np.array_equal(hog, got_hog):
             return f"level {level}: HOG sizes differ: torch {hog.tolist()}, Triton {got_hog.tolist()}"
         rows, cols = int(hog[:, 0].max()), int(hog[:, 1].max())
-        # Windows outside an image's own HOG size: junk on the torch path, 0 on Triton's; nothing reads them.
+        # Windows outside an image's own HOG size: -inf on both paths (they never pass); compared inside.
         valid = torch.from_numpy((np.arange(rows)[None, None, :, None] < hog[:, 0, None, None, None])
                                  & (np.arange(cols)[None, None, None, :] < hog[:, 1, None, None, None]))
-        problem = differences(want_scores[:, :, :rows, :cols] * valid, got_scores[:, :, :rows, :cols] * valid)
+        for name, level_scores in (("torch", want_scores), ("Triton", got_scores)):
+            outside = torch.where(valid, -torch.inf, level_scores[:, :, :rows, :cols])
+            if not bool(torch.isneginf(outside).all()):
+                return f"level {level}: the {name} path's windows outside the images' own are not all -inf"
+        problem = differences(torch.where(valid, want_scores[:, :, :rows, :cols], 0.0),
+                              torch.where(valid, got_scores[:, :, :rows, :cols], 0.0))
         if problem:
             return f"level {level}: window scores: {problem}"
     return None
