@@ -35,7 +35,8 @@ import torch
 from models.alignment.detector import FrontalFaceDetector
 from models.alignment.device import StagedPhotos, photos_to_device, stage_photos
 from models.alignment.ffhq_crop import crop_faces, upright_landmarks_batch
-from models.alignment.ffhq_geometry import UPRIGHT_ABOVE, ffhq_quads
+from models.alignment.ffhq_geometry import UPRIGHT_ABOVE, ffhq_quads, plan_crops
+from models.alignment.flat_views import views_of
 from models.alignment.landmarks import ShapePredictor
 
 from .align import AlignedFace, face_rows
@@ -63,12 +64,17 @@ ALIGN_PARTS = ("stage", "upload", "detect", "landmarks", "crop")
 @dataclass
 class DeviceAligner:
     """The torch detector and predictor on one device, and the alignment settings (an AlignConfig).
-    ``part_seconds``: the time align() spent in each of ALIGN_PARTS so far (a run's summary reports it)."""
+    ``part_seconds``: the wall time align() spent in each of ALIGN_PARTS so far (a run's summary reports it);
+    ``part_cpu_seconds``: the CPU time of the aligning threads in each (time.thread_time: host work, and CUDA's
+    spin-wait where a part reads results back); ``on_part(part, wall_s, cpu_s)``, when set, is called in the
+    aligning thread at the end of each part (benchmarks/profile_actor.py times each chunk's parts with it)."""
     cfg: AlignConfig
     detector: FrontalFaceDetector
     predictor: ShapePredictor
     max_group_pixels: int
     part_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ALIGN_PARTS, 0.0))
+    part_cpu_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ALIGN_PARTS, 0.0))
+    on_part: Callable[[str, float, float], None] | None = None
 
     @classmethod
     def build(cls, cfg: AlignConfig, device: str, predictor: ShapePredictor | None = None,
@@ -104,7 +110,7 @@ class DeviceAligner:
     def stage(self, photos: list[np.ndarray]) -> StagedPhotos:
         """The photos' host copy into pinned memory, ready for align(): host work only, so the actor stages
         one chunk while another is aligned."""
-        clock = PartClock(self.part_seconds)
+        clock = self._clock()
         staged = stage_photos(photos, self.device)
         clock.lap("stage")
         return staged
@@ -118,28 +124,31 @@ class DeviceAligner:
         out: list[list[AlignedFace]] = [[] for _ in photos.photos]
         if not photos.photos:
             return out
-        clock = PartClock(self.part_seconds)
+        clock = self._clock()
         # The group's one host -> device copy (from pinned memory): the detector, the predictor and the crop
-        # are given views of it and copy from it on the device only.
+        # are given views of it and read it where it lies.
         flat, starts, sizes = photos_to_device(photos, self.device)
-        on_device = [flat[s:s + w * h].view(h, w, 3) for s, (w, h) in zip(starts, sizes)]
+        on_device = views_of(flat, starts, sizes)
         clock.lap("upload")
         chosen = [choose_faces(d, cfg.policy) for d in self.detect(on_device)]
         clock.lap("detect")
         image_index = [i for i, faces in enumerate(chosen) for _ in faces]
         if not image_index:
             return out
-        rects = [[_dlib_rect(box) for box, _ in faces] for faces in chosen]
-        first = self.predictor.predict(on_device, rects)
-        # Rolled faces are predicted again upright in one predictor call per round for the whole group.
+        boxes = [box for faces in chosen for box, _ in faces]
+        # One predictor call for all faces (one read of their points), then one per round of upright
+        # re-prediction for the rolled faces (the host decides which from the points it read).
+        first = self.predictor.predict(on_device, [[_dlib_rect(box) for box, _ in faces] for faces in chosen])
         landmarks = np.stack(upright_landmarks_batch(
-            [on_device[i] for i in image_index], [box for faces in chosen for box, _ in faces], self.predict_boxes,
-            UPRIGHT_ABOVE, first=[points for per_photo in first for points in per_photo]))
+            [on_device[i] for i in image_index], boxes, self.predict_boxes, UPRIGHT_ABOVE,
+            first=[points for per_photo in first for points in per_photo]))
         clock.lap("landmarks")
-        crops = crop_faces(on_device, image_index, landmarks, cfg.output_size, cfg.transform_size,
-                           device=self.device).cpu().numpy()
+        quads, qsizes = ffhq_quads(landmarks)
+        plans = plan_crops(quads, qsizes, [sizes[i] for i in image_index], cfg.output_size, cfg.transform_size)
+        # The crops' one read back (the rows carry the faces to inversion and to the shard's output).
+        crops = crop_faces(on_device, image_index, None, cfg.output_size, cfg.transform_size, device=self.device,
+                           plans=plans).cpu().numpy()
         clock.lap("crop")
-        quads, _ = ffhq_quads(landmarks)
         n = 0
         for i, faces in enumerate(chosen):
             for box, score in faces:
@@ -147,6 +156,9 @@ class DeviceAligner:
                                           box=tuple(float(v) for v in box), score=score))
                 n += 1
         return out
+
+    def _clock(self) -> "PartClock":
+        return PartClock(self.part_seconds, self.part_cpu_seconds, self.on_part)
 
     def predict_boxes(self, images: list[torch.Tensor], boxes: list) -> list[np.ndarray]:
         """(68, 2) float64 landmarks of the face in ``boxes[i]`` ((x0, y0, x1, y1), x1/y1 exclusive) of
@@ -189,19 +201,28 @@ def _detections(per_image: list[list]) -> list[list[Detection]]:
 
 
 class PartClock:
-    """Adds the time since the previous lap (or its creation) to ``seconds[part]`` (from 0 for a new part).
-    (An actor's calls stage and align at once, from threads of their own: the sums are added under a lock.)"""
+    """Adds the wall time since the previous lap (or its creation) to ``seconds[part]`` (from 0 for a new part),
+    and the calling thread's CPU time to ``cpu_seconds[part]`` when given; calls ``on_part(part, wall, cpu)``
+    when given. (An actor's calls stage and align at once, from threads of their own: the sums are added under
+    a lock.)"""
 
     _lock = threading.Lock()
 
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds, self.t = seconds, time.perf_counter()
+    def __init__(self, seconds: dict[str, float], cpu_seconds: dict[str, float] | None = None,
+                 on_part: Callable[[str, float, float], None] | None = None):
+        self.seconds, self.cpu_seconds, self.on_part = seconds, cpu_seconds, on_part
+        self.t, self.cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, part: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
+        wall, used = now - self.t, cpu - self.cpu
         with self._lock:
-            self.seconds[part] = self.seconds.get(part, 0.0) + now - self.t
-        self.t = now
+            self.seconds[part] = self.seconds.get(part, 0.0) + wall
+            if self.cpu_seconds is not None:
+                self.cpu_seconds[part] = self.cpu_seconds.get(part, 0.0) + used
+        if self.on_part is not None:
+            self.on_part(part, wall, used)
+        self.t, self.cpu = now, cpu
 
 
 def _dlib_rect(box) -> tuple[int, int, int, int]:
