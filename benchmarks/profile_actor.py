@@ -1,13 +1,17 @@
 """Where the aligning actor's time goes when alignment and inversion share one GPU: ``Inverter`` (align.backend
 torch) on chunks of new raw photos from 1 thread, then from as many threads at once as Ray runs it with 1 and
 with 2 alignment lanes (``--lanes``), without Ray, with each call's alignment and inversion timed in wall and in
-CPU time of its own thread, and the rows' statuses counted (an align_error stops the profile); the last lane
+CPU time of its own thread, and the rows' statuses counted (an align_error stops the profile). Per chunk, inside
+the actor (the pipeline's own calls, not alignment alone): alignment's wall and host (its thread's CPU) time per
+part (stage, upload, detect, landmarks, crop: pipeline.device_align.ALIGN_PARTS), and in a run of its own
+("syncs counted", 1 thread) the device -> host synchronisations of each part (on CUDA every synchronising call,
+torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist). The last lane
 count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
 bench_pipeline_raw_gpu.py).
 
-    python benchmarks/profile_actor.py --chunks 6 --lanes 1,2 --out actor_profile.txt    # GPU
+    python benchmarks/profile_actor.py --chunks 6 --lanes 1,2 --out actor_profile.json   # GPU
     python benchmarks/profile_actor.py --smoke                                    # CPU: checks it runs
 
 Photos, checkpoint and landmark trees: bench_pipeline_raw_gpu's (1024-1800 px, 0-2 faces, 10% faceless; the
@@ -21,8 +25,11 @@ import json
 import os
 import sys
 import tempfile
+import re
+import statistics
 import threading
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,6 +42,7 @@ from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig  # noqa: E402
+from pipeline.device_align import ALIGN_PARTS  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 
@@ -65,6 +73,123 @@ class StepTimes:
         n = max(1, len(self.wall))
         return {"calls": len(self.wall), "wall_ms_per_call": round(1e3 * sum(self.wall) / n, 1),
                 "cpu_ms_per_call": round(1e3 * sum(self.cpu) / n, 1)}
+
+
+class SyncCounter:
+    """Device -> host synchronisations per thread while ``counting``: on CUDA each call torch's sync debug mode
+    warns about (the warnings are counted, not shown); on a CPU each Tensor.cpu / .item / .tolist call, the
+    reads that would wait for the device on a GPU. ``count()``: the calling thread's total so far."""
+
+    _SYNC = re.compile("synchronizing CUDA operation")
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu, self.local, self.counting = on_gpu, threading.local(), False
+        self._patched: dict = {}
+        self._showwarning = None
+
+    def count(self) -> int:
+        return getattr(self.local, "n", 0)
+
+    def _add(self) -> None:
+        self.local.n = self.count() + 1
+
+    def start(self) -> None:
+        self.counting = True
+        if self.on_gpu:
+            self._showwarning = warnings.showwarning
+            warnings.filterwarnings("always", message=".*synchronizing CUDA operation")
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if self._SYNC.search(str(message)):
+                    self._add()
+                else:
+                    self._showwarning(message, category, filename, lineno, file, line)
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            return
+        for name in ("cpu", "item", "tolist"):
+            real = getattr(torch.Tensor, name)
+            self._patched[name] = real
+
+            def counted(t, *args, _real=real, **kwargs):
+                self._add()
+                return _real(t, *args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+
+    def stop(self) -> None:
+        self.counting = False
+        if self.on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._showwarning
+        for name, real in self._patched.items():
+            setattr(torch.Tensor, name, real)
+        self._patched.clear()
+
+
+class ChunkParts:
+    """Each align_photos call (a chunk) of the actor: its wall and CPU time, and per part of ALIGN_PARTS the wall
+    and CPU time (DeviceAligner.on_part, in the aligning thread) and the synchronisations (SyncCounter)."""
+
+    def __init__(self, syncs: SyncCounter):
+        self.syncs, self.local, self.lock = syncs, threading.local(), threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.chunks: list[dict] = []
+
+    def on_part(self, part: str, wall: float, cpu: float) -> None:
+        rec = getattr(self.local, "rec", None)
+        if rec is None:
+            return
+        entry = rec["parts"].setdefault(part, {"wall_ms": 0.0, "cpu_ms": 0.0, "syncs": 0})
+        entry["wall_ms"] += 1e3 * wall
+        entry["cpu_ms"] += 1e3 * cpu
+        now = self.syncs.count()
+        entry["syncs"] += now - self.local.mark
+        self.local.mark = now
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            self.local.rec = {"parts": {}}
+            self.local.mark = self.syncs.count()
+            start_syncs = self.local.mark
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec = self.local.rec
+                rec["wall_ms"] = 1e3 * (time.perf_counter() - w)
+                rec["cpu_ms"] = 1e3 * (time.thread_time() - c)
+                rec["syncs"] = self.syncs.count() - start_syncs
+                self.local.rec = None
+                with self.lock:
+                    self.chunks.append(rec)
+        return timed
+
+    def summary(self, counted: bool) -> dict:
+        """Medians over the chunks: the call's wall and CPU ms and each part's (with syncs when counted)."""
+        if not self.chunks:
+            return {}
+        med = lambda values: round(statistics.median(values), 1)  # noqa: E731
+        keys = ("wall_ms", "cpu_ms") + (("syncs",) if counted else ())
+        out = {"chunks": len(self.chunks), **{k: med([c[k] for c in self.chunks]) for k in keys}}
+        for part in ALIGN_PARTS:
+            rows = [c["parts"][part] for c in self.chunks if part in c["parts"]]
+            if rows:
+                out[part] = {k: med([r[k] for r in rows]) for k in keys}
+        return out
+
+    def table(self, counted: bool) -> list[str]:
+        """One line per chunk: the call's and each part's wall / CPU ms (and syncs when counted)."""
+        head = "chunk  call wall/cpu ms" + (" syncs" if counted else "") + "".join(
+            f" | {p} wall/cpu" + (" syncs" if counted else "") for p in ALIGN_PARTS)
+        lines = [head]
+        for k, c in enumerate(self.chunks):
+            cell = lambda r: (f"{r['wall_ms']:.1f}/{r['cpu_ms']:.1f}"  # noqa: E731
+                              + (f" {r['syncs']}" if counted else ""))
+            lines.append(f"{k:5d}  {cell(c)}" + "".join(
+                f" | {cell(c['parts'][p])}" if p in c["parts"] else " | -" for p in ALIGN_PARTS))
+        return lines
 
 
 def run_threads(worker, chunks, threads: int) -> tuple[float, collections.Counter]:
@@ -133,7 +258,7 @@ def main() -> None:
     lane_counts = [int(v) for v in a.lanes.split(",")]
     switch_intervals = [float(v) for v in a.switch_intervals.split(",") if v]
     # 1 thread; each lane count; the last one at each other GIL switch interval; then under torch.profiler.
-    runs = ([("1 thread", 1, 1, None)] + [(f"{n + 2} threads, {n} lane(s)", n + 2, n, None) for n in lane_counts]
+    runs = ([("1 thread", 1, 1, None), ("1 thread, syncs counted", 1, 1, "syncs")] + [(f"{n + 2} threads, {n} lane(s)", n + 2, n, None) for n in lane_counts]
             + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), GIL switch interval {s * 1e3:g} ms",
                 lane_counts[-1] + 2, lane_counts[-1], s) for s in switch_intervals]
             + [(f"{lane_counts[-1] + 2} threads, {lane_counts[-1]} lane(s), torch.profiler", lane_counts[-1] + 2,
@@ -152,7 +277,11 @@ def main() -> None:
     worker.invert_chunks(chunks[0])  # warm-up
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     align_times, invert_times = StepTimes(), StepTimes()
+    syncs = SyncCounter(on_gpu)
+    chunk_parts = ChunkParts(syncs)
     worker.aligner.align = align_times.wrap(worker.aligner.align)
+    worker.aligner.on_part = chunk_parts.on_part
+    inverter.align_photos = chunk_parts.wrap(inverter.align_photos)
     inverter.invert_faces = invert_times.wrap(inverter.invert_faces)
     lines = [f"Inverter on {device}, {a.stages} stages, batch {a.batch}, chunks of {group} new photos "
              f"({sides[0]}-{sides[1]} px), init {worker.info()['init_seconds']}"]
@@ -162,6 +291,7 @@ def main() -> None:
         worker.set_align_lanes(lanes)
         align_times.reset()
         invert_times.reset()
+        chunk_parts.reset()
         before = worker.align_part_seconds()
         actor_interval = sys.getswitchinterval()
         if isinstance(how, float):
@@ -175,6 +305,13 @@ def main() -> None:
                 sync()
             trace = os.path.join(work, "trace.json")
             prof.export_chrome_trace(trace)
+        elif how == "syncs":
+            syncs.start()
+            try:
+                seconds, statuses = run_threads(worker, mine, threads)
+                sync()
+            finally:
+                syncs.stop()
         else:
             seconds, statuses = run_threads(worker, mine, threads)
             sync()
@@ -183,15 +320,21 @@ def main() -> None:
         entry = {"photos_s": round(n_photos / seconds, 1), "seconds": round(seconds, 2), "statuses": dict(statuses),
                  "align": align_times.summary(), "invert": invert_times.summary(),
                  "align_parts_ms_per_chunk": per_chunk_ms(
-                     {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine))}
+                     {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine)),
+                 "align_per_chunk_median": chunk_parts.summary(counted=how == "syncs")}
         if how == "torch.profiler" and on_gpu:
             entry["kernels"] = kernel_summary(trace, seconds, len(mine))
         result[name] = entry
         lines.append(f"{name}: {json.dumps(entry)}")
         print(lines[-1], flush=True)
+        if threads == 1:  # per chunk: alignment's parts inside the actor, wall / host CPU ms (and syncs)
+            entry["align_chunks"] = chunk_parts.chunks
+            table = chunk_parts.table(counted=how == "syncs")
+            lines += table
+            print("\n".join(table), flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            json.dump({"header": lines[0], "runs": result, "lines": lines}, f, indent=1)
 
 
 if __name__ == "__main__":
