@@ -9,8 +9,15 @@ import uuid
 from typing import Any, Iterator
 
 import fsspec
-from botocore.exceptions import BotoCoreError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
 from fsspec.core import url_to_fs
+
+try:
+    from botocore.exceptions import BotoCoreError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+except ImportError:  # botocore comes with s3fs, which only s3:// URLs need: without it no S3 error can occur
+    class _NoS3Error(Exception):
+        """Never raised: stands for botocore's errors where botocore is not installed."""
+
+    BotoCoreError = ConnectTimeoutError = EndpointConnectionError = NoCredentialsError = _NoS3Error
 
 __all__ = ["StorageError", "S3_CONNECT_TIMEOUT_S", "S3_MAX_ATTEMPTS", "storage_options", "storage_errors", "require_bucket", "get_fs",
            "join", "to_uri", "is_local", "ensure_dir", "atomic_put", "put_then_rename"]

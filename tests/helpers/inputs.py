@@ -62,11 +62,16 @@ def pipeline_config(input_url: str, output_url: str, checkpoint: str, endpoint: 
     base = {"input": {"url": input_url}, "output": {"url": output_url},
             "model": {"checkpoint": checkpoint, "batch_size": 4}, "align": {"enabled": False},
             "storage": {"endpoint_url": endpoint}, "ray": {"chunk_size": 4}, "progress": False, "retries": 1}
+    return resolve(base, nested_overrides(sets))
+
+
+def nested_overrides(sets: dict) -> dict:
+    """Keyword overrides with '__' for dots (``model__batch_size=2``) as the nested mapping configs merge."""
     over: dict = {}
-    for k, v in sets.items():
+    for key, value in sets.items():
         cur = over
-        parts = k.split("__")
+        parts = key.split("__")
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
-        cur[parts[-1]] = v
-    return resolve(base, over)
+        cur[parts[-1]] = value
+    return over

@@ -302,3 +302,20 @@ def test_decode_tasks_yield_to_actors_that_align(tmp_path, backend, niceness, wa
     # lower_priority raises the niceness to the value asked (never lowers it), so under a runner that is
     # already nice the child ends at the larger of the two.
     assert got == {"niceness": max(os.nice(0), want), "rows": 3}
+
+
+def test_local_runs_need_no_s3_packages():
+    """botocore and s3fs are needed for s3:// URLs only: the pipeline's modules import and a local storage call
+    works without them (the GPU machines used for benchmarks have neither)."""
+    code = ("import sys; sys.modules['botocore'] = None; sys.modules['s3fs'] = None\n"
+            "import pipeline.inverter, pipeline.storage as s, benchmarks.bench_pipeline_raw_gpu\n"
+            "with s.storage_errors('input.url', '.'):\n"
+            "    fs, path = s.get_fs('.')\n"
+            "assert fs.exists(path)\n"
+            "try:\n"
+            "    with s.storage_errors('input.url', '.'):\n"
+            "        raise KeyError('passes through')\n"
+            "except KeyError:\n"
+            "    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

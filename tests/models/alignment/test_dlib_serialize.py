@@ -19,7 +19,7 @@ from PIL import Image
 from models.alignment.detector import BUNDLED_DETECTOR_FILE
 from models.alignment.formats import (DetectorFileError, DlibFormatError, DlibReader, DlibWriter, _parse_detector,
                                       detector_with_max_levels, encode_float, encode_int)
-from tests.helpers.paths import DATA_DIR
+from helpers.paths import DATA_DIR
 
 
 def _reference_encode_int(value: int) -> bytes:

@@ -13,10 +13,12 @@ import os
 import pytest
 import torch
 
+from helpers.inputs import nested_overrides
 from helpers.paths import REPO_ROOT
 from models.checkpoint import load_e2style, read_checkpoint
 from models.factory import atomic_save, generator_checkpoint
 from models.stylegan2 import Generator, default_channels
+from pipeline.training.config import resolve_config
 
 torch.set_num_threads(2)
 
@@ -42,8 +44,6 @@ def native_pool(monkeypatch):
 
 
 def make_cfg(out, generator, **over):
-    from pipeline.training.config import resolve_config
-
     base = {
         "output_dir": str(out), "generator": generator,
         "loss": {"lpips": 0.0, "id": 0.0, "parse": 0.0, "latent": 1.0},
@@ -53,13 +53,7 @@ def make_cfg(out, generator, **over):
         "data": {"val_count": 8, "val_batch_size": 8},
         "progress": False,
     }
-    for key, value in over.items():
-        cur = base
-        parts = key.split("__")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = value
-    return resolve_config(base)
+    return resolve_config(base, nested_overrides(over))
 
 
 def quiet(msg):
