@@ -7,7 +7,8 @@ photos already on the device, its device time per call, and where that time goes
 Photos: bench_pipeline_raw_gpu.make_photos (JPEG-decoded, --min-side..--max-side px, 0-2 faces), as host
 arrays (the call includes their upload) and already on the device (their detections must be the same:
 exit status 1 otherwise). One warm-up call, then the median of --repeats calls timed with CUDA events (wall
-time of the call: host work included); "device ms" sums the kernels' and copies' time of one call
+time of the call: host work included); "host ms" is the call's wall time less its waits in synchronising torch
+calls (the host's own work, launches included), "syncs" their number; "device ms" sums the kernels' and copies' time of one call
 (torch.profiler): what the detector takes from a GPU it shares with inversion. ``--variants``: other tile
 sizes and batching settings (VARIANTS), each timed on the device photos in the same run, and each required to
 give the default's detections.
@@ -25,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from models.alignment import detector as detector_module  # noqa: E402
 from models.alignment import fhog, filters  # noqa: E402
@@ -45,6 +47,44 @@ VARIANTS = {
     "padding 2": {(detector_module, "_MAX_PADDING"): 2.0},
     "padding 4": {(detector_module, "_MAX_PADDING"): 4.0},
 }
+
+
+# Torch calls that make the host wait for the device (transfers to the host, nonzero's size, item, bool).
+SYNCS = {"cpu", "item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "equal", "synchronize"}
+
+
+class HostTime(TorchFunctionMode):
+    """Host time of a call: its wall time less the time spent waiting in synchronising torch calls (each torch
+    call also costs this mode a microsecond or two, included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waited = 0.0
+        self.syncs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") not in SYNCS:
+            return func(*args, **(kwargs or {}))
+        self.syncs += 1
+        t = time.perf_counter()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.waited += time.perf_counter() - t
+
+
+def host_ms(fn, repeats: int, sync) -> tuple[float, int]:
+    """Median host ms of ``fn`` (wall time less its waits for the device) and its number of synchronisations."""
+    times, syncs = [], 0
+    for _ in range(repeats):
+        sync()
+        mode = HostTime()
+        t = time.perf_counter()
+        with mode:
+            fn()
+        times.append(time.perf_counter() - t - mode.waited)
+        syncs = mode.syncs
+    return statistics.median(times) * 1e3, syncs
 
 
 def main() -> int:
@@ -98,11 +138,17 @@ def main() -> int:
     want = detector.detect(photos)
     got = detector.detect(resident)
     rows = []
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    per_64 = 64 / len(photos)
     for source, images in (("host arrays", photos), ("on the device", resident)):
         s = timed(lambda: detector.detect(images))
+        host, syncs = host_ms(lambda: detector.detect(images), a.repeats, sync)
         rows.append({"variant": "default", "photos from": source, "ms": round(s * 1e3, 1),
                      "photos/s": round(len(photos) / s, 1), "MP/s": round(megapixels / s, 1),
-                     "device ms": round(device_ms(lambda: detector.detect(images)), 1)})
+                     "device ms": round(device_ms(lambda: detector.detect(images)), 1),
+                     "host ms": round(host, 1), "syncs": syncs})
+        rows[-1]["device ms per 64"] = round(rows[-1]["device ms"] * per_64, 1)
+        rows[-1]["host ms per 64"] = round(host * per_64, 1)
         print(rows[-1], flush=True)
     differ = []
     for name in (a.variants.split(",") if a.variants else []):
@@ -114,9 +160,13 @@ def main() -> int:
             if detector.detect(resident) != want:
                 differ.append(name)
             s = timed(lambda: detector.detect(resident))
+            host, syncs = host_ms(lambda: detector.detect(resident), a.repeats, sync)
             rows.append({"variant": name, "photos from": "on the device", "ms": round(s * 1e3, 1),
                          "photos/s": round(len(photos) / s, 1), "MP/s": round(megapixels / s, 1),
-                         "device ms": round(device_ms(lambda: detector.detect(resident)), 1)})
+                         "device ms": round(device_ms(lambda: detector.detect(resident)), 1),
+                         "host ms": round(host, 1), "syncs": syncs})
+            rows[-1]["device ms per 64"] = round(rows[-1]["device ms"] * per_64, 1)
+            rows[-1]["host ms per 64"] = round(host * per_64, 1)
             print(rows[-1], flush=True)
         finally:
             for (module, k), v in saved.items():
@@ -132,9 +182,11 @@ def main() -> int:
     print(table)
     print(f"\n{a.photos} photos, {a.min_side}-{a.max_side} px ({megapixels:.1f} MP), {dev}, "
           f"{sum(len(d) for d in want)} detections")
-    print("| variant | photos from | ms per call | photos/s | MP/s | device ms per call |\n|---|---|---|---|---|---|")
+    print("| variant | photos from | ms per call | photos/s | MP/s | device ms per call | device ms per 64 photos | "
+          "host ms per call | host ms per 64 photos | syncs |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['photos from']} | {r['ms']} | {r['photos/s']} | {r['MP/s']} | {r['device ms']} |")
+        print(f"| {r['variant']} | {r['photos from']} | {r['ms']} | {r['photos/s']} | {r['MP/s']} | {r['device ms']} | "
+              f"{r['device ms per 64']} | {r['host ms']} | {r['host ms per 64']} | {r['syncs']} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"rows": rows, "profile": table}, f, indent=1)
