@@ -1,0 +1,74 @@
+"""The detector's batch plan (models/alignment/batch_plan.py) on the host: each level's photos are a prefix of the
+batch's order with dlib's pyramid sizes, photos not scored at a level are given no HOG cell, the levels' score
+buffers tile one buffer, and every table the plan uploads in one copy comes back as the per-level functions make
+it; window boxes with per-window levels are the per-level boxes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.alignment.batch_plan import plan_batch
+from models.alignment.detector import BUNDLED_DETECTOR_FILE
+from models.alignment.fhog import fhog_layout
+from models.alignment.filters import filter_bounds
+from models.alignment.formats import read_detector_file
+from models.alignment.pyramid import count_pyramid_levels, plan_resize, pyramid_level_size, window_boxes
+
+MODEL = read_detector_file(BUNDLED_DETECTOR_FILE)
+
+
+def test_window_boxes_with_a_level_per_window_are_each_levels_boxes():
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(5, 300, 400), rng.integers(5, 300, 400)
+    levels = rng.integers(0, 12, 400)
+    together = window_boxes(rows, cols, levels, MODEL)
+    for level in np.unique(levels):
+        sel = levels == level
+        assert np.array_equal(together[sel], window_boxes(rows[sel], cols[sel], int(level), MODEL)), level
+    assert window_boxes(rows[:0], cols[:0], levels[:0], MODEL).shape == (0, 4)
+
+
+def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
+    sizes = [(300, 410), (95, 120), (640, 480), (70, 70), (200, 90)]
+    runs = [[0], [0], [2, 4], [0], [1]]
+    plan = plan_batch(sizes, runs, MODEL, None, 5)
+    assert sorted(plan.order) == list(range(len(sizes)))
+    depth = {k: max(end for _, end in plan.spans[k]) for k in range(len(sizes))}
+    for k, photo_runs in enumerate(runs):
+        assert [j for j, _ in plan.spans[k]] == photo_runs
+        for j, end in plan.spans[k]:
+            assert end - j == count_pyramid_levels(*pyramid_level_size(sizes[k], j), MODEL)
+    offset = 0
+    counts = [lp.count for lp in plan.levels]
+    assert counts == sorted(counts, reverse=True) and len(counts) == max(depth.values())
+    for lp in plan.levels:
+        members = plan.order[:lp.count]
+        # The level's photos: those that go through it, first in the batch's order.
+        assert sorted(members) == sorted(k for k in range(len(sizes)) if depth[k] > lp.level)
+        assert lp.sizes == [pyramid_level_size(sizes[k], lp.level) for k in members]
+        assert lp.scored_sizes == [s if min(runs[k]) <= lp.level else (0, 0) for k, s in zip(members, lp.sizes)]
+        if lp.layout is not None:
+            want = fhog_layout(lp.scored_sizes, MODEL.fhog_window)
+            assert np.array_equal(lp.layout.hog, want.hog) and lp.layout.hog.max() > 0
+            assert lp.score_offset == offset and lp.score_shape[:2] == (lp.count, 5)
+            offset += lp.score_elements
+        if lp.resize is not None:
+            below = plan.levels[lp.level + 1]
+            assert lp.resize.in_sizes == lp.sizes[:below.count] and lp.resize.out_sizes == below.sizes
+    assert plan.score_elements == offset > 0
+    assert plan.levels[-1].resize is None
+    # Photo 2 is not scored at levels 0 and 1 (its runs start at 2): it holds no HOG cell there.
+    assert all(lp.layout.hog[plan.order.index(2)].max() == 0 for lp in plan.levels[:2])
+
+    extra = np.arange(5, dtype=np.float32)
+    back, = plan.upload("cpu", (extra,))
+    assert torch.equal(back, torch.from_numpy(extra))
+    for lp in plan.levels:
+        if lp.layout is not None:
+            for got, want in zip(lp.fhog_tables, lp.layout.kernel_tables()):
+                assert np.array_equal(got.numpy(), want)
+            assert np.array_equal(lp.bounds.numpy(), filter_bounds(lp.layout.hog, MODEL.fhog_window[0]))
+        if lp.resize is not None:
+            fresh = plan_resize(lp.resize.in_sizes, lp.resize.out_sizes)
+            for got, want in zip(lp.resize.device_tables, fresh.kernel_tables):
+                assert np.array_equal(got.numpy(), want)
