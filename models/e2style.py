@@ -17,10 +17,12 @@ from torch import nn
 
 from .encoders import E2StyleEncoder, WEncoder, pad_input_channels
 from .stylegan2 import Generator, Upsample
-from .stylegan2_kernels import use_styled_conv_kernel
 
 POOLED_SIZE = 256
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Operand dtypes the generator's fused kernels are checked and used for, per precision (fp16: bf16 too, for the
+# batches invert recomputes in bf16 after an fp16 overflow).
+FUSED_DTYPES = {"fp32": (torch.float32,), "bf16": (torch.bfloat16,), "fp16": (torch.float16, torch.bfloat16)}
 # torch.compile modes of optimize_for_gpu. "max-autotune" also records each compiled network as CUDA graphs of
 # its own; "max-autotune-no-cudagraphs" autotunes the same kernels (Triton convolution and matmul templates
 # against the libraries') without them, the form that fits inside capture_invert's one graph.
@@ -116,7 +118,7 @@ class E2Style(nn.Module):
 
     def optimize_for_gpu(self, channels_last: bool = True, compile: bool = False, kernels: bool = True,
                          compile_mode: str = "default", pool_before_rgb: bool = False,
-                         fused_min_size: int | None = None) -> "E2Style":
+                         fused_min_size: int | None = None, fused_upsample: bool = True) -> "E2Style":
         """channels_last activations (what cuDNN's tensor-core kernels want) and, optionally, torch.compile
         of the encoders and the synthesis network (fuses the elementwise epilogues) in ``compile_mode`` (one of
         COMPILE_MODES). Compilation happens on first use; if it fails there, the eager modules are used and a
@@ -130,14 +132,17 @@ class E2Style(nn.Module):
         (the same function: Generator.synthesis's ``pool_to``), so no 1024 px RGB image is made and, compiled,
         the pooling fuses into the last convolution's epilogue.
 
-        fused_min_size: the generator's non-upsampling layers at this size and above as one fused Triton kernel
-        each (models/stylegan2_kernels.py), where the kernel passed its check on this device; None: none."""
+        fused_min_size: the generator's StyledConvs at this size and above as one fused Triton kernel each
+        (models/stylegan2_kernels.py; the upsampling ones, models/stylegan2_upsample_kernel.py, unless
+        ``fused_upsample`` is False), each layer where its kernel passed its device check at the layer's channels
+        for the current precision's operands (fp16: bf16 too, the overflow fallback's); None: none."""
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.channels_last = channels_last
         self.pool_before_rgb = pool_before_rgb
-        fused = fused_min_size is not None and use_styled_conv_kernel(self.latent_avg.device)
-        self.decoder.set_fused_styled_convs(fused_min_size if fused else None)
+        device = self.latent_avg.device
+        self.decoder.set_fused_styled_convs(fused_min_size, fused_upsample, FUSED_DTYPES[self.precision],
+                                            trusted=lambda layer, dtype: layer.fused_kernel_passes(device, dtype))
         self._graphs = {}  # recorded for the networks as they were
         if kernels:
             for enc in (self.encoder_firststage, *self.encoder_refinestage_list):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stylegan2_kernels import styled_conv3x3
+from .stylegan2_kernels import styled_conv3x3, use_styled_conv_kernel
+from .stylegan2_upsample_kernel import styled_upconv3x3, upsample_phase_weights, use_upsample_kernel
 
 MODCONV_MODES = ("grouped", "shared")
 # Shared mode's upsampling convolution, all the same function: "transposed" folds the FIR blur into the 3x3
@@ -316,10 +317,11 @@ class StyledConv(nn.Module):
         self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample, blur_kernel=blur_kernel)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
-        self.fused = False  # the whole layer as one Triton kernel (Generator.set_fused_styled_convs)
+        # Operand dtypes for which the whole layer runs as one Triton kernel (Generator.set_fused_styled_convs).
+        self.fused_dtypes: frozenset = frozenset()
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fused and self.conv.mode == "shared" and not self.conv.upsample and not torch.is_grad_enabled():
+        if x.dtype in self.fused_dtypes and self.conv.mode == "shared" and not torch.is_grad_enabled():
             return self._forward_fused(x, style, noise)
         out = self.conv(x, style)
         if self.conv.mode == "shared" and not torch.is_grad_enabled():
@@ -332,18 +334,28 @@ class StyledConv(nn.Module):
             return F.leaky_relu_(out, 0.2).mul_(2**0.5)
         return self.activate(self.noise(out, noise=noise))
 
+    def fused_kernel_passes(self, device, dtype: torch.dtype) -> bool:
+        """Whether this layer's fused kernel passed its device check at its channels and ``dtype``."""
+        check = use_upsample_kernel if self.conv.upsample else use_styled_conv_kernel
+        return check(device, self.conv.in_channel, self.conv.out_channel, dtype)
+
     def _forward_fused(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """The shared form's inference as one kernel over NHWC activations (models/stylegan2_kernels.py): the
-        styles and the demodulation in float32 here, the rest in the kernel; the result in x's dtype, channels_last."""
+        """The shared form's inference as one kernel over NHWC activations (models/stylegan2_kernels.py; upsampling:
+        models/stylegan2_upsample_kernel.py): the styles, the demodulation and the weights in float32 here, the rest
+        in the kernel; the result in x's dtype, channels_last."""
         conv = self.conv
         with torch.autocast(x.device.type, enabled=False):
             s = conv.modulation(style.float())
             weight = conv.scale * conv.weight[0].float()  # (out, in, 3, 3)
             demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
+            if conv.upsample:
+                weight = upsample_phase_weights(weight, conv.blur.kernel)
+        scale = 2 if conv.upsample else 1
         if noise is None:
-            noise = x.new_empty(x.shape[0], 1, *x.shape[2:]).normal_()
-        out = styled_conv3x3(x.permute(0, 2, 3, 1), s, weight.permute(2, 3, 1, 0), demod, noise[:, 0],
-                             self.noise.weight, self.activate.bias)
+            noise = x.new_empty(x.shape[0], 1, scale * x.shape[2], scale * x.shape[3]).normal_()
+        fused = styled_upconv3x3 if conv.upsample else styled_conv3x3
+        out = fused(x.permute(0, 2, 3, 1), s, weight if conv.upsample else weight.permute(2, 3, 1, 0), demod,
+                    noise[:, 0], self.noise.weight, self.activate.bias)
         return out.permute(0, 3, 1, 2)
 
 
@@ -430,12 +442,15 @@ class Generator(nn.Module):
             if isinstance(m, ModulatedConv2d):
                 m.upsample_impl = form
 
-    def set_fused_styled_convs(self, min_size: int | None) -> None:
-        """The non-upsampling StyledConvs at ``min_size`` px and above run as one fused Triton kernel each (shared
-        mode, inference); None: none. Whether the kernel can be trusted on a device is the caller's check
-        (models/stylegan2_kernels.use_styled_conv_kernel)."""
-        for k, layer in enumerate(self.convs[1::2]):
-            layer.fused = min_size is not None and 2 ** (k + 3) >= min_size
+    def set_fused_styled_convs(self, min_size: int | None, upsample: bool = True,
+                               dtypes=(torch.float32, torch.float16, torch.bfloat16), trusted=None) -> None:
+        """The StyledConvs at ``min_size`` px and above (the upsampling ones too unless ``upsample`` is False) run as
+        one fused Triton kernel each (shared mode, inference) for operands of ``dtypes``, where ``trusted(layer,
+        dtype)`` says so (E2Style.optimize_for_gpu passes the device check, StyledConv.fused_kernel_passes; None:
+        all); min_size None: none."""
+        for k, layer in enumerate(self.convs):
+            wanted = min_size is not None and 2 ** (k // 2 + 3) >= min_size and (upsample or not layer.conv.upsample)
+            layer.fused_dtypes = frozenset(d for d in dtypes if wanted and (trusted is None or trusted(layer, d)))
 
     def set_skip_upsample_form(self, form: str) -> None:
         if form not in SKIP_UPSAMPLE_FORMS:

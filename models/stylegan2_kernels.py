@@ -185,7 +185,7 @@ def prepare_operands(name: str, x: torch.Tensor, s: torch.Tensor, weight: torch.
     if (weight.shape != weight_shape or s.shape != (b, cin) or demod.shape != (b, cout) or bias.shape != (cout,)):
         raise ValueError(f"{name}: shapes x {tuple(x.shape)}, s {tuple(s.shape)}, weight {tuple(weight.shape)}, "
                          f"demod {tuple(demod.shape)}, bias {tuple(bias.shape)} do not fit (B, H, W, Cin), (B, Cin), "
-                         f"{weight_shape[:-2] + ('Cin', 'Cout')}, (B, Cout), (Cout,)")
+                         f"({', '.join(map(str, weight_shape[:-2]))}, Cin, Cout), (B, Cout), (Cout,)")
     if noise.shape[-2:] != noise_size or noise.numel() not in (noise_size[0] * noise_size[1], b * noise_size[0] * noise_size[1]):
         raise ValueError(f"{name}: noise {tuple(noise.shape)} is not (1 or {b}, {noise_size[0]}, {noise_size[1]})")
     noise = noise.reshape(-1, *noise_size).contiguous()

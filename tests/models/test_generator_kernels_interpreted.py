@@ -22,6 +22,9 @@ from models.stylegan2 import Generator, StyledConv, default_channels
 
 # Shapes off the kernel's tiles (masks along pixels, input and output channels), per-sample and shared noise.
 SHAPES = [(2, 9, 13, 40, 24, True), (3, 16, 16, 32, 64, False), (1, 5, 7, 8, 16, True)]
+# Launch settings run on every shape: None (the interpreter's default, the largest tiles) and small tiles, so that
+# a layer spans several pixel, input and output channel tiles, the last ones partial.
+SETTINGS = [None, (32, 16, 16, 4, 1)]
 
 
 def official_layer(cin: int, cout: int, seed: int):
@@ -53,11 +56,13 @@ def check_against_official(dtype: torch.dtype, bound: float) -> None:
         with torch.no_grad():
             ref = layer(x, style, noise=noise).permute(0, 2, 3, 1)  # the official (grouped) form, float64
             s, weight, demod = kernel_arguments(layer, style)
-            out = kernels.styled_conv3x3(x.permute(0, 2, 3, 1).to(dtype), s.float(), weight.float(), demod.float(),
-                                 noise[:, 0].float(), float(layer.noise.weight), layer.activate.bias.float())
-        assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape)
-        err = ((out.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
-        assert err <= bound, f"{dtype} shape {SHAPES[i]}: per-sample relative error {err:.2e} > {bound:.0e}"
+            for settings in SETTINGS:
+                out = kernels.styled_conv3x3(x.permute(0, 2, 3, 1).to(dtype), s.float(), weight.float(),
+                                             demod.float(), noise[:, 0].float(), float(layer.noise.weight),
+                                             layer.activate.bias.float(), settings=settings)
+                assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape)
+                err = ((out.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+                assert err <= bound, f"{dtype} {SHAPES[i]} {settings}: per-sample relative error {err:.2e} > {bound:.0e}"
         print(f"  {dtype} {SHAPES[i]}: {err:.1e}")
 
 
@@ -71,16 +76,27 @@ def check_float16_within_the_reduced_precision_bound() -> None:
     check_against_official(torch.float16, 1e-3)
 
 
+# The device check's batch sizes here (on a GPU: kernels.CHECK_BATCHES, 1 to 128): the interpreter is slow.
+CHECK_BATCHES = (1, 2, 3)
+
+
 def check_device_self_check_passes_and_catches_a_wrong_kernel() -> None:
-    assert kernels.check_styled_conv_kernel(torch.device("cpu")) is None
+    for dtype in (torch.float16, torch.float32):  # not bf16: see test_generator_upsample_kernel_interpreted.py
+        assert kernels.check_styled_conv_kernel(torch.device("cpu"), 24, 40, dtype, batches=CHECK_BATCHES) is None
     assert kernels.use_styled_conv_kernel("cpu", use_triton=True)
     right = kernels.styled_conv3x3
-    try:  # a kernel that drops the noise must fail the check
-        kernels.styled_conv3x3 = lambda x, s, w, d, noise, nw, bias: right(x, s, w, d, noise, 0.0, bias)
-        problem = kernels.check_styled_conv_kernel(torch.device("cpu"))
-    finally:
-        kernels.styled_conv3x3 = right
-    assert problem is not None and "relative error" in problem, problem
+    wrong = {  # a kernel that drops the noise, and one wrong below the largest batch only
+        "relative error": lambda x, s, w, d, noise, nw, bias, **kw: right(x, s, w, d, noise, 0.0, bias, **kw),
+        "differs": lambda x, s, w, d, noise, nw, bias, **kw: right(x, s, w, d, noise, nw, bias, **kw) * (
+            1.01 if len(x) < max(CHECK_BATCHES) else 1.0),
+    }
+    for what, kernel in wrong.items():
+        try:
+            kernels.styled_conv3x3 = kernel
+            problem = kernels.check_styled_conv_kernel(torch.device("cpu"), 32, 32, batches=CHECK_BATCHES)
+        finally:
+            kernels.styled_conv3x3 = right
+        assert problem is not None and what in problem, (what, problem)
 
 
 def check_bad_shapes_are_named() -> None:
@@ -95,8 +111,9 @@ def check_bad_shapes_are_named() -> None:
 
 
 def check_generator_with_fused_layers_equals_the_torch_path() -> None:
-    """Generator.set_fused_styled_convs: the 32 and 64 px non-upsampling layers through the kernel (float32) give
-    the shared form's image; the kernel ran (a fused layer's forward is not the torch one)."""
+    """Generator.set_fused_styled_convs(upsample=False): the 32 and 64 px non-upsampling layers through the kernel
+    (float32) give the shared form's image; the kernel ran (a fused layer's forward is not the torch one). Both
+    kernels together: tests/models/test_generator_upsample_kernel_interpreted.py."""
     torch.manual_seed(0)
     G = Generator(64, channels=default_channels(2, 64))
     for name, p in G.named_parameters():
@@ -108,8 +125,8 @@ def check_generator_with_fused_layers_equals_the_torch_path() -> None:
     right = kernels.styled_conv3x3
     with torch.no_grad():
         ref = G.synthesis(w)
-        G.set_fused_styled_convs(32)
-        assert [layer.fused for layer in G.convs] == [False] * 5 + [True, False, True]
+        G.set_fused_styled_convs(32, upsample=False)
+        assert [bool(layer.fused_dtypes) for layer in G.convs] == [False] * 5 + [True, False, True]
         try:  # the generator's launches, counted
             stylegan2.styled_conv3x3 = lambda *args, **kw: calls.append(args[0].shape) or right(*args, **kw)
             out = G.synthesis(w)
