@@ -11,9 +11,12 @@ The procedure is NVlabs' ffhq-dataset ``recreate_aligned_images`` (rotate_level=
 from the landmarks, the Lanczos shrink of large faces, the crop, the reflect padding with blur and median blend,
 the bilinear QUAD transform to ``transform_size`` and the Lanczos resize to ``output_size``. The geometry (quads,
 crop boxes) is models/alignment/ffhq_geometry.py, the one copy the Pillow path uses too; the pixels are torch on
-``device``, resampled as Pillow does (models/alignment/resample.py). The padding blur
-(scipy.ndimage.gaussian_filter, mode 'reflect') is a float32 FFT convolution like the reference's own, so
-padded crops may differ from it by one grey level where a value lies near .5.
+``device``, resampled as Pillow does (models/alignment/resample.py); the padding step is
+models/alignment/ffhq_padding.py (its blur a float32 FFT convolution like the reference's own, so padded crops may
+differ from it by one grey level where a value lies near .5). Every step runs once for all faces of a call (or per
+group of padded faces of similar size, or per ``faces_per_chunk`` faces of the QUAD transform), except the Lanczos
+shrink of large faces, one resize per shrunk face (each has a box of its own). The photos are read where they
+lie when they are views of one buffer on the device (a chunk's upload).
 
 The upright re-prediction of rolled faces (upright_landmarks_batch, and upright_landmarks for one face) takes
 the 68-point predictor as a callable.
@@ -29,102 +32,13 @@ import torch
 from .device import photos_to_device, upload, upload_many
 from .ffhq_geometry import (REGION_MARGIN, UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, CropPlan, CropPlans, UprightGeometry,
                             fast_fft_len, ffhq_quads, plan_crops, upright_geometry)
+from .ffhq_padding import _channel_median, _gaussian_blur, blur_pad_faces  # noqa: F401 (the tests' names)
 from .flat_views import shared_flat, views_of
 from .resample import (ImageSources, affine_positions, affine_sample_regions, bilinear_sample, lanczos_resize,
                        quad_sample)
 
 __all__ = ["crop_faces", "eye_rolls_degrees", "regions_to_source", "upright_region", "upright_regions",
            "upright_landmarks", "upright_landmarks_batch"]
-
-
-# -- the padding step ------------------------------------------------------------------------------------------
-
-def _reflect_index(n: int, before: int, after: int, edge_repeats: bool, device) -> torch.Tensor:
-    """Indices into range(n) of an axis padded by ``before``/``after``: numpy's 'reflect' (d c b | a b c d,
-    edge_repeats=False) or 'symmetric' (c b a | a b c, edge_repeats=True), for pads of any length."""
-    i = torch.arange(-before, n + after, device=device)
-    if n == 1:
-        return torch.zeros_like(i)
-    period = 2 * n if edge_repeats else 2 * (n - 1)
-    i = torch.remainder(i, period)
-    return torch.where(i < n, i, period - (1 if edge_repeats else 0) - i)
-
-
-def _gaussian_blur(f: torch.Tensor, sigma: float, bucketed: bool | None = None) -> torch.Tensor:
-    """scipy.ndimage.gaussian_filter(f, [sigma, sigma, 0]) (mode 'reflect', truncate 4) of float32 (H, W, 3):
-    rows then columns, float32 between, each a float32 FFT convolution (the reference's own method).
-
-    ``bucketed`` (default: on CUDA): FFT lengths and batches rounded up to powers of two (zero rows added).
-    cuFFT makes a plan for each (length, batch) and torch caches them; every face has its own size, and a new
-    plan costs milliseconds of host time per face (BENCHMARKS.md), so the sizes are bucketed into a few dozen
-    plans. On CPUs plans are cheap: fast lengths, no padding."""
-    if bucketed is None:
-        bucketed = f.device.type == "cuda"
-    radius = int(4.0 * sigma + 0.5)
-    t = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 / (sigma * sigma) * t * t)
-    kernel /= kernel.sum()
-
-    def along_last(a: torch.Tensor) -> torch.Tensor:
-        n = a.shape[-1]
-        padded = a[..., _reflect_index(n, radius, radius, True, a.device)]
-        lines = padded.reshape(-1, padded.shape[-1])
-        if bucketed:
-            nfft = 1 << (n + 2 * radius - 1).bit_length()
-            lines = torch.nn.functional.pad(lines, (0, 0, 0, (1 << (len(lines) - 1).bit_length()) - len(lines)))
-        else:
-            nfft = fast_fft_len(n + 2 * radius)
-        k = torch.fft.rfft(upload(kernel.astype(np.float32), a.device), nfft)
-        # Circular convolution; outputs from 2r on see no wrap-around (nfft >= n + 2r).
-        out = torch.fft.irfft(torch.fft.rfft(lines, nfft) * k, nfft)
-        return out[: padded[..., 0].numel(), 2 * radius : 2 * radius + n].reshape(*a.shape[:-1], n)
-
-    down = along_last(f.permute(1, 2, 0))  # (W, 3, H)
-    return along_last(down.permute(2, 1, 0)).permute(0, 2, 1)  # (H, 3, W) -> (H, W, 3)
-
-
-def _pad_blend_weights(n: int, before: int, after: int) -> np.ndarray:
-    """1 - min(i / before, (n - 1 - i) / after) along one axis, as the reference computes it (float32
-    positions over numpy int64 pads: float64)."""
-    i = np.arange(n)
-    return 1.0 - np.minimum(np.float32(i) / np.int64(before), np.float32(n - 1 - i) / np.int64(after))
-
-
-def _channel_median(flat: torch.Tensor) -> torch.Tensor:
-    """np.median(flat, axis=0) of an (n, 3) float tensor: the middle value, or the mean of the two middle
-    values when n is even (in the tensor's dtype, as numpy's float32 mean of two).
-
-    One sort along the pixel axis of the (3, n) transpose, a segmented radix sort on CUDA, where torch.kthvalue
-    was most of the crop's GPU time on padded faces (BENCHMARKS.md); on CPU the sort is slower than kthvalue but
-    the crop's GPU path matters. The sorted values at n // 2 (and n // 2 - 1) are the very values kthvalue
-    selects, so the median is bit-identical."""
-    n = flat.shape[0]
-    ordered = torch.sort(flat.t().contiguous(), dim=1).values
-    if n % 2:
-        return ordered[:, n // 2]
-    return (ordered[:, n // 2 - 1] + ordered[:, n // 2]) / 2
-
-
-def _blur_pad(crop: torch.Tensor, pad: tuple, sigma: float) -> torch.Tensor:
-    """The FFHQ padding step on an (h, w, 3) uint8 crop: reflect padding, the blur blended in towards the
-    edges, then the median; rounded to uint8."""
-    h, w, _ = crop.shape
-    dev = crop.device
-    rows = _reflect_index(h, pad[1], pad[3], False, dev)
-    cols = _reflect_index(w, pad[0], pad[2], False, dev)
-    f = crop[rows][:, cols].float()
-    H, W, _ = f.shape
-    mx, my = _pad_blend_weights(W, pad[0], pad[2]), _pad_blend_weights(H, pad[1], pad[3])
-
-    def weight(wy: np.ndarray, wx: np.ndarray) -> torch.Tensor:
-        wy32, wx32 = upload(wy.astype(np.float32), dev), upload(wx.astype(np.float32), dev)
-        return torch.maximum(wy32[:, None, None], wx32[None, :, None])
-
-    if sigma > 1e-15:
-        f.lerp_(_gaussian_blur(f, sigma), weight(np.clip(my * 3.0 + 1.0, 0.0, 1.0), np.clip(mx * 3.0 + 1.0, 0.0, 1.0)))
-    median = _channel_median(f.reshape(-1, 3))
-    f.lerp_(median.expand_as(f), weight(np.clip(my, 0.0, 1.0), np.clip(mx, 0.0, 1.0)))
-    return f.round_().clamp_(0, 255).to(torch.uint8)
 
 
 # -- the batch ---------------------------------------------------------------------------------------------------
@@ -169,31 +83,49 @@ def crop_faces(
     if n == 0:
         return torch.empty((0, output_size, output_size, 3), dtype=torch.uint8, device=device)
 
-    # Faces whose crop is a window of the photo sample the photo buffer directly; shrunk or padded crops are
-    # made first, each its own canvas, and sampled from a second buffer.
-    on_canvas = (plans.shrink > 1) | plans.padded
-    direct_faces, canvas_faces = np.flatnonzero(~on_canvas), np.flatnonzero(on_canvas)
-    canvases = [_canvas(flat, int(face_starts[i]), tuple(face_sizes[i]), plans[i]) for i in canvas_faces]
+    # Where each face's QUAD transform samples: the photo buffer for a crop that is a window of its photo; the
+    # shrunk photos' buffer for a shrunk crop (each made by its own Lanczos resize: a box of its own); a group
+    # of padded canvases for a padded crop (made by blur_pad_faces from either, a few groups in all).
+    shrunk = np.flatnonzero(plans.shrink > 1)
+    padded = plans.padded
+    crop_w, crop_h = plans.crop[:, 2] - plans.crop[:, 0], plans.crop[:, 3] - plans.crop[:, 1]
+    base = face_starts + plans.crop[:, 1] * face_sizes[:, 0] + plans.crop[:, 0]
+    stride = face_sizes[:, 0].copy()
+    shrunk_buffer = None
+    if len(shrunk):
+        regions = [_shrink(flat, int(face_starts[i]), face_sizes[i], plans[i]) for i in shrunk]
+        shrunk_buffer = torch.cat(regions)
+        base[shrunk] = np.concatenate([[0], np.cumsum([len(r) for r in regions])[:-1]])
+        stride[shrunk] = crop_w[shrunk]
+    segments = []   # (buffer, its faces, their base rows and row strides in it)
+    plain = np.flatnonzero(~padded & (plans.shrink == 1))
+    shrunk_plain = np.flatnonzero(~padded & (plans.shrink > 1))
+    segments += [(flat, plain, base[plain], stride[plain]), (shrunk_buffer, shrunk_plain, base[shrunk_plain],
+                                                            stride[shrunk_plain])]
+    for buffer, faces in ((flat, np.flatnonzero(padded & (plans.shrink == 1))),
+                          (shrunk_buffer, np.flatnonzero(padded & (plans.shrink > 1)))):
+        if len(faces):
+            groups = blur_pad_faces(buffer, base[faces], stride[faces], np.stack([crop_w, crop_h], 1)[faces],
+                                    plans.pad[faces], plans.blur_sigma[faces])
+            segments += [(g.flat, faces[g.faces], g.base, g.stride) for g in groups]
+    segments = [seg for seg in segments if len(seg[1])]
 
-    # Where each face samples from, all faces uploaded at once: direct faces first, then canvas faces.
-    order = np.concatenate([direct_faces, canvas_faces])
-    canvas_size = plans.canvas_size
-    canvas_starts = np.concatenate([[0], np.cumsum([len(c) for c in canvases])]).astype(np.int64)
-    d = direct_faces
-    base = np.concatenate([face_starts[d] + plans.crop[d, 1] * face_sizes[d, 0] + plans.crop[d, 0], canvas_starts[:-1]])
-    stride = np.concatenate([face_sizes[d, 0], canvas_size[canvas_faces, 0]])
-    where, coeffs = upload_many([np.stack([base, stride, canvas_size[order, 0], canvas_size[order, 1]]),
-                                 plans.transform[order]], device)
-    canvas_buffer = torch.cat(canvases) if canvases else None
-
+    # All faces' tables uploaded at once, in the segments' order.
+    order = np.concatenate([faces for _, faces, _, _ in segments])
+    canvas = plans.canvas_size[order]
+    where, coeffs = upload_many([np.stack([np.concatenate([b for _, _, b, _ in segments]),
+                                           np.concatenate([st for _, _, _, st in segments]), canvas[:, 0],
+                                           canvas[:, 1]]), plans.transform[order]], device)
     crops = []
-    for first, count, buffer in ((0, len(direct_faces), flat), (len(direct_faces), len(canvas_faces), canvas_buffer)):
-        for c in range(first, first + count, faces_per_chunk):
-            chunk = slice(c, min(c + faces_per_chunk, first + count))
+    first = 0
+    for buffer, faces, _, _ in segments:
+        for c in range(first, first + len(faces), faces_per_chunk):
+            chunk = slice(c, min(c + faces_per_chunk, first + len(faces)))
             warped = quad_sample(buffer, ImageSources(*where[:, chunk]), coeffs[chunk], transform_size, use_triton)
             if output_size < transform_size:
                 warped = lanczos_resize(warped, (output_size, output_size))
             crops.append(warped)
+        first += len(faces)
     crops = torch.cat(crops)
     if (order == np.arange(n)).all():
         return crops
@@ -202,19 +134,13 @@ def crop_faces(
     return out
 
 
-def _canvas(flat: torch.Tensor, start: int, size: tuple[int, int], plan: CropPlan) -> torch.Tensor:
-    """A shrunk or padded face's canvas, (h * w, 3) uint8: its photo (at ``start`` of ``flat``, ``size`` (w, h))
-    shrunk by Lanczos and cropped, then padded (plan_crop's numbers)."""
+def _shrink(flat: torch.Tensor, start: int, size, plan: CropPlan) -> torch.Tensor:
+    """A shrunk face's crop, (h * w, 3) uint8: its photo (at ``start`` of ``flat``, ``size`` (w, h)) resized by
+    Lanczos from plan_crop's shrink box to the crop's size."""
     w, h = (int(v) for v in size)
     photo = flat[start : start + w * h].view(h, w, 3)
     x0, y0, x1, y1 = plan.crop
-    if plan.shrink > 1:
-        region = lanczos_resize(photo[None], (x1 - x0, y1 - y0), plan.shrink_box)[0]
-    else:
-        region = photo[y0:y1, x0:x1]
-    if plan.padded:
-        region = _blur_pad(region, plan.pad, plan.blur_sigma)
-    return region.reshape(-1, 3)
+    return lanczos_resize(photo[None], (x1 - x0, y1 - y0), plan.shrink_box)[0].reshape(-1, 3)
 
 
 # -- upright re-prediction of rolled faces ------------------------------------------------------------------------

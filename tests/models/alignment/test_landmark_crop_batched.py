@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from helpers.face_variants import load_photo
-from models.alignment import ffhq_crop
+from models.alignment import ffhq_crop, ffhq_padding
 from models.alignment.ffhq_crop import (crop_faces, eye_rolls_degrees, regions_to_source, upright_region,
                                         upright_regions)
+from models.alignment.ffhq_padding import _blur_pad, blur_pad_faces
 from models.alignment.ffhq_geometry import (UPRIGHT_ABOVE, eye_roll_degrees, ffhq_quads, plan_crop, plan_crops,
                                             upright_geometry)
 from models.alignment.flat_views import shared_flat, views_of
@@ -202,3 +203,35 @@ def test_device_aligner_reads_back_once_per_round(monkeypatch):
     assert len(calls) >= 2, calls  # the rolled faces made at least one upright round
     assert reads.parts["landmarks"] == len(calls) and reads.parts["crop"] == 1, (reads.parts, calls)
     assert all(aligner.part_cpu_seconds[p] > 0 for p in ("stage", "upload", "detect", "landmarks", "crop"))
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_padding_in_groups_equals_padding_face_by_face(bucketed, monkeypatch):
+    """blur_pad_faces (faces of several sizes and pads, grouped into dense canvases) against _blur_pad face by face:
+    the same canvases, but for the blur's FFT length (the group's), within a grey level on a few values."""
+    rng = np.random.default_rng(8)
+    flat = torch.from_numpy(rng.integers(0, 256, (400 * 300, 3), dtype=np.uint8))
+    photo = flat.view(300, 400, 3)
+    crops = np.array([(50, 40), (61, 73), (120, 90), (13, 9), (200, 150), (1, 5)])
+    corners = np.array([(0, 0), (300, 200), (10, 100), (380, 290), (150, 20), (0, 295)])
+    pads = np.array([(12, 30, 5, 7), (40, 40, 40, 40), (3, 1, 1, 60), (20, 20, 20, 20), (60, 45, 60, 45),
+                     (4, 3, 2, 1)])
+    sigmas = np.array([1.3, 2.7, 0.0, 0.6, 4.1, 0.3])
+    monkeypatch.setattr(ffhq_padding, "GROUP_PIXELS", 60_000)  # several groups, one face alone
+    groups = blur_pad_faces(flat, corners[:, 1] * 400 + corners[:, 0], np.full(6, 400), crops, pads, sigmas,
+                            bucketed=bucketed)
+    assert len(groups) >= 3 and sorted(np.concatenate([g.faces for g in groups]).tolist()) == list(range(6))
+    differ = 0
+    for g in groups:
+        for b, i in enumerate(g.faces):
+            (x, y), (w, h) = corners[i], crops[i]
+            want = _blur_pad(photo[y:y + h, x:x + w], tuple(pads[i]), float(sigmas[i]))
+            H, W = want.shape[:2]
+            got = g.canvases[b, :H, :W]
+            assert torch.equal(g.flat[g.base[b]:g.base[b] + H * g.stride[b]].view(H, g.stride[b], 3)[:, :W], got)
+            diff = (got.int() - want.int()).abs()
+            assert int(diff.max()) <= 1, i
+            differ += int((diff > 0).sum())
+            if sigmas[i] == 0:  # no blur: nothing of the FFT, the same arithmetic throughout
+                assert torch.equal(got, want), i
+    assert differ <= 1e-3 * sum(int(np.prod(crops[i] + pads[i, :2] + pads[i, 2:])) * 3 for i in range(6)), differ
