@@ -11,7 +11,8 @@ shift (synthetic, but exact for the photo as built).
 
 Device path: the whole crop_faces call (host uint8 photos through pinned memory, geometry on the host,
 padding, the QUAD transform, the Lanczos resize), timed with CUDA events after ``--warmup`` untimed calls;
-the median of ``--iters``. "resident" rows start from photos already on the device. The CPU row is
+the median of ``--iters``, with the calling thread's host CPU time per call. "resident" rows start from photos
+already on the device as the actor holds them (views of one buffer). The CPU row is
 Pillow's ffhq_crop on one thread, per face, over ``--cpu-faces`` faces (median seconds per face).
 Agreement: max grey-level difference and PSNR of the device crops against the CPU crops of those faces.
 """
@@ -31,7 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from models.alignment.device import photos_to_device  # noqa: E402
 from models.alignment.ffhq_crop import crop_faces  # noqa: E402
+from models.alignment.flat_views import views_of  # noqa: E402
 from models.alignment.ffhq_geometry import ffhq_quad, ffhq_quads, plan_crop  # noqa: E402
 from pipeline.align import get_aligner  # noqa: E402
 from pipeline.crop import ffhq_crop, ffhq_quad  # noqa: E402
@@ -111,9 +114,11 @@ def _tiled(texture: Image.Image, W: int, H: int) -> Image.Image:
 
 
 def time_device(photos, landmarks, args, device, faces_per_chunk: int, resident: bool):
-    """Median seconds per crop_faces call and peak device memory (GiB)."""
-    if resident:
-        photos = [torch.from_numpy(p.copy()).to(device) for p in photos]
+    """Median seconds per crop_faces call (device time on CUDA), median host CPU seconds of the calling thread per
+    call (the call returns before its kernels end: no read back inside), and peak device memory (GiB)."""
+    if resident:  # as the actor holds a chunk: views of one buffer on the device
+        flat, starts, sizes = photos_to_device(photos, device)
+        photos = views_of(flat, starts, sizes)
     index = list(range(len(photos)))
 
     def run():
@@ -122,7 +127,7 @@ def time_device(photos, landmarks, args, device, faces_per_chunk: int, resident:
 
     for _ in range(args.warmup):
         run()
-    times = []
+    times, host = [], []
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -130,16 +135,19 @@ def time_device(photos, landmarks, args, device, faces_per_chunk: int, resident:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            c0 = time.thread_time()
             out = run()
+            host.append(time.thread_time() - c0)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = run()
             times.append(time.perf_counter() - t0)
+            host.append(time.thread_time() - c0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak, out
+    return statistics.median(times), statistics.median(host), peak, out
 
 
 def main():
@@ -153,7 +161,8 @@ def main():
     p.add_argument("--edge-fraction", type=float, default=0.3)
     p.add_argument("--output-size", type=int, default=256)
     p.add_argument("--transform-size", type=int, default=1024)
-    p.add_argument("--faces-per-chunk", default="4,8,16")
+    p.add_argument("--faces-per-chunk", default="8,16,32")
+    p.add_argument("--out", default="", help="write the table as JSON here")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--save-landmarks", action="store_true", help=f"write dlib's landmarks to {LANDMARKS_FILE} and exit")
     p.add_argument("--iters", type=int, default=10)
@@ -181,9 +190,9 @@ def main():
     rows, last = [], None
     for chunk in [int(c) for c in args.faces_per_chunk.split(",")]:
         for resident in (False, True):
-            sec, peak, last = time_device(photos, landmarks, args, device, chunk, resident)
+            sec, host, peak, last = time_device(photos, landmarks, args, device, chunk, resident)
             path = f"{device.type} {'resident' if resident else 'from host'}"
-            rows.append((path, chunk, sec * 1e3, len(photos) / sec, peak))
+            rows.append((path, chunk, sec * 1e3, host * 1e3, len(photos) / sec, peak))
 
     # CPU reference path: Pillow on one thread, one face at a time.
     threads = torch.get_num_threads()
@@ -200,16 +209,23 @@ def main():
         psnrs.append(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse))
     torch.set_num_threads(threads)
     per_face = statistics.median(cpu_times)
-    rows.append(("cpu Pillow, 1 thread", 1, per_face * len(photos) * 1e3, 1 / per_face, float("nan")))
+    rows.append(("cpu Pillow, 1 thread", 1, per_face * len(photos) * 1e3, per_face * len(photos) * 1e3, 1 / per_face,
+                 float("nan")))
 
-    print(f"\n{'path':22s} {'chunk':>5s} {'ms/batch':>10s} {'crops/s':>9s} {'peak GiB':>9s}")
-    for path, chunk, ms, rate, peak in rows:
-        print(f"{path:22s} {chunk:5d} {ms:10.1f} {rate:9.1f} {peak:9.2f}")
+    print(f"\n{'path':22s} {'chunk':>5s} {'ms/batch':>10s} {'host ms':>8s} {'crops/s':>9s} {'peak GiB':>9s}")
+    for path, chunk, ms, host_ms, rate, peak in rows:
+        print(f"{path:22s} {chunk:5d} {ms:10.1f} {host_ms:8.1f} {rate:9.1f} {peak:9.2f}")
     finite = [v for v in psnrs if math.isfinite(v)]
     print(f"\nagreement on {k} faces: max grey diff {worst_diff}, PSNR min "
           f"{min(psnrs):.1f} dB, {k - len(finite)} identical"
           + (f", mean over inexact {statistics.mean(finite):.1f} dB" if finite else ""))
-    print("(CPU ms/batch: per-face median x batch size)")
+    print("(CPU ms/batch: per-face median x batch size; host ms: the calling thread's CPU time per call)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": name, "photos": len(photos), "padded": int(padded), "shrunk": int(shrunk),
+                       "rows": [dict(zip(("path", "faces_per_chunk", "ms_per_batch", "host_ms", "crops_s", "peak_gib"),
+                                         r)) for r in rows],
+                       "agreement": {"faces": k, "max_grey_diff": worst_diff, "min_psnr_db": min(psnrs)}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..kernel_check import use_kernels
 from .device import photos_to_device, upload, upload_many
 from .ffhq_geometry import (REGION_MARGIN, UPRIGHT_ABOVE, UPRIGHT_AGAIN_ABOVE, CropPlan, CropPlans, UprightGeometry,
                             fast_fft_len, ffhq_quads, plan_crops, upright_geometry)
 from .ffhq_padding import _channel_median, _gaussian_blur, blur_pad_faces  # noqa: F401 (the tests' names)
 from .flat_views import shared_flat, views_of
-from .resample import (ImageSources, affine_positions, affine_sample_regions, bilinear_sample, lanczos_resize,
-                       quad_sample)
+from .resample import (ImageSources, affine_positions, affine_sample_regions, bilinear_sample, check_quad_kernel,
+                       lanczos_resize, quad_sample)
 
 __all__ = ["crop_faces", "eye_rolls_degrees", "regions_to_source", "upright_region", "upright_regions",
            "upright_landmarks", "upright_landmarks_batch"]
@@ -51,15 +52,16 @@ def crop_faces(
     transform_size: int = 1024,
     enable_padding: bool = True,
     device=None,
-    faces_per_chunk: int = 8,
+    faces_per_chunk: int | None = None,
     plans: Sequence[CropPlan] | CropPlans | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """FFHQ crops of faces with ``landmarks`` (N, 68, 2) in ``photos[image_index[i]]``: (N, output_size,
     output_size, 3) uint8 on ``device`` (default: the first photo's device). Photos that are views of one buffer
-    on ``device`` (a chunk's upload) are read there; others are copied into one buffer first. The bilinear
-    transform runs ``faces_per_chunk`` faces at a time (its intermediates take about 150 * transform_size^2 bytes
-    per face). ``plans``: precomputed :func:`plan_crop` (or :func:`plan_crops`) results, otherwise made from the
+    on ``device`` (a chunk's upload) are read there; others are copied into one buffer first. The QUAD transform
+    and the final resize run ``faces_per_chunk`` faces at a time: by default 32 where the QUAD transform is its
+    Triton kernel (about 20 * transform_size^2 bytes a face in flight, the resize's), else 8 (the torch path's
+    float64 intermediates take about 150 * transform_size^2 bytes a face). ``plans``: precomputed :func:`plan_crop` (or :func:`plan_crops`) results, otherwise made from the
     landmarks. ``use_triton``: the QUAD transform's kernel (see models/kernel_check.py). Nothing is read back
     to the host."""
     if device is None:
@@ -82,6 +84,8 @@ def crop_faces(
     n = len(plans)
     if n == 0:
         return torch.empty((0, output_size, output_size, 3), dtype=torch.uint8, device=device)
+    if faces_per_chunk is None:
+        faces_per_chunk = 32 if use_kernels("quad", device, use_triton, check_quad_kernel) else 8
 
     # Where each face's QUAD transform samples: the photo buffer for a crop that is a window of its photo; the
     # shrunk photos' buffer for a shrunk crop (each made by its own Lanczos resize: a box of its own); a group
