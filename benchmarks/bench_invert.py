@@ -13,9 +13,13 @@ reconstruction. One table, printed last (also when `--time-limit` stops the run 
     python benchmarks/bench_invert.py --out $OUT/bench.json                 # the generator levers, batch 64
     python benchmarks/bench_invert.py --smoke                               # CPU: checks the script, not speed
 
-`--layer-bench`: the 1024 px non-upsampling StyledConv alone (32 -> 32 channels, fp16, NHWC) as torch eager,
-torch.compile'd and the fused Triton kernel (models/stylegan2_kernels.py) in a few tile settings, with each one's
-max per-sample relative error against float32 and the kernel's device check verdict; a second table.
+`--layer-bench`: the 1024 px StyledConv (32 -> 32 channels) and the 1024 and 512 px upsampling StyledConvs (64 -> 32,
+128 -> 64) alone, batch `--batch`, fp16, NHWC: torch eager, torch.compile'd, and the fused Triton kernels
+(models/stylegan2_kernels.py, models/stylegan2_upsample_kernel.py) autotuned (the setting it picked) and in each
+setting it may pick, with each one's max per-sample relative error against float32 and the kernel's device check
+(every setting, every batch size to 128) verdict and time; a second table.
+
+    python benchmarks/bench_invert.py --variants "" --layer-bench --out $OUT/layers.json   # the layers alone
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.e2style import E2Style  # noqa: E402
 from models.factory import build_e2style  # noqa: E402
 from models.stylegan2 import StyledConv  # noqa: E402
-from models.stylegan2_kernels import check_styled_conv_kernel, styled_conv3x3  # noqa: E402
+from models.stylegan2_kernels import (CHECK_BATCHES, CONV_SETTINGS, _styled_conv3x3_tuned,  # noqa: E402
+                                      check_styled_conv_kernel, fitting_settings, styled_conv3x3)
+from models.stylegan2_upsample_kernel import (UPSAMPLE_SETTINGS, _styled_upconv3x3_tuned,  # noqa: E402
+                                              check_upsample_kernel, styled_upconv3x3, upsample_phase_weights)
 
 PHOTOS = ("tests/data/astronaut.jpg", "tests/data/grace_hopper.jpg")
 REFERENCE_CHUNK = 16  # the float32 reference runs this many samples at a time (its grouped convolutions' memory)
@@ -55,7 +62,8 @@ class Variant:
     kernels: bool = True             # optimize_for_gpu's rewrites (padded input convolutions, matmul RGB skip)
     pool_before_rgb: bool = False    # the 256 px reconstruction made without the 1024 px RGB image
     skip_upsample: str | None = None  # models.stylegan2.SKIP_UPSAMPLE_FORMS; None: what optimize_for_gpu sets
-    fused_min_size: int | None = None  # non-upsampling layers from this size as the fused Triton kernel
+    fused_min_size: int | None = None  # StyledConvs from this size as the fused Triton kernels
+    fused_upsample: bool = True      # the upsampling ones too (models/stylegan2_upsample_kernel.py)
 
 
 AUTOTUNE = "max-autotune-no-cudagraphs"  # max-autotune's kernels, fit for the actor's own CUDA graph
@@ -75,9 +83,19 @@ VARIANTS = {
     "fp16-autotune-tblur-k-pool": Variant("fp16", compile_mode=AUTOTUNE, upsample="transposed_blur", pool_before_rgb=True),
     "fp16-compile-tblur-k-pool-phases": Variant("fp16", compile_mode="default", upsample="transposed_blur",
                                                 pool_before_rgb=True, skip_upsample="phases"),
+    # "-fused": the 1024 px non-upsampling layer as the fused kernel; "-fusedup": the 1024 px upsampling layer as
+    # well (both kernels); "-fused512", "-fused256": both kernels for every layer from 512 or 256 px.
     "fp16-compile-tblur-k-pool-fused": Variant("fp16", compile_mode="default", upsample="transposed_blur",
-                                               pool_before_rgb=True, fused_min_size=1024),
-    "fp16-eager-k-pool-fused": Variant("fp16", pool_before_rgb=True, fused_min_size=1024),
+                                               pool_before_rgb=True, fused_min_size=1024, fused_upsample=False),
+    "fp16-compile-tblur-k-pool-fusedup": Variant("fp16", compile_mode="default", upsample="transposed_blur",
+                                                 pool_before_rgb=True, fused_min_size=1024),
+    "fp16-compile-tblur-k-pool-fused512": Variant("fp16", compile_mode="default", upsample="transposed_blur",
+                                                  pool_before_rgb=True, fused_min_size=512),
+    "fp16-compile-tblur-k-pool-fused256": Variant("fp16", compile_mode="default", upsample="transposed_blur",
+                                                  pool_before_rgb=True, fused_min_size=256),
+    "fp16-eager-k-pool-fused": Variant("fp16", pool_before_rgb=True, fused_min_size=1024, fused_upsample=False),
+    "fp16-eager-k-pool-fusedup": Variant("fp16", pool_before_rgb=True, fused_min_size=1024),
+    "fp16-eager-k-pool-fused256": Variant("fp16", pool_before_rgb=True, fused_min_size=256),
     "fp16-eager-k-pool": Variant("fp16", pool_before_rgb=True),  # the pooled path's fallback when compilation fails
     "fp32-eager-k": Variant("fp32"),
     "fp32-eager-k-pool": Variant("fp32", pool_before_rgb=True),
@@ -85,12 +103,13 @@ VARIANTS = {
 }
 # Today's default first (the "x first" baseline), then the levers in order of need: --time-limit drops the tail.
 LEVERS = ("fp16-compile-tblur-k", "fp16-compile-tblur-k-pool", "fp16-autotune-tblur-k-pool", "fp16-autotune-tblur-k",
-          "fp16-compile-tblur-k-pool-phases", "fp16-compile-tblur-k-pool-fused")
+          "fp16-compile-tblur-k-pool-phases", "fp16-compile-tblur-k-pool-fused", "fp16-compile-tblur-k-pool-fusedup",
+          "fp16-compile-tblur-k-pool-fused256")
 SMOKE_VARIANTS = ("fp32-eager-k", "fp32-eager-k-pool", "fp32-eager-k-pool-phases")
 # Cases: stages and whether the reconstruction is returned ("3r": 3 stages with reconstructions, "3l": latents only).
 CASES = {"3r": (3, True), "1r": (1, True), "3l": (3, False)}
-# The fused kernel's launch settings tried by --layer-bench: (block_m, block_n, block_k, num_warps, num_stages).
-LAYER_KERNEL_SETTINGS = [(64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 32, 32, 8, 4), (256, 32, 32, 8, 3)]
+# --layer-bench's layers: (output px, upsampling) of the generator's last layers.
+BENCH_LAYERS = [(1024, False), (1024, True), (512, True)]
 
 
 def real_inputs(batch: int, seed: int = 0) -> torch.Tensor:
@@ -120,7 +139,7 @@ def configure(model: E2Style, v: Variant) -> E2Style:
     if v.channels_last or v.compile_mode or v.kernels or v.pool_before_rgb or v.fused_min_size:
         model.optimize_for_gpu(channels_last=v.channels_last, compile=v.compile_mode is not None, kernels=v.kernels,
                                compile_mode=v.compile_mode or "default", pool_before_rgb=v.pool_before_rgb,
-                               fused_min_size=v.fused_min_size)
+                               fused_min_size=v.fused_min_size, fused_upsample=v.fused_upsample)
     if v.skip_upsample is not None:
         model.decoder.set_skip_upsample_form(v.skip_upsample)
     return model
@@ -220,15 +239,25 @@ def median_s(fn, warmup: int, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
-def layer_bench(device: torch.device, batch: int, size: int, channels: int, warmup: int, iters: int) -> list[dict]:
-    """The generator's last StyledConv (no upsampling) in fp16 NHWC: torch eager, compiled, and the fused kernel."""
+def styled_layer(channels_in: int, channels_out: int, upsample: bool, device: torch.device) -> StyledConv:
+    """A StyledConv in the shared form (upsampling in the official order, the CUDA default), non-zero noise and bias."""
     torch.manual_seed(0)
-    layer = StyledConv(channels, channels, 3, 512).to(device).eval()
+    layer = StyledConv(channels_in, channels_out, 3, 512, upsample=upsample).to(device).eval()
     layer.conv.mode = "shared"
+    layer.conv.upsample_impl = "transposed_blur"
     layer.noise.weight.fill_(0.1)
     layer.activate.bias.normal_(0, 0.1)
-    x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    return layer
+
+
+@torch.no_grad()
+def layer_bench(device: torch.device, batch: int, size: int, channels_in: int, channels_out: int, upsample: bool,
+                warmup: int, iters: int, check_batches) -> list[dict]:
+    """One StyledConv (output ``size`` px) in fp16 NHWC: torch eager, compiled, and the fused kernel autotuned and
+    in each launch setting the autotuner may pick."""
+    layer = styled_layer(channels_in, channels_out, upsample, device)
+    in_size = size // 2 if upsample else size
+    x = torch.randn(batch, channels_in, in_size, in_size, device=device).contiguous(memory_format=torch.channels_last)
     style, noise = torch.randn(batch, 512, device=device), torch.randn(1, 1, size, size, device=device)
     x16 = x.half()
     ref = torch.cat([layer(x16[i:i + 8].float(), style[i:i + 8], noise) for i in range(0, batch, 8)])  # float32
@@ -245,31 +274,48 @@ def layer_bench(device: torch.device, batch: int, size: int, channels: int, warm
             s = conv.modulation(style)
             weight = conv.scale * conv.weight[0]
             demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
-            out = styled_conv3x3(x16.permute(0, 2, 3, 1), s, weight.permute(2, 3, 1, 0), demod, noise[:, 0],
-                                 float(layer.noise.weight), layer.activate.bias, *settings)
+            if upsample:
+                out = styled_upconv3x3(x16.permute(0, 2, 3, 1), s, upsample_phase_weights(weight, conv.blur.kernel),
+                                       demod, noise[:, 0], layer.noise.weight, layer.activate.bias, settings=settings)
+            else:
+                out = styled_conv3x3(x16.permute(0, 2, 3, 1), s, weight.permute(2, 3, 1, 0), demod, noise[:, 0],
+                                     layer.noise.weight, layer.activate.bias, settings=settings)
             return out.permute(0, 3, 1, 2)
         return run
 
-    paths = [("torch eager", torch_path(layer)), ("torch.compile", torch_path(torch.compile(layer, dynamic=False)))]
-    paths += [(f"fused kernel {settings}", fused(settings)) for settings in LAYER_KERNEL_SETTINGS]
-    check = check_styled_conv_kernel(device)
+    all_settings = UPSAMPLE_SETTINGS if upsample else CONV_SETTINGS
+    settings = fitting_settings(all_settings, channels_in, channels_out)
+    paths = [("torch eager", torch_path(layer)), ("torch.compile", torch_path(torch.compile(layer, dynamic=False))),
+             ("fused kernel, autotuned", fused(None))]
+    paths += [(f"fused kernel {t}", fused(t)) for t in settings]
+    t = time.perf_counter()
+    check_fn = check_upsample_kernel if upsample else check_styled_conv_kernel
+    check = check_fn(device, channels_in, channels_out, torch.float16, batches=check_batches)
+    check_s = time.perf_counter() - t
+    layer_name = f"{'upsampling ' if upsample else ''}{channels_in}->{channels_out} @ {size} px"
     rows = []
-    min_bytes = 2 * x16.numel() * x16.element_size()  # the activations read once and the output written once
+    # The activations read once and the output written once.
+    min_bytes = x16.numel() * x16.element_size() + batch * channels_out * size * size * 2
     for name, fn in paths:
         t = time.perf_counter()
         try:
             out = fn()
             sync(device)
         except Exception as e:  # noqa: BLE001 - a setting the device refuses (shared memory): reported, not fatal
-            rows.append({"path": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            rows.append({"layer": layer_name, "path": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
         first = time.perf_counter() - t
         err = ((out.float() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
         del out
         median = median_s(fn, warmup, max(1, iters), device)
-        rows.append({"path": name, "ms": median * 1e3, "first_call_s": first, "rel_err_max": err,
-                     "effective_gb_s": min_bytes / median / 1e9, "device_check": check or "passed"})
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"layer": layer_name, "path": name, "ms": median * 1e3, "first_call_s": first, "rel_err_max": err,
+               "effective_gb_s": min_bytes / median / 1e9, "device_check": check or "passed",
+               "device_check_s": check_s}
+        if name.endswith("autotuned") and device.type == "cuda":
+            tuned = _styled_upconv3x3_tuned if upsample else _styled_conv3x3_tuned
+            row["autotuned_to"] = str(tuned.best_config)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -290,8 +336,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="512 px narrow model, batch 2, eager fp32 variants unless "
                    "--variants names others: checks the script on a CPU, not the speed")
-    p.add_argument("--layer-bench", action="store_true", help="also the 1024 px StyledConv alone: torch against the "
-                   "fused Triton kernel (with --smoke: a 32 px layer on the CPU, under TRITON_INTERPRET=1)")
+    p.add_argument("--layer-bench", action="store_true", help="also the 1024 px StyledConv and the 1024 and 512 px "
+                   "upsampling StyledConvs alone: torch against the fused Triton kernels (with --smoke: 32 px layers "
+                   "on the CPU, under TRITON_INTERPRET=1); --variants '' for these alone")
     p.add_argument("--profile", default="", help="variant to profile (top CUDA kernels, the first case)")
     p.add_argument("--out", default="", help="JSON of every row; rows are also appended to OUT + 'l' as they come")
     a = p.parse_args()
@@ -305,6 +352,7 @@ def main() -> int:
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     names = a.variants.split(",") if not (a.smoke and a.variants == p.get_default("variants")) else list(SMOKE_VARIANTS)
+    names = [n for n in names if n]  # --variants "": no model rows (with --layer-bench: the layers alone)
     unknown = [n for n in names if n not in VARIANTS] + [c for c in a.cases.split(",") if c not in CASES]
     if unknown:
         p.error(f"unknown variants or cases: {unknown}; variants: {sorted(VARIANTS)}, cases: {sorted(CASES)}")
@@ -320,10 +368,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     u8 = real_inputs(batch, seed=1).to(device)
     refs = {}
-    for stages in sorted({CASES[c][0] for c in cases}):
+    for stages in sorted({CASES[c][0] for c in cases}) if names else ():
         refs[stages] = reference(base, u8, stages)
     base = base.cpu()  # each variant gets a device copy: its peak memory is its own
-    last_layer_channels = base.decoder.channels[resolution]
     sync(device)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     print(f"float32 reference at batch {batch}: {time.time() - start:.0f}s", flush=True)
@@ -339,7 +386,11 @@ def main() -> int:
             # Dynamo's guards of earlier variants' networks (the same classes' code) go; inductor's caches stay, so
             # a later variant compiles graphs seen before (the encoders) faster: "compile s" depends on the order.
             torch._dynamo.reset()
-        model = configure(copy.deepcopy(base).to(device), v)
+        model = copy.deepcopy(base).to(device)
+        sync(device)
+        t = time.perf_counter()
+        model = configure(model, v)  # the fused kernels' device checks run here
+        setup_s = time.perf_counter() - t
         for case in cases:
             stages, recon = CASES[case]
             try:
@@ -352,7 +403,7 @@ def main() -> int:
                    "img_per_s": batch / r["median_s"], "ms_per_batch": r["median_s"] * 1e3, "peak_gib": r["peak_gib"],
                    "first_call_s": r["first_s"], "compile_s": r["first_s"] - r["median_s"], "graph": r["graph"],
                    **accuracy(r["out"], refs[stages]), "settings": asdict(v), "notes": r["notes"],
-                   "fused_layers": sum(layer.fused for layer in model.decoder.convs)}
+                   "fused_layers": sum(bool(layer.fused_dtypes) for layer in model.decoder.convs), "setup_s": setup_s}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if log:
@@ -380,8 +431,12 @@ def main() -> int:
 
     layer_rows = []
     if a.layer_bench:
-        layer_size, layer_channels = (32, 32) if a.smoke else (resolution, last_layer_channels)
-        layer_rows = layer_bench(device, batch, layer_size, layer_channels, warmup, iters)
+        # The smoke run: a 32 px layer of 16 channels under Triton's interpreter, its device check at 2 batch sizes.
+        check_batches = (1, 2) if a.smoke else CHECK_BATCHES
+        for size, upsample in BENCH_LAYERS if not a.smoke else [(32, False), (32, True)]:
+            channels = base.decoder.channels  # the full model's (1024 px); the smoke run's: 16
+            cin, cout = (16, 16) if a.smoke else (channels[size // 2 if upsample else size], channels[size])
+            layer_rows += layer_bench(device, batch, size, cin, cout, upsample, warmup, iters, check_batches)
 
     base_speed = {r["case"]: r["img_per_s"] for r in rows if r["variant"] == names[0]}
     print(f"\n### {gpu}, torch {torch.__version__}, batch {batch}, {time.time() - start:.0f}s")
@@ -402,16 +457,18 @@ def main() -> int:
     if skipped:
         print(f"not run (time limit): {', '.join(skipped)}")
     if layer_rows:
-        print(f"\n#### the {layer_size} px StyledConv alone ({batch} x {layer_channels} x {layer_size}^2, fp16 NHWC); "
-              f"GB/s: activations read once and written once over the time")
-        print("| path | ms | GB/s | rel err max vs fp32 | first call s | device check |")
-        print("|---|---|---|---|---|---|")
+        print(f"\n#### StyledConvs alone (batch {batch}, fp16 NHWC); GB/s: the input read once and the output "
+              f"written once over the time; device check: every setting at batch sizes {check_batches[0]} to "
+              f"{check_batches[-1]}")
+        print("| layer | path | ms | GB/s | rel err max vs fp32 | first call s | device check (s) | autotuned to |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in layer_rows:
             if "error" in r:
-                print(f"| {r['path']} | {r['error']} | | | | |")
+                print(f"| {r['layer']} | {r['path']} | {r['error']} | | | | | |")
                 continue
-            print(f"| {r['path']} | {r['ms']:.2f} | {r['effective_gb_s']:.0f} | {r['rel_err_max']:.1e} | "
-                  f"{r['first_call_s']:.1f} | {r['device_check']} |")
+            print(f"| {r['layer']} | {r['path']} | {r['ms']:.2f} | {r['effective_gb_s']:.0f} | "
+                  f"{r['rel_err_max']:.1e} | {r['first_call_s']:.1f} | {r['device_check']} "
+                  f"({r['device_check_s']:.1f}) | {r.get('autotuned_to', '')} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "batch": batch, "rows": rows, "not_run": skipped,
