@@ -5,7 +5,8 @@ CPU time of its own thread, and the rows' statuses counted (an align_error stops
 the actor (the pipeline's own calls, not alignment alone): alignment's wall and host (its thread's CPU) time per
 part (stage, upload, detect, landmarks, crop: pipeline.device_align.ALIGN_PARTS), and in a run of its own
 ("syncs counted", 1 thread) the device -> host synchronisations of each part (on CUDA every synchronising call,
-torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist). The last lane
+torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist) and its torch
+operations (kernel launches and copies on a GPU; Triton kernels not counted). The last lane
 count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -36,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pipeline.inverter as inverter  # noqa: E402
 from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_chunk_ms, photo_chunks  # noqa: E402
@@ -126,6 +129,21 @@ class SyncCounter:
         self._patched.clear()
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operations that do work (views and detach left out) run in the thread that entered it
+    (dispatch modes are per thread): on a GPU each is a kernel launch or a copy, what alignment's host time is
+    mostly made of. Triton kernels are not torch operations and are not counted."""
+
+    def __init__(self, counter: "SyncCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+            self.counter.local.ops = getattr(self.counter.local, "ops", 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
 class ChunkParts:
     """Each align_photos call (a chunk) of the actor: its wall and CPU time, and per part of ALIGN_PARTS the wall
     and CPU time (DeviceAligner.on_part, in the aligning thread) and the synchronisations (SyncCounter)."""
@@ -141,26 +159,32 @@ class ChunkParts:
         rec = getattr(self.local, "rec", None)
         if rec is None:
             return
-        entry = rec["parts"].setdefault(part, {"wall_ms": 0.0, "cpu_ms": 0.0, "syncs": 0})
+        entry = rec["parts"].setdefault(part, {"wall_ms": 0.0, "cpu_ms": 0.0, "syncs": 0, "ops": 0})
         entry["wall_ms"] += 1e3 * wall
         entry["cpu_ms"] += 1e3 * cpu
-        now = self.syncs.count()
-        entry["syncs"] += now - self.local.mark
+        now = (self.syncs.count(), self._ops())
+        entry["syncs"] += now[0] - self.local.mark[0]
+        entry["ops"] += now[1] - self.local.mark[1]
         self.local.mark = now
+
+    def _ops(self) -> int:
+        return getattr(self.syncs.local, "ops", 0)
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
             self.local.rec = {"parts": {}}
-            self.local.mark = self.syncs.count()
-            start_syncs = self.local.mark
+            self.local.mark = start = (self.syncs.count(), self._ops())
+            counting = OpCounter(self.syncs) if self.syncs.counting else contextlib.nullcontext()
             w, c = time.perf_counter(), time.thread_time()
             try:
-                return fn(*args, **kwargs)
+                with counting:
+                    return fn(*args, **kwargs)
             finally:
                 rec = self.local.rec
                 rec["wall_ms"] = 1e3 * (time.perf_counter() - w)
                 rec["cpu_ms"] = 1e3 * (time.thread_time() - c)
-                rec["syncs"] = self.syncs.count() - start_syncs
+                rec["syncs"] = self.syncs.count() - start[0]
+                rec["ops"] = self._ops() - start[1]
                 self.local.rec = None
                 with self.lock:
                     self.chunks.append(rec)
@@ -171,7 +195,7 @@ class ChunkParts:
         if not self.chunks:
             return {}
         med = lambda values: round(statistics.median(values), 1)  # noqa: E731
-        keys = ("wall_ms", "cpu_ms") + (("syncs",) if counted else ())
+        keys = ("wall_ms", "cpu_ms") + (("syncs", "ops") if counted else ())
         out = {"chunks": len(self.chunks), **{k: med([c[k] for c in self.chunks]) for k in keys}}
         for part in ALIGN_PARTS:
             rows = [c["parts"][part] for c in self.chunks if part in c["parts"]]
@@ -181,12 +205,12 @@ class ChunkParts:
 
     def table(self, counted: bool) -> list[str]:
         """One line per chunk: the call's and each part's wall / CPU ms (and syncs when counted)."""
-        head = "chunk  call wall/cpu ms" + (" syncs" if counted else "") + "".join(
-            f" | {p} wall/cpu" + (" syncs" if counted else "") for p in ALIGN_PARTS)
+        head = "chunk  call wall/cpu ms" + (" syncs ops" if counted else "") + "".join(
+            f" | {p} wall/cpu" + (" syncs ops" if counted else "") for p in ALIGN_PARTS)
         lines = [head]
         for k, c in enumerate(self.chunks):
             cell = lambda r: (f"{r['wall_ms']:.1f}/{r['cpu_ms']:.1f}"  # noqa: E731
-                              + (f" {r['syncs']}" if counted else ""))
+                              + (f" {r['syncs']} {r['ops']}" if counted else ""))
             lines.append(f"{k:5d}  {cell(c)}" + "".join(
                 f" | {cell(c['parts'][p])}" if p in c["parts"] else " | -" for p in ALIGN_PARTS))
         return lines
