@@ -18,8 +18,8 @@ import torch
 
 from .device import upload_many
 from .fhog import FhogLayout, fhog_layout
-from .filters import filter_bounds
-from .formats import HogDetectorModel
+from .filters import FilterLevel, filter_bounds, filter_level_table
+from .formats import NUM_PLANES, HogDetectorModel
 from .pyramid import ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size
 
 __all__ = ["LevelPlan", "BatchPlan", "plan_batch"]
@@ -31,7 +31,8 @@ class LevelPlan:
     ``layout``: their fHOG layout (photos not scored here as (0, 0)), None when nothing is scored; their window
     scores lie at ``score_offset`` of the batch's score buffer, shaped ``score_shape`` (count, filters, rows,
     cols) (``scored_sizes``: the sizes the fHOG stage is given); ``resize``: the resize of the first ``resize.out_sizes`` photos to the next level (None at the last).
-    ``fhog_tables`` and ``bounds``: the fHOG and filter tables on the device (after BatchPlan.upload)."""
+    Its fHOG planes lie at ``planes_offset`` of the batch's planes buffer, its rows of the filters' bounds table
+    from ``bounds_row``. ``fhog_tables``: the fHOG tables on the device (after BatchPlan.upload)."""
 
     level: int
     count: int
@@ -41,47 +42,76 @@ class LevelPlan:
     score_offset: int = 0
     score_shape: tuple = ()
     resize: ResizePlan | None = None
+    planes_offset: int = 0
+    bounds_row: int = 0
     fhog_tables: tuple | None = None
-    bounds: torch.Tensor | None = None
 
     @property
     def score_elements(self) -> int:
         return int(np.prod(self.score_shape)) if self.layout is not None else 0
+
+    @property
+    def planes_shape(self) -> tuple[int, int, int, int]:
+        return (self.count, NUM_PLANES, self.layout.plane_h, self.layout.plane_w)
 
 
 @dataclass
 class BatchPlan:
     """A batch's levels (LevelPlan, from level 0 down), ``order``: the photos' positions in the caller's list, in
     the batch's order; ``spans``: per photo (caller's position), its runs' levels [first, end); ``score_elements``:
-    the size of the score buffer; ``filter_height``: the filters' rows."""
+    the size of the score buffer; ``filter_height``: the filters' rows; ``planes_elements``: the size of the fHOG
+    planes buffer; ``filter_tables``: the filter kernel's level table and bounds on the device (after upload)."""
 
     order: list
     spans: list
     levels: list
     score_elements: int
     filter_height: int
+    planes_elements: int = 0
+    n_filters: int = 0
+    filter_width: int = 0
+    filter_tables: tuple | None = None
 
     def upload(self, device, extra: tuple = ()) -> list[torch.Tensor]:
         """Every level's tables on ``device`` in one copy (set on the levels and their resize plans); returns
         ``extra`` arrays, which travel in the same copy, on the device."""
+        scored = [lp for lp in self.levels if lp.layout is not None]
         arrays: list[np.ndarray] = list(extra)
+        if scored:
+            arrays += [self.filter_level_table(),
+                       np.concatenate([filter_bounds(lp.layout.hog, self.filter_height) for lp in scored])]
         for lp in self.levels:
             if lp.layout is not None:
-                arrays += [*lp.layout.kernel_tables(), filter_bounds(lp.layout.hog, self.filter_height)]
+                arrays += list(lp.layout.kernel_tables())
             if lp.resize is not None:
                 arrays += list(lp.resize.kernel_tables)
         on_device = upload_many(arrays, device)
         at = len(extra)
+        if scored:
+            self.filter_tables = (on_device[at], on_device[at + 1])
+            at += 2
         for lp in self.levels:
             if lp.layout is not None:
                 lp.fhog_tables = (on_device[at], on_device[at + 1])
-                lp.bounds = on_device[at + 2]
-                at += 3
+                at += 2
             if lp.resize is not None:
                 n = len(lp.resize.kernel_tables)
                 lp.resize.device_tables = on_device[at:at + n]
                 at += n
         return on_device[:len(extra)]
+
+    def filter_levels(self, planes: torch.Tensor) -> list[FilterLevel]:
+        """The scored levels as filter_scores_levels takes them, their planes views of the buffer ``planes``."""
+        return [FilterLevel(planes[lp.planes_offset:lp.planes_offset + int(np.prod(lp.planes_shape))]
+                            .view(lp.planes_shape), lp.layout.hog, lp.planes_offset, lp.score_offset, lp.bounds_row)
+                for lp in self.levels if lp.layout is not None]
+
+    def filter_level_table(self) -> np.ndarray:
+        """filter_level_table of the scored levels (shapes only: no tensor needed)."""
+        fw = self.filter_width
+        return filter_level_table([(lp.planes_offset, lp.score_offset, lp.bounds_row, lp.count, lp.layout.plane_h,
+                                    lp.layout.plane_w, lp.score_shape[2], lp.layout.plane_w - (fw - 1))
+                                   for lp in self.levels if lp.layout is not None], self.n_filters)
 
     def level_table(self) -> dict[str, np.ndarray]:
         """The scored levels' score-buffer geometry as arrays (for decoding flat positions on the host): level,
@@ -111,7 +141,7 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
         while len(level_sizes[k]) < depth[k]:
             level_sizes[k].append(pyramid_down_size(*level_sizes[k][-1]))
     levels: list[LevelPlan] = []
-    offset = 0
+    offset = planes_at = bounds_row = 0
     for level in range(depth[order[0]] if order else 0):
         members = [k for k in order if depth[k] > level]
         lp = LevelPlan(level, len(members), [level_sizes[k][level] for k in members])
@@ -123,7 +153,10 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
                 lp.score_offset = offset
                 lp.score_shape = (len(members), n_filters, int(layout.hog[:, 0].max()), layout.plane_w - (fw - 1))
                 offset += lp.score_elements
+                lp.planes_offset, lp.bounds_row = planes_at, bounds_row
+                planes_at += int(np.prod(lp.planes_shape))
+                bounds_row += lp.count
         levels.append(lp)
     for lp, below in zip(levels, levels[1:]):
         lp.resize = plan_resize(lp.sizes[:below.count], below.sizes)
-    return BatchPlan(order, spans, levels, offset, fh)
+    return BatchPlan(order, spans, levels, offset, fh, planes_at, n_filters=n_filters, filter_width=fw)

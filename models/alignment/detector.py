@@ -45,7 +45,7 @@ from PIL import Image
 from .batch_plan import BatchPlan, LevelPlan, plan_batch
 from .device import photos_to_device
 from .fhog import check_fhog_kernels, fhog_planes
-from .filters import FilterBank, check_filter_kernels, filter_scores
+from .filters import FilterBank, check_filter_kernels, filter_scores_levels
 from .formats import read_detector_file
 from ..kernel_check import triton, use_kernels
 from .pyramid import boxes_down_after_upsample, check_resize_kernels, pyramid_up_size, resize_rgb, window_boxes
@@ -197,23 +197,25 @@ class FrontalFaceDetector:
             up = [pyramid_up_size(h, w) for h, w in sizes]
             batch = resize_rgb(batch, sizes, up, use_triton=self.triton_resize)
             sizes = up
-        # Window scores of every level scored, one buffer; windows outside a photo's own stay -inf (never pass).
+        # Every scored level's fHOG planes in one buffer, their window scores in another (-inf outside each
+        # photo's own windows: they never pass) and the threshold test's hits beside them: the filters and the
+        # test run once for all levels, after the pyramid.
+        planes = torch.zeros((plan.planes_elements,), dtype=torch.float32, device=self.device)
         scores = torch.full((plan.score_elements,), -torch.inf, dtype=torch.float32, device=self.device)
-        hits = torch.zeros((plan.score_elements,), dtype=torch.bool, device=self.device)
-        cut = cut[None, :, None, None]
+        hits = torch.zeros((plan.score_elements,), dtype=torch.uint8, device=self.device)
         for lp in plan.levels:
             if kept_levels is not None:
                 for pos, (h, w) in enumerate(lp.sizes):
                     kept_levels[index[plan.order[pos]]].append(batch[pos, :, :h, :w].permute(1, 2, 0))
             if lp.layout is not None:
-                _hog, level_scores = self._score_level(batch[:lp.count], lp, scores)
-                # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold
-                # (double); the comparison is made in float32 against float32_at_least (the same windows pass).
-                torch.ge(level_scores, cut, out=hits[lp.score_offset:lp.score_offset + lp.score_elements]
-                         .view(lp.score_shape))
+                self._score_level(batch[:lp.count], lp, planes)
             if lp.resize is not None:
                 batch = resize_rgb(batch[:len(lp.resize.out_sizes)], lp.resize.in_sizes, lp.resize.out_sizes,
                                    use_triton=self.triton_resize, plan=lp.resize)
+        # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double); the
+        # comparison is made in float32 against float32_at_least (the same windows pass).
+        filter_scores_levels(planes, plan.filter_levels(planes), self.bank, scores, hits, cut, self.chunk_elements,
+                             use_triton=self.triton_filters, tables=plan.filter_tables)
         found = self._windows(plan, scores, hits)
         for k, i in enumerate(index):
             results[i] = [self._finish(found.get(k), j, end, upsample) for j, end in plan.spans[k]]
@@ -227,15 +229,12 @@ class FrontalFaceDetector:
             batch[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
         return batch
 
-    def _score_level(self, batch, lp: LevelPlan, scores: torch.Tensor):
-        """The five filters' window scores of one pyramid level (its plan ``lp``: batch (count, 3, H, W) of the
-        level's photos), written into its part of the batch's ``scores`` buffer, -inf outside each photo's own
-        windows. Returns (the fHOG sizes (count, 2), that part as (count, 5, rows, cols))."""
-        planes, hog = fhog_planes(batch, lp.scored_sizes, self._fhog_pad, use_triton=self.triton_fhog,
-                                  layout=lp.layout, device_tables=lp.fhog_tables)
-        out = scores[lp.score_offset:lp.score_offset + lp.score_elements].view(lp.score_shape)
-        return hog, filter_scores(planes, hog, self.bank, self.chunk_elements, use_triton=self.triton_filters,
-                                  bounds=lp.bounds, out=out)
+    def _score_level(self, batch, lp: LevelPlan, planes: torch.Tensor) -> np.ndarray:
+        """The fHOG planes of one pyramid level (its plan ``lp``: batch (count, 3, H, W) of the level's photos),
+        written into its part of the batch's ``planes`` buffer; returns the fHOG sizes (count, 2)."""
+        out = planes[lp.planes_offset:lp.planes_offset + int(np.prod(lp.planes_shape))].view(lp.planes_shape)
+        return fhog_planes(batch, lp.scored_sizes, self._fhog_pad, use_triton=self.triton_fhog, layout=lp.layout,
+                           device_tables=lp.fhog_tables, out=out)[1]
 
     def _windows(self, plan: BatchPlan, scores: torch.Tensor, hits: torch.Tensor) -> dict:
         """Per photo (position in the batch's index), its windows that passed, at every level scored: arrays

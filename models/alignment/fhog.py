@@ -493,18 +493,23 @@ def check_fhog_kernels(device, fhog_pad: tuple[int, int] = (10, 10)) -> str | No
 
 def fhog_planes(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int],
                 use_triton: bool | None = None, layout: FhogLayout | None = None,
-                device_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                device_tables: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, np.ndarray]:
     """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
     (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
     image (hog rows, hog cols). Images (B, 3, H, W) uint8, image b's valid part sizes[b] (an image of size
     (0, 0) has no HOG cell: nothing of it is computed). ``use_triton``: see models/kernel_check.py (None: the
     kernels on CUDA once checked there). ``layout``: fhog_layout(sizes, fhog_pad), made beforehand;
-    ``device_tables``: its kernel_tables() already on the device (else they travel in one copy)."""
+    ``device_tables``: its kernel_tables() already on the device (else they travel in one copy); ``out``: a
+    zero-filled tensor of the planes' shape to write them into (e.g. a view of one buffer for many levels)."""
     dev = images.device
     layout = layout or fhog_layout(sizes, fhog_pad)
     n = images.shape[0]
     hog = layout.hog
-    planes = torch.zeros((n, NUM_PLANES, layout.plane_h, layout.plane_w), dtype=torch.float32, device=dev)
+    shape = (n, NUM_PLANES, layout.plane_h, layout.plane_w)
+    planes = torch.zeros(shape, dtype=torch.float32, device=dev) if out is None else out
+    if tuple(planes.shape) != shape:
+        raise ValueError(f"out has shape {tuple(planes.shape)}, the planes {shape}")
     if layout.empty:
         return planes, hog
     if use_kernels("fhog", dev, use_triton, check_fhog_kernels):

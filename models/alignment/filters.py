@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import upload
+from .device import upload, upload_many
 from .formats import NUM_PLANES, HogDetectorModel
 from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 from .svd import dlib_svd
 
-__all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "filter_scores", "check_filter_kernels"]
+__all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "filter_level_table", "FilterLevel",
+           "filter_scores_levels", "filter_scores", "check_filter_kernels"]
 
 # The filter kernel (_filter_rows_kernel): _FILTER_ROWS output rows x _FILTER_BLOCK columns per program (HOG
 # planes are 10-300 cells wide: narrow blocks waste less on the right edge; every plane row read by a program
@@ -32,6 +33,8 @@ __all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "f
 _FILTER_ROWS = 16
 _FILTER_BLOCK = 64
 _FILTER_WARPS = 2
+# Bisection steps of the filter kernel's level search: launches of at most 2 ** _LEVEL_SEARCH_STEPS levels.
+_LEVEL_SEARCH_STEPS = 7
 # dlib keeps the singular values at or above max(_MIN_SINGULAR_VALUE, _RELATIVE_SINGULAR_VALUE * largest).
 _MIN_SINGULAR_VALUE = 1e-4
 _RELATIVE_SINGULAR_VALUE = 0.001
@@ -238,10 +241,11 @@ if triton is not None:
         return simd_sum
 
     @triton.jit
-    def _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
-                     hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
+    def _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, hits_ptr, cut_ptr, b, f, i0,
+                     j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
                      N_SLOTS: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
-                     COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SEQ: tl.constexpr):
+                     COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SEQ: tl.constexpr,
+                     HITS: tl.constexpr):
         # ROWS output rows of one filter at columns j, term after term: each plane row's row filter is
         # computed once and kept in registers while the FH output rows that read it are formed (a window of
         # FH row-filtered rows slides down), and each output row's total gains the term: _filter_scores'
@@ -276,38 +280,67 @@ if triton is not None:
                 summed = summed + (totals[r] + simd_sum,)
                 window = window[1:]
             totals = summed
-        out = total_ptr + ((b * n_filters + f) * out_h + i0) * out_w + j
+        at = ((b * n_filters + f) * out_h + i0) * out_w + j
+        if HITS:
+            cut = tl.load(cut_ptr + f)
         for r in tl.static_range(ROWS):
-            tl.store(out + r * out_w, totals[r], mask=cols & (i0 + r < hog_rows))
+            tl.store(total_ptr + at + r * out_w, totals[r], mask=cols & (i0 + r < hog_rows))
+            if HITS:
+                tl.store(hits_ptr + at + r * out_w, (totals[r] >= cut).to(tl.uint8), mask=cols & (i0 + r < hog_rows))
 
-    @triton.jit(do_not_specialize=["n_filters", "n_planes", "plane_h", "plane_w", "out_h", "out_w"])
-    def _filter_rows_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, total_ptr,
-                            n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS: tl.constexpr,
+    @triton.jit(do_not_specialize=["n_levels", "n_filters", "n_planes"])
+    def _filter_rows_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, total_ptr, hits_ptr,
+                            cut_ptr, levels_ptr, n_levels, n_filters, n_planes, N_SLOTS: tl.constexpr,
                             FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
-                            COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (image, filter, ROWS output rows, BLOCK columns): _filter_rows, with the scalar
-        # order's sums only in blocks that reach the image's scalar columns. bounds (B, 4): the first scalar
-        # column, HOG rows and columns, plane rows that valid windows read. Programs outside the image's own
-        # rows and columns (padding of smaller photos) do nothing and the total stays 0.
+                            COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                            HITS: tl.constexpr):
+        # One program per (level, image, filter, ROWS output rows, BLOCK columns) of every level in the table:
+        # _filter_rows, with the scalar order's sums only in blocks that reach the image's scalar columns. Level
+        # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table): first program, offsets of the level's
+        # planes, scores and bounds rows in their buffers, images, plane rows and columns, output rows and
+        # columns. bounds (B, 4) per level: the first scalar column, HOG rows and columns, plane rows that valid
+        # windows read. Programs outside an image's own rows and columns (padding of smaller photos) do nothing:
+        # its scores there keep what they held. HITS: also each window's score >= cut[filter] (uint8), stored
+        # where the score is.
         pid = tl.program_id(0).to(tl.int64)
+        # The level: the last whose first program is <= pid, by bisection (first programs ascend; row n_levels
+        # holds the program count, above every pid).
+        lo = pid * 0
+        hi = lo + n_levels
+        for _ in tl.static_range(_LEVEL_SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            below = tl.load(levels_ptr + mid * 10) <= pid
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        info = levels_ptr + lo * 10
+        pid -= tl.load(info)
+        plane_h = tl.load(info + 5)
+        plane_w = tl.load(info + 6)
+        out_h = tl.load(info + 7)
+        out_w = tl.load(info + 8)
+        col_blocks = tl.cdiv(out_w, BLOCK)
+        j0 = (pid % col_blocks) * BLOCK
+        pid = pid // col_blocks
         row_blocks = tl.cdiv(out_h, ROWS)
         i0 = (pid % row_blocks) * ROWS
         f = (pid // row_blocks) % n_filters
         b = pid // (row_blocks * n_filters)
-        j0 = tl.program_id(1) * BLOCK
         j = j0 + tl.arange(0, BLOCK)
-        tail = tl.load(bounds_ptr + 4 * b)
-        hog_rows = tl.load(bounds_ptr + 4 * b + 1)
-        hog_cols = tl.load(bounds_ptr + 4 * b + 2)
+        bounds = bounds_ptr + 4 * (tl.load(info + 3) + b)
+        tail = tl.load(bounds)
+        hog_rows = tl.load(bounds + 1)
+        hog_cols = tl.load(bounds + 2)
+        planes = planes_ptr + tl.load(info + 1)
+        at = tl.load(info + 2)
         if (i0 < hog_rows) & (j0 < hog_cols):
             if j0 + BLOCK > tail:
-                _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
-                             hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
-                             N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, True)
+                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr + at, hits_ptr + at,
+                             cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w,
+                             out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, True, HITS)
             else:
-                _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, b, f, i0, j, tail,
-                             hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
-                             N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, False)
+                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr + at, hits_ptr + at,
+                             cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w,
+                             out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, False, HITS)
 
 
 
@@ -319,29 +352,60 @@ def filter_bounds(hog: np.ndarray, fh: int) -> np.ndarray:
     return np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64)
 
 
-def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch.Tensor, row_taps: torch.Tensor,
-                          col_taps: torch.Tensor, bounds: torch.Tensor | None = None,
+_LEVEL_FIELDS = 10  # columns of filter_level_table
+
+
+def filter_level_table(levels: list[tuple[int, int, int, int, int, int, int, int]], n_filters: int) -> np.ndarray:
+    """The filter kernel's level table (L, _LEVEL_FIELDS) int64 for levels given as (planes offset, scores offset,
+    bounds row, images, plane rows, plane cols, output rows, output cols): the first program of each level
+    (column 0; the launch's program count in the extra last row's), then those fields."""
+    table = np.zeros((len(levels) + 1, _LEVEL_FIELDS), np.int64)
+    start = 0
+    for k, (planes_at, scores_at, bounds_row, n, plane_h, plane_w, out_h, out_w) in enumerate(levels):
+        table[k] = (start, planes_at, scores_at, bounds_row, n, plane_h, plane_w, out_h, out_w, 0)
+        start += n * n_filters * -(-out_h // _FILTER_ROWS) * -(-out_w // _FILTER_BLOCK)
+    table[-1, 0] = start
+    return table
+
+
+def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.Tensor, table: torch.Tensor,
+                          n_levels: int, n_programs: int, scores: torch.Tensor, hits: torch.Tensor | None = None,
+                          cut: torch.Tensor | None = None) -> None:
+    """The filter kernel over every level of ``table`` (filter_level_table on the device; ``n_levels`` and
+    ``n_programs`` from it on the host): each level's planes, bounds rows and scores in the flat buffers
+    ``planes``, ``bounds`` and ``scores`` (and ``hits``, uint8, with ``cut`` per filter, when given)."""
+    n_filters, n_slots, fh, fw = bank.shape
+    if n_programs == 0:
+        return
+    if n_levels > 2 ** _LEVEL_SEARCH_STEPS:
+        raise ValueError(f"{n_levels} levels in one filter launch: at most {2 ** _LEVEL_SEARCH_STEPS}")
+    _filter_rows_kernel[(n_programs,)](
+        planes, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, scores,
+        scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
+        N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
+        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, num_warps=_FILTER_WARPS,
+        enable_fp_fusion=False)
+
+
+def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, bounds: torch.Tensor | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """_filter_scores_torch with the Triton kernel: same arguments (less the chunking, which only bounds the torch
-    path's intermediate), same result bit for bit at each image's own windows (elsewhere: 0, or what ``out``
-    held). ``bounds``: filter_bounds on the device (else uploaded here); ``out``: a contiguous
-    (B, F, hog rows max, plane cols - fw + 1) float32 tensor to write into."""
+    """_filter_scores_torch with the Triton kernel (one level): same result bit for bit at each image's own
+    windows (elsewhere: 0, or what ``out`` held). ``bounds``: filter_bounds on the device (else uploaded here with
+    the level table); ``out``: a contiguous (B, F, hog rows max, plane cols - fw + 1) float32 tensor to write
+    into."""
     dev = planes.device
     planes = planes.contiguous()
-    n, n_planes, plane_h, plane_w = planes.shape
-    n_filters, n_slots = plane_idx.shape
-    fh, fw = col_taps.shape[2], row_taps.shape[2]
+    n, _, plane_h, plane_w = planes.shape
+    n_filters, _, fh, fw = bank.shape
     out_h = int(hog[:, 0].max())
     out_w = plane_w - (fw - 1)
+    table = filter_level_table([(0, 0, 0, n, plane_h, plane_w, out_h, out_w)], n_filters)
     if bounds is None:
-        bounds = upload(filter_bounds(hog, fh), dev)
+        table_t, bounds = upload_many([table, filter_bounds(hog, fh)], dev)
+    else:
+        table_t = upload(table, dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev) if out is None else out
-    grid = (n * n_filters * triton.cdiv(out_h, _FILTER_ROWS), triton.cdiv(out_w, _FILTER_BLOCK))
-    _filter_rows_kernel[grid](
-        planes, plane_idx.contiguous(), row_taps.contiguous(), col_taps.contiguous(), bounds, total,
-        n_filters, n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS=n_slots, FW=fw, FH=fh,
-        ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh), ROWS=_FILTER_ROWS,
-        BLOCK=_FILTER_BLOCK, num_warps=_FILTER_WARPS, enable_fp_fusion=False)
+    _launch_filter_levels(planes, bank, bounds, table_t, 1, int(table[-1, 0]), total)
     return total
 
 
@@ -371,7 +435,99 @@ def check_filter_kernels(device, bank: FilterBank, hog=((71, 29), (17, 137)), ch
         want = filter_scores(planes, hog, bank, chunk, use_triton=False)[..., :cols] * valid
         if not torch.equal(want, got):
             return f"filter scores (torch chunk {chunk}) differ by up to {float((want - got).abs().max()):.3g}"
+    return _check_filter_levels(device, bank, planes, hog, gen)
+
+
+def _check_filter_levels(device, bank: FilterBank, planes: torch.Tensor, hog: np.ndarray, gen) -> str | None:
+    """filter_scores_levels' one launch against the torch path: two levels in one planes buffer (``planes`` and a
+    smaller one of one image), scores into a -inf buffer and hits against a cut per filter that some windows pass
+    and others do not."""
+    n_filters, _slots, fh, fw = bank.shape
+    small = torch.zeros((1, NUM_PLANES, 7 + fh - 1, 11 + fw - 1 + TAIL_BAND))
+    small[0, :, :7 + fh - 1, :11 + fw - 1] = torch.rand((NUM_PLANES, 7 + fh - 1, 11 + fw - 1), generator=gen)
+    flat = torch.cat([planes.reshape(-1), small.to(device).reshape(-1)])
+    big_hog, small_hog = np.asarray(hog), np.array([[7, 11]])
+    levels = [FilterLevel(flat[:planes.numel()].view(planes.shape), big_hog, 0, 0, 0)]
+    first = int(np.prod(levels[0].score_shape(n_filters, fw)))
+    levels.append(FilterLevel(flat[planes.numel():].view(small.shape), small_hog, planes.numel(), first, len(hog)))
+    total = first + int(np.prod(levels[1].score_shape(n_filters, fw)))
+    want = filter_scores(planes, big_hog, bank, use_triton=False)
+    valid = _own_windows(big_hog, want.shape, device)[:, None].expand_as(want)
+    cut = torch.stack([want[:, f][valid[:, f]].median() for f in range(n_filters)]).float().contiguous()
+    results = []
+    for use_triton in (False, True):
+        scores = torch.full((total,), -torch.inf, device=device)
+        hits = torch.zeros((total,), dtype=torch.uint8, device=device)
+        filter_scores_levels(flat, levels, bank, scores, hits, cut, use_triton=use_triton)
+        results.append((scores, hits))
+    (want_scores, want_hits), (got_scores, got_hits) = results
+    if not torch.equal(want_scores, got_scores):
+        return f"scores of two levels in one launch differ in {int((want_scores != got_scores).sum())} values"
+    if not torch.equal(want_hits, got_hits):
+        return f"hits of two levels in one launch differ in {int((want_hits != got_hits).sum())} values"
+    if not (0 < int(want_hits.sum()) < int(torch.isfinite(want_scores).sum())):
+        return "the cut passed all windows or none: hits were not compared"
     return None
+
+
+@dataclass
+class FilterLevel:
+    """One level of filter_scores_levels: its planes (B, 31, rows, cols), a view of the levels' planes buffer
+    at ``planes_offset``; its HOG sizes (B, 2); its scores at ``scores_offset`` of the scores buffer, shaped
+    (B, F, HOG rows max, plane cols - fw + 1); its rows of the bounds table from ``bounds_row``."""
+
+    planes: torch.Tensor
+    hog: np.ndarray
+    planes_offset: int
+    scores_offset: int
+    bounds_row: int
+
+    def score_shape(self, n_filters: int, fw: int) -> tuple[int, int, int, int]:
+        return (self.planes.shape[0], n_filters, int(self.hog[:, 0].max()), self.planes.shape[3] - (fw - 1))
+
+    def fields(self, n_filters: int, fw: int) -> tuple:
+        """This level's entry of filter_level_table."""
+        shape = self.score_shape(n_filters, fw)
+        return (self.planes_offset, self.scores_offset, self.bounds_row, shape[0], self.planes.shape[2],
+                self.planes.shape[3], shape[2], shape[3])
+
+
+def filter_scores_levels(planes: torch.Tensor, levels: list[FilterLevel], bank: FilterBank, scores: torch.Tensor,
+                         hits: torch.Tensor, cut: torch.Tensor, chunk_elements: int = 2 ** 15,
+                         use_triton: bool | None = None, tables: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> None:
+    """filter_scores of several levels whose planes lie in one flat buffer ``planes``, into the flat buffers
+    ``scores`` (float32: each level's scores of its images' own windows; elsewhere they keep what they held) and
+    ``hits`` (uint8: score >= cut[filter] there, as on the torch path; elsewhere kept): on the kernel path one
+    launch for all levels. ``tables``: (filter_level_table, the levels' filter_bounds stacked) on the device,
+    made beforehand (else uploaded here)."""
+    n_filters, _, fh, fw = bank.shape
+    if not levels:
+        return
+    if use_kernels("filters", planes.device, use_triton, lambda device: check_filter_kernels(device, bank),
+                   variant=bank.shape):
+        table = filter_level_table([lv.fields(n_filters, fw) for lv in levels], n_filters)
+        if tables is None:
+            tables = upload_many([table, np.concatenate([filter_bounds(lv.hog, fh) for lv in levels])], planes.device)
+        _launch_filter_levels(planes, bank, tables[1], tables[0], len(levels), int(table[-1, 0]), scores, hits, cut)
+        return
+    for lv in levels:
+        shape = lv.score_shape(n_filters, fw)
+        count = int(np.prod(shape))
+        out = scores[lv.scores_offset:lv.scores_offset + count].view(shape)
+        filter_scores(lv.planes, lv.hog, bank, chunk_elements, use_triton=False, out=out)
+        level_hits = hits[lv.scores_offset:lv.scores_offset + count].view(shape)
+        # As the kernel: only each image's own windows get their hit.
+        own = _own_windows(lv.hog, shape, planes.device)
+        level_hits.copy_(torch.where(own[:, None], torch.ge(out, cut[None, :, None, None]).to(torch.uint8),
+                                     level_hits))
+
+
+def _own_windows(hog: np.ndarray, shape, dev) -> torch.Tensor:
+    """(B, rows, cols) bool: each image's own windows (row < its HOG rows, col < its HOG cols)."""
+    hog_t = upload(hog.astype(np.int64), dev)
+    return ((torch.arange(shape[2], device=dev)[None, :, None] < hog_t[:, 0, None, None])
+            & (torch.arange(shape[3], device=dev)[None, None, :] < hog_t[:, 1, None, None]))
 
 
 def filter_scores(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, chunk_elements: int = 2 ** 15,
@@ -387,13 +543,9 @@ def filter_scores(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, chunk
     values elsewhere (on both paths), returned; ``bounds``: filter_bounds(hog, fh) on the device (optional)."""
     if use_kernels("filters", planes.device, use_triton, lambda device: check_filter_kernels(device, bank),
                    variant=bank.shape):
-        return _filter_scores_triton(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, out)
+        return _filter_scores_triton(planes, hog, bank, bounds, out)
     total = _filter_scores_torch(planes, hog, bank.plane_idx, bank.row_taps, bank.col_taps, chunk_elements)
     if out is None:
         return total
-    dev = planes.device
-    rows, cols = out.shape[2], out.shape[3]
-    hog_t = upload(hog.astype(np.int64), dev)
-    own = ((torch.arange(rows, device=dev)[None, :, None] < hog_t[:, 0, None, None])
-           & (torch.arange(cols, device=dev)[None, None, :] < hog_t[:, 1, None, None]))
+    own = _own_windows(hog, out.shape, planes.device)
     return out.copy_(torch.where(own[:, None], total, out))

@@ -174,7 +174,8 @@ def check_detector_detect_batch() -> str | None:
     """One whole detect() with every Triton group switched on against the torch path: a real face (Grace
     Hopper, ~90 px, found at level 0 of two pyramid levels) and another photograph of another size batched
     with it (astronaut, 74x60, one level), with a threshold low enough that both images report windows. Besides
-    the detections, every window's score at every level is compared (a detection is the best of many)."""
+    the detections, every window's score and threshold test at every level is compared (a detection is the best
+    of many), and outside each photo's own windows the scores must be -inf and the tests 0 on both paths."""
     import numpy as np
     import torch
 
@@ -182,41 +183,46 @@ def check_detector_detect_batch() -> str | None:
     other = photo("astronaut.jpg", 90)[:74, :60]
     images = [face.copy(), other.copy()]
     adjust = -2.0
-    levels = {False: [], True: []}  # per path: (hog sizes, window scores) of each level scored
+    seen = {}  # per path: (plan, scores buffer, hits buffer) of the batch
     found = {}
     for use_triton in (False, True):
         det = _detector(use_triton)
-        score_level = det._score_level
+        windows = det._windows
 
-        def recorded(*args, score_level=score_level, use_triton=use_triton):
-            hog, scores = score_level(*args)
-            levels[use_triton].append((hog, scores.clone()))
-            return hog, scores
+        def recorded(plan, scores, hits, windows=windows, use_triton=use_triton):
+            seen[use_triton] = (plan, scores.clone(), hits.clone())
+            return windows(plan, scores, hits)
 
-        det._score_level = recorded
+        det._windows = recorded
         found[use_triton] = det.detect(images, adjust_threshold=adjust)
     want, got = found[False], found[True]
     if got != want:
         return f"detections differ:\n  torch:  {want}\n  Triton: {got}"
     if not all(want) or max(score for _box, score, _f in want[0]) < 0:
         return f"too little to compare (want a face above threshold and windows in both images): {want}"
-    if len(levels[True]) != len(levels[False]) or len(levels[False]) < 2:
-        return f"levels scored: torch {len(levels[False])}, Triton {len(levels[True])} (expected the same, >= 2)"
-    for level, ((hog, want_scores), (got_hog, got_scores)) in enumerate(zip(levels[False], levels[True])):
-        if not np.array_equal(hog, got_hog):
-            return f"level {level}: HOG sizes differ: torch {hog.tolist()}, Triton {got_hog.tolist()}"
-        rows, cols = int(hog[:, 0].max()), int(hog[:, 1].max())
-        # Windows outside an image's own HOG size: -inf on both paths (they never pass); compared inside.
+    plan, want_scores, want_hits = seen[False]
+    _plan, got_scores, got_hits = seen[True]
+    scored = [lp for lp in plan.levels if lp.layout is not None]
+    if len(scored) < 2:
+        return f"levels scored: {len(scored)} (expected >= 2)"
+    for lp in scored:
+        at = slice(lp.score_offset, lp.score_offset + lp.score_elements)
+        hog = lp.layout.hog
+        _n, _f, rows, cols = lp.score_shape
         valid = torch.from_numpy((np.arange(rows)[None, None, :, None] < hog[:, 0, None, None, None])
                                  & (np.arange(cols)[None, None, None, :] < hog[:, 1, None, None, None]))
-        for name, level_scores in (("torch", want_scores), ("Triton", got_scores)):
-            outside = torch.where(valid, -torch.inf, level_scores[:, :, :rows, :cols])
-            if not bool(torch.isneginf(outside).all()):
-                return f"level {level}: the {name} path's windows outside the images' own are not all -inf"
-        problem = differences(torch.where(valid, want_scores[:, :, :rows, :cols], 0.0),
-                              torch.where(valid, got_scores[:, :, :rows, :cols], 0.0))
-        if problem:
-            return f"level {level}: window scores: {problem}"
+        for name, buffers in (("torch", (want_scores, want_hits)), ("Triton", (got_scores, got_hits))):
+            level_scores, level_hits = (t[at].view(lp.score_shape) for t in buffers)
+            if not bool(torch.isneginf(torch.where(valid, -torch.inf, level_scores)).all()):
+                return f"level {lp.level}: the {name} path's scores outside the images' own windows are not all -inf"
+            if bool(torch.where(valid, 0, level_hits).any()):
+                return f"level {lp.level}: the {name} path's hits outside the images' own windows are not all 0"
+        for what, w, g in (("window scores", want_scores, got_scores), ("threshold tests", want_hits, got_hits)):
+            problem = differences(w[at], g[at])
+            if problem:
+                return f"level {lp.level}: {what}: {problem}"
+    if not 0 < int(want_hits.sum()) < int(torch.isfinite(want_scores).sum()):
+        return "every window passed or none: the threshold tests were not compared"
     return None
 
 

@@ -63,11 +63,23 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
     extra = np.arange(5, dtype=np.float32)
     back, = plan.upload("cpu", (extra,))
     assert torch.equal(back, torch.from_numpy(extra))
+    scored = [lp for lp in plan.levels if lp.layout is not None]
+    table, bounds = plan.filter_tables
+    assert np.array_equal(bounds.numpy(), np.concatenate([filter_bounds(lp.layout.hog, MODEL.fhog_window[0])
+                                                         for lp in scored]))
+    assert np.array_equal(table.numpy(), plan.filter_level_table()) and len(table) == len(scored) + 1
+    planes_at = 0
+    for k, lp in enumerate(scored):
+        # The filter kernel's level table: this level's planes, scores and bounds rows where the plan put them.
+        assert lp.planes_offset == planes_at and lp.bounds_row == sum(s.count for s in scored[:k])
+        assert tuple(table[k, 1:9].tolist()) == (lp.planes_offset, lp.score_offset, lp.bounds_row, lp.count,
+                                                 lp.layout.plane_h, lp.layout.plane_w, *lp.score_shape[2:])
+        planes_at += int(np.prod(lp.planes_shape))
+    assert plan.planes_elements == planes_at
     for lp in plan.levels:
         if lp.layout is not None:
             for got, want in zip(lp.fhog_tables, lp.layout.kernel_tables()):
                 assert np.array_equal(got.numpy(), want)
-            assert np.array_equal(lp.bounds.numpy(), filter_bounds(lp.layout.hog, MODEL.fhog_window[0]))
         if lp.resize is not None:
             fresh = plan_resize(lp.resize.in_sizes, lp.resize.out_sizes)
             for got, want in zip(lp.resize.device_tables, fresh.kernel_tables):
