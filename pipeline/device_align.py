@@ -18,8 +18,12 @@ Memory: photos are aligned in groups of at most ``max_group_pixels`` pixels (a l
 shrunk (no shrink factor is known that cannot change dlib's boxes). Each group crosses to the device once, as
 uint8 from pinned memory: first copied there on the host (DeviceAligner.stage, outside align_photos' ``serial``
 context, so an actor stages one chunk while another aligns), then in one transfer (photos_to_device); the
-detector (every run), the predictor and the crop are given views of that copy (what they copy of it is device
-to device).
+detector (every run), the predictor and the crop are given views of that copy, and the predictor, the upright
+regions and the crop read them there (models/alignment/flat_views.py: no copy of the chunk).
+
+After detection the host reads the device only where it decides: the faces' landmarks once per prediction round
+(the first prediction, then the upright rounds of rolled faces), then the crops once; each step between is one
+batch of device work for all faces (per round, per group of padded faces, per 32 faces of the QUAD transform).
 """
 from __future__ import annotations
 

@@ -231,8 +231,9 @@ def upright_landmarks_batch(photos: Sequence[torch.Tensor], boxes: Sequence, pre
 
     A rolled face is predicted again on its :func:`upright_region`, and once more when that changed the roll
     by over UPRIGHT_AGAIN_ABOVE degrees (a badly rolled first prediction misjudges the roll too). Each round is
-    one ``predict_many`` call over all its faces (each on its own region): on a GPU a call costs about the same
-    whatever its size, so face-by-face rounds were most of alignment's time. ``first``: the faces' first predictions
+    one ``predict_many`` call over all its faces, their regions sampled together into one buffer
+    (:func:`upright_regions`) and mapped back together (:func:`regions_to_source`): the host reads the points
+    once per round, to decide the next. On a GPU a call costs about the same whatever its size. ``first``: the faces' first predictions
     when already known (otherwise one ``predict_many`` call on the photos makes them). A face's points do not
     depend on the others in a call, so each equals its own :func:`upright_landmarks`."""
     if len(photos) != len(boxes):
