@@ -21,9 +21,10 @@ from .ffhq_geometry import fast_fft_len
 
 __all__ = ["blur_pad_faces", "PaddedGroup"]
 
-# A group's dense canvas: at most this many pixels (its float32 FFT passes take about 40 bytes a pixel), and at
-# most this many times the pixels of its faces' own canvases.
-GROUP_PIXELS = 1 << 24
+# A group's dense canvas: at most this many pixels (its steps hold up to about 150 bytes a pixel at once: the
+# gather's indices, the FFT passes' lines and spectra, the median's sort with its indices), and at most this many
+# times the pixels of its faces' own canvases.
+GROUP_PIXELS = 1 << 23
 GROUP_WASTE = 2.0
 
 
