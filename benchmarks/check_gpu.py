@@ -10,9 +10,11 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
    actor runs them, replayed as a CUDA graph (E2Style.capture_invert: "-graph" rows, with whether their bits
    are the same path's unrecorded); "-pool" paths make the 256 px reconstruction without the 1024 px RGB image
    (optimize_for_gpu's pool_before_rgb), "-fused" ones run the 1024 px non-upsampling layer as the fused Triton
-   kernel, "-autotune" ones compile in max-autotune mode (compiled "-fused" and "-autotune" paths run only when
-   named in --compiled-paths). Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages,
-   reconstructions) with seeded random weights, real photo crops. Each sample against the float32 grouped (official) reference on
+   kernel, "-fused256" ones every StyledConv from 256 px (upsampling ones included) as the fused kernels (a row
+   notes a fused path whose layers did not all pass their device check), "-autotune" ones compile in
+   max-autotune mode (compiled "-fused*" and "-autotune" paths run only when named in --compiled-paths).
+   Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with seeded
+   random weights, real photo crops. Each sample against the float32 grouped (official) reference on
    the same GPU, computed 4 samples at a time (TF32 off). Bounds: float32 paths relative error <= 1e-4 of the
    codes and of the 256 px images; bf16/fp16 paths codes <= 1e-2 and reconstructions >= 40 dB PSNR.
 2. Convolutions. Every convolution shape the shared-weight paths run (captured from the model itself, with
@@ -58,7 +60,9 @@ REDUCED_PSNR_BOUND = 40.0
 REDUCED_CONV_BOUND = 1e-2
 FULL = (1024, 512)  # the official architecture: resolution, width
 TINY = (512, 16)  # --tiny: narrow, but above 256 px so the "-pool" paths pool before the ToRGB
-FUSED_MIN_SIZE = 1024  # "-fused" paths: the generator's 1024 px non-upsampling layer through the kernel
+# "-fused": the generator's 1024 px non-upsampling layer through its kernel; "-fused256": every StyledConv from
+# 256 px through the fused kernels (models/stylegan2_upsample_kernel.py for the upsampling ones).
+FUSED = {"fused": (1024, False), "fused256": (256, True)}  # name: (fused_min_size, fused_upsample)
 REF_CHUNK = 4  # the reference runs 4 samples at a time (the defect seen so far is right at batch 2 and 4)
 
 
@@ -70,19 +74,20 @@ class InferencePath:
     graph: bool = False  # replayed as a CUDA graph (compiled paths on CUDA; the actor's way)
     pool: bool = False  # optimize_for_gpu's pool_before_rgb
     compile_mode: str = "default"  # models.e2style.COMPILE_MODES
-    fused: bool = False  # the 1024 px non-upsampling layer as the fused Triton kernel (models/stylegan2_kernels.py)
+    fused: str = ""  # one of FUSED: layers as the fused Triton kernels (models/stylegan2_kernels.py)
 
     @property
     def name(self) -> str:
         compiled = ("autotune" if self.compile_mode != "default" else "compile") if self.compile else "eager"
         name = f"{self.precision}-{compiled}-{'k' if self.kernels else 'nok'}"
-        return name + "-pool" * self.pool + "-fused" * self.fused + "-graph" * self.graph
+        return name + "-pool" * self.pool + (f"-{self.fused}" if self.fused else "") + "-graph" * self.graph
 
     def gpu_settings(self, on_gpu: bool) -> dict:
         """optimize_for_gpu's arguments for this path."""
         return {"channels_last": on_gpu, "compile": self.compile, "kernels": self.kernels,
                 "compile_mode": self.compile_mode, "pool_before_rgb": self.pool,
-                "fused_min_size": FUSED_MIN_SIZE if self.fused else None}
+                "fused_min_size": FUSED[self.fused][0] if self.fused else None,
+                "fused_upsample": FUSED[self.fused][1] if self.fused else True}
 
 
 # The pipeline's default on GPUs; when its compilation fails at first use, InferencePath("fp16", False, True)
@@ -93,14 +98,14 @@ POOLED_DEFAULT = InferencePath("fp16", True, True, pool=True)
 PRECISIONS = ("fp32", "bf16", "fp16")
 EAGER_PATHS = ([InferencePath(p, False, k) for k in (False, True) for p in PRECISIONS]
                + [InferencePath(p, False, True, pool=True) for p in PRECISIONS]
-               + [InferencePath("fp16", False, True, pool=True, fused=True)])
+               + [InferencePath("fp16", False, True, pool=True, fused=f) for f in FUSED])
 # Compiled: rewrites on first (what the pipeline runs), the default first of all.
 COMPILED_PATHS = [PIPELINE_DEFAULT, POOLED_DEFAULT] + [InferencePath(p, True, k) for k in (True, False) for p in PRECISIONS
                                                        if (p, k) != ("fp16", True)]
 # Run only when --compiled-paths names them (max-autotune compiles for minutes per batch size; the fused kernel is
 # not a default yet).
 NAMED_ONLY_PATHS = [InferencePath("fp16", True, True, pool=pool, compile_mode="max-autotune-no-cudagraphs")
-                  for pool in (False, True)] + [InferencePath("fp16", True, True, pool=True, fused=True)]
+                  for pool in (False, True)] + [InferencePath("fp16", True, True, pool=True, fused=f) for f in FUSED]
 
 
 def configure(model: E2Style, path: InferencePath, on_gpu: bool) -> E2Style:
@@ -153,6 +158,16 @@ def judge(path: InferencePath, batch: int, codes, images, ref) -> dict:
             "finite": finite}
 
 
+def fused_layers(model: E2Style) -> int:
+    return sum(bool(layer.fused_dtypes) for layer in model.decoder.convs)
+
+
+def expected_fused_layers(model: E2Style, path: InferencePath) -> int:
+    """The StyledConvs a fused path asks for (layer k of Generator.convs is at 8 * 2 ** (k // 2) px)."""
+    min_size, upsample = FUSED[path.fused]
+    return sum(2 ** (k // 2 + 3) >= min_size and (upsample or k % 2 == 1) for k in range(len(model.decoder.convs)))
+
+
 def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: torch.Tensor, ref: dict,
              device: torch.device, deadline: float, log) -> list[dict]:
     rows = []
@@ -168,6 +183,11 @@ def run_path(model: E2Style, path: InferencePath, batches: list[int], inputs: to
                 x = model.preprocess_uint8(inputs[:b])
                 out = model.invert(x, return_images=True)
             row = judge(path, b, out.codes, out.images, ref)
+            if path.fused:
+                row["fused_layers"] = fused_layers(model)
+                if device.type == "cuda" and row["fused_layers"] != expected_fused_layers(model, path):
+                    row.update(ok=None, note=f"only {row['fused_layers']} layers fused: a device check failed "
+                                             "(its warning says which)")
             if path.compile and device.type == "cuda":
                 # The actor replays compiled inversion as a CUDA graph (E2Style.capture_invert): checked as a
                 # path of its own against the reference, and told whether it gives the bits of the same path
