@@ -25,8 +25,6 @@ from .stylegan2_kernels import (AUTOTUNE_KEY, CHECK_BATCHES, CHECK_SIZE, epilogu
                                 check_fused_kernel, epilogue_reference, fitting_settings, launch,
                                 prepare_operands, prune_configs, random_operands, triton_configs)
 
-# Along one axis: the combined kernel's index d + 2 used by phase p at tap a (-1, 0, 1), d = p - 2a.
-PHASE_TAPS = ((4, 2, 0), (5, 3, 1))
 
 
 def upsample_phase_weights(weight: torch.Tensor, blur_kernel: torch.Tensor) -> torch.Tensor:
@@ -38,8 +36,10 @@ def upsample_phase_weights(weight: torch.Tensor, blur_kernel: torch.Tensor) -> t
         raise ValueError(f"the phase form is for a 3x3 weight and a 4x4 blur, got {k}x{k} and {tuple(blur_kernel.shape)}")
     fir = torch.flip(blur_kernel.to(weight.dtype), [0, 1])
     combined = F.conv2d(F.pad(weight.reshape(o * i, 1, 3, 3), [3, 3, 3, 3]), fir[None, None]).reshape(o, i, 6, 6)
-    taps = torch.tensor(PHASE_TAPS, device=weight.device)  # (phase, tap)
-    phases = combined[:, :, taps][:, :, :, :, taps]  # (o, i, py, a, px, b)
+    # Along one axis, phase p at tap a (-1, 0, 1) takes the combined kernel's index d + 2 = p - 2a + 2: indices
+    # (4, 2, 0) for p = 0, (5, 3, 1) for p = 1. Slices, not an index tensor (no host copy under CUDA graph capture).
+    rows = torch.stack([combined[:, :, p::2].flip(2) for p in (0, 1)], dim=2)  # (o, i, py, a, 6)
+    phases = torch.stack([rows[..., p::2].flip(-1) for p in (0, 1)], dim=4)  # (o, i, py, a, px, b)
     return phases.permute(2, 4, 3, 5, 1, 0).reshape(4, 3, 3, i, o)
 
 
