@@ -186,7 +186,8 @@ def prepare_operands(name: str, x: torch.Tensor, s: torch.Tensor, weight: torch.
         raise ValueError(f"{name}: shapes x {tuple(x.shape)}, s {tuple(s.shape)}, weight {tuple(weight.shape)}, "
                          f"demod {tuple(demod.shape)}, bias {tuple(bias.shape)} do not fit (B, H, W, Cin), (B, Cin), "
                          f"({', '.join(map(str, weight_shape[:-2]))}, Cin, Cout), (B, Cout), (Cout,)")
-    if noise.shape[-2:] != noise_size or noise.numel() not in (noise_size[0] * noise_size[1], b * noise_size[0] * noise_size[1]):
+    pixels = noise_size[0] * noise_size[1]
+    if noise.shape[-2:] != noise_size or noise.numel() not in (pixels, b * pixels):
         raise ValueError(f"{name}: noise {tuple(noise.shape)} is not (1 or {b}, {noise_size[0]}, {noise_size[1]})")
     noise = noise.reshape(-1, *noise_size).contiguous()
     stride = noise_size[0] * noise_size[1] if noise.shape[0] > 1 else 0
@@ -289,7 +290,8 @@ def check_styled_conv_kernel(device: torch.device, cin: int = 32, cout: int = 32
 
     if settings is None:
         settings = fitting_settings(CONV_SETTINGS, cin, cout)
-    return check_fused_kernel(run, reference, ops, (h, w), dtype, torch.device(device), settings, batches)
+    problem = check_fused_kernel(run, reference, ops, (h, w), dtype, torch.device(device), settings, batches)
+    return None if problem is None else f"{cin} -> {cout} channels, {problem}"
 
 
 def use_styled_conv_kernel(device, cin: int = 32, cout: int = 32, dtype: torch.dtype = torch.float16,

@@ -33,7 +33,8 @@ def upsample_phase_weights(weight: torch.Tensor, blur_kernel: torch.Tensor) -> t
     (m + a, n + b) in output pixel (2m + py, 2n + px)."""
     o, i, k, _ = weight.shape
     if k != 3 or blur_kernel.shape != (4, 4):
-        raise ValueError(f"the phase form is for a 3x3 weight and a 4x4 blur, got {k}x{k} and {tuple(blur_kernel.shape)}")
+        raise ValueError(f"the phase form is for a 3x3 weight and a 4x4 blur, got {k}x{k} and "
+                         f"{tuple(blur_kernel.shape)}")
     fir = torch.flip(blur_kernel.to(weight.dtype), [0, 1])
     combined = F.conv2d(F.pad(weight.reshape(o * i, 1, 3, 3), [3, 3, 3, 3]), fir[None, None]).reshape(o, i, 6, 6)
     # Along one axis, phase p at tap a (-1, 0, 1) takes the combined kernel's index d + 2 = p - 2a + 2: indices
@@ -166,7 +167,8 @@ def check_upsample_kernel(device: torch.device, cin: int = 64, cout: int = 32, d
 
     if settings is None:
         settings = fitting_settings(UPSAMPLE_SETTINGS, cin, cout)
-    return check_fused_kernel(run, reference, ops, (2 * h, 2 * w), dtype, torch.device(device), settings, batches)
+    problem = check_fused_kernel(run, reference, ops, (2 * h, 2 * w), dtype, torch.device(device), settings, batches)
+    return None if problem is None else f"{cin} -> {cout} channels, {problem}"
 
 
 def use_upsample_kernel(device, cin: int = 64, cout: int = 32, dtype: torch.dtype = torch.float16,
