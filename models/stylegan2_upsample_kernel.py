@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .kernel_check import tl, triton, use_kernels
-from .stylegan2_kernels import (AUTOTUNE_KEY, CHECK_BATCHES, CHECK_SIZE, epilogue_store, modulated_tile,
-                                check_fused_kernel, epilogue_reference, fitting_settings, launch,
-                                prepare_operands, prune_configs, random_operands, triton_configs)
-
+from .stylegan2_kernels import (AUTOTUNE_KEY, CHECK_BATCHES, CHECK_SIZE, check_fused_kernel, epilogue_reference,
+                                epilogue_store, fitting_settings, launch, modulated_tile, prepare_operands,
+                                prune_configs, random_operands, triton_configs)
 
 
 def upsample_phase_weights(weight: torch.Tensor, blur_kernel: torch.Tensor) -> torch.Tensor:
@@ -62,8 +61,9 @@ def styled_upconv3x3_reference(x: torch.Tensor, s: torch.Tensor, phase_weight: t
     return epilogue_reference(out, demod, noise, noise_weight, bias)
 
 
-# (BLOCK_M input pixels, BLOCK_N, BLOCK_K, num_warps, num_stages): four accumulators per program, so tiles of
-# at most 8192 input pixels x channels (64 float32 registers per thread and accumulator at 4 warps: 128 at 8).
+# (BLOCK_M input pixels, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on CUDA: four accumulators
+# per program, so BLOCK_M x BLOCK_N at most 4096 at 4 warps and 8192 at 8 (the accumulators: 128 float32 registers
+# per thread).
 UPSAMPLE_SETTINGS = [(64, 32, 32, 4, 3), (128, 32, 32, 4, 3), (128, 32, 64, 8, 3), (64, 64, 32, 4, 3),
                      (128, 64, 32, 8, 3), (64, 128, 64, 8, 3)]
 
