@@ -79,6 +79,19 @@ def test_phase_form_equals_the_official_layer_in_float64(i):
     assert per_sample_error(out, ref) <= 1e-10
 
 
+def test_fused_layer_selection():
+    """set_fused_styled_convs: by size (layer k of convs at 8 * 2 ** (k // 2) px), upsampling layers or not, per
+    operand dtype where ``trusted`` says so; None: none."""
+    G = Generator(64, channels=default_channels(2, 64))
+    G.set_fused_styled_convs(32, upsample=False)
+    assert [bool(layer.fused_dtypes) for layer in G.convs] == [False] * 5 + [True, False, True]
+    half, bf16 = torch.float16, torch.bfloat16
+    G.set_fused_styled_convs(16, dtypes=(half, bf16), trusted=lambda layer, d: layer.conv.upsample or d == half)
+    assert [layer.fused_dtypes for layer in G.convs] == [frozenset()] * 2 + [{half, bf16}, {half}] * 3
+    G.set_fused_styled_convs(None)
+    assert all(not layer.fused_dtypes for layer in G.convs)
+
+
 def check_against_official(dtype: torch.dtype, bound: float) -> None:
     for i, (b, h, w, cin, cout, per_sample_noise) in enumerate(SHAPES):
         layer = official_layer(cin, cout, seed=i)
