@@ -173,28 +173,39 @@ def _blend_weights(n: np.ndarray, before: np.ndarray, after: np.ndarray, length:
                             (n[:, None] - 1 - i).astype(np.float32) / after[:, None])
 
 
-def _blur_lines(a: torch.Tensor, n: torch.Tensor, radius: np.ndarray, kernels: np.ndarray, bucketed: bool
-                ) -> torch.Tensor:
+def _blur_lines(a: torch.Tensor, n: torch.Tensor, radius: np.ndarray, kernels: list, bucketed: bool) -> torch.Tensor:
     """_gaussian_blur's pass along dim 1 of (B, N, X) float32 for every face at once: face b's lines are its
     first n[b] values, reflected by radius[b] (symmetric) and convolved with kernels[b] (its 2 r + 1 taps) by a
-    float32 FFT. Returns (B, N, X); past a face's n, unused values."""
+    float32 FFT. Returns (B, N, X); past a face's n, unused values.
+
+    ``bucketed``: as _gaussian_blur's (cuFFT plans per length and batch, each costing milliseconds of host time
+    when new): the FFT length and the number of lines (the lines of all the group's faces, one contiguous row
+    each) rounded up to powers of two, so that a few dozen plans serve every chunk."""
     B, N, X = a.shape
     longest = N + 2 * int(radius.max())
     nfft = 1 << (longest - 1).bit_length() if bucketed else fast_fft_len(longest)
-    taps = np.zeros((B, nfft), dtype=np.float32)
+    taps = np.zeros((_bucket(B, bucketed), nfft), dtype=np.float32)
     for b, k in enumerate(kernels):
         taps[b, : len(k)] = k
     taps_t, r_t = upload_many([taps, radius.astype(np.int64)], a.device)
     r = r_t[:, None]
     k = torch.arange(nfft, device=a.device)[None, :]
     faces = torch.arange(B, device=a.device)[:, None]
-    lines = a[faces, _reflect(k - r, n[:, None], True)]
+    lines = a[faces, _reflect(k - r, n[:, None], True)]                                  # (B, nfft, X)
     lines.mul_((k < n[:, None] + 2 * r).to(lines.dtype)[:, :, None])
-    spectrum = torch.fft.rfft(lines, nfft, dim=1)
-    spectrum.mul_(torch.fft.rfft(taps_t, nfft, dim=1)[:, :, None])
-    out = torch.fft.irfft(spectrum, nfft, dim=1)
+    rows = lines.transpose(1, 2).reshape(B * X, nfft)
+    rows = torch.nn.functional.pad(rows, (0, 0, 0, _bucket(B * X, bucketed) - B * X))
+    spectrum = torch.fft.rfft(rows, nfft)[: B * X].view(B, X, -1)
+    spectrum.mul_(torch.fft.rfft(taps_t, nfft)[:B, None, :])
+    out = torch.fft.irfft(spectrum.view(B * X, -1), nfft).view(B, X, nfft)
     # Outputs from 2r on see no wrap-around (nfft >= n + 2r).
-    return out[faces, 2 * r + torch.arange(N, device=a.device)[None, :]]
+    take = (2 * r + torch.arange(N, device=a.device)[None, :])[:, None, :].expand(B, X, N)
+    return out.gather(2, take).transpose(1, 2)
+
+
+def _bucket(count: int, bucketed: bool) -> int:
+    """A batch of ``count`` FFT lines rounded up to a power of two when ``bucketed``."""
+    return 1 << max(count - 1, 0).bit_length() if bucketed else count
 
 
 def _gaussian_taps(sigma: float) -> np.ndarray:
@@ -228,9 +239,9 @@ def _pad_group(src: torch.Tensor, base: np.ndarray, stride: np.ndarray, crops: n
     index = (base_t[:, None, None] + rows[:, :, None] * stride_t[:, None, None]) + cols[:, None, :]
     f = src[index].float()                                                                          # (B, H, W, 3)
     # The blur: along the rows' axis (every column), then along the columns' axis, as _gaussian_blur.
-    down = _blur_lines(f.view(B, H, W * 3), H_t, radius, kernels, bucketed).view(B, H, W, 3)
+    down = _blur_lines(f.view(B, H, W * 3), H_t, radius, kernels, bucketed).reshape(B, H, W, 3)
     across = _blur_lines(down.permute(0, 2, 1, 3).reshape(B, W, H * 3), W_t, radius, kernels, bucketed)
-    blurred = across.view(B, W, H, 3).permute(0, 2, 1, 3)
+    blurred = across.reshape(B, W, H, 3).permute(0, 2, 1, 3)
     f.lerp_(blurred, torch.maximum(blur_y[:, :, None, None], blur_x[:, None, :, None]))
     # The median of each face's own pixels: the dense canvas' other cells sort last.
     inside = (torch.arange(H, device=dev)[None, :, None] < H_t[:, None, None]) & (
