@@ -20,7 +20,8 @@ from .device import upload_many
 from .fhog import FhogLayout, fhog_layout
 from .filters import FilterLevel, filter_bounds, filter_level_table
 from .formats import NUM_PLANES, HogDetectorModel
-from .pyramid import ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size
+from .pyramid import (ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
+                      warm_resize_tables)
 
 __all__ = ["LevelPlan", "BatchPlan", "plan_batch"]
 
@@ -140,6 +141,9 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
     for k in order:
         while len(level_sizes[k]) < depth[k]:
             level_sizes[k].append(pyramid_down_size(*level_sizes[k][-1]))
+    # Every level's resize tables that are not made yet, in one numpy pass for all levels.
+    pairs = [(level_sizes[k][level], level_sizes[k][level + 1]) for k in order for level in range(depth[k] - 1)]
+    warm_resize_tables([(a[0], b[0]) for a, b in pairs], [(a[1], b[1]) for a, b in pairs])
     levels: list[LevelPlan] = []
     offset = planes_at = bounds_row = 0
     for level in range(depth[order[0]] if order else 0):

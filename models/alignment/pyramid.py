@@ -26,7 +26,7 @@ from ..kernel_check import tl, triton, use_kernels
 __all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
            "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
-           "resize_tables", "ResizePlan", "plan_resize", "resize_rgb", "check_resize_kernels"]
+           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb", "check_resize_kernels"]
 
 PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
 PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
@@ -211,35 +211,87 @@ def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, in
 
 
 
+# The kernel's tables per pair of lengths (in, out), rows and columns apart: rows depend on the two heights only and
+# columns on the two widths, so photos of any other size share them, and a pyramid's levels meet the same lengths
+# again and again (at most a few thousand pairs for photos up to a few thousand pixels). Bounded: cleared when full.
+# Rows: (top, bottom) int32 and (tb32, inv_tb32) float32 one after the other, tb64; columns: left, lr32, lr64, tail.
+_ROW_TABLES: dict = {}
+_COLUMN_TABLES: dict = {}
+_MAX_CACHED = 16384
+
+
+def warm_resize_tables(row_pairs, column_pairs) -> None:
+    """Makes the kernel's tables of every (in, out) pair of heights and widths (Python ints) not made yet, with one
+    resize_tables call for all missing rows and one for all missing columns (numpy's cost is per call)."""
+    rows = sorted({p for p in row_pairs if p not in _ROW_TABLES})
+    cols = sorted({p for p in column_pairs if p not in _COLUMN_TABLES})
+    for cache, missing in ((_ROW_TABLES, rows), (_COLUMN_TABLES, cols)):
+        if len(cache) + len(missing) > _MAX_CACHED:
+            cache.clear()
+    if rows:
+        longest = max(out for _, out in rows)
+        r = resize_tables([(h, 1) for h, _ in rows], [(oh, 1) for _, oh in rows], longest, 1 + TAIL_BAND)
+        for k, (h, oh) in enumerate(rows):
+            _ROW_TABLES[h, oh] = (np.concatenate([r.top[k, :oh], r.bottom[k, :oh]]).astype(np.int32),
+                                  np.concatenate([r.tb32[k, :oh], r.inv_tb32[k, :oh]]), r.tb64[k, :oh].copy())
+    if cols:
+        longest = max(out for _, out in cols)
+        r = resize_tables([(1, w) for w, _ in cols], [(1, ow) for _, ow in cols], 1, longest + TAIL_BAND)
+        for k, (w, ow) in enumerate(cols):
+            _COLUMN_TABLES[w, ow] = (r.left[k, :ow].astype(np.int32), r.lr32[k, :ow].copy(), r.lr64[k, :ow].copy(),
+                                     int(r.tail[k]))
+
+
+def resize_kernel_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]) -> tuple:
+    """The resize kernel's tables of a batch: each image's rows and columns (_row_tables, _column_tables, made once
+    per pair of lengths) one after the other, and per image (first double-path column, output width and height,
+    last input column, first row and first column in the row and column tables); each pair of lengths' tables
+    made once (warm_resize_tables). Equal to resize_tables' at each
+    image's own rows and columns (tests/models/alignment/test_batch_plan.py)."""
+    row_pairs = [(h, oh) for (h, _), (oh, _) in zip(in_sizes, out_sizes)]
+    column_pairs = [(w, ow) for (_, w), (_, ow) in zip(in_sizes, out_sizes)]
+    rows = [_ROW_TABLES.get(p) for p in row_pairs]
+    cols = [_COLUMN_TABLES.get(p) for p in column_pairs]
+    if any(r is None for r in rows) or any(c is None for c in cols):
+        warm_resize_tables(row_pairs, column_pairs)
+        rows = [_ROW_TABLES[p] for p in row_pairs]
+        cols = [_COLUMN_TABLES[p] for p in column_pairs]
+    oh = np.array([o[0] for o in out_sizes], np.int64)
+    ow = np.array([o[1] for o in out_sizes], np.int64)
+    info = np.stack([[c[3] for c in cols], ow, oh, [w - 1 for _, w in in_sizes],
+                     np.cumsum(oh) - oh, np.cumsum(ow) - ow], axis=1).astype(np.int32)
+    return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]),
+            np.concatenate([r[2] for r in rows]), np.concatenate([c[0] for c in cols]),
+            np.concatenate([c[1] for c in cols]), np.concatenate([c[2] for c in cols]), info)
+
+
 @dataclass
 class ResizePlan:
     """One resize of a batch planned on the host (plan_resize): image b from in_sizes[b] to out_sizes[b], the
-    output padded to (out_h, out_w); its tables for the torch path (``tables``) and the kernel's (``kernel_tables``,
-    host arrays; ``device_tables``: the same on the device once uploaded, e.g. with a whole pyramid's tables in
-    one copy)."""
+    output padded to (out_h, out_w); the kernel's tables (``kernel_tables``, host arrays; ``device_tables``: the
+    same on the device once uploaded, e.g. with a whole pyramid's tables in one copy); the torch path's
+    (``tables``) are made when first asked for."""
 
     in_sizes: list
     out_sizes: list
     out_h: int
     out_w: int
-    tables: ResizeTables
     kernel_tables: tuple
     device_tables: list | None = None
+    _tables: ResizeTables | None = None
+
+    @property
+    def tables(self) -> ResizeTables:
+        if self._tables is None:
+            self._tables = resize_tables(self.in_sizes, self.out_sizes, self.out_h, self.out_w)
+        return self._tables
 
 
 def plan_resize(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]) -> ResizePlan:
     """resize_rgb's tables for these sizes, built on the host (no device work)."""
     out_h = max(h for h, _ in out_sizes)
     out_w = max(w for _, w in out_sizes) + TAIL_BAND
-    r = resize_tables(in_sizes, out_sizes, out_h, out_w)
-    last_col = np.array([w - 1 for _, w in in_sizes], np.int64)
-    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
-    # The kernel's tables (see it): rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info. It takes each right
-    # neighbour as min(left + 1, last column), which resize_tables' are (tests/models/alignment/test_face_detector.py).
-    kernel_tables = (np.stack([r.top, r.bottom], axis=1).astype(np.int32), np.stack([r.tb32, r.inv_tb32], axis=1),
-                     r.tb64, r.left.astype(np.int32), r.lr32, r.lr64,
-                     np.stack([r.tail, ow, oh, last_col], axis=1).astype(np.int32))
-    return ResizePlan(list(in_sizes), list(out_sizes), out_h, out_w, r, kernel_tables)
+    return ResizePlan(list(in_sizes), list(out_sizes), out_h, out_w, resize_kernel_tables(in_sizes, out_sizes))
 
 
 def _resize_rgb_torch(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
@@ -300,31 +352,35 @@ if triton is not None:
     def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
                            cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
         # One program per (output row, block of output columns, image), its three channels: resize_rgb's
-        # arithmetic. Tables per image: rows_i (2, dst_h) top, bottom; rows_f (2, dst_h) tb32, 1 - tb32 (rounded
-        # from double: not the float32 difference); rows_d (dst_h) tb64; cols_i (dst_w) left; cols_f (dst_w)
-        # lr32 (its complement is the float32 difference 1 - lr32, as in resize_rgb); cols_d (dst_w) lr64; info
-        # (4): first double-path column, output width and height, last input column. Right neighbours are
+        # arithmetic. Tables (resize_kernel_tables), image after image: rows_i (2, its out_h) top, bottom; rows_f
+        # (2, out_h) tb32, 1 - tb32 (rounded from double: not the float32 difference); rows_d (out_h) tb64;
+        # cols_i (out_w) left; cols_f (out_w) lr32 (its complement is the float32 difference 1 - lr32, as in
+        # resize_rgb); cols_d (out_w) lr64; info (6 per image): first double-path column, output width and
+        # height, last input column, first row and first column of the image's entries. Right neighbours are
         # min(left + 1, last column). Outside the image's output: nothing computed or written. The double path
         # (the right-edge band) is computed only in the column block that holds it.
         r = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK
         b = tl.program_id(2)
-        info = info_ptr + 4 * b
+        info = info_ptr + 6 * b
         tail = tl.load(info)
         out_w = tl.load(info + 1)
-        if (r < tl.load(info + 2)) & (c0 < out_w):
+        out_h = tl.load(info + 2)
+        if (r < out_h) & (c0 < out_w):
             c = c0 + tl.arange(0, BLOCK)
             live = c < out_w
             c = tl.minimum(c, out_w - 1)  # table entries of the image's own columns: no masked loads
-            row_i = rows_i_ptr + 2 * b * dst_h + r
-            row_f = rows_f_ptr + 2 * b * dst_h + r
+            row_at = tl.load(info + 4) + r
+            col_at = tl.load(info + 5) + c
+            row_i = rows_i_ptr + 2 * tl.load(info + 4) + r
+            row_f = rows_f_ptr + 2 * tl.load(info + 4) + r
             top = tl.load(row_i) * src_w
-            bottom = tl.load(row_i + dst_h) * src_w
+            bottom = tl.load(row_i + out_h) * src_w
             tb = tl.load(row_f)
-            inv_tb = tl.load(row_f + dst_h)
-            left = tl.load(cols_i_ptr + b * dst_w + c)
+            inv_tb = tl.load(row_f + out_h)
+            left = tl.load(cols_i_ptr + col_at)
             right = tl.minimum(left + 1, tl.load(info + 3))
-            lr = tl.load(cols_f_ptr + b * dst_w + c)
+            lr = tl.load(cols_f_ptr + col_at)
             inv_lr = 1.0 - lr
             w_tl = inv_tb * inv_lr
             w_tr = inv_tb * lr
@@ -345,8 +401,8 @@ if triton is not None:
                 acc = acc + w_br * p_br.to(tl.float32)
                 out = acc.to(tl.int32)
                 if band:
-                    tb64 = tl.load(rows_d_ptr + b * dst_h + r)
-                    lr64 = tl.load(cols_d_ptr + b * dst_w + c)
+                    tb64 = tl.load(rows_d_ptr + row_at)
+                    lr64 = tl.load(cols_d_ptr + col_at)
                     one_lr = 1.0 - lr64
                     upper = one_lr * p_tl.to(tl.float64) + lr64 * p_tr.to(tl.float64)
                     lower = one_lr * p_bl.to(tl.float64) + lr64 * p_br.to(tl.float64)

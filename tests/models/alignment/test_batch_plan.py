@@ -12,7 +12,8 @@ from models.alignment.detector import BUNDLED_DETECTOR_FILE
 from models.alignment.fhog import fhog_layout
 from models.alignment.filters import filter_bounds
 from models.alignment.formats import read_detector_file
-from models.alignment.pyramid import count_pyramid_levels, plan_resize, pyramid_level_size, window_boxes
+from models.alignment.pyramid import (count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
+                                      pyramid_up_size, window_boxes)
 
 MODEL = read_detector_file(BUNDLED_DETECTOR_FILE)
 
@@ -84,3 +85,29 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
             fresh = plan_resize(lp.resize.in_sizes, lp.resize.out_sizes)
             for got, want in zip(lp.resize.device_tables, fresh.kernel_tables):
                 assert np.array_equal(got.numpy(), want)
+
+
+def test_the_resize_kernels_tables_per_pair_of_lengths_are_the_batched_tables():
+    """resize_kernel_tables (each image's rows and columns from tables made once per pair of lengths, one image
+    after the other) equal resize_tables of the whole batch (checked against dlib's loops in
+    test_face_detector.py) at every image's own rows and columns, for pyramid_down and pyramid_up, including
+    pairs made in an earlier call and in this one."""
+    rng = np.random.default_rng(5)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(20, 900, (24, 2))]
+    sizes += sizes[:3]  # pairs met again within the call
+    for out_sizes in ([pyramid_down_size(*s) for s in sizes], [pyramid_up_size(*s) for s in sizes[:6]]):
+        ins = sizes[:len(out_sizes)]
+        plan = plan_resize(ins, out_sizes)
+        batched = plan.tables
+        rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info = plan.kernel_tables
+        for b, ((h, w), (oh, ow)) in enumerate(zip(ins, out_sizes)):
+            tail, width, height, last, row_at, col_at = info[b].tolist()
+            assert (tail, width, height, last) == (batched.tail[b], ow, oh, w - 1)
+            assert np.array_equal(rows_i[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
+                [batched.top[b, :oh], batched.bottom[b, :oh]]))
+            assert np.array_equal(rows_f[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
+                [batched.tb32[b, :oh], batched.inv_tb32[b, :oh]]))
+            assert np.array_equal(rows_d[row_at:row_at + oh], batched.tb64[b, :oh])
+            assert np.array_equal(cols_i[col_at:col_at + ow], batched.left[b, :ow])
+            assert np.array_equal(cols_f[col_at:col_at + ow], batched.lr32[b, :ow])
+            assert np.array_equal(cols_d[col_at:col_at + ow], batched.lr64[b, :ow])
