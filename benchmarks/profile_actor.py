@@ -5,8 +5,10 @@ CPU time of its own thread, and the rows' statuses counted (an align_error stops
 the actor (the pipeline's own calls, not alignment alone): alignment's wall and host (its thread's CPU) time per
 part (stage, upload, detect, landmarks, crop: pipeline.device_align.ALIGN_PARTS), and in a run of its own
 ("syncs counted", 1 thread) the device -> host synchronisations of each part (on CUDA every synchronising call,
-torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist) and its torch
-operations (kernel launches and copies on a GPU; Triton kernels not counted). The last lane
+torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist), the time spent
+inside those reads (read-ms: on a GPU mostly waiting for the device, which CUDA spends spinning, so it counts as CPU
+time; the part's host work is about its CPU time less that) and its torch operations (kernel launches and copies
+on a GPU; Triton kernels not counted). The last lane
 count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
@@ -81,9 +83,12 @@ class StepTimes:
 class SyncCounter:
     """Device -> host synchronisations per thread while ``counting``: on CUDA each call torch's sync debug mode
     warns about (the warnings are counted, not shown); on a CPU each Tensor.cpu / .item / .tolist call, the
-    reads that would wait for the device on a GPU. ``count()``: the calling thread's total so far."""
+    reads that would wait for the device on a GPU. ``count()``: the calling thread's total so far; ``waited()``:
+    its seconds inside Tensor.cpu / .item / .tolist (where alignment reads results back: on a GPU mostly the wait
+    for the device; other synchronising calls' waits are not in it)."""
 
     _SYNC = re.compile("synchronizing CUDA operation")
+    _READS = ("cpu", "item", "tolist")
 
     def __init__(self, on_gpu: bool):
         self.on_gpu, self.local, self.counting = on_gpu, threading.local(), False
@@ -93,11 +98,27 @@ class SyncCounter:
     def count(self) -> int:
         return getattr(self.local, "n", 0)
 
+    def waited(self) -> float:
+        return getattr(self.local, "wait", 0.0)
+
     def _add(self) -> None:
         self.local.n = self.count() + 1
 
     def start(self) -> None:
         self.counting = True
+        for name in self._READS:
+            real = getattr(torch.Tensor, name)
+            self._patched[name] = real
+
+            def timed_read(t, *args, _real=real, **kwargs):
+                if not self.on_gpu:
+                    self._add()
+                t0 = time.perf_counter()
+                try:
+                    return _real(t, *args, **kwargs)
+                finally:
+                    self.local.wait = self.waited() + time.perf_counter() - t0
+            setattr(torch.Tensor, name, timed_read)
         if self.on_gpu:
             self._showwarning = warnings.showwarning
             warnings.filterwarnings("always", message=".*synchronizing CUDA operation")
@@ -109,15 +130,6 @@ class SyncCounter:
                     self._showwarning(message, category, filename, lineno, file, line)
             warnings.showwarning = show
             torch.cuda.set_sync_debug_mode("warn")
-            return
-        for name in ("cpu", "item", "tolist"):
-            real = getattr(torch.Tensor, name)
-            self._patched[name] = real
-
-            def counted(t, *args, _real=real, **kwargs):
-                self._add()
-                return _real(t, *args, **kwargs)
-            setattr(torch.Tensor, name, counted)
 
     def stop(self) -> None:
         self.counting = False
@@ -159,12 +171,13 @@ class ChunkParts:
         rec = getattr(self.local, "rec", None)
         if rec is None:
             return
-        entry = rec["parts"].setdefault(part, {"wall_ms": 0.0, "cpu_ms": 0.0, "syncs": 0, "ops": 0})
+        entry = rec["parts"].setdefault(part, {"wall_ms": 0.0, "cpu_ms": 0.0, "syncs": 0, "ops": 0, "read_ms": 0.0})
         entry["wall_ms"] += 1e3 * wall
         entry["cpu_ms"] += 1e3 * cpu
-        now = (self.syncs.count(), self._ops())
+        now = (self.syncs.count(), self._ops(), self.syncs.waited())
         entry["syncs"] += now[0] - self.local.mark[0]
         entry["ops"] += now[1] - self.local.mark[1]
+        entry["read_ms"] += 1e3 * (now[2] - self.local.mark[2])
         self.local.mark = now
 
     def _ops(self) -> int:
@@ -173,7 +186,7 @@ class ChunkParts:
     def wrap(self, fn):
         def timed(*args, **kwargs):
             self.local.rec = {"parts": {}}
-            self.local.mark = start = (self.syncs.count(), self._ops())
+            self.local.mark = start = (self.syncs.count(), self._ops(), self.syncs.waited())
             counting = OpCounter(self.syncs) if self.syncs.counting else contextlib.nullcontext()
             w, c = time.perf_counter(), time.thread_time()
             try:
@@ -185,6 +198,7 @@ class ChunkParts:
                 rec["cpu_ms"] = 1e3 * (time.thread_time() - c)
                 rec["syncs"] = self.syncs.count() - start[0]
                 rec["ops"] = self._ops() - start[1]
+                rec["read_ms"] = 1e3 * (self.syncs.waited() - start[2])
                 self.local.rec = None
                 with self.lock:
                     self.chunks.append(rec)
@@ -195,7 +209,7 @@ class ChunkParts:
         if not self.chunks:
             return {}
         med = lambda values: round(statistics.median(values), 1)  # noqa: E731
-        keys = ("wall_ms", "cpu_ms") + (("syncs", "ops") if counted else ())
+        keys = ("wall_ms", "cpu_ms") + (("syncs", "ops", "read_ms") if counted else ())
         out = {"chunks": len(self.chunks), **{k: med([c[k] for c in self.chunks]) for k in keys}}
         for part in ALIGN_PARTS:
             rows = [c["parts"][part] for c in self.chunks if part in c["parts"]]
@@ -205,12 +219,12 @@ class ChunkParts:
 
     def table(self, counted: bool) -> list[str]:
         """One line per chunk: the call's and each part's wall / CPU ms (and syncs when counted)."""
-        head = "chunk  call wall/cpu ms" + (" syncs ops" if counted else "") + "".join(
-            f" | {p} wall/cpu" + (" syncs ops" if counted else "") for p in ALIGN_PARTS)
+        head = "chunk  call wall/cpu ms" + (" syncs ops read-ms" if counted else "") + "".join(
+            f" | {p} wall/cpu" + (" syncs ops read-ms" if counted else "") for p in ALIGN_PARTS)
         lines = [head]
         for k, c in enumerate(self.chunks):
             cell = lambda r: (f"{r['wall_ms']:.1f}/{r['cpu_ms']:.1f}"  # noqa: E731
-                              + (f" {r['syncs']} {r['ops']}" if counted else ""))
+                              + (f" {r['syncs']} {r['ops']} {r['read_ms']:.1f}" if counted else ""))
             lines.append(f"{k:5d}  {cell(c)}" + "".join(
                 f" | {cell(c['parts'][p])}" if p in c["parts"] else " | -" for p in ALIGN_PARTS))
         return lines
