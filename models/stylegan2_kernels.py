@@ -60,11 +60,15 @@ def _pow2_at_least(n: int, least: int = 32) -> int:
     return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _fits(block_n: int, block_k: int, cin: int, cout: int) -> bool:
+    """Channel tiles within the layer's channels (rounded up to a power of two, at least 32): a wider tile only
+    computes masked zeros."""
+    return block_n <= _pow2_at_least(cout) and block_k <= _pow2_at_least(cin)
+
+
 def fitting_settings(settings: list[tuple], cin: int, cout: int) -> list[tuple]:
-    """The settings whose channel tiles do not exceed the layer's channels (rounded up to a power of two, at least
-    32): a wider tile only computes masked zeros. Never empty."""
-    fit = [t for t in settings if t[1] <= _pow2_at_least(cout) and t[2] <= _pow2_at_least(cin)]
-    return fit or settings[:1]
+    """The settings that fit the layer's channels (_fits); never empty."""
+    return [t for t in settings if _fits(t[1], t[2], cin, cout)] or settings[:1]
 
 
 def interpreter_settings(cin: int, cout: int) -> tuple:
@@ -81,9 +85,7 @@ def triton_configs(settings: list[tuple]) -> list:
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """triton.autotune's early_config_prune: fitting_settings on Config objects."""
     args = {**named_args, **kwargs}
-    cin, cout = args["CIN"], args["COUT"]
-    fit = [c for c in configs
-           if c.kwargs["BLOCK_N"] <= _pow2_at_least(cout) and c.kwargs["BLOCK_K"] <= _pow2_at_least(cin)]
+    fit = [c for c in configs if _fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], args["CIN"], args["COUT"])]
     return fit or configs[:1]
 
 

@@ -92,6 +92,17 @@ def test_fused_layer_selection():
     assert all(not layer.fused_dtypes for layer in G.convs)
 
 
+@pytest.mark.parametrize("cin, cout", [(32, 32), (64, 32), (128, 64), (256, 128), (8, 16)])
+def test_the_device_check_covers_every_setting_the_autotuner_may_pick(cin, cout):
+    """The checks run fitting_settings; the autotuner picks among the configs prune_configs keeps: the same."""
+    for settings in (conv_kernels.CONV_SETTINGS, up.UPSAMPLE_SETTINGS):
+        kept = conv_kernels.prune_configs(conv_kernels.triton_configs(settings), {"H": 16}, CIN=cin, COUT=cout)
+        as_settings = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                       for c in kept]
+        assert as_settings == conv_kernels.fitting_settings(settings, cin, cout)
+        assert all(t[1] <= max(32, cout) and t[2] <= max(32, cin) for t in as_settings) or len(as_settings) == 1
+
+
 def check_against_official(dtype: torch.dtype, bound: float) -> None:
     for i, (b, h, w, cin, cout, per_sample_noise) in enumerate(SHAPES):
         layer = official_layer(cin, cout, seed=i)
