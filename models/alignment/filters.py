@@ -293,7 +293,7 @@ if triton is not None:
                             cut_ptr, levels_ptr, n_levels, n_filters, n_planes, N_SLOTS: tl.constexpr,
                             FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
                             COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                            HITS: tl.constexpr):
+                            HITS: tl.constexpr, LEVEL_STEPS: tl.constexpr):
         # One program per (level, image, filter, ROWS output rows, BLOCK columns) of every level in the table:
         # _filter_rows, with the scalar order's sums only in blocks that reach the image's scalar columns. Level
         # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table): first program, offsets of the level's
@@ -307,19 +307,19 @@ if triton is not None:
         # holds the program count, above every pid).
         lo = pid * 0
         hi = lo + n_levels
-        for _ in tl.static_range(_LEVEL_SEARCH_STEPS):
+        for _ in tl.static_range(LEVEL_STEPS):
             mid = (lo + hi) // 2
             below = tl.load(levels_ptr + mid * 10) <= pid
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid)
         info = levels_ptr + lo * 10
         pid -= tl.load(info)
-        plane_h = tl.load(info + 5)
-        plane_w = tl.load(info + 6)
-        out_h = tl.load(info + 7)
-        out_w = tl.load(info + 8)
+        plane_h = tl.load(info + 5).to(tl.int32)  # (the sizes as int32, as the kernel's arguments were)
+        plane_w = tl.load(info + 6).to(tl.int32)
+        out_h = tl.load(info + 7).to(tl.int32)
+        out_w = tl.load(info + 8).to(tl.int32)
         col_blocks = tl.cdiv(out_w, BLOCK)
-        j0 = (pid % col_blocks) * BLOCK
+        j0 = ((pid % col_blocks) * BLOCK).to(tl.int32)
         pid = pid // col_blocks
         row_blocks = tl.cdiv(out_h, ROWS)
         i0 = (pid % row_blocks) * ROWS
@@ -383,7 +383,8 @@ def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.
         planes, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, scores,
         scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
         N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
-        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, num_warps=_FILTER_WARPS,
+        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, LEVEL_STEPS=_LEVEL_SEARCH_STEPS,
+        num_warps=_FILTER_WARPS,
         enable_fp_fusion=False)
 
 
