@@ -58,7 +58,8 @@ GPU_BATCH_PIXELS = 256 * 2 ** 20  # FrontalFaceDetector's batch limit on a GPU
 KERNELS = ["_resize_rgb_kernel", "_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel", "_features_kernel",
            "_filter_rows_kernel"]
 LAUNCHERS = {"pyramid": ["_resize_rgb_torch", "_resize_rgb_triton"],
-             "fhog": ["_cell_histograms_torch", "_cell_histograms_triton", "_fhog_features_torch",
+             "fhog": ["_fhog_level_torch", "_fhog_levels_triton",  # (and before the levels' launch:)
+                      "_cell_histograms_torch", "_cell_histograms_triton", "_fhog_features_torch",
                       "_fhog_features_triton"],
              "filters": ["_filter_scores_torch", "_filter_scores_triton"]}
 # Tensor methods and functions that make the host wait for the device.
@@ -190,11 +191,18 @@ class CountingDetector(detector_module.FrontalFaceDetector):
         COUNTS.batches += 1
         return super()._detect_batch(*args, **kwargs)
 
-    def _score_level(self, batch, *rest):
+    def _score_level(self, batch, sizes):  # (code before the batch plan: a hook per scored level)
         COUNTS.levels += 1
-        sizes = rest[0] if isinstance(rest[0], list) else rest[0].scored_sizes  # (old hook: sizes; new: the plan)
         COUNTS.scored_mp += sum(h * w for h, w in sizes) / 1e6
-        return super()._score_level(batch, *rest)
+        return super()._score_level(batch, sizes)
+
+    def _windows(self, plan, *rest):  # (with the batch plan: its scored levels)
+        if hasattr(plan, "levels"):
+            for lp in plan.levels:
+                if lp.layout is not None:
+                    COUNTS.levels += 1
+                    COUNTS.scored_mp += sum(h * w for h, w in lp.scored_sizes) / 1e6
+        return super()._windows(plan, *rest)
 
 
 def count_chunks(detector, photos, chunk: int) -> list[dict]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .device import upload_many
-from .fhog import FhogLayout, fhog_layout
+from .fhog import FhogLayout, fhog_layout, fhog_level_table
 from .filters import FilterLevel, filter_bounds, filter_level_table
 from .formats import NUM_PLANES, HogDetectorModel
 from .pyramid import (ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
@@ -33,7 +33,8 @@ class LevelPlan:
     scores lie at ``score_offset`` of the batch's score buffer, shaped ``score_shape`` (count, filters, rows,
     cols) (``scored_sizes``: the sizes the fHOG stage is given); ``resize``: the resize of the first ``resize.out_sizes`` photos to the next level (None at the last).
     Its fHOG planes lie at ``planes_offset`` of the batch's planes buffer, its rows of the filters' bounds table
-    from ``bounds_row``. ``fhog_tables``: the fHOG tables on the device (after BatchPlan.upload)."""
+    from ``bounds_row``, its photos at ``pixels_offset`` of the batch's pixels buffer, shaped ``pixels_shape``
+    (count, 3, H, W)."""
 
     level: int
     count: int
@@ -45,7 +46,8 @@ class LevelPlan:
     resize: ResizePlan | None = None
     planes_offset: int = 0
     bounds_row: int = 0
-    fhog_tables: tuple | None = None
+    pixels_offset: int = 0
+    pixels_shape: tuple = ()
 
     @property
     def score_elements(self) -> int:
@@ -61,7 +63,8 @@ class BatchPlan:
     """A batch's levels (LevelPlan, from level 0 down), ``order``: the photos' positions in the caller's list, in
     the batch's order; ``spans``: per photo (caller's position), its runs' levels [first, end); ``score_elements``:
     the size of the score buffer; ``filter_height``: the filters' rows; ``planes_elements``: the size of the fHOG
-    planes buffer; ``filter_tables``: the filter kernel's level table and bounds on the device (after upload)."""
+    planes buffer; ``pixel_elements``: the pixels buffer's (every level's photos); ``filter_tables`` and
+    ``fhog_tables``: the filter and fHOG kernels' tables for all levels on the device (after upload)."""
 
     order: list
     spans: list
@@ -71,7 +74,9 @@ class BatchPlan:
     planes_elements: int = 0
     n_filters: int = 0
     filter_width: int = 0
+    pixel_elements: int = 0
     filter_tables: tuple | None = None
+    fhog_tables: tuple | None = None
 
     def upload(self, device, extra: tuple = ()) -> list[torch.Tensor]:
         """Every level's tables on ``device`` in one copy (set on the levels and their resize plans); returns
@@ -79,27 +84,37 @@ class BatchPlan:
         scored = [lp for lp in self.levels if lp.layout is not None]
         arrays: list[np.ndarray] = list(extra)
         if scored:
+            fhog = fhog_level_table([(lp.layout, lp.pixels_offset, lp.pixels_shape[2], lp.pixels_shape[3],
+                                      lp.planes_offset, lp.bounds_row) for lp in scored])
             arrays += [self.filter_level_table(),
-                       np.concatenate([filter_bounds(lp.layout.hog, self.filter_height) for lp in scored])]
+                       np.concatenate([filter_bounds(lp.layout.hog, self.filter_height) for lp in scored]),
+                       fhog.table, np.concatenate([lp.layout.kernel_tables()[0] for lp in scored]),
+                       np.concatenate([lp.layout.kernel_tables()[1] for lp in scored])]
         for lp in self.levels:
-            if lp.layout is not None:
-                arrays += list(lp.layout.kernel_tables())
             if lp.resize is not None:
                 arrays += list(lp.resize.kernel_tables)
         on_device = upload_many(arrays, device)
         at = len(extra)
         if scored:
             self.filter_tables = (on_device[at], on_device[at + 1])
-            at += 2
+            self.fhog_tables = (fhog, *on_device[at + 2:at + 5])
+            at += 5
         for lp in self.levels:
-            if lp.layout is not None:
-                lp.fhog_tables = (on_device[at], on_device[at + 1])
-                at += 2
             if lp.resize is not None:
                 n = len(lp.resize.kernel_tables)
                 lp.resize.device_tables = on_device[at:at + n]
                 at += n
         return on_device[:len(extra)]
+
+    def fhog_levels(self) -> list[tuple]:
+        """The scored levels as fhog_planes_levels takes them."""
+        return [(lp.layout, lp.pixels_offset, lp.pixels_shape, lp.planes_offset)
+                for lp in self.levels if lp.layout is not None]
+
+    def pixels(self, buffer: torch.Tensor, level: int) -> torch.Tensor:
+        """Level ``level``'s photos, (count, 3, H, W), a view of the pixels ``buffer``."""
+        lp = self.levels[level]
+        return buffer[lp.pixels_offset:lp.pixels_offset + int(np.prod(lp.pixels_shape))].view(lp.pixels_shape)
 
     def filter_levels(self, planes: torch.Tensor) -> list[FilterLevel]:
         """The scored levels as filter_scores_levels takes them, their planes views of the buffer ``planes``."""
@@ -125,9 +140,10 @@ class BatchPlan:
 
 
 def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDetectorModel,
-               max_levels: int | None, n_filters: int) -> BatchPlan:
+               max_levels: int | None, n_filters: int, level0_hw: tuple[int, int] | None = None) -> BatchPlan:
     """The plan of a batch of photos of ``sizes`` (after any upsampling), photo k's runs at levels ``runs[k]``
-    (detect_levels' runs), each scanning at most ``max_levels`` levels (None: the model's own limit). Host only."""
+    (detect_levels' runs), each scanning at most ``max_levels`` levels (None: the model's own limit);
+    ``level0_hw``: the rows and columns of the batch's level-0 tensor (default: the largest size's). Host only."""
     fh, fw = model.fhog_window
     # Per photo, per run j: the levels [j, end) it scans (dlib counts a run's levels on its level j); the photo
     # is scored from its finest run's level to its last run's end, and resampled down to that end.
@@ -163,4 +179,13 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
         levels.append(lp)
     for lp, below in zip(levels, levels[1:]):
         lp.resize = plan_resize(lp.sizes[:below.count], below.sizes)
-    return BatchPlan(order, spans, levels, offset, fh, planes_at, n_filters=n_filters, filter_width=fw)
+    pixels_at = 0
+    for lp, above in zip(levels, [None, *levels]):
+        if above is None:
+            hw = level0_hw or (max(h for h, _ in lp.sizes), max(w for _, w in lp.sizes))
+        else:
+            hw = (above.resize.out_h, above.resize.out_w)
+        lp.pixels_offset, lp.pixels_shape = pixels_at, (lp.count, 3, *hw)
+        pixels_at += int(np.prod(lp.pixels_shape))
+    return BatchPlan(order, spans, levels, offset, fh, planes_at, n_filters=n_filters, filter_width=fw,
+                     pixel_elements=pixels_at)

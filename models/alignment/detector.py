@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .batch_plan import BatchPlan, LevelPlan, plan_batch
+from .batch_plan import BatchPlan, plan_batch
 from .device import photos_to_device
-from .fhog import check_fhog_kernels, fhog_planes
+from .fhog import check_fhog_kernels, fhog_planes_levels
 from .filters import FilterBank, check_filter_kernels, filter_scores_levels
 from .formats import read_detector_file
 from ..kernel_check import triton, use_kernels
-from .pyramid import boxes_down_after_upsample, check_resize_kernels, pyramid_up_size, resize_rgb, window_boxes
+from .pyramid import (TAIL_BAND, boxes_down_after_upsample, check_resize_kernels, pyramid_up_size, resize_rgb,
+                      window_boxes)
 from .suppression import non_max_suppression
 
 __all__ = ["BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least"]
@@ -187,31 +188,39 @@ class FrontalFaceDetector:
         for _ in range(upsample):
             grown = [pyramid_up_size(h, w) for h, w in grown]
         # Everything the levels need is planned and uploaded before the device work: no host steps per level
-        # but kernel launches, no transfer back until the batch's windows.
-        plan = plan_batch(grown, [runs[i] for i in index], self.model, max_levels, self.bank.shape[0])
+        # but the resize's launch, no transfer back until the batch's windows.
+        level0_hw = (max(h for h, _ in grown), max(w for _, w in grown) + (TAIL_BAND if upsample else 0))
+        plan = plan_batch(grown, [runs[i] for i in index], self.model, max_levels, self.bank.shape[0], level0_hw)
         cut, = plan.upload(self.device, (float32_at_least(self.model.thresholds + adjust),))
         sizes = [sizes[k] for k in plan.order]
-        batch = self._upload_batch([images[index[k]] for k in plan.order], sizes,
-                                   max(h for h, _ in sizes), max(w for _, w in sizes))
-        for _ in range(upsample):
-            up = [pyramid_up_size(h, w) for h, w in sizes]
-            batch = resize_rgb(batch, sizes, up, use_triton=self.triton_resize)
-            sizes = up
-        # Every scored level's fHOG planes in one buffer, their window scores in another (-inf outside each
-        # photo's own windows: they never pass) and the threshold test's hits beside them: the filters and the
-        # test run once for all levels, after the pyramid.
+        # Every level's photos in one buffer, every scored level's fHOG planes in another, their window scores in
+        # a third (-inf outside each photo's own windows: they never pass) and the threshold test's hits beside
+        # them: the pyramid is made level by level (each level from the previous), then fHOG, the filters and
+        # the test run once for all levels.
+        pixels = torch.empty((plan.pixel_elements,), dtype=torch.uint8, device=self.device)
+        level0 = plan.pixels(pixels, 0)
+        photos = [images[index[k]] for k in plan.order]
+        if upsample:
+            batch = self._upload_batch(photos, sizes, max(h for h, _ in sizes), max(w for _, w in sizes))
+            for step in range(upsample):
+                up = [pyramid_up_size(h, w) for h, w in sizes]
+                batch = resize_rgb(batch, sizes, up, use_triton=self.triton_resize,
+                                   out=level0 if step == upsample - 1 else None)
+                sizes = up
+        else:
+            self._upload_batch(photos, sizes, *level0.shape[2:], out=level0)
         planes = torch.zeros((plan.planes_elements,), dtype=torch.float32, device=self.device)
         scores = torch.full((plan.score_elements,), -torch.inf, dtype=torch.float32, device=self.device)
         hits = torch.zeros((plan.score_elements,), dtype=torch.uint8, device=self.device)
         for lp in plan.levels:
+            batch = plan.pixels(pixels, lp.level)
             if kept_levels is not None:
                 for pos, (h, w) in enumerate(lp.sizes):
                     kept_levels[index[plan.order[pos]]].append(batch[pos, :, :h, :w].permute(1, 2, 0))
-            if lp.layout is not None:
-                self._score_level(batch[:lp.count], lp, planes)
             if lp.resize is not None:
-                batch = resize_rgb(batch[:len(lp.resize.out_sizes)], lp.resize.in_sizes, lp.resize.out_sizes,
-                                   use_triton=self.triton_resize, plan=lp.resize)
+                resize_rgb(batch[:len(lp.resize.out_sizes)], lp.resize.in_sizes, lp.resize.out_sizes,
+                           use_triton=self.triton_resize, plan=lp.resize, out=plan.pixels(pixels, lp.level + 1))
+        fhog_planes_levels(pixels, plan.fhog_levels(), planes, use_triton=self.triton_fhog, tables=plan.fhog_tables)
         # dlib compares the float32 saliency, promoted to double, with threshold + adjust_threshold (double); the
         # comparison is made in float32 against float32_at_least (the same windows pass).
         filter_scores_levels(planes, plan.filter_levels(planes), self.bank, scores, hits, cut, self.chunk_elements,
@@ -220,21 +229,18 @@ class FrontalFaceDetector:
         for k, i in enumerate(index):
             results[i] = [self._finish(found.get(k), j, end, upsample) for j, end in plan.spans[k]]
 
-    def _upload_batch(self, photos, sizes, h_max, w_max) -> torch.Tensor:
-        """(B, 3, h_max, w_max) uint8 on the device, photo k in its top-left corner, zeros around. Host photos
-        travel in one copy (through pinned memory to a GPU); photos already on the device are not copied."""
+    def _upload_batch(self, photos, sizes, h_max, w_max, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, h_max, w_max) uint8 on the device (``out`` when given), photo k in its top-left corner, zeros
+        around. Host photos travel in one copy (through pinned memory to a GPU); photos already on the device are
+        not copied."""
         flat, starts, _ = photos_to_device(photos, self.device)
-        batch = torch.zeros((len(photos), 3, h_max, w_max), dtype=torch.uint8, device=self.device)
+        if out is None:
+            batch = torch.zeros((len(photos), 3, h_max, w_max), dtype=torch.uint8, device=self.device)
+        else:
+            batch = out.zero_()
         for k, (start, (h, w)) in enumerate(zip(starts, sizes)):
             batch[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
         return batch
-
-    def _score_level(self, batch, lp: LevelPlan, planes: torch.Tensor) -> np.ndarray:
-        """The fHOG planes of one pyramid level (its plan ``lp``: batch (count, 3, H, W) of the level's photos),
-        written into its part of the batch's ``planes`` buffer; returns the fHOG sizes (count, 2)."""
-        out = planes[lp.planes_offset:lp.planes_offset + int(np.prod(lp.planes_shape))].view(lp.planes_shape)
-        return fhog_planes(batch, lp.scored_sizes, self._fhog_pad, use_triton=self.triton_fhog, layout=lp.layout,
-                           device_tables=lp.fhog_tables, out=out)[1]
 
     def _windows(self, plan: BatchPlan, scores: torch.Tensor, hits: torch.Tensor) -> dict:
         """Per photo (position in the batch's index), its windows that passed, at every level scored: arrays

@@ -17,170 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import upload, upload_many
+from .device import upload_many
+from .fhog_reference import (BLOCK_EPSILON, DIRECTIONS, LANE_OFFSETS, NORM_SCALE, TEXTURE_SCALE, TRUNCATION,
+                             _cell_histograms_torch, _fhog_features_torch)
 from .formats import CELL_SIZE, NUM_PLANES
 from ..kernel_check import tl, triton, use_kernels
 from .pyramid import TAIL_BAND
 
 __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "FhogLayout",
-           "fhog_layout", "fhog_planes", "check_fhog_kernels"]
+           "fhog_layout", "FhogLevels", "fhog_level_table", "fhog_planes_levels", "fhog_planes",
+           "check_fhog_kernels"]
 
-# dlib's unit vectors for the 9 unsigned orientation bins (fhog.h), as float32 like dlib's matrix<float>.
-DIRECTIONS = np.array([
-    (1.0000, 0.0000), (0.9397, 0.3420), (0.7660, 0.6428), (0.500, 0.8660), (0.1736, 0.9848),
-    (-0.1736, 0.9848), (-0.5000, 0.8660), (-0.7660, 0.6428), (-0.9397, 0.3420)], dtype=np.float32)
-# Lane order of dlib's 4-wide block normalisation: lane k normalises by the 2x2 block of cells whose top-left
-# cell is (y + dy, x + dx) in norm coordinates (see fhog.h, z1..z4).
-LANE_OFFSETS = ((1, 1), (0, 1), (1, 0), (0, 0))
-# dlib's block normalisation (fhog.h): a block's energy plus BLOCK_EPSILON, its norm times TRUNCATION caps each
-# histogram value, NORM_SCALE / that cap scales it; the texture planes are the capped sums times TEXTURE_SCALE
-# (2 * 0.2357). Applied in float32.
-BLOCK_EPSILON = 0.0001
-TRUNCATION = 0.2
-NORM_SCALE = 0.1
-TEXTURE_SCALE = 2 * 0.2357
 _FHOG_BLOCK = 128  # pixels or cells per program of the kernels below
 _CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps); 64, 256: same
-
-
-# -- torch reference -------------------------------------------------------------------------------------------
-
-def _sqrt_float32(x: torch.Tensor) -> torch.Tensor:
-    """IEEE float32 square root, correctly rounded like dlib's sqrtps. torch.sqrt on CPU is not (it misrounds
-    about 0.7% of float32 inputs); the double square root of a float32, rounded to float32, always is."""
-    return torch.sqrt(x.double()).float()
-
-
-def _cell_histograms(orient_steps: torch.Tensor, weight_steps: torch.Tensor) -> torch.Tensor:
-    """(steps, B, R, C) bins and weights -> (B, R, C, 18): each cell's bins summed over the steps in order."""
-    hist = torch.zeros((*orient_steps.shape[1:], 18), dtype=torch.float32, device=orient_steps.device)
-    for k in range(orient_steps.shape[0]):
-        hist.scatter_add_(3, orient_steps[k].unsqueeze(-1), weight_steps[k].unsqueeze(-1))
-    return hist
-
-
-def _vote_weights(ph: int, pw: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel row y = 1..ph: (vy0, vy1); per column x = 1..pw: (vx0, vx1): dlib's bilinear vote
-    fractions, exact dyadic float32 values."""
-    yp = ((np.arange(1, ph + 1) + 0.5) / 8.0 - 0.5).astype(np.float32)
-    vy0 = (yp - np.floor(yp)).astype(np.float32)
-    xp = ((np.arange(1, pw + 1) + 0.5) / 8.0 - 0.5).astype(np.float32)
-    vx0 = (xp - np.floor(xp)).astype(np.float32)
-    return (np.stack([vy0, (1.0 - vy0).astype(np.float32)], 1),
-            np.stack([vx0, (1.0 - vx0).astype(np.float32)], 1))
-
-
-def _cell_histograms_torch(images, ph, pw, visible, simd_end, grid_h, grid_w, n_cr, n_cc) -> torch.Tensor:
-    """fHOG's orientation histograms of cells 0..n_cr-1 x 0..n_cc-1 (dlib's hist[1..][1..]), (B, R, C, 18)."""
-    dev = images.device
-    n = images.shape[0]
-    cell = CELL_SIZE
-    img = images[:, :, :ph + 2, :pw + 2].to(torch.int32)
-    gx = torch.sub(img[:, :, 1:-1, 2:], img[:, :, 1:-1, :-2])
-    gy = torch.sub(img[:, :, 2:, 1:-1], img[:, :, :-2, 1:-1])
-    mag = torch.add(torch.mul(gx, gx), torch.mul(gy, gy))  # exact integers
-    xs = np.arange(1, pw + 1)
-    ys = np.arange(1, ph + 1)
-    simd_col = upload(xs[None, :] < simd_end[:, None], dev)[:, None, :]  # (B, 1, pw)
-    # The channel with the largest squared gradient. dlib's SIMD columns do select(r > g, r, g) then
-    # select(t > b, t, b) (ties go to the later channel); its scalar columns start with red and switch
-    # only on a strictly larger value (ties go to the earlier channel).
-    red_green = torch.maximum(mag[:, 0], mag[:, 1])
-    simd_channel = torch.where(red_green > mag[:, 2], torch.where(mag[:, 0] > mag[:, 1], 0, 1), 2)
-    scalar_channel = torch.where(mag[:, 2] > red_green, 2, torch.where(mag[:, 1] > mag[:, 0], 1, 0))
-    channel = torch.where(simd_col, simd_channel, scalar_channel).unsqueeze(1)
-    grad_x = torch.gather(gx, 1, channel).squeeze(1).float()
-    grad_y = torch.gather(gy, 1, channel).squeeze(1).float()
-    v = _sqrt_float32(torch.maximum(red_green, mag[:, 2]).float())
-    # Orientation: dlib keeps the first of the 18 candidates dot_0, -dot_0, dot_1, -dot_1, ... that is
-    # strictly larger than everything before it (and than 0). That is the first o with the largest |dot_o|
-    # (of dot_o and -dot_o only one can be positive), bin o or o + 9 by the sign, when the largest is > 0.
-    d0 = upload(DIRECTIONS[:, 0], dev)
-    d1 = upload(DIRECTIONS[:, 1], dev)
-    dots = torch.add(torch.mul(grad_x.unsqueeze(-1), d0), torch.mul(grad_y.unsqueeze(-1), d1))
-    magnitude = torch.abs(dots)
-    best = torch.amax(magnitude, dim=-1, keepdim=True)
-    # The first o reaching the maximum, whatever the backend's tie rule for argmax.
-    first = torch.where(magnitude == best, torch.arange(9, device=dev), 9).amin(dim=-1)
-    best = best.squeeze(-1)
-    negative = torch.gather(dots, -1, first.unsqueeze(-1)).squeeze(-1) < 0
-    best_o = torch.where(best > 0, torch.where(negative, first + 9, first), 0)
-
-    # Bilinear vote weights. dlib's SIMD columns compute vy * (vx * v), its scalar columns (vy * vx) * v.
-    vy_np, vx_np = _vote_weights(ph, pw)
-    vy_t = upload(vy_np, dev)
-    vx_t = upload(vx_np, dev)
-    valid = upload((ys[None, :, None] < visible[:, 0, None, None]) & (xs[None, None, :] < visible[:, 1, None, None]), dev)
-    weights = {}
-    for ky in range(2):
-        for kx in range(2):
-            vy = vy_t[:, ky][None, :, None]
-            vx = vx_t[:, kx][None, None, :]
-            simd_w = torch.mul(vy, torch.mul(vx, v))
-            scalar_w = torch.mul(torch.mul(vy, vx), v)
-            w = torch.where(simd_col, simd_w, scalar_w)
-            w = torch.where(valid, w, torch.zeros((), device=dev))
-            grid = torch.zeros((n, grid_h, grid_w), dtype=torch.float32, device=dev)
-            grid[:, 13:13 + ph, 13:13 + pw] = w
-            weights[ky, kx] = grid
-    orient = torch.zeros((n, grid_h, grid_w), dtype=torch.int64, device=dev)
-    orient[:, 13:13 + ph, 13:13 + pw] = best_o
-
-    # Cell i (dlib's padded index i + 1) sums, in raster order, pixel rows 8i-4 .. 8i+11 (weights vy0 for
-    # the first 8, vy1 for the last 8) and likewise columns; adding in that order reproduces dlib's float32
-    # sums exactly. The 256 block offsets (dy, dx) in raster order, each as one (B, cells, cells) slice.
-    orient_steps, weight_steps = [], []
-    for dy in range(16):
-        rows = slice(cell + dy, cell + dy + cell * n_cr, cell)
-        for dx in range(16):
-            cols = slice(cell + dx, cell + dx + cell * n_cc, cell)
-            orient_steps.append(orient[:, rows, cols])
-            weight_steps.append(weights[dy // 8, dx // 8][:, rows, cols])
-    return _cell_histograms(torch.stack(orient_steps), torch.stack(weight_steps))
-
-
-def _fhog_features_torch(hist: torch.Tensor, hog: np.ndarray, planes: torch.Tensor, offset: tuple[int, int]
-                         ) -> None:
-    """fHOG's block normalisation and 31 features from the cell histograms (B, R, C, 18), written into
-    ``planes`` (zeros) at ``offset``; each image's cells beyond its HOG size stay 0."""
-    dev = hist.device
-    both = torch.add(hist[..., :9], hist[..., 9:])
-    sq = torch.mul(both, both)
-    norm = sq[..., 0]
-    for o in range(1, 9):
-        norm = torch.add(norm, sq[..., o])
-
-    hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
-    eps = upload(np.array(BLOCK_EPSILON, dtype=np.float32), dev)
-    tenth = upload(np.array(NORM_SCALE, dtype=np.float32), dev)
-    nn_lanes, n_lanes = [], []
-    for dy, dx in LANE_OFFSETS:
-        z1 = norm[:, dy:dy + hr, dx:dx + hc]
-        z2 = norm[:, dy:dy + hr, dx + 1:dx + 1 + hc]
-        z3 = norm[:, dy + 1:dy + 1 + hr, dx:dx + hc]
-        z4 = norm[:, dy + 1:dy + 1 + hr, dx + 1:dx + 1 + hc]
-        s = torch.add(torch.add(torch.add(torch.add(z1, z2), z3), z4), eps)
-        nn = torch.mul(_sqrt_float32(s), float(np.float32(TRUNCATION)))
-        nn_lanes.append(nn)
-        n_lanes.append(torch.div(tenth, nn))
-    nn4 = torch.stack(nn_lanes, 0).unsqueeze(-1)  # (4, B, hr, hc, 1)
-    n4 = torch.stack(n_lanes, 0).unsqueeze(-1)
-    cell_hist = hist[:, 1:1 + hr, 1:1 + hc, :]    # dlib's hist[y+2][x+2]
-    h_sens = torch.mul(torch.minimum(cell_hist.unsqueeze(0), nn4), n4)  # (4, B, hr, hc, 18)
-    sens = torch.add(torch.add(h_sens[0], h_sens[1]), torch.add(h_sens[2], h_sens[3]))  # dpps order
-    unsigned = torch.add(cell_hist[..., :9], cell_hist[..., 9:])
-    h_ins = torch.mul(torch.minimum(unsigned.unsqueeze(0), nn4), n4)
-    insens = torch.add(torch.add(h_ins[0], h_ins[1]), torch.add(h_ins[2], h_ins[3]))
-    texture = torch.add(torch.add(h_sens[..., 0], h_sens[..., 1]), h_sens[..., 2])
-    for o in range(3, 18, 3):
-        texture = torch.add(texture, torch.add(torch.add(h_sens[..., o], h_sens[..., o + 1]), h_sens[..., o + 2]))
-    texture = torch.mul(texture, float(np.float32(TEXTURE_SCALE)))  # (4, B, hr, hc)
-    feats = torch.cat([sens, insens, texture.permute(1, 2, 3, 0)], dim=-1)  # (B, hr, hc, 31)
-    inside = upload((np.arange(hr)[None, :, None] < hog[:, 0, None, None])
-                    & (np.arange(hc)[None, None, :] < hog[:, 1, None, None]), dev)
-    feats = torch.where(inside.unsqueeze(-1), feats, torch.zeros((), device=dev))
-    off_r, off_c = offset
-    planes[:, :, off_r:off_r + hr, off_c:off_c + hc] = feats.permute(0, 3, 1, 2)
 
 
 # -- Triton kernels ------------------------------------------------------------------------------------------
@@ -192,9 +41,25 @@ if triton is not None:
     # DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
     _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in DIRECTIONS.ravel()))
 
-    @triton.jit(do_not_specialize=["height", "width", "grid_h", "grid_w", "ph", "pw"])
-    def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, height, width, grid_h, grid_w, ph, pw,
-                           BLOCK: tl.constexpr):
+    @triton.jit
+    def _level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
+        # The level of program ``pid`` of a launch over several levels (fhog_level_table: row k holds level k's
+        # fields, column COLUMN its first program of this kernel, ascending; row n_levels the launch's program
+        # count): the last level whose first program is <= pid, by bisection. Returns (the level's row, pid
+        # within the level).
+        lo = pid * 0
+        hi = lo + n_levels
+        for _ in tl.static_range(STEPS):
+            mid = (lo + hi) // 2
+            below = tl.load(levels_ptr + mid * FIELDS + COLUMN) <= pid
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        row = levels_ptr + lo * FIELDS
+        return row, pid - tl.load(row + COLUMN)
+
+    @triton.jit(do_not_specialize=["n_levels"])
+    def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
+                           FIELDS: tl.constexpr, STEPS: tl.constexpr):
         # One program per (grid row Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
         # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
         # then 0), _cell_histograms_torch's arithmetic, for every grid position that _cell_hist_kernel reads of
@@ -202,10 +67,24 @@ if triton is not None:
         # (Y, X) at Y * grid_w + (X % 8) * (grid_w / 8) + X // 8 (grid_w is a multiple of 8): the columns of one
         # phase X % 8 lie together, so that the histogram kernel's lanes (cells 8 columns apart) load
         # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
-        # cell rows, cell columns.
-        Y = tl.program_id(0) + 8
-        X = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        b = tl.program_id(2)
+        # cell rows, cell columns. Over every level of the level table (fhog_level_table): each level's images,
+        # grids and info rows at its offsets in the buffers.
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 0, FIELDS, STEPS)
+        height = tl.load(lv + 10).to(tl.int32)
+        width = tl.load(lv + 11).to(tl.int32)
+        grid_h = tl.load(lv + 12).to(tl.int32)
+        grid_w = tl.load(lv + 13).to(tl.int32)
+        ph = tl.load(lv + 14).to(tl.int32)
+        pw = tl.load(lv + 15).to(tl.int32)
+        img_ptr += tl.load(lv + 4)
+        orient_ptr += tl.load(lv + 5)
+        mag_ptr += tl.load(lv + 5)
+        info_ptr += 5 * tl.load(lv + 8)
+        col_blocks = tl.cdiv(grid_w, BLOCK)
+        X = ((pid % col_blocks) * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
+        pid = pid // col_blocks
+        Y = (pid % (grid_h - 8)).to(tl.int32) + 8
+        b = (pid // (grid_h - 8)).to(tl.int32)
         y = Y - 12
         x = X - 12
         info = info_ptr + 5 * b
@@ -250,9 +129,9 @@ if triton is not None:
         tl.store(orient_ptr + at, bin_.to(tl.uint8), mask=stored)
         tl.store(mag_ptr + at, v, mask=stored)
 
-    @triton.jit(do_not_specialize=["n_cr", "n_cc", "grid_h", "grid_w", "n_cells"])
-    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, n_cr, n_cc, grid_h, grid_w, n_cells,
-                          BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["n_levels"])
+    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
+                          FIELDS: tl.constexpr, STEPS: tl.constexpr):
         # One lane per cell, its 18 bins in registers: the cell's 16x16 pixel block (_orient_mag_kernel's grids)
         # in raster order, each pixel's vote added to every bin, +0.0 to the bins other than its own (which
         # leaves their sums unchanged: the weights are >= 0). The vote weight of block offset (dy, dx) is
@@ -260,7 +139,18 @@ if triton is not None:
         # vy0 = ((dy % 8) + 0.5) / 8, and rows dy < 8 weigh by vy0, the others by 1 - vy0 = (15.5 - dy) / 8
         # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
         # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
-        cell = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        # Over every level of the level table, as _orient_mag_kernel.
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 1, FIELDS, STEPS)
+        grid_h = tl.load(lv + 12).to(tl.int32)
+        grid_w = tl.load(lv + 13).to(tl.int32)
+        n_cr = tl.load(lv + 16).to(tl.int32)
+        n_cc = tl.load(lv + 17).to(tl.int32)
+        n_cells = tl.load(lv + 9).to(tl.int32) * n_cr * n_cc
+        orient_ptr += tl.load(lv + 5)
+        mag_ptr += tl.load(lv + 5)
+        hist_ptr += 18 * tl.load(lv + 6)
+        info_ptr += 5 * tl.load(lv + 8)
+        cell = (pid * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         inside = cell < n_cells
         cell = tl.minimum(cell, n_cells - 1)  # dead lanes load (what they load is not stored)
         b = cell // (n_cr * n_cc)
@@ -295,10 +185,16 @@ if triton is not None:
         for k in tl.static_range(18):
             tl.store(out + k, acc[k], mask=live)
 
-    @triton.jit(do_not_specialize=["n_cells"])
-    def _block_energy_kernel(hist_ptr, norm_ptr, n_cells, BLOCK: tl.constexpr):
-        # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order.
-        cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    @triton.jit(do_not_specialize=["n_levels"])
+    def _block_energy_kernel(hist_ptr, norm_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr, FIELDS: tl.constexpr,
+                             STEPS: tl.constexpr):
+        # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order; over every level of the
+        # level table.
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 2, FIELDS, STEPS)
+        n_cells = tl.load(lv + 9) * tl.load(lv + 16) * tl.load(lv + 17)
+        hist_ptr += 18 * tl.load(lv + 6)
+        norm_ptr += tl.load(lv + 6)
+        cell = pid * BLOCK + tl.arange(0, BLOCK)
         live = cell < n_cells
         base = hist_ptr + cell * 18
         norm = tl.zeros([BLOCK], dtype=tl.float32)
@@ -318,13 +214,28 @@ if triton is not None:
         nn = tl.sqrt_rn((((z1 + z2) + z3) + z4) + EPSILON) * TRUNC
         return nn, tl.div_rn(tl.zeros_like(nn) + SCALE, nn)
 
-    @triton.jit(do_not_specialize=["hr", "hc", "n_cr", "n_cc", "plane_h", "plane_w", "off_r", "off_c", "n_out"])
-    def _features_kernel(hist_ptr, norm_ptr, hog_ptr, planes_ptr, hr, hc, n_cr, n_cc, plane_h, plane_w, off_r,
-                         off_c, n_out, NUM_PLANES: tl.constexpr, EPSILON: tl.constexpr, TRUNC: tl.constexpr,
-                         SCALE: tl.constexpr, TEXTURE: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["n_levels"])
+    def _features_kernel(hist_ptr, norm_ptr, hog_ptr, planes_ptr, levels_ptr, n_levels, NUM_PLANES: tl.constexpr,
+                         EPSILON: tl.constexpr, TRUNC: tl.constexpr, SCALE: tl.constexpr, TEXTURE: tl.constexpr,
+                         BLOCK: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
         # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
-        # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size.
-        cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size. Over
+        # every level of the level table.
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 3, FIELDS, STEPS)
+        n_cr = tl.load(lv + 16)
+        n_cc = tl.load(lv + 17)
+        hr = tl.load(lv + 18)
+        hc = tl.load(lv + 19)
+        plane_h = tl.load(lv + 20)
+        plane_w = tl.load(lv + 21)
+        off_r = tl.load(lv + 22)
+        off_c = tl.load(lv + 23)
+        n_out = tl.load(lv + 9) * hr * hc
+        hist_ptr += 18 * tl.load(lv + 6)
+        norm_ptr += tl.load(lv + 6)
+        hog_ptr += 2 * tl.load(lv + 8)
+        planes_ptr += tl.load(lv + 7)
+        cell = pid * BLOCK + tl.arange(0, BLOCK)
         live = cell < n_out
         c = cell % hc
         r = (cell // hc) % hr
@@ -370,45 +281,79 @@ if triton is not None:
         tl.store(out + 30 * plane, tl.where(inside, t3 * TEXTURE, 0.0), mask=live)
 
 
-# -- launchers ---------------------------------------------------------------------------------------------
+# -- the level table and the launcher ------------------------------------------------------------------------
 
-def _cell_histograms_triton(images, layout: "FhogLayout", info_t: torch.Tensor) -> torch.Tensor:
-    """_cell_histograms_torch with two Triton kernels: same result bit for bit in each image's own cells (the
-    only ones read). ``info_t``: the layout's ``info`` on the device."""
-    dev = images.device
-    n, _, height, width = images.shape
-    images = images.contiguous()
-    n_cr, n_cc, grid_h, grid_w = layout.n_cr, layout.n_cc, layout.grid_h, layout.grid_w
-    ph, pw = layout.interior(height, width)
-    n_cells = n * n_cr * n_cc
-    hist = torch.empty((n, n_cr, n_cc, 18), dtype=torch.float32, device=dev)
-    orient = torch.empty((n, grid_h, grid_w), dtype=torch.uint8, device=dev)
-    mag = torch.empty((n, grid_h, grid_w), dtype=torch.float32, device=dev)
-    _orient_mag_kernel[(grid_h - 8, triton.cdiv(grid_w, _FHOG_BLOCK), n)](
-        images, info_t, orient, mag, height, width, grid_h, grid_w, ph, pw, BLOCK=_FHOG_BLOCK,
-        enable_fp_fusion=False)
-    _cell_hist_kernel[(triton.cdiv(n_cells, _CELL_BLOCK),)](
-        orient, mag, hist, info_t, n_cr, n_cc, grid_h, grid_w, n_cells, BLOCK=_CELL_BLOCK,
-        num_warps=_CELL_BLOCK // 32, enable_fp_fusion=False)
-    return hist
+_LEVEL_FIELDS = 24  # columns of fhog_level_table
+_LEVEL_SEARCH_STEPS = 7  # bisection steps of _level_of: at most 2 ** 7 levels per launch
 
 
-def _fhog_features_triton(hist: torch.Tensor, hog: np.ndarray, planes: torch.Tensor, offset: tuple[int, int],
-                          hog_t: torch.Tensor) -> None:
-    """_fhog_features_torch as two Triton kernels: same arguments, same planes bit for bit. ``hog_t``: ``hog``
-    (int64) on the device."""
-    n, n_cr, n_cc, _ = hist.shape
-    hr, hc = int(hog[:, 0].max()), int(hog[:, 1].max())
-    hist = hist.contiguous()
-    norm = torch.empty((n, n_cr, n_cc), dtype=torch.float32, device=hist.device)
-    cells = n * n_cr * n_cc
-    _block_energy_kernel[(triton.cdiv(cells, _FHOG_BLOCK),)](hist, norm, cells, BLOCK=_FHOG_BLOCK,
-                                                                enable_fp_fusion=False)
-    n_out = n * hr * hc
-    _features_kernel[(triton.cdiv(n_out, _FHOG_BLOCK),)](
-        hist, norm, hog_t, planes, hr, hc, n_cr, n_cc, planes.shape[2],
-        planes.shape[3], offset[0], offset[1], n_out, NUM_PLANES=NUM_PLANES, EPSILON=BLOCK_EPSILON, TRUNC=TRUNCATION,
-        SCALE=NORM_SCALE, TEXTURE=TEXTURE_SCALE, BLOCK=_FHOG_BLOCK, enable_fp_fusion=False)
+@dataclass
+class FhogLevels:
+    """Several levels' fHOG work for one launch per kernel (fhog_level_table): ``table`` (L + 1, _LEVEL_FIELDS)
+    int64; the buffers' sizes (``grid_elements``: orientation and magnitude grids; ``cells``: histogram cells)."""
+
+    table: np.ndarray
+    grid_elements: int
+    cells: int
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.table) - 1
+
+    def programs(self, kernel: int) -> int:
+        return int(self.table[-1, kernel])
+
+
+def fhog_level_table(levels: list[tuple["FhogLayout", int, int, int, int, int]]) -> FhogLevels:
+    """The fHOG kernels' level table for levels given as (layout, images' offset in the pixels buffer, their
+    height and width there, their planes' offset in the planes buffer, their first row in the info and hog
+    tables). Per level: the first program of each of the four kernels (columns 0-3), the offsets of its pixels,
+    grids, histogram cells and planes, its first info row, its image count, height, width, grid rows and columns,
+    interior pixel rows and columns, cell rows and columns, HOG rows and columns, plane rows and columns, and the
+    planes' offset of the features (rows, columns)."""
+    table = np.zeros((len(levels) + 1, _LEVEL_FIELDS), np.int64)
+    starts = np.zeros(4, np.int64)
+    grid_at = cell_at = 0
+    for k, (layout, pixels_at, height, width, planes_at, info_row) in enumerate(levels):
+        n = len(layout.hog)
+        grid_h, grid_w, n_cr, n_cc = layout.grid_h, layout.grid_w, layout.n_cr, layout.n_cc
+        hr, hc = int(layout.hog[:, 0].max()), int(layout.hog[:, 1].max())
+        ph, pw = layout.interior(height, width)
+        table[k, :4] = starts
+        table[k, 4:] = (pixels_at, grid_at, cell_at, planes_at, info_row, n, height, width, grid_h, grid_w, ph, pw,
+                        n_cr, n_cc, hr, hc, layout.plane_h, layout.plane_w, *layout.offset)
+        cells = n * n_cr * n_cc
+        starts += (n * (grid_h - 8) * -(-grid_w // _FHOG_BLOCK), -(-cells // _CELL_BLOCK),
+                   -(-cells // _FHOG_BLOCK), -(-(n * hr * hc) // _FHOG_BLOCK))
+        grid_at += n * grid_h * grid_w
+        cell_at += cells
+    table[-1, :4] = starts
+    return FhogLevels(table, grid_at, cell_at)
+
+
+def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.Tensor, info: torch.Tensor,
+                        hog: torch.Tensor, planes: torch.Tensor) -> None:
+    """The four fHOG kernels, one launch each over every level of ``levels`` (``table``: its table on the device;
+    ``info``, ``hog``: the levels' kernel_tables() one after the other, on the device): images from the flat
+    uint8 buffer ``pixels``, planes into the flat, zero-filled float32 buffer ``planes``."""
+    dev = pixels.device
+    n_levels = levels.n_levels
+    if n_levels > 2 ** _LEVEL_SEARCH_STEPS:
+        raise ValueError(f"{n_levels} levels in one fHOG launch: at most {2 ** _LEVEL_SEARCH_STEPS}")
+    orient = torch.empty((levels.grid_elements,), dtype=torch.uint8, device=dev)
+    mag = torch.empty((levels.grid_elements,), dtype=torch.float32, device=dev)
+    hist = torch.empty((levels.cells * 18,), dtype=torch.float32, device=dev)
+    norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
+    common = dict(FIELDS=_LEVEL_FIELDS, STEPS=_LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
+    _orient_mag_kernel[(levels.programs(0),)](pixels, info, orient, mag, table, n_levels, BLOCK=_FHOG_BLOCK,
+                                              **common)
+    _cell_hist_kernel[(levels.programs(1),)](orient, mag, hist, info, table, n_levels, BLOCK=_CELL_BLOCK,
+                                             num_warps=_CELL_BLOCK // 32, **common)
+    _block_energy_kernel[(levels.programs(2),)](hist, norm, table, n_levels, BLOCK=_FHOG_BLOCK, **common)
+    if levels.programs(3):
+        _features_kernel[(levels.programs(3),)](
+            hist, norm, hog, planes, table, n_levels, NUM_PLANES=NUM_PLANES, EPSILON=BLOCK_EPSILON,
+            TRUNC=TRUNCATION, SCALE=NORM_SCALE, TEXTURE=TEXTURE_SCALE, BLOCK=_FHOG_BLOCK, **common)
 
 
 # -- the layout (host tables) ------------------------------------------------------------------------------
@@ -488,37 +433,73 @@ def check_fhog_kernels(device, fhog_pad: tuple[int, int] = (10, 10)) -> str | No
     got, _ = fhog_planes(batch, sizes, fhog_pad, use_triton=True)
     if not torch.equal(want, got):
         return f"fHOG planes differ in {int((want != got).sum())} values"
+    # Two levels in one launch: the batch, and a smaller batch of three images (one of no HOG cell) after it in
+    # the pixels buffer, their planes one after the other.
+    small = batch[[1, 0, 1], :, :70, :61].contiguous()
+    small_sizes = [(70, 41), (53, 61), (9, 12)]
+    pixels = torch.cat([batch.reshape(-1), small.reshape(-1)])
+    layouts = [fhog_layout(sizes, fhog_pad), fhog_layout(small_sizes, fhog_pad)]
+    shapes = [tuple(batch.shape), tuple(small.shape)]
+    plane_sizes = [len(lay.hog) * NUM_PLANES * lay.plane_h * lay.plane_w for lay in layouts]
+    levels = [(layouts[0], 0, shapes[0], 0), (layouts[1], batch.numel(), shapes[1], plane_sizes[0])]
+    results = []
+    for use_triton in (False, True):
+        planes = torch.zeros((sum(plane_sizes),), dtype=torch.float32, device=pixels.device)
+        fhog_planes_levels(pixels, levels, planes, use_triton=use_triton)
+        results.append(planes)
+    if not torch.equal(results[0], results[1]):
+        return f"fHOG planes of two levels in one launch differ in {int((results[0] != results[1]).sum())} values"
+    if not torch.equal(results[0][:plane_sizes[0]], want.reshape(-1)):
+        return "the first level's planes in the two-level launch differ from its own"
     return None
 
 
+def _fhog_level_torch(images: torch.Tensor, layout: FhogLayout, planes: torch.Tensor) -> None:
+    """One level on the torch path: images (B, 3, H, W), its planes (zero-filled) written."""
+    ph, pw = layout.interior(images.shape[2], images.shape[3])
+    hist = _cell_histograms_torch(images, ph, pw, layout.visible, layout.simd_end, layout.grid_h, layout.grid_w,
+                                  layout.n_cr, layout.n_cc)
+    _fhog_features_torch(hist, layout.hog, planes, layout.offset)
+
+
+def fhog_planes_levels(pixels: torch.Tensor, levels: list[tuple[FhogLayout, int, tuple, int]], planes: torch.Tensor,
+                       use_triton: bool | None = None, tables: tuple | None = None) -> None:
+    """fhog_planes of several levels at once: level k's images (B, 3, H, W) lie in the flat uint8 buffer
+    ``pixels`` at an offset, its planes go to the flat zero-filled float32 buffer ``planes`` at an offset; levels
+    given as (layout (none empty), pixels offset, (B, 3, H, W), planes offset). On the kernel path one launch per
+    kernel for all levels. ``tables``: (fhog_level_table of them, their kernel_tables() one after the other:
+    info, hog) with the first two on the device, made beforehand (else made and uploaded here)."""
+    if not levels:
+        return
+    if use_kernels("fhog", pixels.device, use_triton, check_fhog_kernels):
+        if tables is None:
+            rows = np.cumsum([0] + [len(layout.hog) for layout, *_ in levels])
+            fhog = fhog_level_table([(layout, at, shape[2], shape[3], planes_at, int(row))
+                                     for (layout, at, shape, planes_at), row in zip(levels, rows)])
+            info = np.concatenate([layout.kernel_tables()[0] for layout, *_ in levels])
+            hog = np.concatenate([layout.kernel_tables()[1] for layout, *_ in levels])
+            tables = (fhog, *upload_many([fhog.table, info, hog], pixels.device))
+        fhog, table, info, hog = tables
+        _fhog_levels_triton(pixels, fhog, table, info, hog, planes)
+        return
+    for layout, at, shape, planes_at in levels:
+        images = pixels[at:at + int(np.prod(shape))].view(shape)
+        plane_shape = (shape[0], NUM_PLANES, layout.plane_h, layout.plane_w)
+        _fhog_level_torch(images, layout, planes[planes_at:planes_at + int(np.prod(plane_shape))].view(plane_shape))
+
+
 def fhog_planes(images: torch.Tensor, sizes: list[tuple[int, int]], fhog_pad: tuple[int, int],
-                use_triton: bool | None = None, layout: FhogLayout | None = None,
-                device_tables: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, np.ndarray]:
+                use_triton: bool | None = None, layout: FhogLayout | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """extract_fhog_features(cell 8, filter padding fhog_pad) for each image; returns the planes
     (B, 31, Hp, Wp + band) float32 with each image's features at offset (pad-1)//2 and zeros around, and per
     image (hog rows, hog cols). Images (B, 3, H, W) uint8, image b's valid part sizes[b] (an image of size
     (0, 0) has no HOG cell: nothing of it is computed). ``use_triton``: see models/kernel_check.py (None: the
-    kernels on CUDA once checked there). ``layout``: fhog_layout(sizes, fhog_pad), made beforehand;
-    ``device_tables``: its kernel_tables() already on the device (else they travel in one copy); ``out``: a
-    zero-filled tensor of the planes' shape to write them into (e.g. a view of one buffer for many levels)."""
+    kernels on CUDA once checked there). ``layout``: fhog_layout(sizes, fhog_pad), made beforehand."""
     dev = images.device
     layout = layout or fhog_layout(sizes, fhog_pad)
     n = images.shape[0]
-    hog = layout.hog
-    shape = (n, NUM_PLANES, layout.plane_h, layout.plane_w)
-    planes = torch.zeros(shape, dtype=torch.float32, device=dev) if out is None else out
-    if tuple(planes.shape) != shape:
-        raise ValueError(f"out has shape {tuple(planes.shape)}, the planes {shape}")
-    if layout.empty:
-        return planes, hog
-    if use_kernels("fhog", dev, use_triton, check_fhog_kernels):
-        info_t, hog_t = device_tables or upload_many(layout.kernel_tables(), dev)
-        hist = _cell_histograms_triton(images, layout, info_t)
-        _fhog_features_triton(hist, hog, planes, layout.offset, hog_t)
-    else:
-        ph, pw = layout.interior(images.shape[2], images.shape[3])
-        hist = _cell_histograms_torch(images, ph, pw, layout.visible, layout.simd_end, layout.grid_h, layout.grid_w,
-                                      layout.n_cr, layout.n_cc)
-        _fhog_features_torch(hist, hog, planes, layout.offset)
-    return planes, hog
+    planes = torch.zeros((n, NUM_PLANES, layout.plane_h, layout.plane_w), dtype=torch.float32, device=dev)
+    if not layout.empty:
+        fhog_planes_levels(images.contiguous().view(-1), [(layout, 0, tuple(images.shape), 0)], planes.view(-1),
+                           use_triton)
+    return planes, layout.hog

@@ -413,12 +413,13 @@ if triton is not None:
 
 # -- the resize: launcher, probe, public function --------------------------------------------------------------
 
-def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
+def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan, out: torch.Tensor | None = None) -> torch.Tensor:
     """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
     unwritten, where the torch path leaves junk). The plan's device tables serve where uploaded, else its host
     tables travel in one copy."""
     n, _, in_h, in_w = images.shape
-    out = torch.empty((n, 3, plan.out_h, plan.out_w), dtype=torch.uint8, device=images.device)
+    if out is None:
+        out = torch.empty((n, 3, plan.out_h, plan.out_w), dtype=torch.uint8, device=images.device)
     tables = plan.device_tables or upload_many(plan.kernel_tables, images.device)
     _resize_rgb_kernel[(plan.out_h, triton.cdiv(plan.out_w, _RESIZE_BLOCK), n)](
         images.contiguous(), out, *tables, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
@@ -446,13 +447,17 @@ def check_resize_kernels(device) -> str | None:
 
 
 def resize_rgb(images: torch.Tensor, in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]],
-               use_triton: bool | None = None, plan: ResizePlan | None = None) -> torch.Tensor:
+               use_triton: bool | None = None, plan: ResizePlan | None = None, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """dlib's resize_image(bilinear) of each RGB uint8 image (B, 3, H, W), image b's valid part in_sizes[b],
     to out_sizes[b]; returns (B, 3, max out H, max out W + TAIL_BAND) uint8, equal to dlib inside each output
     image (outside: junk). ``use_triton``: see models/kernel_check.py (None: the kernel on CUDA once
     checked there). ``plan``: plan_resize(in_sizes, out_sizes), made beforehand (its tables perhaps uploaded
-    already)."""
+    already); ``out``: a contiguous uint8 tensor of the result's shape to write into (returned)."""
     plan = plan or plan_resize(in_sizes, out_sizes)
+    if out is not None and tuple(out.shape) != (images.shape[0], 3, plan.out_h, plan.out_w):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the result {(images.shape[0], 3, plan.out_h, plan.out_w)}")
     if use_kernels("resize", images.device, use_triton, check_resize_kernels):
-        return _resize_rgb_triton(images, plan)
-    return _resize_rgb_torch(images, plan)
+        return _resize_rgb_triton(images, plan, out)
+    result = _resize_rgb_torch(images, plan)
+    return result if out is None else out.copy_(result)

@@ -32,7 +32,7 @@ from helpers.paths import DATA_DIR
 FUNCTIONS = {
     "detector-resize": {"models.alignment.pyramid": ["_resize_rgb_kernel"]},
     "detector-fhog": {"models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
-                                                "_features_kernel", "_lane_normaliser"]},
+                                                "_features_kernel", "_lane_normaliser", "_level_of"]},
     "detector-filters": {"models.alignment.filters": ["_filter_rows_kernel", "_filter_rows", "_row_pass",
                                                       "_dlib_dot"]},
     "detector-detect": {"models.alignment.pyramid": ["_resize_rgb_kernel"],

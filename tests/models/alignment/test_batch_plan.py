@@ -77,10 +77,24 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
                                                  lp.layout.plane_h, lp.layout.plane_w, *lp.score_shape[2:])
         planes_at += int(np.prod(lp.planes_shape))
     assert plan.planes_elements == planes_at
+    fhog, fhog_table, info, hog = plan.fhog_tables
+    assert np.array_equal(fhog_table.numpy(), fhog.table) and fhog.n_levels == len(scored)
+    assert np.array_equal(info.numpy(), np.concatenate([lp.layout.kernel_tables()[0] for lp in scored]))
+    assert np.array_equal(hog.numpy(), np.concatenate([lp.layout.kernel_tables()[1] for lp in scored]))
+    pixels_at = 0
     for lp in plan.levels:
-        if lp.layout is not None:
-            for got, want in zip(lp.fhog_tables, lp.layout.kernel_tables()):
-                assert np.array_equal(got.numpy(), want)
+        # Every level's photos one level after the other in the pixels buffer, each level of the shape the
+        # previous level's resize makes.
+        assert lp.pixels_offset == pixels_at and lp.pixels_shape[:2] == (lp.count, 3)
+        if lp.level:
+            above = plan.levels[lp.level - 1].resize
+            assert lp.pixels_shape[2:] == (above.out_h, above.out_w)
+        pixels_at += int(np.prod(lp.pixels_shape))
+    assert plan.pixel_elements == pixels_at
+    for k, lp in enumerate(scored):
+        assert tuple(fhog.table[k, 4:9]) == (lp.pixels_offset, fhog.table[k, 5], fhog.table[k, 6], lp.planes_offset,
+                                             lp.bounds_row)
+        assert tuple(fhog.table[k, 9:12]) == lp.pixels_shape[:1] + lp.pixels_shape[2:]
         if lp.resize is not None:
             fresh = plan_resize(lp.resize.in_sizes, lp.resize.out_sizes)
             for got, want in zip(lp.resize.device_tables, fresh.kernel_tables):
