@@ -21,10 +21,14 @@ each product is rounded to float32 before the addition that uses it, as in dlib;
 (compiled without FMA contraction) serve where their group passed its check against the torch path on the
 device (models/kernel_check.py).
 
-Batching: images of any sizes are padded into one tensor per pyramid level (level l of every image that
-has one), with per-image index tables and masks, so the number of kernel launches depends on the number of
-levels and filter terms, not on the number of photos; the Triton kernels skip each image's padding. All
-levels' detections come to the host in one transfer per batch.
+Batching (batch_plan.py): a batch's whole pyramid is planned on the host first (every level's size for every
+photo, the tables of every stage for every level, uploaded in one copy); every level's photos lie in one buffer,
+the photos of a level being the first ones of the batch's order. The device then runs one resize per level (dlib
+makes each level from the previous one), and for all levels at once one launch of each fHOG kernel, one of the
+filter kernel (which also makes the threshold test) and one compaction of the windows that pass; the
+candidates come to the host in one transfer per batch, where dlib's suppression runs. The number of launches
+does not depend on the number of photos; only the resize's grows with the number of levels. The Triton kernels
+skip each photo's padding.
 
 Input: HxWx3 uint8 RGB arrays, read by their contents. (dlib itself reads a non-contiguous numpy view
 wrongly at its smaller pyramid levels; pass C-contiguous arrays to dlib when comparing.)
