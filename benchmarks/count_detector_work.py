@@ -61,7 +61,7 @@ LAUNCHERS = {"pyramid": ["_resize_rgb_torch", "_resize_rgb_triton"],
              "fhog": ["_fhog_level_torch", "_fhog_levels_triton",  # (and before the levels' launch:)
                       "_cell_histograms_torch", "_cell_histograms_triton", "_fhog_features_torch",
                       "_fhog_features_triton"],
-             "filters": ["_filter_scores_torch", "_filter_scores_triton"]}
+             "filters": ["_filter_scores_torch", "_filter_scores_triton", "_launch_filter_levels"]}
 # Tensor methods and functions that make the host wait for the device.
 SYNCS = {"cpu", "item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__", "equal"}
 # Metadata, not device work.
