@@ -1,0 +1,69 @@
+"""The detector's Triton kernels compile for a GPU (sm_90) on a machine without one.
+
+Triton's interpreter (test_triton_kernels_interpreted.py) checks the kernels' arithmetic but runs their Python, so
+it accepts code that Triton's compiler refuses (a global that is not a constexpr, a type that does not unify
+across the branches of a loop); such a kernel would fail its device check at start and leave the torch path to
+serve on the GPU. Compiling (the frontend, then ptxas, both shipped with triton) needs no GPU: each kernel is
+compiled here with the arguments' types and constants its launcher passes.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from models.alignment import fhog, filters, pyramid
+from models.alignment.detector import FrontalFaceDetector
+
+# About a minute on 2 cores (ptxas on the filter kernel takes most of it).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                 reason="triton is a test dependency; test_triton_kernels_interpreted.py fails without it")]
+
+
+def compile_for_sm90(kernel, types: dict, constants: dict, **options):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"enable_fp_fusion": False, **options})
+    assert compiled.asm["ptx"], kernel.__name__
+    return compiled
+
+
+def test_resize_kernel_compiles():
+    compile_for_sm90(pyramid._resize_rgb_kernel,
+                     {"src_ptr": "*u8", "dst_ptr": "*u8", "rows_i_ptr": "*i32", "rows_f_ptr": "*fp32",
+                      "rows_d_ptr": "*fp64", "cols_i_ptr": "*i32", "cols_f_ptr": "*fp32", "cols_d_ptr": "*fp64",
+                      "info_ptr": "*i32"}, {"BLOCK": pyramid._RESIZE_BLOCK})
+
+
+def test_fhog_kernels_compile():
+    levels = {"FIELDS": fhog._LEVEL_FIELDS, "STEPS": fhog._LEVEL_SEARCH_STEPS, "BLOCK": fhog._FHOG_BLOCK}
+    compile_for_sm90(fhog._orient_mag_kernel, {"img_ptr": "*u8", "info_ptr": "*i32", "orient_ptr": "*u8",
+                                               "mag_ptr": "*fp32", "levels_ptr": "*i64"}, levels)
+    compile_for_sm90(fhog._cell_hist_kernel, {"orient_ptr": "*u8", "mag_ptr": "*fp32", "hist_ptr": "*fp32",
+                                              "info_ptr": "*i32", "levels_ptr": "*i64"},
+                     {**levels, "BLOCK": fhog._CELL_BLOCK}, num_warps=fhog._CELL_BLOCK // 32)
+    compile_for_sm90(fhog._block_energy_kernel, {"hist_ptr": "*fp32", "norm_ptr": "*fp32", "levels_ptr": "*i64"},
+                     levels)
+    compile_for_sm90(fhog._features_kernel, {"hist_ptr": "*fp32", "norm_ptr": "*fp32", "hog_ptr": "*i64",
+                                             "planes_ptr": "*fp32", "levels_ptr": "*i64"},
+                     {**levels, "NUM_PLANES": 31, "EPSILON": fhog.BLOCK_EPSILON, "TRUNC": fhog.TRUNCATION,
+                      "SCALE": fhog.NORM_SCALE, "TEXTURE": fhog.TEXTURE_SCALE})
+
+
+def test_filter_kernel_compiles_with_the_detectors_bank():
+    # The detector's launch (with the threshold test); the probe's one-level launch differs only by that store.
+    _filters, slots, fh, fw = FrontalFaceDetector("cpu", use_triton=False).bank.shape
+    pointers = {n: "*fp32" for n in ("planes_ptr", "row_taps_ptr", "col_taps_ptr", "total_ptr", "cut_ptr")}
+    pointers.update({"plane_idx_ptr": "*i64", "bounds_ptr": "*i64", "levels_ptr": "*i64", "hits_ptr": "*u8"})
+    compile_for_sm90(filters._filter_rows_kernel, pointers,
+                     {"N_SLOTS": slots, "FW": fw, "FH": fh, "ROW_INTERLEAVED": filters._interleaved_taps(fw),
+                      "COL_INTERLEAVED": filters._interleaved_taps(fh), "ROWS": filters._FILTER_ROWS,
+                      "BLOCK": filters._FILTER_BLOCK, "HITS": True, "LEVEL_STEPS": filters._LEVEL_SEARCH_STEPS},
+                     num_warps=filters._FILTER_WARPS)
