@@ -74,17 +74,20 @@ def test_detector_pyramid_resize_kernel():
 
 def test_detector_fhog_kernels():
     # fhog.check_fhog_kernels (the device probe): pixel votes, cell histograms, block energy and features of two
-    # quantised images of other sizes in a batch.
+    # quantised images of other sizes in a batch, then two levels of other shapes in one launch per kernel (the
+    # level search), one image with no HOG cell.
     run_group("detector-fhog")
 
 
 def test_detector_filter_kernel():
-    # The fused filter kernel over several row tiles and column blocks, two sizes, real and padding terms.
+    # The fused filter kernel over several row tiles and column blocks, two sizes, real and padding terms; then
+    # two levels in one launch (the level search) with the threshold test's hits.
     run_group("detector-filters")
 
 
 def test_detector_whole_detect_with_every_triton_group():
-    # detect() on a real face and another photograph of another size in one batch, all Triton groups on.
+    # detect() on a real face and another photograph of another size in one batch, all Triton groups on: every
+    # level's window scores and threshold tests from the batch's buffers.
     run_group("detector-detect")
 
 
