@@ -52,8 +52,8 @@ from .fhog import check_fhog_kernels, fhog_planes_levels
 from .filters import FilterBank, check_filter_kernels, filter_scores_levels
 from .formats import read_detector_file
 from ..kernel_check import triton, use_kernels
-from .pyramid import (TAIL_BAND, boxes_down_after_upsample, check_resize_kernels, pyramid_up_size, resize_rgb,
-                      window_boxes)
+from .pyramid import (TAIL_BAND, boxes_down_after_upsample, check_resize_kernels, place_photos, pyramid_up_size,
+                      resize_rgb, window_boxes)
 from .suppression import non_max_suppression
 
 __all__ = ["BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least"]
@@ -195,8 +195,11 @@ class FrontalFaceDetector:
         # but the resize's launch, no transfer back until the batch's windows.
         level0_hw = (max(h for h, _ in grown), max(w for _, w in grown) + (TAIL_BAND if upsample else 0))
         plan = plan_batch(grown, [runs[i] for i in index], self.model, max_levels, self.bank.shape[0], level0_hw)
-        cut, = plan.upload(self.device, (float32_at_least(self.model.thresholds + adjust),))
         sizes = [sizes[k] for k in plan.order]
+        # (photos_to_device puts the photos one after the other in this order: these are its starts)
+        starts = np.cumsum([0] + [h * w for h, w in sizes[:-1]]).astype(np.int64)
+        cut, *place = plan.upload(self.device, (float32_at_least(self.model.thresholds + adjust), starts,
+                                                np.asarray(sizes, np.int32).reshape(-1, 2)))
         # Every level's photos in one buffer, every scored level's fHOG planes in another, their window scores in
         # a third (-inf outside each photo's own windows: they never pass) and the threshold test's hits beside
         # them: the pyramid is made level by level (each level from the previous), then fHOG, the filters and
@@ -205,14 +208,15 @@ class FrontalFaceDetector:
         level0 = plan.pixels(pixels, 0)
         photos = [images[index[k]] for k in plan.order]
         if upsample:
-            batch = self._upload_batch(photos, sizes, max(h for h, _ in sizes), max(w for _, w in sizes))
+            batch = self._upload_batch(photos, sizes, max(h for h, _ in sizes), max(w for _, w in sizes),
+                                       tables=place)
             for step in range(upsample):
                 up = [pyramid_up_size(h, w) for h, w in sizes]
                 batch = resize_rgb(batch, sizes, up, use_triton=self.triton_resize,
                                    out=level0 if step == upsample - 1 else None)
                 sizes = up
         else:
-            self._upload_batch(photos, sizes, *level0.shape[2:], out=level0)
+            self._upload_batch(photos, sizes, *level0.shape[2:], out=level0, tables=place)
         planes = torch.zeros((plan.planes_elements,), dtype=torch.float32, device=self.device)
         scores = torch.full((plan.score_elements,), -torch.inf, dtype=torch.float32, device=self.device)
         hits = torch.zeros((plan.score_elements,), dtype=torch.uint8, device=self.device)
@@ -233,18 +237,15 @@ class FrontalFaceDetector:
         for k, i in enumerate(index):
             results[i] = [self._finish(found.get(k), j, end, upsample) for j, end in plan.spans[k]]
 
-    def _upload_batch(self, photos, sizes, h_max, w_max, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _upload_batch(self, photos, sizes, h_max, w_max, out: torch.Tensor | None = None,
+                      tables: tuple | None = None) -> torch.Tensor:
         """(B, 3, h_max, w_max) uint8 on the device (``out`` when given), photo k in its top-left corner, zeros
         around. Host photos travel in one copy (through pinned memory to a GPU); photos already on the device are
-        not copied."""
+        not copied; then one placement for all (place_photos; ``tables``: its tables on the device)."""
         flat, starts, _ = photos_to_device(photos, self.device)
         if out is None:
-            batch = torch.zeros((len(photos), 3, h_max, w_max), dtype=torch.uint8, device=self.device)
-        else:
-            batch = out.zero_()
-        for k, (start, (h, w)) in enumerate(zip(starts, sizes)):
-            batch[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
-        return batch
+            out = torch.empty((len(photos), 3, h_max, w_max), dtype=torch.uint8, device=self.device)
+        return place_photos(flat, starts, sizes, out, use_triton=self.triton_resize, tables=tables)
 
     def _windows(self, plan: BatchPlan, scores: torch.Tensor, hits: torch.Tensor) -> dict:
         """Per photo (position in the batch's index), its windows that passed, at every level scored: arrays

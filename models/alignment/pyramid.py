@@ -26,7 +26,8 @@ from ..kernel_check import tl, triton, use_kernels
 __all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
            "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
-           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb", "check_resize_kernels"]
+           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb", "place_photos",
+           "check_resize_kernels"]
 
 PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
 PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
@@ -411,6 +412,23 @@ if triton is not None:
                 tl.store(dst + ch * dst_h * dst_w, out.to(tl.uint8), mask=live)
 
 
+    @triton.jit(do_not_specialize=["height", "width"])
+    def _place_photos_kernel(flat_ptr, starts_ptr, sizes_ptr, out_ptr, height, width, BLOCK: tl.constexpr):
+        # One program per (row, block of columns, photo): photo b (HxWx3, interleaved, from pixel starts[b] of
+        # the flat (P, 3) buffer; sizes (B, 2) int32) at out[b, channel, y, x] of the (B, 3, height, width)
+        # batch, zeros around it.
+        y = tl.program_id(0)
+        x = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        b = tl.program_id(2)
+        h = tl.load(sizes_ptr + 2 * b)
+        w = tl.load(sizes_ptr + 2 * b + 1)
+        inside = (y < h) & (x < w)
+        src = flat_ptr + (tl.load(starts_ptr + b) + y.to(tl.int64) * w + x) * 3
+        dst = out_ptr + (b.to(tl.int64) * 3 * height + y) * width + x
+        for ch in tl.static_range(3):
+            tl.store(dst + ch * height * width, tl.load(src + ch, mask=inside, other=0), mask=x < width)
+
+
 # -- the resize: launcher, probe, public function --------------------------------------------------------------
 
 def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -424,6 +442,32 @@ def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan, out: torch.Tensor
     _resize_rgb_kernel[(plan.out_h, triton.cdiv(plan.out_w, _RESIZE_BLOCK), n)](
         images.contiguous(), out, *tables, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
         enable_fp_fusion=False)
+    return out
+
+
+def _place_photos_torch(flat: torch.Tensor, starts: list[int], sizes: list[tuple[int, int]], out: torch.Tensor
+                        ) -> torch.Tensor:
+    """place_photos' reference: the padding zeroed, each photo copied into its slot."""
+    out.zero_()
+    for k, (start, (h, w)) in enumerate(zip(starts, sizes)):
+        out[k, :, :h, :w] = flat[start:start + h * w].view(h, w, 3).permute(2, 0, 1)
+    return out
+
+
+def place_photos(flat: torch.Tensor, starts: list[int], sizes: list[tuple[int, int]], out: torch.Tensor,
+                 use_triton: bool | None = None, tables: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """The photos of the flat (P, 3) uint8 buffer ``flat`` (photo k from row starts[k], of sizes[k] = (h, w)) in the
+    (B, 3, H, W) uint8 batch ``out``, each in its top-left corner, zeros around; returns ``out``. On the kernel path
+    one launch for all photos; ``tables``: (starts int64, sizes int32 (B, 2)) on the device, else uploaded here.
+    ``use_triton``: the resize group's (models/kernel_check.py)."""
+    if not use_kernels("resize", flat.device, use_triton, check_resize_kernels):
+        return _place_photos_torch(flat, starts, sizes, out)
+    if tables is None:
+        tables = upload_many([np.asarray(starts, np.int64), np.asarray(sizes, np.int32).reshape(-1, 2)], flat.device)
+    n, _, height, width = out.shape
+    _place_photos_kernel[(height, triton.cdiv(width, _RESIZE_BLOCK), n)](
+        flat, *tables, out, height, width, BLOCK=_RESIZE_BLOCK)
     return out
 
 
@@ -443,6 +487,13 @@ def check_resize_kernels(device) -> str | None:
         for k, (h, w) in enumerate(out):
             if not torch.equal(want[k, :, :h, :w], got[k, :, :h, :w]):
                 return f"resized pixels differ ({sizes[k]} -> {(h, w)})"
+    # The photos' placement into a batch: two photos from one flat buffer, the batch wider than a kernel block.
+    flat = torch.from_numpy(rng.integers(0, 256, (97 * 143 + 61 * 37, 3), dtype=np.uint8)).to(device)
+    shape = (2, 3, 100, 150)
+    places = [place_photos(flat, [0, 97 * 143], sizes, torch.full(shape, 7, dtype=torch.uint8, device=device),
+                           use_triton=use) for use in (False, True)]
+    if not torch.equal(places[0], places[1]):
+        return "photos placed into a batch differ"
     return None
 
 

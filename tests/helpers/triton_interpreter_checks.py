@@ -30,12 +30,12 @@ from helpers.paths import DATA_DIR
 # The Triton functions (kernels and the jit helpers they call) each group must run, per module: the test
 # file checks that together they are all of the modules' Triton functions.
 FUNCTIONS = {
-    "detector-resize": {"models.alignment.pyramid": ["_resize_rgb_kernel"]},
+    "detector-resize": {"models.alignment.pyramid": ["_resize_rgb_kernel", "_place_photos_kernel"]},
     "detector-fhog": {"models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
                                                 "_features_kernel", "_lane_normaliser", "_level_of"]},
     "detector-filters": {"models.alignment.filters": ["_filter_rows_kernel", "_filter_rows", "_row_pass",
                                                       "_dlib_dot"]},
-    "detector-detect": {"models.alignment.pyramid": ["_resize_rgb_kernel"],
+    "detector-detect": {"models.alignment.pyramid": ["_resize_rgb_kernel", "_place_photos_kernel"],
                         "models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
                                                   "_features_kernel"],
                         "models.alignment.filters": ["_filter_rows_kernel"]},

@@ -35,11 +35,13 @@ def compile_for_sm90(kernel, types: dict, constants: dict, **options):
     return compiled
 
 
-def test_resize_kernel_compiles():
+def test_resize_and_placement_kernels_compile():
     compile_for_sm90(pyramid._resize_rgb_kernel,
                      {"src_ptr": "*u8", "dst_ptr": "*u8", "rows_i_ptr": "*i32", "rows_f_ptr": "*fp32",
                       "rows_d_ptr": "*fp64", "cols_i_ptr": "*i32", "cols_f_ptr": "*fp32", "cols_d_ptr": "*fp64",
                       "info_ptr": "*i32"}, {"BLOCK": pyramid._RESIZE_BLOCK})
+    compile_for_sm90(pyramid._place_photos_kernel, {"flat_ptr": "*u8", "starts_ptr": "*i64", "sizes_ptr": "*i32",
+                                                    "out_ptr": "*u8"}, {"BLOCK": pyramid._RESIZE_BLOCK})
 
 
 def test_fhog_kernels_compile():
