@@ -55,8 +55,8 @@ from pipeline.decode import decode_image  # noqa: E402
 
 GPU_BATCH_PIXELS = 256 * 2 ** 20  # FrontalFaceDetector's batch limit on a GPU
 # Launchers by stage: each is one or two kernels on a GPU (its torch path stands for them on the CPU).
-KERNELS = ["_resize_rgb_kernel", "_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel", "_features_kernel",
-           "_filter_rows_kernel"]
+KERNELS = ["_resize_rgb_kernel", "_place_photos_kernel", "_orient_mag_kernel", "_cell_hist_kernel",
+           "_block_energy_kernel", "_features_kernel", "_filter_rows_kernel"]
 LAUNCHERS = {"pyramid": ["_resize_rgb_torch", "_resize_rgb_triton"],
              "fhog": ["_fhog_level_torch", "_fhog_levels_triton",  # (and before the levels' launch:)
                       "_cell_histograms_torch", "_cell_histograms_triton", "_fhog_features_torch",
