@@ -7,15 +7,12 @@ PASS lines; the test asserts every check passed).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers.paths import REPO_ROOT, with_test_imports
+from helpers.interpreter_run import run_checks_interpreted
 import models.stylegan2 as stylegan2
 import models.stylegan2_kernels as kernels
 from models.stylegan2 import Generator, StyledConv, default_channels
@@ -145,17 +142,7 @@ CHECKS = [check_float32_equals_official, check_float16_within_the_reduced_precis
 
 @pytest.mark.slow
 def test_fused_styled_conv_kernel_under_the_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed; it is a test dependency (`make install`): these tests run the GPU "
-                    "kernels under its interpreter")
-    env = with_test_imports({**os.environ, "TRITON_INTERPRET": "1"})
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=REPO_ROOT)
-    report = f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, report
-    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]
-    assert passed == [c.__name__ for c in CHECKS], report  # none lost to an early exit
-    print(proc.stdout)
+    print(run_checks_interpreted(os.path.abspath(__file__), [], [c.__name__ for c in CHECKS]))
 
 
 if __name__ == "__main__":

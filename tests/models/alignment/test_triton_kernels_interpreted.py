@@ -11,17 +11,14 @@ test passes when that process reports every check of its group passed (``-s`` sh
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import pkgutil
-import subprocess
-import sys
 
 import pytest
 
 import models.alignment
 from helpers import triton_interpreter_checks as checks
-from helpers.paths import with_test_imports
+from helpers.interpreter_run import run_checks_interpreted
 
 # About two minutes in all on 2 cores: the interpreter runs each program of a launch in Python.
 pytestmark = pytest.mark.slow
@@ -30,23 +27,8 @@ MODULES_WITH_KERNELS = ["models.alignment.pyramid", "models.alignment.fhog", "mo
                         "models.alignment.landmarks", "models.alignment.resample"]
 
 
-@pytest.fixture(autouse=True)
-def triton_installed():
-    if importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed; it is a test dependency (`make install`, or pip install "
-                    "triton==3.5.1 beside a CPU torch): these tests run the GPU kernels under its interpreter")
-
-
 def run_group(group: str) -> None:
-    env = with_test_imports({**os.environ, "TRITON_INTERPRET": "1"})
-    proc = subprocess.run([sys.executable, checks.__file__, group], env=env, capture_output=True, text=True,
-                          timeout=900)
-    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PASS ")]
-    report = f"{group}: exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, report
-    # Every check of the group reported a pass: none was lost to an early exit.
-    assert passed == checks.check_names(group), report
-    print(proc.stdout)
+    print(run_checks_interpreted(checks.__file__, [group], checks.check_names(group)))
 
 
 def test_every_triton_function_has_a_check():
