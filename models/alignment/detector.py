@@ -56,7 +56,8 @@ from .pyramid import (TAIL_BAND, boxes_down_after_upsample, check_resize_kernels
                       resize_rgb, window_boxes)
 from .suppression import non_max_suppression
 
-__all__ = ["BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least"]
+__all__ = ["BATCH_BYTES_PER_PIXEL", "BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least",
+           "gpu_batch_pixels"]
 
 BUNDLED_DETECTOR_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                                      "frontal_face_detector.svm")
@@ -66,6 +67,19 @@ BUNDLED_DETECTOR_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abs
 # sizes) are not split for padding: each batch is a chain of host steps.
 _MAX_PADDING = 1.5
 _SMALL_BATCH_SHARE = 16
+# A batch holds every pyramid level's buffers at once (pixels, fHOG grids and histograms, planes, window scores):
+# at most BATCH_BYTES_PER_PIXEL bytes of device memory per pixel of its padded level 0 (test_batch_plan checks the
+# plan's buffers against it). On a GPU a batch may take _GPU_MEMORY_SHARE of the device's memory, since several
+# alignment lanes detect at once beside the inversion, and at most _GPU_BATCH_PIXELS pixels.
+BATCH_BYTES_PER_PIXEL = 44
+_GPU_MEMORY_SHARE = 1 / 8
+_GPU_BATCH_PIXELS = 256 * 2 ** 20
+_CPU_BATCH_PIXELS = 4 * 2 ** 20
+
+
+def gpu_batch_pixels(total_memory: int) -> int:
+    """The default bound on a batch's padded pixels on a GPU of ``total_memory`` bytes."""
+    return min(_GPU_BATCH_PIXELS, int(total_memory * _GPU_MEMORY_SHARE) // BATCH_BYTES_PER_PIXEL)
 
 
 def float32_at_least(values: np.ndarray) -> np.ndarray:
@@ -97,7 +111,11 @@ class FrontalFaceDetector:
         on_gpu = self.device.type != "cpu"
         # Photos per call: bounded by pixels (after upsampling) to bound memory. Filter terms per step: on
         # CPU small enough for the operands to stay in cache; on a GPU large enough to fill it.
-        self.max_batch_pixels = int(max_batch_pixels or (256 if on_gpu else 4) * 2 ** 20)
+        if max_batch_pixels is None:
+            max_batch_pixels = _GPU_BATCH_PIXELS if on_gpu else _CPU_BATCH_PIXELS
+            if self.device.type == "cuda":
+                max_batch_pixels = gpu_batch_pixels(torch.cuda.get_device_properties(self.device).total_memory)
+        self.max_batch_pixels = int(max_batch_pixels)
         self.chunk_elements = int(chunk_elements or (2 ** 26 if on_gpu else 2 ** 15))
         self._fhog_pad = self.model.fhog_window
         self.bank = FilterBank.from_model(self.model, self.device)

@@ -5,11 +5,12 @@ it; window boxes with per-window levels are the per-level boxes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from models.alignment.batch_plan import plan_batch
-from models.alignment.detector import BUNDLED_DETECTOR_FILE
-from models.alignment.fhog import fhog_layout
+from models.alignment.detector import BATCH_BYTES_PER_PIXEL, BUNDLED_DETECTOR_FILE, gpu_batch_pixels
+from models.alignment.fhog import fhog_layout, fhog_level_table
 from models.alignment.filters import filter_bounds
 from models.alignment.formats import read_detector_file
 from models.alignment.pyramid import (count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
@@ -125,3 +126,31 @@ def test_the_resize_kernels_tables_per_pair_of_lengths_are_the_batched_tables():
             assert np.array_equal(cols_i[col_at:col_at + ow], batched.left[b, :ow])
             assert np.array_equal(cols_f[col_at:col_at + ow], batched.lr32[b, :ow])
             assert np.array_equal(cols_d[col_at:col_at + ow], batched.lr64[b, :ow])
+
+
+@pytest.mark.parametrize("count, low, high", [(64, 1024, 1800), (40, 1400, 1800), (200, 300, 640)])
+def test_a_batchs_device_buffers_stay_within_the_bytes_per_pixel_its_bound_assumes(count, low, high):
+    # The buffers a batch allocates: every level's pixels (uint8; detector._detect_batch), the fHOG grids (uint8
+    # orientation, float32 magnitude), 18 histogram bins and a block energy per cell (float32;
+    # fhog._fhog_levels_triton), the planes (float32) and the window scores (float32) with their hits (uint8).
+    rng = np.random.default_rng(count)
+    sizes = [(int(rng.integers(low, high)), int(rng.integers(low, high))) for _ in range(count)]
+    level0 = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    plan = plan_batch(sizes, [[0]] * count, MODEL, None, 5, level0)
+    levels = plan.fhog_levels()
+    rows = np.cumsum([0] + [len(layout.hog) for layout, *_ in levels])
+    fhog = fhog_level_table([(layout, at, shape[2], shape[3], planes_at, int(row))
+                             for (layout, at, shape, planes_at), row in zip(levels, rows)])
+    total = (plan.pixel_elements + 4 * plan.planes_elements + 5 * plan.score_elements + 5 * fhog.grid_elements
+             + 4 * 19 * fhog.cells)
+    padded = count * level0[0] * level0[1]
+    assert total <= BATCH_BYTES_PER_PIXEL * padded, total / padded
+    assert total >= 0.75 * BATCH_BYTES_PER_PIXEL * padded, total / padded  # the bound is not far off either
+
+
+def test_gpu_batch_bound_follows_the_devices_memory():
+    gib = 2 ** 30
+    assert gpu_batch_pixels(141 * gib) == gpu_batch_pixels(96 * gib) == 256 * 2 ** 20  # H200, large GPUs: the cap
+    small = gpu_batch_pixels(24 * gib)
+    assert small * BATCH_BYTES_PER_PIXEL <= 3 * gib < (small + 1) * BATCH_BYTES_PER_PIXEL  # an eighth of 24 GiB
+    assert gpu_batch_pixels(40 * gib) > small
