@@ -31,6 +31,18 @@ __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SC
 _FHOG_BLOCK = 128  # pixels or cells per program of the kernels below
 _CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps); 64, 256: same
 
+# The columns of fhog_level_table (one row per level), by name for the table and the kernels that read it: the
+# level's first program of each kernel (_LV_ORIENT_MAG .. _LV_FEATURES, in launch order), its offsets in the
+# pixels, grid, histogram-cell and planes buffers, its first row in the info and hog tables, its image count,
+# image height and width, grid rows and columns, interior pixel rows and columns, cell rows and columns, HOG rows
+# and columns, plane rows and columns, and the planes' offset of the features (rows, columns).
+_LEVEL_FIELDS = 24  # columns of fhog_level_table
+(_LV_ORIENT_MAG, _LV_CELL_HIST, _LV_BLOCK_ENERGY, _LV_FEATURES, _LV_PIXELS_AT, _LV_GRID_AT, _LV_CELLS_AT,
+ _LV_PLANES_AT, _LV_INFO_ROW, _LV_IMAGES, _LV_HEIGHT, _LV_WIDTH, _LV_GRID_H, _LV_GRID_W, _LV_INTERIOR_H,
+ _LV_INTERIOR_W, _LV_CELL_ROWS, _LV_CELL_COLS, _LV_HOG_ROWS, _LV_HOG_COLS, _LV_PLANE_H, _LV_PLANE_W,
+ _LV_OFFSET_ROWS, _LV_OFFSET_COLS) = range(_LEVEL_FIELDS)
+_LEVEL_SEARCH_STEPS = 7  # bisection steps of _level_of: at most 2 ** 7 levels per launch
+
 
 # -- Triton kernels ------------------------------------------------------------------------------------------
 
@@ -40,6 +52,31 @@ if triton is not None:
 
     # DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
     _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in DIRECTIONS.ravel()))
+    # fhog_level_table's columns as the kernels' constants (the host's ints: the constants above).
+    _LV_ORIENT_MAG_C = tl.constexpr(_LV_ORIENT_MAG)
+    _LV_CELL_HIST_C = tl.constexpr(_LV_CELL_HIST)
+    _LV_BLOCK_ENERGY_C = tl.constexpr(_LV_BLOCK_ENERGY)
+    _LV_FEATURES_C = tl.constexpr(_LV_FEATURES)
+    _LV_PIXELS_AT_C = tl.constexpr(_LV_PIXELS_AT)
+    _LV_GRID_AT_C = tl.constexpr(_LV_GRID_AT)
+    _LV_CELLS_AT_C = tl.constexpr(_LV_CELLS_AT)
+    _LV_PLANES_AT_C = tl.constexpr(_LV_PLANES_AT)
+    _LV_INFO_ROW_C = tl.constexpr(_LV_INFO_ROW)
+    _LV_IMAGES_C = tl.constexpr(_LV_IMAGES)
+    _LV_HEIGHT_C = tl.constexpr(_LV_HEIGHT)
+    _LV_WIDTH_C = tl.constexpr(_LV_WIDTH)
+    _LV_GRID_H_C = tl.constexpr(_LV_GRID_H)
+    _LV_GRID_W_C = tl.constexpr(_LV_GRID_W)
+    _LV_INTERIOR_H_C = tl.constexpr(_LV_INTERIOR_H)
+    _LV_INTERIOR_W_C = tl.constexpr(_LV_INTERIOR_W)
+    _LV_CELL_ROWS_C = tl.constexpr(_LV_CELL_ROWS)
+    _LV_CELL_COLS_C = tl.constexpr(_LV_CELL_COLS)
+    _LV_HOG_ROWS_C = tl.constexpr(_LV_HOG_ROWS)
+    _LV_HOG_COLS_C = tl.constexpr(_LV_HOG_COLS)
+    _LV_PLANE_H_C = tl.constexpr(_LV_PLANE_H)
+    _LV_PLANE_W_C = tl.constexpr(_LV_PLANE_W)
+    _LV_OFFSET_ROWS_C = tl.constexpr(_LV_OFFSET_ROWS)
+    _LV_OFFSET_COLS_C = tl.constexpr(_LV_OFFSET_COLS)
 
     @triton.jit
     def _level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
@@ -69,17 +106,17 @@ if triton is not None:
         # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
         # cell rows, cell columns. Over every level of the level table (fhog_level_table): each level's images,
         # grids and info rows at its offsets in the buffers.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 0, FIELDS, STEPS)
-        height = tl.load(lv + 10).to(tl.int32)
-        width = tl.load(lv + 11).to(tl.int32)
-        grid_h = tl.load(lv + 12).to(tl.int32)
-        grid_w = tl.load(lv + 13).to(tl.int32)
-        ph = tl.load(lv + 14).to(tl.int32)
-        pw = tl.load(lv + 15).to(tl.int32)
-        img_ptr += tl.load(lv + 4)
-        orient_ptr += tl.load(lv + 5)
-        mag_ptr += tl.load(lv + 5)
-        info_ptr += 5 * tl.load(lv + 8)
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS, STEPS)
+        height = tl.load(lv + _LV_HEIGHT_C).to(tl.int32)
+        width = tl.load(lv + _LV_WIDTH_C).to(tl.int32)
+        grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
+        grid_w = tl.load(lv + _LV_GRID_W_C).to(tl.int32)
+        ph = tl.load(lv + _LV_INTERIOR_H_C).to(tl.int32)
+        pw = tl.load(lv + _LV_INTERIOR_W_C).to(tl.int32)
+        img_ptr += tl.load(lv + _LV_PIXELS_AT_C)
+        orient_ptr += tl.load(lv + _LV_GRID_AT_C)
+        mag_ptr += tl.load(lv + _LV_GRID_AT_C)
+        info_ptr += 5 * tl.load(lv + _LV_INFO_ROW_C)
         col_blocks = tl.cdiv(grid_w, BLOCK)
         X = ((pid % col_blocks) * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         pid = pid // col_blocks
@@ -140,16 +177,16 @@ if triton is not None:
         # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
         # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
         # Over every level of the level table, as _orient_mag_kernel.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 1, FIELDS, STEPS)
-        grid_h = tl.load(lv + 12).to(tl.int32)
-        grid_w = tl.load(lv + 13).to(tl.int32)
-        n_cr = tl.load(lv + 16).to(tl.int32)
-        n_cc = tl.load(lv + 17).to(tl.int32)
-        n_cells = tl.load(lv + 9).to(tl.int32) * n_cr * n_cc
-        orient_ptr += tl.load(lv + 5)
-        mag_ptr += tl.load(lv + 5)
-        hist_ptr += 18 * tl.load(lv + 6)
-        info_ptr += 5 * tl.load(lv + 8)
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS, STEPS)
+        grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
+        grid_w = tl.load(lv + _LV_GRID_W_C).to(tl.int32)
+        n_cr = tl.load(lv + _LV_CELL_ROWS_C).to(tl.int32)
+        n_cc = tl.load(lv + _LV_CELL_COLS_C).to(tl.int32)
+        n_cells = tl.load(lv + _LV_IMAGES_C).to(tl.int32) * n_cr * n_cc
+        orient_ptr += tl.load(lv + _LV_GRID_AT_C)
+        mag_ptr += tl.load(lv + _LV_GRID_AT_C)
+        hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
+        info_ptr += 5 * tl.load(lv + _LV_INFO_ROW_C)
         cell = (pid * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         inside = cell < n_cells
         cell = tl.minimum(cell, n_cells - 1)  # dead lanes load (what they load is not stored)
@@ -190,10 +227,10 @@ if triton is not None:
                              STEPS: tl.constexpr):
         # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order; over every level of the
         # level table.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 2, FIELDS, STEPS)
-        n_cells = tl.load(lv + 9) * tl.load(lv + 16) * tl.load(lv + 17)
-        hist_ptr += 18 * tl.load(lv + 6)
-        norm_ptr += tl.load(lv + 6)
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS, STEPS)
+        n_cells = tl.load(lv + _LV_IMAGES_C) * tl.load(lv + _LV_CELL_ROWS_C) * tl.load(lv + _LV_CELL_COLS_C)
+        hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
+        norm_ptr += tl.load(lv + _LV_CELLS_AT_C)
         cell = pid * BLOCK + tl.arange(0, BLOCK)
         live = cell < n_cells
         base = hist_ptr + cell * 18
@@ -221,20 +258,20 @@ if triton is not None:
         # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
         # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size. Over
         # every level of the level table.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, 3, FIELDS, STEPS)
-        n_cr = tl.load(lv + 16)
-        n_cc = tl.load(lv + 17)
-        hr = tl.load(lv + 18)
-        hc = tl.load(lv + 19)
-        plane_h = tl.load(lv + 20)
-        plane_w = tl.load(lv + 21)
-        off_r = tl.load(lv + 22)
-        off_c = tl.load(lv + 23)
-        n_out = tl.load(lv + 9) * hr * hc
-        hist_ptr += 18 * tl.load(lv + 6)
-        norm_ptr += tl.load(lv + 6)
-        hog_ptr += 2 * tl.load(lv + 8)
-        planes_ptr += tl.load(lv + 7)
+        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS, STEPS)
+        n_cr = tl.load(lv + _LV_CELL_ROWS_C)
+        n_cc = tl.load(lv + _LV_CELL_COLS_C)
+        hr = tl.load(lv + _LV_HOG_ROWS_C)
+        hc = tl.load(lv + _LV_HOG_COLS_C)
+        plane_h = tl.load(lv + _LV_PLANE_H_C)
+        plane_w = tl.load(lv + _LV_PLANE_W_C)
+        off_r = tl.load(lv + _LV_OFFSET_ROWS_C)
+        off_c = tl.load(lv + _LV_OFFSET_COLS_C)
+        n_out = tl.load(lv + _LV_IMAGES_C) * hr * hc
+        hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
+        norm_ptr += tl.load(lv + _LV_CELLS_AT_C)
+        hog_ptr += 2 * tl.load(lv + _LV_INFO_ROW_C)
+        planes_ptr += tl.load(lv + _LV_PLANES_AT_C)
         cell = pid * BLOCK + tl.arange(0, BLOCK)
         live = cell < n_out
         c = cell % hc
@@ -283,10 +320,6 @@ if triton is not None:
 
 # -- the level table and the launcher ------------------------------------------------------------------------
 
-_LEVEL_FIELDS = 24  # columns of fhog_level_table
-_LEVEL_SEARCH_STEPS = 7  # bisection steps of _level_of: at most 2 ** 7 levels per launch
-
-
 @dataclass
 class FhogLevels:
     """Several levels' fHOG work for one launch per kernel (fhog_level_table): ``table`` (L + 1, _LEVEL_FIELDS)
@@ -300,34 +333,41 @@ class FhogLevels:
     def n_levels(self) -> int:
         return len(self.table) - 1
 
-    def programs(self, kernel: int) -> int:
-        return int(self.table[-1, kernel])
+    def programs(self, column: int) -> int:
+        """The launch's program count of the kernel whose first programs are in ``column`` (_LV_ORIENT_MAG ..)."""
+        return int(self.table[-1, column])
 
 
 def fhog_level_table(levels: list[tuple["FhogLayout", int, int, int, int, int]]) -> FhogLevels:
     """The fHOG kernels' level table for levels given as (layout, images' offset in the pixels buffer, their
     height and width there, their planes' offset in the planes buffer, their first row in the info and hog
-    tables). Per level: the first program of each of the four kernels (columns 0-3), the offsets of its pixels,
-    grids, histogram cells and planes, its first info row, its image count, height, width, grid rows and columns,
-    interior pixel rows and columns, cell rows and columns, HOG rows and columns, plane rows and columns, and the
-    planes' offset of the features (rows, columns)."""
+    tables). Per level (columns _LV_*, named in the constants section): the first program of each of the four
+    kernels, the offsets of its pixels, grids, histogram cells and planes, its first info row, its image count,
+    height, width, grid rows and columns, interior pixel rows and columns, cell rows and columns, HOG rows and
+    columns, plane rows and columns, and the planes' offset of the features (rows, columns); the extra last row
+    holds the launches' program counts."""
     table = np.zeros((len(levels) + 1, _LEVEL_FIELDS), np.int64)
-    starts = np.zeros(4, np.int64)
+    first_programs = [_LV_ORIENT_MAG, _LV_CELL_HIST, _LV_BLOCK_ENERGY, _LV_FEATURES]
+    starts = np.zeros(len(first_programs), np.int64)
     grid_at = cell_at = 0
     for k, (layout, pixels_at, height, width, planes_at, info_row) in enumerate(levels):
         n = len(layout.hog)
         grid_h, grid_w, n_cr, n_cc = layout.grid_h, layout.grid_w, layout.n_cr, layout.n_cc
         hr, hc = int(layout.hog[:, 0].max()), int(layout.hog[:, 1].max())
         ph, pw = layout.interior(height, width)
-        table[k, :4] = starts
-        table[k, 4:] = (pixels_at, grid_at, cell_at, planes_at, info_row, n, height, width, grid_h, grid_w, ph, pw,
-                        n_cr, n_cc, hr, hc, layout.plane_h, layout.plane_w, *layout.offset)
+        fields = {_LV_PIXELS_AT: pixels_at, _LV_GRID_AT: grid_at, _LV_CELLS_AT: cell_at, _LV_PLANES_AT: planes_at,
+                  _LV_INFO_ROW: info_row, _LV_IMAGES: n, _LV_HEIGHT: height, _LV_WIDTH: width, _LV_GRID_H: grid_h,
+                  _LV_GRID_W: grid_w, _LV_INTERIOR_H: ph, _LV_INTERIOR_W: pw, _LV_CELL_ROWS: n_cr,
+                  _LV_CELL_COLS: n_cc, _LV_HOG_ROWS: hr, _LV_HOG_COLS: hc, _LV_PLANE_H: layout.plane_h,
+                  _LV_PLANE_W: layout.plane_w, _LV_OFFSET_ROWS: layout.offset[0], _LV_OFFSET_COLS: layout.offset[1]}
+        table[k, first_programs] = starts
+        table[k, list(fields)] = list(fields.values())
         cells = n * n_cr * n_cc
         starts += (n * (grid_h - 8) * -(-grid_w // _FHOG_BLOCK), -(-cells // _CELL_BLOCK),
                    -(-cells // _FHOG_BLOCK), -(-(n * hr * hc) // _FHOG_BLOCK))
         grid_at += n * grid_h * grid_w
         cell_at += cells
-    table[-1, :4] = starts
+    table[-1, first_programs] = starts
     return FhogLevels(table, grid_at, cell_at)
 
 
@@ -345,13 +385,14 @@ def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.T
     hist = torch.empty((levels.cells * 18,), dtype=torch.float32, device=dev)
     norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
     common = dict(FIELDS=_LEVEL_FIELDS, STEPS=_LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
-    _orient_mag_kernel[(levels.programs(0),)](pixels, info, orient, mag, table, n_levels, BLOCK=_FHOG_BLOCK,
-                                              **common)
-    _cell_hist_kernel[(levels.programs(1),)](orient, mag, hist, info, table, n_levels, BLOCK=_CELL_BLOCK,
-                                             num_warps=_CELL_BLOCK // 32, **common)
-    _block_energy_kernel[(levels.programs(2),)](hist, norm, table, n_levels, BLOCK=_FHOG_BLOCK, **common)
-    if levels.programs(3):
-        _features_kernel[(levels.programs(3),)](
+    _orient_mag_kernel[(levels.programs(_LV_ORIENT_MAG),)](pixels, info, orient, mag, table, n_levels,
+                                                           BLOCK=_FHOG_BLOCK, **common)
+    _cell_hist_kernel[(levels.programs(_LV_CELL_HIST),)](orient, mag, hist, info, table, n_levels,
+                                                         BLOCK=_CELL_BLOCK, num_warps=_CELL_BLOCK // 32, **common)
+    _block_energy_kernel[(levels.programs(_LV_BLOCK_ENERGY),)](hist, norm, table, n_levels, BLOCK=_FHOG_BLOCK,
+                                                               **common)
+    if levels.programs(_LV_FEATURES):
+        _features_kernel[(levels.programs(_LV_FEATURES),)](
             hist, norm, hog, planes, table, n_levels, NUM_PLANES=NUM_PLANES, EPSILON=BLOCK_EPSILON,
             TRUNC=TRUNCATION, SCALE=NORM_SCALE, TEXTURE=TEXTURE_SCALE, BLOCK=_FHOG_BLOCK, **common)
 

@@ -35,6 +35,12 @@ _FILTER_BLOCK = 64
 _FILTER_WARPS = 2
 # Bisection steps of the filter kernel's level search: launches of at most 2 ** _LEVEL_SEARCH_STEPS levels.
 _LEVEL_SEARCH_STEPS = 7
+# The columns of filter_level_table (one row per level), by name for the table and the kernel that reads it: the
+# level's first program, the offsets of its planes, scores and bounds rows in their buffers, its image count,
+# plane rows and columns, output rows and columns, and one unused column (zero).
+_LEVEL_FIELDS = 10
+(_LV_FIRST_PROGRAM, _LV_PLANES_AT, _LV_SCORES_AT, _LV_BOUNDS_ROW, _LV_IMAGES, _LV_PLANE_H, _LV_PLANE_W, _LV_OUT_H,
+ _LV_OUT_W, _LV_UNUSED) = range(_LEVEL_FIELDS)
 # dlib keeps the singular values at or above max(_MIN_SINGULAR_VALUE, _RELATIVE_SINGULAR_VALUE * largest).
 _MIN_SINGULAR_VALUE = 1e-4
 _RELATIVE_SINGULAR_VALUE = 0.001
@@ -193,6 +199,17 @@ def _filter_scores_torch(planes: torch.Tensor, hog: np.ndarray, plane_idx: torch
 # variants (divisible by 16 or not, per argument) for many calls after the first.
 if triton is not None:
 
+    # filter_level_table's row width and columns as the kernel's constants (the host's ints: the constants above).
+    _LEVEL_FIELDS_C = tl.constexpr(_LEVEL_FIELDS)
+    _LV_FIRST_PROGRAM_C = tl.constexpr(_LV_FIRST_PROGRAM)
+    _LV_PLANES_AT_C = tl.constexpr(_LV_PLANES_AT)
+    _LV_SCORES_AT_C = tl.constexpr(_LV_SCORES_AT)
+    _LV_BOUNDS_ROW_C = tl.constexpr(_LV_BOUNDS_ROW)
+    _LV_PLANE_H_C = tl.constexpr(_LV_PLANE_H)
+    _LV_PLANE_W_C = tl.constexpr(_LV_PLANE_W)
+    _LV_OUT_H_C = tl.constexpr(_LV_OUT_H)
+    _LV_OUT_W_C = tl.constexpr(_LV_OUT_W)
+
     @triton.jit
     def _dlib_dot(values, taps, SIZE: tl.constexpr, INTERLEAVED: tl.constexpr, SEQ: tl.constexpr):
         # sum(values[n] * taps[n]) in dlib's two orders: its 8-wide loop's (_three_accumulator_sum: taps 0, 3,
@@ -296,9 +313,9 @@ if triton is not None:
                             HITS: tl.constexpr, LEVEL_STEPS: tl.constexpr):
         # One program per (level, image, filter, ROWS output rows, BLOCK columns) of every level in the table:
         # _filter_rows, with the scalar order's sums only in blocks that reach the image's scalar columns. Level
-        # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table): first program, offsets of the level's
-        # planes, scores and bounds rows in their buffers, images, plane rows and columns, output rows and
-        # columns. bounds (B, 4) per level: the first scalar column, HOG rows and columns, plane rows that valid
+        # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table, columns _LV_*): first program, offsets of
+        # the level's planes, scores and bounds rows in their buffers, images, plane rows and columns, output rows
+        # and columns. bounds (B, 4) per level: the first scalar column, HOG rows and columns, plane rows that valid
         # windows read. Programs outside an image's own rows and columns (padding of smaller photos) do nothing:
         # its scores there keep what they held. HITS: also each window's score >= cut[filter] (uint8), stored
         # where the score is.
@@ -309,15 +326,15 @@ if triton is not None:
         hi = lo + n_levels
         for _ in tl.static_range(LEVEL_STEPS):
             mid = (lo + hi) // 2
-            below = tl.load(levels_ptr + mid * 10) <= pid
+            below = tl.load(levels_ptr + mid * _LEVEL_FIELDS_C + _LV_FIRST_PROGRAM_C) <= pid
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid)
-        info = levels_ptr + lo * 10
-        pid -= tl.load(info)
-        plane_h = tl.load(info + 5).to(tl.int32)  # (the sizes as int32, as the kernel's arguments were)
-        plane_w = tl.load(info + 6).to(tl.int32)
-        out_h = tl.load(info + 7).to(tl.int32)
-        out_w = tl.load(info + 8).to(tl.int32)
+        info = levels_ptr + lo * _LEVEL_FIELDS_C
+        pid -= tl.load(info + _LV_FIRST_PROGRAM_C)
+        plane_h = tl.load(info + _LV_PLANE_H_C).to(tl.int32)  # (the sizes as int32, as the kernel's arguments were)
+        plane_w = tl.load(info + _LV_PLANE_W_C).to(tl.int32)
+        out_h = tl.load(info + _LV_OUT_H_C).to(tl.int32)
+        out_w = tl.load(info + _LV_OUT_W_C).to(tl.int32)
         col_blocks = tl.cdiv(out_w, BLOCK)
         j0 = ((pid % col_blocks) * BLOCK).to(tl.int32)
         pid = pid // col_blocks
@@ -326,12 +343,12 @@ if triton is not None:
         f = (pid // row_blocks) % n_filters
         b = pid // (row_blocks * n_filters)
         j = j0 + tl.arange(0, BLOCK)
-        bounds = bounds_ptr + 4 * (tl.load(info + 3) + b)
+        bounds = bounds_ptr + 4 * (tl.load(info + _LV_BOUNDS_ROW_C) + b)
         tail = tl.load(bounds)
         hog_rows = tl.load(bounds + 1)
         hog_cols = tl.load(bounds + 2)
-        planes = planes_ptr + tl.load(info + 1)
-        at = tl.load(info + 2)
+        planes = planes_ptr + tl.load(info + _LV_PLANES_AT_C)
+        at = tl.load(info + _LV_SCORES_AT_C)
         if (i0 < hog_rows) & (j0 < hog_cols):
             if j0 + BLOCK > tail:
                 _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr + at, hits_ptr + at,
@@ -352,19 +369,21 @@ def filter_bounds(hog: np.ndarray, fh: int) -> np.ndarray:
     return np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64)
 
 
-_LEVEL_FIELDS = 10  # columns of filter_level_table
-
 
 def filter_level_table(levels: list[tuple[int, int, int, int, int, int, int, int]], n_filters: int) -> np.ndarray:
     """The filter kernel's level table (L, _LEVEL_FIELDS) int64 for levels given as (planes offset, scores offset,
     bounds row, images, plane rows, plane cols, output rows, output cols): the first program of each level
-    (column 0; the launch's program count in the extra last row's), then those fields."""
+    (column _LV_FIRST_PROGRAM; the launch's program count in the extra last row's), then those fields (columns
+    _LV_*, named in the constants section)."""
     table = np.zeros((len(levels) + 1, _LEVEL_FIELDS), np.int64)
     start = 0
     for k, (planes_at, scores_at, bounds_row, n, plane_h, plane_w, out_h, out_w) in enumerate(levels):
-        table[k] = (start, planes_at, scores_at, bounds_row, n, plane_h, plane_w, out_h, out_w, 0)
+        fields = {_LV_FIRST_PROGRAM: start, _LV_PLANES_AT: planes_at, _LV_SCORES_AT: scores_at,
+                  _LV_BOUNDS_ROW: bounds_row, _LV_IMAGES: n, _LV_PLANE_H: plane_h, _LV_PLANE_W: plane_w,
+                  _LV_OUT_H: out_h, _LV_OUT_W: out_w}
+        table[k, list(fields)] = list(fields.values())
         start += n * n_filters * -(-out_h // _FILTER_ROWS) * -(-out_w // _FILTER_BLOCK)
-    table[-1, 0] = start
+    table[-1, _LV_FIRST_PROGRAM] = start
     return table
 
 
@@ -406,7 +425,7 @@ def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, bank: FilterBan
     else:
         table_t = upload(table, dev)
     total = torch.zeros((n, n_filters, out_h, out_w), dtype=torch.float32, device=dev) if out is None else out
-    _launch_filter_levels(planes, bank, bounds, table_t, 1, int(table[-1, 0]), total)
+    _launch_filter_levels(planes, bank, bounds, table_t, 1, int(table[-1, _LV_FIRST_PROGRAM]), total)
     return total
 
 
@@ -510,7 +529,8 @@ def filter_scores_levels(planes: torch.Tensor, levels: list[FilterLevel], bank: 
         table = filter_level_table([lv.fields(n_filters, fw) for lv in levels], n_filters)
         if tables is None:
             tables = upload_many([table, np.concatenate([filter_bounds(lv.hog, fh) for lv in levels])], planes.device)
-        _launch_filter_levels(planes, bank, tables[1], tables[0], len(levels), int(table[-1, 0]), scores, hits, cut)
+        _launch_filter_levels(planes, bank, tables[1], tables[0], len(levels), int(table[-1, _LV_FIRST_PROGRAM]),
+                              scores, hits, cut)
         return
     for lv in levels:
         shape = lv.score_shape(n_filters, fw)
