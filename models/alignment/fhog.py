@@ -42,6 +42,10 @@ _LEVEL_FIELDS = 24  # columns of fhog_level_table
  _LV_INTERIOR_W, _LV_CELL_ROWS, _LV_CELL_COLS, _LV_HOG_ROWS, _LV_HOG_COLS, _LV_PLANE_H, _LV_PLANE_W,
  _LV_OFFSET_ROWS, _LV_OFFSET_COLS) = range(_LEVEL_FIELDS)
 _LEVEL_SEARCH_STEPS = 7  # bisection steps of _level_of: at most 2 ** 7 levels per launch
+# The columns of the per-image info table (FhogLayout.kernel_tables), by name for the table and the kernels that
+# read it: visible pixel rows and columns (pixels 1..visible-1 vote), simd_end, cell rows and columns.
+_INFO_FIELDS = 5
+_INFO_VISIBLE_ROWS, _INFO_VISIBLE_COLS, _INFO_SIMD_END, _INFO_CELL_ROWS, _INFO_CELL_COLS = range(_INFO_FIELDS)
 
 
 # -- Triton kernels ------------------------------------------------------------------------------------------
@@ -77,6 +81,13 @@ if triton is not None:
     _LV_PLANE_W_C = tl.constexpr(_LV_PLANE_W)
     _LV_OFFSET_ROWS_C = tl.constexpr(_LV_OFFSET_ROWS)
     _LV_OFFSET_COLS_C = tl.constexpr(_LV_OFFSET_COLS)
+    # The info table's row width and columns as the kernels' constants.
+    _INFO_FIELDS_C = tl.constexpr(_INFO_FIELDS)
+    _INFO_VISIBLE_ROWS_C = tl.constexpr(_INFO_VISIBLE_ROWS)
+    _INFO_VISIBLE_COLS_C = tl.constexpr(_INFO_VISIBLE_COLS)
+    _INFO_SIMD_END_C = tl.constexpr(_INFO_SIMD_END)
+    _INFO_CELL_ROWS_C = tl.constexpr(_INFO_CELL_ROWS)
+    _INFO_CELL_COLS_C = tl.constexpr(_INFO_CELL_COLS)
 
     @triton.jit
     def _level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
@@ -103,9 +114,9 @@ if triton is not None:
         # the image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
         # (Y, X) at Y * grid_w + (X % 8) * (grid_w / 8) + X // 8 (grid_w is a multiple of 8): the columns of one
         # phase X % 8 lie together, so that the histogram kernel's lanes (cells 8 columns apart) load
-        # consecutive addresses. Image info (int32, 5 per image): visible rows, visible columns, simd_end,
-        # cell rows, cell columns. Over every level of the level table (fhog_level_table): each level's images,
-        # grids and info rows at its offsets in the buffers.
+        # consecutive addresses. Image info (int32, _INFO_FIELDS per image, columns _INFO_*): visible rows,
+        # visible columns, simd_end, cell rows, cell columns. Over every level of the level table
+        # (fhog_level_table): each level's images, grids and info rows at its offsets in the buffers.
         lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS, STEPS)
         height = tl.load(lv + _LV_HEIGHT_C).to(tl.int32)
         width = tl.load(lv + _LV_WIDTH_C).to(tl.int32)
@@ -116,7 +127,7 @@ if triton is not None:
         img_ptr += tl.load(lv + _LV_PIXELS_AT_C)
         orient_ptr += tl.load(lv + _LV_GRID_AT_C)
         mag_ptr += tl.load(lv + _LV_GRID_AT_C)
-        info_ptr += 5 * tl.load(lv + _LV_INFO_ROW_C)
+        info_ptr += _INFO_FIELDS_C * tl.load(lv + _LV_INFO_ROW_C)
         col_blocks = tl.cdiv(grid_w, BLOCK)
         X = ((pid % col_blocks) * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         pid = pid // col_blocks
@@ -124,10 +135,11 @@ if triton is not None:
         b = (pid // (grid_h - 8)).to(tl.int32)
         y = Y - 12
         x = X - 12
-        info = info_ptr + 5 * b
-        stored = (X < 8 * (tl.load(info + 4) + 2)) & (Y < 8 * (tl.load(info + 3) + 2))
-        valid = stored & (y >= 1) & (y <= ph) & (y < tl.load(info)) & (x >= 1) & (x <= pw) & (x < tl.load(info + 1))
-        simd = x < tl.load(info + 2)
+        info = info_ptr + _INFO_FIELDS_C * b
+        stored = (X < 8 * (tl.load(info + _INFO_CELL_COLS_C) + 2)) & (Y < 8 * (tl.load(info + _INFO_CELL_ROWS_C) + 2))
+        valid = (stored & (y >= 1) & (y <= ph) & (y < tl.load(info + _INFO_VISIBLE_ROWS_C)) & (x >= 1) & (x <= pw)
+                 & (x < tl.load(info + _INFO_VISIBLE_COLS_C)))
+        simd = x < tl.load(info + _INFO_SIMD_END_C)
         plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
         px = img_ptr + b.to(tl.int64) * 3 * plane + (y * width + x)
         gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
@@ -186,16 +198,16 @@ if triton is not None:
         orient_ptr += tl.load(lv + _LV_GRID_AT_C)
         mag_ptr += tl.load(lv + _LV_GRID_AT_C)
         hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
-        info_ptr += 5 * tl.load(lv + _LV_INFO_ROW_C)
+        info_ptr += _INFO_FIELDS_C * tl.load(lv + _LV_INFO_ROW_C)
         cell = (pid * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         inside = cell < n_cells
         cell = tl.minimum(cell, n_cells - 1)  # dead lanes load (what they load is not stored)
         b = cell // (n_cr * n_cc)
         i = (cell // n_cc) % n_cr
         j = cell % n_cc
-        info = info_ptr + 5 * b
-        live = inside & (i < tl.load(info + 3)) & (j < tl.load(info + 4))
-        simd_dx = tl.load(info + 2) - 8 * j + 4  # offset dx is a SIMD column if dx < simd_dx
+        info = info_ptr + _INFO_FIELDS_C * b
+        live = inside & (i < tl.load(info + _INFO_CELL_ROWS_C)) & (j < tl.load(info + _INFO_CELL_COLS_C))
+        simd_dx = tl.load(info + _INFO_SIMD_END_C) - 8 * j + 4  # offset dx is a SIMD column if dx < simd_dx
         # Grid position (8 (i + 1) + dy, 8 (j + 1) + dx), stored at row * grid_w + (dx % 8) * (grid_w / 8)
         # + j + 1 + dx // 8.
         start = b.to(tl.int64) * grid_h * grid_w + ((8 * (i + 1)) * grid_w + j + 1)
@@ -404,7 +416,8 @@ class FhogLayout:
     """fhog_planes' sizes and tables for a batch of image sizes, computed on the host (fhog_layout): per image its
     cells (rows, cols), HOG size ``hog`` (0 where it has no HOG cell), pixels that vote (``visible``), first scalar
     pixel column ``simd_end``; the batch's planes (plane_h, plane_w), cell grid (n_cr, n_cc) and pixel grid
-    (grid_h, grid_w); ``info`` (B, 5) int32 and ``hog`` (B, 2) are the kernels' tables (``kernel_tables``)."""
+    (grid_h, grid_w); ``info`` (B, _INFO_FIELDS) int32 and ``hog`` (B, 2) are the kernels' tables
+    (``kernel_tables``)."""
 
     cells: np.ndarray
     hog: np.ndarray
@@ -433,8 +446,12 @@ class FhogLayout:
         return min(height - 2, self.grid_h - 13), min(width - 2, self.grid_w - 13)
 
     def kernel_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """(info (B, 5) int32: visible rows and columns, simd_end, cell rows and columns; hog (B, 2) int64)."""
-        info = np.concatenate([self.visible, self.simd_end[:, None], self.cells], axis=1).astype(np.int32)
+        """(info (B, _INFO_FIELDS) int32: visible rows and columns, simd_end, cell rows and columns (columns
+        _INFO_*); hog (B, 2) int64)."""
+        info = np.zeros((len(self.hog), _INFO_FIELDS), np.int32)
+        info[:, _INFO_VISIBLE_ROWS], info[:, _INFO_VISIBLE_COLS] = self.visible[:, 0], self.visible[:, 1]
+        info[:, _INFO_SIMD_END] = self.simd_end
+        info[:, _INFO_CELL_ROWS], info[:, _INFO_CELL_COLS] = self.cells[:, 0], self.cells[:, 1]
         return info, self.hog.astype(np.int64)
 
 

@@ -41,6 +41,10 @@ _LEVEL_SEARCH_STEPS = 7
 _LEVEL_FIELDS = 10
 (_LV_FIRST_PROGRAM, _LV_PLANES_AT, _LV_SCORES_AT, _LV_BOUNDS_ROW, _LV_IMAGES, _LV_PLANE_H, _LV_PLANE_W, _LV_OUT_H,
  _LV_OUT_W, _LV_UNUSED) = range(_LEVEL_FIELDS)
+# The columns of the per-image bounds table (filter_bounds), by name for the table and the kernel that reads it:
+# the first scalar column, HOG rows and columns, plane rows that valid windows read.
+_BOUNDS_FIELDS = 4
+_BOUNDS_TAIL, _BOUNDS_HOG_ROWS, _BOUNDS_HOG_COLS, _BOUNDS_PLANE_ROWS = range(_BOUNDS_FIELDS)
 # dlib keeps the singular values at or above max(_MIN_SINGULAR_VALUE, _RELATIVE_SINGULAR_VALUE * largest).
 _MIN_SINGULAR_VALUE = 1e-4
 _RELATIVE_SINGULAR_VALUE = 0.001
@@ -209,6 +213,11 @@ if triton is not None:
     _LV_PLANE_W_C = tl.constexpr(_LV_PLANE_W)
     _LV_OUT_H_C = tl.constexpr(_LV_OUT_H)
     _LV_OUT_W_C = tl.constexpr(_LV_OUT_W)
+    # The bounds table's row width and the columns the kernel reads, as its constants.
+    _BOUNDS_FIELDS_C = tl.constexpr(_BOUNDS_FIELDS)
+    _BOUNDS_TAIL_C = tl.constexpr(_BOUNDS_TAIL)
+    _BOUNDS_HOG_ROWS_C = tl.constexpr(_BOUNDS_HOG_ROWS)
+    _BOUNDS_HOG_COLS_C = tl.constexpr(_BOUNDS_HOG_COLS)
 
     @triton.jit
     def _dlib_dot(values, taps, SIZE: tl.constexpr, INTERLEAVED: tl.constexpr, SEQ: tl.constexpr):
@@ -315,10 +324,10 @@ if triton is not None:
         # _filter_rows, with the scalar order's sums only in blocks that reach the image's scalar columns. Level
         # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table, columns _LV_*): first program, offsets of
         # the level's planes, scores and bounds rows in their buffers, images, plane rows and columns, output rows
-        # and columns. bounds (B, 4) per level: the first scalar column, HOG rows and columns, plane rows that valid
-        # windows read. Programs outside an image's own rows and columns (padding of smaller photos) do nothing:
-        # its scores there keep what they held. HITS: also each window's score >= cut[filter] (uint8), stored
-        # where the score is.
+        # and columns. bounds (B, _BOUNDS_FIELDS) per level, columns _BOUNDS_*: the first scalar column, HOG
+        # rows and columns, plane rows that valid windows read. Programs outside an image's own rows and columns
+        # (padding of smaller photos) do nothing: its scores there keep what they held. HITS: also each window's
+        # score >= cut[filter] (uint8), stored where the score is.
         pid = tl.program_id(0).to(tl.int64)
         # The level: the last whose first program is <= pid, by bisection (first programs ascend; row n_levels
         # holds the program count, above every pid).
@@ -343,10 +352,10 @@ if triton is not None:
         f = (pid // row_blocks) % n_filters
         b = pid // (row_blocks * n_filters)
         j = j0 + tl.arange(0, BLOCK)
-        bounds = bounds_ptr + 4 * (tl.load(info + _LV_BOUNDS_ROW_C) + b)
-        tail = tl.load(bounds)
-        hog_rows = tl.load(bounds + 1)
-        hog_cols = tl.load(bounds + 2)
+        bounds = bounds_ptr + _BOUNDS_FIELDS_C * (tl.load(info + _LV_BOUNDS_ROW_C) + b)
+        tail = tl.load(bounds + _BOUNDS_TAIL_C)
+        hog_rows = tl.load(bounds + _BOUNDS_HOG_ROWS_C)
+        hog_cols = tl.load(bounds + _BOUNDS_HOG_COLS_C)
         planes = planes_ptr + tl.load(info + _LV_PLANES_AT_C)
         at = tl.load(info + _LV_SCORES_AT_C)
         if (i0 < hog_rows) & (j0 < hog_cols):
@@ -364,9 +373,14 @@ if triton is not None:
 # -- launcher ---------------------------------------------------------------------------------------------------
 
 def filter_bounds(hog: np.ndarray, fh: int) -> np.ndarray:
-    """The filter kernel's per-image table (B, 4) int64: first scalar column, HOG rows and columns, plane rows that
-    valid windows read."""
-    return np.stack([8 * (hog[:, 1] // 8), hog[:, 0], hog[:, 1], hog[:, 0] + fh - 1], 1).astype(np.int64)
+    """The filter kernel's per-image table (B, _BOUNDS_FIELDS) int64 (columns _BOUNDS_*): first scalar column, HOG
+    rows and columns, plane rows that valid windows read."""
+    bounds = np.zeros((len(hog), _BOUNDS_FIELDS), np.int64)
+    bounds[:, _BOUNDS_TAIL] = 8 * (hog[:, 1] // 8)
+    bounds[:, _BOUNDS_HOG_ROWS] = hog[:, 0]
+    bounds[:, _BOUNDS_HOG_COLS] = hog[:, 1]
+    bounds[:, _BOUNDS_PLANE_ROWS] = hog[:, 0] + fh - 1
+    return bounds
 
 
 

@@ -26,8 +26,8 @@ from ..kernel_check import tl, triton, use_kernels
 __all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
            "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
-           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb", "place_photos",
-           "check_resize_kernels"]
+           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb",
+           "place_photos", "check_resize_kernels"]
 
 PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
 PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
@@ -36,6 +36,11 @@ PYRAMID_SHIFT = 0.3                                         # the 0.3 of point_d
 # Widest right-edge band handled by a scalar path in dlib's loops (resize: < 8 columns; filters: < 8).
 TAIL_BAND = 8
 _RESIZE_BLOCK = 128  # output columns per program of _resize_rgb_kernel
+# The columns of the resize kernel's per-image info table (resize_kernel_tables), by name for the table and the
+# kernel that reads it: first double-path column, output width and height, last input column, first row and first
+# column of the image's entries in the row and column tables.
+_INFO_FIELDS = 6
+_INFO_TAIL, _INFO_OUT_W, _INFO_OUT_H, _INFO_LAST_COLUMN, _INFO_ROW_AT, _INFO_COLUMN_AT = range(_INFO_FIELDS)
 
 
 # -- sizes and rectangle maps (dlib's integer and double rectangle arithmetic) -----------------------------------
@@ -259,8 +264,13 @@ def resize_kernel_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[
         cols = [_COLUMN_TABLES[p] for p in column_pairs]
     oh = np.array([o[0] for o in out_sizes], np.int64)
     ow = np.array([o[1] for o in out_sizes], np.int64)
-    info = np.stack([[c[3] for c in cols], ow, oh, [w - 1 for _, w in in_sizes],
-                     np.cumsum(oh) - oh, np.cumsum(ow) - ow], axis=1).astype(np.int32)
+    info = np.zeros((len(out_sizes), _INFO_FIELDS), np.int32)
+    info[:, _INFO_TAIL] = [c[3] for c in cols]
+    info[:, _INFO_OUT_W] = ow
+    info[:, _INFO_OUT_H] = oh
+    info[:, _INFO_LAST_COLUMN] = [w - 1 for _, w in in_sizes]
+    info[:, _INFO_ROW_AT] = np.cumsum(oh) - oh
+    info[:, _INFO_COLUMN_AT] = np.cumsum(ow) - ow
     return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]),
             np.concatenate([r[2] for r in rows]), np.concatenate([c[0] for c in cols]),
             np.concatenate([c[1] for c in cols]), np.concatenate([c[2] for c in cols]), info)
@@ -349,6 +359,15 @@ def _resize_rgb_torch(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
 # variants (divisible by 16 or not, per argument) for many calls after the first.
 if triton is not None:
 
+    # The info table's row width and columns as the kernel's constants (the host's ints: the constants above).
+    _INFO_FIELDS_C = tl.constexpr(_INFO_FIELDS)
+    _INFO_TAIL_C = tl.constexpr(_INFO_TAIL)
+    _INFO_OUT_W_C = tl.constexpr(_INFO_OUT_W)
+    _INFO_OUT_H_C = tl.constexpr(_INFO_OUT_H)
+    _INFO_LAST_COLUMN_C = tl.constexpr(_INFO_LAST_COLUMN)
+    _INFO_ROW_AT_C = tl.constexpr(_INFO_ROW_AT)
+    _INFO_COLUMN_AT_C = tl.constexpr(_INFO_COLUMN_AT)
+
     @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
     def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
                            cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
@@ -356,31 +375,31 @@ if triton is not None:
         # arithmetic. Tables (resize_kernel_tables), image after image: rows_i (2, its out_h) top, bottom; rows_f
         # (2, out_h) tb32, 1 - tb32 (rounded from double: not the float32 difference); rows_d (out_h) tb64;
         # cols_i (out_w) left; cols_f (out_w) lr32 (its complement is the float32 difference 1 - lr32, as in
-        # resize_rgb); cols_d (out_w) lr64; info (6 per image): first double-path column, output width and
-        # height, last input column, first row and first column of the image's entries. Right neighbours are
-        # min(left + 1, last column). Outside the image's output: nothing computed or written. The double path
-        # (the right-edge band) is computed only in the column block that holds it.
+        # resize_rgb); cols_d (out_w) lr64; info (_INFO_FIELDS per image, columns _INFO_*): first double-path
+        # column, output width and height, last input column, first row and first column of the image's
+        # entries. Right neighbours are min(left + 1, last column). Outside the image's output: nothing computed
+        # or written. The double path (the right-edge band) is computed only in the column block that holds it.
         r = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK
         b = tl.program_id(2)
-        info = info_ptr + 6 * b
-        tail = tl.load(info)
-        out_w = tl.load(info + 1)
-        out_h = tl.load(info + 2)
+        info = info_ptr + _INFO_FIELDS_C * b
+        tail = tl.load(info + _INFO_TAIL_C)
+        out_w = tl.load(info + _INFO_OUT_W_C)
+        out_h = tl.load(info + _INFO_OUT_H_C)
         if (r < out_h) & (c0 < out_w):
             c = c0 + tl.arange(0, BLOCK)
             live = c < out_w
             c = tl.minimum(c, out_w - 1)  # table entries of the image's own columns: no masked loads
-            row_at = tl.load(info + 4) + r
-            col_at = tl.load(info + 5) + c
-            row_i = rows_i_ptr + 2 * tl.load(info + 4) + r
-            row_f = rows_f_ptr + 2 * tl.load(info + 4) + r
+            row_at = tl.load(info + _INFO_ROW_AT_C) + r
+            col_at = tl.load(info + _INFO_COLUMN_AT_C) + c
+            row_i = rows_i_ptr + 2 * tl.load(info + _INFO_ROW_AT_C) + r
+            row_f = rows_f_ptr + 2 * tl.load(info + _INFO_ROW_AT_C) + r
             top = tl.load(row_i) * src_w
             bottom = tl.load(row_i + out_h) * src_w
             tb = tl.load(row_f)
             inv_tb = tl.load(row_f + out_h)
             left = tl.load(cols_i_ptr + col_at)
-            right = tl.minimum(left + 1, tl.load(info + 3))
+            right = tl.minimum(left + 1, tl.load(info + _INFO_LAST_COLUMN_C))
             lr = tl.load(cols_f_ptr + col_at)
             inv_lr = 1.0 - lr
             w_tl = inv_tb * inv_lr
