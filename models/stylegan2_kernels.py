@@ -92,6 +92,32 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 # -- the kernel ---------------------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
+    def program_tile(H, W, COUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The program's part of a layer (program axes: pixel blocks, output-channel blocks, images): image b, its
+        BLOCK_M pixels offs_m (row-major over H x W: rows h, columns w; m_ok inside the image) and BLOCK_N output
+        channels offs_n (n_ok below COUT)."""
+        b = tl.program_id(2)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return b, offs_m, offs_m < H * W, offs_m // W, offs_m % W, offs_n, offs_n < COUT
+
+    @triton.jit
+    def tap_pixels(h, w, m_ok, H, W, TAP: tl.constexpr):
+        """The 3x3 tap TAP (row-major) of pixels (h, w): whether it reads inside the image (zero padding outside),
+        and the pixel it reads."""
+        hh = h + (TAP // 3 - 1)
+        ww = w + (TAP % 3 - 1)
+        return m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W), (hh * W + ww).to(tl.int64)
+
+    @triton.jit
+    def epilogue_operands(demod_ptr, bias_ptr, noise_weight_ptr, b, offs_n, n_ok, COUT: tl.constexpr):
+        """Image b's demodulation and the bias of channels offs_n, and the noise weight (read on the device: no
+        host sync, so CUDA graphs can capture the launch)."""
+        d = tl.load(demod_ptr + b * COUT + offs_n, mask=n_ok, other=0.0)
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+        return d, bias, tl.load(noise_weight_ptr)
+
+    @triton.jit
     def modulated_tile(x_image, s_ptr, b, pixel, inside, kk, k_ok, CIN: tl.constexpr, dtype: tl.constexpr):
         """BLOCK_M pixels x BLOCK_K input channels of one image, scaled by the styles: x * s rounded to x's dtype
         once, as the torch path does."""
@@ -117,23 +143,12 @@ if triton is not None:
                                IEEE: tl.constexpr):
         # One program: BLOCK_M pixels of one image (row-major over H x W) by BLOCK_N output channels. The channel
         # counts are compile-time constants (a layer's own; the loop over input channels needs a static bound).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b, offs_m, m_ok, h, w, offs_n, n_ok = program_tile(H, W, COUT, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < H * W
-        n_ok = offs_n < COUT
-        h = offs_m // W
-        w = offs_m % W
         x_image = x_ptr + b.to(tl.int64) * H * W * CIN
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tap in tl.static_range(9):
-            hh = h + (tap // 3 - 1)
-            ww = w + (tap % 3 - 1)
-            inside = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding
-            pixel = (hh * W + ww).to(tl.int64)
+            inside, pixel = tap_pixels(h, w, m_ok, H, W, tap)
             for k0 in range(0, CIN, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < CIN
@@ -144,9 +159,7 @@ if triton is not None:
                     acc += tl.dot(xt, wt, input_precision="ieee")
                 else:
                     acc += tl.dot(xt, wt)
-        d = tl.load(demod_ptr + b * COUT + offs_n, mask=n_ok, other=0.0)
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-        noise_weight = tl.load(noise_weight_ptr)  # from the device: no host sync (CUDA graph capture)
+        d, bias, noise_weight = epilogue_operands(demod_ptr, bias_ptr, noise_weight_ptr, b, offs_n, n_ok, COUT)
         epilogue_store(acc, d, bias, noise_weight, noise_ptr + b * noise_batch_stride,
                         out_ptr + b.to(tl.int64) * H * W * COUT, offs_m, m_ok, offs_n, n_ok, COUT)
 
@@ -156,7 +169,7 @@ if triton is not None:
 
 
 else:  # CPU-only installs: the launchers refuse (prepare_operands), the torch references serve
-    modulated_tile = epilogue_store = None
+    program_tile = tap_pixels = epilogue_operands = modulated_tile = epilogue_store = None
 
 
 # -- launchers ----------------------------------------------------------------------------------------------

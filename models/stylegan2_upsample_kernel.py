@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .kernel_check import tl, triton, use_kernels
-from .stylegan2_kernels import (AUTOTUNE_KEY, CHECK_BATCHES, CHECK_SIZE, check_fused_kernel, epilogue_reference,
-                                epilogue_store, fitting_settings, launch, modulated_tile, prepare_operands,
-                                prune_configs, random_operands, triton_configs)
+from .stylegan2_kernels import (AUTOTUNE_KEY, CHECK_BATCHES, CHECK_SIZE, check_fused_kernel, epilogue_operands,
+                                epilogue_reference, epilogue_store, fitting_settings, launch, modulated_tile,
+                                prepare_operands, program_tile, prune_configs, random_operands, tap_pixels,
+                                triton_configs)
 
 
 def upsample_phase_weights(weight: torch.Tensor, blur_kernel: torch.Tensor) -> torch.Tensor:
@@ -76,26 +77,15 @@ if triton is not None:
                                  IEEE: tl.constexpr):
         # One program: BLOCK_M input pixels of one image (row-major over H x W) by BLOCK_N output channels, and the
         # 2x2 output pixels of each (the four phases).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b, offs_m, m_ok, h, w, offs_n, n_ok = program_tile(H, W, COUT, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < H * W
-        n_ok = offs_n < COUT
-        h = offs_m // W
-        w = offs_m % W
         x_image = x_ptr + b.to(tl.int64) * H * W * CIN
         acc00 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc01 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc10 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc11 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tap in tl.static_range(9):
-            hh = h + (tap // 3 - 1)
-            ww = w + (tap % 3 - 1)
-            inside = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding
-            pixel = (hh * W + ww).to(tl.int64)
+            inside, pixel = tap_pixels(h, w, m_ok, H, W, tap)
             for k0 in range(0, CIN, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < CIN
@@ -116,9 +106,7 @@ if triton is not None:
                     acc01 += tl.dot(xt, w01)
                     acc10 += tl.dot(xt, w10)
                     acc11 += tl.dot(xt, w11)
-        d = tl.load(demod_ptr + b * COUT + offs_n, mask=n_ok, other=0.0)
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-        noise_weight = tl.load(noise_weight_ptr)  # from the device: no host sync (CUDA graph capture)
+        d, bias, noise_weight = epilogue_operands(demod_ptr, bias_ptr, noise_weight_ptr, b, offs_n, n_ok, COUT)
         noise_row = noise_ptr + b * noise_batch_stride
         out_row = out_ptr + b.to(tl.int64) * 4 * H * W * COUT
         top = (2 * h) * (2 * W) + 2 * w  # output pixel (2h, 2w), phase (0, 0)

@@ -1,38 +1,16 @@
-"""The detector's Triton kernels compile for a GPU (sm_90) on a machine without one.
-
-Triton's interpreter (test_triton_kernels_interpreted.py) checks the kernels' arithmetic but runs their Python, so
-it accepts code that Triton's compiler refuses (a global that is not a constexpr, a type that does not unify
-across the branches of a loop); such a kernel would fail its device check at start and leave the torch path to
-serve on the GPU. Compiling (the frontend, then ptxas, both shipped with triton) needs no GPU: each kernel is
-compiled here with the arguments' types and constants its launcher passes.
+"""The detector's Triton kernels compile for a GPU (sm_90) on a machine without one (why:
+tests/helpers/triton_compile.py): each kernel with the arguments' types and constants its launcher passes.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
+from helpers.triton_compile import compile_for_sm90, requires_triton
 from models.alignment import fhog, filters, pyramid
 from models.alignment.detector import FrontalFaceDetector
 
 # About a minute on 2 cores (ptxas on the filter kernel takes most of it).
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                 reason="triton is a test dependency; test_triton_kernels_interpreted.py fails without it")]
-
-
-def compile_for_sm90(kernel, types: dict, constants: dict, **options):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"enable_fp_fusion": False, **options})
-    assert compiled.asm["ptx"], kernel.__name__
-    return compiled
+pytestmark = [pytest.mark.slow, requires_triton]
 
 
 def test_resize_and_placement_kernels_compile():
