@@ -10,8 +10,9 @@ Three parts, one table each, printed last; exit status 1 on any violation, 2 whe
    actor runs them, replayed as a CUDA graph (E2Style.capture_invert: "-graph" rows, with whether their bits
    are the same path's unrecorded); "-pool" paths make the 256 px reconstruction without the 1024 px RGB image
    (optimize_for_gpu's pool_before_rgb), "-fused" ones run the 1024 px non-upsampling layer as the fused Triton
-   kernel, "-fused256" ones every StyledConv from 256 px (upsampling ones included) as the fused kernels (a row
-   notes a fused path whose layers did not all pass their device check), "-autotune" ones compile in
+   kernel, "-fusedup" both 1024 px layers, "-fused256" every StyledConv from 256 px (upsampling ones included)
+   as the fused kernels (a row notes a fused path whose layers did not all pass their device check),
+   "-autotune" ones compile in
    max-autotune mode (compiled "-fused*" and "-autotune" paths run only when named in --compiled-paths).
    Full-size official architecture (IR-SE50 encoders, StyleGAN2 1024, 3 stages, reconstructions) with seeded
    random weights, real photo crops. Each sample against the float32 grouped (official) reference on
@@ -60,9 +61,9 @@ REDUCED_PSNR_BOUND = 40.0
 REDUCED_CONV_BOUND = 1e-2
 FULL = (1024, 512)  # the official architecture: resolution, width
 TINY = (512, 16)  # --tiny: narrow, but above 256 px so the "-pool" paths pool before the ToRGB
-# "-fused": the generator's 1024 px non-upsampling layer through its kernel; "-fused256": every StyledConv from
-# 256 px through the fused kernels (models/stylegan2_upsample_kernel.py for the upsampling ones).
-FUSED = {"fused": (1024, False), "fused256": (256, True)}  # name: (fused_min_size, fused_upsample)
+# "-fused": the generator's 1024 px non-upsampling layer through its kernel; "-fusedup": both 1024 px layers
+# (the upsampling one through models/stylegan2_upsample_kernel.py); "-fused256": every StyledConv from 256 px.
+FUSED = {"fused": (1024, False), "fusedup": (1024, True), "fused256": (256, True)}  # (fused_min_size, fused_upsample)
 REF_CHUNK = 4  # the reference runs 4 samples at a time (the defect seen so far is right at batch 2 and 4)
 
 
