@@ -22,6 +22,7 @@ from .fhog_reference import (BLOCK_EPSILON, DIRECTIONS, LANE_OFFSETS, NORM_SCALE
                              _cell_histograms_torch, _fhog_features_torch)
 from .formats import CELL_SIZE, NUM_PLANES
 from ..kernel_check import tl, triton, use_kernels
+from .level_launch import LEVEL_SEARCH_STEPS, check_level_count, level_of
 from .pyramid import TAIL_BAND
 
 __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "FhogLayout",
@@ -41,7 +42,6 @@ _LEVEL_FIELDS = 24  # columns of fhog_level_table
  _LV_PLANES_AT, _LV_INFO_ROW, _LV_IMAGES, _LV_HEIGHT, _LV_WIDTH, _LV_GRID_H, _LV_GRID_W, _LV_INTERIOR_H,
  _LV_INTERIOR_W, _LV_CELL_ROWS, _LV_CELL_COLS, _LV_HOG_ROWS, _LV_HOG_COLS, _LV_PLANE_H, _LV_PLANE_W,
  _LV_OFFSET_ROWS, _LV_OFFSET_COLS) = range(_LEVEL_FIELDS)
-_LEVEL_SEARCH_STEPS = 7  # bisection steps of _level_of: at most 2 ** 7 levels per launch
 # The columns of the per-image info table (FhogLayout.kernel_tables), by name for the table and the kernels that
 # read it: visible pixel rows and columns (pixels 1..visible-1 vote), simd_end, cell rows and columns.
 _INFO_FIELDS = 5
@@ -89,22 +89,6 @@ if triton is not None:
     _INFO_CELL_ROWS_C = tl.constexpr(_INFO_CELL_ROWS)
     _INFO_CELL_COLS_C = tl.constexpr(_INFO_CELL_COLS)
 
-    @triton.jit
-    def _level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
-        # The level of program ``pid`` of a launch over several levels (fhog_level_table: row k holds level k's
-        # fields, column COLUMN its first program of this kernel, ascending; row n_levels the launch's program
-        # count): the last level whose first program is <= pid, by bisection. Returns (the level's row, pid
-        # within the level).
-        lo = pid * 0
-        hi = lo + n_levels
-        for _ in tl.static_range(STEPS):
-            mid = (lo + hi) // 2
-            below = tl.load(levels_ptr + mid * FIELDS + COLUMN) <= pid
-            lo = tl.where(below, mid, lo)
-            hi = tl.where(below, hi, mid)
-        row = levels_ptr + lo * FIELDS
-        return row, pid - tl.load(row + COLUMN)
-
     @triton.jit(do_not_specialize=["n_levels"])
     def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
                            FIELDS: tl.constexpr, STEPS: tl.constexpr):
@@ -117,7 +101,7 @@ if triton is not None:
         # consecutive addresses. Image info (int32, _INFO_FIELDS per image, columns _INFO_*): visible rows,
         # visible columns, simd_end, cell rows, cell columns. Over every level of the level table
         # (fhog_level_table): each level's images, grids and info rows at its offsets in the buffers.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS, STEPS)
         height = tl.load(lv + _LV_HEIGHT_C).to(tl.int32)
         width = tl.load(lv + _LV_WIDTH_C).to(tl.int32)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
@@ -189,7 +173,7 @@ if triton is not None:
         # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
         # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
         # Over every level of the level table, as _orient_mag_kernel.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS, STEPS)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
         grid_w = tl.load(lv + _LV_GRID_W_C).to(tl.int32)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C).to(tl.int32)
@@ -239,7 +223,7 @@ if triton is not None:
                              STEPS: tl.constexpr):
         # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order; over every level of the
         # level table.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS, STEPS)
         n_cells = tl.load(lv + _LV_IMAGES_C) * tl.load(lv + _LV_CELL_ROWS_C) * tl.load(lv + _LV_CELL_COLS_C)
         hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
         norm_ptr += tl.load(lv + _LV_CELLS_AT_C)
@@ -270,7 +254,7 @@ if triton is not None:
         # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
         # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size. Over
         # every level of the level table.
-        lv, pid = _level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS, STEPS)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C)
         n_cc = tl.load(lv + _LV_CELL_COLS_C)
         hr = tl.load(lv + _LV_HOG_ROWS_C)
@@ -390,13 +374,12 @@ def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.T
     uint8 buffer ``pixels``, planes into the flat, zero-filled float32 buffer ``planes``."""
     dev = pixels.device
     n_levels = levels.n_levels
-    if n_levels > 2 ** _LEVEL_SEARCH_STEPS:
-        raise ValueError(f"{n_levels} levels in one fHOG launch: at most {2 ** _LEVEL_SEARCH_STEPS}")
+    check_level_count(n_levels, "fHOG")
     orient = torch.empty((levels.grid_elements,), dtype=torch.uint8, device=dev)
     mag = torch.empty((levels.grid_elements,), dtype=torch.float32, device=dev)
     hist = torch.empty((levels.cells * 18,), dtype=torch.float32, device=dev)
     norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
-    common = dict(FIELDS=_LEVEL_FIELDS, STEPS=_LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
+    common = dict(FIELDS=_LEVEL_FIELDS, STEPS=LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
     _orient_mag_kernel[(levels.programs(_LV_ORIENT_MAG),)](pixels, info, orient, mag, table, n_levels,
                                                            BLOCK=_FHOG_BLOCK, **common)
     _cell_hist_kernel[(levels.programs(_LV_CELL_HIST),)](orient, mag, hist, info, table, n_levels,

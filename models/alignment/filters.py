@@ -20,6 +20,7 @@ import torch
 from .device import upload, upload_many
 from .formats import NUM_PLANES, HogDetectorModel
 from ..kernel_check import tl, triton, use_kernels
+from .level_launch import LEVEL_SEARCH_STEPS, check_level_count, level_of
 from .pyramid import TAIL_BAND
 from .svd import dlib_svd
 
@@ -33,14 +34,12 @@ __all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "f
 _FILTER_ROWS = 16
 _FILTER_BLOCK = 64
 _FILTER_WARPS = 2
-# Bisection steps of the filter kernel's level search: launches of at most 2 ** _LEVEL_SEARCH_STEPS levels.
-_LEVEL_SEARCH_STEPS = 7
 # The columns of filter_level_table (one row per level), by name for the table and the kernel that reads it: the
 # level's first program, the offsets of its planes, scores and bounds rows in their buffers, its image count,
-# plane rows and columns, output rows and columns, and one unused column (zero).
-_LEVEL_FIELDS = 10
+# plane rows and columns, output rows and columns.
+_LEVEL_FIELDS = 9
 (_LV_FIRST_PROGRAM, _LV_PLANES_AT, _LV_SCORES_AT, _LV_BOUNDS_ROW, _LV_IMAGES, _LV_PLANE_H, _LV_PLANE_W, _LV_OUT_H,
- _LV_OUT_W, _LV_UNUSED) = range(_LEVEL_FIELDS)
+ _LV_OUT_W) = range(_LEVEL_FIELDS)
 # The columns of the per-image bounds table (filter_bounds), by name for the table and the kernel that reads it:
 # the first scalar column, HOG rows and columns, plane rows that valid windows read.
 _BOUNDS_FIELDS = 4
@@ -328,18 +327,8 @@ if triton is not None:
         # rows and columns, plane rows that valid windows read. Programs outside an image's own rows and columns
         # (padding of smaller photos) do nothing: its scores there keep what they held. HITS: also each window's
         # score >= cut[filter] (uint8), stored where the score is.
-        pid = tl.program_id(0).to(tl.int64)
-        # The level: the last whose first program is <= pid, by bisection (first programs ascend; row n_levels
-        # holds the program count, above every pid).
-        lo = pid * 0
-        hi = lo + n_levels
-        for _ in tl.static_range(LEVEL_STEPS):
-            mid = (lo + hi) // 2
-            below = tl.load(levels_ptr + mid * _LEVEL_FIELDS_C + _LV_FIRST_PROGRAM_C) <= pid
-            lo = tl.where(below, mid, lo)
-            hi = tl.where(below, hi, mid)
-        info = levels_ptr + lo * _LEVEL_FIELDS_C
-        pid -= tl.load(info + _LV_FIRST_PROGRAM_C)
+        info, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FIRST_PROGRAM_C,
+                             _LEVEL_FIELDS_C, LEVEL_STEPS)
         plane_h = tl.load(info + _LV_PLANE_H_C).to(tl.int32)  # (the sizes as int32, as the kernel's arguments were)
         plane_w = tl.load(info + _LV_PLANE_W_C).to(tl.int32)
         out_h = tl.load(info + _LV_OUT_H_C).to(tl.int32)
@@ -410,13 +399,12 @@ def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.
     n_filters, n_slots, fh, fw = bank.shape
     if n_programs == 0:
         return
-    if n_levels > 2 ** _LEVEL_SEARCH_STEPS:
-        raise ValueError(f"{n_levels} levels in one filter launch: at most {2 ** _LEVEL_SEARCH_STEPS}")
+    check_level_count(n_levels, "filter")
     _filter_rows_kernel[(n_programs,)](
         planes, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, scores,
         scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
         N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
-        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, LEVEL_STEPS=_LEVEL_SEARCH_STEPS,
+        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, LEVEL_STEPS=LEVEL_SEARCH_STEPS,
         num_warps=_FILTER_WARPS,
         enable_fp_fusion=False)
 

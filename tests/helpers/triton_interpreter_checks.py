@@ -32,9 +32,11 @@ from helpers.paths import DATA_DIR
 FUNCTIONS = {
     "detector-resize": {"models.alignment.pyramid": ["_resize_rgb_kernel", "_place_photos_kernel"]},
     "detector-fhog": {"models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
-                                                "_features_kernel", "_lane_normaliser", "_level_of"]},
+                                                "_features_kernel", "_lane_normaliser"],
+                      "models.alignment.level_launch": ["level_of"]},
     "detector-filters": {"models.alignment.filters": ["_filter_rows_kernel", "_filter_rows", "_row_pass",
-                                                      "_dlib_dot"]},
+                                                      "_dlib_dot"],
+                         "models.alignment.level_launch": ["level_of"]},
     "detector-detect": {"models.alignment.pyramid": ["_resize_rgb_kernel", "_place_photos_kernel"],
                         "models.alignment.fhog": ["_orient_mag_kernel", "_cell_hist_kernel", "_block_energy_kernel",
                                                   "_features_kernel"],
@@ -48,8 +50,9 @@ FUNCTIONS = {
 
 class _Counted:
     """A Triton function that counts its launches (``kernel[grid](...)``) and calls (a jit helper called from
-    a kernel). Installed in place of the module's global, which is where the launching code and the
-    kernels' bodies look their callees up."""
+    a kernel). Installed in place of the module's global and of every other loaded module's global bound to the
+    same function (a jit helper the kernels' modules import): that is where the launching code and the kernels'
+    bodies look their callees up."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -68,12 +71,16 @@ class _Counted:
 
 
 def triton_functions(module) -> dict[str, object]:
-    """The module's Triton functions (jit-decorated), by name."""
+    """The Triton functions (jit-decorated) the module defines (not those it imports), by name."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    def defined_here(value) -> bool:
+        fn = value.fn.fn if isinstance(value, _Counted) else value.fn
+        return getattr(fn, "__module__", None) == module.__name__
+
     return {name: value for name, value in vars(module).items()
-            if isinstance(value, (JITFunction, InterpretedFunction, _Counted))}
+            if isinstance(value, (JITFunction, InterpretedFunction, _Counted)) and defined_here(value)}
 
 
 def count_runs(group: str) -> Callable[[], str | None]:
@@ -93,7 +100,9 @@ def count_runs(group: str) -> Callable[[], str | None]:
                 raise RuntimeError(f"{module_name}.{name} is {type(found[name]).__name__}, not interpreted: "
                                    "TRITON_INTERPRET=1 must be set before triton is imported")
             counter = _Counted(found[name])
-            setattr(module, name, counter)
+            for user in list(sys.modules.values()):
+                if getattr(user, "__name__", "").startswith("models.") and vars(user).get(name) is found[name]:
+                    setattr(user, name, counter)
             counters[f"{module_name}.{name}"] = counter
 
     def all_ran() -> str | None:

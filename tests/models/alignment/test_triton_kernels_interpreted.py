@@ -24,7 +24,7 @@ from helpers.interpreter_run import run_checks_interpreted
 pytestmark = pytest.mark.slow
 
 MODULES_WITH_KERNELS = ["models.alignment.pyramid", "models.alignment.fhog", "models.alignment.filters",
-                        "models.alignment.landmarks", "models.alignment.resample"]
+                        "models.alignment.level_launch", "models.alignment.landmarks", "models.alignment.resample"]
 
 
 def run_group(group: str) -> None:
