@@ -15,6 +15,9 @@ import torch
 
 from helpers.interpreter_run import run_checks_interpreted
 from helpers.official_fixture import official_generator_checkpoint
+from helpers.styled_conv_checks import (check_kernel_against_official, check_self_check_catches, layer_inputs,
+                                        modulation_operands, official_layer, per_sample_error, random_generator,
+                                        run_checks_main)
 import models.stylegan2 as stylegan2
 import models.stylegan2_kernels as conv_kernels
 import models.stylegan2_upsample_kernel as up
@@ -29,35 +32,9 @@ SETTINGS = [None, (16, 16, 16, 4, 1), (32, 16, 32, 4, 1)]
 CHECK_BATCHES = (1, 2, 3)  # the device check's batch sizes here (on a GPU: 1 to 128)
 
 
-def official_layer(cin: int, cout: int, seed: int) -> StyledConv:
-    """An upsampling StyledConv in float64 with non-zero noise strength and bias."""
-    torch.manual_seed(seed)
-    layer = StyledConv(cin, cout, 3, style_dim=32, upsample=True).double()
-    with torch.no_grad():
-        layer.noise.weight.fill_(0.7)
-        layer.activate.bias.normal_()
-    return layer
-
-
-def kernel_arguments(layer: StyledConv, style: torch.Tensor):
-    """The kernel's operands from the layer's parameters: styles, phase weights, demodulation."""
-    conv = layer.conv
-    s = conv.modulation(style)
-    weight = conv.scale * conv.weight[0]  # (out, in, 3, 3)
-    demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + conv.eps)
-    return s, up.upsample_phase_weights(weight, conv.blur.kernel), demod
-
-
-def layer_inputs(layer: StyledConv, b: int, h: int, w: int, per_sample_noise: bool, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, layer.conv.in_channel, h, w, generator=gen, dtype=torch.float64)
-    style = torch.randn(b, layer.conv.modulation.weight.shape[1], generator=gen, dtype=torch.float64)
-    noise = torch.randn(b if per_sample_noise else 1, 1, 2 * h, 2 * w, generator=gen, dtype=torch.float64)
-    return x, style, noise
-
-
-def per_sample_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+def phase_weights(weight: torch.Tensor, layer: StyledConv) -> torch.Tensor:
+    """The upsampling kernel's weights from the layer's (Cout, Cin, 3, 3) weight and its blur."""
+    return up.upsample_phase_weights(weight, layer.conv.blur.kernel)
 
 
 @pytest.mark.parametrize("i", range(len(SHAPES)))
@@ -65,12 +42,12 @@ def test_phase_form_equals_the_official_layer_in_float64(i):
     """The four forward 3x3 convolutions with the host's combined weights, interleaved, and the epilogue: the
     official StyledConv (per-sample transposed convolution, blur, noise, bias, activation) to rounding."""
     b, h, w, cin, cout, per_sample_noise = SHAPES[i]
-    layer = official_layer(cin, cout, seed=i)
+    layer = official_layer(cin, cout, seed=i, upsample=True)
     x, style, noise = layer_inputs(layer, b, h, w, per_sample_noise, seed=100 + i)
     with torch.no_grad():
         ref = layer(x, style, noise=noise).permute(0, 2, 3, 1)
-        s, phase_weight, demod = kernel_arguments(layer, style)
-        out = up.styled_upconv3x3_reference(x.permute(0, 2, 3, 1), s, phase_weight, demod, noise[:, 0],
+        s, weight, demod = modulation_operands(layer, style)
+        out = up.styled_upconv3x3_reference(x.permute(0, 2, 3, 1), s, phase_weights(weight, layer), demod, noise[:, 0],
                                             float(layer.noise.weight), layer.activate.bias)
     assert out.shape == ref.shape == (b, 2 * h, 2 * w, cout)
     assert per_sample_error(out, ref) <= 1e-10
@@ -101,20 +78,7 @@ def test_the_device_check_covers_every_setting_the_autotuner_may_pick(cin, cout)
 
 
 def check_against_official(dtype: torch.dtype, bound: float) -> None:
-    for i, (b, h, w, cin, cout, per_sample_noise) in enumerate(SHAPES):
-        layer = official_layer(cin, cout, seed=i)
-        x, style, noise = layer_inputs(layer, b, h, w, per_sample_noise, seed=100 + i)
-        with torch.no_grad():
-            ref = layer(x, style, noise=noise).permute(0, 2, 3, 1)  # the official (grouped) form, float64
-            s, phase_weight, demod = kernel_arguments(layer, style)
-            for settings in SETTINGS:
-                out = up.styled_upconv3x3(x.permute(0, 2, 3, 1).to(dtype), s.float(), phase_weight.float(),
-                                          demod.float(), noise[:, 0].float(), float(layer.noise.weight),
-                                          layer.activate.bias.float(), settings=settings)
-                assert out.dtype == dtype and out.shape == ref.shape, (out.dtype, out.shape)
-                err = per_sample_error(out, ref)
-                assert err <= bound, f"{dtype} {SHAPES[i]} {settings}: per-sample relative error {err:.2e} > {bound:.0e}"
-        print(f"  {dtype} {SHAPES[i]}: {err:.1e}")
+    check_kernel_against_official(up.styled_upconv3x3, phase_weights, SHAPES, SETTINGS, dtype, bound, upsample=True)
 
 
 def check_float32_equals_official() -> None:
@@ -173,13 +137,8 @@ def check_device_self_check_passes_and_catches_a_wrong_kernel() -> None:
 
     wrong = {"relative error": phases_swapped,  # the columns' phases swapped, and one wrong below the largest batch
              "differs": lambda x, *args, **kw: right(x, *args, **kw) * (1.01 if len(x) < max(CHECK_BATCHES) else 1.0)}
-    for what, kernel in wrong.items():
-        try:
-            up.styled_upconv3x3 = kernel
-            problem = up.check_upsample_kernel(torch.device("cpu"), 32, 32, batches=CHECK_BATCHES)
-        finally:
-            up.styled_upconv3x3 = right
-        assert problem is not None and what in problem, (what, problem)
+    check_self_check_catches(up, "styled_upconv3x3", lambda: up.check_upsample_kernel(
+        torch.device("cpu"), 32, 32, batches=CHECK_BATCHES), wrong)
 
 
 def check_bad_shapes_are_named() -> None:
@@ -197,11 +156,7 @@ def check_bad_shapes_are_named() -> None:
 def check_generator_with_both_fused_kernels() -> None:
     """Generator.set_fused_styled_convs(32): the 32 and 64 px layers, upsampling ones included, through the kernels
     (float32) give the official float64 generator's image per sample; each kernel ran where it should."""
-    torch.manual_seed(0)
-    G = Generator(64, channels=default_channels(2, 64))
-    for name, p in G.named_parameters():
-        if name.endswith("noise.weight") or "bias" in name:
-            p.data.normal_()
+    G = random_generator()
     w = torch.randn(2, G.n_latent, 512)
     with torch.no_grad():
         ref = G.double().synthesis(w.double())  # the official (grouped) form
@@ -235,8 +190,4 @@ def test_fused_upsampling_styled_conv_kernel_under_the_interpreter():
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (TRITON_INTERPRET=1 before triton loads)"
-    torch.set_num_threads(1)  # many small operations: a second thread only adds synchronisation on CI's 2 cores
-    for check in CHECKS:
-        check()
-        print(f"PASS {check.__name__}", flush=True)
+    run_checks_main(CHECKS)
