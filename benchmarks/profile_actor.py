@@ -8,8 +8,9 @@ part (stage, upload, detect, landmarks, crop: pipeline.device_align.ALIGN_PARTS)
 torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.cpu, .item, .tolist), the time spent
 inside those reads (read-ms: on a GPU mostly waiting for the device, which CUDA spends spinning, so it counts as CPU
 time; the part's host work is about its CPU time less that) and its torch operations (kernel launches and copies
-on a GPU; Triton kernels not counted). The last lane
-count's run again under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
+on a GPU; Triton kernels not counted). Every run: Python's garbage collections per generation and their
+milliseconds (a full collection holds the GIL while it walks every object). The last lane count's run again
+under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
 bench_pipeline_raw_gpu.py).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -139,6 +141,32 @@ class SyncCounter:
         for name, real in self._patched.items():
             setattr(torch.Tensor, name, real)
         self._patched.clear()
+
+
+class GcPauses:
+    """Python's garbage collections during a run, per generation: how many and their milliseconds (gc.callbacks).
+    A full (generation 2) collection walks every object of the process, the models' and Ray's included, holding
+    the GIL: every thread of the actor waits for it."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.reset()
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.count = [0, 0, 0]
+        self.ms = [0.0, 0.0, 0.0]
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.count[info["generation"]] += 1
+            self.ms[info["generation"]] += 1e3 * (time.perf_counter() - self.started)
+            self.started = None
+
+    def summary(self) -> dict:
+        return {f"gen{g}": {"collections": self.count[g], "ms": round(self.ms[g], 1)} for g in range(3)}
 
 
 class OpCounter(TorchDispatchMode):
@@ -317,6 +345,7 @@ def main() -> None:
     align_times, invert_times = StepTimes(), StepTimes()
     syncs = SyncCounter(on_gpu)
     chunk_parts = ChunkParts(syncs)
+    gc_pauses = GcPauses()
     worker.aligner.align = align_times.wrap(worker.aligner.align)
     worker.aligner.on_part = chunk_parts.on_part
     inverter.align_photos = chunk_parts.wrap(inverter.align_photos)
@@ -330,6 +359,7 @@ def main() -> None:
         align_times.reset()
         invert_times.reset()
         chunk_parts.reset()
+        gc_pauses.reset()
         before = worker.align_part_seconds()
         actor_interval = sys.getswitchinterval()
         if isinstance(how, float):
@@ -359,7 +389,7 @@ def main() -> None:
                  "align": align_times.summary(), "invert": invert_times.summary(),
                  "align_parts_ms_per_chunk": per_chunk_ms(
                      {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine)),
-                 "align_per_chunk_median": chunk_parts.summary(counted=how == "syncs")}
+                 "align_per_chunk_median": chunk_parts.summary(counted=how == "syncs"), "gc": gc_pauses.summary()}
         if how == "torch.profiler" and on_gpu:
             entry["kernels"] = kernel_summary(trace, seconds, len(mine))
         result[name] = entry
