@@ -2,7 +2,10 @@
 kernels), host->device copies (upload_many), device->host synchronisations (transfers, nonzero, item, bool),
 other torch operations of the detector's own (each a kernel launch on a GPU), pyramid levels and batches, and
 the pixels scored. A count, not a timing: it runs on the CPU (the torch path stands for the kernels: a launcher
-call is counted once whatever path runs inside it) and tells the host steps apart before a GPU run.
+call is counted once whatever path runs inside it) and tells the host steps apart before a GPU run. With
+``--stub-kernels``, also the compiled variants per kernel a CUDA process would need so far (Triton's own binder
+for sm_90: a new specialisation of the arguments is a new compilation; tests/models/alignment/test_kernel_variants.py
+requires one per kernel).
 
     python benchmarks/count_detector_work.py --photos 8 --chunk 4 --min-side 300 --max-side 500      # CPU, minutes
     python benchmarks/count_detector_work.py --repo /tmp/older-checkout ...   # the same counts of other code
@@ -150,15 +153,37 @@ def _wrap_upload(fn):
     return counted
 
 
-class _StubKernel:
-    """A Triton kernel replaced by a stub: ``kernel[grid](...)`` counts a launch and computes nothing."""
+# Per kernel, the distinct compiled variants a GPU process would need for the launches so far (Triton compiles
+# one per specialization key: argument types, 16-byte alignment of pointers and int values, int width, constexprs
+# and options). Not reset per chunk: a process keeps its compiled variants.
+VARIANTS: dict[str, set] = {}
 
-    def __init__(self, name):
+
+def _sm90_binder(kernel):
+    """Triton's own argument binder of ``kernel`` (an interpreted triton.jit function) as a CUDA sm_90 process
+    would build it: it returns the launch's specialization, from which Triton's cache key is made."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = JITFunction(kernel.fn, **{k: v for k, v in kernel.kwargs.items()
+                                    if k in ("do_not_specialize", "do_not_specialize_on_alignment")})
+    return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+class _StubKernel:
+    """A Triton kernel replaced by a stub: ``kernel[grid](...)`` counts a launch and the compiled variant it would
+    need, and computes nothing."""
+
+    def __init__(self, name, kernel):
         self.name = name
+        self.binder = _sm90_binder(kernel)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             COUNTS.kernels[self.name] += 1
+            _bound, specialization, options = self.binder(*args, **kwargs)
+            VARIANTS.setdefault(self.name, set()).add(str(specialization) + str(options))
         return launch
 
 
@@ -176,7 +201,7 @@ def install_counters() -> None:
         for m in modules:
             for name in KERNELS:
                 if hasattr(m, name):
-                    setattr(m, name, _StubKernel(name))
+                    setattr(m, name, _StubKernel(name, getattr(m, name)))
     original = device_module.upload_many
     wrapped = _wrap_upload(original)
     for m in modules:
@@ -229,7 +254,9 @@ def count_chunks(detector, photos, chunk: int) -> list[dict]:
         rows.append({"photos": len(part), "faces": sum(map(len, found)), "batches": COUNTS.batches,
                      "levels scored": COUNTS.levels, "scored MP": round(COUNTS.scored_mp, 1),
                      "launcher calls": sum(COUNTS.launches.values()), **{f"  {k}": v for k, v in COUNTS.launches.items()},
-                     **({"Triton kernel launches": sum(COUNTS.kernels.values())} if ARGS.stub_kernels else {}),
+                     **({"Triton kernel launches": sum(COUNTS.kernels.values()),
+                         "compiled variants so far": {k: len(v) for k, v in VARIANTS.items()}}
+                        if ARGS.stub_kernels else {}),
                      "uploads": COUNTS.uploads, "syncs": sum(COUNTS.syncs.values()),
                      "other torch ops": sum(COUNTS.ops.values()), "views": sum(COUNTS.views.values()),
                      **timing,

@@ -9,7 +9,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["upload", "upload_many", "StagedPhotos", "stage_photos", "photos_to_device"]
+__all__ = ["DEVICE_ALIGNMENT", "upload", "upload_many", "StagedPhotos", "stage_photos", "photos_to_device"]
+
+# Bytes: every table upload_many packs, and every level of a detector batch's buffers (batch_plan.py), starts at
+# a multiple of this. Triton compiles a kernel once per specialisation of its arguments, among them whether each
+# pointer is 16-byte aligned: views at arbitrary offsets would make a new variant (seconds of compilation each,
+# the filter kernel's much more) for many of a run's batches.
+DEVICE_ALIGNMENT = 16
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:
@@ -18,14 +24,14 @@ def upload(array: np.ndarray, device) -> torch.Tensor:
 
 
 def upload_many(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
-    """Small host arrays on ``device`` in one host -> device copy: packed into one buffer (each at an 8-byte
-    boundary) and viewed back with their dtypes and shapes. To a CUDA device the buffer is pinned, so that the
-    host does not wait for the work already queued on the stream (a pageable copy would); a kernel's tables
-    travel together, as each copy costs the host tens of microseconds whatever its size."""
+    """Small host arrays on ``device`` in one host -> device copy: packed into one buffer (each at a
+    DEVICE_ALIGNMENT boundary) and viewed back with their dtypes and shapes. To a CUDA device the buffer is pinned,
+    so that the host does not wait for the work already queued on the stream (a pageable copy would); a kernel's
+    tables travel together, as each copy costs the host tens of microseconds whatever its size."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     offsets, end = [], 0
     for a in arrays:
-        start = -(-end // 8) * 8
+        start = -(-end // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
         offsets.append(start)
         end = start + a.nbytes
     on_cuda = torch.device(device).type == "cuda"

@@ -10,6 +10,7 @@ import torch
 
 from models.alignment.batch_plan import plan_batch
 from models.alignment.detector import BATCH_BYTES_PER_PIXEL, BUNDLED_DETECTOR_FILE, gpu_batch_pixels
+from models.alignment.device import DEVICE_ALIGNMENT
 from models.alignment.fhog import fhog_layout, fhog_level_table
 from models.alignment.filters import filter_bounds
 from models.alignment.formats import read_detector_file
@@ -84,14 +85,16 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
     assert np.array_equal(hog.numpy(), np.concatenate([lp.layout.kernel_tables()[1] for lp in scored]))
     pixels_at = 0
     for lp in plan.levels:
-        # Every level's photos one level after the other in the pixels buffer, each level of the shape the
-        # previous level's resize makes.
-        assert lp.pixels_offset == pixels_at and lp.pixels_shape[:2] == (lp.count, 3)
+        # Every level's photos one level after the other in the pixels buffer, each from the first multiple of
+        # DEVICE_ALIGNMENT bytes after the last (so its views keep one compiled variant of the kernels), each level
+        # of the shape the previous level's resize makes.
+        assert lp.pixels_offset == -(-pixels_at // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
+        assert lp.pixels_offset % DEVICE_ALIGNMENT == 0 and lp.pixels_shape[:2] == (lp.count, 3)
         if lp.level:
             above = plan.levels[lp.level - 1].resize
             assert lp.pixels_shape[2:] == (above.out_h, above.out_w)
-        pixels_at += int(np.prod(lp.pixels_shape))
-    assert plan.pixel_elements == pixels_at
+        pixels_at = lp.pixels_offset + int(np.prod(lp.pixels_shape))
+    assert pixels_at <= plan.pixel_elements < pixels_at + DEVICE_ALIGNMENT
     for k, lp in enumerate(scored):
         assert tuple(fhog.table[k, 4:9]) == (lp.pixels_offset, fhog.table[k, 5], fhog.table[k, 6], lp.planes_offset,
                                              lp.bounds_row)
