@@ -30,6 +30,9 @@ __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SC
            "check_fhog_kernels"]
 
 _FHOG_BLOCK = 128  # pixels or cells per program of the kernels below
+# Grid rows per program of _orient_mag_kernel: with one row each, a batch's pyramid is millions of programs, each
+# first finding its level (a chain of dependent loads), which took longer than the pixels' own work (BENCHMARKS.md).
+_ORIENT_ROWS = 8
 _CELL_BLOCK = 128  # cells per program of _cell_hist_kernel (one per thread: BLOCK // 32 warps); 64, 256: same
 
 # The columns of fhog_level_table (one row per level), by name for the table and the kernels that read it: the
@@ -91,8 +94,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_levels"])
     def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
-                           FIELDS: tl.constexpr, STEPS: tl.constexpr):
-        # One program per (grid row Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
+                           ROWS: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
+        # One program per (ROWS grid rows Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
         # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
         # then 0), _cell_histograms_torch's arithmetic, for every grid position that _cell_hist_kernel reads of
         # the image (rows and columns < 8 * (its cells + 2)): no grid needs clearing first. The grids store position
@@ -115,52 +118,63 @@ if triton is not None:
         col_blocks = tl.cdiv(grid_w, BLOCK)
         X = ((pid % col_blocks) * BLOCK).to(tl.int32) + tl.arange(0, BLOCK)
         pid = pid // col_blocks
-        Y = (pid % (grid_h - 8)).to(tl.int32) + 8
-        b = (pid // (grid_h - 8)).to(tl.int32)
-        y = Y - 12
+        row_blocks = tl.cdiv(grid_h - 8, ROWS)
+        first_row = (pid % row_blocks).to(tl.int32) * ROWS + 8
+        b = (pid // row_blocks).to(tl.int32)
         x = X - 12
         info = info_ptr + _INFO_FIELDS_C * b
-        stored = (X < 8 * (tl.load(info + _INFO_CELL_COLS_C) + 2)) & (Y < 8 * (tl.load(info + _INFO_CELL_ROWS_C) + 2))
-        valid = (stored & (y >= 1) & (y <= ph) & (y < tl.load(info + _INFO_VISIBLE_ROWS_C)) & (x >= 1) & (x <= pw)
-                 & (x < tl.load(info + _INFO_VISIBLE_COLS_C)))
+        stored_cols = X < 8 * (tl.load(info + _INFO_CELL_COLS_C) + 2)
+        stored_rows = tl.minimum(8 * (tl.load(info + _INFO_CELL_ROWS_C) + 2), grid_h)
+        voting_cols = stored_cols & (x >= 1) & (x <= pw) & (x < tl.load(info + _INFO_VISIBLE_COLS_C))
+        voting_rows = tl.minimum(ph + 1, tl.load(info + _INFO_VISIBLE_ROWS_C))  # rows y in [1, voting_rows) vote
         simd = x < tl.load(info + _INFO_SIMD_END_C)
         plane = height * width  # pixels that do not vote (padding of smaller photos) are not read
-        px = img_ptr + b.to(tl.int64) * 3 * plane + (y * width + x)
-        gx0 = tl.load(px + 1, mask=valid, other=0).to(tl.int32) - tl.load(px - 1, mask=valid, other=0).to(tl.int32)
-        gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px - width, mask=valid, other=0).to(tl.int32))
-        px1 = px + plane
-        gx1 = tl.load(px1 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32)
-        gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
-        px2 = px1 + plane
-        gx2 = tl.load(px2 + 1, mask=valid, other=0).to(tl.int32) - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32)
-        gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
-               - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
-        m0 = gx0 * gx0 + gy0 * gy0
-        m1 = gx1 * gx1 + gy1 * gy1
-        m2 = gx2 * gx2 + gy2 * gy2
-        red_green = tl.maximum(m0, m1)
-        # SIMD columns: ties go to the later channel.
-        s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
-        s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
-        # Scalar columns: ties go to the earlier channel.
-        c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
-        c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
-        gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
-        gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
-        v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))  # 0 where nothing was read
-        best = tl.zeros([BLOCK], dtype=tl.float32)
-        bin_ = tl.zeros([BLOCK], dtype=tl.int32)
-        for o in tl.static_range(9):
-            dot = gx * _DIRECTIONS_C[2 * o] + gy * _DIRECTIONS_C[2 * o + 1]
-            size = tl.abs(dot)
-            better = size > best
-            best = tl.where(better, size, best)
-            bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
-        at = b.to(tl.int64) * grid_h * grid_w + (Y * grid_w + (X & 7) * (grid_w >> 3) + (X >> 3))
-        tl.store(orient_ptr + at, bin_.to(tl.uint8), mask=stored)
-        tl.store(mag_ptr + at, v, mask=stored)
+        image = img_ptr + b.to(tl.int64) * 3 * plane
+        grid = b.to(tl.int64) * grid_h * grid_w + (X & 7) * (grid_w >> 3) + (X >> 3)
+        for r in range(ROWS):
+            Y = first_row + r
+            y = Y - 12
+            stored = stored_cols & (Y < stored_rows)
+            valid = stored & voting_cols & (y >= 1) & (y < voting_rows)
+            px = image + (y * width + x)
+            gx0 = (tl.load(px + 1, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px - 1, mask=valid, other=0).to(tl.int32))
+            gy0 = (tl.load(px + width, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px - width, mask=valid, other=0).to(tl.int32))
+            px1 = px + plane
+            gx1 = (tl.load(px1 + 1, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px1 - 1, mask=valid, other=0).to(tl.int32))
+            gy1 = (tl.load(px1 + width, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px1 - width, mask=valid, other=0).to(tl.int32))
+            px2 = px1 + plane
+            gx2 = (tl.load(px2 + 1, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px2 - 1, mask=valid, other=0).to(tl.int32))
+            gy2 = (tl.load(px2 + width, mask=valid, other=0).to(tl.int32)
+                   - tl.load(px2 - width, mask=valid, other=0).to(tl.int32))
+            m0 = gx0 * gx0 + gy0 * gy0
+            m1 = gx1 * gx1 + gy1 * gy1
+            m2 = gx2 * gx2 + gy2 * gy2
+            red_green = tl.maximum(m0, m1)
+            # SIMD columns: ties go to the later channel.
+            s_gx = tl.where(red_green > m2, tl.where(m0 > m1, gx0, gx1), gx2)
+            s_gy = tl.where(red_green > m2, tl.where(m0 > m1, gy0, gy1), gy2)
+            # Scalar columns: ties go to the earlier channel.
+            c_gx = tl.where(m2 > red_green, gx2, tl.where(m1 > m0, gx1, gx0))
+            c_gy = tl.where(m2 > red_green, gy2, tl.where(m1 > m0, gy1, gy0))
+            gx = tl.where(simd, s_gx, c_gx).to(tl.float32)
+            gy = tl.where(simd, s_gy, c_gy).to(tl.float32)
+            v = tl.sqrt_rn(tl.maximum(red_green, m2).to(tl.float32))  # 0 where nothing was read
+            best = tl.zeros([BLOCK], dtype=tl.float32)
+            bin_ = tl.zeros([BLOCK], dtype=tl.int32)
+            for o in tl.static_range(9):
+                dot = gx * _DIRECTIONS_C[2 * o] + gy * _DIRECTIONS_C[2 * o + 1]
+                size = tl.abs(dot)
+                better = size > best
+                best = tl.where(better, size, best)
+                bin_ = tl.where(better, tl.where(dot > 0, o, o + 9), bin_)
+            at = grid + Y * grid_w
+            tl.store(orient_ptr + at, bin_.to(tl.uint8), mask=stored)
+            tl.store(mag_ptr + at, v, mask=stored)
 
     @triton.jit(do_not_specialize=["n_levels"])
     def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
@@ -359,7 +373,7 @@ def fhog_level_table(levels: list[tuple["FhogLayout", int, int, int, int, int]])
         table[k, first_programs] = starts
         table[k, list(fields)] = list(fields.values())
         cells = n * n_cr * n_cc
-        starts += (n * (grid_h - 8) * -(-grid_w // _FHOG_BLOCK), -(-cells // _CELL_BLOCK),
+        starts += (n * -(-(grid_h - 8) // _ORIENT_ROWS) * -(-grid_w // _FHOG_BLOCK), -(-cells // _CELL_BLOCK),
                    -(-cells // _FHOG_BLOCK), -(-(n * hr * hc) // _FHOG_BLOCK))
         grid_at += n * grid_h * grid_w
         cell_at += cells
@@ -381,7 +395,7 @@ def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.T
     norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
     common = dict(FIELDS=_LEVEL_FIELDS, STEPS=LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
     _orient_mag_kernel[(levels.programs(_LV_ORIENT_MAG),)](pixels, info, orient, mag, table, n_levels,
-                                                           BLOCK=_FHOG_BLOCK, **common)
+                                                           BLOCK=_FHOG_BLOCK, ROWS=_ORIENT_ROWS, **common)
     _cell_hist_kernel[(levels.programs(_LV_CELL_HIST),)](orient, mag, hist, info, table, n_levels,
                                                          BLOCK=_CELL_BLOCK, num_warps=_CELL_BLOCK // 32, **common)
     _block_energy_kernel[(levels.programs(_LV_BLOCK_ENERGY),)](hist, norm, table, n_levels, BLOCK=_FHOG_BLOCK,

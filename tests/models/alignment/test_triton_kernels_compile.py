@@ -26,7 +26,8 @@ def test_resize_and_placement_kernels_compile():
 def test_fhog_kernels_compile():
     levels = {"FIELDS": fhog._LEVEL_FIELDS, "STEPS": LEVEL_SEARCH_STEPS, "BLOCK": fhog._FHOG_BLOCK}
     compile_for_sm90(fhog._orient_mag_kernel, {"img_ptr": "*u8", "info_ptr": "*i32", "orient_ptr": "*u8",
-                                               "mag_ptr": "*fp32", "levels_ptr": "*i64"}, levels)
+                                               "mag_ptr": "*fp32", "levels_ptr": "*i64"},
+                     {**levels, "ROWS": fhog._ORIENT_ROWS})
     compile_for_sm90(fhog._cell_hist_kernel, {"orient_ptr": "*u8", "mag_ptr": "*fp32", "hist_ptr": "*fp32",
                                               "info_ptr": "*i32", "levels_ptr": "*i64"},
                      {**levels, "BLOCK": fhog._CELL_BLOCK}, num_warps=fhog._CELL_BLOCK // 32)
