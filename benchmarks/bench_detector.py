@@ -11,13 +11,17 @@ time of the call: host work included); "host ms" is the call's wall time less it
 calls (the host's own work, launches included), "syncs" their number; "device ms" sums the kernels' and copies' time of one call
 (torch.profiler): what the detector takes from a GPU it shares with inversion. ``--variants``: other tile
 sizes and batching settings (VARIANTS), each timed on the device photos in the same run, and each required to
-give the default's detections.
+give the default's detections. Then, for the host's part: the device allocator's calls into CUDA during one call
+(cudaMalloc and cudaFree counts, retries), and one call under cProfile, its functions by own time.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -172,6 +176,26 @@ def main() -> int:
             for (module, k), v in saved.items():
                 setattr(module, k, v)
 
+    # Where the host time of a call goes: the device allocator's calls into CUDA during one call (each cudaMalloc
+    # or cudaFree of a new size costs the host, and a retry frees the cache after synchronising), and the call
+    # under cProfile, its functions by own time.
+    allocator = {}
+    if on_gpu:
+        before = torch.cuda.memory_stats(dev)
+        detector.detect(resident)
+        after = torch.cuda.memory_stats(dev)
+        allocator = {k: after.get(k, 0) - before.get(k, 0)
+                     for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+        print(f"device allocator per call (photos on the device): {allocator}", flush=True)
+    host_profile = cProfile.Profile()
+    host_profile.enable()
+    detector.detect(resident)
+    sync()
+    host_profile.disable()
+    by_own_time = io.StringIO()
+    pstats.Stats(host_profile, stream=by_own_time).sort_stats("tottime").print_stats(20)
+    print(by_own_time.getvalue())
+
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as prof:
         detector.detect(resident)
@@ -189,7 +213,8 @@ def main() -> int:
               f"{r['device ms per 64']} | {r['host ms']} | {r['host ms per 64']} | {r['syncs']} |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"rows": rows, "profile": table}, f, indent=1)
+            json.dump({"rows": rows, "allocator_per_call": allocator, "host_profile": by_own_time.getvalue(),
+                       "profile": table}, f, indent=1)
     if got != want or differ:
         print(f"FAILED: other detections than host arrays with the default: "
               f"{(['photos on the device'] if got != want else []) + differ}")

@@ -9,7 +9,8 @@ torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.
 inside those reads (read-ms: on a GPU mostly waiting for the device, which CUDA spends spinning, so it counts as CPU
 time; the part's host work is about its CPU time less that) and its torch operations (kernel launches and copies
 on a GPU; Triton kernels not counted). Every run: Python's garbage collections per generation and their
-milliseconds (a full collection holds the GIL while it walks every object). The last lane count's run again
+milliseconds (a full collection holds the GIL while it walks every object), and on a GPU the device allocator's
+cudaMalloc, cudaFree and retry counts per chunk. The last lane count's run again
 under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
@@ -258,6 +259,14 @@ class ChunkParts:
         return lines
 
 
+def allocator_calls(before: dict, n_chunks: int) -> dict:
+    """The CUDA caching allocator's calls into CUDA per chunk since ``before`` (torch.cuda.memory_stats): each
+    cudaMalloc or cudaFree costs the host, and a retry (no cached block fits) synchronises and frees the cache."""
+    after = torch.cuda.memory_stats()
+    return {k: round((after.get(k, 0) - before.get(k, 0)) / n_chunks, 2)
+            for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+
+
 def run_threads(worker, chunks, threads: int) -> tuple[float, collections.Counter]:
     """Seconds to push ``chunks`` through ``worker.invert_chunks`` from ``threads`` threads at once, and the
     statuses of the rows that came back."""
@@ -365,6 +374,7 @@ def main() -> None:
         if isinstance(how, float):
             sys.setswitchinterval(how)
         sync()
+        allocator_before = torch.cuda.memory_stats() if on_gpu else {}
         if how == "torch.profiler":
             activities = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
@@ -389,7 +399,8 @@ def main() -> None:
                  "align": align_times.summary(), "invert": invert_times.summary(),
                  "align_parts_ms_per_chunk": per_chunk_ms(
                      {p: v - before[p] for p, v in worker.align_part_seconds().items()}, len(mine)),
-                 "align_per_chunk_median": chunk_parts.summary(counted=how == "syncs"), "gc": gc_pauses.summary()}
+                 "align_per_chunk_median": chunk_parts.summary(counted=how == "syncs"), "gc": gc_pauses.summary(),
+                 "allocator": allocator_calls(allocator_before, len(mine)) if on_gpu else {}}
         if how == "torch.profiler" and on_gpu:
             entry["kernels"] = kernel_summary(trace, seconds, len(mine))
         result[name] = entry
