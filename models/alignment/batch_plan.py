@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import DEVICE_ALIGNMENT, upload_many
+from .device import aligned, upload_many
 from .fhog import FhogLayout, fhog_layout, fhog_level_table
 from .filters import FilterLevel, filter_bounds, filter_level_table
 from .formats import NUM_PLANES, HogDetectorModel
@@ -186,6 +186,6 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
         else:
             hw = (above.resize.out_h, above.resize.out_w)
         lp.pixels_offset, lp.pixels_shape = pixels_at, (lp.count, 3, *hw)
-        pixels_at = -(-(pixels_at + int(np.prod(lp.pixels_shape))) // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
+        pixels_at = aligned(pixels_at + int(np.prod(lp.pixels_shape)))  # (uint8: elements are bytes)
     return BatchPlan(order, spans, levels, offset, fh, planes_at, n_filters=n_filters, filter_width=fw,
                      pixel_elements=pixels_at)

@@ -9,13 +9,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DEVICE_ALIGNMENT", "upload", "upload_many", "StagedPhotos", "stage_photos", "photos_to_device"]
+__all__ = ["DEVICE_ALIGNMENT", "aligned", "upload", "upload_many", "StagedPhotos", "stage_photos", "photos_to_device"]
 
 # Bytes: every table upload_many packs, and every level of a detector batch's buffers (batch_plan.py), starts at
 # a multiple of this. Triton compiles a kernel once per specialisation of its arguments, among them whether each
 # pointer is 16-byte aligned: views at arbitrary offsets would make a new variant (seconds of compilation each,
 # the filter kernel's much more) for many of a run's batches.
 DEVICE_ALIGNMENT = 16
+
+
+def aligned(offset: int) -> int:
+    """The first multiple of DEVICE_ALIGNMENT at or after ``offset`` (bytes, or elements of a uint8 buffer)."""
+    return -(-offset // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:
@@ -31,7 +36,7 @@ def upload_many(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
     arrays = [np.ascontiguousarray(a) for a in arrays]
     offsets, end = [], 0
     for a in arrays:
-        start = -(-end // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
+        start = aligned(end)
         offsets.append(start)
         end = start + a.nbytes
     on_cuda = torch.device(device).type == "cuda"
