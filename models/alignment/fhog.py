@@ -22,7 +22,7 @@ from .fhog_reference import (BLOCK_EPSILON, DIRECTIONS, LANE_OFFSETS, NORM_SCALE
                              _cell_histograms_torch, _fhog_features_torch)
 from .formats import CELL_SIZE, NUM_PLANES
 from ..kernel_check import tl, triton, use_kernels
-from .level_launch import LEVEL_SEARCH_STEPS, check_level_count, level_of
+from .level_launch import check_level_count, level_of
 from .pyramid import TAIL_BAND
 
 __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "FhogLayout",
@@ -94,7 +94,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_levels"])
     def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
-                           ROWS: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
+                           ROWS: tl.constexpr, FIELDS: tl.constexpr):
         # One program per (ROWS grid rows Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
         # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
         # then 0), _cell_histograms_torch's arithmetic, for every grid position that _cell_hist_kernel reads of
@@ -104,7 +104,7 @@ if triton is not None:
         # consecutive addresses. Image info (int32, _INFO_FIELDS per image, columns _INFO_*): visible rows,
         # visible columns, simd_end, cell rows, cell columns. Over every level of the level table
         # (fhog_level_table): each level's images, grids and info rows at its offsets in the buffers.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS)
         height = tl.load(lv + _LV_HEIGHT_C).to(tl.int32)
         width = tl.load(lv + _LV_WIDTH_C).to(tl.int32)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
@@ -178,7 +178,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_levels"])
     def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
-                          FIELDS: tl.constexpr, STEPS: tl.constexpr):
+                          FIELDS: tl.constexpr):
         # One lane per cell, its 18 bins in registers: the cell's 16x16 pixel block (_orient_mag_kernel's grids)
         # in raster order, each pixel's vote added to every bin, +0.0 to the bins other than its own (which
         # leaves their sums unchanged: the weights are >= 0). The vote weight of block offset (dy, dx) is
@@ -187,7 +187,7 @@ if triton is not None:
         # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
         # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
         # Over every level of the level table, as _orient_mag_kernel.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
         grid_w = tl.load(lv + _LV_GRID_W_C).to(tl.int32)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C).to(tl.int32)
@@ -233,11 +233,10 @@ if triton is not None:
             tl.store(out + k, acc[k], mask=live)
 
     @triton.jit(do_not_specialize=["n_levels"])
-    def _block_energy_kernel(hist_ptr, norm_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr, FIELDS: tl.constexpr,
-                             STEPS: tl.constexpr):
+    def _block_energy_kernel(hist_ptr, norm_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr, FIELDS: tl.constexpr):
         # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order; over every level of the
         # level table.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS)
         n_cells = tl.load(lv + _LV_IMAGES_C) * tl.load(lv + _LV_CELL_ROWS_C) * tl.load(lv + _LV_CELL_COLS_C)
         hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
         norm_ptr += tl.load(lv + _LV_CELLS_AT_C)
@@ -264,11 +263,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_levels"])
     def _features_kernel(hist_ptr, norm_ptr, hog_ptr, planes_ptr, levels_ptr, n_levels, NUM_PLANES: tl.constexpr,
                          EPSILON: tl.constexpr, TRUNC: tl.constexpr, SCALE: tl.constexpr, TEXTURE: tl.constexpr,
-                         BLOCK: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
+                         BLOCK: tl.constexpr, FIELDS: tl.constexpr):
         # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
         # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size. Over
         # every level of the level table.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS, STEPS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C)
         n_cc = tl.load(lv + _LV_CELL_COLS_C)
         hr = tl.load(lv + _LV_HOG_ROWS_C)
@@ -393,7 +392,7 @@ def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.T
     mag = torch.empty((levels.grid_elements,), dtype=torch.float32, device=dev)
     hist = torch.empty((levels.cells * 18,), dtype=torch.float32, device=dev)
     norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
-    common = dict(FIELDS=_LEVEL_FIELDS, STEPS=LEVEL_SEARCH_STEPS, enable_fp_fusion=False)
+    common = dict(FIELDS=_LEVEL_FIELDS, enable_fp_fusion=False)
     _orient_mag_kernel[(levels.programs(_LV_ORIENT_MAG),)](pixels, info, orient, mag, table, n_levels,
                                                            BLOCK=_FHOG_BLOCK, ROWS=_ORIENT_ROWS, **common)
     _cell_hist_kernel[(levels.programs(_LV_CELL_HIST),)](orient, mag, hist, info, table, n_levels,

@@ -20,7 +20,7 @@ import torch
 from .device import upload, upload_many
 from .formats import NUM_PLANES, HogDetectorModel
 from ..kernel_check import tl, triton, use_kernels
-from .level_launch import LEVEL_SEARCH_STEPS, check_level_count, level_of
+from .level_launch import check_level_count, level_of
 from .pyramid import TAIL_BAND
 from .svd import dlib_svd
 
@@ -318,7 +318,7 @@ if triton is not None:
                             cut_ptr, levels_ptr, n_levels, n_filters, n_planes, N_SLOTS: tl.constexpr,
                             FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
                             COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                            HITS: tl.constexpr, LEVEL_STEPS: tl.constexpr):
+                            HITS: tl.constexpr):
         # One program per (level, image, filter, ROWS output rows, BLOCK columns) of every level in the table:
         # _filter_rows, with the scalar order's sums only in blocks that reach the image's scalar columns. Level
         # table (n_levels, _LEVEL_FIELDS) int64 (filter_level_table, columns _LV_*): first program, offsets of
@@ -328,7 +328,7 @@ if triton is not None:
         # (padding of smaller photos) do nothing: its scores there keep what they held. HITS: also each window's
         # score >= cut[filter] (uint8), stored where the score is.
         info, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FIRST_PROGRAM_C,
-                             _LEVEL_FIELDS_C, LEVEL_STEPS)
+                             _LEVEL_FIELDS_C)
         plane_h = tl.load(info + _LV_PLANE_H_C).to(tl.int32)  # (the sizes as int32, as the kernel's arguments were)
         plane_w = tl.load(info + _LV_PLANE_W_C).to(tl.int32)
         out_h = tl.load(info + _LV_OUT_H_C).to(tl.int32)
@@ -404,7 +404,7 @@ def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.
         planes, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, scores,
         scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
         N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
-        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None, LEVEL_STEPS=LEVEL_SEARCH_STEPS,
+        ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None,
         num_warps=_FILTER_WARPS,
         enable_fp_fusion=False)
 

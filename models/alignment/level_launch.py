@@ -20,13 +20,15 @@ def check_level_count(n_levels: int, kernel: str) -> None:
 
 
 if triton is not None:
+    _LEVEL_SEARCH_STEPS_C = tl.constexpr(LEVEL_SEARCH_STEPS)
+
     @triton.jit
-    def level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr, STEPS: tl.constexpr):
+    def level_of(levels_ptr, pid, n_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr):
         # Program ``pid`` of a launch over n_levels levels: the last level whose first program (column COLUMN)
         # is <= pid. Returns (a pointer to the level's row, pid within the level).
         lo = pid * 0
         hi = lo + n_levels
-        for _ in tl.static_range(STEPS):
+        for _ in tl.static_range(_LEVEL_SEARCH_STEPS_C):
             mid = (lo + hi) // 2
             below = tl.load(levels_ptr + mid * FIELDS + COLUMN) <= pid
             lo = tl.where(below, mid, lo)

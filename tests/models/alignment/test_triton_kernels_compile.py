@@ -8,7 +8,6 @@ import pytest
 from helpers.triton_compile import compile_for_sm90, requires_triton
 from models.alignment import fhog, filters, pyramid
 from models.alignment.detector import FrontalFaceDetector
-from models.alignment.level_launch import LEVEL_SEARCH_STEPS
 
 # About a minute on 2 cores (ptxas on the filter kernel takes most of it).
 pytestmark = [pytest.mark.slow, requires_triton]
@@ -24,7 +23,7 @@ def test_resize_and_placement_kernels_compile():
 
 
 def test_fhog_kernels_compile():
-    levels = {"FIELDS": fhog._LEVEL_FIELDS, "STEPS": LEVEL_SEARCH_STEPS, "BLOCK": fhog._FHOG_BLOCK}
+    levels = {"FIELDS": fhog._LEVEL_FIELDS, "BLOCK": fhog._FHOG_BLOCK}
     compile_for_sm90(fhog._orient_mag_kernel, {"img_ptr": "*u8", "info_ptr": "*i32", "orient_ptr": "*u8",
                                                "mag_ptr": "*fp32", "levels_ptr": "*i64"},
                      {**levels, "ROWS": fhog._ORIENT_ROWS})
@@ -47,5 +46,5 @@ def test_filter_kernel_compiles_with_the_detectors_bank():
     compile_for_sm90(filters._filter_rows_kernel, pointers,
                      {"N_SLOTS": slots, "FW": fw, "FH": fh, "ROW_INTERLEAVED": filters._interleaved_taps(fw),
                       "COL_INTERLEAVED": filters._interleaved_taps(fh), "ROWS": filters._FILTER_ROWS,
-                      "BLOCK": filters._FILTER_BLOCK, "HITS": True, "LEVEL_STEPS": LEVEL_SEARCH_STEPS},
+                      "BLOCK": filters._FILTER_BLOCK, "HITS": True},
                      num_warps=filters._FILTER_WARPS)
