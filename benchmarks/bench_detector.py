@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from models.alignment import detector as detector_module  # noqa: E402
 from models.alignment import fhog, filters  # noqa: E402
-from benchmarks.bench_pipeline_raw_gpu import make_photos  # noqa: E402
+from benchmarks.bench_pipeline_raw_gpu import allocator_calls, make_photos  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 
@@ -181,11 +181,9 @@ def main() -> int:
     # under cProfile, its functions by own time.
     allocator = {}
     if on_gpu:
-        before = torch.cuda.memory_stats(dev)
+        before = torch.cuda.memory_stats()
         detector.detect(resident)
-        after = torch.cuda.memory_stats(dev)
-        allocator = {k: after.get(k, 0) - before.get(k, 0)
-                     for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+        allocator = allocator_calls(before)
         print(f"device allocator per call (photos on the device): {allocator}", flush=True)
     host_profile = cProfile.Profile()
     host_profile.enable()

@@ -168,6 +168,15 @@ def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float
     return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
 
 
+def allocator_calls(before: dict, calls: int = 1) -> dict[str, float]:
+    """The CUDA caching allocator's calls into CUDA since ``before`` (torch.cuda.memory_stats()), per one of
+    ``calls`` calls or chunks: each cudaMalloc or cudaFree costs the host, and a retry (no cached block fits)
+    synchronises and frees the cache."""
+    after = torch.cuda.memory_stats()
+    return {k: round((after.get(k, 0) - before.get(k, 0)) / calls, 2)
+            for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+
+
 def photo_chunks(photos: list, group: int) -> list[PreparedChunk]:
     """Decoded photos as the chunks CPU tasks hand an aligning actor: ``group`` photos each, one
     ALIGN_PENDING row per photo."""

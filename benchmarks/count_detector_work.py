@@ -49,6 +49,9 @@ if ARGS.stub_kernels:
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import models.alignment as alignment  # noqa: E402
 from models.alignment import detector as detector_module  # noqa: E402
@@ -162,10 +165,6 @@ VARIANTS: dict[str, set] = {}
 def _sm90_binder(kernel):
     """Triton's own argument binder of ``kernel`` (an interpreted triton.jit function) as a CUDA sm_90 process
     would build it: it returns the launch's specialization, from which Triton's cache key is made."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
     jit = JITFunction(kernel.fn, **{k: v for k, v in kernel.kwargs.items()
                                     if k in ("do_not_specialize", "do_not_specialize_on_alignment")})
     return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))

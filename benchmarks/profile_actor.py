@@ -46,7 +46,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pipeline.inverter as inverter  # noqa: E402
-from benchmarks.bench_pipeline_raw_gpu import face_like_model, make_photos, per_chunk_ms, photo_chunks  # noqa: E402
+from benchmarks.bench_pipeline_raw_gpu import (allocator_calls, face_like_model, make_photos, per_chunk_ms,  # noqa: E402
+                                                photo_chunks)
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig  # noqa: E402
@@ -257,14 +258,6 @@ class ChunkParts:
             lines.append(f"{k:5d}  {cell(c)}" + "".join(
                 f" | {cell(c['parts'][p])}" if p in c["parts"] else " | -" for p in ALIGN_PARTS))
         return lines
-
-
-def allocator_calls(before: dict, n_chunks: int) -> dict:
-    """The CUDA caching allocator's calls into CUDA per chunk since ``before`` (torch.cuda.memory_stats): each
-    cudaMalloc or cudaFree costs the host, and a retry (no cached block fits) synchronises and frees the cache."""
-    after = torch.cuda.memory_stats()
-    return {k: round((after.get(k, 0) - before.get(k, 0)) / n_chunks, 2)
-            for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
 
 
 def run_threads(worker, chunks, threads: int) -> tuple[float, collections.Counter]:
