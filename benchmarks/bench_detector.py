@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from models.alignment import detector as detector_module  # noqa: E402
 from models.alignment import fhog, filters  # noqa: E402
-from benchmarks.bench_pipeline_raw_gpu import allocator_calls, make_photos  # noqa: E402
+from benchmarks.bench_pipeline_raw_gpu import allocator_calls, allocator_state, make_photos  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 
 
@@ -157,6 +157,32 @@ def main() -> int:
         rows[-1]["device ms per 64"] = round(rows[-1]["device ms"] * per_64, 1)
         rows[-1]["host ms per 64"] = round(host * per_64, 1)
         print(rows[-1], flush=True)
+    # Where the host time of a call goes: the device allocator's calls into CUDA during one call (each cudaMalloc
+    # or cudaFree of a new size costs the host, and a retry frees the cache after synchronising), and the call
+    # under cProfile, its functions by own time.
+    allocator = {}
+    if on_gpu:
+        for source, images in (("host arrays", photos), ("on the device", resident)):
+            before = allocator_state()
+            detector.detect(images)
+            allocator[source] = allocator_calls(before)
+            print(f"allocators' calls into CUDA per call (photos from {source}): {allocator[source]}", flush=True)
+    host_profile = cProfile.Profile()
+    host_profile.enable()
+    detector.detect(resident)
+    sync()
+    host_profile.disable()
+    by_own_time = io.StringIO()
+    pstats.Stats(host_profile, stream=by_own_time).sort_stats("tottime").print_stats(30)
+    print(by_own_time.getvalue())
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        detector.detect(resident)
+        if on_gpu:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=20,
+                                      max_name_column_width=50)
+    print(table)
     differ = []
     for name in (a.variants.split(",") if a.variants else []):
         settings = VARIANTS[name]
@@ -179,32 +205,6 @@ def main() -> int:
             for (module, k), v in saved.items():
                 setattr(module, k, v)
 
-    # Where the host time of a call goes: the device allocator's calls into CUDA during one call (each cudaMalloc
-    # or cudaFree of a new size costs the host, and a retry frees the cache after synchronising), and the call
-    # under cProfile, its functions by own time.
-    allocator = {}
-    if on_gpu:
-        before = torch.cuda.memory_stats()
-        detector.detect(resident)
-        allocator = allocator_calls(before)
-        print(f"device allocator per call (photos on the device): {allocator}", flush=True)
-    host_profile = cProfile.Profile()
-    host_profile.enable()
-    detector.detect(resident)
-    sync()
-    host_profile.disable()
-    by_own_time = io.StringIO()
-    pstats.Stats(host_profile, stream=by_own_time).sort_stats("tottime").print_stats(20)
-    print(by_own_time.getvalue())
-
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        detector.detect(resident)
-        if on_gpu:
-            torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=20,
-                                      max_name_column_width=50)
-    print(table)
     print(f"\n{a.photos} photos, {a.min_side}-{a.max_side} px ({megapixels:.1f} MP), {dev}, "
           f"{sum(len(d) for d in want)} detections")
     print("| variant | photos from | ms per call | photos/s | MP/s | device ms per call | device ms per 64 photos | "

@@ -168,13 +168,22 @@ def per_chunk_ms(part_seconds: dict[str, float], chunks: int) -> dict[str, float
     return {k: round(1e3 * v / max(1, chunks), 1) for k, v in part_seconds.items()}
 
 
+def allocator_state() -> dict:
+    """The CUDA device allocator's and the pinned host allocator's counters (for allocator_calls)."""
+    return {**torch.cuda.memory_stats(), **torch.cuda.host_memory_stats()}
+
+
 def allocator_calls(before: dict, calls: int = 1) -> dict[str, float]:
-    """The CUDA caching allocator's calls into CUDA since ``before`` (torch.cuda.memory_stats()), per one of
-    ``calls`` calls or chunks: each cudaMalloc or cudaFree costs the host, and a retry (no cached block fits)
-    synchronises and frees the cache."""
-    after = torch.cuda.memory_stats()
-    return {k: round((after.get(k, 0) - before.get(k, 0)) / calls, 2)
-            for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+    """The allocators' calls into CUDA since ``before`` (allocator_state()), per one of ``calls`` calls or chunks:
+    each cudaMalloc or cudaFree costs the host, and a retry (no cached block fits) synchronises and frees the
+    cache; a new pinned host block (no cached one free: the copies that used them are still queued) costs a
+    cudaHostAlloc, its microseconds counted (host_alloc_us)."""
+    after = allocator_state()
+    keys = {"num_device_alloc": "num_device_alloc", "num_device_free": "num_device_free",
+            "num_alloc_retries": "num_alloc_retries", "num_sync_all_streams": "num_sync_all_streams",
+            "num_host_alloc": "num_host_alloc", "num_host_free": "num_host_free",
+            "host_alloc_time.total": "host_alloc_us", "host_free_time.total": "host_free_us"}
+    return {name: round((after.get(k, 0) - before.get(k, 0)) / calls, 2) for k, name in keys.items()}
 
 
 def photo_chunks(photos: list, group: int) -> list[PreparedChunk]:

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pipeline.inverter as inverter  # noqa: E402
-from benchmarks.bench_pipeline_raw_gpu import (allocator_calls, face_like_model, make_photos, per_chunk_ms,  # noqa: E402
+from benchmarks.bench_pipeline_raw_gpu import (allocator_calls, allocator_state, face_like_model, make_photos, per_chunk_ms,  # noqa: E402
                                                 photo_chunks)
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
@@ -367,7 +367,7 @@ def main() -> None:
         if isinstance(how, float):
             sys.setswitchinterval(how)
         sync()
-        allocator_before = torch.cuda.memory_stats() if on_gpu else {}
+        allocator_before = allocator_state() if on_gpu else {}
         if how == "torch.profiler":
             activities = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
