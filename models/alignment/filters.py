@@ -12,7 +12,7 @@ launcher, the probe, the public ``filter_scores``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,14 +79,21 @@ def separable_terms(filt: np.ndarray) -> list[SeparableTerm]:
 @dataclass(frozen=True)
 class FilterBank:
     """All filters' separable terms as (filter, slot) tensors on one device, zero terms padding the shorter
-    filters at the end (adding +0.0 after the last term leaves a sum unchanged), so the filters run together.
+    filters at the end (the torch path adds them: +-0.0 after the last term leaves a sum's value unchanged; the
+    kernel skips them), so the filters run together.
     plane_idx (F, S) int64: each term's fHOG plane; row_taps (F, S, fw) and col_taps (F, S, fh) float32;
-    num_terms: each filter's own number of terms."""
+    num_terms: each filter's own number of terms; term_counts: the same as an (F,) int32 tensor on the bank's
+    device."""
 
     plane_idx: torch.Tensor
     row_taps: torch.Tensor
     col_taps: torch.Tensor
     num_terms: tuple[int, ...]
+    term_counts: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "term_counts", torch.tensor(self.num_terms, dtype=torch.int32,
+                                                             device=self.plane_idx.device))
 
     @classmethod
     def from_model(cls, model: HogDetectorModel, device) -> "FilterBank":
@@ -266,9 +273,9 @@ if triton is not None:
         return simd_sum
 
     @triton.jit
-    def _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr, hits_ptr, cut_ptr, b, f, i0,
-                     j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h, out_w,
-                     N_SLOTS: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
+    def _filter_rows(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, term_counts_ptr, total_ptr, hits_ptr,
+                     cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w, out_h,
+                     out_w, N_SLOTS: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
                      COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SEQ: tl.constexpr,
                      HITS: tl.constexpr):
         # ROWS output rows of one filter at columns j, term after term: each plane row's row filter is
@@ -282,29 +289,31 @@ if triton is not None:
         totals = ()
         for r in tl.static_range(ROWS):
             totals = totals + (tl.zeros([BLOCK], dtype=tl.float32),)
+        n_terms = tl.load(term_counts_ptr + f)
         for s in range(N_SLOTS):  # a constant of the model (a loop bound Triton's interpreter can run)
-            term = f * N_SLOTS + s
-            src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
-            row_taps = ()
-            for n in tl.static_range(FW):
-                row_taps = row_taps + (tl.load(row_taps_ptr + term * FW + n),)
-            col_taps = ()
-            for m in tl.static_range(FH):
-                col_taps = col_taps + (tl.load(col_taps_ptr + term * FH + m),)
-            window = ()
-            for r in tl.static_range(FH - 1):
-                window = window + (_row_pass(src, i0 + r, j_in, plane_h - 1, plane_w, row_taps, simd, FW,
-                                             ROW_INTERLEAVED, SEQ),)
-            summed = ()
-            for r in tl.static_range(ROWS):
-                window = window + (_row_pass(src, i0 + r + FH - 1, j_in, plane_h - 1, plane_w, row_taps, simd,
-                                             FW, ROW_INTERLEAVED, SEQ),)
-                simd_sum, seq = _dlib_dot(window, col_taps, FH, COL_INTERLEAVED, SEQ)
-                if SEQ:
-                    simd_sum = tl.where(simd, simd_sum, seq)
-                summed = summed + (totals[r] + simd_sum,)
-                window = window[1:]
-            totals = summed
+            if s < n_terms:  # (the bank's zero padding slots add nothing)
+                term = f * N_SLOTS + s
+                src = planes_ptr + (b * n_planes + tl.load(plane_idx_ptr + term).to(tl.int64)) * plane_h * plane_w
+                row_taps = ()
+                for n in tl.static_range(FW):
+                    row_taps = row_taps + (tl.load(row_taps_ptr + term * FW + n),)
+                col_taps = ()
+                for m in tl.static_range(FH):
+                    col_taps = col_taps + (tl.load(col_taps_ptr + term * FH + m),)
+                window = ()
+                for r in tl.static_range(FH - 1):
+                    window = window + (_row_pass(src, i0 + r, j_in, plane_h - 1, plane_w, row_taps, simd, FW,
+                                                 ROW_INTERLEAVED, SEQ),)
+                summed = ()
+                for r in tl.static_range(ROWS):
+                    window = window + (_row_pass(src, i0 + r + FH - 1, j_in, plane_h - 1, plane_w, row_taps, simd,
+                                                 FW, ROW_INTERLEAVED, SEQ),)
+                    simd_sum, seq = _dlib_dot(window, col_taps, FH, COL_INTERLEAVED, SEQ)
+                    if SEQ:
+                        simd_sum = tl.where(simd, simd_sum, seq)
+                    summed = summed + (totals[r] + simd_sum,)
+                    window = window[1:]
+                totals = summed
         at = ((b * n_filters + f) * out_h + i0) * out_w + j
         if HITS:
             cut = tl.load(cut_ptr + f)
@@ -314,9 +323,9 @@ if triton is not None:
                 tl.store(hits_ptr + at + r * out_w, (totals[r] >= cut).to(tl.uint8), mask=cols & (i0 + r < hog_rows))
 
     @triton.jit(do_not_specialize=["n_levels", "n_filters", "n_planes"])
-    def _filter_rows_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, bounds_ptr, total_ptr, hits_ptr,
-                            cut_ptr, levels_ptr, n_levels, n_filters, n_planes, N_SLOTS: tl.constexpr,
-                            FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
+    def _filter_rows_kernel(planes_ptr, plane_idx_ptr, row_taps_ptr, col_taps_ptr, term_counts_ptr, bounds_ptr,
+                            total_ptr, hits_ptr, cut_ptr, levels_ptr, n_levels, n_filters, n_planes,
+                            N_SLOTS: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr, ROW_INTERLEAVED: tl.constexpr,
                             COL_INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                             HITS: tl.constexpr):
         # One program per (level, image, filter, ROWS output rows, BLOCK columns) of every level in the table:
@@ -349,13 +358,15 @@ if triton is not None:
         at = tl.load(info + _LV_SCORES_AT_C)
         if (i0 < hog_rows) & (j0 < hog_cols):
             if j0 + BLOCK > tail:
-                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr + at, hits_ptr + at,
-                             cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w,
-                             out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, True, HITS)
+                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, term_counts_ptr,
+                             total_ptr + at, hits_ptr + at, cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters,
+                             n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED,
+                             COL_INTERLEAVED, ROWS, BLOCK, True, HITS)
             else:
-                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, total_ptr + at, hits_ptr + at,
-                             cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters, n_planes, plane_h, plane_w,
-                             out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED, COL_INTERLEAVED, ROWS, BLOCK, False, HITS)
+                _filter_rows(planes, plane_idx_ptr, row_taps_ptr, col_taps_ptr, term_counts_ptr,
+                             total_ptr + at, hits_ptr + at, cut_ptr, b, f, i0, j, tail, hog_rows, hog_cols, n_filters,
+                             n_planes, plane_h, plane_w, out_h, out_w, N_SLOTS, FW, FH, ROW_INTERLEAVED,
+                             COL_INTERLEAVED, ROWS, BLOCK, False, HITS)
 
 
 
@@ -401,7 +412,7 @@ def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.
         return
     check_level_count(n_levels, "filter")
     _filter_rows_kernel[(n_programs,)](
-        planes, bank.plane_idx, bank.row_taps, bank.col_taps, bounds, scores,
+        planes, bank.plane_idx, bank.row_taps, bank.col_taps, bank.term_counts, bounds, scores,
         scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
         N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
         ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None,

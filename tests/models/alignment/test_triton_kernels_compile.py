@@ -42,7 +42,8 @@ def test_filter_kernel_compiles_with_the_detectors_bank():
     # The detector's launch (with the threshold test); the probe's one-level launch differs only by that store.
     _filters, slots, fh, fw = FrontalFaceDetector("cpu", use_triton=False).bank.shape
     pointers = {n: "*fp32" for n in ("planes_ptr", "row_taps_ptr", "col_taps_ptr", "total_ptr", "cut_ptr")}
-    pointers.update({"plane_idx_ptr": "*i64", "bounds_ptr": "*i64", "levels_ptr": "*i64", "hits_ptr": "*u8"})
+    pointers.update({"plane_idx_ptr": "*i64", "term_counts_ptr": "*i32", "bounds_ptr": "*i64", "levels_ptr": "*i64",
+                     "hits_ptr": "*u8"})
     compile_for_sm90(filters._filter_rows_kernel, pointers,
                      {"N_SLOTS": slots, "FW": fw, "FH": fh, "ROW_INTERLEAVED": filters._interleaved_taps(fw),
                       "COL_INTERLEAVED": filters._interleaved_taps(fh), "ROWS": filters._FILTER_ROWS,
