@@ -59,7 +59,8 @@ if triton is not None:
 
     # DIRECTIONS as constants of the kernels (float32 values, exact as Python floats).
     _DIRECTIONS_C = tl.constexpr(tuple(float(v) for v in DIRECTIONS.ravel()))
-    # fhog_level_table's columns as the kernels' constants (the host's ints: the constants above).
+    # fhog_level_table's row width and columns as the kernels' constants (the host's ints: the constants above).
+    _LEVEL_FIELDS_C = tl.constexpr(_LEVEL_FIELDS)
     _LV_ORIENT_MAG_C = tl.constexpr(_LV_ORIENT_MAG)
     _LV_CELL_HIST_C = tl.constexpr(_LV_CELL_HIST)
     _LV_BLOCK_ENERGY_C = tl.constexpr(_LV_BLOCK_ENERGY)
@@ -94,7 +95,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_levels"])
     def _orient_mag_kernel(img_ptr, info_ptr, orient_ptr, mag_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
-                           ROWS: tl.constexpr, FIELDS: tl.constexpr):
+                           ROWS: tl.constexpr):
         # One program per (ROWS grid rows Y >= 8, block of grid columns X, image): pixel (y, x) = (Y - 12, X - 12)'s
         # orientation bin (uint8) and gradient magnitude v (float32; 0 for pixels that do not vote, whose bin is
         # then 0), _cell_histograms_torch's arithmetic, for every grid position that _cell_hist_kernel reads of
@@ -104,7 +105,8 @@ if triton is not None:
         # consecutive addresses. Image info (int32, _INFO_FIELDS per image, columns _INFO_*): visible rows,
         # visible columns, simd_end, cell rows, cell columns. Over every level of the level table
         # (fhog_level_table): each level's images, grids and info rows at its offsets in the buffers.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C, FIELDS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_ORIENT_MAG_C,
+                           _LEVEL_FIELDS_C)
         height = tl.load(lv + _LV_HEIGHT_C).to(tl.int32)
         width = tl.load(lv + _LV_WIDTH_C).to(tl.int32)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
@@ -177,8 +179,7 @@ if triton is not None:
             tl.store(mag_ptr + at, v, mask=stored)
 
     @triton.jit(do_not_specialize=["n_levels"])
-    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr,
-                          FIELDS: tl.constexpr):
+    def _cell_hist_kernel(orient_ptr, mag_ptr, hist_ptr, info_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr):
         # One lane per cell, its 18 bins in registers: the cell's 16x16 pixel block (_orient_mag_kernel's grids)
         # in raster order, each pixel's vote added to every bin, +0.0 to the bins other than its own (which
         # leaves their sums unchanged: the weights are >= 0). The vote weight of block offset (dy, dx) is
@@ -187,7 +188,8 @@ if triton is not None:
         # (exact dyadic float32 values; likewise for x). SIMD columns x < simd_end compute vy * (vx * v),
         # scalar ones (vy * vx) * v. Cells beyond the image's own (padding of smaller photos) are not stored.
         # Over every level of the level table, as _orient_mag_kernel.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C, FIELDS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_CELL_HIST_C,
+                           _LEVEL_FIELDS_C)
         grid_h = tl.load(lv + _LV_GRID_H_C).to(tl.int32)
         grid_w = tl.load(lv + _LV_GRID_W_C).to(tl.int32)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C).to(tl.int32)
@@ -233,10 +235,11 @@ if triton is not None:
             tl.store(out + k, acc[k], mask=live)
 
     @triton.jit(do_not_specialize=["n_levels"])
-    def _block_energy_kernel(hist_ptr, norm_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr, FIELDS: tl.constexpr):
+    def _block_energy_kernel(hist_ptr, norm_ptr, levels_ptr, n_levels, BLOCK: tl.constexpr):
         # Per cell: the sum over o = 0..8 of (hist[o] + hist[o + 9])^2, in that order; over every level of the
         # level table.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C, FIELDS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_BLOCK_ENERGY_C,
+                           _LEVEL_FIELDS_C)
         n_cells = tl.load(lv + _LV_IMAGES_C) * tl.load(lv + _LV_CELL_ROWS_C) * tl.load(lv + _LV_CELL_COLS_C)
         hist_ptr += 18 * tl.load(lv + _LV_CELLS_AT_C)
         norm_ptr += tl.load(lv + _LV_CELLS_AT_C)
@@ -263,11 +266,12 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_levels"])
     def _features_kernel(hist_ptr, norm_ptr, hog_ptr, planes_ptr, levels_ptr, n_levels, NUM_PLANES: tl.constexpr,
                          EPSILON: tl.constexpr, TRUNC: tl.constexpr, SCALE: tl.constexpr, TEXTURE: tl.constexpr,
-                         BLOCK: tl.constexpr, FIELDS: tl.constexpr):
+                         BLOCK: tl.constexpr):
         # One lane per feature cell (b, r, c): the 31 features of _fhog's torch path, in its order of float
         # operations, written to the planes at (off_r + r, off_c + c); zeros outside the image's HOG size. Over
         # every level of the level table.
-        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C, FIELDS)
+        lv, pid = level_of(levels_ptr, tl.program_id(0).to(tl.int64), n_levels, _LV_FEATURES_C,
+                           _LEVEL_FIELDS_C)
         n_cr = tl.load(lv + _LV_CELL_ROWS_C)
         n_cc = tl.load(lv + _LV_CELL_COLS_C)
         hr = tl.load(lv + _LV_HOG_ROWS_C)
@@ -392,7 +396,7 @@ def _fhog_levels_triton(pixels: torch.Tensor, levels: FhogLevels, table: torch.T
     mag = torch.empty((levels.grid_elements,), dtype=torch.float32, device=dev)
     hist = torch.empty((levels.cells * 18,), dtype=torch.float32, device=dev)
     norm = torch.empty((levels.cells,), dtype=torch.float32, device=dev)
-    common = dict(FIELDS=_LEVEL_FIELDS, enable_fp_fusion=False)
+    common = dict(enable_fp_fusion=False)
     _orient_mag_kernel[(levels.programs(_LV_ORIENT_MAG),)](pixels, info, orient, mag, table, n_levels,
                                                            BLOCK=_FHOG_BLOCK, ROWS=_ORIENT_ROWS, **common)
     _cell_hist_kernel[(levels.programs(_LV_CELL_HIST),)](orient, mag, hist, info, table, n_levels,

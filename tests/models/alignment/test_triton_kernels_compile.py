@@ -23,7 +23,7 @@ def test_resize_and_placement_kernels_compile():
 
 
 def test_fhog_kernels_compile():
-    levels = {"FIELDS": fhog._LEVEL_FIELDS, "BLOCK": fhog._FHOG_BLOCK}
+    levels = {"BLOCK": fhog._FHOG_BLOCK}
     compile_for_sm90(fhog._orient_mag_kernel, {"img_ptr": "*u8", "info_ptr": "*i32", "orient_ptr": "*u8",
                                                "mag_ptr": "*fp32", "levels_ptr": "*i64"},
                      {**levels, "ROWS": fhog._ORIENT_ROWS})
