@@ -224,27 +224,44 @@ def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, in
 _ROW_TABLES: dict = {}
 _COLUMN_TABLES: dict = {}
 _MAX_CACHED = 16384
+_GROUP_SPREAD = 1.25
+
+
+def _length_groups(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``pairs`` (in, out) in groups of similar output lengths (the longest at most _GROUP_SPREAD times the group's
+    shortest): resize_tables pads every pair of a call to its longest output, and a pyramid's lengths span a
+    factor of twenty, so one call for all would compute mostly padding."""
+    groups: list[list[tuple[int, int]]] = []
+    for pair in sorted(pairs, key=lambda p: -p[1]):
+        if not groups or groups[-1][0][1] > _GROUP_SPREAD * max(pair[1], 1):
+            groups.append([])
+        groups[-1].append(pair)
+    return groups
 
 
 def warm_resize_tables(row_pairs, column_pairs) -> None:
-    """Makes the kernel's tables of every (in, out) pair of heights and widths (Python ints) not made yet, with one
-    resize_tables call for all missing rows and one for all missing columns (numpy's cost is per call)."""
-    rows = sorted({p for p in row_pairs if p not in _ROW_TABLES})
-    cols = sorted({p for p in column_pairs if p not in _COLUMN_TABLES})
+    """Makes the kernel's tables of every (in, out) pair of heights and widths (Python ints) not made yet, with a
+    resize_tables call per group of similar lengths for all missing rows, and likewise for the columns (numpy's
+    cost is per call and per padded entry)."""
+    rows = {p for p in row_pairs if p not in _ROW_TABLES}
+    cols = {p for p in column_pairs if p not in _COLUMN_TABLES}
     for cache, missing in ((_ROW_TABLES, rows), (_COLUMN_TABLES, cols)):
         if len(cache) + len(missing) > _MAX_CACHED:
             cache.clear()
-    if rows:
-        longest = max(out for _, out in rows)
-        r = resize_tables([(h, 1) for h, _ in rows], [(oh, 1) for _, oh in rows], longest, 1 + TAIL_BAND)
-        for k, (h, oh) in enumerate(rows):
-            _ROW_TABLES[h, oh] = (np.concatenate([r.top[k, :oh], r.bottom[k, :oh]]).astype(np.int32),
-                                  np.concatenate([r.tb32[k, :oh], r.inv_tb32[k, :oh]]), r.tb64[k, :oh].copy())
-    if cols:
-        longest = max(out for _, out in cols)
-        r = resize_tables([(1, w) for w, _ in cols], [(1, ow) for _, ow in cols], 1, longest + TAIL_BAND)
-        for k, (w, ow) in enumerate(cols):
-            _COLUMN_TABLES[w, ow] = (r.left[k, :ow].astype(np.int32), r.lr32[k, :ow].copy(), r.lr64[k, :ow].copy(),
+    for group in _length_groups(list(rows)):
+        longest = group[0][1]
+        r = resize_tables([(h, 1) for h, _ in group], [(oh, 1) for _, oh in group], longest, 1 + TAIL_BAND)
+        top_bottom = np.concatenate([r.top, r.bottom], axis=1).astype(np.int32)
+        fractions = np.concatenate([r.tb32, r.inv_tb32], axis=1)
+        for k, (h, oh) in enumerate(group):
+            _ROW_TABLES[h, oh] = (np.concatenate([top_bottom[k, :oh], top_bottom[k, longest:longest + oh]]),
+                                  np.concatenate([fractions[k, :oh], fractions[k, longest:longest + oh]]),
+                                  r.tb64[k, :oh].copy())
+    for group in _length_groups(list(cols)):
+        r = resize_tables([(1, w) for w, _ in group], [(1, ow) for _, ow in group], 1, group[0][1] + TAIL_BAND)
+        left = r.left.astype(np.int32)
+        for k, (w, ow) in enumerate(group):
+            _COLUMN_TABLES[w, ow] = (left[k, :ow].copy(), r.lr32[k, :ow].copy(), r.lr64[k, :ow].copy(),
                                      int(r.tail[k]))
 
 
