@@ -20,8 +20,7 @@ from .device import aligned, upload_many
 from .fhog import FhogLayout, fhog_layout, fhog_level_table
 from .filters import FilterLevel, filter_bounds, filter_level_table
 from .formats import NUM_PLANES, HogDetectorModel
-from .pyramid import (ResizePlan, count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
-                      warm_resize_tables)
+from .pyramid import ResizePlan, count_pyramid_levels, plan_resizes, pyramid_down_size, pyramid_level_size
 
 __all__ = ["LevelPlan", "BatchPlan", "plan_batch"]
 
@@ -90,20 +89,18 @@ class BatchPlan:
                        np.concatenate([filter_bounds(lp.layout.hog, self.filter_height) for lp in scored]),
                        fhog.table, np.concatenate([lp.layout.kernel_tables()[0] for lp in scored]),
                        np.concatenate([lp.layout.kernel_tables()[1] for lp in scored])]
-        for lp in self.levels:
-            if lp.resize is not None:
-                arrays += list(lp.resize.kernel_tables)
+        resizes = [lp.resize for lp in self.levels if lp.resize is not None]
+        if resizes:  # (the levels' resizes share one set of tables: plan_resizes)
+            arrays += list(resizes[0].kernel_tables)
         on_device = upload_many(arrays, device)
         at = len(extra)
         if scored:
             self.filter_tables = (on_device[at], on_device[at + 1])
             self.fhog_tables = (fhog, *on_device[at + 2:at + 5])
             at += 5
-        for lp in self.levels:
-            if lp.resize is not None:
-                n = len(lp.resize.kernel_tables)
-                lp.resize.device_tables = on_device[at:at + n]
-                at += n
+        shared = on_device[at:at + len(resizes[0].kernel_tables)] if resizes else None
+        for resize in resizes:
+            resize.device_tables = shared
         return on_device[:len(extra)]
 
     def fhog_levels(self) -> list[tuple]:
@@ -157,9 +154,6 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
     for k in order:
         while len(level_sizes[k]) < depth[k]:
             level_sizes[k].append(pyramid_down_size(*level_sizes[k][-1]))
-    # Every level's resize tables that are not made yet, in one numpy pass for all levels.
-    pairs = [(level_sizes[k][level], level_sizes[k][level + 1]) for k in order for level in range(depth[k] - 1)]
-    warm_resize_tables([(a[0], b[0]) for a, b in pairs], [(a[1], b[1]) for a, b in pairs])
     levels: list[LevelPlan] = []
     offset = planes_at = bounds_row = 0
     for level in range(depth[order[0]] if order else 0):
@@ -177,8 +171,10 @@ def plan_batch(sizes: list[tuple[int, int]], runs: list[list[int]], model: HogDe
                 planes_at += int(np.prod(lp.planes_shape))
                 bounds_row += lp.count
         levels.append(lp)
-    for lp, below in zip(levels, levels[1:]):
-        lp.resize = plan_resize(lp.sizes[:below.count], below.sizes)
+    # Every level's resize in one set of tables (those not made yet made together).
+    for lp, resize in zip(levels, plan_resizes([(lp.sizes[:below.count], below.sizes)
+                                                for lp, below in zip(levels, levels[1:])])):
+        lp.resize = resize
     pixels_at = 0
     for lp, above in zip(levels, [None, *levels]):
         if above is None:

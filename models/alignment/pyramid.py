@@ -295,16 +295,17 @@ def resize_kernel_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[
 
 @dataclass
 class ResizePlan:
-    """One resize of a batch planned on the host (plan_resize): image b from in_sizes[b] to out_sizes[b], the
-    output padded to (out_h, out_w); the kernel's tables (``kernel_tables``, host arrays; ``device_tables``: the
-    same on the device once uploaded, e.g. with a whole pyramid's tables in one copy); the torch path's
-    (``tables``) are made when first asked for."""
+    """One resize of a batch planned on the host (plan_resizes): image b from in_sizes[b] to out_sizes[b], the
+    output padded to (out_h, out_w); the kernel's tables (``kernel_tables``, host arrays, perhaps shared with
+    other resizes, its images from info row ``first_image``; ``device_tables``: the same on the device once
+    uploaded, e.g. a whole pyramid's in one copy); the torch path's (``tables``) are made when first asked for."""
 
     in_sizes: list
     out_sizes: list
     out_h: int
     out_w: int
     kernel_tables: tuple
+    first_image: int = 0
     device_tables: list | None = None
     _tables: ResizeTables | None = None
 
@@ -315,11 +316,24 @@ class ResizePlan:
         return self._tables
 
 
+def plan_resizes(steps: list[tuple[list, list]]) -> list[ResizePlan]:
+    """resize_rgb's plans for several resizes, each (in_sizes, out_sizes), built on the host (no device work):
+    their kernel tables made once for all (one resize_kernel_tables call, each step's images one after the other),
+    so that a pyramid's levels share one set of tables (one upload, no per-level arrays)."""
+    if not steps:
+        return []
+    tables = resize_kernel_tables([s for ins, _ in steps for s in ins], [s for _, outs in steps for s in outs])
+    plans, first = [], 0
+    for ins, outs in steps:
+        plans.append(ResizePlan(list(ins), list(outs), max(h for h, _ in outs), max(w for _, w in outs) + TAIL_BAND,
+                                tables, first))
+        first += len(outs)
+    return plans
+
+
 def plan_resize(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]) -> ResizePlan:
     """resize_rgb's tables for these sizes, built on the host (no device work)."""
-    out_h = max(h for h, _ in out_sizes)
-    out_w = max(w for _, w in out_sizes) + TAIL_BAND
-    return ResizePlan(list(in_sizes), list(out_sizes), out_h, out_w, resize_kernel_tables(in_sizes, out_sizes))
+    return plan_resizes([(in_sizes, out_sizes)])[0]
 
 
 def _resize_rgb_torch(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
@@ -385,21 +399,22 @@ if triton is not None:
     _INFO_ROW_AT_C = tl.constexpr(_INFO_ROW_AT)
     _INFO_COLUMN_AT_C = tl.constexpr(_INFO_COLUMN_AT)
 
-    @triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w"])
+    @triton.jit(do_not_specialize=["first_image", "src_h", "src_w", "dst_h", "dst_w"])
     def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
-                           cols_d_ptr, info_ptr, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
+                           cols_d_ptr, info_ptr, first_image, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
         # One program per (output row, block of output columns, image), its three channels: resize_rgb's
         # arithmetic. Tables (resize_kernel_tables), image after image: rows_i (2, its out_h) top, bottom; rows_f
         # (2, out_h) tb32, 1 - tb32 (rounded from double: not the float32 difference); rows_d (out_h) tb64;
         # cols_i (out_w) left; cols_f (out_w) lr32 (its complement is the float32 difference 1 - lr32, as in
         # resize_rgb); cols_d (out_w) lr64; info (_INFO_FIELDS per image, columns _INFO_*): first double-path
         # column, output width and height, last input column, first row and first column of the image's
-        # entries. Right neighbours are min(left + 1, last column). Outside the image's output: nothing computed
-        # or written. The double path (the right-edge band) is computed only in the column block that holds it.
+        # entries; image b's row is first_image + b (several resizes share one table: plan_resizes). Right
+        # neighbours are min(left + 1, last column). Outside the image's output: nothing computed or written.
+        # The double path (the right-edge band) is computed only in the column block that holds it.
         r = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK
         b = tl.program_id(2)
-        info = info_ptr + _INFO_FIELDS_C * b
+        info = info_ptr + _INFO_FIELDS_C * (first_image + b)
         tail = tl.load(info + _INFO_TAIL_C)
         out_w = tl.load(info + _INFO_OUT_W_C)
         out_h = tl.load(info + _INFO_OUT_H_C)
@@ -476,7 +491,7 @@ def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan, out: torch.Tensor
         out = torch.empty((n, 3, plan.out_h, plan.out_w), dtype=torch.uint8, device=images.device)
     tables = plan.device_tables or upload_many(plan.kernel_tables, images.device)
     _resize_rgb_kernel[(plan.out_h, triton.cdiv(plan.out_w, _RESIZE_BLOCK), n)](
-        images.contiguous(), out, *tables, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
+        images.contiguous(), out, *tables, plan.first_image, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
         enable_fp_fusion=False)
     return out
 

@@ -14,8 +14,8 @@ from models.alignment.device import DEVICE_ALIGNMENT
 from models.alignment.fhog import fhog_layout, fhog_level_table
 from models.alignment.filters import filter_bounds
 from models.alignment.formats import read_detector_file
-from models.alignment.pyramid import (count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
-                                      pyramid_up_size, window_boxes)
+from models.alignment.pyramid import (_INFO_COLUMN_AT, _INFO_ROW_AT, count_pyramid_levels, plan_resize,
+                                      pyramid_down_size, pyramid_level_size, pyramid_up_size, window_boxes)
 
 MODEL = read_detector_file(BUNDLED_DETECTOR_FILE)
 
@@ -99,10 +99,22 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
         assert tuple(fhog.table[k, 4:9]) == (lp.pixels_offset, fhog.table[k, 5], fhog.table[k, 6], lp.planes_offset,
                                              lp.bounds_row)
         assert tuple(fhog.table[k, 9:12]) == lp.pixels_shape[:1] + lp.pixels_shape[2:]
-        if lp.resize is not None:
-            fresh = plan_resize(lp.resize.in_sizes, lp.resize.out_sizes)
-            for got, want in zip(lp.resize.device_tables, fresh.kernel_tables):
-                assert np.array_equal(got.numpy(), want)
+    # The levels' resizes share one set of tables on the device (the same tensors); each level's images, from its
+    # first_image, are its own resize's tables (made alone) at offsets shifted by its first row and column.
+    resizes = [lp.resize for lp in plan.levels if lp.resize is not None]
+    assert all(r.device_tables is resizes[0].device_tables for r in resizes)
+    rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info = (t.numpy() for t in resizes[0].device_tables)
+    assert sum(len(r.out_sizes) for r in resizes) == len(info)
+    for resize in resizes:
+        f_rows_i, f_rows_f, f_rows_d, f_cols_i, f_cols_f, f_cols_d, f_info = plan_resize(
+            resize.in_sizes, resize.out_sizes).kernel_tables
+        mine = info[resize.first_image:resize.first_image + len(resize.out_sizes)]
+        row0, col0 = int(mine[0, _INFO_ROW_AT]), int(mine[0, _INFO_COLUMN_AT])
+        assert np.array_equal(mine - np.where(np.arange(mine.shape[1]) == _INFO_ROW_AT, row0, 0)
+                              - np.where(np.arange(mine.shape[1]) == _INFO_COLUMN_AT, col0, 0), f_info)
+        for got, want, at in ((rows_i, f_rows_i, 2 * row0), (rows_f, f_rows_f, 2 * row0), (rows_d, f_rows_d, row0),
+                              (cols_i, f_cols_i, col0), (cols_f, f_cols_f, col0), (cols_d, f_cols_d, col0)):
+            assert np.array_equal(got[at:at + len(want)], want)
 
 
 def test_the_resize_kernels_tables_per_pair_of_lengths_are_the_batched_tables():
