@@ -249,14 +249,11 @@ def warm_resize_tables(row_pairs, column_pairs) -> None:
         if len(cache) + len(missing) > _MAX_CACHED:
             cache.clear()
     for group in _length_groups(list(rows)):
-        longest = group[0][1]
-        r = resize_tables([(h, 1) for h, _ in group], [(oh, 1) for _, oh in group], longest, 1 + TAIL_BAND)
-        top_bottom = np.concatenate([r.top, r.bottom], axis=1).astype(np.int32)
-        fractions = np.concatenate([r.tb32, r.inv_tb32], axis=1)
+        r = resize_tables([(h, 1) for h, _ in group], [(oh, 1) for _, oh in group], group[0][1], 1 + TAIL_BAND)
+        top, bottom = r.top.astype(np.int32), r.bottom.astype(np.int32)
         for k, (h, oh) in enumerate(group):
-            _ROW_TABLES[h, oh] = (np.concatenate([top_bottom[k, :oh], top_bottom[k, longest:longest + oh]]),
-                                  np.concatenate([fractions[k, :oh], fractions[k, longest:longest + oh]]),
-                                  r.tb64[k, :oh].copy())
+            _ROW_TABLES[h, oh] = (np.concatenate([top[k, :oh], bottom[k, :oh]]),
+                                  np.concatenate([r.tb32[k, :oh], r.inv_tb32[k, :oh]]), r.tb64[k, :oh].copy())
     for group in _length_groups(list(cols)):
         r = resize_tables([(1, w) for w, _ in group], [(1, ow) for _, ow in group], 1, group[0][1] + TAIL_BAND)
         left = r.left.astype(np.int32)
