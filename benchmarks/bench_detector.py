@@ -11,8 +11,9 @@ time of the call: host work included); "host ms" is the call's wall time less it
 calls (the host's own work, launches included), "syncs" their number; "device ms" sums the kernels' and copies' time of one call
 (torch.profiler): what the detector takes from a GPU it shares with inversion. ``--variants``: other tile
 sizes and batching settings (VARIANTS), each timed on the device photos in the same run, and each required to
-give the default's detections. Then, for the host's part: the device allocator's calls into CUDA during one call
-(cudaMalloc and cudaFree counts, retries), and one call under cProfile, its functions by own time.
+give the default's detections. Then, for the host's part: the allocators' calls into CUDA during one call
+(cudaMalloc and cudaFree counts, retries, new pinned host blocks), and one call under cProfile, its functions by
+own time.
 """
 from __future__ import annotations
 
@@ -157,8 +158,8 @@ def main() -> int:
         rows[-1]["device ms per 64"] = round(rows[-1]["device ms"] * per_64, 1)
         rows[-1]["host ms per 64"] = round(host * per_64, 1)
         print(rows[-1], flush=True)
-    # Where the host time of a call goes: the device allocator's calls into CUDA during one call (each cudaMalloc
-    # or cudaFree of a new size costs the host, and a retry frees the cache after synchronising), and the call
+    # Where the host time of a call goes: the allocators' calls into CUDA during one call (each cudaMalloc, cudaFree
+    # or new pinned block costs the host, and a retry frees the cache after synchronising), and the call
     # under cProfile, its functions by own time.
     allocator = {}
     if on_gpu:

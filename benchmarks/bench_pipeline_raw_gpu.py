@@ -179,11 +179,9 @@ def allocator_calls(before: dict, calls: int = 1) -> dict[str, float]:
     cache; a new pinned host block (no cached one free: the copies that used them are still queued) costs a
     cudaHostAlloc, its microseconds counted (host_alloc_us)."""
     after = allocator_state()
-    keys = {"num_device_alloc": "num_device_alloc", "num_device_free": "num_device_free",
-            "num_alloc_retries": "num_alloc_retries", "num_sync_all_streams": "num_sync_all_streams",
-            "num_host_alloc": "num_host_alloc", "num_host_free": "num_host_free",
-            "host_alloc_time.total": "host_alloc_us", "host_free_time.total": "host_free_us"}
-    return {name: round((after.get(k, 0) - before.get(k, 0)) / calls, 2) for k, name in keys.items()}
+    counters = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams", "num_host_alloc",
+                "num_host_free", "host_alloc_time.total", "host_free_time.total")
+    return {k.replace("_time.total", "_us"): round((after.get(k, 0) - before.get(k, 0)) / calls, 2) for k in counters}
 
 
 def photo_chunks(photos: list, group: int) -> list[PreparedChunk]:

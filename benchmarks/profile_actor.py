@@ -9,8 +9,8 @@ torch.cuda.set_sync_debug_mode; on a CPU the reads a GPU would wait for: Tensor.
 inside those reads (read-ms: on a GPU mostly waiting for the device, which CUDA spends spinning, so it counts as CPU
 time; the part's host work is about its CPU time less that) and its torch operations (kernel launches and copies
 on a GPU; Triton kernels not counted). Every run: Python's garbage collections per generation and their
-milliseconds (a full collection holds the GIL while it walks every object), and on a GPU the device allocator's
-cudaMalloc, cudaFree and retry counts per chunk. The last lane count's run again
+milliseconds (a full collection holds the GIL while it walks every object), and on a GPU the allocators' calls into
+CUDA per chunk (cudaMalloc, cudaFree, retries; new pinned host blocks). The last lane count's run again
 under torch.profiler: how busy the GPU was (the union of all kernels' intervals) and each
 stream's kernel time per chunk. (cProfile cannot profile the aligning threads: in Python 3.12 one profiler
 serves the whole process.) A profile, not a benchmark (the pipeline's figures come from
@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pipeline.inverter as inverter  # noqa: E402
-from benchmarks.bench_pipeline_raw_gpu import (allocator_calls, allocator_state, face_like_model, make_photos, per_chunk_ms,  # noqa: E402
-                                                photo_chunks)
+from benchmarks.bench_pipeline_raw_gpu import (allocator_calls, allocator_state, face_like_model,  # noqa: E402
+                                                make_photos, per_chunk_ms, photo_chunks)
 from models.factory import atomic_save, build_e2style, e2style_checkpoint  # noqa: E402
 from models.alignment.landmarks import ShapePredictor  # noqa: E402
 from pipeline.config import AlignConfig, RayConfig  # noqa: E402
