@@ -69,26 +69,29 @@ def _lround(x: np.ndarray) -> np.ndarray:
 
 
 def count_pyramid_levels(height: int, width: int, model: HogDetectorModel) -> int:
-    """impl::create_fhog_pyramid: levels until the rect_down'ed image rectangle gets smaller than the minimum."""
-    return _count_pyramid_levels(height, width, model.min_level_width, model.min_level_height,
-                                 model.max_pyramid_levels)
+    """impl::create_fhog_pyramid: levels until the rect_down'ed image rectangle gets smaller than the minimum.
+    dlib maps the rectangle's four coordinates each on its own, so the count is the first level at which either
+    side falls short (or the model's limit): each side's count is cached by its length alone, and a batch of photos
+    of sizes never met before finds both in the cache."""
+    limit = model.max_pyramid_levels
+    return min(_levels_until_short(width, model.min_level_width, limit),
+               _levels_until_short(height, model.min_level_height, limit))
 
 
-@functools.lru_cache(maxsize=4096)
-def _count_pyramid_levels(height: int, width: int, min_width: int, min_height: int, max_levels: int) -> int:
-    # Plain Python floats (IEEE doubles, as numpy's and dlib's): this runs for every photo of every batch on the
-    # host, where numpy's per-call cost on scalars was a visible share of a GPU batch's host time.
+@functools.lru_cache(maxsize=16384)
+def _levels_until_short(length: int, minimum: int, limit: int) -> int:
+    """The first level k >= 1 at which the side [0, length - 1], rect_down'ed k times, spans fewer than ``minimum``
+    pixels; ``limit`` if none before it. Plain Python floats (IEEE doubles, as dlib's): numpy's per-call cost on
+    scalars was a visible share of a GPU batch's host time."""
     def lround(v: float) -> int:  # std::lround: halves away from zero
         return int(math.copysign(math.floor(abs(v) + 0.5), v))
 
-    right, bottom = width - 1, height - 1
-    left = top = 0
-    levels = 0
-    while True:
-        left, top, right, bottom = (lround((v - PYRAMID_SHIFT) * PYRAMID_RATE_DOWN) for v in (left, top, right, bottom))
-        levels += 1
-        if not (right - left + 1 >= min_width and bottom - top + 1 >= min_height and levels < max_levels):
-            return levels
+    low, high = 0, length - 1
+    for level in range(1, limit):
+        low, high = lround((low - PYRAMID_SHIFT) * PYRAMID_RATE_DOWN), lround((high - PYRAMID_SHIFT) * PYRAMID_RATE_DOWN)
+        if high - low + 1 < minimum:
+            return level
+    return limit
 
 
 def _fhog_to_image(p: np.ndarray, fhog_pad: int, cell: int) -> np.ndarray:

@@ -4,6 +4,7 @@ buffers tile one buffer, and every table the plan uploads in one copy comes back
 it; window boxes with per-window levels are the per-level boxes."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -29,6 +30,34 @@ def test_window_boxes_with_a_level_per_window_are_each_levels_boxes():
         sel = levels == level
         assert np.array_equal(together[sel], window_boxes(rows[sel], cols[sel], int(level), MODEL)), level
     assert window_boxes(rows[:0], cols[:0], levels[:0], MODEL).shape == (0, 4)
+
+
+def _dlibs_level_count(height: int, width: int, min_width: int, min_height: int, max_levels: int) -> int:
+    """impl::create_fhog_pyramid's loop as dlib writes it: the whole image rectangle rect_down'ed level by level
+    (pyramid_down<6>::rect_down: each corner (p - 0.3) * 5/6, lround'ed), until it is smaller than the minimum
+    or the levels reach max_levels."""
+    rect = np.array([0.0, 0.0, width - 1, height - 1])
+    levels = 0
+    while True:
+        shrunk = (rect - 0.3) * (5.0 / 6.0)
+        rect = np.sign(shrunk) * np.floor(np.abs(shrunk) + 0.5)  # std::lround
+        levels += 1
+        if not (rect[2] - rect[0] + 1 >= min_width and rect[3] - rect[1] + 1 >= min_height and levels < max_levels):
+            return levels
+
+
+def test_level_counts_are_dlibs_for_every_size_and_limit():
+    """count_pyramid_levels takes each side's count on its own (cached by length): equal to dlib's loop over the
+    whole rectangle, for sides from below the minimum to photo sizes, square and long, and for level limits that
+    cut the pyramid short or not."""
+    rng = np.random.default_rng(3)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(1, 2400, (300, 2))]
+    sizes += [(h, w) for h in range(60, 100) for w in (1, 79, 80, 81, 97, 3000)]
+    for limit in (1, 3, 8, MODEL.max_pyramid_levels):
+        model = MODEL if limit == MODEL.max_pyramid_levels else dataclasses.replace(MODEL, max_pyramid_levels=limit)
+        for h, w in sizes:
+            assert count_pyramid_levels(h, w, model) == _dlibs_level_count(
+                h, w, model.min_level_width, model.min_level_height, limit), (h, w, limit)
 
 
 def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
