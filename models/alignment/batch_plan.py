@@ -90,17 +90,18 @@ class BatchPlan:
                        fhog.table, np.concatenate([lp.layout.kernel_tables()[0] for lp in scored]),
                        np.concatenate([lp.layout.kernel_tables()[1] for lp in scored])]
         resizes = [lp.resize for lp in self.levels if lp.resize is not None]
-        if resizes:  # (the levels' resizes share one set of tables: plan_resizes)
-            arrays += list(resizes[0].kernel_tables)
+        if resizes:  # (the levels' resizes share one info table and ledger: plan_resizes)
+            arrays.append(resizes[0].info)
         on_device = upload_many(arrays, device)
         at = len(extra)
         if scored:
             self.filter_tables = (on_device[at], on_device[at + 1])
             self.fhog_tables = (fhog, *on_device[at + 2:at + 5])
             at += 5
-        shared = on_device[at:at + len(resizes[0].kernel_tables)] if resizes else None
-        for resize in resizes:
-            resize.device_tables = shared
+        if resizes:
+            shared = resizes[0].upload_kernel_tables(device, on_device[at])
+            for resize in resizes[1:]:
+                resize.device_tables = shared
         return on_device[:len(extra)]
 
     def fhog_levels(self) -> list[tuple]:

@@ -52,8 +52,9 @@ from .fhog import check_fhog_kernels, fhog_planes_levels
 from .filters import FilterBank, check_filter_kernels, filter_scores_levels
 from .formats import read_detector_file
 from ..kernel_check import triton, use_kernels
-from .pyramid import (TAIL_BAND, boxes_down_after_upsample, check_resize_kernels, place_photos, pyramid_up_size,
-                      resize_rgb, window_boxes)
+from .pyramid import (boxes_down_after_upsample, check_resize_kernels, place_photos, pyramid_up_size, resize_rgb,
+                      window_boxes)
+from .resize_tables import TAIL_BAND
 from .suppression import non_max_suppression
 
 __all__ = ["BATCH_BYTES_PER_PIXEL", "BUNDLED_DETECTOR_FILE", "FrontalFaceDetector", "float32_at_least",

@@ -23,7 +23,7 @@ from .fhog_reference import (BLOCK_EPSILON, DIRECTIONS, LANE_OFFSETS, NORM_SCALE
 from .formats import CELL_SIZE, NUM_PLANES
 from ..kernel_check import tl, triton, use_kernels
 from .level_launch import check_level_count, level_of
-from .pyramid import TAIL_BAND
+from .resize_tables import TAIL_BAND
 
 __all__ = ["DIRECTIONS", "LANE_OFFSETS", "BLOCK_EPSILON", "TRUNCATION", "NORM_SCALE", "TEXTURE_SCALE", "FhogLayout",
            "fhog_layout", "FhogLevels", "fhog_level_table", "fhog_planes_levels", "fhog_planes",

@@ -21,7 +21,7 @@ from .device import upload, upload_many
 from .formats import NUM_PLANES, HogDetectorModel
 from ..kernel_check import tl, triton, use_kernels
 from .level_launch import check_level_count, level_of
-from .pyramid import TAIL_BAND
+from .resize_tables import TAIL_BAND
 from .svd import dlib_svd
 
 __all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "filter_level_table", "FilterLevel",

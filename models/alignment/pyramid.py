@@ -6,7 +6,8 @@ bilinear RGB resize that makes the levels. One definition for both alignment bac
 The resize is dlib's ``resize_image`` (bilinear, RGB) in dlib's arithmetic: columns positioned by a float32
 accumulator stepping four columns at a time (its SSE path), weighted in float32; the last few columns of each
 row, where the SSE loop stops, computed in double; results truncated to uint8. Order in this module: sizes and
-rectangle maps (numpy / plain Python), the resize's tables and torch reference, its Triton kernel (compiled
+rectangle maps (numpy / plain Python), the resize's plans (its tables: resize_tables.py) and torch reference, its
+Triton kernel (compiled
 with ``enable_fp_fusion=False``: no FMA contraction) and launcher, the probe that trusts the kernel
 (models/kernel_check.py), the public ``resize_rgb``.
 """
@@ -21,26 +22,22 @@ import torch
 
 from .device import upload, upload_many
 from .formats import HogDetectorModel
+from .resize_tables import (INFO_COLUMN_AT, INFO_FIELDS, INFO_LAST_COLUMN, INFO_OUT_H, INFO_OUT_W, INFO_ROW_AT,
+                            INFO_TAIL, TAIL_BAND, ResizeTableLedger, ResizeTables, resize_kernel_tables,
+                            resize_tables)
 from ..kernel_check import tl, triton, use_kernels
 
-__all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "TAIL_BAND", "pyramid_down_size",
+__all__ = ["PYRAMID_FACTOR", "PYRAMID_RATE_DOWN", "PYRAMID_RATE_UP", "pyramid_down_size",
            "pyramid_level_size", "pyramid_up_size", "count_pyramid_levels", "window_boxes",
-           "boxes_down_after_upsample", "rect_down", "rect_up", "ResizeTables",
-           "resize_tables", "ResizePlan", "plan_resize", "resize_kernel_tables", "warm_resize_tables", "resize_rgb",
+           "boxes_down_after_upsample", "rect_down", "rect_up",
+           "ResizePlan", "plan_resize", "plan_resizes", "resize_rgb",
            "place_photos", "check_resize_kernels"]
 
 PYRAMID_FACTOR = 6                                          # pyramid_down<6>: each level 5/6 of the previous
 PYRAMID_RATE_DOWN = (PYRAMID_FACTOR - 1.0) / PYRAMID_FACTOR  # pyramid_down<6>::point_down: (p - 0.3) * 5/6
 PYRAMID_RATE_UP = PYRAMID_FACTOR / (PYRAMID_FACTOR - 1.0)    # pyramid_down<6>::point_up: p * 6/5 + 0.3
 PYRAMID_SHIFT = 0.3                                         # the 0.3 of point_down and point_up
-# Widest right-edge band handled by a scalar path in dlib's loops (resize: < 8 columns; filters: < 8).
-TAIL_BAND = 8
 _RESIZE_BLOCK = 128  # output columns per program of _resize_rgb_kernel
-# The columns of the resize kernel's per-image info table (resize_kernel_tables), by name for the table and the
-# kernel that reads it: first double-path column, output width and height, last input column, first row and first
-# column of the image's entries in the row and column tables.
-_INFO_FIELDS = 6
-_INFO_TAIL, _INFO_OUT_W, _INFO_OUT_H, _INFO_LAST_COLUMN, _INFO_ROW_AT, _INFO_COLUMN_AT = range(_INFO_FIELDS)
 
 
 # -- sizes and rectangle maps (dlib's integer and double rectangle arithmetic) -----------------------------------
@@ -142,172 +139,31 @@ def rect_up(rect, levels: int) -> tuple[int, int, int, int]:
     return tuple(int(math.floor(v + 0.5)) for v in pts)
 
 
-# -- the resize: tables and torch reference ----------------------------------------------------------------------
-
-@dataclass
-class ResizeTables:
-    """dlib's resize_image (bilinear) sampling tables of a batch (resize_tables): per image b and output row,
-    top, bottom (int64), the fraction tb64 and its float32 roundings tb32, inv_tb32 = float32(1 - tb64);
-    per output column, left, right (int64), lr32 (SSE path, float32), inv_lr32 = 1 - lr32 (float32) and lr64
-    (double path); tail[b]: the first column of the double path. (n, out_h) and (n, out_w) arrays; outside
-    each image's output the entries are only valid indices."""
-
-    top: np.ndarray
-    bottom: np.ndarray
-    tb64: np.ndarray
-    tb32: np.ndarray
-    inv_tb32: np.ndarray
-    left: np.ndarray
-    right: np.ndarray
-    lr32: np.ndarray
-    inv_lr32: np.ndarray
-    lr64: np.ndarray
-    tail: np.ndarray
-
-
-def resize_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]], out_h: int, out_w: int
-                  ) -> ResizeTables:
-    """The tables of resize_image from in_sizes[b] to out_sizes[b] ((h, w)) for every image at once, padded to
-    out_h rows and out_w columns. numpy, one pass per table over the whole batch: every pyramid level of every
-    photo needs its own, and photos are seldom of a size met before (made per image, they were a large share of
-    a GPU batch's detection host time)."""
-    n = len(in_sizes)
-    h, w = (np.array([s[k] for s in in_sizes], np.int64) for k in (0, 1))
-    oh, ow = (np.array([s[k] for s in out_sizes], np.int64) for k in (0, 1))
-    # Rows: dlib accumulates the row position in double, one step per row, from -scale; np.add.accumulate
-    # along axis 1 adds in that order, row by row.
-    scale = (h - 1) / np.maximum(oh - 1, 1)
-    steps = np.repeat(scale[:, None], out_h + 1, axis=1)
-    steps[:, 0] = -scale
-    ys = np.where(np.arange(out_h) < oh[:, None], np.add.accumulate(steps, axis=1)[:, 1:], 0.0)
-    top = np.floor(ys).astype(np.int64)
-    bottom = np.minimum(top + 1, h[:, None] - 1)
-    tb64 = ys - top
-    # Columns, SSE path: four float32 lanes x0 + k * scale (from double), advanced by float32(4 * scale) per
-    # group of four columns in a float32 accumulator, truncated (cvttps); it stops at the first group whose
-    # 4th lane's right neighbour leaves the image.
-    scale = (w - 1) / np.maximum(ow - 1, 1)
-    n_groups = max(int(((ow + 3) // 4 + 1).max()), -(-out_w // 4))
-    seq = np.empty((n, n_groups + 1, 4), np.float32)
-    seq[:, 0] = (-4 * scale)[:, None] + np.arange(4) * scale[:, None]
-    seq[:, 1:] = (4 * scale).astype(np.float32)[:, None, None]
-    pos = np.add.accumulate(seq, axis=1, dtype=np.float32)[:, 1:]
-    left_simd = pos.astype(np.int64)
-    stops = left_simd[:, :, 3] + 1 >= w[:, None]
-    tail = np.minimum(4 * np.where(stops.any(axis=1), stops.argmax(axis=1), n_groups), ow)
-    if np.any(ow - tail > TAIL_BAND):
-        b = int(np.argmax(ow - tail))
-        raise AssertionError(f"resize {w[b]}->{ow[b]}: {ow[b] - tail[b]} scalar columns")
-    simd = np.arange(out_w) < tail[:, None]
-    pos = pos.reshape(n, -1)[:, :out_w]
-    left = np.where(simd, left_simd.reshape(n, -1)[:, :out_w], 0)
-    right = np.where(simd, left + 1, 0)
-    lr32 = np.where(simd, pos - left.astype(np.float32), np.float32(0))
-    inv_lr32 = (np.float32(1) - lr32).astype(np.float32)
-    # Double path, the columns from tail on: a double accumulator from the SSE loop's last position.
-    steps = np.repeat(scale[:, None], TAIL_BAND + 1, axis=1)
-    steps[:, 0] = -scale + tail * scale
-    xs = np.add.accumulate(steps, axis=1)[:, 1:]
-    cols = tail[:, None] + np.arange(TAIL_BAND)
-    b, k = np.nonzero(cols < ow[:, None])
-    lr64 = np.zeros((n, out_w), np.float64)
-    band_left = np.floor(xs[b, k]).astype(np.int64)
-    left[b, cols[b, k]] = band_left
-    right[b, cols[b, k]] = np.minimum(band_left + 1, w[b] - 1)
-    lr64[b, cols[b, k]] = xs[b, k] - band_left
-    return ResizeTables(top, bottom, tb64, tb64.astype(np.float32), (1 - tb64).astype(np.float32), left, right,
-                        lr32, inv_lr32, lr64, tail)
-
-
-
-# The kernel's tables per pair of lengths (in, out), rows and columns apart: rows depend on the two heights only and
-# columns on the two widths, so photos of any other size share them, and a pyramid's levels meet the same lengths
-# again and again (at most a few thousand pairs for photos up to a few thousand pixels). Bounded: cleared when full.
-# Rows: (top, bottom) int32 and (tb32, inv_tb32) float32 one after the other, tb64; columns: left, lr32, lr64, tail.
-_ROW_TABLES: dict = {}
-_COLUMN_TABLES: dict = {}
-_MAX_CACHED = 16384
-_GROUP_SPREAD = 1.25
-
-
-def _length_groups(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """``pairs`` (in, out) in groups of similar output lengths (the longest at most _GROUP_SPREAD times the group's
-    shortest): resize_tables pads every pair of a call to its longest output, and a pyramid's lengths span a
-    factor of twenty, so one call for all would compute mostly padding."""
-    groups: list[list[tuple[int, int]]] = []
-    for pair in sorted(pairs, key=lambda p: -p[1]):
-        if not groups or groups[-1][0][1] > _GROUP_SPREAD * max(pair[1], 1):
-            groups.append([])
-        groups[-1].append(pair)
-    return groups
-
-
-def warm_resize_tables(row_pairs, column_pairs) -> None:
-    """Makes the kernel's tables of every (in, out) pair of heights and widths (Python ints) not made yet, with a
-    resize_tables call per group of similar lengths for all missing rows, and likewise for the columns (numpy's
-    cost is per call and per padded entry)."""
-    rows = {p for p in row_pairs if p not in _ROW_TABLES}
-    cols = {p for p in column_pairs if p not in _COLUMN_TABLES}
-    for cache, missing in ((_ROW_TABLES, rows), (_COLUMN_TABLES, cols)):
-        if len(cache) + len(missing) > _MAX_CACHED:
-            cache.clear()
-    for group in _length_groups(list(rows)):
-        r = resize_tables([(h, 1) for h, _ in group], [(oh, 1) for _, oh in group], group[0][1], 1 + TAIL_BAND)
-        top, bottom = r.top.astype(np.int32), r.bottom.astype(np.int32)
-        for k, (h, oh) in enumerate(group):
-            _ROW_TABLES[h, oh] = (np.concatenate([top[k, :oh], bottom[k, :oh]]),
-                                  np.concatenate([r.tb32[k, :oh], r.inv_tb32[k, :oh]]), r.tb64[k, :oh].copy())
-    for group in _length_groups(list(cols)):
-        r = resize_tables([(1, w) for w, _ in group], [(1, ow) for _, ow in group], 1, group[0][1] + TAIL_BAND)
-        left = r.left.astype(np.int32)
-        for k, (w, ow) in enumerate(group):
-            _COLUMN_TABLES[w, ow] = (left[k, :ow].copy(), r.lr32[k, :ow].copy(), r.lr64[k, :ow].copy(),
-                                     int(r.tail[k]))
-
-
-def resize_kernel_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]]) -> tuple:
-    """The resize kernel's tables of a batch: each image's rows and columns (_row_tables, _column_tables, made once
-    per pair of lengths) one after the other, and per image (first double-path column, output width and height,
-    last input column, first row and first column in the row and column tables); each pair of lengths' tables
-    made once (warm_resize_tables). Equal to resize_tables' at each
-    image's own rows and columns (tests/models/alignment/test_batch_plan.py)."""
-    row_pairs = [(h, oh) for (h, _), (oh, _) in zip(in_sizes, out_sizes)]
-    column_pairs = [(w, ow) for (_, w), (_, ow) in zip(in_sizes, out_sizes)]
-    rows = [_ROW_TABLES.get(p) for p in row_pairs]
-    cols = [_COLUMN_TABLES.get(p) for p in column_pairs]
-    if any(r is None for r in rows) or any(c is None for c in cols):
-        warm_resize_tables(row_pairs, column_pairs)
-        rows = [_ROW_TABLES[p] for p in row_pairs]
-        cols = [_COLUMN_TABLES[p] for p in column_pairs]
-    oh = np.array([o[0] for o in out_sizes], np.int64)
-    ow = np.array([o[1] for o in out_sizes], np.int64)
-    info = np.zeros((len(out_sizes), _INFO_FIELDS), np.int32)
-    info[:, _INFO_TAIL] = [c[3] for c in cols]
-    info[:, _INFO_OUT_W] = ow
-    info[:, _INFO_OUT_H] = oh
-    info[:, _INFO_LAST_COLUMN] = [w - 1 for _, w in in_sizes]
-    info[:, _INFO_ROW_AT] = np.cumsum(oh) - oh
-    info[:, _INFO_COLUMN_AT] = np.cumsum(ow) - ow
-    return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]),
-            np.concatenate([r[2] for r in rows]), np.concatenate([c[0] for c in cols]),
-            np.concatenate([c[1] for c in cols]), np.concatenate([c[2] for c in cols]), info)
-
+# -- the resize: plans and torch reference ----------------------------------------------------------------------
 
 @dataclass
 class ResizePlan:
     """One resize of a batch planned on the host (plan_resizes): image b from in_sizes[b] to out_sizes[b], the
-    output padded to (out_h, out_w); the kernel's tables (``kernel_tables``, host arrays, perhaps shared with
-    other resizes, its images from info row ``first_image``; ``device_tables``: the same on the device once
-    uploaded, e.g. a whole pyramid's in one copy); the torch path's (``tables``) are made when first asked for."""
+    output padded to (out_h, out_w); the kernel's tables: ``info`` (resize_kernel_tables' host array, perhaps
+    shared with other resizes, its images from row ``first_image``) pointing into ``ledger``'s tables;
+    ``device_tables``: the ledger's tables and the info on the device once uploaded (upload_kernel_tables, or a
+    whole pyramid's info in one copy with its other tables: batch_plan.py); the torch path's (``tables``) are made
+    when first asked for."""
 
     in_sizes: list
     out_sizes: list
     out_h: int
     out_w: int
-    kernel_tables: tuple
+    info: np.ndarray
+    ledger: ResizeTableLedger
     first_image: int = 0
-    device_tables: list | None = None
+    device_tables: tuple | None = None
     _tables: ResizeTables | None = None
+
+    def upload_kernel_tables(self, device, info: torch.Tensor | None = None) -> tuple:
+        """The kernel's tables on ``device`` (``info``: the info already there), kept as ``device_tables``."""
+        self.device_tables = (*self.ledger.on_device(device), upload(self.info, device) if info is None else info)
+        return self.device_tables
 
     @property
     def tables(self) -> ResizeTables:
@@ -319,14 +175,14 @@ class ResizePlan:
 def plan_resizes(steps: list[tuple[list, list]]) -> list[ResizePlan]:
     """resize_rgb's plans for several resizes, each (in_sizes, out_sizes), built on the host (no device work):
     their kernel tables made once for all (one resize_kernel_tables call, each step's images one after the other),
-    so that a pyramid's levels share one set of tables (one upload, no per-level arrays)."""
+    so that a pyramid's levels share one info table (one upload, no per-level arrays)."""
     if not steps:
         return []
-    tables = resize_kernel_tables([s for ins, _ in steps for s in ins], [s for _, outs in steps for s in outs])
+    info, ledger = resize_kernel_tables([s for ins, _ in steps for s in ins], [s for _, outs in steps for s in outs])
     plans, first = [], 0
     for ins, outs in steps:
         plans.append(ResizePlan(list(ins), list(outs), max(h for h, _ in outs), max(w for _, w in outs) + TAIL_BAND,
-                                tables, first))
+                                info, ledger, first))
         first += len(outs)
     return plans
 
@@ -391,24 +247,25 @@ def _resize_rgb_torch(images: torch.Tensor, plan: ResizePlan) -> torch.Tensor:
 if triton is not None:
 
     # The info table's row width and columns as the kernel's constants (the host's ints: the constants above).
-    _INFO_FIELDS_C = tl.constexpr(_INFO_FIELDS)
-    _INFO_TAIL_C = tl.constexpr(_INFO_TAIL)
-    _INFO_OUT_W_C = tl.constexpr(_INFO_OUT_W)
-    _INFO_OUT_H_C = tl.constexpr(_INFO_OUT_H)
-    _INFO_LAST_COLUMN_C = tl.constexpr(_INFO_LAST_COLUMN)
-    _INFO_ROW_AT_C = tl.constexpr(_INFO_ROW_AT)
-    _INFO_COLUMN_AT_C = tl.constexpr(_INFO_COLUMN_AT)
+    _INFO_FIELDS_C = tl.constexpr(INFO_FIELDS)
+    _INFO_TAIL_C = tl.constexpr(INFO_TAIL)
+    _INFO_OUT_W_C = tl.constexpr(INFO_OUT_W)
+    _INFO_OUT_H_C = tl.constexpr(INFO_OUT_H)
+    _INFO_LAST_COLUMN_C = tl.constexpr(INFO_LAST_COLUMN)
+    _INFO_ROW_AT_C = tl.constexpr(INFO_ROW_AT)
+    _INFO_COLUMN_AT_C = tl.constexpr(INFO_COLUMN_AT)
 
     @triton.jit(do_not_specialize=["first_image", "src_h", "src_w", "dst_h", "dst_w"])
     def _resize_rgb_kernel(src_ptr, dst_ptr, rows_i_ptr, rows_f_ptr, rows_d_ptr, cols_i_ptr, cols_f_ptr,
                            cols_d_ptr, info_ptr, first_image, src_h, src_w, dst_h, dst_w, BLOCK: tl.constexpr):
         # One program per (output row, block of output columns, image), its three channels: resize_rgb's
-        # arithmetic. Tables (resize_kernel_tables), image after image: rows_i (2, its out_h) top, bottom; rows_f
-        # (2, out_h) tb32, 1 - tb32 (rounded from double: not the float32 difference); rows_d (out_h) tb64;
-        # cols_i (out_w) left; cols_f (out_w) lr32 (its complement is the float32 difference 1 - lr32, as in
-        # resize_rgb); cols_d (out_w) lr64; info (_INFO_FIELDS per image, columns _INFO_*): first double-path
-        # column, output width and height, last input column, first row and first column of the image's
-        # entries; image b's row is first_image + b (several resizes share one table: plan_resizes). Right
+        # arithmetic. Tables (resize_kernel_tables: a ledger's, each pair of lengths' entries one after the
+        # other): rows_i (2, its out_h) top, bottom; rows_f (2, out_h) tb32, 1 - tb32 (rounded from double: not
+        # the float32 difference); rows_d (out_h) tb64; cols_i (out_w) left; cols_f (out_w) lr32 (its complement
+        # is the float32 difference 1 - lr32, as in resize_rgb); cols_d (out_w) lr64; info (INFO_FIELDS per
+        # image, columns INFO_*): first double-path column, output width and height, last input column, first
+        # row and first column of the image's entries; image b's row is first_image + b (several resizes share
+        # one info table: plan_resizes). Right
         # neighbours are min(left + 1, last column). Outside the image's output: nothing computed or written.
         # The double path (the right-edge band) is computed only in the column block that holds it.
         r = tl.program_id(0)
@@ -484,12 +341,12 @@ if triton is not None:
 
 def _resize_rgb_triton(images: torch.Tensor, plan: ResizePlan, out: torch.Tensor | None = None) -> torch.Tensor:
     """resize_rgb as one Triton kernel: same arguments, same pixels inside each output image (outside them:
-    unwritten, where the torch path leaves junk). The plan's device tables serve where uploaded, else its host
-    tables travel in one copy."""
+    unwritten, where the torch path leaves junk). The plan's device tables serve where uploaded, else they are
+    uploaded here."""
     n, _, in_h, in_w = images.shape
     if out is None:
         out = torch.empty((n, 3, plan.out_h, plan.out_w), dtype=torch.uint8, device=images.device)
-    tables = plan.device_tables or upload_many(plan.kernel_tables, images.device)
+    tables = plan.device_tables or plan.upload_kernel_tables(images.device)
     _resize_rgb_kernel[(plan.out_h, triton.cdiv(plan.out_w, _RESIZE_BLOCK), n)](
         images.contiguous(), out, *tables, plan.first_image, in_h, in_w, plan.out_h, plan.out_w, BLOCK=_RESIZE_BLOCK,
         enable_fp_fusion=False)

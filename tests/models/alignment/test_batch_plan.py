@@ -15,8 +15,10 @@ from models.alignment.device import DEVICE_ALIGNMENT
 from models.alignment.fhog import fhog_layout, fhog_level_table
 from models.alignment.filters import filter_bounds
 from models.alignment.formats import read_detector_file
-from models.alignment.pyramid import (_INFO_COLUMN_AT, _INFO_ROW_AT, count_pyramid_levels, plan_resize,
-                                      pyramid_down_size, pyramid_level_size, pyramid_up_size, window_boxes)
+from models.alignment.pyramid import (count_pyramid_levels, plan_resize, pyramid_down_size, pyramid_level_size,
+                                      pyramid_up_size, window_boxes)
+from models.alignment import resize_tables as resize_tables_module
+from models.alignment.resize_tables import TAIL_BAND, ResizeTableLedger, resize_tables
 
 MODEL = read_detector_file(BUNDLED_DETECTOR_FILE)
 
@@ -128,48 +130,83 @@ def test_plan_levels_are_prefixes_of_dlibs_pyramid_with_every_table():
         assert tuple(fhog.table[k, 4:9]) == (lp.pixels_offset, fhog.table[k, 5], fhog.table[k, 6], lp.planes_offset,
                                              lp.bounds_row)
         assert tuple(fhog.table[k, 9:12]) == lp.pixels_shape[:1] + lp.pixels_shape[2:]
-    # The levels' resizes share one set of tables on the device (the same tensors); each level's images, from its
-    # first_image, are its own resize's tables (made alone) at offsets shifted by its first row and column.
+    # The levels' resizes share one info table and the ledger's tables on the device (the same tensors); each
+    # level's images, from its first_image, find their own resize's tables (resize_tables, made for the level
+    # alone) at the entries their info rows name.
     resizes = [lp.resize for lp in plan.levels if lp.resize is not None]
     assert all(r.device_tables is resizes[0].device_tables for r in resizes)
-    rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info = (t.numpy() for t in resizes[0].device_tables)
+    *tables, info = (t.numpy() for t in resizes[0].device_tables)
     assert sum(len(r.out_sizes) for r in resizes) == len(info)
     for resize in resizes:
-        f_rows_i, f_rows_f, f_rows_d, f_cols_i, f_cols_f, f_cols_d, f_info = plan_resize(
-            resize.in_sizes, resize.out_sizes).kernel_tables
-        mine = info[resize.first_image:resize.first_image + len(resize.out_sizes)]
-        row0, col0 = int(mine[0, _INFO_ROW_AT]), int(mine[0, _INFO_COLUMN_AT])
-        assert np.array_equal(mine - np.where(np.arange(mine.shape[1]) == _INFO_ROW_AT, row0, 0)
-                              - np.where(np.arange(mine.shape[1]) == _INFO_COLUMN_AT, col0, 0), f_info)
-        for got, want, at in ((rows_i, f_rows_i, 2 * row0), (rows_f, f_rows_f, 2 * row0), (rows_d, f_rows_d, row0),
-                              (cols_i, f_cols_i, col0), (cols_f, f_cols_f, col0), (cols_d, f_cols_d, col0)):
-            assert np.array_equal(got[at:at + len(want)], want)
+        _assert_kernel_tables_are_resize_tables(tables, info[resize.first_image:], resize.in_sizes, resize.out_sizes)
+
+
+def _assert_kernel_tables_are_resize_tables(tables, info, in_sizes, out_sizes):
+    """Image b's entries in the kernel's tables (rows_i, rows_f, rows_d, cols_i, cols_f, cols_d), where its row
+    of ``info`` points, equal resize_tables of the batch at the image's own rows and columns."""
+    rows_i, rows_f, rows_d, cols_i, cols_f, cols_d = tables
+    batched = resize_tables(in_sizes, out_sizes, max(h for h, _ in out_sizes), max(w for _, w in out_sizes) + TAIL_BAND)
+    for b, ((h, w), (oh, ow)) in enumerate(zip(in_sizes, out_sizes)):
+        tail, width, height, last, row_at, col_at = info[b].tolist()
+        assert (tail, width, height, last) == (batched.tail[b], ow, oh, w - 1)
+        assert np.array_equal(rows_i[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
+            [batched.top[b, :oh], batched.bottom[b, :oh]]))
+        assert np.array_equal(rows_f[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
+            [batched.tb32[b, :oh], batched.inv_tb32[b, :oh]]))
+        assert np.array_equal(rows_d[row_at:row_at + oh], batched.tb64[b, :oh])
+        assert np.array_equal(cols_i[col_at:col_at + ow], batched.left[b, :ow])
+        assert np.array_equal(cols_f[col_at:col_at + ow], batched.lr32[b, :ow])
+        assert np.array_equal(cols_d[col_at:col_at + ow], batched.lr64[b, :ow])
 
 
 def test_the_resize_kernels_tables_per_pair_of_lengths_are_the_batched_tables():
-    """resize_kernel_tables (each image's rows and columns from tables made once per pair of lengths, one image
-    after the other) equal resize_tables of the whole batch (checked against dlib's loops in
-    test_face_detector.py) at every image's own rows and columns, for pyramid_down and pyramid_up, including
-    pairs made in an earlier call and in this one."""
+    """resize_kernel_tables (each pair of lengths' entries made once in the ledger, images pointing into it) equal
+    resize_tables of the whole batch (checked against dlib's loops in test_face_detector.py) at every image's own
+    rows and columns, for pyramid_down and pyramid_up, including pairs made in an earlier call and in this one,
+    on the host and in the ledger's copy on a device after entries were added since its last copy."""
     rng = np.random.default_rng(5)
     sizes = [(int(h), int(w)) for h, w in rng.integers(20, 900, (24, 2))]
     sizes += sizes[:3]  # pairs met again within the call
     for out_sizes in ([pyramid_down_size(*s) for s in sizes], [pyramid_up_size(*s) for s in sizes[:6]]):
         ins = sizes[:len(out_sizes)]
         plan = plan_resize(ins, out_sizes)
-        batched = plan.tables
-        rows_i, rows_f, rows_d, cols_i, cols_f, cols_d, info = plan.kernel_tables
-        for b, ((h, w), (oh, ow)) in enumerate(zip(ins, out_sizes)):
-            tail, width, height, last, row_at, col_at = info[b].tolist()
-            assert (tail, width, height, last) == (batched.tail[b], ow, oh, w - 1)
-            assert np.array_equal(rows_i[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
-                [batched.top[b, :oh], batched.bottom[b, :oh]]))
-            assert np.array_equal(rows_f[2 * row_at:2 * row_at + 2 * oh], np.concatenate(
-                [batched.tb32[b, :oh], batched.inv_tb32[b, :oh]]))
-            assert np.array_equal(rows_d[row_at:row_at + oh], batched.tb64[b, :oh])
-            assert np.array_equal(cols_i[col_at:col_at + ow], batched.left[b, :ow])
-            assert np.array_equal(cols_f[col_at:col_at + ow], batched.lr32[b, :ow])
-            assert np.array_equal(cols_d[col_at:col_at + ow], batched.lr64[b, :ow])
+        _assert_kernel_tables_are_resize_tables(plan.ledger.host_tables(), plan.info, ins, out_sizes)
+        device_tables = [t.numpy() for t in plan.upload_kernel_tables("cpu")[:-1]]
+        _assert_kernel_tables_are_resize_tables(device_tables, plan.info, ins, out_sizes)
+
+
+def test_a_full_ledger_is_replaced_and_plans_made_before_keep_theirs(monkeypatch):
+    """Past its bound of entries the ledger is replaced for the plans made after; a plan made before keeps its
+    ledger and tables (their device copy too). A ledger outgrowing its arrays' capacity keeps every entry, on the
+    host and on a device it was copied to before."""
+    monkeypatch.setattr(resize_tables_module, "_LEDGER", ResizeTableLedger())
+    monkeypatch.setattr(resize_tables_module, "_LEDGER_ENTRIES", 3000)
+    monkeypatch.setattr(resize_tables_module, "_FIRST_CAPACITY", 512)
+    rng = np.random.default_rng(9)
+
+    def sizes(n):
+        return [(int(h), int(w)) for h, w in rng.integers(100, 400, (n, 2))]
+
+    ins = sizes(1)
+    first = plan_resize(ins, [pyramid_down_size(*s) for s in ins])
+    first.upload_kernel_tables("cpu")  # copied at the first capacity: the ledger outgrows it below
+    grown_ins = sizes(5)
+    grown = plan_resize(grown_ins, [pyramid_down_size(*s) for s in grown_ins])
+    assert grown.ledger is first.ledger and len(first.ledger.host_tables()[2]) > 512
+    for plan, ins_ in ((first, ins), (grown, grown_ins)):
+        outs = [pyramid_down_size(*s) for s in ins_]
+        _assert_kernel_tables_are_resize_tables(plan.ledger.host_tables(), plan.info, ins_, outs)
+        tables = [t.numpy() for t in plan.upload_kernel_tables("cpu")[:-1]]
+        _assert_kernel_tables_are_resize_tables(tables, plan.info, ins_, outs)
+    kept = [t.clone() for t in first.device_tables]
+    later_ins = sizes(12)
+    later = plan_resize(later_ins, [pyramid_down_size(*s) for s in later_ins])
+    assert later.ledger is not first.ledger and resize_tables_module._LEDGER is later.ledger
+    _assert_kernel_tables_are_resize_tables(later.ledger.host_tables(), later.info, later_ins,
+                                            [pyramid_down_size(*s) for s in later_ins])
+    assert all(torch.equal(a, b) for a, b in zip(kept, first.device_tables))
+    _assert_kernel_tables_are_resize_tables(first.ledger.host_tables(), first.info, ins,
+                                            [pyramid_down_size(*s) for s in ins])
 
 
 @pytest.mark.parametrize("count, low, high", [(64, 1024, 1800), (40, 1400, 1800), (200, 300, 640)])

@@ -26,7 +26,8 @@ from models.alignment.detector import BUNDLED_DETECTOR_FILE, FrontalFaceDetector
 from models.alignment.device import upload_many
 from models.alignment.formats import DetectorFileError, DlibReader, encode_float, encode_int, read_detector_file
 from models.kernel_check import use_kernels
-from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb, resize_tables
+from models.alignment.pyramid import pyramid_down_size, pyramid_up_size, resize_rgb
+from models.alignment.resize_tables import resize_tables
 from helpers.face_variants import face_variants, faceless_variants, original_photos
 
 SCORE_TOLERANCE = 1e-4
