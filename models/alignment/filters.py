@@ -34,6 +34,10 @@ __all__ = ["SeparableTerm", "separable_terms", "FilterBank", "filter_bounds", "f
 _FILTER_ROWS = 16
 _FILTER_BLOCK = 64
 _FILTER_WARPS = 2
+# A bound on the filter kernel's registers per thread (ptxas' maxnreg), None: ptxas' choice. ptxas gives the
+# 16x64 tile 168 (the unrolled rows' loads kept in flight), which allows 3 warps per scheduler; a bound raises
+# occupancy at the cost of spills (bench_detector's register variants weigh the two).
+_FILTER_MAX_REGISTERS: int | None = None
 # The columns of filter_level_table (one row per level), by name for the table and the kernel that reads it: the
 # level's first program, the offsets of its planes, scores and bounds rows in their buffers, its image count,
 # plane rows and columns, output rows and columns.
@@ -416,8 +420,8 @@ def _launch_filter_levels(planes: torch.Tensor, bank: FilterBank, bounds: torch.
         scores if hits is None else hits, scores if cut is None else cut, table, n_levels, n_filters, NUM_PLANES,
         N_SLOTS=n_slots, FW=fw, FH=fh, ROW_INTERLEAVED=_interleaved_taps(fw), COL_INTERLEAVED=_interleaved_taps(fh),
         ROWS=_FILTER_ROWS, BLOCK=_FILTER_BLOCK, HITS=hits is not None,
-        num_warps=_FILTER_WARPS,
-        enable_fp_fusion=False)
+        num_warps=_FILTER_WARPS, enable_fp_fusion=False,
+        **({} if _FILTER_MAX_REGISTERS is None else {"maxnreg": _FILTER_MAX_REGISTERS}))
 
 
 def _filter_scores_triton(planes: torch.Tensor, hog: np.ndarray, bank: FilterBank, bounds: torch.Tensor | None = None,
