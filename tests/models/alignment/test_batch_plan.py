@@ -5,6 +5,7 @@ it; window boxes with per-window levels are the per-level boxes."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import numpy as np
 import pytest
 import torch
@@ -207,6 +208,37 @@ def test_a_full_ledger_is_replaced_and_plans_made_before_keep_theirs(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(kept, first.device_tables))
     _assert_kernel_tables_are_resize_tables(first.ledger.host_tables(), first.info, ins,
                                             [pyramid_down_size(*s) for s in ins])
+
+
+def test_threads_planning_at_once_get_their_own_tables(monkeypatch):
+    """Alignment lanes plan batches in threads at once: each plan's entries are its own resizes' tables, on the
+    host and on a device, while other threads add pairs, grow the ledger's arrays and replace the ledger."""
+    monkeypatch.setattr(resize_tables_module, "_LEDGER", ResizeTableLedger())
+    monkeypatch.setattr(resize_tables_module, "_LEDGER_ENTRIES", 20000)
+    monkeypatch.setattr(resize_tables_module, "_FIRST_CAPACITY", 256)
+    ledgers, failures = set(), []
+
+    def plan_many(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(15):
+                ins = [(int(h), int(w)) for h, w in rng.integers(30, 700, (6, 2))]
+                outs = [pyramid_down_size(*s) for s in ins]
+                plan = plan_resize(ins, outs)
+                ledgers.add(id(plan.ledger))
+                tables = [t.numpy() for t in plan.upload_kernel_tables("cpu")[:-1]]
+                _assert_kernel_tables_are_resize_tables(tables, plan.info, ins, outs)
+                _assert_kernel_tables_are_resize_tables(plan.ledger.host_tables(), plan.info, ins, outs)
+        except AssertionError as e:  # (pytest sees only the main thread's)
+            failures.append(e)
+
+    threads = [threading.Thread(target=plan_many, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+    assert len(ledgers) > 1  # the bound was passed: plans were made on more than one ledger
 
 
 @pytest.mark.parametrize("count, low, high", [(64, 1024, 1800), (40, 1400, 1800), (200, 300, 640)])
