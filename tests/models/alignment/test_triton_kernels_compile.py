@@ -3,6 +3,11 @@ tests/helpers/triton_compile.py): each kernel with the arguments' types and cons
 """
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from helpers.triton_compile import compile_for_sm90, requires_triton
@@ -49,3 +54,16 @@ def test_filter_kernel_compiles_with_the_detectors_bank():
                       "COL_INTERLEAVED": filters._interleaved_taps(fh), "ROWS": filters._FILTER_ROWS,
                       "BLOCK": filters._FILTER_BLOCK, "HITS": True},
                      num_warps=filters._FILTER_WARPS)
+
+
+def test_register_report_reads_the_compiled_filter_kernel():
+    # benchmarks/kernel_registers.py: the registers and SASS instructions of a filter tile, read from the cubin by
+    # the cuobjdump shipped with triton (a small tile: ptxas is quick on it).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_registers.py"), "2x64x2",
+                          "2x64x2x32"], capture_output=True, text=True, timeout=600, check=True).stdout
+    reports = re.findall(r"REG:(\d+) STACK:(\d+).*; (\d+) SASS instructions", out)
+    assert len(reports) == 2, out
+    (free_regs, _, free_count), (bound_regs, bound_stack, _) = ((int(v) for v in r) for r in reports)
+    assert 0 < bound_regs <= 32 < free_regs and free_count > 100, out
+    assert bound_stack > 0, out  # bounded below its need, the kernel spills
