@@ -2,8 +2,8 @@
 column samples its input and with which weights, in dlib's arithmetic. Two forms of the same tables:
 
 - ``resize_tables``: a batch's tables, one row per image (numpy, one pass per table over the whole batch): the torch
-  reference path's, and the definition the kernel's are tested against (and which tests/models/alignment
-  test_face_detector.py checks against dlib's loops).
+  reference path's, and the definition the kernel's are tested against (it is checked against dlib's loops in
+  tests/models/alignment/test_face_detector.py).
 - ``resize_kernel_tables``: the Triton kernel's, per pair of lengths (in, out) in a ledger shared by every batch
   (``ResizeTableLedger``), each pair's entries made once and uploaded once per device; a batch's own table is
   only where its images' entries lie (``info``).
