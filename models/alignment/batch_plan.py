@@ -1,6 +1,8 @@
 """A detector batch planned on the host before any device work: every pyramid level's size for every photo, which
 photos each level holds and scores, the tables of every level's resize, fHOG and filters, and where each level's
-window scores lie in one buffer of scores for the whole batch; all of it uploaded in one copy.
+window scores lie in one buffer of scores for the whole batch; all of it uploaded in one copy (the resizes' own
+sampling tables excepted: they point into the ledger of resize_tables.py, which copies each pair of lengths' entries
+to a device once).
 
 dlib's pyramid makes each level from the previous one, so the device still runs one resize per level, but the
 host's part per level is only launching kernels on tables made here. The batch's photos are ordered by the
@@ -78,8 +80,9 @@ class BatchPlan:
     fhog_tables: tuple | None = None
 
     def upload(self, device, extra: tuple = ()) -> list[torch.Tensor]:
-        """Every level's tables on ``device`` in one copy (set on the levels and their resize plans); returns
-        ``extra`` arrays, which travel in the same copy, on the device."""
+        """Every level's tables on ``device`` in one copy (set on the levels and their resize plans, whose sampling
+        tables are the ledger's device copy, brought up to date first); returns ``extra`` arrays, which travel in
+        the same copy, on the device."""
         scored = [lp for lp in self.levels if lp.layout is not None]
         arrays: list[np.ndarray] = list(extra)
         if scored:
