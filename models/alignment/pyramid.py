@@ -7,9 +7,8 @@ The resize is dlib's ``resize_image`` (bilinear, RGB) in dlib's arithmetic: colu
 accumulator stepping four columns at a time (its SSE path), weighted in float32; the last few columns of each
 row, where the SSE loop stops, computed in double; results truncated to uint8. Order in this module: sizes and
 rectangle maps (numpy / plain Python), the resize's plans (its tables: resize_tables.py) and torch reference, its
-Triton kernel (compiled
-with ``enable_fp_fusion=False``: no FMA contraction) and launcher, the probe that trusts the kernel
-(models/kernel_check.py), the public ``resize_rgb``.
+Triton kernel (compiled with ``enable_fp_fusion=False``: no FMA contraction) and launcher, the probe that trusts the
+kernel (models/kernel_check.py), the public ``resize_rgb``.
 """
 from __future__ import annotations
 

@@ -192,16 +192,15 @@ class ResizeTableLedger:
     def entries(self) -> int:
         return max(self._row_arrays.end, self._column_arrays.end)
 
-    def missing_entries(self, row_pairs, column_pairs) -> int:
-        return max(sum(oh for h, oh in set(row_pairs) if (h, oh) not in self.rows),
-                   sum(ow for w, ow in set(column_pairs) if (w, ow) not in self.columns))
+    def missing(self, row_pairs, column_pairs) -> tuple[set, set]:
+        """The (in, out) pairs of heights and of widths this ledger does not hold yet."""
+        return ({p for p in row_pairs if p not in self.rows}, {p for p in column_pairs if p not in self.columns})
 
-    def add(self, row_pairs, column_pairs) -> None:
-        """Makes the tables of every (in, out) pair of heights and widths (Python ints) not held yet: one
-        resize_tables call per group of similar lengths (numpy's cost is per call and per padded entry)."""
+    def add(self, rows: set, cols: set) -> None:
+        """Makes the tables of the pairs of heights ``rows`` and widths ``cols`` (Python ints; missing() of this
+        ledger): one resize_tables call per group of similar lengths (numpy's cost is per call and per padded
+        entry)."""
         with self._lock:
-            rows = {p for p in row_pairs if p not in self.rows}
-            cols = {p for p in column_pairs if p not in self.columns}
             for group in _length_groups(list(rows)):
                 r = resize_tables([(h, 1) for h, _ in group], [(oh, 1) for _, oh in group], group[0][1], 1 + TAIL_BAND)
                 start = self._row_arrays.reserve(sum(oh for _, oh in group))
@@ -288,9 +287,11 @@ def resize_kernel_tables(in_sizes: list[tuple[int, int]], out_sizes: list[tuple[
     column_pairs = [(w, ow) for (_, w), (_, ow) in zip(in_sizes, out_sizes)]
     with _LEDGER_SWAP:
         ledger = _LEDGER
-        missing = ledger.missing_entries(row_pairs, column_pairs)
-        if missing:
-            if ledger.entries and ledger.entries + missing > _LEDGER_ENTRIES:
+        rows, cols = ledger.missing(row_pairs, column_pairs)
+        if rows or cols:
+            if ledger.entries and ledger.entries + max(sum(oh for _, oh in rows), sum(ow for _, ow in cols)) > \
+                    _LEDGER_ENTRIES:
                 ledger = _LEDGER = ResizeTableLedger()
-            ledger.add(row_pairs, column_pairs)
+                rows, cols = set(row_pairs), set(column_pairs)
+            ledger.add(rows, cols)
     return ledger.info(in_sizes, out_sizes), ledger
