@@ -35,7 +35,7 @@ _FILTER_ROWS = 16
 _FILTER_BLOCK = 64
 _FILTER_WARPS = 2
 # A bound on the filter kernel's registers per thread (ptxas' maxnreg), None: ptxas' choice. ptxas gives the
-# 16x64 tile 168 (the unrolled rows' loads kept in flight), which allows 3 warps per scheduler; a bound raises
+# 16x64 tile 168 (benchmarks/kernel_registers.py), which allows 3 warps per scheduler; a bound raises
 # occupancy at the cost of spills (bench_detector's register variants weigh the two).
 _FILTER_MAX_REGISTERS: int | None = None
 # The columns of filter_level_table (one row per level), by name for the table and the kernel that reads it: the

@@ -112,7 +112,7 @@ INFO_TAIL, INFO_OUT_W, INFO_OUT_H, INFO_LAST_COLUMN, INFO_ROW_AT, INFO_COLUMN_AT
 # output, and a pyramid's lengths span a factor of twenty, so one call for all would compute mostly padding.
 _GROUP_SPREAD = 1.25
 # Entries (rows or columns) a ledger takes before a new one replaces it for the batches planned after. Photos up to
-# 1800 px meet about 1.4 million row entries in all (every length's pyramid step); the bound holds the device copy
+# 1800 px meet about 1.35 million row entries in all (every length's pyramid step); the bound holds the device copy
 # under 100 MB of row and 70 MB of column tables.
 _LEDGER_ENTRIES = 1 << 22
 _FIRST_CAPACITY = 1 << 16
